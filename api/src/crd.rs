@@ -1,0 +1,813 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::schema;
+
+/// A public HTTPS entry point for one webhook provider, and the capped,
+/// retrying worker pool that drains it into your service.
+///
+/// The shared ingress gateway verifies each request, stores it durably in a
+/// NATS JetStream stream and only then answers the provider. A processor
+/// delivers stored webhooks to `processor.sink` with at most
+/// `processor.concurrency` requests in flight, retrying with backoff and
+/// parking what cannot be delivered in a dead-letter stream.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "spillway.dev",
+    version = "v1alpha1",
+    kind = "WebhookEndpoint",
+    plural = "webhookendpoints",
+    singular = "webhookendpoint",
+    shortname = "whe",
+    category = "spillway",
+    namespaced,
+    status = "WebhookEndpointStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Path","type":"string","jsonPath":".status.path"}"#,
+    printcolumn = r#"{"name":"Scheme","type":"string","jsonPath":".spec.verification.scheme"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Backlog","type":"integer","jsonPath":".status.backlog.pending"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.deduplication) || !has(self.stream) || duration(self.deduplication.window) <= duration(self.stream.maxAge)",
+        "message": "deduplication.window must not be longer than stream.maxAge"
+    }
+]))]
+pub struct WebhookEndpointSpec {
+    /// URL path the shared gateway serves this endpoint on, for example
+    /// `/github/acme`. Defaults to `/<namespace>/<name>`. Must start with `/`;
+    /// only URL-safe characters; at most 256 characters. When two endpoints
+    /// claim one path, the older keeps it and the newer reports PathConflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$"))]
+    pub path: Option<String>,
+
+    /// Stop taking webhooks: the gateway answers 503 with Retry-After so
+    /// providers retry later. Nothing already stored is dropped and the
+    /// processor keeps draining the backlog.
+    #[serde(default)]
+    pub suspend: bool,
+
+    /// How the gateway authenticates requests before storing them.
+    pub verification: Verification,
+
+    /// Answer a provider's URL-ownership probe (Slack url_verification,
+    /// Meta hub.challenge, Zoom endpoint.url_validation, Microsoft Graph
+    /// validationToken, Twitch webhook_callback_verification). Handshakes
+    /// are answered synchronously and never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake: Option<Handshake>,
+
+    /// Limits the gateway enforces before anything is stored.
+    #[serde(default)]
+    pub ingress: IngressSpec,
+
+    /// Collapse provider retries of the same delivery into one stored
+    /// message.
+    #[serde(default)]
+    pub deduplication: Deduplication,
+
+    /// Deliver webhooks that share a key strictly in order (FIFO per key,
+    /// parallel across keys). Unset: no ordering, maximum parallelism.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<Ordering>,
+
+    /// The JetStream stream that holds accepted webhooks.
+    #[serde(default)]
+    pub stream: StreamSpec,
+
+    /// The worker pool that delivers stored webhooks to your service.
+    pub processor: ProcessorSpec,
+}
+
+/// Request authentication.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.scheme == 'none' || (has(self.secretRefs) && size(self.secretRefs) > 0)",
+        "message": "secretRefs needs at least one Secret reference unless scheme is none"
+    },
+    {
+        "rule": "self.scheme != 'none' || !has(self.secretRefs) || size(self.secretRefs) == 0",
+        "message": "scheme none takes no secretRefs; remove them or choose a scheme"
+    },
+    {
+        "rule": "(self.scheme == 'hmac') == has(self.hmac)",
+        "message": "hmac settings are required when scheme is hmac and not allowed otherwise"
+    }
+]))]
+pub struct Verification {
+    /// Signature scheme: `github` (X-Hub-Signature-256), `stripe`
+    /// (Stripe-Signature), `slack` (X-Slack-Signature), `standardWebhooks`
+    /// (webhook-signature, as sent by Svix and others), `shopify`
+    /// (X-Shopify-Hmac-Sha256), `gitlab` (X-Gitlab-Token shared token),
+    /// `twilio` (X-Twilio-Signature), `hmac` (generic, see `hmac`), or `none`
+    /// (accept unauthenticated requests; must be chosen explicitly).
+    pub scheme: Scheme,
+
+    /// Secrets holding the signing secret, in this namespace. A request is
+    /// accepted when it verifies against any of them, so a secret is rotated
+    /// by adding the new one, switching the provider, then removing the old.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub secret_refs: Vec<SecretKeyRef>,
+
+    /// For timestamped schemes (stripe, slack, standardWebhooks, hmac with a
+    /// timestamp header): how far the signed timestamp may be from the
+    /// gateway's clock, in seconds. Older requests are rejected as replays.
+    #[serde(default = "defaults::tolerance_seconds")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub tolerance_seconds: u32,
+
+    /// For `twilio`: the public URL Twilio posts to (it is part of what
+    /// Twilio signs). Defaults to the gateway's configured public base URL
+    /// followed by the endpoint's path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
+    pub public_url: Option<String>,
+
+    /// Generic HMAC settings, required when scheme is `hmac`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac: Option<GenericHmac>,
+}
+
+/// A supported signature scheme.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Scheme {
+    Github,
+    Stripe,
+    Slack,
+    StandardWebhooks,
+    Shopify,
+    Gitlab,
+    Twilio,
+    Hmac,
+    None,
+}
+
+impl Scheme {
+    /// The name used in the API (and in metrics labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Github => "github",
+            Scheme::Stripe => "stripe",
+            Scheme::Slack => "slack",
+            Scheme::StandardWebhooks => "standardWebhooks",
+            Scheme::Shopify => "shopify",
+            Scheme::Gitlab => "gitlab",
+            Scheme::Twilio => "twilio",
+            Scheme::Hmac => "hmac",
+            Scheme::None => "none",
+        }
+    }
+
+    /// Schemes whose signature covers a timestamp checked against
+    /// `toleranceSeconds`.
+    pub fn is_timestamped(self) -> bool {
+        matches!(
+            self,
+            Scheme::Stripe | Scheme::Slack | Scheme::StandardWebhooks
+        )
+    }
+}
+
+/// A key in a Kubernetes Secret in the endpoint's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret's data whose value is the secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A generic HMAC signature carried in one header.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GenericHmac {
+    /// Request header carrying the signature, for example `X-Signature`.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub header: String,
+    /// Hash function of the HMAC.
+    #[serde(default)]
+    pub algorithm: HmacAlgorithm,
+    /// How the signature bytes are written in the header.
+    #[serde(default)]
+    pub encoding: SignatureEncoding,
+    /// Text before the encoded signature in the header, for example
+    /// `sha256=`. Compared exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub prefix: Option<String>,
+    /// What is signed, as a template: `{body}` is the raw request body and
+    /// `{timestamp}` the value of `timestampHeader`. Default `{body}`.
+    /// Example for Zoom: `v0:{timestamp}:{body}`.
+    #[serde(default = "defaults::signed_content")]
+    #[schemars(length(min = 1, max = 256))]
+    pub signed_content: String,
+    /// Header carrying a Unix timestamp (seconds) that is part of the signed
+    /// content; when set, it must be within `toleranceSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub timestamp_header: Option<String>,
+}
+
+/// HMAC hash function.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HmacAlgorithm {
+    Sha1,
+    #[default]
+    Sha256,
+    Sha512,
+}
+
+/// Signature encoding.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureEncoding {
+    #[default]
+    Hex,
+    Base64,
+}
+
+/// A provider's URL-ownership probe and how to answer it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.type != 'metaHubChallenge' || has(self.verifyTokenSecretRef)",
+        "message": "handshake type metaHubChallenge needs verifyTokenSecretRef (the verify token you entered at Meta)"
+    }
+]))]
+pub struct Handshake {
+    /// Which probe to answer: `slackUrlVerification`, `metaHubChallenge`
+    /// (GET with hub.mode=subscribe), `zoomUrlValidation`,
+    /// `msGraphValidationToken` or `twitchCallbackVerification`.
+    #[serde(rename = "type")]
+    pub kind: HandshakeType,
+    /// For `metaHubChallenge`: Secret key holding the verify token you
+    /// configured at Meta; the challenge is echoed only when it matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_token_secret_ref: Option<SecretKeyRef>,
+    /// For `zoomUrlValidation`: Secret key holding the Zoom secret token used
+    /// to compute encryptedToken. Defaults to the first of
+    /// `verification.secretRefs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+/// Supported handshakes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum HandshakeType {
+    SlackUrlVerification,
+    MetaHubChallenge,
+    ZoomUrlValidation,
+    MsGraphValidationToken,
+    TwitchCallbackVerification,
+}
+
+/// Limits applied by the gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressSpec {
+    /// Largest accepted request body in bytes; larger requests get 413
+    /// without being read past the limit. NATS `max_payload` must exceed it.
+    #[serde(default = "defaults::max_body_bytes")]
+    #[schemars(range(min = 1, max = 8388608))]
+    pub max_body_bytes: u64,
+    /// Token-bucket limit on requests accepted for this endpoint; beyond it
+    /// the gateway answers 429 with Retry-After. Unset: no per-endpoint limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<IngressRateLimit>,
+    /// HTTP status answered once a webhook is stored: 200, 202 or 204.
+    #[serde(default = "defaults::response_status")]
+    #[schemars(extend("enum" = [200, 202, 204]))]
+    pub response_status: u16,
+}
+
+impl Default for IngressSpec {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: defaults::max_body_bytes(),
+            rate_limit: None,
+            response_status: defaults::response_status(),
+        }
+    }
+}
+
+/// Token bucket for incoming requests.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.burst >= self.requestsPerSecond", "message": "rateLimit.burst must be at least requestsPerSecond"}
+]))]
+pub struct IngressRateLimit {
+    /// Sustained requests per second.
+    #[schemars(range(min = 1, max = 1000000))]
+    pub requests_per_second: u32,
+    /// Requests allowed at once above the sustained rate.
+    #[schemars(range(min = 1, max = 1000000))]
+    pub burst: u32,
+}
+
+/// Deduplication of provider retries.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "(self.source == 'header') == has(self.header)", "message": "deduplication.header is required when source is header and not allowed otherwise"},
+    {"rule": "duration(self.window) >= duration('1s') && duration(self.window) <= duration('168h')", "message": "deduplication.window must be between 1s and 168h"}
+]))]
+pub struct Deduplication {
+    /// How long a delivery id is remembered (JetStream's duplicate window).
+    /// A Go-style duration such as `2m` or `24h`.
+    #[serde(default = "defaults::dedup_window")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub window: String,
+    /// Where the delivery id comes from: `provider` (the scheme's own id:
+    /// X-GitHub-Delivery, the Stripe event id, webhook-id,
+    /// X-Shopify-Webhook-Id, the Slack event_id, ...; falls back to a body
+    /// hash), `header` (the header named in `header`), `bodyHash` (SHA-256 of
+    /// the body) or `none` (no deduplication).
+    #[serde(default)]
+    pub source: DedupSource,
+    /// Header carrying the delivery id when source is `header`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub header: Option<String>,
+}
+
+impl Default for Deduplication {
+    fn default() -> Self {
+        Self {
+            window: defaults::dedup_window(),
+            source: DedupSource::default(),
+            header: None,
+        }
+    }
+}
+
+/// Source of the deduplication id.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum DedupSource {
+    #[default]
+    Provider,
+    Header,
+    BodyHash,
+    None,
+}
+
+/// Per-key FIFO delivery.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.keyHeader) != has(self.keyJsonPointer)", "message": "ordering needs exactly one of keyHeader or keyJsonPointer"}
+]))]
+pub struct Ordering {
+    /// Request header whose value is the ordering key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub key_header: Option<String>,
+    /// JSON pointer (RFC 6901) into the body whose value is the ordering key,
+    /// for example `/data/object/customer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^(/[^/]*)+$"))]
+    pub key_json_pointer: Option<String>,
+    /// Number of partitions keys are hashed into. Each partition is
+    /// delivered one message at a time, so this bounds ordered parallelism.
+    #[serde(default = "defaults::partitions")]
+    #[schemars(range(min = 1, max = 256))]
+    pub partitions: u16,
+}
+
+/// The JetStream stream behind the endpoint. Field names follow JetStream.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "duration(self.maxAge) >= duration('1m')", "message": "stream.maxAge must be at least 1m"}
+]))]
+pub struct StreamSpec {
+    /// How long stored webhooks are kept (also how far back `spillway
+    /// replay` can go). A Go-style duration such as `72h`.
+    #[serde(default = "defaults::stream_max_age")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub max_age: String,
+    /// Most bytes the stream may hold; -1 for no limit other than the
+    /// server's.
+    #[serde(default = "defaults::stream_max_bytes")]
+    #[schemars(range(min = -1))]
+    pub max_bytes: i64,
+    /// Most messages the stream may hold; -1 for no limit.
+    #[serde(default = "defaults::unlimited")]
+    #[schemars(range(min = -1))]
+    pub max_messages: i64,
+    /// Copies JetStream keeps (1, 3 or 5 are sensible; a cluster of that
+    /// size is needed). With 1, an acknowledged webhook lives on one server.
+    #[serde(default = "defaults::replicas")]
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: u8,
+    /// `file` (survives restarts) or `memory`.
+    #[serde(default)]
+    pub storage: StorageType,
+    /// When the stream is full: `new` refuses new webhooks (the gateway
+    /// answers 503 and providers retry; nothing stored is lost) or `old`
+    /// drops the oldest stored webhooks, delivered or not.
+    #[serde(default)]
+    pub discard: DiscardPolicy,
+    /// What happens to the streams when the WebhookEndpoint is deleted:
+    /// `Retain` (default; undelivered and dead-lettered webhooks stay in
+    /// NATS for you to inspect or move) or `Delete`.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+impl Default for StreamSpec {
+    fn default() -> Self {
+        Self {
+            max_age: defaults::stream_max_age(),
+            max_bytes: defaults::stream_max_bytes(),
+            max_messages: defaults::unlimited(),
+            replicas: defaults::replicas(),
+            storage: StorageType::default(),
+            discard: DiscardPolicy::default(),
+            deletion_policy: DeletionPolicy::default(),
+        }
+    }
+}
+
+/// JetStream storage backend.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageType {
+    #[default]
+    File,
+    Memory,
+}
+
+/// JetStream discard policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscardPolicy {
+    Old,
+    #[default]
+    New,
+}
+
+/// What to do with the streams on deletion.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeletionPolicy {
+    #[default]
+    Retain,
+    Delete,
+}
+
+/// The delivery worker pool.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.replicas.max <= self.concurrency", "message": "processor.replicas.max must not exceed processor.concurrency (each replica needs at least one delivery slot)"},
+    {"rule": "duration(self.timeout) >= duration('1s') && duration(self.timeout) <= duration('15m')", "message": "processor.timeout must be between 1s and 15m"}
+]))]
+pub struct ProcessorSpec {
+    /// Where webhooks are delivered (HTTP POST).
+    pub sink: Sink,
+    /// Optional pod template for shipping your handler as a container beside
+    /// Spillway's processor (point `sink.url` at `http://localhost:PORT`).
+    /// Merged into the processor Deployment's pod template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::preserve_unknown_object")]
+    pub template: Option<serde_json::Value>,
+    /// Hard cap on deliveries in flight to the sink, across all replicas.
+    /// Enforced by JetStream (maxAckPending) and split between replicas.
+    #[serde(default = "defaults::concurrency")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub concurrency: u32,
+    /// How many processor pods run, scaled on the backlog.
+    #[serde(default)]
+    pub replicas: ReplicaSpec,
+    /// Longest a single delivery may take before it counts as failed (also
+    /// the JetStream ack wait). A Go-style duration such as `30s`.
+    #[serde(default = "defaults::timeout")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub timeout: String,
+    /// Retries of failed deliveries.
+    #[serde(default)]
+    pub retry: RetrySpec,
+    /// Optional cap on the delivery rate, for sinks that can only take so
+    /// many requests per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<DeliveryRateLimit>,
+    /// Where deliveries that cannot succeed are parked.
+    #[serde(default)]
+    pub dead_letter: DeadLetterSpec,
+    /// Sign deliveries to the sink with Standard Webhooks headers
+    /// (webhook-id, webhook-timestamp, webhook-signature) so it can check
+    /// they came from Spillway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing: Option<SigningSpec>,
+    /// Stop delivering (webhooks keep being accepted and stored); resume
+    /// where it left off when set back to false.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// The delivery target. Exactly one of `url` or `service`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.url) != has(self.service)", "message": "sink needs exactly one of url or service"}
+]))]
+pub struct Sink {
+    /// Absolute http(s) URL of the sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub url: Option<String>,
+    /// A Service in the endpoint's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceSink>,
+}
+
+/// A Service target.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSink {
+    /// Service name in the endpoint's namespace.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Service port number.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// HTTP path on the service. Default `/`.
+    #[serde(default = "defaults::slash")]
+    #[schemars(length(max = 1024), regex(pattern = r"^/"))]
+    pub path: String,
+    /// `http` or `https`.
+    #[serde(default)]
+    pub scheme: UrlScheme,
+}
+
+/// Scheme of a Service sink.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UrlScheme {
+    #[default]
+    Http,
+    Https,
+}
+
+/// Replica bounds and backlog-driven scaling.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.min <= self.max", "message": "processor.replicas.min must not exceed processor.replicas.max"}
+]))]
+pub struct ReplicaSpec {
+    /// Fewest processor pods; 0 lets an idle endpoint scale to zero.
+    #[serde(default = "defaults::min_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub min: u32,
+    /// Most processor pods.
+    #[serde(default = "defaults::max_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max: u32,
+    /// Backlog (pending plus in-flight messages) one pod is expected to
+    /// handle; replicas = ceil(backlog / this), within [min, max].
+    #[serde(default = "defaults::target_backlog")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub target_backlog_per_replica: u32,
+    /// `builtin` (the operator scales the Deployment) or `keda` (the
+    /// operator emits a KEDA ScaledObject; needs KEDA installed).
+    #[serde(default)]
+    pub autoscaler: Autoscaler,
+}
+
+impl Default for ReplicaSpec {
+    fn default() -> Self {
+        Self {
+            min: defaults::min_replicas(),
+            max: defaults::max_replicas(),
+            target_backlog_per_replica: defaults::target_backlog(),
+            autoscaler: Autoscaler::default(),
+        }
+    }
+}
+
+/// Who scales the processor.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Autoscaler {
+    #[default]
+    Builtin,
+    Keda,
+}
+
+/// Retry policy (JetStream max deliveries and backoff).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "size(self.backoff) <= self.maxAttempts", "message": "retry.backoff may list at most maxAttempts durations"},
+    {"rule": "self.backoff.all(d, duration(d) >= duration('100ms') && duration(d) <= duration('24h'))", "message": "each retry.backoff duration must be between 100ms and 24h"}
+]))]
+pub struct RetrySpec {
+    /// Deliveries attempted before a webhook is dead-lettered (the first
+    /// attempt counts).
+    #[serde(default = "defaults::max_attempts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: u32,
+    /// Wait before each retry, as Go-style durations; the last entry repeats
+    /// for further attempts. Default `1s, 5s, 30s, 2m, 10m`.
+    #[serde(default = "defaults::backoff")]
+    #[schemars(length(min = 1, max = 100), inner(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$")))]
+    pub backoff: Vec<String>,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            max_attempts: defaults::max_attempts(),
+            backoff: defaults::backoff(),
+        }
+    }
+}
+
+/// Outgoing rate cap.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryRateLimit {
+    /// Deliveries started per second, across all replicas.
+    #[schemars(range(min = 1, max = 100000))]
+    pub per_second: u32,
+}
+
+/// Dead-letter stream settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "duration(self.maxAge) >= duration('1m')", "message": "deadLetter.maxAge must be at least 1m"}
+]))]
+pub struct DeadLetterSpec {
+    /// Keep undeliverable webhooks in a dead-letter stream. When false they
+    /// are dropped after the last attempt (and counted).
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// How long dead letters are kept. A Go-style duration such as `336h`.
+    #[serde(default = "defaults::dead_letter_max_age")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub max_age: String,
+}
+
+impl Default for DeadLetterSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_age: defaults::dead_letter_max_age(),
+        }
+    }
+}
+
+/// Outbound signing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SigningSpec {
+    /// Secret key holding the signing secret (`whsec_`-prefixed base64, or
+    /// raw bytes).
+    pub secret_ref: SecretKeyRef,
+}
+
+/// Observed state, written by the operator only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookEndpointStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Accepted, StreamReady and ProcessorReady, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// URL path the gateway serves this endpoint on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Name of the JetStream stream holding accepted webhooks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// Name of the dead-letter stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_stream: Option<String>,
+    /// Stored webhooks not yet delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<Backlog>,
+    /// Webhooks currently in the dead-letter stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<u64>,
+    /// Processor replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<ReplicaStatus>,
+}
+
+/// Consumer backlog.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Backlog {
+    /// Messages waiting to be delivered.
+    pub pending: u64,
+    /// Messages being delivered (handed out, not yet acknowledged).
+    pub ack_pending: u64,
+    /// Messages handed out more than once (retries).
+    pub redelivered: u64,
+}
+
+/// Replica counts.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    /// Replicas the operator asks for.
+    pub desired: i32,
+    /// Replicas that are ready.
+    pub ready: i32,
+}
+
+/// Condition types and reasons used in `status.conditions`.
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const ACCEPTED: &str = "Accepted";
+    pub const STREAM_READY: &str = "StreamReady";
+    pub const PROCESSOR_READY: &str = "ProcessorReady";
+}
+
+pub(crate) mod defaults {
+    pub fn tolerance_seconds() -> u32 {
+        300
+    }
+    pub fn signed_content() -> String {
+        "{body}".into()
+    }
+    pub fn max_body_bytes() -> u64 {
+        1024 * 1024
+    }
+    pub fn response_status() -> u16 {
+        200
+    }
+    pub fn dedup_window() -> String {
+        "2m".into()
+    }
+    pub fn partitions() -> u16 {
+        8
+    }
+    pub fn stream_max_age() -> String {
+        "72h".into()
+    }
+    pub fn stream_max_bytes() -> i64 {
+        1024 * 1024 * 1024
+    }
+    pub fn unlimited() -> i64 {
+        -1
+    }
+    pub fn replicas() -> u8 {
+        1
+    }
+    pub fn concurrency() -> u32 {
+        10
+    }
+    pub fn timeout() -> String {
+        "30s".into()
+    }
+    pub fn slash() -> String {
+        "/".into()
+    }
+    pub fn min_replicas() -> u32 {
+        1
+    }
+    pub fn max_replicas() -> u32 {
+        3
+    }
+    pub fn target_backlog() -> u32 {
+        100
+    }
+    pub fn max_attempts() -> u32 {
+        10
+    }
+    pub fn backoff() -> Vec<String> {
+        ["1s", "5s", "30s", "2m", "10m"]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn dead_letter_max_age() -> String {
+        "336h".into()
+    }
+}

@@ -1,0 +1,139 @@
+//! Names of the NATS objects that belong to a WebhookEndpoint.
+//!
+//! Kubernetes namespaces are DNS labels (`[a-z0-9-]`) and object names DNS
+//! subdomains (`[a-z0-9.-]`), so neither contains `_`. The endpoint key is
+//! `<namespace>_<name>` with the name's dots written as `_`: the first `_`
+//! separates the namespace, so the mapping is collision-free, and the key is a
+//! valid JetStream stream name and NATS subject token. Keys that would be too
+//! long are shortened with a hash of the full identity.
+
+/// Longest key before it is shortened (JetStream names may be 255 bytes; the
+/// key gets prefixes and suffixes).
+const MAX_KEY: usize = 200;
+
+/// Identity of one endpoint's NATS objects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EndpointNames {
+    key: String,
+}
+
+impl EndpointNames {
+    /// Names for the endpoint `namespace/name`.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        let full = format!("{namespace}_{}", name.replace('.', "_"));
+        let key = if full.len() <= MAX_KEY {
+            full
+        } else {
+            let digest = fnv1a64(format!("{namespace}/{name}").as_bytes());
+            format!("{}_{digest:016x}", &full[..MAX_KEY - 17])
+        };
+        Self { key }
+    }
+
+    /// The collision-free key itself.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Stream holding accepted webhooks.
+    pub fn stream(&self) -> String {
+        format!("spillway_{}", self.key)
+    }
+
+    /// Stream holding dead letters.
+    pub fn dead_letter_stream(&self) -> String {
+        format!("spillway_{}_dlq", self.key)
+    }
+
+    /// Subject the gateway publishes partition `p` to (0 when unordered).
+    pub fn subject(&self, partition: u16) -> String {
+        format!("spillway.in.{}.{partition}", self.key)
+    }
+
+    /// Subjects of the main stream.
+    pub fn stream_subjects(&self) -> String {
+        format!("spillway.in.{}.*", self.key)
+    }
+
+    /// Subject of the dead-letter stream.
+    pub fn dead_letter_subject(&self) -> String {
+        format!("spillway.dlq.{}", self.key)
+    }
+
+    /// Durable consumer for partition `p` of an ordered endpoint, or the one
+    /// shared consumer (`None`).
+    pub fn consumer(&self, partition: Option<u16>) -> String {
+        match partition {
+            None => "processor".to_owned(),
+            Some(p) => format!("processor-p{p}"),
+        }
+    }
+}
+
+/// FNV-1a, 64 bit: stable across releases and platforms (unlike std's hasher).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The partition an ordering key falls into.
+pub fn partition_of(key: &[u8], partitions: u16) -> u16 {
+    (fnv1a64(key) % u64::from(partitions.max(1))) as u16
+}
+
+/// The default path of an endpoint without `spec.path`.
+pub fn default_path(namespace: &str, name: &str) -> String {
+    format!("/{namespace}/{name}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_distinct_where_dashes_could_collide() {
+        let a = EndpointNames::new("a-b", "c");
+        let b = EndpointNames::new("a", "b-c");
+        assert_ne!(a.stream(), b.stream());
+        let c = EndpointNames::new("a", "b.c");
+        let d = EndpointNames::new("a-b", "c");
+        assert_ne!(c.key(), d.key());
+        assert_eq!(c.stream(), "spillway_a_b_c");
+    }
+
+    #[test]
+    fn names_are_valid_jetstream_names() {
+        let long = "x".repeat(253);
+        for n in [EndpointNames::new("default", "gh"), EndpointNames::new("ns", &long)] {
+            let s = n.stream();
+            assert!(s.len() <= 255, "{s}");
+            assert!(!s.contains(['.', '*', '>', ' ', '/', '\\']), "{s}");
+            assert!(n.dead_letter_stream().len() <= 255);
+        }
+        assert_ne!(
+            EndpointNames::new("ns", &long).key(),
+            EndpointNames::new("ns", &format!("{}y", "x".repeat(252))).key()
+        );
+    }
+
+    #[test]
+    fn subjects_do_not_overlap() {
+        let n = EndpointNames::new("default", "gh");
+        assert_eq!(n.subject(0), "spillway.in.default_gh.0");
+        assert_eq!(n.stream_subjects(), "spillway.in.default_gh.*");
+        assert!(!n.dead_letter_subject().starts_with("spillway.in."));
+    }
+
+    #[test]
+    fn partitions_are_stable_and_in_range() {
+        assert_eq!(partition_of(b"cus_1", 8), partition_of(b"cus_1", 8));
+        for k in 0..100u32 {
+            assert!(partition_of(&k.to_be_bytes(), 7) < 7);
+        }
+        assert_eq!(partition_of(b"x", 0), 0);
+    }
+}

@@ -1,0 +1,106 @@
+//! Semantic checks the operator runs before acting on a spec. The API server
+//! already enforces the schema and CEL rules; these catch what CEL cannot
+//! (or what an older CRD let through) with messages a user can act on.
+
+use std::time::Duration;
+
+use crate::{WebhookEndpointSpec, duration};
+
+/// A spec's durations, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timings {
+    pub dedup_window: Duration,
+    pub stream_max_age: Duration,
+    pub delivery_timeout: Duration,
+    pub backoff: Vec<Duration>,
+    pub dead_letter_max_age: Duration,
+}
+
+/// Check a spec and parse its durations. Every problem found is reported,
+/// not just the first.
+pub fn check(spec: &WebhookEndpointSpec) -> Result<Timings, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut dur = |field: &str, value: &str| match duration::parse(value) {
+        Ok(d) => d,
+        Err(e) => {
+            problems.push(format!("{field}: {e}"));
+            Duration::ZERO
+        }
+    };
+    let t = Timings {
+        dedup_window: dur("deduplication.window", &spec.deduplication.window),
+        stream_max_age: dur("stream.maxAge", &spec.stream.max_age),
+        delivery_timeout: dur("processor.timeout", &spec.processor.timeout),
+        backoff: spec
+            .processor
+            .retry
+            .backoff
+            .iter()
+            .enumerate()
+            .map(|(i, b)| dur(&format!("processor.retry.backoff[{i}]"), b))
+            .collect(),
+        dead_letter_max_age: dur("processor.deadLetter.maxAge", &spec.processor.dead_letter.max_age),
+    };
+    if t.dedup_window > t.stream_max_age {
+        problems.push("deduplication.window must not be longer than stream.maxAge".into());
+    }
+    let p = &spec.processor;
+    if p.replicas.min > p.replicas.max {
+        problems.push("processor.replicas.min must not exceed processor.replicas.max".into());
+    }
+    if p.replicas.max > p.concurrency {
+        problems.push("processor.replicas.max must not exceed processor.concurrency".into());
+    }
+    if p.retry.backoff.len() > p.retry.max_attempts as usize {
+        problems.push("processor.retry.backoff may list at most maxAttempts durations".into());
+    }
+    if p.sink.url.is_some() == p.sink.service.is_some() {
+        problems.push("processor.sink needs exactly one of url or service".into());
+    }
+    let v = &spec.verification;
+    if v.scheme != crate::Scheme::None && v.secret_refs.is_empty() {
+        problems.push("verification.secretRefs needs at least one Secret reference".into());
+    }
+    if (v.scheme == crate::Scheme::Hmac) != v.hmac.is_some() {
+        problems.push("verification.hmac is required when scheme is hmac and not allowed otherwise".into());
+    }
+    if problems.is_empty() { Ok(t) } else { Err(problems) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> WebhookEndpointSpec {
+        serde_yaml_ng::from_str(yaml).expect("test spec parses")
+    }
+
+    const MINIMAL: &str = r#"
+verification: {scheme: github, secretRefs: [{name: gh, key: secret}]}
+processor: {sink: {url: "http://sink:8080/hook"}}
+"#;
+
+    #[test]
+    fn minimal_spec_gets_defaults_and_passes() {
+        let s = spec(MINIMAL);
+        assert_eq!(s.processor.concurrency, 10);
+        assert_eq!(s.ingress.max_body_bytes, 1 << 20);
+        assert_eq!(s.verification.tolerance_seconds, 300);
+        let t = check(&s).unwrap();
+        assert_eq!(t.delivery_timeout, Duration::from_secs(30));
+        assert_eq!(t.backoff.len(), 5);
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let mut s = spec(MINIMAL);
+        s.deduplication.window = "100h".into();
+        s.processor.replicas.min = 5;
+        s.processor.retry.max_attempts = 2;
+        s.processor.timeout = "soon".into();
+        let problems = check(&s).unwrap_err();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("processor.timeout")));
+        assert!(problems.iter().any(|p| p.contains("deduplication.window")));
+    }
+}

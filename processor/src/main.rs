@@ -1,0 +1,2 @@
+//! Placeholder main; replaced by its issue.
+fn main() {}
