@@ -11,6 +11,7 @@ pub mod duration;
 pub mod names;
 mod schema;
 pub mod validate;
+pub mod wire;
 
 pub use crd::*;
 
