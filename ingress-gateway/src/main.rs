@@ -1,2 +1,2 @@
-//! Placeholder main; replaced by its issue.
+//! The `spillway-gateway` binary.
 fn main() {}

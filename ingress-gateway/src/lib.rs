@@ -1,0 +1,7 @@
+//! The shared ingress gateway: verifies webhooks, answers handshakes and
+//! stores accepted requests in JetStream before answering the provider.
+#![forbid(unsafe_code)]
+
+pub mod delivery;
+pub mod handshake;
+pub mod verify;

@@ -1,0 +1,757 @@
+//! Request authentication for every supported signature scheme.
+//!
+//! Everything here is pure: a [`Verifier`] is built once per endpoint from its
+//! spec and secrets, then checks a request's raw body and headers. Signatures
+//! are compared in constant time and every configured secret is tried, so a
+//! secret can be rotated by adding the new one before removing the old.
+//! Nothing in this module logs; failures carry only a machine-readable reason.
+
+use axum::http::HeaderMap;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use ring::hmac;
+use spillway_api::{GenericHmac, HmacAlgorithm, Scheme, SignatureEncoding};
+use subtle::ConstantTimeEq;
+
+/// Why a request was not authenticated. The reason is safe to return to the
+/// caller and to use as a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Failure {
+    /// A header the scheme needs is absent.
+    #[error("missing_signature")]
+    MissingSignature,
+    /// The signature is malformed or matches none of the secrets.
+    #[error("bad_signature")]
+    BadSignature,
+    /// The signed timestamp is too far from the gateway's clock (or not a
+    /// number).
+    #[error("timestamp_out_of_tolerance")]
+    TimestampOutOfTolerance,
+}
+
+impl Failure {
+    /// The reason as sent in the 401 body and used in metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Failure::MissingSignature => "missing_signature",
+            Failure::BadSignature => "bad_signature",
+            Failure::TimestampOutOfTolerance => "timestamp_out_of_tolerance",
+        }
+    }
+}
+
+/// A verifier could not be built from the endpoint's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `scheme: hmac` without `hmac` settings.
+    #[error("scheme hmac needs verification.hmac settings")]
+    MissingHmacSettings,
+    /// A scheme that needs a secret has none.
+    #[error("no secret is available for scheme {0}")]
+    NoSecret(&'static str),
+    /// A `whsec_` secret is not valid base64 (the secret itself is not shown).
+    #[error("a whsec_ secret is not valid base64")]
+    BadWhsecSecret,
+    /// Twilio signs the public URL, which is unknown.
+    #[error("scheme twilio needs verification.publicUrl or a gateway public base URL")]
+    MissingPublicUrl,
+}
+
+/// The parts of a request that verification looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    /// Request headers.
+    pub headers: &'a HeaderMap,
+    /// Raw request body, exactly as received.
+    pub body: &'a [u8],
+    /// Raw query string without `?` (Twilio signs it as part of the URL).
+    pub query: Option<&'a str>,
+    /// The gateway's clock, Unix seconds.
+    pub now_unix: i64,
+}
+
+/// One endpoint's verification settings and secrets, ready to check
+/// requests.
+#[derive(Clone)]
+pub struct Verifier {
+    scheme: Scheme,
+    secrets: Vec<Vec<u8>>,
+    tolerance: i64,
+    twilio_url: Option<String>,
+    generic: Option<Generic>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("scheme", &self.scheme)
+            .field(
+                "secrets",
+                &format_args!("<{} redacted>", self.secrets.len()),
+            )
+            .field("tolerance", &self.tolerance)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Generic {
+    header: String,
+    algorithm: hmac::Algorithm,
+    encoding: SignatureEncoding,
+    prefix: String,
+    template: Vec<Part>,
+    timestamp_header: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(Vec<u8>),
+    Body,
+    Timestamp,
+}
+
+fn parse_template(t: &str) -> Vec<Part> {
+    let mut parts = Vec::new();
+    let mut lit = Vec::new();
+    let mut rest = t;
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix("{body}") {
+            if !lit.is_empty() {
+                parts.push(Part::Literal(std::mem::take(&mut lit)));
+            }
+            parts.push(Part::Body);
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("{timestamp}") {
+            if !lit.is_empty() {
+                parts.push(Part::Literal(std::mem::take(&mut lit)));
+            }
+            parts.push(Part::Timestamp);
+            rest = r;
+        } else {
+            let c = rest.chars().next().unwrap_or_default();
+            let mut buf = [0u8; 4];
+            lit.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    if !lit.is_empty() {
+        parts.push(Part::Literal(lit));
+    }
+    parts
+}
+
+/// Decode a Standard Webhooks secret: `whsec_<base64>` is base64, anything
+/// else is used as raw bytes.
+pub fn standard_webhooks_secret(raw: &[u8]) -> Result<Vec<u8>, ConfigError> {
+    match raw.strip_prefix(b"whsec_") {
+        Some(b64) => BASE64
+            .decode(b64.trim_ascii())
+            .map_err(|_| ConfigError::BadWhsecSecret),
+        None => Ok(raw.to_vec()),
+    }
+}
+
+impl Verifier {
+    /// Build a verifier. `secrets` are the raw values of every secretRef that
+    /// could be read; `public_url` is the resolved URL Twilio signs.
+    pub fn new(
+        scheme: Scheme,
+        secrets: Vec<Vec<u8>>,
+        tolerance_seconds: u32,
+        public_url: Option<String>,
+        generic: Option<&GenericHmac>,
+    ) -> Result<Self, ConfigError> {
+        if scheme != Scheme::None && secrets.is_empty() {
+            return Err(ConfigError::NoSecret(scheme.as_str()));
+        }
+        let secrets = if scheme == Scheme::StandardWebhooks {
+            secrets
+                .iter()
+                .map(|s| standard_webhooks_secret(s))
+                .collect::<Result<_, _>>()?
+        } else {
+            secrets
+        };
+        let generic = if scheme == Scheme::Hmac {
+            let g = generic.ok_or(ConfigError::MissingHmacSettings)?;
+            Some(Generic {
+                header: g.header.clone(),
+                algorithm: match g.algorithm {
+                    HmacAlgorithm::Sha1 => hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+                    HmacAlgorithm::Sha256 => hmac::HMAC_SHA256,
+                    HmacAlgorithm::Sha512 => hmac::HMAC_SHA512,
+                },
+                encoding: g.encoding,
+                prefix: g.prefix.clone().unwrap_or_default(),
+                template: parse_template(&g.signed_content),
+                timestamp_header: g.timestamp_header.clone(),
+            })
+        } else {
+            None
+        };
+        if scheme == Scheme::Twilio && public_url.is_none() {
+            return Err(ConfigError::MissingPublicUrl);
+        }
+        Ok(Self {
+            scheme,
+            secrets,
+            tolerance: i64::from(tolerance_seconds),
+            twilio_url: public_url,
+            generic,
+        })
+    }
+
+    /// The scheme this verifier checks.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    /// Check a request. `Ok` means it verified against at least one secret
+    /// (and its timestamp, if any, is within tolerance).
+    pub fn verify(&self, req: &Inbound<'_>) -> Result<(), Failure> {
+        match self.scheme {
+            Scheme::None => Ok(()),
+            Scheme::Github => self.github(req),
+            Scheme::Stripe => self.stripe(req),
+            Scheme::Slack => self.slack(req),
+            Scheme::StandardWebhooks => self.standard_webhooks(req),
+            Scheme::Shopify => self.shopify(req),
+            Scheme::Gitlab => self.gitlab(req),
+            Scheme::Twilio => self.twilio(req),
+            Scheme::Hmac => self.generic(req),
+        }
+    }
+
+    fn check_timestamp(&self, ts: &str, now: i64) -> Result<(), Failure> {
+        let t: i64 = ts
+            .trim()
+            .parse()
+            .map_err(|_| Failure::TimestampOutOfTolerance)?;
+        if now.abs_diff(t) > self.tolerance.unsigned_abs() {
+            return Err(Failure::TimestampOutOfTolerance);
+        }
+        Ok(())
+    }
+
+    /// True when HMAC(secret, concat(parts)) equals any candidate, for any
+    /// secret. Each comparison is constant-time.
+    fn any_match(&self, alg: hmac::Algorithm, parts: &[&[u8]], candidates: &[Vec<u8>]) -> bool {
+        let mut ok = false;
+        for secret in &self.secrets {
+            let tag = sign(alg, secret, parts);
+            for c in candidates {
+                ok |= bool::from(tag.as_ref().ct_eq(c.as_slice()));
+            }
+        }
+        ok
+    }
+
+    fn github(&self, req: &Inbound<'_>) -> Result<(), Failure> {
+        let h = header(req.headers, "x-hub-signature-256").ok_or(Failure::MissingSignature)?;
+        let sig = h
+            .strip_prefix("sha256=")
+            .and_then(|x| hex::decode(x.trim()).ok())
+            .ok_or(Failure::BadSignature)?;
+        self.require(self.any_match(hmac::HMAC_SHA256, &[req.body], &[sig]))
+    }
+
+    fn stripe(&self, req: &Inbound<'_>) -> Result<(), Failure> {
+        let h = header(req.headers, "stripe-signature").ok_or(Failure::MissingSignature)?;
+        let mut t = None;
+        let mut v1 = Vec::new();
+        for item in h.split(',') {
+            match item.trim().split_once('=') {
+                Some(("t", v)) => t = Some(v),
+                Some(("v1", v)) => {
+                    if let Ok(sig) = hex::decode(v) {
+                        v1.push(sig);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let t = t.ok_or(Failure::BadSignature)?;
+        if v1.is_empty() {
+            return Err(Failure::BadSignature);
+        }
+        self.require(self.any_match(hmac::HMAC_SHA256, &[t.as_bytes(), b".", req.body], &v1))?;
+        self.check_timestamp(t, req.now_unix)
+    }
+
+    fn slack(&self, req: &Inbound<'_>) -> Result<(), Failure> {
+        let sig = header(req.headers, "x-slack-signature").ok_or(Failure::MissingSignature)?;
+        let ts =
+            header(req.headers, "x-slack-request-timestamp").ok_or(Failure::MissingSignature)?;
+        let sig = sig
+            .strip_prefix("v0=")
+            .and_then(|x| hex::decode(x.trim()).ok())
+            .ok_or(Failure::BadSignature)?;
+        self.require(self.any_match(
+            hmac::HMAC_SHA256,
+            &[b"v0:", ts.as_bytes(), b":", req.body],
+            &[sig],
+        ))?;
+        self.check_timestamp(ts, req.now_unix)
+    }
+
+    fn standard_webhooks(&self, req: &Inbound<'_>) -> Result<(), Failure> {
+        let id = header(req.headers, "webhook-id").ok_or(Failure::MissingSignature)?;
+        let ts = header(req.headers, "webhook-timestamp").ok_or(Failure::MissingSignature)?;
+        let sigs = header(req.headers, "webhook-signature").ok_or(Failure::MissingSignature)?;
+        let candidates: Vec<Vec<u8>> = sigs
+            .split_ascii_whitespace()
+            .filter_map(|s| s.strip_prefix("v1,"))
+            .filter_map(|s| BASE64.decode(s).ok())
+            .collect();
+        if candidates.is_empty() {
+            return Err(Failure::BadSignature);
+        }
+        self.require(self.any_match(
+            hmac::HMAC_SHA256,
+            &[id.as_bytes(), b".", ts.as_bytes(), b".", req.body],
+            &candidates,
+        ))?;
+        self.check_timestamp(ts, req.now_unix)
+    }
+
+    fn shopify(&self, req: &Inbound<'_>) -> Result<(), Failure> {
+        let h = header(req.headers, "x-shopify-hmac-sha256").ok_or(Failure::MissingSignature)?;
+        let sig = BASE64.decode(h.trim()).map_err(|_| Failure::BadSignature)?;
+        self.require(self.any_match(hmac::HMAC_SHA256, &[req.body], &[sig]))
+    }
+
+    fn gitlab(&self, req: &Inbound<'_>) -> Result<(), Failure> {
+        let token = req
+            .headers
+            .get("x-gitlab-token")
+            .ok_or(Failure::MissingSignature)?
+            .as_bytes();
+        let mut ok = false;
+        for s in &self.secrets {
+            ok |= bool::from(token.ct_eq(s.as_slice()));
+        }
+        self.require(ok)
+    }
+
+    fn twilio(&self, req: &Inbound<'_>) -> Result<(), Failure> {
+        let h = header(req.headers, "x-twilio-signature").ok_or(Failure::MissingSignature)?;
+        let sig = BASE64.decode(h.trim()).map_err(|_| Failure::BadSignature)?;
+        let base = self.twilio_url.as_deref().unwrap_or_default();
+        let mut url = base.to_owned();
+        if let Some(q) = req.query.filter(|q| !q.is_empty()) {
+            url.push(if base.contains('?') { '&' } else { '?' });
+            url.push_str(q);
+        }
+        let is_form = header(req.headers, "content-type")
+            .map(|ct| {
+                ct.split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
+            .unwrap_or(false);
+        let mut data = url.into_bytes();
+        if is_form {
+            let mut params: Vec<(String, String)> = form_urlencoded::parse(req.body)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            params.sort();
+            for (k, v) in params {
+                data.extend_from_slice(k.as_bytes());
+                data.extend_from_slice(v.as_bytes());
+            }
+        } else if let Some(want) = req.query.and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "bodySHA256")
+                .map(|(_, v)| v.into_owned())
+        }) {
+            // The JSON variant: the URL (with bodySHA256) is signed, and the
+            // body must hash to the signed value.
+            let got = hex::encode(ring::digest::digest(&ring::digest::SHA256, req.body));
+            if !bool::from(got.as_bytes().ct_eq(want.to_ascii_lowercase().as_bytes())) {
+                return Err(Failure::BadSignature);
+            }
+        }
+        self.require(self.any_match(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &[&data], &[sig]))
+    }
+
+    fn generic(&self, req: &Inbound<'_>) -> Result<(), Failure> {
+        let Some(g) = &self.generic else {
+            return Err(Failure::BadSignature);
+        };
+        let h = header(req.headers, &g.header).ok_or(Failure::MissingSignature)?;
+        let ts = match &g.timestamp_header {
+            Some(name) => Some(header(req.headers, name).ok_or(Failure::MissingSignature)?),
+            None => None,
+        };
+        let encoded = h
+            .strip_prefix(g.prefix.as_str())
+            .ok_or(Failure::BadSignature)?;
+        let sig = match g.encoding {
+            SignatureEncoding::Hex => hex::decode(encoded.trim()).ok(),
+            SignatureEncoding::Base64 => BASE64.decode(encoded.trim()).ok(),
+        }
+        .ok_or(Failure::BadSignature)?;
+        let parts: Vec<&[u8]> = g
+            .template
+            .iter()
+            .map(|p| match p {
+                Part::Literal(l) => l.as_slice(),
+                Part::Body => req.body,
+                Part::Timestamp => ts.unwrap_or_default().as_bytes(),
+            })
+            .collect();
+        self.require(self.any_match(g.algorithm, &parts, &[sig]))?;
+        match ts {
+            Some(ts) => self.check_timestamp(ts, req.now_unix),
+            None => Ok(()),
+        }
+    }
+
+    fn require(&self, ok: bool) -> Result<(), Failure> {
+        if ok {
+            Ok(())
+        } else {
+            Err(Failure::BadSignature)
+        }
+    }
+}
+
+/// HMAC of the concatenation of `parts`.
+pub fn sign(alg: hmac::Algorithm, secret: &[u8], parts: &[&[u8]]) -> hmac::Tag {
+    let key = hmac::Key::new(alg, secret);
+    let mut ctx = hmac::Context::with_key(&key);
+    for p in parts {
+        ctx.update(p);
+    }
+    ctx.sign()
+}
+
+/// A header's value as text, if present and visible ASCII.
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    const NOW: i64 = 1_700_000_000;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn check(v: &Verifier, h: &HeaderMap, body: &[u8], now: i64) -> Result<(), Failure> {
+        v.verify(&Inbound {
+            headers: h,
+            body,
+            query: None,
+            now_unix: now,
+        })
+    }
+
+    fn v(scheme: Scheme, secrets: &[&str]) -> Verifier {
+        Verifier::new(
+            scheme,
+            secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            300,
+            None,
+            None,
+        )
+        .unwrap()
+    }
+
+    fn hex_sig(secret: &str, parts: &[&[u8]]) -> String {
+        hex::encode(sign(hmac::HMAC_SHA256, secret.as_bytes(), parts))
+    }
+
+    #[test]
+    fn github_public_vector() {
+        let ver = v(Scheme::Github, &["It's a Secret to Everybody"]);
+        let sig = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        let h = headers(&[("X-Hub-Signature-256", sig)]);
+        assert_eq!(check(&ver, &h, b"Hello, World!", NOW), Ok(()));
+        assert_eq!(
+            check(&ver, &h, b"Hello, World?", NOW),
+            Err(Failure::BadSignature)
+        );
+        assert_eq!(
+            check(&ver, &HeaderMap::new(), b"Hello, World!", NOW),
+            Err(Failure::MissingSignature)
+        );
+        let wrong = v(Scheme::Github, &["nope"]);
+        assert_eq!(
+            check(&wrong, &h, b"Hello, World!", NOW),
+            Err(Failure::BadSignature)
+        );
+        let h = headers(&[("X-Hub-Signature-256", "sha1=757107ea")]);
+        assert_eq!(
+            check(&ver, &h, b"Hello, World!", NOW),
+            Err(Failure::BadSignature)
+        );
+    }
+
+    #[test]
+    fn every_secret_is_tried() {
+        let ver = v(Scheme::Github, &["old", "It's a Secret to Everybody"]);
+        let sig = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        let h = headers(&[("X-Hub-Signature-256", sig)]);
+        assert_eq!(check(&ver, &h, b"Hello, World!", NOW), Ok(()));
+        let old = format!("sha256={}", hex_sig("old", &[b"Hello, World!"]));
+        let h = headers(&[("X-Hub-Signature-256", &old)]);
+        assert_eq!(check(&ver, &h, b"Hello, World!", NOW), Ok(()));
+    }
+
+    const SLACK_BODY: &str = "token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c";
+
+    #[test]
+    fn slack_public_vector() {
+        let ver = v(Scheme::Slack, &["8f742231b10e8888abcd99yyyzzz85a5"]);
+        let sig = "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503";
+        let h = headers(&[
+            ("X-Slack-Signature", sig),
+            ("X-Slack-Request-Timestamp", "1531420618"),
+        ]);
+        assert_eq!(
+            check(&ver, &h, SLACK_BODY.as_bytes(), 1531420618 + 10),
+            Ok(())
+        );
+        assert_eq!(
+            check(&ver, &h, SLACK_BODY.as_bytes(), 1531420618 + 301),
+            Err(Failure::TimestampOutOfTolerance)
+        );
+        let mut tampered = SLACK_BODY.to_owned();
+        tampered.push('x');
+        assert_eq!(
+            check(&ver, &h, tampered.as_bytes(), 1531420618),
+            Err(Failure::BadSignature)
+        );
+        let h = headers(&[("X-Slack-Signature", sig)]);
+        assert_eq!(
+            check(&ver, &h, SLACK_BODY.as_bytes(), 1531420618),
+            Err(Failure::MissingSignature)
+        );
+    }
+
+    #[test]
+    fn svix_public_vector() {
+        let ver = v(
+            Scheme::StandardWebhooks,
+            &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+        );
+        let body = br#"{"test": 2432232314}"#;
+        let mk = |sig: &str| {
+            headers(&[
+                ("webhook-id", "msg_p5jXN8AQM9LWM0D4loKWxJek"),
+                ("webhook-timestamp", "1614265330"),
+                ("webhook-signature", sig),
+            ])
+        };
+        let good = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+        assert_eq!(check(&ver, &mk(good), body, 1614265330), Ok(()));
+        // Any of several space-separated signatures may match.
+        let several = format!("v1,bm9wZQ== v2,xyz {good}");
+        assert_eq!(check(&ver, &mk(&several), body, 1614265330), Ok(()));
+        assert_eq!(
+            check(&ver, &mk("v1,bm9wZQ=="), body, 1614265330),
+            Err(Failure::BadSignature)
+        );
+        assert_eq!(
+            check(&ver, &mk(good), body, 1614265330 + 1000),
+            Err(Failure::TimestampOutOfTolerance)
+        );
+        assert!(
+            Verifier::new(
+                Scheme::StandardWebhooks,
+                vec![b"whsec_!!!".to_vec()],
+                300,
+                None,
+                None
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn stripe_any_v1_and_tolerance() {
+        let secret = "whsec_test_secret";
+        let ver = v(Scheme::Stripe, &[secret]);
+        let body = br#"{"id":"evt_1","object":"event"}"#;
+        let t = NOW.to_string();
+        let good = hex_sig(secret, &[t.as_bytes(), b".", body]);
+        let bad = hex_sig("other", &[t.as_bytes(), b".", body]);
+        let h = headers(&[(
+            "Stripe-Signature",
+            &format!("t={t},v1={bad},v1={good},v0=abc"),
+        )]);
+        assert_eq!(check(&ver, &h, body, NOW), Ok(()));
+        assert_eq!(
+            check(&ver, &h, body, NOW + 301),
+            Err(Failure::TimestampOutOfTolerance)
+        );
+        let h = headers(&[("Stripe-Signature", &format!("t={t},v1={bad}"))]);
+        assert_eq!(check(&ver, &h, body, NOW), Err(Failure::BadSignature));
+        let h = headers(&[("Stripe-Signature", &format!("v1={good}"))]);
+        assert_eq!(check(&ver, &h, body, NOW), Err(Failure::BadSignature));
+        assert_eq!(
+            check(&ver, &HeaderMap::new(), body, NOW),
+            Err(Failure::MissingSignature)
+        );
+    }
+
+    #[test]
+    fn shopify_and_gitlab() {
+        let ver = v(Scheme::Shopify, &["shpss"]);
+        let body = br#"{"id":1}"#;
+        let sig = BASE64.encode(sign(hmac::HMAC_SHA256, b"shpss", &[body]));
+        let h = headers(&[("X-Shopify-Hmac-Sha256", &sig)]);
+        assert_eq!(check(&ver, &h, body, NOW), Ok(()));
+        assert_eq!(check(&ver, &h, b"{}", NOW), Err(Failure::BadSignature));
+
+        let ver = v(Scheme::Gitlab, &["tok-a", "tok-b"]);
+        let h = headers(&[("X-Gitlab-Token", "tok-b")]);
+        assert_eq!(check(&ver, &h, b"{}", NOW), Ok(()));
+        let h = headers(&[("X-Gitlab-Token", "tok-c")]);
+        assert_eq!(check(&ver, &h, b"{}", NOW), Err(Failure::BadSignature));
+        let h = headers(&[("X-Gitlab-Token", "tok-")]);
+        assert_eq!(check(&ver, &h, b"{}", NOW), Err(Failure::BadSignature));
+        assert_eq!(
+            check(&ver, &HeaderMap::new(), b"{}", NOW),
+            Err(Failure::MissingSignature)
+        );
+    }
+
+    #[test]
+    fn twilio_form_and_body_sha256() {
+        // Example from Twilio's security docs.
+        let url = "https://mycompany.com/myapp.php?foo=1&bar=2";
+        let (base, query) = url.split_once('?').unwrap();
+        let body = "To=%2B18005551212&CallSid=CA1234567890ABCDE&Caller=%2B14158675309&Digits=1234&From=%2B14158675309";
+        let ver = Verifier::new(
+            Scheme::Twilio,
+            vec![b"12345".to_vec()],
+            300,
+            Some(base.into()),
+            None,
+        )
+        .unwrap();
+        let mut h = headers(&[
+            ("X-Twilio-Signature", "RSOYDt4T1cUTdK1PDd93/VVr8B8="),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ]);
+        let run = |h: &HeaderMap, body: &[u8], q: &str| {
+            ver.verify(&Inbound {
+                headers: h,
+                body,
+                query: Some(q),
+                now_unix: NOW,
+            })
+        };
+        assert_eq!(run(&h, body.as_bytes(), query), Ok(()));
+        assert_eq!(
+            run(&h, b"CallSid=CA1234567890ABCDE", query),
+            Err(Failure::BadSignature)
+        );
+
+        // JSON variant: URL carries bodySHA256 of the body.
+        let json = br#"{"property": "value", "boolean": true}"#;
+        let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, json));
+        let q = format!("bodySHA256={digest}");
+        let signed = format!("{base}?{q}");
+        let sig = BASE64.encode(sign(
+            hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+            b"12345",
+            &[signed.as_bytes()],
+        ));
+        h.insert("x-twilio-signature", HeaderValue::from_str(&sig).unwrap());
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        assert_eq!(run(&h, json, &q), Ok(()));
+        assert_eq!(run(&h, b"{}", &q), Err(Failure::BadSignature));
+        assert!(Verifier::new(Scheme::Twilio, vec![b"x".to_vec()], 300, None, None).is_err());
+    }
+
+    fn generic(ts_header: Option<&str>, template: &str, enc: SignatureEncoding) -> GenericHmac {
+        GenericHmac {
+            header: "x-zm-signature".into(),
+            algorithm: HmacAlgorithm::Sha256,
+            encoding: enc,
+            prefix: Some("v0=".into()),
+            signed_content: template.into(),
+            timestamp_header: ts_header.map(String::from),
+        }
+    }
+
+    #[test]
+    fn generic_hmac_template_and_timestamp() {
+        let g = generic(
+            Some("x-zm-request-timestamp"),
+            "v0:{timestamp}:{body}",
+            SignatureEncoding::Hex,
+        );
+        let ver = Verifier::new(Scheme::Hmac, vec![b"zoom".to_vec()], 300, None, Some(&g)).unwrap();
+        let body = br#"{"event":"meeting.started"}"#;
+        let t = NOW.to_string();
+        let sig = format!(
+            "v0={}",
+            hex_sig("zoom", &[b"v0:", t.as_bytes(), b":", body])
+        );
+        let h = headers(&[("x-zm-signature", &sig), ("x-zm-request-timestamp", &t)]);
+        assert_eq!(check(&ver, &h, body, NOW), Ok(()));
+        assert_eq!(
+            check(&ver, &h, body, NOW - 400),
+            Err(Failure::TimestampOutOfTolerance)
+        );
+        let h2 = headers(&[("x-zm-signature", &sig)]);
+        assert_eq!(check(&ver, &h2, body, NOW), Err(Failure::MissingSignature));
+        let h3 = headers(&[
+            ("x-zm-signature", &sig[3..]),
+            ("x-zm-request-timestamp", &t),
+        ]);
+        assert_eq!(check(&ver, &h3, body, NOW), Err(Failure::BadSignature));
+
+        let g = generic(None, "{body}", SignatureEncoding::Base64);
+        let ver = Verifier::new(Scheme::Hmac, vec![b"k".to_vec()], 300, None, Some(&g)).unwrap();
+        let sig = format!(
+            "v0={}",
+            BASE64.encode(sign(hmac::HMAC_SHA256, b"k", &[b"{body}-literal"]))
+        );
+        let h = headers(&[("x-zm-signature", &sig)]);
+        assert_eq!(check(&ver, &h, b"{body}-literal", NOW), Ok(()));
+        assert!(Verifier::new(Scheme::Hmac, vec![b"k".to_vec()], 300, None, None).is_err());
+    }
+
+    #[test]
+    fn template_parsing() {
+        assert_eq!(parse_template("{body}"), vec![Part::Body]);
+        assert_eq!(
+            parse_template("v0:{timestamp}:{body}{x}"),
+            vec![
+                Part::Literal(b"v0:".to_vec()),
+                Part::Timestamp,
+                Part::Literal(b":".to_vec()),
+                Part::Body,
+                Part::Literal(b"{x}".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn none_accepts_and_debug_redacts() {
+        let ver = v(Scheme::None, &[]);
+        assert_eq!(check(&ver, &HeaderMap::new(), b"x", NOW), Ok(()));
+        let ver = v(Scheme::Github, &["supersecretvalue"]);
+        assert!(!format!("{ver:?}").contains("supersecretvalue"));
+        assert!(Verifier::new(Scheme::Github, vec![], 300, None, None).is_err());
+    }
+}
