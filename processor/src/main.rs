@@ -1,2 +1,171 @@
-//! Placeholder main; replaced by its issue.
-fn main() {}
+//! `spillway-processor`: delivers one WebhookEndpoint's stored webhooks.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use spillway_api::wire::PROCESSOR_CONFIG_ENV;
+use spillway_processor::admin::{self, AdminState};
+use spillway_processor::engine::{Processor, ShutdownHandle};
+use spillway_processor::metrics::Metrics;
+use spillway_processor::settings::Settings;
+
+/// Deliver a WebhookEndpoint's stored webhooks to its sink.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// File holding the ProcessorConfig JSON (default: the
+    /// SPILLWAY_PROCESSOR_CONFIG environment variable).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// NATS credentials file (JWT + NKey seed).
+    #[arg(long, env = "NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "NATS_USER")]
+    nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "SPILLWAY_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    admin_addr: SocketAddr,
+    /// After SIGTERM, how long in-flight deliveries may take before they are
+    /// handed back (keep below the pod's termination grace period).
+    #[arg(long, env = "SPILLWAY_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime_duration)]
+    shutdown_timeout: Duration,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    spillway_api::duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn load_settings(args: &Args) -> Result<Settings> {
+    let json = match &args.config {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading --config {}", path.display()))?,
+        None => std::env::var(PROCESSOR_CONFIG_ENV).with_context(|| {
+            format!("no configuration: set {PROCESSOR_CONFIG_ENV} or pass --config FILE")
+        })?,
+    };
+    Ok(Settings::from_json(&json)?)
+}
+
+async fn connect(args: &Args) -> Result<async_nats::Client> {
+    let mut opts = match &args.nats_creds {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .with_context(|| format!("reading NATS credentials {}", path.display()))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let (Some(u), Some(p)) = (&args.nats_user, &args.nats_password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &args.nats_token {
+        opts = opts.token(t.clone());
+    }
+    opts = opts.name("spillway-processor");
+    opts.connect(args.nats_url.as_str())
+        .await
+        .with_context(|| format!("connecting to NATS at {}", args.nats_url))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,async_nats=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let settings = load_settings(&args)?;
+    tracing::info!(
+        endpoint = %settings.endpoint,
+        stream = %settings.stream,
+        consumers = ?settings.consumers,
+        sink_host = settings.sink_url.host_str().unwrap_or(""),
+        concurrency = settings.concurrency,
+        per_replica = settings.concurrency_per_replica,
+        "starting"
+    );
+    let nats = connect(&args).await?;
+    let js = async_nats::jetstream::new(nats.clone());
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin address {}", args.admin_addr))?;
+    let app = admin::router(AdminState {
+        registry: Arc::new(registry),
+        ready: ready.clone(),
+        nats: nats.clone(),
+    });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "admin server stopped");
+        }
+    });
+
+    let (handle, shutdown) = ShutdownHandle::new();
+    let processor = Arc::new(Processor::new(
+        settings,
+        js,
+        metrics,
+        shutdown,
+        ready.clone(),
+    )?);
+    let mut run = tokio::spawn(processor.run());
+
+    let signal = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        std::io::Result::Ok(())
+    };
+    let result = tokio::select! {
+        r = &mut run => Some(r),
+        s = signal => { s.context("installing signal handlers")?; None }
+    };
+    let result = match result {
+        Some(r) => r,
+        None => {
+            tracing::info!("shutting down: no new pulls, finishing in-flight deliveries");
+            ready.store(false, Ordering::SeqCst);
+            handle.stop();
+            match tokio::time::timeout(args.shutdown_timeout, &mut run).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(
+                        "in-flight deliveries did not finish in time; handing them back"
+                    );
+                    handle.abort();
+                    tokio::time::timeout(Duration::from_secs(5), &mut run)
+                        .await
+                        .context("workers did not stop after abort")?
+                }
+            }
+        }
+    };
+    // Acks and naks are buffered: make sure they reach the server.
+    let _ = tokio::time::timeout(Duration::from_secs(5), nats.flush()).await;
+    result.context("processor task panicked")??;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,2 @@
+//! The `spillway` command line (work in progress).
+fn main() {}

@@ -1,0 +1,258 @@
+//! The HTTP side of a delivery: which headers go to the sink, and one POST.
+
+use std::time::{Duration, SystemTime};
+
+use async_nats::HeaderMap;
+use reqwest::header::{HeaderName, HeaderValue};
+use spillway_api::wire;
+
+use crate::outcome::{AttemptResult, parse_retry_after};
+use crate::signing::{self, Signer};
+
+/// Outgoing header carrying the attempt number (1 for the first delivery).
+pub const ATTEMPT: &str = "Spillway-Attempt";
+
+/// Most bytes of a sink's response body kept for logs and dead letters.
+const EXCERPT_BYTES: usize = 256;
+
+/// Original request headers never forwarded to the sink (hop-by-hop or
+/// describing the original connection), even if the gateway kept them.
+const NOT_FORWARDED: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "expect",
+];
+
+/// Spillway headers copied to the sink as they are.
+const SPILLWAY_FORWARDED: &[&str] = &[wire::DELIVERY_ID, wire::RECEIVED_AT, wire::ORDERING_KEY];
+
+/// Build a reqwest client for the sink: bounded timeouts, a pool sized to
+/// the concurrency, no redirects, ring-based rustls.
+pub fn client(timeout: Duration, pool: usize) -> Result<reqwest::Client, reqwest::Error> {
+    // Ignore "already installed": any installed provider will do.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .pool_max_idle_per_host(pool)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("spillway-processor/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// The headers of the HTTP request for a stored message.
+pub fn outgoing_headers(
+    stored: Option<&HeaderMap>,
+    attempt: u32,
+    traceparent: &str,
+) -> reqwest::header::HeaderMap {
+    let mut out = reqwest::header::HeaderMap::new();
+    if let Some(stored) = stored {
+        for (name, values) in stored.iter() {
+            let name: &str = name.as_ref();
+            let Some(orig) = strip_prefix_ci(name, wire::ORIGINAL_HEADER_PREFIX) else {
+                continue;
+            };
+            if NOT_FORWARDED.iter().any(|h| h.eq_ignore_ascii_case(orig)) {
+                continue;
+            }
+            let Ok(hn) = HeaderName::from_bytes(orig.as_bytes()) else {
+                continue;
+            };
+            for v in values {
+                if let Ok(hv) = HeaderValue::from_str(v.as_str()) {
+                    out.append(hn.clone(), hv);
+                }
+            }
+        }
+        for name in SPILLWAY_FORWARDED.iter().chain([&wire::CONTENT_TYPE]) {
+            if let Some(v) = stored.get(*name)
+                && let Ok(hv) = HeaderValue::from_str(v.as_str())
+            {
+                out.insert(HeaderName::from_static(lower(name)), hv);
+            }
+        }
+    }
+    out.insert(
+        HeaderName::from_static("spillway-attempt"),
+        HeaderValue::from(attempt),
+    );
+    if let Ok(hv) = HeaderValue::from_str(traceparent) {
+        out.insert(HeaderName::from_static("traceparent"), hv);
+    }
+    out
+}
+
+fn lower(name: &str) -> &'static str {
+    match name {
+        n if n == wire::DELIVERY_ID => "spillway-delivery-id",
+        n if n == wire::RECEIVED_AT => "spillway-received-at",
+        n if n == wire::ORDERING_KEY => "spillway-ordering-key",
+        _ => "content-type",
+    }
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+        .filter(|rest| !rest.is_empty())
+}
+
+/// Add Standard Webhooks signature headers (replacing any forwarded ones).
+pub fn sign(headers: &mut reqwest::header::HeaderMap, signer: &Signer, id: &str, body: &[u8]) {
+    let ts = jiff::Timestamp::now().as_second();
+    let sig = signer.sign(id, ts, body);
+    for (name, value) in [
+        (signing::WEBHOOK_ID, id.to_owned()),
+        (signing::WEBHOOK_TIMESTAMP, ts.to_string()),
+        (signing::WEBHOOK_SIGNATURE, sig),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    }
+}
+
+/// POST once and classify the result (the client's timeout bounds it).
+pub async fn post(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    headers: reqwest::header::HeaderMap,
+    body: impl Into<reqwest::Body>,
+) -> AttemptResult {
+    let resp = client
+        .post(url.clone())
+        .headers(headers)
+        .body(body)
+        .send()
+        .await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => return classify_error(e),
+    };
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    // Read (and so release) the body; a body that does not arrive in time
+    // makes the attempt a timeout unless the status already says success.
+    let excerpt = match resp.bytes().await {
+        Ok(b) => excerpt(&b),
+        Err(e) if !(200..300).contains(&status) => return classify_error(e),
+        Err(_) => String::new(),
+    };
+    AttemptResult::Response {
+        status,
+        retry_after,
+        excerpt,
+    }
+}
+
+/// Classify a transport error. The URL is left out of the text: it may hold
+/// credentials.
+fn classify_error(e: reqwest::Error) -> AttemptResult {
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg = format!("{msg}: {s}");
+        src = s.source();
+    }
+    if e.is_timeout() {
+        AttemptResult::Timeout
+    } else if e.is_connect() {
+        AttemptResult::Connect(msg)
+    } else {
+        AttemptResult::Transport(msg)
+    }
+}
+
+/// A short printable excerpt of a response body.
+pub fn excerpt(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]);
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(wire::NATS_MSG_ID, "gh-123");
+        h.insert(wire::DELIVERY_ID, "gh-123");
+        h.insert(wire::CONTENT_TYPE, "application/json");
+        h.insert(wire::ENDPOINT, "default/gh");
+        h.insert("Spillway-Orig-X-GitHub-Event", "push");
+        h.insert("spillway-orig-x-lower", "yes");
+        h.insert("Spillway-Orig-Host", "evil.example");
+        h.insert("Spillway-Orig-Content-Length", "999");
+        h.insert("Spillway-Orig-", "empty");
+        h.insert("X-Not-Original", "no");
+        h
+    }
+
+    #[test]
+    fn forwards_original_headers_without_prefix_and_spillway_context() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let h = outgoing_headers(Some(&stored()), 3, tp);
+        assert_eq!(h.get("x-github-event").unwrap(), "push");
+        assert_eq!(h.get("x-lower").unwrap(), "yes");
+        assert_eq!(h.get("content-type").unwrap(), "application/json");
+        assert_eq!(h.get("spillway-delivery-id").unwrap(), "gh-123");
+        assert_eq!(h.get("spillway-attempt").unwrap(), "3");
+        assert_eq!(h.get("traceparent").unwrap(), tp);
+        for absent in [
+            "host",
+            "content-length",
+            "x-not-original",
+            "nats-msg-id",
+            "spillway-endpoint",
+        ] {
+            assert!(h.get(absent).is_none(), "{absent} must not be forwarded");
+        }
+    }
+
+    #[test]
+    fn signing_replaces_forwarded_signature_headers() {
+        let mut s = stored();
+        s.insert("Spillway-Orig-Webhook-Signature", "v1,provider");
+        let mut h = outgoing_headers(Some(&s), 1, "x");
+        let signer = Signer::new(b"key");
+        sign(&mut h, &signer, "gh-123", b"{}");
+        let sigs: Vec<_> = h.get_all("webhook-signature").iter().collect();
+        assert_eq!(sigs.len(), 1);
+        let ts: i64 = h
+            .get("webhook-timestamp")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(sigs[0].to_str().unwrap(), signer.sign("gh-123", ts, b"{}"));
+        assert_eq!(h.get("webhook-id").unwrap(), "gh-123");
+    }
+
+    #[test]
+    fn excerpts_are_short_and_printable() {
+        assert_eq!(excerpt(b"bad\r\nrequest"), "bad  request");
+        assert_eq!(excerpt(&[b'a'; 1000]).len(), EXCERPT_BYTES);
+    }
+}

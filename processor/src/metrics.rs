@@ -1,0 +1,148 @@
+//! Prometheus metrics of the delivery loop.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of `spillway_processor_deliveries_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// `acked`, `retried`, `dead_lettered`, `dropped` or `abandoned`.
+    pub outcome: &'static str,
+    /// `2xx`..`5xx`, `timeout` or `error`.
+    pub status_class: &'static str,
+}
+
+/// Labels of `spillway_processor_dead_lettered_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `max_attempts`, `client_error` or `gone`.
+    pub reason: &'static str,
+}
+
+/// Every metric the processor exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Delivery attempts by outcome and status class.
+    pub deliveries: Family<DeliveryLabels, Counter>,
+    /// Time from request start to complete response.
+    pub latency: Histogram,
+    /// Deliveries in flight to the sink right now.
+    pub in_flight: Gauge,
+    /// Retries scheduled (negative acknowledgements with delay).
+    pub retries: Counter,
+    /// Messages dead-lettered, by reason.
+    pub dead_lettered: Family<ReasonLabels, Counter>,
+    /// Messages given up on while dead letters are disabled.
+    pub dropped: Counter,
+    /// Deliveries answered 410 Gone (the sink says it no longer exists).
+    pub sink_gone: Counter,
+    /// Failed dead-letter publishes (the message is retried instead).
+    pub dead_letter_publish_failures: Counter,
+    /// Failed acknowledgements to JetStream (the message may be redelivered).
+    pub ack_failures: Counter,
+}
+
+impl Metrics {
+    /// Create the metrics and register them.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            deliveries: Family::default(),
+            latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            in_flight: Gauge::default(),
+            retries: Counter::default(),
+            dead_lettered: Family::default(),
+            dropped: Counter::default(),
+            sink_gone: Counter::default(),
+            dead_letter_publish_failures: Counter::default(),
+            ack_failures: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("spillway_processor");
+        r.register(
+            "deliveries",
+            "Delivery attempts by outcome and status class",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "delivery_duration_seconds",
+            "Duration of delivery attempts to the sink",
+            m.latency.clone(),
+        );
+        r.register(
+            "in_flight",
+            "Deliveries in flight to the sink",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "retries",
+            "Retries scheduled after failed attempts",
+            m.retries.clone(),
+        );
+        r.register(
+            "dead_lettered",
+            "Messages dead-lettered, by reason",
+            m.dead_lettered.clone(),
+        );
+        r.register(
+            "dropped",
+            "Messages given up on with dead letters disabled",
+            m.dropped.clone(),
+        );
+        r.register(
+            "sink_gone",
+            "Deliveries answered 410 Gone by the sink",
+            m.sink_gone.clone(),
+        );
+        r.register(
+            "dead_letter_publish_failures",
+            "Dead-letter publishes that failed (the message is retried)",
+            m.dead_letter_publish_failures.clone(),
+        );
+        r.register(
+            "ack_failures",
+            "Acknowledgements JetStream did not confirm",
+            m.ack_failures.clone(),
+        );
+        m
+    }
+
+    /// Count one delivery attempt.
+    pub fn delivery(&self, outcome: &'static str, status_class: &'static str) {
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                outcome,
+                status_class,
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_with_prefix_and_labels() {
+        let mut reg = Registry::default();
+        let m = Metrics::new(&mut reg);
+        m.delivery("acked", "2xx");
+        m.dead_lettered
+            .get_or_create(&ReasonLabels { reason: "gone" })
+            .inc();
+        m.latency.observe(0.02);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains(
+                r#"spillway_processor_deliveries_total{outcome="acked",status_class="2xx"} 1"#
+            ),
+            "{out}"
+        );
+        assert!(out.contains(r#"spillway_processor_dead_lettered_total{reason="gone"} 1"#));
+        assert!(out.contains("spillway_processor_delivery_duration_seconds_count 1"));
+        assert!(out.contains("spillway_processor_in_flight 0"));
+    }
+}

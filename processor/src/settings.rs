@@ -1,0 +1,236 @@
+//! The processor's configuration, parsed and checked once at start-up.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use spillway_api::duration;
+use spillway_api::wire::ProcessorConfig;
+
+/// A [`ProcessorConfig`] that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The JSON did not parse.
+    #[error("processor config is not valid JSON for ProcessorConfig: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A field is out of range or malformed.
+    #[error("processor config field {field}: {problem}")]
+    Field {
+        /// The offending field (camelCase, as in the JSON).
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn field(field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field,
+        problem: problem.into(),
+    }
+}
+
+/// Delay used when the config lists no backoff at all.
+const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Everything the delivery loop needs, with durations parsed.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `namespace/name` of the endpoint.
+    pub endpoint: String,
+    /// The main stream.
+    pub stream: String,
+    /// Durable pull consumers to serve.
+    pub consumers: Vec<String>,
+    /// Dead-letter subject, when dead letters are kept.
+    pub dead_letter_subject: Option<String>,
+    /// Where deliveries go.
+    pub sink_url: reqwest::Url,
+    /// Global cap on deliveries in flight.
+    pub concurrency: u32,
+    /// This pod's cap on deliveries in flight.
+    pub concurrency_per_replica: u32,
+    /// Per-delivery timeout.
+    pub timeout: Duration,
+    /// Attempts before dead-lettering.
+    pub max_attempts: u32,
+    /// Retry delays; the last repeats.
+    pub backoff: Vec<Duration>,
+    /// This pod's share of the delivery rate limit, if any.
+    pub rate_per_replica: Option<NonZeroU32>,
+    /// Do not pull while true.
+    pub paused: bool,
+    /// File with the outbound signing secret.
+    pub signing_secret_file: Option<String>,
+}
+
+impl Settings {
+    /// Parse the JSON form (as in `SPILLWAY_PROCESSOR_CONFIG`).
+    pub fn from_json(json: &str) -> Result<Self, ConfigError> {
+        Self::from_config(serde_json::from_str(json)?)
+    }
+
+    /// Check a config and parse its durations.
+    pub fn from_config(c: ProcessorConfig) -> Result<Self, ConfigError> {
+        if c.stream.is_empty() {
+            return Err(field("stream", "must not be empty"));
+        }
+        if c.consumers.is_empty() || c.consumers.iter().any(String::is_empty) {
+            return Err(field(
+                "consumers",
+                "needs at least one non-empty consumer name",
+            ));
+        }
+        let sink_url = reqwest::Url::parse(&c.sink_url)
+            .map_err(|e| field("sinkUrl", format!("not an absolute URL: {e}")))?;
+        if !matches!(sink_url.scheme(), "http" | "https") {
+            return Err(field("sinkUrl", "must be an http or https URL"));
+        }
+        if c.concurrency == 0 {
+            return Err(field("concurrency", "must be at least 1"));
+        }
+        if c.concurrency_per_replica == 0 {
+            return Err(field("concurrencyPerReplica", "must be at least 1"));
+        }
+        if c.max_attempts == 0 {
+            return Err(field("maxAttempts", "must be at least 1"));
+        }
+        let timeout = duration::parse(&c.timeout).map_err(|e| field("timeout", e.to_string()))?;
+        if timeout.is_zero() {
+            return Err(field("timeout", "must be positive"));
+        }
+        let backoff = c
+            .backoff
+            .iter()
+            .map(|b| duration::parse(b).map_err(|e| field("backoff", e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rate_per_replica = match c.rate_limit_per_second {
+            None => None,
+            Some(0) => return Err(field("rateLimitPerSecond", "must be at least 1 when set")),
+            Some(r) => NonZeroU32::new(split_rate(r, c.concurrency_per_replica, c.concurrency)),
+        };
+        Ok(Self {
+            endpoint: c.endpoint,
+            stream: c.stream,
+            consumers: c.consumers,
+            dead_letter_subject: c.dead_letter_subject.filter(|s| !s.is_empty()),
+            sink_url,
+            concurrency: c.concurrency,
+            concurrency_per_replica: c.concurrency_per_replica,
+            timeout,
+            max_attempts: c.max_attempts,
+            backoff,
+            rate_per_replica,
+            paused: c.paused,
+            signing_secret_file: c.signing_secret_file.filter(|s| !s.is_empty()),
+        })
+    }
+
+    /// Delay before the retry that follows failed attempt `attempt` (1-based):
+    /// `backoff[attempt-1]`, the last entry repeating.
+    pub fn backoff_after(&self, attempt: u32) -> Duration {
+        backoff_after(&self.backoff, attempt)
+    }
+}
+
+/// See [`Settings::backoff_after`].
+pub fn backoff_after(backoff: &[Duration], attempt: u32) -> Duration {
+    let i = (attempt.max(1) - 1) as usize;
+    backoff
+        .get(i)
+        .or(backoff.last())
+        .copied()
+        .unwrap_or(DEFAULT_BACKOFF)
+}
+
+/// This pod's share of a global rate: the same fraction as its share of the
+/// concurrency (`per_replica / concurrency`), rounded up, at least 1.
+pub fn split_rate(rate: u32, per_replica: u32, concurrency: u32) -> u32 {
+    let share = u64::from(rate) * u64::from(per_replica.min(concurrency));
+    let r = share.div_ceil(u64::from(concurrency.max(1)));
+    u32::try_from(r).unwrap_or(u32::MAX).clamp(1, rate.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ProcessorConfig {
+        ProcessorConfig {
+            endpoint: "default/gh".into(),
+            stream: "spillway_default_gh".into(),
+            consumers: vec!["processor".into()],
+            dead_letter_subject: Some("spillway.dlq.default_gh".into()),
+            sink_url: "http://127.0.0.1:8080/hook".into(),
+            concurrency: 10,
+            concurrency_per_replica: 4,
+            timeout: "30s".into(),
+            max_attempts: 5,
+            backoff: vec!["1s".into(), "5s".into(), "30s".into()],
+            rate_limit_per_second: None,
+            paused: false,
+            signing_secret_file: None,
+        }
+    }
+
+    #[test]
+    fn parses_json_from_the_operator() {
+        let json = serde_json::to_string(&config()).unwrap();
+        assert!(json.contains("\"sinkUrl\""), "{json}");
+        let s = Settings::from_json(&json).unwrap();
+        assert_eq!(s.timeout, Duration::from_secs(30));
+        assert_eq!(s.backoff.len(), 3);
+        assert_eq!(s.sink_url.as_str(), "http://127.0.0.1:8080/hook");
+    }
+
+    #[test]
+    fn backoff_repeats_the_last_entry() {
+        let s = Settings::from_config(config()).unwrap();
+        assert_eq!(s.backoff_after(1), Duration::from_secs(1));
+        assert_eq!(s.backoff_after(2), Duration::from_secs(5));
+        assert_eq!(s.backoff_after(3), Duration::from_secs(30));
+        assert_eq!(s.backoff_after(9), Duration::from_secs(30));
+        assert_eq!(s.backoff_after(0), Duration::from_secs(1));
+        assert_eq!(backoff_after(&[], 3), DEFAULT_BACKOFF);
+    }
+
+    #[test]
+    fn rejects_bad_fields_by_name() {
+        let mut c = config();
+        c.timeout = "soon".into();
+        let e = Settings::from_config(c).unwrap_err().to_string();
+        assert!(e.contains("timeout"), "{e}");
+        let mut c = config();
+        c.sink_url = "/relative".into();
+        assert!(
+            Settings::from_config(c)
+                .unwrap_err()
+                .to_string()
+                .contains("sinkUrl")
+        );
+        let mut c = config();
+        c.sink_url = "ftp://x/".into();
+        assert!(Settings::from_config(c).is_err());
+        let mut c = config();
+        c.concurrency_per_replica = 0;
+        assert!(Settings::from_config(c).is_err());
+        let mut c = config();
+        c.consumers.clear();
+        assert!(Settings::from_config(c).is_err());
+        assert!(matches!(
+            Settings::from_json("{"),
+            Err(ConfigError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn rate_is_split_like_concurrency() {
+        assert_eq!(split_rate(100, 10, 10), 100);
+        assert_eq!(split_rate(100, 4, 10), 40);
+        assert_eq!(split_rate(10, 1, 3), 4);
+        assert_eq!(split_rate(1, 1, 100), 1);
+        let mut c = config();
+        c.rate_limit_per_second = Some(50);
+        let s = Settings::from_config(c).unwrap();
+        assert_eq!(s.rate_per_replica.map(NonZeroU32::get), Some(20));
+    }
+}

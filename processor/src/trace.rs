@@ -1,0 +1,132 @@
+//! W3C trace context (`traceparent`) for outgoing deliveries.
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+/// A parsed `traceparent` (version 00).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    /// 16-byte trace id, never all zero.
+    pub trace_id: [u8; 16],
+    /// 8-byte parent (span) id, never all zero.
+    pub parent_id: [u8; 8],
+    /// Trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+fn hex_into(s: &str, out: &mut [u8]) -> Option<()> {
+    if s.len() != out.len() * 2 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl TraceParent {
+    /// Parse a header value; `None` when it is not a valid version-00 value.
+    pub fn parse(v: &str) -> Option<Self> {
+        let mut parts = v.trim().split('-');
+        let (ver, tid, pid, fl) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if ver != "00" || parts.next().is_some() {
+            return None;
+        }
+        let mut tp = TraceParent {
+            trace_id: [0; 16],
+            parent_id: [0; 8],
+            flags: 0,
+        };
+        hex_into(tid, &mut tp.trace_id)?;
+        hex_into(pid, &mut tp.parent_id)?;
+        let mut f = [0u8; 1];
+        hex_into(fl, &mut f)?;
+        tp.flags = f[0];
+        if tp.trace_id == [0; 16] || tp.parent_id == [0; 8] {
+            return None;
+        }
+        Some(tp)
+    }
+
+    /// The header value.
+    pub fn header(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            hex(&self.trace_id),
+            hex(&self.parent_id),
+            self.flags
+        )
+    }
+}
+
+fn random_nonzero<const N: usize>(rng: &SystemRandom) -> [u8; N] {
+    let mut b = [0u8; N];
+    while b == [0u8; N] {
+        // SystemRandom only fails when the OS has no randomness at all.
+        if rng.fill(&mut b).is_err() {
+            b[N - 1] = 1;
+        }
+    }
+    b
+}
+
+/// The `traceparent` for a delivery: a new span (fresh parent id) in the
+/// incoming trace when `incoming` is valid, else a new sampled trace.
+pub fn child_of(incoming: Option<&str>, rng: &SystemRandom) -> TraceParent {
+    match incoming.and_then(TraceParent::parse) {
+        Some(p) => TraceParent {
+            parent_id: random_nonzero(rng),
+            ..p
+        },
+        None => TraceParent {
+            trace_id: random_nonzero(rng),
+            parent_id: random_nonzero(rng),
+            flags: 1,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn round_trips_a_valid_header() {
+        let tp = TraceParent::parse(SAMPLE).unwrap();
+        assert_eq!(tp.header(), SAMPLE);
+        assert_eq!(tp.flags, 1);
+    }
+
+    #[test]
+    fn rejects_invalid_headers() {
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn child_keeps_the_trace_and_gets_a_new_span() {
+        let rng = SystemRandom::new();
+        let parent = TraceParent::parse(SAMPLE).unwrap();
+        let child = child_of(Some(SAMPLE), &rng);
+        assert_eq!(child.trace_id, parent.trace_id);
+        assert_eq!(child.flags, parent.flags);
+        assert_ne!(child.parent_id, parent.parent_id);
+        let fresh = child_of(Some("garbage"), &rng);
+        assert_ne!(fresh.trace_id, parent.trace_id);
+        assert!(TraceParent::parse(&fresh.header()).is_some());
+    }
+}
