@@ -1,2 +1,49 @@
-//! Placeholder main; replaced by its issue.
-fn main() {}
+//! `spillway-operator`: flags/env → [`spillway_operator::start`].
+
+use anyhow::Context as _;
+use clap::Parser;
+use spillway_operator::Settings;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .json()
+        .init();
+    let settings = Settings::parse();
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster or kubeconfig)")?;
+    let running = match spillway_operator::start(settings, client).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("spillway-operator: {e}");
+            std::process::exit(2);
+        }
+    };
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,990 @@
+//! The WebhookEndpoint reconciler: acceptance checks, JetStream objects,
+//! processor Deployment, scaling, status, Events and cleanup.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use spillway_api::condition::{ACCEPTED, PROCESSOR_READY, STREAM_READY};
+use spillway_api::names::{EndpointNames, default_path};
+use spillway_api::validate::{Timings, check};
+use spillway_api::{
+    Autoscaler, Backlog, DeletionPolicy, ReplicaStatus, SecretKeyRef, WebhookEndpoint,
+    WebhookEndpointStatus,
+};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::conditions::{self, Desired, Status};
+use crate::jetstream::{Js, NatsError, SyncError, Synced, is_managed_consumer};
+use crate::metrics::Metrics;
+use crate::render::{self, FIELD_MANAGER, deployment_name};
+use crate::scaling;
+use crate::settings::Settings;
+
+/// The finalizer that holds a deleted endpoint until its NATS objects are
+/// cleaned up.
+pub const FINALIZER: &str = "spillway.dev/cleanup";
+/// KEDA's ScaledObject CRD.
+pub const KEDA_CRD: &str = "scaledobjects.keda.sh";
+
+/// Shared state of the reconciler.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// JetStream access.
+    pub js: Js,
+    /// Operator configuration.
+    pub settings: Settings,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// All WebhookEndpoints (for path conflicts).
+    pub endpoints: Store<WebhookEndpoint>,
+    /// Processor Deployments managed by the operator.
+    pub deployments: Store<Deployment>,
+    scale: Mutex<HashMap<String, scaling::State>>,
+    failures: Mutex<HashMap<String, u32>>,
+    retrigger: mpsc::UnboundedSender<ObjectRef<WebhookEndpoint>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// Assemble the context; `retrigger` asks the controller to reconcile
+    /// an endpoint again (used when a path is freed).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        client: Client,
+        js: Js,
+        settings: Settings,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        endpoints: Store<WebhookEndpoint>,
+        deployments: Store<Deployment>,
+        retrigger: mpsc::UnboundedSender<ObjectRef<WebhookEndpoint>>,
+    ) -> Self {
+        Self {
+            client,
+            js,
+            settings,
+            recorder,
+            metrics,
+            endpoints,
+            deployments,
+            scale: Mutex::default(),
+            failures: Mutex::default(),
+            retrigger,
+        }
+    }
+
+    fn failures(&self, key: &str, bump: bool) -> u32 {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if bump {
+            let n = f.entry(key.to_owned()).or_default();
+            *n += 1;
+            *n
+        } else {
+            f.remove(key);
+            0
+        }
+    }
+
+    async fn event(&self, ep: &WebhookEndpoint, type_: EventType, reason: &str, note: String) {
+        let ev = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(truncate(note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &ep.object_ref(&())).await {
+            warn!(endpoint = %key(ep), error = %e, "could not publish event");
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+fn key(ep: &WebhookEndpoint) -> String {
+    format!("{}/{}", ep.namespace().unwrap_or_default(), ep.name_any())
+}
+
+/// Errors that end a reconcile (and requeue it with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Adding or removing the finalizer, or the wrapped step, failed.
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// NATS cleanup of a deleted endpoint has to wait for NATS.
+    #[error("cleanup of {endpoint} waits for NATS: {source}")]
+    CleanupPending {
+        /// `namespace/name`.
+        endpoint: String,
+        /// Why.
+        source: NatsError,
+    },
+    /// The Deployment could not be rendered.
+    #[error("rendering the processor Deployment: {0}")]
+    Render(String),
+}
+
+impl Error {
+    /// Short reason for metrics and Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubernetesApiError",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reason(),
+                _ => "FinalizerError",
+            },
+            Error::CleanupPending { .. } => "CleanupPending",
+            Error::Render(_) => "RenderError",
+        }
+    }
+}
+
+/// Reconcile one endpoint (entry point for the Controller).
+pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    let ns = ep.namespace().unwrap_or_default();
+    let api: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    let k = key(&ep);
+    let result = finalizer(&api, FINALIZER, ep, |event| async {
+        match event {
+            Finalizer::Apply(ep) => apply(ep, ctx.clone()).await,
+            Finalizer::Cleanup(ep) => cleanup(ep, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(result.is_ok(), start.elapsed());
+    if result.is_ok() {
+        ctx.failures(&k, false);
+    }
+    result
+}
+
+/// Exponential backoff for the `n`th consecutive failure: 1 s, 2 s, 4 s …
+/// capped at `cap`.
+pub fn backoff(n: u32, cap: Duration) -> Duration {
+    let secs = 1u64 << n.saturating_sub(1).min(16);
+    Duration::from_secs(secs).min(cap)
+}
+
+/// On error: log a warning, count it, publish a Warning Event, and requeue
+/// with per-endpoint exponential backoff.
+pub fn error_policy(ep: Arc<WebhookEndpoint>, err: &Error, ctx: Arc<Context>) -> Action {
+    let k = key(&ep);
+    let n = ctx.failures(&k, true);
+    let reason = err.reason();
+    warn!(endpoint = %k, reason, error = %err, attempt = n, "reconcile failed");
+    ctx.metrics.error(reason);
+    let note = err.to_string();
+    let ctx2 = ctx.clone();
+    tokio::spawn(async move {
+        ctx2.event(&ep, EventType::Warning, reason, note).await;
+    });
+    Action::requeue(backoff(n, Duration::from_secs(300)))
+}
+
+/// Why an endpoint is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// `PathConflict`, `SecretNotFound`, `SecretKeyMissing` or `InvalidSpec`.
+    pub reason: &'static str,
+    /// What to do about it.
+    pub message: String,
+}
+
+/// The effective path of an endpoint.
+pub fn effective_path(ep: &WebhookEndpoint) -> String {
+    ep.spec
+        .path
+        .clone()
+        .unwrap_or_else(|| default_path(&ep.namespace().unwrap_or_default(), &ep.name_any()))
+}
+
+/// The older of two endpoints (by creation time, then namespace/name) keeps
+/// a contested path. Returns the endpoint in `others` that holds `ep`'s path,
+/// if any.
+pub fn path_holder<'a>(
+    ep: &WebhookEndpoint,
+    others: &'a [Arc<WebhookEndpoint>],
+) -> Option<&'a WebhookEndpoint> {
+    let path = effective_path(ep);
+    let rank = |e: &WebhookEndpoint| (e.creation_timestamp().map(|t| t.0), key(e));
+    let mine = rank(ep);
+    others
+        .iter()
+        .map(|o| o.as_ref())
+        .filter(|o| o.uid() != ep.uid() && o.metadata.deletion_timestamp.is_none())
+        .filter(|o| effective_path(o) == path)
+        .filter(|o| rank(o) < mine)
+        .min_by_key(|o| rank(o))
+}
+
+/// Every Secret reference of the spec, with where it is referenced.
+pub fn secret_refs(ep: &WebhookEndpoint) -> Vec<(String, &SecretKeyRef)> {
+    let s = &ep.spec;
+    let mut out: Vec<(String, &SecretKeyRef)> = s
+        .verification
+        .secret_refs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("verification.secretRefs[{i}]"), r))
+        .collect();
+    if let Some(h) = &s.handshake {
+        if let Some(r) = &h.verify_token_secret_ref {
+            out.push(("handshake.verifyTokenSecretRef".into(), r));
+        }
+        if let Some(r) = &h.secret_ref {
+            out.push(("handshake.secretRef".into(), r));
+        }
+    }
+    if let Some(sig) = &s.processor.signing {
+        out.push(("processor.signing.secretRef".into(), &sig.secret_ref));
+    }
+    out
+}
+
+async fn accept(ep: &WebhookEndpoint, ctx: &Context) -> Result<Result<Timings, Rejection>, Error> {
+    let timings = match check(&ep.spec) {
+        Ok(t) => t,
+        Err(problems) => {
+            return Ok(Err(Rejection {
+                reason: "InvalidSpec",
+                message: problems.join("; "),
+            }));
+        }
+    };
+    if let Err(message) = render::user_template(ep) {
+        return Ok(Err(Rejection {
+            reason: "InvalidSpec",
+            message,
+        }));
+    }
+    let ns = ep.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut fetched: HashMap<String, Option<Secret>> = HashMap::new();
+    for (field, r) in secret_refs(ep) {
+        if !fetched.contains_key(&r.name) {
+            fetched.insert(r.name.clone(), secrets.get_opt(&r.name).await?);
+        }
+        match &fetched[&r.name] {
+            None => {
+                return Ok(Err(Rejection {
+                    reason: "SecretNotFound",
+                    message: format!(
+                        "Secret {ns}/{} (referenced by {field}) does not exist",
+                        r.name
+                    ),
+                }));
+            }
+            Some(s) => {
+                let has = s.data.as_ref().is_some_and(|d| d.contains_key(&r.key))
+                    || s.string_data
+                        .as_ref()
+                        .is_some_and(|d| d.contains_key(&r.key));
+                if !has {
+                    return Ok(Err(Rejection {
+                        reason: "SecretKeyMissing",
+                        message: format!(
+                            "Secret {ns}/{} has no key {:?} (referenced by {field})",
+                            r.name, r.key
+                        ),
+                    }));
+                }
+            }
+        }
+    }
+    if let Some(holder) = path_holder(ep, &ctx.endpoints.state()) {
+        return Ok(Err(Rejection {
+            reason: "PathConflict",
+            message: format!(
+                "path {} is already served by the older endpoint {}; set a different spec.path",
+                effective_path(ep),
+                key(holder)
+            ),
+        }));
+    }
+    Ok(Ok(timings))
+}
+
+/// ProcessorReady from the desired and ready replica counts.
+pub fn processor_condition(paused: bool, desired: Option<i32>, ready: i32) -> Desired {
+    let d = |s, r: &str, m: String| Desired::new(PROCESSOR_READY, s, r, m);
+    if paused {
+        return d(
+            Status::True,
+            "Paused",
+            "processor paused: webhooks are stored and delivered once resumed".into(),
+        );
+    }
+    match desired {
+        Some(0) => d(
+            Status::True,
+            "ScaledToZero",
+            "no backlog: scaled to zero replicas".into(),
+        ),
+        Some(n) if ready >= 1 => d(
+            Status::True,
+            "Available",
+            format!("{ready}/{n} processor replicas ready"),
+        ),
+        Some(n) => d(
+            Status::False,
+            "PodsNotReady",
+            format!("0/{n} processor replicas ready"),
+        ),
+        None if ready >= 1 => d(
+            Status::True,
+            "Available",
+            format!("{ready} processor replicas ready"),
+        ),
+        None => d(
+            Status::False,
+            "PodsNotReady",
+            "no processor replica is ready".into(),
+        ),
+    }
+}
+
+/// All four conditions, Ready last, with Ready's reason noting suspension or
+/// pause when everything else is fine.
+pub fn all_conditions(parts: Vec<Desired>, suspended: bool, paused: bool) -> Vec<Desired> {
+    let mut ready = conditions::ready(&parts);
+    if ready.status == Status::True && suspended {
+        ready.reason = "Suspended".into();
+        ready.message = "suspended: the gateway answers 503 with Retry-After; stored webhooks are still delivered".into();
+    } else if ready.status == Status::True && paused {
+        ready.reason = "Paused".into();
+        ready.message = "delivery paused: webhooks are accepted and stored".into();
+    }
+    let mut all = vec![ready];
+    all.extend(parts);
+    all
+}
+
+async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = ep.namespace().unwrap_or_default();
+    let name = ep.name_any();
+    let k = key(&ep);
+    let names = EndpointNames::new(&ns, &name);
+    let spec = &ep.spec;
+    let old = ep.status.clone().unwrap_or_default();
+    let resync = ctx.settings.resync_interval;
+    let mut requeue = resync;
+
+    let mut status = WebhookEndpointStatus {
+        observed_generation: ep.metadata.generation,
+        conditions: Vec::new(),
+        path: Some(effective_path(&ep)),
+        stream: Some(names.stream()),
+        dead_letter_stream: spec
+            .processor
+            .dead_letter
+            .enabled
+            .then(|| names.dead_letter_stream()),
+        backlog: old.backlog.clone(),
+        dead_letters: old.dead_letters,
+        replicas: old.replicas.clone(),
+    };
+
+    let parts = match accept(&ep, &ctx).await? {
+        Err(rej) => {
+            requeue = resync.min(Duration::from_secs(10));
+            vec![
+                Desired::new(ACCEPTED, Status::False, rej.reason, rej.message),
+                Desired::new(
+                    STREAM_READY,
+                    Status::Unknown,
+                    "NotAccepted",
+                    "waiting for the endpoint to be accepted",
+                ),
+                Desired::new(
+                    PROCESSOR_READY,
+                    Status::Unknown,
+                    "NotAccepted",
+                    "waiting for the endpoint to be accepted",
+                ),
+            ]
+        }
+        Ok(timings) => {
+            let accepted = Desired::new(
+                ACCEPTED,
+                Status::True,
+                "Accepted",
+                "spec, Secrets and path are valid",
+            );
+            // JetStream.
+            let (stream_cond, synced) = match ctx.js.sync(&names, spec, &timings).await {
+                Ok(s) => (
+                    Desired::new(
+                        STREAM_READY,
+                        Status::True,
+                        "StreamReady",
+                        format!("stream {} and its consumers are in place", names.stream()),
+                    ),
+                    Some(s),
+                ),
+                Err(e) => {
+                    if matches!(e, SyncError::Unavailable(_)) {
+                        let n = ctx.failures(&k, true);
+                        requeue = requeue.min(backoff(n, resync));
+                    }
+                    ctx.metrics.error(e.reason());
+                    (
+                        Desired::new(STREAM_READY, Status::False, e.reason(), e.to_string()),
+                        None,
+                    )
+                }
+            };
+            if let Some(s) = &synced {
+                report_created(&ep, &ctx, &old, s).await;
+                status.backlog = Some(Backlog {
+                    pending: s.backlog.pending,
+                    ack_pending: s.backlog.ack_pending,
+                    redelivered: s.backlog.redelivered,
+                });
+                status.dead_letters = s.dead_letters;
+            }
+            // Processor.
+            let (proc_cond, replicas, scale_due) =
+                processor(&ep, &ctx, &names, &timings, synced.as_ref()).await?;
+            if let Some(due) = scale_due {
+                requeue = requeue.min(due + Duration::from_millis(200));
+            }
+            status.replicas = Some(replicas);
+            vec![accepted, stream_cond, proc_cond]
+        }
+    };
+
+    let desired = all_conditions(parts, spec.suspend, spec.processor.paused);
+    let now = Time(Timestamp::now());
+    status.conditions = conditions::merge(&old.conditions, &desired, ep.metadata.generation, &now);
+    ctx.metrics.set_conditions(
+        &k,
+        Some(
+            status
+                .conditions
+                .iter()
+                .map(|c| (c.type_.clone(), c.status.clone()))
+                .collect(),
+        ),
+    );
+
+    if status != old {
+        for (type_, from, to) in conditions::transitions(&old.conditions, &status.conditions) {
+            let c = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == type_)
+                .expect("from the list");
+            let et = if to == "False" {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            info!(endpoint = %k, condition = %type_, from = ?from, to = %to, reason = %c.reason, "condition changed");
+            ctx.event(
+                &ep,
+                et,
+                &c.reason,
+                format!("{type_} is {to}: {}", c.message),
+            )
+            .await;
+        }
+        let api: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({
+            "apiVersion": "spillway.dev/v1alpha1",
+            "kind": "WebhookEndpoint",
+            "status": status,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        ctx.metrics.status_written();
+    }
+    Ok(Action::requeue(requeue))
+}
+
+async fn report_created(
+    ep: &WebhookEndpoint,
+    ctx: &Context,
+    old: &WebhookEndpointStatus,
+    s: &Synced,
+) {
+    let was_ready = old
+        .conditions
+        .iter()
+        .any(|c| c.type_ == STREAM_READY && c.status == "True");
+    for stream in &s.created {
+        if was_ready {
+            warn!(endpoint = %key(ep), stream, "stream was missing and has been recreated");
+            ctx.event(
+                ep,
+                EventType::Warning,
+                "StreamRecreated",
+                format!(
+                    "stream {stream} was deleted outside Spillway and has been recreated (empty)"
+                ),
+            )
+            .await;
+        } else {
+            ctx.event(
+                ep,
+                EventType::Normal,
+                "StreamCreated",
+                format!("created stream {stream}"),
+            )
+            .await;
+        }
+    }
+    for what in &s.updated {
+        ctx.event(
+            ep,
+            EventType::Normal,
+            "Updated",
+            format!("updated {what} in place"),
+        )
+        .await;
+    }
+}
+
+async fn keda_installed(ctx: &Context) -> Result<bool, Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    Ok(crds.get_opt(KEDA_CRD).await?.is_some())
+}
+
+fn scaled_object_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("keda.sh", "v1alpha1", "ScaledObject"),
+        "scaledobjects",
+    )
+}
+
+/// The KEDA ScaledObject scaling the processor on the consumers' lag.
+pub fn scaled_object(
+    ep: &WebhookEndpoint,
+    names: &EndpointNames,
+    settings: &Settings,
+) -> serde_json::Value {
+    let r = &ep.spec.processor.replicas;
+    let consumers: Vec<String> = match &ep.spec.ordering {
+        None => vec![names.consumer(None)],
+        Some(o) => (0..o.partitions.max(1))
+            .map(|i| names.consumer(Some(i)))
+            .collect(),
+    };
+    let triggers: Vec<serde_json::Value> = consumers
+        .iter()
+        .map(|c| {
+            json!({
+                "type": "nats-jetstream",
+                "metadata": {
+                    "natsServerMonitoringEndpoint": settings.nats_monitoring_endpoint,
+                    "account": "$G",
+                    "stream": names.stream(),
+                    "consumer": c,
+                    "lagThreshold": r.target_backlog_per_replica.to_string(),
+                }
+            })
+        })
+        .collect();
+    let mut annotations = serde_json::Map::new();
+    if ep.spec.processor.paused {
+        annotations.insert("autoscaling.keda.sh/paused-replicas".into(), json!("0"));
+    }
+    json!({
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {
+            "name": deployment_name(&ep.name_any()),
+            "namespace": ep.namespace(),
+            "labels": render::labels(&ep.name_any()),
+            "annotations": annotations,
+            "ownerReferences": [render::owner_ref(ep)],
+        },
+        "spec": {
+            "scaleTargetRef": {"name": deployment_name(&ep.name_any())},
+            "minReplicaCount": r.min,
+            "maxReplicaCount": r.max,
+            "cooldownPeriod": settings.scale_down_cooldown.as_secs(),
+            "triggers": triggers,
+        }
+    })
+}
+
+/// Scale, render and apply the processor Deployment. Returns the
+/// ProcessorReady condition, the replica status and, when a scale-down is
+/// pending, how long until it is due.
+async fn processor(
+    ep: &WebhookEndpoint,
+    ctx: &Context,
+    names: &EndpointNames,
+    timings: &Timings,
+    synced: Option<&Synced>,
+) -> Result<(Desired, ReplicaStatus, Option<Duration>), Error> {
+    let ns = ep.namespace().unwrap_or_default();
+    let dname = deployment_name(&ep.name_any());
+    let uid = ep.uid().unwrap_or_default();
+    let p = &ep.spec.processor;
+    let current = ctx
+        .deployments
+        .get(&ObjectRef::new(&dname).within(&ns))
+        .filter(|d| {
+            d.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.uid == uid)
+        });
+
+    let mut keda_missing = false;
+    let use_keda = p.replicas.autoscaler == Autoscaler::Keda && {
+        let ok = keda_installed(ctx).await?;
+        keda_missing = !ok;
+        ok
+    };
+
+    let (replicas, due) = if use_keda {
+        (None, None)
+    } else {
+        let input = scaling::Input {
+            min: p.replicas.min,
+            max: p.replicas.max,
+            target_backlog_per_replica: p.replicas.target_backlog_per_replica,
+            paused: p.paused,
+            backlog: synced.map(|s| s.backlog.pending + s.backlog.ack_pending),
+        };
+        let fallback = current.as_ref().and_then(|d| d.spec.replicas);
+        let now = Instant::now();
+        let cooldown = ctx.settings.scale_down_cooldown;
+        let mut states = ctx.scale.lock().unwrap_or_else(|e| e.into_inner());
+        let state = states.get(&uid).copied().unwrap_or_default();
+        let (desired, next) = scaling::decide(&input, state, fallback, now, cooldown);
+        if Some(desired) != fallback && fallback.is_some() {
+            info!(endpoint = %key(ep), from = ?fallback, to = desired, backlog = ?input.backlog, "scaling processor");
+        }
+        states.insert(uid.clone(), next);
+        (
+            Some(desired),
+            scaling::scale_down_due_in(&next, now, cooldown),
+        )
+    };
+
+    let want =
+        render::deployment(ep, names, timings, &ctx.settings, replicas).map_err(Error::Render)?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let applied = match &current {
+        Some(have) if render::up_to_date(have, &want) => have.clone(),
+        _ => {
+            let created = current.is_none();
+            let d = deployments
+                .patch(
+                    &dname,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&want),
+                )
+                .await?;
+            if created {
+                ctx.event(
+                    ep,
+                    EventType::Normal,
+                    "DeploymentCreated",
+                    format!("created Deployment {dname}"),
+                )
+                .await;
+            }
+            Arc::new(d)
+        }
+    };
+    if use_keda {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &ns, &scaled_object_resource());
+        api.patch(
+            &dname,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(scaled_object(ep, names, &ctx.settings)),
+        )
+        .await?;
+    }
+
+    let ready = applied
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let spec_replicas = applied.spec.replicas;
+    let desired = replicas.or(spec_replicas);
+    let mut cond = processor_condition(p.paused, desired, ready);
+    if keda_missing {
+        cond = Desired::new(
+            PROCESSOR_READY,
+            Status::False,
+            "KedaNotInstalled",
+            format!(
+                "autoscaler keda was requested but KEDA's CRD {KEDA_CRD} is not installed; install KEDA or set processor.replicas.autoscaler to builtin (scaling builtin meanwhile)"
+            ),
+        );
+    }
+    Ok((
+        cond,
+        ReplicaStatus {
+            desired: desired.unwrap_or(0),
+            ready,
+        },
+        due,
+    ))
+}
+
+/// What cleanup does with the streams, for messages.
+fn leftovers(names: &EndpointNames, policy: DeletionPolicy) -> String {
+    match policy {
+        DeletionPolicy::Retain => format!("consumers of stream {}", names.stream()),
+        DeletionPolicy::Delete => format!(
+            "streams {} and {} and their consumers",
+            names.stream(),
+            names.dead_letter_stream()
+        ),
+    }
+}
+
+async fn nats_cleanup(
+    js: &Js,
+    names: &EndpointNames,
+    policy: DeletionPolicy,
+) -> Result<Vec<String>, NatsError> {
+    let mut done = Vec::new();
+    let stream = names.stream();
+    for c in js.consumer_names(&stream).await? {
+        if is_managed_consumer(&c) && js.delete_consumer(&stream, &c).await? {
+            done.push(format!("consumer {stream}/{c}"));
+        }
+    }
+    if policy == DeletionPolicy::Delete {
+        for s in [stream, names.dead_letter_stream()] {
+            if js.delete_stream(&s).await? {
+                done.push(format!("stream {s}"));
+            }
+        }
+    }
+    Ok(done)
+}
+
+async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = ep.namespace().unwrap_or_default();
+    let name = ep.name_any();
+    let k = key(&ep);
+    let names = EndpointNames::new(&ns, &name);
+    let policy = ep.spec.stream.deletion_policy;
+    let dname = deployment_name(&name);
+
+    // Stop the processor first so it does not pull from a consumer being
+    // removed (garbage collection would get there too, later).
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    match deployments
+        .delete(&dname, &DeleteParams::background())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    if ep.spec.processor.replicas.autoscaler == Autoscaler::Keda && keda_installed(&ctx).await? {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &ns, &scaled_object_resource());
+        match api.delete(&dname, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    match nats_cleanup(&ctx.js, &names, policy).await {
+        Ok(done) => {
+            let kept = match policy {
+                DeletionPolicy::Retain => format!(
+                    "; streams {} and {} retained (deletionPolicy Retain)",
+                    names.stream(),
+                    names.dead_letter_stream()
+                ),
+                DeletionPolicy::Delete => String::new(),
+            };
+            let what = if done.is_empty() {
+                "nothing to delete".to_owned()
+            } else {
+                done.join(", ")
+            };
+            info!(endpoint = %k, "cleaned up: {what}{kept}");
+            ctx.event(
+                &ep,
+                EventType::Normal,
+                "CleanedUp",
+                format!("deleted {what}{kept}"),
+            )
+            .await;
+        }
+        Err(e) => {
+            let since = ep
+                .metadata
+                .deletion_timestamp
+                .as_ref()
+                .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
+                .unwrap_or_default();
+            let limit = ctx.settings.cleanup_timeout;
+            if since < limit {
+                let note = format!(
+                    "cannot clean up {} yet: {e}; retrying for up to {}",
+                    leftovers(&names, policy),
+                    spillway_api::duration::format(limit)
+                );
+                warn!(endpoint = %k, "{note}");
+                ctx.event(&ep, EventType::Warning, "CleanupRetrying", note)
+                    .await;
+                return Err(Error::CleanupPending {
+                    endpoint: k,
+                    source: e,
+                });
+            }
+            let note = format!(
+                "gave up cleaning up after {}: {e}; left behind in NATS: {}; delete them by hand (e.g. `nats stream rm {}`)",
+                spillway_api::duration::format(limit),
+                leftovers(&names, policy),
+                names.stream()
+            );
+            warn!(endpoint = %k, "{note}");
+            ctx.metrics.error("CleanupAbandoned");
+            ctx.event(&ep, EventType::Warning, "CleanupAbandoned", note)
+                .await;
+        }
+    }
+
+    ctx.metrics.set_conditions(&k, None);
+    if let Ok(mut s) = ctx.scale.lock() {
+        s.remove(&ep.uid().unwrap_or_default());
+    }
+    // Endpoints waiting for this path may take it now.
+    let path = effective_path(&ep);
+    let waiting: Vec<ObjectRef<WebhookEndpoint>> = ctx
+        .endpoints
+        .state()
+        .iter()
+        .filter(|o| o.uid() != ep.uid() && effective_path(o) == path)
+        .map(|o| ObjectRef::from_obj(o.as_ref()))
+        .collect();
+    for r in waiting {
+        let _ = ctx.retrigger.send(r);
+    }
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(ns: &str, name: &str, created: i64, path: Option<&str>) -> Arc<WebhookEndpoint> {
+        let mut e: WebhookEndpoint = serde_yaml_ng::from_str(&format!(
+            r#"
+apiVersion: spillway.dev/v1alpha1
+kind: WebhookEndpoint
+metadata: {{name: {name}, namespace: {ns}, uid: {ns}-{name}}}
+spec:
+  verification: {{scheme: none}}
+  processor: {{sink: {{url: "http://x/"}}}}
+"#
+        ))
+        .unwrap();
+        e.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
+        e.spec.path = path.map(String::from);
+        Arc::new(e)
+    }
+
+    #[test]
+    fn older_endpoint_keeps_the_path() {
+        let a = ep("a", "x", 100, Some("/p"));
+        let b = ep("b", "y", 200, Some("/p"));
+        let c = ep("c", "z", 50, Some("/other"));
+        let all = vec![a.clone(), b.clone(), c.clone()];
+        assert!(path_holder(&a, &all).is_none());
+        assert_eq!(path_holder(&b, &all).map(key), Some("a/x".into()));
+        assert!(path_holder(&c, &all).is_none());
+        // Same creation time: the name decides.
+        let d = ep("a", "w", 100, Some("/p"));
+        let all = vec![a.clone(), d.clone()];
+        assert_eq!(path_holder(&a, &all).map(key), Some("a/w".into()));
+        assert!(path_holder(&d, &all).is_none());
+        // Default paths never collide across names.
+        assert_eq!(effective_path(&ep("n", "m", 1, None)), "/n/m");
+    }
+
+    #[test]
+    fn processor_ready_rules() {
+        assert_eq!(processor_condition(true, Some(0), 0).reason, "Paused");
+        assert_eq!(processor_condition(false, Some(0), 0).status, Status::True);
+        assert_eq!(processor_condition(false, Some(2), 0).status, Status::False);
+        let c = processor_condition(false, Some(2), 1);
+        assert_eq!(
+            (c.status, c.message.as_str()),
+            (Status::True, "1/2 processor replicas ready")
+        );
+    }
+
+    #[test]
+    fn suspended_is_ready_with_a_reason() {
+        let parts = vec![
+            Desired::new(ACCEPTED, Status::True, "Accepted", ""),
+            Desired::new(STREAM_READY, Status::True, "StreamReady", ""),
+            Desired::new(PROCESSOR_READY, Status::True, "Available", ""),
+        ];
+        let all = all_conditions(parts.clone(), true, false);
+        assert_eq!(all.len(), 4);
+        assert_eq!(
+            (all[0].status, all[0].reason.as_str()),
+            (Status::True, "Suspended")
+        );
+        assert_eq!(all_conditions(parts, false, false)[0].reason, "Ready");
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let cap = Duration::from_secs(30);
+        assert_eq!(backoff(1, cap), Duration::from_secs(1));
+        assert_eq!(backoff(3, cap), Duration::from_secs(4));
+        assert_eq!(backoff(50, cap), cap);
+    }
+}

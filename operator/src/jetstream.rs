@@ -1,0 +1,656 @@
+//! The endpoint's JetStream objects: desired configs (pure) and the sync
+//! that creates, updates, inspects and deletes them.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, ReplayPolicy, pull};
+use async_nats::jetstream::response::Response;
+use async_nats::jetstream::{self, ErrorCode, consumer, stream};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use spillway_api::names::EndpointNames;
+use spillway_api::validate::Timings;
+use spillway_api::{DiscardPolicy, StorageType, WebhookEndpointSpec};
+
+/// Room for message headers on top of the largest accepted body.
+pub const HEADER_HEADROOM: u64 = 64 * 1024;
+/// Extra room in the dead-letter stream for the `Spillway-Dlq-*` headers.
+pub const DEAD_LETTER_HEADROOM: u64 = 16 * 1024;
+/// Added to the delivery timeout to get the ack wait, so a delivery that
+/// takes exactly the timeout is not redelivered under the processor.
+pub const ACK_WAIT_MARGIN: Duration = Duration::from_secs(5);
+
+/// A failed JetStream call.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// NATS could not be reached or did not answer.
+    #[error("NATS JetStream unavailable: {0}")]
+    Unavailable(String),
+    /// JetStream answered with an error.
+    #[error("{message}")]
+    Api {
+        /// JetStream's error code.
+        code: ErrorCode,
+        /// JetStream's description, with codes.
+        message: String,
+    },
+}
+
+impl NatsError {
+    fn is(&self, code: ErrorCode) -> bool {
+        matches!(self, NatsError::Api { code: c, .. } if *c == code)
+    }
+}
+
+/// The main stream's desired configuration.
+pub fn stream_config(
+    names: &EndpointNames,
+    spec: &WebhookEndpointSpec,
+    t: &Timings,
+) -> stream::Config {
+    let s = &spec.stream;
+    stream::Config {
+        name: names.stream(),
+        subjects: vec![names.stream_subjects()],
+        retention: stream::RetentionPolicy::Limits,
+        max_age: t.stream_max_age,
+        max_bytes: s.max_bytes,
+        max_messages: s.max_messages,
+        num_replicas: usize::from(s.replicas),
+        storage: storage(s.storage),
+        discard: match s.discard {
+            DiscardPolicy::Old => stream::DiscardPolicy::Old,
+            DiscardPolicy::New => stream::DiscardPolicy::New,
+        },
+        duplicate_window: t.dedup_window,
+        max_message_size: msg_size(spec.ingress.max_body_bytes + HEADER_HEADROOM),
+        description: Some(format!("Spillway webhooks for {}", endpoint_id(names))),
+        ..Default::default()
+    }
+}
+
+/// The dead-letter stream's desired configuration.
+pub fn dead_letter_config(
+    names: &EndpointNames,
+    spec: &WebhookEndpointSpec,
+    t: &Timings,
+) -> stream::Config {
+    let s = &spec.stream;
+    stream::Config {
+        name: names.dead_letter_stream(),
+        subjects: vec![names.dead_letter_subject()],
+        retention: stream::RetentionPolicy::Limits,
+        max_age: t.dead_letter_max_age,
+        max_bytes: s.max_bytes,
+        max_messages: s.max_messages,
+        num_replicas: usize::from(s.replicas),
+        storage: storage(s.storage),
+        // Dead letters are kept as long as possible: old ones make room.
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: Duration::from_secs(120).min(t.dead_letter_max_age),
+        max_message_size: msg_size(
+            spec.ingress.max_body_bytes + HEADER_HEADROOM + DEAD_LETTER_HEADROOM,
+        ),
+        description: Some(format!("Spillway dead letters for {}", endpoint_id(names))),
+        ..Default::default()
+    }
+}
+
+fn endpoint_id(names: &EndpointNames) -> String {
+    names.key().to_owned()
+}
+
+fn msg_size(n: u64) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn storage(s: StorageType) -> stream::StorageType {
+    match s {
+        StorageType::File => stream::StorageType::File,
+        StorageType::Memory => stream::StorageType::Memory,
+    }
+}
+
+/// The durable pull consumers the processor uses, by name: one shared
+/// consumer with `maxAckPending` = concurrency, or with ordering one per
+/// partition filtered on its subject with `maxAckPending` 1.
+///
+/// JetStream's `backoff` doubles as the ack wait of each delivery (the
+/// server replaces `ack_wait` with `backoff[0]`), so each entry is the
+/// delivery timeout plus margin plus the configured retry delay: a delivery
+/// in progress is never redelivered under the processor, and a message whose
+/// processor died is retried after the configured delay. The processor
+/// itself NAKs failed deliveries with the same delays.
+pub fn consumer_configs(
+    names: &EndpointNames,
+    spec: &WebhookEndpointSpec,
+    t: &Timings,
+) -> Vec<pull::Config> {
+    let p = &spec.processor;
+    let ack_wait = t.delivery_timeout + ACK_WAIT_MARGIN;
+    let backoff: Vec<Duration> = t.backoff.iter().map(|b| ack_wait + *b).collect();
+    let base = pull::Config {
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::All,
+        replay_policy: ReplayPolicy::Instant,
+        ack_wait: backoff.first().copied().unwrap_or(ack_wait),
+        max_deliver: i64::from(p.retry.max_attempts),
+        backoff,
+        ..Default::default()
+    };
+    match &spec.ordering {
+        None => vec![pull::Config {
+            durable_name: Some(names.consumer(None)),
+            max_ack_pending: i64::from(p.concurrency),
+            description: Some("Spillway processor".into()),
+            ..base
+        }],
+        Some(o) => (0..o.partitions.max(1))
+            .map(|i| pull::Config {
+                durable_name: Some(names.consumer(Some(i))),
+                filter_subject: names.subject(i),
+                max_ack_pending: 1,
+                description: Some(format!("Spillway processor, partition {i}")),
+                ..base.clone()
+            })
+            .collect(),
+    }
+}
+
+/// Whether a consumer name is one the operator manages.
+pub fn is_managed_consumer(name: &str) -> bool {
+    name == "processor"
+        || name
+            .strip_prefix("processor-p")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// How an existing stream compares with the desired configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamDiff {
+    /// Nothing to do.
+    Same,
+    /// Fields JetStream can change in place differ.
+    Update,
+    /// Fields JetStream cannot change in place differ (named).
+    Immutable(Vec<&'static str>),
+}
+
+/// Compare the fields the operator manages.
+pub fn diff_stream(have: &stream::Config, want: &stream::Config) -> StreamDiff {
+    let mut immutable = Vec::new();
+    if have.storage != want.storage {
+        immutable.push("storage");
+    }
+    if have.retention != want.retention {
+        immutable.push("retention");
+    }
+    if !immutable.is_empty() {
+        return StreamDiff::Immutable(immutable);
+    }
+    let same = have.subjects == want.subjects
+        && have.max_age == want.max_age
+        && have.max_bytes == want.max_bytes
+        && have.max_messages == want.max_messages
+        && have.num_replicas.max(1) == want.num_replicas.max(1)
+        && have.discard == want.discard
+        && have.duplicate_window == want.duplicate_window
+        && have.max_message_size == want.max_message_size
+        && have.description == want.description;
+    if same {
+        StreamDiff::Same
+    } else {
+        StreamDiff::Update
+    }
+}
+
+/// The existing configuration with the managed fields set as desired
+/// (fields set by others, e.g. metadata, are kept).
+pub fn updated_stream(have: &stream::Config, want: &stream::Config) -> stream::Config {
+    stream::Config {
+        subjects: want.subjects.clone(),
+        max_age: want.max_age,
+        max_bytes: want.max_bytes,
+        max_messages: want.max_messages,
+        num_replicas: want.num_replicas,
+        discard: want.discard,
+        duplicate_window: want.duplicate_window,
+        max_message_size: want.max_message_size,
+        description: want.description.clone(),
+        ..have.clone()
+    }
+}
+
+/// Whether an existing consumer needs the desired configuration applied.
+pub fn consumer_differs(have: &consumer::Config, want: &pull::Config) -> bool {
+    have.durable_name != want.durable_name
+        || have.ack_wait != want.ack_wait
+        || have.max_deliver != want.max_deliver
+        || have.backoff != want.backoff
+        || have.max_ack_pending != want.max_ack_pending
+        || have.filter_subject != want.filter_subject
+        || have.description != want.description
+}
+
+/// Backlog of the endpoint's consumers, summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Messages not yet handed out.
+    pub pending: u64,
+    /// Messages handed out and not acknowledged.
+    pub ack_pending: u64,
+    /// Messages handed out more than once.
+    pub redelivered: u64,
+}
+
+/// What a successful sync found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Synced {
+    /// Consumer backlog.
+    pub backlog: Backlog,
+    /// Messages in the dead-letter stream (when it exists).
+    pub dead_letters: Option<u64>,
+    /// Streams created because they were missing (names).
+    pub created: Vec<String>,
+    /// Streams or consumers updated in place (names).
+    pub updated: Vec<String>,
+}
+
+/// Why a sync could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// NATS down or slow.
+    #[error(transparent)]
+    Unavailable(NatsError),
+    /// The change cannot be applied in place.
+    #[error("{0}")]
+    Immutable(String),
+    /// JetStream refused a create or update.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl SyncError {
+    /// Condition reason for StreamReady=False.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SyncError::Unavailable(_) => "NatsUnavailable",
+            SyncError::Immutable(_) => "StreamConfigImmutable",
+            SyncError::Rejected(_) => "StreamRejected",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CreateConsumer<'a> {
+    stream_name: &'a str,
+    config: &'a pull::Config,
+}
+
+#[derive(Deserialize)]
+struct ConsumerNamesPage {
+    #[serde(default)]
+    consumers: Option<Vec<String>>,
+    #[serde(default)]
+    total: usize,
+}
+
+#[derive(Serialize)]
+struct Offset {
+    offset: usize,
+}
+
+/// JetStream API access with uniform errors.
+#[derive(Clone)]
+pub struct Js {
+    ctx: jetstream::Context,
+    client: async_nats::Client,
+}
+
+impl std::fmt::Debug for Js {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Js").finish_non_exhaustive()
+    }
+}
+
+impl Js {
+    /// Wrap a client; `timeout` bounds each API request.
+    pub fn new(client: async_nats::Client, timeout: Duration) -> Self {
+        let mut ctx = jetstream::new(client.clone());
+        ctx.set_timeout(timeout);
+        Self { ctx, client }
+    }
+
+    /// Whether the connection is up right now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    async fn api<T: DeserializeOwned, P: Serialize + ?Sized>(
+        &self,
+        subject: String,
+        payload: &P,
+    ) -> Result<T, NatsError> {
+        if !self.connected() {
+            return Err(NatsError::Unavailable("not connected".into()));
+        }
+        match self
+            .ctx
+            .request::<_, _, Response<T>>(subject, payload)
+            .await
+        {
+            Ok(Response::Ok(v)) => Ok(v),
+            Ok(Response::Err { error }) => Err(NatsError::Api {
+                code: error.error_code(),
+                message: error.to_string(),
+            }),
+            Err(e) => Err(NatsError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Stream info, `None` when it does not exist.
+    pub async fn stream_info(&self, name: &str) -> Result<Option<stream::Info>, NatsError> {
+        match self.api(format!("STREAM.INFO.{name}"), &()).await {
+            Ok(i) => Ok(Some(i)),
+            Err(e) if e.is(ErrorCode::STREAM_NOT_FOUND) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Consumer info, `None` when it does not exist.
+    pub async fn consumer_info(
+        &self,
+        stream: &str,
+        name: &str,
+    ) -> Result<Option<consumer::Info>, NatsError> {
+        match self
+            .api(format!("CONSUMER.INFO.{stream}.{name}"), &())
+            .await
+        {
+            Ok(i) => Ok(Some(i)),
+            Err(e) if e.is(ErrorCode::CONSUMER_NOT_FOUND) || e.is(ErrorCode::STREAM_NOT_FOUND) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Names of a stream's consumers.
+    pub async fn consumer_names(&self, stream: &str) -> Result<Vec<String>, NatsError> {
+        let mut out = Vec::new();
+        loop {
+            let page: ConsumerNamesPage = match self
+                .api(
+                    format!("CONSUMER.NAMES.{stream}"),
+                    &Offset { offset: out.len() },
+                )
+                .await
+            {
+                Ok(p) => p,
+                Err(e) if e.is(ErrorCode::STREAM_NOT_FOUND) => return Ok(out),
+                Err(e) => return Err(e),
+            };
+            let got = page.consumers.unwrap_or_default();
+            if got.is_empty() {
+                return Ok(out);
+            }
+            out.extend(got);
+            if out.len() >= page.total {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Create or update a durable consumer.
+    pub async fn put_consumer(
+        &self,
+        stream: &str,
+        config: &pull::Config,
+    ) -> Result<consumer::Info, NatsError> {
+        let name = config.durable_name.as_deref().unwrap_or_default();
+        self.api(
+            format!("CONSUMER.CREATE.{stream}.{name}"),
+            &CreateConsumer {
+                stream_name: stream,
+                config,
+            },
+        )
+        .await
+    }
+
+    /// Delete a consumer; true when it existed.
+    pub async fn delete_consumer(&self, stream: &str, name: &str) -> Result<bool, NatsError> {
+        match self
+            .api::<serde_json::Value, _>(format!("CONSUMER.DELETE.{stream}.{name}"), &())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.is(ErrorCode::CONSUMER_NOT_FOUND) || e.is(ErrorCode::STREAM_NOT_FOUND) => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Delete a stream; true when it existed.
+    pub async fn delete_stream(&self, name: &str) -> Result<bool, NatsError> {
+        match self
+            .api::<serde_json::Value, _>(format!("STREAM.DELETE.{name}"), &())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.is(ErrorCode::STREAM_NOT_FOUND) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Bring one stream to the desired configuration; returns its info and
+    /// whether it was created / updated.
+    async fn ensure_stream(
+        &self,
+        want: &stream::Config,
+        out: &mut Synced,
+    ) -> Result<stream::Info, SyncError> {
+        let have = self
+            .stream_info(&want.name)
+            .await
+            .map_err(SyncError::Unavailable)?;
+        let reject = |e: NatsError| match e {
+            NatsError::Unavailable(_) => SyncError::Unavailable(e),
+            NatsError::Api { message, .. } => SyncError::Rejected(format!(
+                "JetStream rejected stream {}: {message}",
+                want.name
+            )),
+        };
+        match have {
+            None => {
+                let info: stream::Info = self
+                    .api(format!("STREAM.CREATE.{}", want.name), want)
+                    .await
+                    .map_err(reject)?;
+                out.created.push(want.name.clone());
+                Ok(info)
+            }
+            Some(info) => match diff_stream(&info.config, want) {
+                StreamDiff::Same => Ok(info),
+                StreamDiff::Immutable(fields) => Err(SyncError::Immutable(format!(
+                    "stream {} cannot change {} in place; revert the change, or delete the stream (its messages are lost) so it is recreated",
+                    want.name,
+                    fields.join(", ")
+                ))),
+                StreamDiff::Update => {
+                    let cfg = updated_stream(&info.config, want);
+                    let info: stream::Info = self
+                        .api(format!("STREAM.UPDATE.{}", want.name), &cfg)
+                        .await
+                        .map_err(reject)?;
+                    out.updated.push(want.name.clone());
+                    Ok(info)
+                }
+            },
+        }
+    }
+
+    /// Create or update the endpoint's streams and consumers, delete
+    /// managed consumers no longer wanted, and read backlog and dead-letter
+    /// counts.
+    pub async fn sync(
+        &self,
+        names: &EndpointNames,
+        spec: &WebhookEndpointSpec,
+        t: &Timings,
+    ) -> Result<Synced, SyncError> {
+        let mut out = Synced::default();
+        let main = stream_config(names, spec, t);
+        self.ensure_stream(&main, &mut out).await?;
+        if spec.processor.dead_letter.enabled {
+            let dlq = self
+                .ensure_stream(&dead_letter_config(names, spec, t), &mut out)
+                .await?;
+            out.dead_letters = Some(dlq.state.messages);
+        } else if let Some(dlq) = self
+            .stream_info(&names.dead_letter_stream())
+            .await
+            .map_err(SyncError::Unavailable)?
+        {
+            // Disabled but kept: still report what it holds.
+            out.dead_letters = Some(dlq.state.messages);
+        }
+
+        let wanted = consumer_configs(names, spec, t);
+        let wanted_names: BTreeSet<&str> = wanted
+            .iter()
+            .filter_map(|c| c.durable_name.as_deref())
+            .collect();
+        for stale in self
+            .consumer_names(&main.name)
+            .await
+            .map_err(SyncError::Unavailable)?
+            .into_iter()
+            .filter(|n| is_managed_consumer(n) && !wanted_names.contains(n.as_str()))
+        {
+            self.delete_consumer(&main.name, &stale)
+                .await
+                .map_err(SyncError::Unavailable)?;
+        }
+        for want in &wanted {
+            let name = want.durable_name.as_deref().unwrap_or_default();
+            let have = self
+                .consumer_info(&main.name, name)
+                .await
+                .map_err(SyncError::Unavailable)?;
+            let info = match have {
+                Some(i) if !consumer_differs(&i.config, want) => i,
+                existing => {
+                    let info = self
+                        .put_consumer(&main.name, want)
+                        .await
+                        .map_err(|e| match e {
+                            NatsError::Unavailable(_) => SyncError::Unavailable(e),
+                            NatsError::Api { message, .. } => SyncError::Rejected(format!(
+                                "JetStream rejected consumer {name}: {message}"
+                            )),
+                        })?;
+                    if existing.is_some() {
+                        out.updated.push(name.to_owned());
+                    }
+                    info
+                }
+            };
+            out.backlog.pending += info.num_pending;
+            out.backlog.ack_pending += info.num_ack_pending as u64;
+            out.backlog.redelivered += info.num_redelivered as u64;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_api::validate::check;
+
+    fn spec(yaml: &str) -> WebhookEndpointSpec {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    const BASE: &str = r#"
+verification: {scheme: github, secretRefs: [{name: gh, key: secret}]}
+processor: {sink: {url: "http://sink:8080/hook"}, concurrency: 7, timeout: 10s, retry: {maxAttempts: 4, backoff: [1s, 2s]}}
+deduplication: {window: 5m}
+stream: {maxAge: 1h, maxBytes: 1000000, storage: memory, discard: old}
+ingress: {maxBodyBytes: 1000}
+"#;
+
+    #[test]
+    fn stream_config_follows_spec() {
+        let s = spec(BASE);
+        let t = check(&s).unwrap();
+        let n = EndpointNames::new("ns", "gh");
+        let c = stream_config(&n, &s, &t);
+        assert_eq!(c.name, "spillway_ns_gh");
+        assert_eq!(c.subjects, vec!["spillway.in.ns_gh.*".to_owned()]);
+        assert_eq!(c.max_age, Duration::from_secs(3600));
+        assert_eq!(c.duplicate_window, Duration::from_secs(300));
+        assert_eq!(c.storage, stream::StorageType::Memory);
+        assert_eq!(c.discard, stream::DiscardPolicy::Old);
+        assert_eq!(c.max_message_size as u64, 1000 + HEADER_HEADROOM);
+        let d = dead_letter_config(&n, &s, &t);
+        assert_eq!(d.subjects, vec![n.dead_letter_subject()]);
+        assert_eq!(d.max_age, Duration::from_secs(336 * 3600));
+    }
+
+    #[test]
+    fn consumers_shared_or_per_partition() {
+        let s = spec(BASE);
+        let t = check(&s).unwrap();
+        let n = EndpointNames::new("ns", "gh");
+        let c = consumer_configs(&n, &s, &t);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].durable_name.as_deref(), Some("processor"));
+        assert_eq!(c[0].max_ack_pending, 7);
+        assert_eq!(c[0].max_deliver, 4);
+        assert_eq!(
+            c[0].backoff,
+            vec![Duration::from_secs(16), Duration::from_secs(17)]
+        );
+        assert_eq!(c[0].ack_wait, Duration::from_secs(16));
+        assert!(c[0].filter_subject.is_empty());
+
+        let mut s = s;
+        s.ordering = Some(serde_yaml_ng::from_str("{keyHeader: X-Key, partitions: 3}").unwrap());
+        let c = consumer_configs(&n, &s, &t);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[2].durable_name.as_deref(), Some("processor-p2"));
+        assert_eq!(c[2].filter_subject, n.subject(2));
+        assert!(c.iter().all(|c| c.max_ack_pending == 1));
+    }
+
+    #[test]
+    fn diffs_classify_changes() {
+        let s = spec(BASE);
+        let t = check(&s).unwrap();
+        let n = EndpointNames::new("ns", "gh");
+        let want = stream_config(&n, &s, &t);
+        assert_eq!(diff_stream(&want, &want), StreamDiff::Same);
+        let mut have = want.clone();
+        have.max_age = Duration::from_secs(1);
+        assert_eq!(diff_stream(&have, &want), StreamDiff::Update);
+        let up = updated_stream(&have, &want);
+        assert_eq!(diff_stream(&up, &want), StreamDiff::Same);
+        have.storage = stream::StorageType::File;
+        assert_eq!(
+            diff_stream(&have, &want),
+            StreamDiff::Immutable(vec!["storage"])
+        );
+    }
+
+    #[test]
+    fn managed_consumer_names() {
+        assert!(is_managed_consumer("processor"));
+        assert!(is_managed_consumer("processor-p12"));
+        assert!(!is_managed_consumer("processor-p"));
+        assert!(!is_managed_consumer("replay-1"));
+    }
+}

@@ -1,0 +1,347 @@
+//! The Spillway operator: reconciles WebhookEndpoints into JetStream
+//! streams, consumers, dead-letter streams and scaled processor Deployments.
+//!
+//! [`start`] runs everything (CRD check, NATS connection, admin server,
+//! leader election, controller) on the current tokio runtime and returns a
+//! handle; the binary is a thin wrapper around it, and the integration tests
+//! run it in-process the same way.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod conditions;
+pub mod controller;
+pub mod jetstream;
+pub mod leader;
+pub mod metrics;
+pub mod render;
+pub mod scaling;
+pub mod settings;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::ListParams;
+use kube::runtime::controller::Config as ControllerConfig;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client};
+use spillway_api::WebhookEndpoint;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+pub use controller::{Context, FINALIZER};
+pub use settings::Settings;
+
+use crate::admin::Health;
+use crate::jetstream::Js;
+use crate::leader::LeaseLock;
+use crate::metrics::Metrics;
+
+/// Why the operator cannot start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The CRD is not installed.
+    #[error(
+        "the WebhookEndpoint CRD (webhookendpoints.spillway.dev) is not installed in this cluster; install it first (kubectl apply -f crds/ or the Helm chart), then start the operator"
+    )]
+    CrdMissing,
+    /// Kubernetes API error at startup.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// NATS options could not be built (credentials file unreadable …).
+    #[error("NATS configuration: {0}")]
+    NatsConfig(String),
+    /// The admin server could not bind.
+    #[error("admin server on {addr}: {source}")]
+    Admin {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Fail with [`Error::CrdMissing`] when the CRD is not served.
+pub async fn check_crd(client: &Client) -> Result<(), Error> {
+    let api: Api<WebhookEndpoint> = Api::all(client.clone());
+    match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::CrdMissing),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Connect to NATS in the background (the operator starts while NATS is
+/// down and reconnects forever, at most 2 s apart).
+pub async fn connect_nats(settings: &Settings) -> Result<async_nats::Client, Error> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name("spillway-operator")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(3))
+        .reconnect_delay_callback(|n| {
+            Duration::from_millis(100u64.saturating_mul(1 << n.min(5))).min(Duration::from_secs(2))
+        });
+    if let Some(creds) = &settings.nats_creds_file {
+        opts = opts
+            .credentials_file(creds)
+            .await
+            .map_err(|e| Error::NatsConfig(format!("credentials file {}: {e}", creds.display())))?;
+    }
+    if let Some(ca) = &settings.nats_tls_ca_file {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&settings.nats_tls_cert_file, &settings.nats_tls_key_file) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if settings.nats_tls_required {
+        opts = opts.require_tls(true);
+    }
+    let urls: Vec<async_nats::ServerAddr> = settings
+        .nats_url
+        .split(',')
+        .map(|u| u.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| Error::NatsConfig(format!("--nats-url: {e}")))?;
+    opts.connect(urls)
+        .await
+        .map_err(|e| Error::NatsConfig(e.to_string()))
+}
+
+/// A running operator.
+pub struct Running {
+    /// Where /healthz, /readyz and /metrics are served.
+    pub admin_addr: SocketAddr,
+    /// The operator's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Liveness, readiness and leadership.
+    pub health: Arc<Health>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    admin: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// Stop reconciling (finishing reconciles in flight), release the
+    /// Lease, and stop the admin server.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.admin.abort();
+    }
+
+    /// Wait until the operator stops on its own (it only does when stopped).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Check the CRD, connect to NATS, serve the admin endpoints and run the
+/// controller (under leader election when enabled).
+pub async fn start(settings: Settings, client: Client) -> Result<Running, Error> {
+    check_crd(&client).await?;
+    let nats = connect_nats(&settings).await?;
+    let js = Js::new(nats, settings.nats_request_timeout);
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let (admin_addr, admin) = admin::serve(settings.admin_addr, metrics.clone(), health.clone())
+        .await
+        .map_err(|source| Error::Admin {
+            addr: settings.admin_addr,
+            source,
+        })?;
+    health.ready.store(true, Ordering::SeqCst);
+    info!(%admin_addr, nats = %settings.nats_url, "spillway-operator started");
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(lead(
+        settings,
+        client,
+        js,
+        metrics.clone(),
+        health.clone(),
+        stop_rx,
+    ));
+    Ok(Running {
+        admin_addr,
+        metrics,
+        health,
+        stop,
+        task,
+        admin,
+    })
+}
+
+fn identity(settings: &Settings) -> String {
+    settings
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("spillway-operator-{}", std::process::id()))
+}
+
+async fn lead(
+    settings: Settings,
+    client: Client,
+    js: Js,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let id = identity(&settings);
+    let lock = LeaseLock::new(
+        client.clone(),
+        &settings.lease_namespace,
+        &settings.lease_name,
+        &id,
+        settings.lease_duration,
+    );
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "spillway-operator".into(),
+            instance: Some(id.clone()),
+        },
+    );
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if settings.leader_elect {
+            info!(identity = %id, lease = %settings.lease_name, "waiting for leadership");
+            loop {
+                match lock.try_acquire_or_renew().await {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => warn!(error = %e, "lease acquire failed"),
+                }
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(settings.lease_renew_interval) => {}
+                }
+            }
+            info!(identity = %id, "became leader");
+        }
+        health.leader.store(true, Ordering::SeqCst);
+
+        // The term ends on shutdown or when the Lease is lost.
+        let (end_tx, end_rx) = oneshot::channel::<()>();
+        let mut stop2 = stop.clone();
+        let elect = settings.leader_elect;
+        let renew_every = settings.lease_renew_interval;
+        let lease_duration = settings.lease_duration;
+        let lock2 = lock.clone();
+        let watchdog = tokio::spawn(async move {
+            let mut last_ok = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = stop2.changed() => break,
+                    _ = tokio::time::sleep(renew_every), if elect => {
+                        match lock2.try_acquire_or_renew().await {
+                            Ok(true) => last_ok = Instant::now(),
+                            Ok(false) => { warn!("lease taken by another replica"); break; }
+                            Err(e) => {
+                                warn!(error = %e, "lease renewal failed");
+                                if last_ok.elapsed() + renew_every >= lease_duration {
+                                    warn!("could not renew the lease in time");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let _ = end_tx.send(());
+        });
+        run_controller(
+            &settings,
+            client.clone(),
+            js.clone(),
+            metrics.clone(),
+            recorder.clone(),
+            async move {
+                let _ = end_rx.await;
+            },
+        )
+        .await;
+        watchdog.abort();
+        health.leader.store(false, Ordering::SeqCst);
+        if *stop.borrow() {
+            if settings.leader_elect {
+                lock.release().await;
+            }
+            info!("stopped");
+            return;
+        }
+        error!("lost leadership; reconciling stopped until the lease is won again");
+    }
+}
+
+/// Run the controller until `shutdown` completes.
+pub async fn run_controller(
+    settings: &Settings,
+    client: Client,
+    js: Js,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (endpoints, deployments): (Api<WebhookEndpoint>, Api<Deployment>) =
+        match &settings.watch_namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let (dstore, dwriter) = reflector::store();
+    let owned = reflector::reflector(
+        dwriter,
+        watcher(
+            deployments,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=spillway-operator"),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (tx, rx) = mpsc::unbounded_channel::<ObjectRef<WebhookEndpoint>>();
+    let retrigger =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+
+    let controller = Controller::new(endpoints, watcher::Config::default());
+    let ctx = Arc::new(Context::new(
+        client,
+        js,
+        settings.clone(),
+        recorder,
+        metrics,
+        controller.store(),
+        dstore,
+        tx,
+    ));
+    controller
+        .owns_stream(owned)
+        .reconcile_on(retrigger)
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(controller::reconcile, controller::error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,489 @@
+//! The processor Deployment and its configuration, rendered from a
+//! WebhookEndpoint (pure).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext, PodSpec,
+    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use spillway_api::names::{EndpointNames, fnv1a64};
+use spillway_api::validate::Timings;
+use spillway_api::wire::{PROCESSOR_CONFIG_ENV, ProcessorConfig};
+use spillway_api::{UrlScheme, WebhookEndpoint, duration};
+
+use crate::settings::Settings;
+
+/// Field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "spillway-operator";
+/// Name of the processor container.
+pub const CONTAINER: &str = "processor";
+/// Pod template annotation that changes whenever the processor's
+/// configuration does, so a change rolls the pods.
+pub const CONFIG_HASH: &str = "spillway.dev/config-hash";
+/// Deployment annotation: hash of everything the operator renders, to skip
+/// writes when nothing changed.
+pub const RENDER_HASH: &str = "spillway.dev/render-hash";
+/// Label naming the owning endpoint (`instance` may be shortened).
+pub const ENDPOINT_LABEL: &str = "spillway.dev/endpoint";
+/// Environment variable with the NATS URL for the processor.
+pub const NATS_URL_ENV: &str = "SPILLWAY_NATS_URL";
+/// Where the signing secret is mounted.
+pub const SIGNING_DIR: &str = "/var/run/spillway/signing";
+
+/// Kubernetes names and label values are limited to 63 characters; longer
+/// ones are cut and suffixed with a hash of the whole.
+pub fn short(name: &str, max: usize) -> String {
+    if name.len() <= max {
+        return name.to_owned();
+    }
+    let h = format!("{:08x}", fnv1a64(name.as_bytes()) as u32);
+    let cut = name[..max - 9].trim_end_matches(['-', '.']);
+    format!("{cut}-{h}")
+}
+
+/// Name of the processor Deployment of endpoint `name`.
+pub fn deployment_name(name: &str) -> String {
+    format!("{}-processor", short(name, 63 - "-processor".len()))
+}
+
+/// Labels on the Deployment and its pods (the first two select the pods).
+pub fn labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "spillway-processor".into()),
+        ("app.kubernetes.io/instance".into(), short(name, 63)),
+        ("app.kubernetes.io/component".into(), "processor".into()),
+        ("app.kubernetes.io/part-of".into(), "spillway".into()),
+        (
+            "app.kubernetes.io/managed-by".into(),
+            "spillway-operator".into(),
+        ),
+        (ENDPOINT_LABEL.into(), short(name, 63)),
+    ])
+}
+
+fn selector(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "spillway-processor".into()),
+        ("app.kubernetes.io/instance".into(), short(name, 63)),
+    ])
+}
+
+/// The sink URL for the processor.
+pub fn sink_url(ep: &WebhookEndpoint) -> Option<String> {
+    let sink = &ep.spec.processor.sink;
+    if let Some(u) = &sink.url {
+        return Some(u.clone());
+    }
+    let s = sink.service.as_ref()?;
+    let scheme = match s.scheme {
+        UrlScheme::Http => "http",
+        UrlScheme::Https => "https",
+    };
+    Some(format!(
+        "{scheme}://{}.{}.svc:{}{}",
+        s.name,
+        ep.namespace().unwrap_or_default(),
+        s.port,
+        s.path
+    ))
+}
+
+/// The processor's configuration for endpoint `ep`.
+pub fn processor_config(
+    ep: &WebhookEndpoint,
+    names: &EndpointNames,
+    t: &Timings,
+) -> ProcessorConfig {
+    let p = &ep.spec.processor;
+    ProcessorConfig {
+        endpoint: format!("{}/{}", ep.namespace().unwrap_or_default(), ep.name_any()),
+        stream: names.stream(),
+        consumers: match &ep.spec.ordering {
+            None => vec![names.consumer(None)],
+            Some(o) => (0..o.partitions.max(1))
+                .map(|i| names.consumer(Some(i)))
+                .collect(),
+        },
+        dead_letter_subject: p.dead_letter.enabled.then(|| names.dead_letter_subject()),
+        sink_url: sink_url(ep).unwrap_or_default(),
+        concurrency: p.concurrency,
+        concurrency_per_replica: (p.concurrency / p.replicas.max.max(1)).max(1),
+        timeout: duration::format(t.delivery_timeout),
+        max_attempts: p.retry.max_attempts,
+        backoff: t.backoff.iter().map(|d| duration::format(*d)).collect(),
+        rate_limit_per_second: p.rate_limit.as_ref().map(|r| r.per_second),
+        paused: p.paused,
+        signing_secret_file: p
+            .signing
+            .as_ref()
+            .map(|s| format!("{SIGNING_DIR}/{}", s.secret_ref.key)),
+    }
+}
+
+/// Parse the user's pod template (`spec.processor.template`).
+pub fn user_template(ep: &WebhookEndpoint) -> Result<Option<PodTemplateSpec>, String> {
+    match &ep.spec.processor.template {
+        None => Ok(None),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|e| format!("processor.template is not a valid pod template: {e}")),
+    }
+}
+
+fn quantity(s: &str) -> Option<Quantity> {
+    (!s.is_empty()).then(|| Quantity(s.to_owned()))
+}
+
+fn resources(settings: &Settings) -> ResourceRequirements {
+    let pair = |cpu: &str, mem: &str| {
+        let m: BTreeMap<String, Quantity> = [("cpu", quantity(cpu)), ("memory", quantity(mem))]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
+            .collect();
+        (!m.is_empty()).then_some(m)
+    };
+    ResourceRequirements {
+        requests: pair(
+            &settings.processor_cpu_request,
+            &settings.processor_memory_request,
+        ),
+        limits: pair(
+            &settings.processor_cpu_limit,
+            &settings.processor_memory_limit,
+        ),
+        ..Default::default()
+    }
+}
+
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An owner reference making the endpoint the controller of a child.
+pub fn owner_ref(ep: &WebhookEndpoint) -> OwnerReference {
+    ep.controller_owner_ref(&())
+        .expect("stored endpoints have a uid")
+}
+
+/// Render the processor Deployment. `replicas` is `None` when someone else
+/// (KEDA) owns the replica count.
+pub fn deployment(
+    ep: &WebhookEndpoint,
+    names: &EndpointNames,
+    t: &Timings,
+    settings: &Settings,
+    replicas: Option<i32>,
+) -> Result<Deployment, String> {
+    let name = ep.name_any();
+    let config = processor_config(ep, names, t);
+    let config_json = serde_json::to_string(&config).map_err(|e| e.to_string())?;
+    let user = user_template(ep)?.unwrap_or_default();
+
+    let mut env = vec![
+        EnvVar {
+            name: PROCESSOR_CONFIG_ENV.into(),
+            value: Some(config_json.clone()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: NATS_URL_ENV.into(),
+            value: Some(settings.processor_nats_url().to_owned()),
+            ..Default::default()
+        },
+    ];
+    env.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut mounts = vec![VolumeMount {
+        name: "spillway-tmp".into(),
+        mount_path: "/tmp".into(),
+        ..Default::default()
+    }];
+    let mut volumes = vec![Volume {
+        name: "spillway-tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }];
+    if let Some(signing) = &ep.spec.processor.signing {
+        mounts.push(VolumeMount {
+            name: "spillway-signing".into(),
+            mount_path: SIGNING_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "spillway-signing".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(signing.secret_ref.name.clone()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let ours = Container {
+        name: CONTAINER.into(),
+        image: Some(settings.processor_image.clone()),
+        image_pull_policy: Some(settings.processor_image_pull_policy.clone()),
+        env: Some(env),
+        resources: Some(resources(settings)),
+        security_context: Some(restricted()),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+
+    // The user's template is the base; our container, volumes, labels and
+    // security defaults are merged in (ours win on name clashes).
+    let mut pod_meta = user.metadata.unwrap_or_default();
+    let mut pod_labels = pod_meta.labels.take().unwrap_or_default();
+    pod_labels.extend(labels(&name));
+    pod_meta.labels = Some(pod_labels);
+    let mut pod_spec: PodSpec = user.spec.unwrap_or_default();
+    let mut containers = vec![ours];
+    containers.extend(
+        pod_spec
+            .containers
+            .into_iter()
+            .filter(|c| c.name != CONTAINER),
+    );
+    pod_spec.containers = containers;
+    let mut all_volumes = pod_spec.volumes.take().unwrap_or_default();
+    all_volumes.retain(|v| !volumes.iter().any(|o| o.name == v.name));
+    all_volumes.extend(volumes);
+    pod_spec.volumes = Some(all_volumes);
+    let mut psc = pod_spec.security_context.take().unwrap_or_default();
+    psc.run_as_non_root.get_or_insert(true);
+    psc.seccomp_profile.get_or_insert_with(|| SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        ..Default::default()
+    });
+    pod_spec.security_context = Some(PodSecurityContext { ..psc });
+    pod_spec
+        .automount_service_account_token
+        .get_or_insert(false);
+
+    let config_hash = format!(
+        "{:016x}",
+        fnv1a64(
+            format!(
+                "{config_json}\n{}\n{:?}",
+                settings.processor_image, ep.spec.processor.template
+            )
+            .as_bytes()
+        )
+    );
+    let mut annotations = pod_meta.annotations.take().unwrap_or_default();
+    annotations.insert(CONFIG_HASH.into(), config_hash);
+    pod_meta.annotations = Some(annotations);
+
+    let mut d = Deployment {
+        metadata: ObjectMeta {
+            name: Some(deployment_name(&name)),
+            namespace: ep.namespace(),
+            labels: Some(labels(&name)),
+            owner_references: Some(vec![owner_ref(ep)]),
+            ..Default::default()
+        },
+        spec: DeploymentSpec {
+            replicas,
+            selector: LabelSelector {
+                match_labels: Some(selector(&name)),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::String("25%".into())),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(pod_meta),
+                spec: Some(pod_spec),
+            },
+            ..Default::default()
+        },
+        status: None,
+    };
+    let render_hash = format!(
+        "{:016x}",
+        fnv1a64(
+            serde_json::to_string(&d)
+                .map_err(|e| e.to_string())?
+                .as_bytes()
+        )
+    );
+    d.metadata.annotations = Some(BTreeMap::from([(RENDER_HASH.into(), render_hash)]));
+    Ok(d)
+}
+
+/// Whether `have` (from the cluster) already carries what was rendered.
+pub fn up_to_date(have: &Deployment, want: &Deployment) -> bool {
+    let hash = |d: &Deployment| {
+        d.meta()
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(RENDER_HASH).cloned())
+    };
+    hash(have).is_some() && hash(have) == hash(want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_api::validate::check;
+
+    fn endpoint(yaml: &str) -> WebhookEndpoint {
+        let mut ep: WebhookEndpoint = serde_yaml_ng::from_str(yaml).unwrap();
+        ep.metadata.uid = Some("uid-1".into());
+        ep
+    }
+
+    const EP: &str = r#"
+apiVersion: spillway.dev/v1alpha1
+kind: WebhookEndpoint
+metadata: {name: gh, namespace: team}
+spec:
+  verification: {scheme: github, secretRefs: [{name: gh, key: secret}]}
+  processor:
+    sink: {service: {name: app, port: 8080, path: /hooks}}
+    concurrency: 10
+    replicas: {min: 0, max: 4}
+    signing: {secretRef: {name: sign, key: key}}
+    template:
+      metadata: {labels: {team: a}}
+      spec:
+        containers: [{name: handler, image: "example/handler:1"}]
+"#;
+
+    fn render(ep: &WebhookEndpoint, replicas: Option<i32>) -> Deployment {
+        let names = EndpointNames::new("team", "gh");
+        let t = check(&ep.spec).unwrap();
+        let mut s = Settings::defaults();
+        s.processor_image = "proc:1".into();
+        deployment(ep, &names, &t, &s, replicas).unwrap()
+    }
+
+    #[test]
+    fn config_points_at_service_and_signing_file() {
+        let ep = endpoint(EP);
+        let t = check(&ep.spec).unwrap();
+        let c = processor_config(&ep, &EndpointNames::new("team", "gh"), &t);
+        assert_eq!(c.sink_url, "http://app.team.svc:8080/hooks");
+        assert_eq!(c.endpoint, "team/gh");
+        assert_eq!(c.consumers, vec!["processor".to_owned()]);
+        assert_eq!(c.concurrency_per_replica, 2);
+        assert_eq!(
+            c.signing_secret_file.as_deref(),
+            Some("/var/run/spillway/signing/key")
+        );
+        assert_eq!(c.timeout, "30s");
+    }
+
+    #[test]
+    fn deployment_merges_user_template_and_is_restricted() {
+        let ep = endpoint(EP);
+        let d = render(&ep, Some(2));
+        assert_eq!(d.metadata.name.as_deref(), Some("gh-processor"));
+        assert_eq!(
+            d.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "uid-1"
+        );
+        let spec = &d.spec;
+        assert_eq!(spec.replicas, Some(2));
+        let pod = spec.template.spec.as_ref().unwrap();
+        let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["processor", "handler"]);
+        let ours = &pod.containers[0];
+        assert_eq!(ours.image.as_deref(), Some("proc:1"));
+        let sc = ours.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+            &["ALL"]
+        );
+        let env = ours.env.as_ref().unwrap();
+        let cfg = env.iter().find(|e| e.name == PROCESSOR_CONFIG_ENV).unwrap();
+        let parsed: ProcessorConfig = serde_json::from_str(cfg.value.as_ref().unwrap()).unwrap();
+        assert_eq!(parsed.stream, "spillway_team_gh");
+        let meta = spec.template.metadata.as_ref().unwrap();
+        assert_eq!(meta.labels.as_ref().unwrap()["team"], "a");
+        assert_eq!(
+            meta.labels.as_ref().unwrap()["app.kubernetes.io/instance"],
+            "gh"
+        );
+        assert!(meta.annotations.as_ref().unwrap().contains_key(CONFIG_HASH));
+        assert!(
+            pod.volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|v| v.name == "spillway-signing")
+        );
+        assert_eq!(
+            pod.security_context
+                .as_ref()
+                .unwrap()
+                .seccomp_profile
+                .as_ref()
+                .unwrap()
+                .type_,
+            "RuntimeDefault"
+        );
+    }
+
+    #[test]
+    fn config_change_changes_pod_hash_but_replicas_do_not() {
+        let ep = endpoint(EP);
+        let hash = |d: &Deployment| {
+            d.spec
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()[CONFIG_HASH]
+                .clone()
+        };
+        let a = render(&ep, Some(1));
+        let b = render(&ep, Some(3));
+        assert_eq!(hash(&a), hash(&b));
+        assert!(!up_to_date(&a, &b), "replica change must be written");
+        assert!(up_to_date(&a, &render(&ep, Some(1))));
+        let mut ep2 = ep.clone();
+        ep2.spec.processor.concurrency = 20;
+        assert_ne!(hash(&a), hash(&render(&ep2, Some(1))));
+    }
+
+    #[test]
+    fn long_names_are_shortened_stably() {
+        let long = "a".repeat(200);
+        let n = deployment_name(&long);
+        assert!(n.len() <= 63, "{n}");
+        assert_eq!(n, deployment_name(&long));
+        assert_ne!(n, deployment_name(&format!("{long}b")));
+        assert_eq!(short("abc", 63), "abc");
+    }
+}

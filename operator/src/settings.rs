@@ -1,0 +1,171 @@
+//! Operator configuration from flags and environment variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    spillway_api::duration::parse(s).map_err(|e| e.to_string())
+}
+
+/// Everything the operator is configured with. Every flag has an
+/// environment variable (shown in `--help`), which is how the Helm chart
+/// sets them.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "spillway-operator",
+    version,
+    about = "Reconciles WebhookEndpoints into JetStream streams, consumers and processor Deployments."
+)]
+pub struct Settings {
+    /// NATS server URL(s) the operator manages JetStream through (comma
+    /// separated).
+    #[arg(long, env = "SPILLWAY_NATS_URL", default_value = "nats://nats:4222")]
+    pub nats_url: String,
+    /// NATS credentials file (JWT + NKey seed) for the operator.
+    #[arg(long, env = "SPILLWAY_NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+    /// PEM file of CA certificates to verify the NATS server with.
+    #[arg(long, env = "SPILLWAY_NATS_TLS_CA_FILE")]
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS mutual TLS; needs the key too.
+    #[arg(
+        long,
+        env = "SPILLWAY_NATS_TLS_CERT_FILE",
+        requires = "nats_tls_key_file"
+    )]
+    pub nats_tls_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for NATS mutual TLS.
+    #[arg(
+        long,
+        env = "SPILLWAY_NATS_TLS_KEY_FILE",
+        requires = "nats_tls_cert_file"
+    )]
+    pub nats_tls_key_file: Option<PathBuf>,
+    /// Require TLS to NATS.
+    #[arg(long, env = "SPILLWAY_NATS_TLS_REQUIRED", default_value_t = false)]
+    pub nats_tls_required: bool,
+    /// Timeout of one JetStream API request.
+    #[arg(long, env = "SPILLWAY_NATS_REQUEST_TIMEOUT", value_parser = duration, default_value = "5s")]
+    pub nats_request_timeout: Duration,
+
+    /// NATS monitoring endpoint (host:port) for KEDA's nats-jetstream
+    /// scaler, used when an endpoint asks for `autoscaler: keda`.
+    #[arg(
+        long,
+        env = "SPILLWAY_NATS_MONITORING_ENDPOINT",
+        default_value = "nats:8222"
+    )]
+    pub nats_monitoring_endpoint: String,
+    /// NATS URL the processor pods connect to (defaults to --nats-url).
+    #[arg(long, env = "SPILLWAY_PROCESSOR_NATS_URL")]
+    pub processor_nats_url: Option<String>,
+    /// Processor container image.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_IMAGE", default_value = concat!("ghcr.io/spillway-dev/spillway-processor:", env!("CARGO_PKG_VERSION")))]
+    pub processor_image: String,
+    /// Processor image pull policy.
+    #[arg(
+        long,
+        env = "SPILLWAY_PROCESSOR_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
+    pub processor_image_pull_policy: String,
+    /// Processor CPU request.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_CPU_REQUEST", default_value = "50m")]
+    pub processor_cpu_request: String,
+    /// Processor memory request.
+    #[arg(
+        long,
+        env = "SPILLWAY_PROCESSOR_MEMORY_REQUEST",
+        default_value = "64Mi"
+    )]
+    pub processor_memory_request: String,
+    /// Processor CPU limit (none when empty).
+    #[arg(long, env = "SPILLWAY_PROCESSOR_CPU_LIMIT", default_value = "")]
+    pub processor_cpu_limit: String,
+    /// Processor memory limit (none when empty).
+    #[arg(long, env = "SPILLWAY_PROCESSOR_MEMORY_LIMIT", default_value = "256Mi")]
+    pub processor_memory_limit: String,
+
+    /// Address of the admin server (/healthz, /readyz, /metrics).
+    #[arg(long, env = "SPILLWAY_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+    /// Only watch this namespace (default: all namespaces).
+    #[arg(long, env = "SPILLWAY_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
+    /// Elect a leader through a coordination.k8s.io Lease so several
+    /// replicas can run; only the leader reconciles.
+    #[arg(long, env = "SPILLWAY_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "SPILLWAY_LEASE_NAME", default_value = "spillway-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "spillway-system")]
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// How long a Lease is valid without renewal.
+    #[arg(long, env = "SPILLWAY_LEASE_DURATION", value_parser = duration, default_value = "15s")]
+    pub lease_duration: Duration,
+    /// How often the leader renews the Lease.
+    #[arg(long, env = "SPILLWAY_LEASE_RENEW_INTERVAL", value_parser = duration, default_value = "5s")]
+    pub lease_renew_interval: Duration,
+
+    /// How often every endpoint is re-checked (recreates streams deleted
+    /// behind the operator's back, refreshes backlog and dead-letter counts).
+    #[arg(long, env = "SPILLWAY_RESYNC_INTERVAL", value_parser = duration, default_value = "30s")]
+    pub resync_interval: Duration,
+    /// How long the backlog must ask for fewer replicas before the processor
+    /// is scaled down.
+    #[arg(long, env = "SPILLWAY_SCALE_DOWN_COOLDOWN", value_parser = duration, default_value = "5m")]
+    pub scale_down_cooldown: Duration,
+    /// How long a deleted endpoint waits for NATS to clean up its consumers
+    /// and streams; after that the finalizer is released and a Warning Event
+    /// names what was left behind.
+    #[arg(long, env = "SPILLWAY_CLEANUP_TIMEOUT", value_parser = duration, default_value = "5m")]
+    pub cleanup_timeout: Duration,
+    /// Endpoints reconciled at once.
+    #[arg(long, env = "SPILLWAY_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: u16,
+}
+
+impl Settings {
+    /// The settings with every default, for tests and embedding.
+    pub fn defaults() -> Self {
+        <Self as clap::Parser>::parse_from(["spillway-operator"])
+    }
+
+    /// The NATS URL processors use.
+    pub fn processor_nats_url(&self) -> &str {
+        self.processor_nats_url.as_deref().unwrap_or(&self.nats_url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn defaults_parse_and_flags_override() {
+        let d = Settings::defaults();
+        assert_eq!(d.resync_interval, Duration::from_secs(30));
+        assert!(d.leader_elect);
+        let s = Settings::parse_from([
+            "x",
+            "--nats-url",
+            "nats://a:1",
+            "--scale-down-cooldown",
+            "2s",
+            "--leader-elect",
+            "false",
+        ]);
+        assert_eq!(s.scale_down_cooldown, Duration::from_secs(2));
+        assert!(!s.leader_elect);
+        assert_eq!(s.processor_nats_url(), "nats://a:1");
+        assert!(Settings::try_parse_from(["x", "--resync-interval", "soon"]).is_err());
+    }
+}
