@@ -4,4 +4,7 @@
 
 pub mod delivery;
 pub mod handshake;
+pub mod metrics;
+pub mod route;
+pub mod server;
 pub mod verify;

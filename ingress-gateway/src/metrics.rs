@@ -1,0 +1,125 @@
+//! Prometheus metrics of the gateway. Labels never carry secrets or request
+//! paths that are not configured (unknown paths count as `endpoint=""`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of the request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `namespace/name`, or empty for unknown paths.
+    pub endpoint: String,
+    /// HTTP status answered.
+    pub status: u16,
+}
+
+/// Labels of the verification-failure counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerifyLabels {
+    /// `namespace/name`.
+    pub endpoint: String,
+    /// `missing_signature`, `bad_signature` or `timestamp_out_of_tolerance`.
+    pub reason: String,
+}
+
+/// Labels of per-endpoint metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// `namespace/name`.
+    pub endpoint: String,
+}
+
+/// All gateway metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by endpoint and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Verification failures by endpoint and reason.
+    pub verify_failures: Family<VerifyLabels, Counter>,
+    /// Time from publish to PubAck, seconds.
+    pub publish_seconds: Family<EndpointLabels, Histogram>,
+    /// Publishes JetStream reported as duplicates.
+    pub duplicates: Family<EndpointLabels, Counter>,
+    /// Publishes that failed or timed out.
+    pub publish_failures: Family<EndpointLabels, Counter>,
+    /// Requests being handled.
+    pub in_flight: Gauge,
+    /// Routes in the table.
+    pub routes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Create and register every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("spillway_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let verify_failures = Family::<VerifyLabels, Counter>::default();
+        let publish_seconds = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+        });
+        let duplicates = Family::<EndpointLabels, Counter>::default();
+        let publish_failures = Family::<EndpointLabels, Counter>::default();
+        let in_flight = Gauge::default();
+        let routes = Gauge::default();
+        registry.register(
+            "requests",
+            "HTTP requests by endpoint and status",
+            requests.clone(),
+        );
+        registry.register(
+            "verify_failures",
+            "Requests that failed verification, by endpoint and reason",
+            verify_failures.clone(),
+        );
+        registry.register(
+            "publish_duration_seconds",
+            "Time from JetStream publish to PubAck",
+            publish_seconds.clone(),
+        );
+        registry.register(
+            "publish_duplicates",
+            "Publishes JetStream deduplicated",
+            duplicates.clone(),
+        );
+        registry.register(
+            "publish_failures",
+            "Publishes that failed or timed out (answered 503)",
+            publish_failures.clone(),
+        );
+        registry.register(
+            "in_flight_requests",
+            "Requests being handled",
+            in_flight.clone(),
+        );
+        registry.register("routes", "Paths in the routing table", routes.clone());
+        Self {
+            registry,
+            requests,
+            verify_failures,
+            publish_seconds,
+            duplicates,
+            publish_failures,
+            in_flight,
+            routes,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

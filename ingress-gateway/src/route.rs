@@ -1,0 +1,329 @@
+//! The routing table: every served path and what the gateway needs to handle
+//! it, resolved from WebhookEndpoints and their Secrets.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::http::StatusCode;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use spillway_api::names::{EndpointNames, default_path};
+use spillway_api::{Deduplication, HandshakeType, Ordering, SecretKeyRef, WebhookEndpointSpec};
+
+use crate::verify::{ConfigError, Verifier};
+
+/// One endpoint as read from the source (Kubernetes or a file).
+#[derive(Debug, Clone)]
+pub struct EndpointDef {
+    /// Namespace of the WebhookEndpoint.
+    pub namespace: String,
+    /// Name of the WebhookEndpoint.
+    pub name: String,
+    /// Creation time (Unix seconds); the older endpoint keeps a contested
+    /// path. `None` sorts last.
+    pub created: Option<i64>,
+    /// The spec.
+    pub spec: WebhookEndpointSpec,
+}
+
+/// Handshake settings with their secrets resolved.
+#[derive(Clone)]
+pub struct HandshakeCfg {
+    /// Which probe to answer.
+    pub kind: HandshakeType,
+    /// Meta's verify token.
+    pub meta_verify_token: Option<Vec<u8>>,
+    /// Zoom's secret token.
+    pub zoom_secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for HandshakeCfg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandshakeCfg")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything needed to serve one path.
+#[derive(Debug)]
+pub struct Route {
+    /// `namespace/name`, used in logs, metrics and the `Spillway-Endpoint`
+    /// header.
+    pub endpoint: String,
+    /// NATS names of the endpoint.
+    pub names: EndpointNames,
+    /// Answer 503 while set.
+    pub suspended: bool,
+    /// The verifier, or why none could be built (answered with 503 so the
+    /// provider retries once the secret is there).
+    pub verifier: Result<Verifier, ConfigError>,
+    /// Handshake to answer, if any.
+    pub handshake: Option<HandshakeCfg>,
+    /// Largest accepted body.
+    pub max_body_bytes: u64,
+    /// Status answered once stored.
+    pub response_status: StatusCode,
+    /// Deduplication settings.
+    pub dedup: Deduplication,
+    /// Ordering settings.
+    pub ordering: Option<Ordering>,
+    /// Per-endpoint token bucket.
+    pub limiter: Option<Arc<DefaultDirectRateLimiter>>,
+}
+
+/// Immutable snapshot of all routes, keyed by path.
+#[derive(Debug, Default)]
+pub struct Table {
+    routes: HashMap<String, Arc<Route>>,
+}
+
+impl Table {
+    /// The route serving `path`.
+    pub fn get(&self, path: &str) -> Option<Arc<Route>> {
+        self.routes.get(path).cloned()
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// True when no route is served.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Paths and the endpoint serving each.
+    pub fn paths(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.routes
+            .iter()
+            .map(|(p, r)| (p.as_str(), r.endpoint.as_str()))
+    }
+}
+
+/// Looks up a secret value: `(namespace, ref)` → bytes.
+pub trait SecretLookup {
+    /// The value of `r` in `namespace`, if present.
+    fn secret(&self, namespace: &str, r: &SecretKeyRef) -> Option<Vec<u8>>;
+}
+
+impl<F: Fn(&str, &SecretKeyRef) -> Option<Vec<u8>>> SecretLookup for F {
+    fn secret(&self, namespace: &str, r: &SecretKeyRef) -> Option<Vec<u8>> {
+        self(namespace, r)
+    }
+}
+
+/// The live routing table, swapped as a whole when the source changes. Rate
+/// limiters survive rebuilds while an endpoint's limit is unchanged.
+#[derive(Debug, Default)]
+pub struct Router {
+    table: RwLock<Arc<Table>>,
+    limiters: Mutex<HashMap<String, ((u32, u32), Arc<DefaultDirectRateLimiter>)>>,
+}
+
+impl Router {
+    /// The current table.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Rebuild the table from `endpoints` and swap it in. Returns the
+    /// endpoints that lost a path conflict (`namespace/name`).
+    pub fn rebuild(
+        &self,
+        endpoints: &[EndpointDef],
+        secrets: &dyn SecretLookup,
+        public_base_url: Option<&str>,
+    ) -> Vec<String> {
+        let mut sorted: Vec<&EndpointDef> = endpoints.iter().collect();
+        sorted.sort_by(|a, b| {
+            (a.created.unwrap_or(i64::MAX), &a.namespace, &a.name).cmp(&(
+                b.created.unwrap_or(i64::MAX),
+                &b.namespace,
+                &b.name,
+            ))
+        });
+        let mut limiters = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept_limiters = HashMap::new();
+        let mut routes = HashMap::new();
+        let mut conflicts = Vec::new();
+        for def in sorted {
+            let path = def
+                .spec
+                .path
+                .clone()
+                .unwrap_or_else(|| default_path(&def.namespace, &def.name));
+            let endpoint = format!("{}/{}", def.namespace, def.name);
+            if routes.contains_key(&path) {
+                conflicts.push(endpoint);
+                continue;
+            }
+            let limiter = def.spec.ingress.rate_limit.as_ref().map(|rl| {
+                let key = (rl.requests_per_second, rl.burst);
+                let l = match limiters.remove(&endpoint) {
+                    Some((k, l)) if k == key => l,
+                    _ => Arc::new(limiter(key.0, key.1)),
+                };
+                kept_limiters.insert(endpoint.clone(), (key, l.clone()));
+                l
+            });
+            let route = resolve(def, &path, endpoint, secrets, public_base_url, limiter);
+            routes.insert(path, Arc::new(route));
+        }
+        *limiters = kept_limiters;
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Table { routes });
+        conflicts
+    }
+}
+
+fn limiter(rps: u32, burst: u32) -> DefaultDirectRateLimiter {
+    let rps = NonZeroU32::new(rps).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst.max(rps.get())).unwrap_or(rps);
+    RateLimiter::direct(Quota::per_second(rps).allow_burst(burst))
+}
+
+fn resolve(
+    def: &EndpointDef,
+    path: &str,
+    endpoint: String,
+    secrets: &dyn SecretLookup,
+    public_base_url: Option<&str>,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+) -> Route {
+    let spec = &def.spec;
+    let v = &spec.verification;
+    let values: Vec<Vec<u8>> = v
+        .secret_refs
+        .iter()
+        .filter_map(|r| secrets.secret(&def.namespace, r))
+        .collect();
+    let public_url = v
+        .public_url
+        .clone()
+        .or_else(|| public_base_url.map(|base| format!("{}{}", base.trim_end_matches('/'), path)));
+    let verifier = Verifier::new(
+        v.scheme,
+        values,
+        v.tolerance_seconds,
+        public_url,
+        v.hmac.as_ref(),
+    );
+    let handshake = spec.handshake.as_ref().map(|h| HandshakeCfg {
+        kind: h.kind,
+        meta_verify_token: h
+            .verify_token_secret_ref
+            .as_ref()
+            .and_then(|r| secrets.secret(&def.namespace, r)),
+        zoom_secret: h
+            .secret_ref
+            .as_ref()
+            .or(v.secret_refs.first())
+            .and_then(|r| secrets.secret(&def.namespace, r)),
+    });
+    Route {
+        names: EndpointNames::new(&def.namespace, &def.name),
+        endpoint,
+        suspended: spec.suspend,
+        verifier,
+        handshake,
+        max_body_bytes: spec.ingress.max_body_bytes,
+        response_status: StatusCode::from_u16(spec.ingress.response_status)
+            .ok()
+            .filter(|s| s.is_success())
+            .unwrap_or(StatusCode::OK),
+        dedup: spec.deduplication.clone(),
+        ordering: spec.ordering.clone(),
+        limiter,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(ns: &str, name: &str, created: Option<i64>, yaml: &str) -> EndpointDef {
+        EndpointDef {
+            namespace: ns.into(),
+            name: name.into(),
+            created,
+            spec: serde_yaml_ng::from_str(yaml).unwrap(),
+        }
+    }
+
+    const GH: &str = r#"
+path: /gh
+verification: {scheme: github, secretRefs: [{name: gh, key: secret}]}
+ingress: {rateLimit: {requestsPerSecond: 1, burst: 2}, responseStatus: 202}
+processor: {sink: {url: "http://sink"}}
+"#;
+
+    fn secrets(_: &str, r: &SecretKeyRef) -> Option<Vec<u8>> {
+        (r.name == "gh").then(|| b"s3cret".to_vec())
+    }
+
+    #[test]
+    fn older_endpoint_keeps_contested_path() {
+        let router = Router::default();
+        let newer = def("b", "x", Some(200), GH);
+        let older = def("a", "y", Some(100), GH);
+        let conflicts = router.rebuild(&[newer.clone(), older.clone()], &secrets, None);
+        assert_eq!(conflicts, vec!["b/x".to_string()]);
+        let t = router.table();
+        assert_eq!(t.len(), 1);
+        let r = t.get("/gh").unwrap();
+        assert_eq!(r.endpoint, "a/y");
+        assert_eq!(r.response_status, StatusCode::ACCEPTED);
+        assert!(r.verifier.is_ok());
+        assert!(t.get("/other").is_none());
+    }
+
+    #[test]
+    fn default_path_missing_secret_and_limiter_reuse() {
+        let router = Router::default();
+        let mut d = def("ns", "hook", Some(1), GH);
+        d.spec.path = None;
+        d.spec.verification.secret_refs[0].name = "absent".into();
+        router.rebuild(std::slice::from_ref(&d), &secrets, None);
+        let r = router.table().get("/ns/hook").unwrap();
+        assert!(r.verifier.is_err(), "no secret: not ready");
+        let l1 = r.limiter.clone().unwrap();
+        assert!(l1.check().is_ok());
+        assert!(l1.check().is_ok());
+        assert!(l1.check().is_err(), "burst 2 used up");
+        router.rebuild(std::slice::from_ref(&d), &secrets, None);
+        let l2 = router
+            .table()
+            .get("/ns/hook")
+            .unwrap()
+            .limiter
+            .clone()
+            .unwrap();
+        assert!(Arc::ptr_eq(&l1, &l2), "unchanged limit keeps its bucket");
+        d.spec.ingress.rate_limit.as_mut().unwrap().burst = 5;
+        router.rebuild(std::slice::from_ref(&d), &secrets, None);
+        let l3 = router
+            .table()
+            .get("/ns/hook")
+            .unwrap()
+            .limiter
+            .clone()
+            .unwrap();
+        assert!(!Arc::ptr_eq(&l1, &l3));
+    }
+
+    #[test]
+    fn twilio_public_url_from_base() {
+        let router = Router::default();
+        let mut d = def("ns", "tw", Some(1), GH);
+        d.spec.verification.scheme = spillway_api::Scheme::Twilio;
+        router.rebuild(std::slice::from_ref(&d), &secrets, None);
+        assert!(router.table().get("/gh").unwrap().verifier.is_err());
+        router.rebuild(
+            std::slice::from_ref(&d),
+            &secrets,
+            Some("https://hooks.example.com/"),
+        );
+        assert!(router.table().get("/gh").unwrap().verifier.is_ok());
+    }
+}

@@ -1,0 +1,662 @@
+//! The HTTP side: the webhook handler, the admin endpoints and a server loop
+//! with header limits, timeouts and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use governor::clock::{Clock, DefaultClock};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use spillway_api::names::partition_of;
+use spillway_api::wire;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::delivery;
+use crate::handshake::{self, Reply};
+use crate::metrics::{EndpointLabels, Metrics, RequestLabels, VerifyLabels};
+use crate::route::{self, Route};
+use crate::verify::{Failure, Inbound};
+
+/// Tunables of request handling.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Deadline for a publish, from sending to PubAck.
+    pub publish_timeout: Duration,
+    /// Deadline for reading a request body (slow senders are cut off).
+    pub body_timeout: Duration,
+    /// Retry-After sent with 503s, seconds.
+    pub retry_after_secs: u64,
+    /// Publishes awaiting their PubAck at once, across all requests.
+    pub max_in_flight_publishes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            publish_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(10),
+            retry_after_secs: 5,
+            max_in_flight_publishes: 4096,
+        }
+    }
+}
+
+/// Shared state of the gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The live routing table.
+    pub router: Arc<route::Router>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// True once the routing source has synced at least once.
+    pub synced: Arc<AtomicBool>,
+    /// Limits.
+    pub limits: Limits,
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    permits: Semaphore,
+    clock: DefaultClock,
+}
+
+impl Gateway {
+    /// Build the state around a NATS client.
+    pub fn new(
+        nats: async_nats::Client,
+        router: Arc<route::Router>,
+        metrics: Arc<Metrics>,
+        synced: Arc<AtomicBool>,
+        limits: Limits,
+    ) -> Self {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(limits.publish_timeout)
+            .build(nats.clone());
+        Self {
+            permits: Semaphore::new(limits.max_in_flight_publishes.max(1)),
+            router,
+            metrics,
+            synced,
+            limits,
+            nats,
+            js,
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// Ready: routing table synced and NATS connected.
+    pub fn ready(&self) -> bool {
+        self.synced.load(AtomicOrdering::Acquire)
+            && self.nats.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Flush what the NATS client still buffers.
+    pub async fn flush(&self) {
+        if let Err(e) = self.nats.flush().await {
+            warn!(error = %e, "flushing NATS on shutdown failed");
+        }
+    }
+}
+
+/// Everything that ends a request without storing it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No route for the path.
+    #[error("not found")]
+    NotFound,
+    /// Method not accepted.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Verification failed.
+    #[error("unauthorized: {0}")]
+    Unauthorized(Failure),
+    /// A handshake's verify token did not match.
+    #[error("forbidden")]
+    Forbidden,
+    /// Body over the endpoint's limit.
+    #[error("payload too large")]
+    PayloadTooLarge,
+    /// The body did not arrive in time.
+    #[error("request timeout")]
+    RequestTimeout,
+    /// Token bucket empty.
+    #[error("rate limited")]
+    RateLimited {
+        /// Seconds until a token is available.
+        retry_after: u64,
+    },
+    /// Not storing right now (suspended, secrets not loaded, JetStream
+    /// unavailable); the provider should retry.
+    #[error("unavailable: {reason}")]
+    Unavailable {
+        /// Short machine-readable reason.
+        reason: &'static str,
+        /// Seconds to wait.
+        retry_after: u64,
+    },
+    /// Anything else; answered without detail.
+    #[error("internal error")]
+    Internal,
+}
+
+fn json_error(status: StatusCode, reason: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": reason }))).into_response()
+}
+
+fn with_retry_after(mut r: Response, secs: u64) -> Response {
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    r
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::NotFound => StatusCode::NOT_FOUND.into_response(),
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+            ApiError::Unauthorized(f) => json_error(StatusCode::UNAUTHORIZED, f.reason()),
+            ApiError::Forbidden => json_error(StatusCode::FORBIDDEN, "bad_verify_token"),
+            ApiError::PayloadTooLarge => {
+                json_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
+            }
+            ApiError::RequestTimeout => json_error(StatusCode::REQUEST_TIMEOUT, "timeout"),
+            ApiError::RateLimited { retry_after } => with_retry_after(
+                json_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+                retry_after,
+            ),
+            ApiError::Unavailable {
+                reason,
+                retry_after,
+            } => with_retry_after(
+                json_error(StatusCode::SERVICE_UNAVAILABLE, reason),
+                retry_after,
+            ),
+            ApiError::Internal => json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+/// The public router: every path goes to the webhook handler.
+pub fn app(state: Arc<Gateway>) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+/// The admin router: `/healthz`, `/readyz`, `/metrics`.
+pub fn admin_app(state: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(gw): State<Arc<Gateway>>| async move {
+                if gw.ready() {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(gw): State<Arc<Gateway>>| async move {
+                gw.metrics
+                    .routes
+                    .set(i64::try_from(gw.router.table().len()).unwrap_or(i64::MAX));
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    gw.metrics.encode(),
+                )
+            }),
+        )
+        .with_state(state)
+}
+
+struct InFlight<'a>(&'a Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    gw.metrics.in_flight.inc();
+    let _guard = InFlight(&gw.metrics);
+    let route = gw.router.table().get(req.uri().path());
+    let endpoint = route
+        .as_ref()
+        .map(|r| r.endpoint.clone())
+        .unwrap_or_default();
+    let span = info_span!("webhook", endpoint = %endpoint, method = %req.method());
+    let response = match route {
+        None => ApiError::NotFound.into_response(),
+        Some(route) => match handle_route(&gw, &route, req)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                if let ApiError::Unauthorized(f) = &e {
+                    gw.metrics
+                        .verify_failures
+                        .get_or_create(&VerifyLabels {
+                            endpoint: endpoint.clone(),
+                            reason: f.reason().to_owned(),
+                        })
+                        .inc();
+                }
+                span.in_scope(|| debug!(error = %e, "rejected"));
+                e.into_response()
+            }
+        },
+    };
+    gw.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            endpoint,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+fn reply(r: Reply) -> Result<Response, ApiError> {
+    match r {
+        Reply::Text(t) => Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            t,
+        )
+            .into_response()),
+        Reply::Json(v) => Ok((StatusCode::OK, Json(v)).into_response()),
+        Reply::Forbidden => Err(ApiError::Forbidden),
+    }
+}
+
+async fn handle_route(gw: &Gateway, route: &Route, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let query = parts.uri.query();
+    if let Some(h) = &route.handshake
+        && let Some(r) =
+            handshake::before_verify(h.kind, &parts.method, query, h.meta_verify_token.as_deref())
+    {
+        return reply(r);
+    }
+    if parts.method != Method::POST && parts.method != Method::PUT {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    if route.suspended {
+        return Err(ApiError::Unavailable {
+            reason: "suspended",
+            retry_after: gw.limits.retry_after_secs,
+        });
+    }
+    if let Some(l) = &route.limiter
+        && let Err(not_until) = l.check()
+    {
+        let wait = not_until.wait_time_from(gw.clock.now());
+        return Err(ApiError::RateLimited {
+            retry_after: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+        });
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > route.max_body_bytes) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let body = read_body(body, route.max_body_bytes, gw.limits.body_timeout).await?;
+    let verifier = route.verifier.as_ref().map_err(|_| ApiError::Unavailable {
+        reason: "not_ready",
+        retry_after: gw.limits.retry_after_secs,
+    })?;
+    let now_unix = jiff::Timestamp::now().as_second();
+    verifier
+        .verify(&Inbound {
+            headers: &parts.headers,
+            body: &body,
+            query,
+            now_unix,
+        })
+        .map_err(ApiError::Unauthorized)?;
+    if let Some(h) = &route.handshake
+        && let Some(r) =
+            handshake::after_verify(h.kind, &parts.headers, &body, h.zoom_secret.as_deref())
+    {
+        return reply(r);
+    }
+    store(gw, route, &parts.headers, body).await?;
+    Ok(route.response_status.into_response())
+}
+
+async fn read_body(body: Body, max: u64, deadline: Duration) -> Result<Bytes, ApiError> {
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ApiError::RequestTimeout),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::PayloadTooLarge)
+        }
+        // The client went away or sent a malformed body.
+        Ok(Err(_)) => Err(ApiError::RequestTimeout),
+    }
+}
+
+/// Headers never copied into the stored message.
+const DROPPED_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "content-type",
+    "cookie",
+    "set-cookie",
+    "authorization",
+    "traceparent",
+    "tracestate",
+    // GitLab sends the shared secret itself.
+    "x-gitlab-token",
+];
+
+/// `x-github-event` → `X-Github-Event`.
+fn title_case(name: &str) -> String {
+    name.split('-')
+        .map(|seg| {
+            let mut c = seg.chars();
+            match c.next() {
+                Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
+                None => String::new(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+fn traceparent(headers: &HeaderMap) -> String {
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let parts: Vec<&str> = tp.split('-').collect();
+        if parts.len() == 4
+            && parts[0].len() == 2
+            && parts[1].len() == 32
+            && parts[2].len() == 16
+            && parts[3].len() == 2
+            && tp.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
+        {
+            return tp.to_owned();
+        }
+    }
+    let mut id = [0u8; 24];
+    // The system RNG does not fail on supported platforms; an all-zero id is
+    // only a poorer trace id.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+    format!(
+        "00-{}-{}-01",
+        hex::encode(&id[..16]),
+        hex::encode(&id[16..])
+    )
+}
+
+fn ordering_key(route: &Route, headers: &HeaderMap, body: &[u8]) -> Option<(String, u16)> {
+    let o = route.ordering.as_ref()?;
+    let key = if let Some(h) = &o.key_header {
+        headers.get(h.as_str())?.to_str().ok()?.to_owned()
+    } else {
+        let p = o.key_json_pointer.as_deref()?;
+        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+        match v.pointer(p)? {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => return None,
+            other => other.to_string(),
+        }
+    };
+    let p = partition_of(key.as_bytes(), o.partitions);
+    Some((key, p))
+}
+
+/// Build the NATS headers of a stored webhook.
+pub fn message_headers(
+    route: &Route,
+    headers: &HeaderMap,
+    ids: &delivery::Ids,
+    ordering: Option<&str>,
+) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(wire::ENDPOINT, route.endpoint.as_str());
+    h.insert(wire::DELIVERY_ID, ids.delivery_id.as_str());
+    if let Some(id) = &ids.msg_id {
+        h.insert(wire::NATS_MSG_ID, id.as_str());
+    }
+    let received = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string();
+    h.insert(wire::RECEIVED_AT, received);
+    if let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        h.insert(wire::CONTENT_TYPE, ct);
+    }
+    h.insert(wire::TRACEPARENT, traceparent(headers));
+    if let Some(k) = ordering {
+        h.insert(wire::ORDERING_KEY, k);
+    }
+    for (name, value) in headers {
+        let n = name.as_str();
+        if DROPPED_HEADERS.contains(&n) {
+            continue;
+        }
+        if let Ok(v) = value.to_str() {
+            h.append(
+                format!("{}{}", wire::ORIGINAL_HEADER_PREFIX, title_case(n)),
+                v,
+            );
+        }
+    }
+    h
+}
+
+async fn store(
+    gw: &Gateway,
+    route: &Route,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(), ApiError> {
+    let scheme = route
+        .verifier
+        .as_ref()
+        .map(|v| v.scheme())
+        .unwrap_or(spillway_api::Scheme::None);
+    let ids = delivery::ids(&route.dedup, scheme, headers, &body);
+    let ordering = ordering_key(route, headers, &body);
+    let partition = ordering.as_ref().map(|(_, p)| *p).unwrap_or(0);
+    let subject = route.names.subject(partition);
+    let nats_headers = message_headers(
+        route,
+        headers,
+        &ids,
+        ordering.as_ref().map(|(k, _)| k.as_str()),
+    );
+    let unavailable = ApiError::Unavailable {
+        reason: "store_unavailable",
+        retry_after: gw.limits.retry_after_secs,
+    };
+    let labels = EndpointLabels {
+        endpoint: route.endpoint.clone(),
+    };
+    if gw.nats.connection_state() != async_nats::connection::State::Connected {
+        gw.metrics.publish_failures.get_or_create(&labels).inc();
+        warn!("NATS is not connected; answering 503");
+        return Err(unavailable);
+    }
+    let started = Instant::now();
+    let result = tokio::time::timeout(gw.limits.publish_timeout, async {
+        let _permit = gw
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| "closed".to_owned())?;
+        let ack = gw
+            .js
+            .publish_with_headers(subject, nats_headers, body)
+            .await
+            .map_err(|e| e.to_string())?;
+        ack.await.map_err(|e| e.to_string())
+    })
+    .await;
+    match result {
+        Ok(Ok(ack)) => {
+            gw.metrics
+                .publish_seconds
+                .get_or_create(&labels)
+                .observe(started.elapsed().as_secs_f64());
+            if ack.duplicate {
+                gw.metrics.duplicates.get_or_create(&labels).inc();
+            }
+            debug!(seq = ack.sequence, duplicate = ack.duplicate, delivery_id = %ids.delivery_id, "stored");
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            gw.metrics.publish_failures.get_or_create(&labels).inc();
+            warn!(error = %e, "publish failed; answering 503");
+            Err(unavailable)
+        }
+        Err(_) => {
+            gw.metrics.publish_failures.get_or_create(&labels).inc();
+            warn!("publish timed out; answering 503");
+            Err(unavailable)
+        }
+    }
+}
+
+/// Connection-level limits of the HTTP server.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Time allowed to send the request head.
+    pub header_read_timeout: Duration,
+    /// Largest request head (HTTP/1 read buffer; HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            shutdown_grace: Duration::from_secs(25),
+        }
+    }
+}
+
+/// Serve `router` on `listener` until `shutdown` resolves, then stop
+/// accepting and wait (up to the grace period) for in-flight requests, and so
+/// their publishes, to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        .max_buf_size(opts.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    info!("shutting down: draining in-flight requests");
+    if tokio::time::timeout(opts.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("grace period over with requests still in flight");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_are_title_cased() {
+        assert_eq!(title_case("x-github-event"), "X-Github-Event");
+        assert_eq!(title_case("webhook-id"), "Webhook-Id");
+    }
+
+    #[test]
+    fn traceparent_is_kept_or_made() {
+        let mut h = HeaderMap::new();
+        let made = traceparent(&h);
+        assert_eq!(made.len(), 55);
+        assert!(made.starts_with("00-") && made.ends_with("-01"));
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert("traceparent", HeaderValue::from_static(tp));
+        assert_eq!(traceparent(&h), tp);
+        h.insert("traceparent", HeaderValue::from_static("garbage"));
+        assert_ne!(traceparent(&h), "garbage");
+    }
+
+    #[test]
+    fn received_at_format() {
+        let s = jiff::Timestamp::from_millisecond(1_700_000_000_123)
+            .unwrap()
+            .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
+            .to_string();
+        assert_eq!(s, "2023-11-14T22:13:20.123Z");
+    }
+}
