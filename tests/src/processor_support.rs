@@ -1,0 +1,601 @@
+//! Helpers for the processor and CLI integration tests: JetStream objects set
+//! up the way the operator does, a scriptable HTTP sink that counts
+//! concurrent requests, and the real `spillway-processor` binary as a child
+//! process.
+//!
+//! Included by the test files with `#[path]` (so `tests/src/lib.rs` stays the
+//! harness's own); not every test binary uses every helper.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap as HttpHeaders, StatusCode};
+use axum::response::{IntoResponse, Response};
+use spillway_api::duration;
+use spillway_api::names::{EndpointNames, partition_of};
+use spillway_api::wire::{self, ProcessorConfig};
+use spillway_tests::{bin_path, eventually, free_port};
+
+// ---------------------------------------------------------------- endpoint
+
+/// How to set up an endpoint's JetStream objects and processor config.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub namespace: String,
+    pub name: String,
+    pub concurrency: u32,
+    pub per_replica: u32,
+    pub timeout: String,
+    pub max_attempts: u32,
+    pub backoff: Vec<String>,
+    /// Ordered endpoint with this many partitions.
+    pub partitions: Option<u16>,
+    pub dead_letter: bool,
+    pub rate: Option<u32>,
+    pub paused: bool,
+    pub signing_secret_file: Option<String>,
+    /// Consumer ack wait; defaults to `timeout` like the operator.
+    pub ack_wait: Option<Duration>,
+    /// Consumer max deliver; defaults to `max_attempts` like the operator.
+    pub max_deliver: Option<i64>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            namespace: "default".into(),
+            name: "hooks".into(),
+            concurrency: 3,
+            per_replica: 3,
+            timeout: "5s".into(),
+            max_attempts: 5,
+            backoff: vec!["200ms".into()],
+            partitions: None,
+            dead_letter: true,
+            rate: None,
+            paused: false,
+            signing_secret_file: None,
+            ack_wait: None,
+            max_deliver: None,
+        }
+    }
+}
+
+/// An endpoint whose stream, consumers and dead-letter stream exist.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub setup: Setup,
+    pub names: EndpointNames,
+    pub js: jetstream::Context,
+}
+
+impl Endpoint {
+    /// Create the stream, consumers and dead-letter stream as the operator
+    /// does (limits retention so history can be replayed).
+    pub async fn create(js: jetstream::Context, setup: Setup) -> Result<Self> {
+        let names = EndpointNames::new(&setup.namespace, &setup.name);
+        js.create_stream(stream::Config {
+            name: names.stream(),
+            subjects: vec![names.stream_subjects()],
+            retention: stream::RetentionPolicy::Limits,
+            max_age: Duration::from_secs(3600),
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .context("creating the stream")?;
+        js.create_stream(stream::Config {
+            name: names.dead_letter_stream(),
+            subjects: vec![names.dead_letter_subject()],
+            retention: stream::RetentionPolicy::Limits,
+            max_age: Duration::from_secs(3600),
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .context("creating the dead-letter stream")?;
+        let ep = Self { setup, names, js };
+        let stream = ep.js.get_stream(ep.names.stream()).await?;
+        let timeout = duration::parse(&ep.setup.timeout)?;
+        let backoff = ep
+            .setup
+            .backoff
+            .iter()
+            .map(|b| duration::parse(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (consumer, filter, max_ack_pending) in ep.consumer_specs() {
+            stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(consumer.clone()),
+                    filter_subject: filter,
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: ep.setup.ack_wait.unwrap_or(timeout),
+                    max_deliver: ep.setup.max_deliver.unwrap_or(i64::from(ep.setup.max_attempts)),
+                    backoff: backoff.clone(),
+                    max_ack_pending,
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("creating consumer {consumer}"))?;
+        }
+        Ok(ep)
+    }
+
+    fn consumer_specs(&self) -> Vec<(String, String, i64)> {
+        match self.setup.partitions {
+            None => vec![(
+                self.names.consumer(None),
+                self.names.stream_subjects(),
+                i64::from(self.setup.concurrency),
+            )],
+            Some(n) => (0..n)
+                .map(|p| (self.names.consumer(Some(p)), self.names.subject(p), 1))
+                .collect(),
+        }
+    }
+
+    /// The config the operator would render for the processor.
+    pub fn config(&self, sink_url: &str) -> ProcessorConfig {
+        let s = &self.setup;
+        ProcessorConfig {
+            endpoint: format!("{}/{}", s.namespace, s.name),
+            stream: self.names.stream(),
+            consumers: self.consumer_specs().into_iter().map(|c| c.0).collect(),
+            dead_letter_subject: s.dead_letter.then(|| self.names.dead_letter_subject()),
+            sink_url: sink_url.into(),
+            concurrency: s.concurrency,
+            concurrency_per_replica: s.per_replica,
+            timeout: s.timeout.clone(),
+            max_attempts: s.max_attempts,
+            backoff: s.backoff.clone(),
+            rate_limit_per_second: s.rate,
+            paused: s.paused,
+            signing_secret_file: s.signing_secret_file.clone(),
+        }
+    }
+
+    /// Headers the gateway would store with a webhook.
+    pub fn gateway_headers(&self, id: &str, key: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(wire::NATS_MSG_ID, id);
+        h.insert(wire::DELIVERY_ID, id);
+        h.insert(wire::CONTENT_TYPE, "application/json");
+        h.insert(
+            wire::ENDPOINT,
+            format!("{}/{}", self.setup.namespace, self.setup.name).as_str(),
+        );
+        h.insert(wire::RECEIVED_AT, "2026-01-01T00:00:00.000Z");
+        h.insert("Spillway-Orig-X-Test-Event", "ping");
+        if let Some(k) = key {
+            h.insert(wire::ORDERING_KEY, k);
+        }
+        h
+    }
+
+    /// The subject a webhook with ordering key `key` goes to.
+    pub fn subject_for(&self, key: Option<&str>) -> String {
+        match (self.setup.partitions, key) {
+            (Some(n), Some(k)) => self.names.subject(partition_of(k.as_bytes(), n)),
+            _ => self.names.subject(0),
+        }
+    }
+
+    /// Publish one webhook like the gateway (waiting for the PubAck).
+    pub async fn publish(&self, id: &str, key: Option<&str>, body: &str) -> Result<u64> {
+        let ack = self
+            .js
+            .publish_with_headers(
+                self.subject_for(key),
+                self.gateway_headers(id, key),
+                body.to_owned().into(),
+            )
+            .await?
+            .await?;
+        Ok(ack.sequence)
+    }
+
+    /// Publish `ids` pipelined (all PubAcks awaited at the end, in chunks).
+    pub async fn publish_many(&self, ids: &[String]) -> Result<()> {
+        for chunk in ids.chunks(500) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                acks.push(
+                    self.js
+                        .publish_with_headers(
+                            self.subject_for(None),
+                            self.gateway_headers(id, None),
+                            format!("{{\"id\":\"{id}\"}}").into(),
+                        )
+                        .await?,
+                );
+            }
+            for a in acks {
+                a.await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every message in the dead-letter stream.
+    pub async fn dead_letters(&self) -> Result<Vec<jetstream::message::StreamMessage>> {
+        stream_messages(&self.js, &self.names.dead_letter_stream()).await
+    }
+
+    /// Info of consumer `name`.
+    pub async fn consumer_info(&self, name: &str) -> Result<consumer::Info> {
+        let mut c: consumer::PullConsumer = self
+            .js
+            .get_stream(self.names.stream())
+            .await?
+            .get_consumer(name)
+            .await
+            .map_err(|e| anyhow::anyhow!("consumer {name}: {e}"))?;
+        Ok(c.info().await?.clone())
+    }
+}
+
+/// Every message currently in `stream`, in order.
+pub async fn stream_messages(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<Vec<jetstream::message::StreamMessage>> {
+    let mut s = js.get_stream(stream).await?;
+    let state = s.info().await?.state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return Ok(out);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = s.get_raw_message(seq).await {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+/// A header's value as a string.
+pub fn header(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).map(|v| v.as_str().to_owned())
+}
+
+// -------------------------------------------------------------------- sink
+
+/// One scripted answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            retry_after: None,
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn retry_after(status: u16, value: &str) -> Self {
+        Self {
+            retry_after: Some(value.into()),
+            ..Self::status(status)
+        }
+    }
+    pub fn slow(status: u16, delay: Duration) -> Self {
+        Self {
+            delay,
+            ..Self::status(status)
+        }
+    }
+}
+
+/// A request the sink received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub id: String,
+    pub attempt: u32,
+    pub status: u16,
+    pub at: Instant,
+    pub headers: HttpHeaders,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct SinkState {
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    scripts: Mutex<HashMap<String, VecDeque<Reply>>>,
+    default: Mutex<Option<Reply>>,
+    received: Mutex<Vec<Received>>,
+}
+
+/// A real HTTP sink on 127.0.0.1 that answers by script and counts
+/// concurrent requests.
+#[derive(Clone)]
+pub struct Sink {
+    pub url: String,
+    state: Arc<SinkState>,
+}
+
+struct InFlight(Arc<SinkState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn sink_handler(State(s): State<Arc<SinkState>>, headers: HttpHeaders, body: Bytes) -> Response {
+    let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    let _guard = InFlight(s.clone());
+    s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let id = headers
+        .get("spillway-delivery-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let attempt = headers
+        .get("spillway-attempt")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let reply = {
+        let mut scripts = s.scripts.lock().unwrap();
+        scripts
+            .get_mut(&id)
+            .and_then(VecDeque::pop_front)
+            .or_else(|| s.default.lock().unwrap().clone())
+            .unwrap_or(Reply::status(200))
+    };
+    s.received.lock().unwrap().push(Received {
+        id,
+        attempt,
+        status: reply.status,
+        at: Instant::now(),
+        headers,
+        body,
+    });
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match reply.retry_after {
+        Some(ra) => (status, [("retry-after", ra)], "scripted").into_response(),
+        None => (status, "scripted").into_response(),
+    }
+}
+
+impl Sink {
+    /// Start a sink that answers 200 unless told otherwise.
+    pub async fn start() -> Result<Self> {
+        let state = Arc::new(SinkState::default());
+        let app = axum::Router::new()
+            .fallback(axum::routing::post(sink_handler))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            url: format!("http://{addr}/hook"),
+            state,
+        })
+    }
+
+    /// Answer delivery `id` with these replies, in turn (then the default).
+    pub fn script(&self, id: &str, replies: Vec<Reply>) {
+        self.state
+            .scripts
+            .lock()
+            .unwrap()
+            .insert(id.into(), replies.into());
+    }
+
+    /// The answer to anything not scripted.
+    pub fn set_default(&self, reply: Reply) {
+        *self.state.default.lock().unwrap() = Some(reply);
+    }
+
+    /// Most requests seen in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// Requests received for `id`.
+    pub fn attempts(&self, id: &str) -> Vec<Received> {
+        self.received().into_iter().filter(|r| r.id == id).collect()
+    }
+
+    /// Number of requests received.
+    pub fn count(&self) -> usize {
+        self.state.received.lock().unwrap().len()
+    }
+
+    /// Distinct ids answered with a 2xx.
+    pub fn delivered_ids(&self) -> std::collections::HashSet<String> {
+        self.received()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .map(|r| r.id)
+            .collect()
+    }
+}
+
+// --------------------------------------------------------------- processor
+
+/// The real `spillway-processor` binary, killed on drop.
+pub struct ProcessorProc {
+    child: Option<Child>,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ProcessorProc {
+    /// Start the processor for `config` against `nats_url`; waits for /readyz.
+    pub async fn start(config: &ProcessorConfig, nats_url: &str) -> Result<Self> {
+        let p = Self::spawn(config, nats_url)?;
+        p.wait_ready().await?;
+        Ok(p)
+    }
+
+    /// Start without waiting for readiness.
+    pub fn spawn(config: &ProcessorConfig, nats_url: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("spillway-proc-").tempdir()?;
+        let log = dir.path().join("processor.log");
+        let out = std::fs::File::create(&log)?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let child = Command::new(bin_path("spillway-processor"))
+            .env(wire::PROCESSOR_CONFIG_ENV, serde_json::to_string(config)?)
+            .env("NATS_URL", nats_url)
+            .env("SPILLWAY_ADMIN_ADDR", admin.to_string())
+            .env("SPILLWAY_SHUTDOWN_TIMEOUT", "10s")
+            .env("RUST_LOG", "info,spillway_processor=debug,async_nats=warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("spawning spillway-processor")?;
+        watchdog(child.id());
+        Ok(Self {
+            child: Some(child),
+            admin,
+            log,
+            _dir: dir,
+        })
+    }
+
+    /// Wait until /readyz answers 200.
+    pub async fn wait_ready(&self) -> Result<()> {
+        let admin = self.admin;
+        eventually(Duration::from_secs(15), "processor /readyz", || async move {
+            matches!(http_get(admin, "/readyz").await, Ok((200, _)))
+        })
+        .await
+        .with_context(|| format!("processor not ready; log:\n{}", self.log_text()))
+    }
+
+    /// The /metrics text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(http_get(self.admin, "/metrics").await?.1)
+    }
+
+    /// The value of one metric line (exact series text, e.g.
+    /// `spillway_processor_retries_total`).
+    pub async fn metric(&self, series: &str) -> Result<f64> {
+        let text = self.metrics().await?;
+        Ok(metric_value(&text, series).unwrap_or(0.0))
+    }
+
+    /// The process log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Send SIGTERM.
+    pub fn sigterm(&self) -> Result<()> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        let st = Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        if !st.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// SIGKILL and reap.
+    pub fn sigkill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Wait (bounded) for the process to exit; its exit status.
+    pub async fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let c = self.child.as_mut().context("not running")?;
+            if let Some(st) = c.try_wait()? {
+                self.child = None;
+                return Ok(st);
+            }
+            if start.elapsed() > within {
+                bail!("processor did not exit within {within:?}; log:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ProcessorProc {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+/// Kill `pid` once this test process is gone.
+fn watchdog(pid: u32) {
+    let me = std::process::id();
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {pid} 2>/dev/null"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
+/// A minimal HTTP/1.1 GET (status and body), enough for admin endpoints.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .context("connect timed out")??;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .context("read timed out")??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status line")?;
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of `series` in Prometheus text.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}

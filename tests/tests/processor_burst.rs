@@ -1,0 +1,78 @@
+//! A burst far larger than the concurrency: the sink never sees more than
+//! `concurrency` requests at once, across replicas, and gets every message.
+
+#[path = "../src/processor_support.rs"]
+mod processor_support;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use processor_support::*;
+use spillway_tests::{NatsServer, eventually};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_5000_never_exceeds_concurrency_3_and_delivers_all() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    // Slow enough that requests overlap, so the cap is really exercised.
+    sink.set_default(Reply::slow(200, Duration::from_millis(2)));
+    let ep = Endpoint::create(
+        nats.jetstream().await?,
+        Setup {
+            concurrency: 3,
+            per_replica: 2,
+            ..Setup::default()
+        },
+    )
+    .await?;
+    let ids: Vec<String> = (0..5000).map(|i| format!("burst-{i}")).collect();
+    ep.publish_many(&ids).await?;
+
+    // Two replicas with 2 slots each would like 4 at once; JetStream's
+    // maxAckPending (= concurrency 3) holds the global cap.
+    let config = ep.config(&sink.url);
+    let a = ProcessorProc::start(&config, &nats.url).await?;
+    let b = ProcessorProc::start(&config, &nats.url).await?;
+
+    eventually(Duration::from_secs(180), "all 5000 delivered", || async {
+        sink.delivered_ids().len() == ids.len()
+    })
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: {} of {} delivered, max in flight {}; log a:\n{}",
+            sink.delivered_ids().len(),
+            ids.len(),
+            sink.max_in_flight(),
+            a.log_text()
+        )
+    })?;
+
+    let max = sink.max_in_flight();
+    assert!(max <= 3, "the sink saw {max} concurrent requests, cap is 3");
+    assert!(max >= 2, "deliveries never overlapped (max {max}): the test proves nothing");
+    let delivered = sink.delivered_ids();
+    assert!(ids.iter().all(|id| delivered.contains(id)));
+
+    // Everything is acknowledged: nothing pending, nothing in flight.
+    let name = ep.names.consumer(None);
+    eventually(Duration::from_secs(10), "consumer drained", || async {
+        ep.consumer_info(&name)
+            .await
+            .map(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+            .unwrap_or(false)
+    })
+    .await?;
+
+    // Both replicas took part, and their metrics add up.
+    let acked = "spillway_processor_deliveries_total{outcome=\"acked\",status_class=\"2xx\"}";
+    let (ma, mb) = (a.metric(acked).await?, b.metric(acked).await?);
+    assert!(ma > 0.0 && mb > 0.0, "a={ma} b={mb}");
+    assert!(ma + mb >= 5000.0, "a={ma} b={mb}");
+    assert_eq!(a.metric("spillway_processor_in_flight").await?, 0.0);
+    println!(
+        "burst: 5000 delivered, {} requests, max in flight {max}, replica split {ma}/{mb}",
+        sink.count()
+    );
+    Ok(())
+}
