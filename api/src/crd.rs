@@ -476,7 +476,6 @@ pub enum DeletionPolicy {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "self.replicas.max <= self.concurrency", "message": "processor.replicas.max must not exceed processor.concurrency (each replica needs at least one delivery slot)"},
     {"rule": "duration(self.timeout) >= duration('1s') && duration(self.timeout) <= duration('15m')", "message": "processor.timeout must be between 1s and 15m"}
 ]))]
 pub struct ProcessorSpec {
@@ -577,7 +576,8 @@ pub struct ReplicaSpec {
     #[serde(default = "defaults::min_replicas")]
     #[schemars(range(min = 0, max = 100))]
     pub min: u32,
-    /// Most processor pods.
+    /// Most processor pods. Never more than `concurrency` run, since each
+    /// needs at least one delivery slot.
     #[serde(default = "defaults::max_replicas")]
     #[schemars(range(min = 1, max = 100))]
     pub max: u32,

@@ -48,9 +48,6 @@ pub fn check(spec: &WebhookEndpointSpec) -> Result<Timings, Vec<String>> {
     if p.replicas.min > p.replicas.max {
         problems.push("processor.replicas.min must not exceed processor.replicas.max".into());
     }
-    if p.replicas.max > p.concurrency {
-        problems.push("processor.replicas.max must not exceed processor.concurrency".into());
-    }
     if p.retry.backoff.len() > p.retry.max_attempts as usize {
         problems.push("processor.retry.backoff may list at most maxAttempts durations".into());
     }

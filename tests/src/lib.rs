@@ -1,1 +1,401 @@
-//! Test harness.
+//! Spillway's test harness: real servers, started per test (NATS) or per test
+//! binary (kube-apiserver + etcd), on random loopback ports, in temp dirs.
+//!
+//! The binaries come from `.tools/bin`, installed by `hack/install-tools.sh`.
+//! Every child process is also watched by a tiny shell watchdog that kills it
+//! when the test binary exits, so nothing outlives a test run even when a
+//! shared server is held in a static.
+#![forbid(unsafe_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use tokio::sync::OnceCell;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Path of a pinned tool in `.tools/bin`; panics with the fix when missing.
+pub fn tool(name: &str) -> PathBuf {
+    let p = root().join(".tools/bin").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run hack/install-tools.sh (or `make tools`)",
+        p.display()
+    );
+    p
+}
+
+/// Path of a workspace binary built into the shared target dir (build it
+/// first, e.g. `cargo build -p spillway-processor`; `make test` does).
+pub fn bin_path(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let p = target.join("debug").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Kill `child_pid` once this process is gone (covers statics, panics and
+/// aborted runs; a normal Drop kills earlier).
+fn watchdog(child_pid: u32) {
+    let me = std::process::id();
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {child_pid} 2>/dev/null"
+    );
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
+fn spawn_logged(mut cmd: Command, log: &Path) -> Result<Child> {
+    let out = std::fs::File::create(log)?;
+    let err = out.try_clone()?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    watchdog(child.id());
+    Ok(child)
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// The last lines of a log file, for error messages.
+fn tail(log: &Path) -> String {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Poll `f` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if f().await {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A real nats-server with JetStream, on a random port, with a temp store.
+pub struct NatsServer {
+    /// `nats://127.0.0.1:PORT`
+    pub url: String,
+    /// The client port.
+    pub port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Start a server and wait until it accepts connections.
+    pub async fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("spillway-nats-").tempdir()?;
+        let port = free_port();
+        let mut s = Self {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            dir,
+            child: None,
+        };
+        s.spawn().await?;
+        Ok(s)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        // max_payload above the gateway's largest body (8 MiB) plus headers.
+        let conf = self.dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{}\nmax_payload: 9MB\njetstream {{ store_dir: {:?} }}\n",
+                self.port,
+                self.dir.path().join("js")
+            ),
+        )?;
+        let log = self.dir.path().join("nats.log");
+        let mut cmd = Command::new(tool("nats-server"));
+        cmd.arg("-c").arg(&conf);
+        self.child = Some(spawn_logged(cmd, &log)?);
+        let url = self.url.clone();
+        eventually(Duration::from_secs(10), "nats-server to accept", || {
+            let url = url.clone();
+            async move { async_nats::connect(url).await.is_ok() }
+        })
+        .await
+        .with_context(|| format!("nats-server did not start:\n{}", tail(&log)))
+    }
+
+    /// Stop the server (SIGKILL); the store stays for [`restart`](Self::restart).
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Start again on the same port with the same store.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn().await
+    }
+
+    /// A client connection.
+    pub async fn client(&self) -> Result<async_nats::Client> {
+        Ok(async_nats::connect(&self.url).await?)
+    }
+
+    /// A JetStream context on a fresh connection.
+    pub async fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
+        Ok(async_nats::jetstream::new(self.client().await?))
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A real kube-apiserver backed by a real etcd, with the Spillway CRD
+/// installed. One per test binary ([`ControlPlane::shared`]); tests isolate
+/// themselves with their own namespaces.
+pub struct ControlPlane {
+    /// Kubeconfig file for kubectl, helm and kube::Client.
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:PORT`
+    pub server: String,
+    dir: TempDir,
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+}
+
+static SHARED: OnceCell<ControlPlane> = OnceCell::const_new();
+
+const TOKEN: &str = "spillway-test-token";
+
+impl ControlPlane {
+    /// The control plane shared by every test in this binary (started on
+    /// first use, with the CRD installed; killed when the binary exits).
+    pub async fn shared() -> &'static ControlPlane {
+        SHARED
+            .get_or_init(|| async {
+                let cp = ControlPlane::start().await.expect("test control plane starts");
+                cp.install_crd().await.expect("CRD installs");
+                cp
+            })
+            .await
+    }
+
+    /// Start etcd and kube-apiserver and wait for `/readyz`.
+    pub async fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("spillway-kube-").tempdir()?;
+        let d = dir.path();
+        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+
+        let mut etcd = Command::new(tool("etcd"));
+        etcd.args(["--name", "default", "--unsafe-no-fsync", "--log-level", "warn"])
+            .arg("--data-dir")
+            .arg(d.join("etcd"))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
+            .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"));
+        let etcd = spawn_logged(etcd, &d.join("etcd.log"))?;
+
+        std::fs::write(d.join("tokens.csv"), format!("{TOKEN},admin,admin,system:masters\n"))?;
+        let sa_key = d.join("sa.key");
+        let st = Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&sa_key)
+            .arg("2048")
+            .stderr(Stdio::null())
+            .status()
+            .context("openssl genrsa (is openssl installed?)")?;
+        if !st.success() {
+            bail!("openssl genrsa failed");
+        }
+        let mut api = Command::new(tool("kube-apiserver"));
+        api.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
+            .arg(format!("--secure-port={api_port}"))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--cert-dir={}", d.join("certs").display()))
+            .arg(format!("--token-auth-file={}", d.join("tokens.csv").display()))
+            .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.96.0.0/24"])
+            .arg(format!("--service-account-key-file={}", sa_key.display()))
+            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .args(["--endpoint-reconciler-type=none", "--enable-priority-and-fairness=false"]);
+        let apiserver = spawn_logged(api, &d.join("apiserver.log"))?;
+
+        let server = format!("https://127.0.0.1:{api_port}");
+        let kubeconfig = d.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    insecure-skip-tls-verify: true\nusers:\n- name: admin\n  user:\n    token: {TOKEN}\ncontexts:\n- name: test\n  context: {{cluster: test, user: admin, namespace: default}}\ncurrent-context: test\n"
+            ),
+        )?;
+        let mut cp = Self {
+            kubeconfig,
+            server,
+            dir,
+            etcd: Some(etcd),
+            apiserver: Some(apiserver),
+        };
+        let start = Instant::now();
+        loop {
+            let ready = cp
+                .kubectl_output(&["get", "--raw", "/readyz"])
+                .is_ok_and(|o| o.trim() == "ok");
+            if ready {
+                break;
+            }
+            for (name, child) in [("etcd", &mut cp.etcd), ("kube-apiserver", &mut cp.apiserver)] {
+                if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    let log = cp.dir.path().join(format!("{}.log", name.trim_start_matches("kube-")));
+                    bail!("{name} exited ({status}) while starting:\n{}", tail(&log));
+                }
+            }
+            if start.elapsed() > Duration::from_secs(90) {
+                bail!(
+                    "kube-apiserver not ready after 90s:\n{}",
+                    tail(&cp.dir.path().join("apiserver.log"))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(cp)
+    }
+
+    /// A kubectl command using this control plane.
+    pub fn kubectl(&self) -> Command {
+        let mut c = Command::new(tool("kubectl"));
+        c.env("KUBECONFIG", &self.kubeconfig);
+        c
+    }
+
+    /// A helm command using this control plane.
+    pub fn helm(&self) -> Command {
+        let mut c = Command::new(tool("helm"));
+        c.env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
+            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"));
+        c
+    }
+
+    /// Run kubectl with `args`; stdout on success, stderr as the error.
+    pub fn kubectl_output(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl().args(args).output()?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim())
+        }
+    }
+
+    /// Run kubectl with `args`, feeding `stdin`.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim())
+        }
+    }
+
+    /// A client for the current tokio runtime.
+    pub async fn client(&self) -> Result<kube::Client> {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        Ok(kube::Client::try_from(cfg)?)
+    }
+
+    /// Install (or update) the generated CRD and wait until it is served.
+    pub async fn install_crd(&self) -> Result<()> {
+        let yaml = spillway_api::crd_yaml()?;
+        self.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &yaml)?;
+        self.kubectl_output(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/webhookendpoints.spillway.dev",
+        ])?;
+        Ok(())
+    }
+
+    /// Create a namespace with a unique name starting with `prefix`.
+    pub async fn namespace(&self, prefix: &str) -> Result<String> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        self.kubectl_output(&["create", "namespace", &name])?;
+        Ok(name)
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // The apiserver first: stopping etcd under it makes its shutdown hang.
+        kill(&mut self.apiserver);
+        kill(&mut self.etcd);
+    }
+}
