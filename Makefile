@@ -1,0 +1,31 @@
+# Spillway's two front doors:
+#   make run    start a local Spillway end to end (control plane, NATS, operator,
+#               gateway, processors, demo sink) and send sample webhooks through it
+#   make test   everything CI checks: fmt, clippy, CRD sync, all tests
+CRD_FILES := crds/webhookendpoints.spillway.dev.yaml charts/spillway/crds/webhookendpoints.spillway.dev.yaml
+
+.PHONY: tools crds check-crds fmt lint build test run
+
+tools:
+	hack/install-tools.sh
+
+crds:
+	cargo run -q -p spillway-api --bin crdgen -- --write $(CRD_FILES)
+
+check-crds:
+	cargo run -q -p spillway-api --bin crdgen -- --check $(CRD_FILES)
+
+fmt:
+	cargo fmt --all -- --check
+
+lint:
+	cargo clippy --workspace --all-targets -- -D warnings
+
+build:
+	cargo build --workspace --bins
+
+test: tools fmt lint check-crds build
+	cargo test --workspace
+
+run: tools build
+	hack/local-up.sh
