@@ -2,9 +2,12 @@
 //! stores accepted requests in JetStream before answering the provider.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod delivery;
 pub mod handshake;
 pub mod metrics;
 pub mod route;
+pub mod run;
 pub mod server;
+pub mod source;
 pub mod verify;

@@ -114,12 +114,15 @@ impl<F: Fn(&str, &SecretKeyRef) -> Option<Vec<u8>>> SecretLookup for F {
     }
 }
 
+/// A rate limiter with the `(requestsPerSecond, burst)` it was built for.
+type KeptLimiter = ((u32, u32), Arc<DefaultDirectRateLimiter>);
+
 /// The live routing table, swapped as a whole when the source changes. Rate
 /// limiters survive rebuilds while an endpoint's limit is unchanged.
 #[derive(Debug, Default)]
 pub struct Router {
     table: RwLock<Arc<Table>>,
-    limiters: Mutex<HashMap<String, ((u32, u32), Arc<DefaultDirectRateLimiter>)>>,
+    limiters: Mutex<HashMap<String, KeptLimiter>>,
 }
 
 impl Router {

@@ -1,0 +1,353 @@
+//! Gateway configuration, layered: built-in defaults, then an optional YAML
+//! file (`--config`), then environment variables and flags. Validated before
+//! anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use spillway_api::duration;
+
+/// Where endpoints come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Watch WebhookEndpoints and Secrets in the cluster.
+    Kubernetes,
+    /// Read manifests from `endpointsFile` (local use).
+    File,
+}
+
+/// Command line and environment. Every option may also be set in the config
+/// file under its camelCase name; flags and environment win over the file.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "spillway-gateway",
+    version,
+    about = "Spillway's ingress gateway"
+)]
+pub struct Cli {
+    /// YAML config file.
+    #[arg(long, env = "SPILLWAY_GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address webhooks are served on [default 0.0.0.0:8080].
+    #[arg(long, env = "SPILLWAY_GATEWAY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address of /healthz, /readyz and /metrics [default 0.0.0.0:9090].
+    #[arg(long, env = "SPILLWAY_GATEWAY_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// NATS server URL(s), comma-separated [default nats://127.0.0.1:4222].
+    #[arg(long, env = "SPILLWAY_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Endpoint source [default kubernetes].
+    #[arg(long, env = "SPILLWAY_GATEWAY_SOURCE")]
+    pub source: Option<SourceKind>,
+    /// Only watch this namespace (kubernetes source) [default: all].
+    #[arg(long, env = "SPILLWAY_GATEWAY_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Manifests file (file source).
+    #[arg(long, env = "SPILLWAY_GATEWAY_ENDPOINTS_FILE")]
+    pub endpoints_file: Option<PathBuf>,
+    /// Directory of `<secret>/<key>` files (file source).
+    #[arg(long, env = "SPILLWAY_GATEWAY_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// Public base URL of the gateway, e.g. `https://hooks.example.com`
+    /// (Twilio signs the public URL).
+    #[arg(long, env = "SPILLWAY_GATEWAY_PUBLIC_BASE_URL")]
+    pub public_base_url: Option<String>,
+    /// Deadline from publish to PubAck [default 5s].
+    #[arg(long, env = "SPILLWAY_GATEWAY_PUBLISH_TIMEOUT")]
+    pub publish_timeout: Option<String>,
+    /// Deadline for reading a request body [default 10s].
+    #[arg(long, env = "SPILLWAY_GATEWAY_BODY_TIMEOUT")]
+    pub body_timeout: Option<String>,
+    /// Deadline for reading request headers [default 10s].
+    #[arg(long, env = "SPILLWAY_GATEWAY_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: Option<String>,
+    /// Largest request head in bytes [default 65536].
+    #[arg(long, env = "SPILLWAY_GATEWAY_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Publishes awaiting PubAck at once [default 4096].
+    #[arg(long, env = "SPILLWAY_GATEWAY_MAX_IN_FLIGHT")]
+    pub max_in_flight_publishes: Option<usize>,
+    /// Retry-After on 503 [default 5s].
+    #[arg(long, env = "SPILLWAY_GATEWAY_RETRY_AFTER")]
+    pub retry_after: Option<String>,
+    /// Time given to in-flight requests on shutdown [default 25s].
+    #[arg(long, env = "SPILLWAY_GATEWAY_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<String>,
+    /// Log format [default json].
+    #[arg(long, env = "SPILLWAY_GATEWAY_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable.
+    Text,
+}
+
+/// The config file: the same options as [`Cli`], camelCase.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    nats_url: Option<String>,
+    source: Option<SourceKind>,
+    namespace: Option<String>,
+    endpoints_file: Option<PathBuf>,
+    secrets_dir: Option<PathBuf>,
+    public_base_url: Option<String>,
+    publish_timeout: Option<String>,
+    body_timeout: Option<String>,
+    header_read_timeout: Option<String>,
+    max_header_bytes: Option<usize>,
+    max_in_flight_publishes: Option<usize>,
+    retry_after: Option<String>,
+    shutdown_grace: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+/// The configuration could not be loaded or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// The config file is not valid YAML for this schema.
+    #[error("parsing config file {0}: {1}")]
+    Parse(PathBuf, serde_yaml_ng::Error),
+    /// Invalid values; every problem is listed.
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Webhook listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// NATS URL(s).
+    pub nats_url: String,
+    /// Endpoint source.
+    pub source: SourceKind,
+    /// Namespace scope of the kubernetes source.
+    pub namespace: Option<String>,
+    /// Manifests file of the file source.
+    pub endpoints_file: Option<PathBuf>,
+    /// Secrets directory of the file source.
+    pub secrets_dir: Option<PathBuf>,
+    /// Public base URL.
+    pub public_base_url: Option<String>,
+    /// Publish deadline.
+    pub publish_timeout: Duration,
+    /// Body read deadline.
+    pub body_timeout: Duration,
+    /// Header read deadline.
+    pub header_read_timeout: Duration,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Publishes in flight.
+    pub max_in_flight_publishes: usize,
+    /// Retry-After on 503.
+    pub retry_after: Duration,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: ([0, 0, 0, 0], 8080).into(),
+            admin_listen: ([0, 0, 0, 0], 9090).into(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            source: SourceKind::Kubernetes,
+            namespace: None,
+            endpoints_file: None,
+            secrets_dir: None,
+            public_base_url: None,
+            publish_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_in_flight_publishes: 4096,
+            retry_after: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(25),
+            log_format: LogFormat::Json,
+        }
+    }
+}
+
+impl Config {
+    /// Layer defaults, the config file named by `cli.config` and `cli`
+    /// (flags and environment), then validate.
+    pub fn load(cli: Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.clone(), e))?;
+                if text.trim().is_empty() {
+                    FileConfig::default()
+                } else {
+                    serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Parse(p.clone(), e))?
+                }
+            }
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let mut problems = Vec::new();
+        let mut dur = |name: &str, v: Option<String>, default: Duration| match v {
+            None => default,
+            Some(s) => match duration::parse(&s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    problems.push(format!("{name} must be more than 0"));
+                    default
+                }
+                Err(e) => {
+                    problems.push(format!("{name}: {e}"));
+                    default
+                }
+            },
+        };
+        let c = Config {
+            listen: cli.listen.or(file.listen).unwrap_or(d.listen),
+            admin_listen: cli
+                .admin_listen
+                .or(file.admin_listen)
+                .unwrap_or(d.admin_listen),
+            nats_url: cli.nats_url.or(file.nats_url).unwrap_or(d.nats_url),
+            source: cli.source.or(file.source).unwrap_or(d.source),
+            namespace: cli.namespace.or(file.namespace),
+            endpoints_file: cli.endpoints_file.or(file.endpoints_file),
+            secrets_dir: cli.secrets_dir.or(file.secrets_dir),
+            public_base_url: cli.public_base_url.or(file.public_base_url),
+            publish_timeout: dur(
+                "publishTimeout",
+                cli.publish_timeout.or(file.publish_timeout),
+                d.publish_timeout,
+            ),
+            body_timeout: dur(
+                "bodyTimeout",
+                cli.body_timeout.or(file.body_timeout),
+                d.body_timeout,
+            ),
+            header_read_timeout: dur(
+                "headerReadTimeout",
+                cli.header_read_timeout.or(file.header_read_timeout),
+                d.header_read_timeout,
+            ),
+            max_header_bytes: cli
+                .max_header_bytes
+                .or(file.max_header_bytes)
+                .unwrap_or(d.max_header_bytes),
+            max_in_flight_publishes: cli
+                .max_in_flight_publishes
+                .or(file.max_in_flight_publishes)
+                .unwrap_or(d.max_in_flight_publishes),
+            retry_after: dur(
+                "retryAfter",
+                cli.retry_after.or(file.retry_after),
+                d.retry_after,
+            ),
+            shutdown_grace: dur(
+                "shutdownGrace",
+                cli.shutdown_grace.or(file.shutdown_grace),
+                d.shutdown_grace,
+            ),
+            log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+        };
+        if c.source == SourceKind::File && c.endpoints_file.is_none() {
+            problems.push("source file needs endpointsFile".into());
+        }
+        if let Some(u) = &c.public_base_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            problems.push("publicBaseUrl must start with http:// or https://".into());
+        }
+        if c.max_header_bytes < 8192 {
+            problems.push("maxHeaderBytes must be at least 8192".into());
+        }
+        if c.max_in_flight_publishes == 0 {
+            problems.push("maxInFlightPublishes must be at least 1".into());
+        }
+        if c.nats_url.trim().is_empty() {
+            problems.push("natsUrl must not be empty".into());
+        }
+        if problems.is_empty() {
+            Ok(c)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_file_then_flags() {
+        let c = Config::load(Cli::default()).unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.publish_timeout, Duration::from_secs(5));
+
+        let dir = std::env::temp_dir().join(format!("spillway-gw-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("gw.yaml");
+        std::fs::write(
+            &f,
+            "publishTimeout: 2s\nlisten: 127.0.0.1:1234\nsource: file\nendpointsFile: /x.yaml\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "spillway-gateway",
+            "--config",
+            f.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:4321",
+        ])
+        .unwrap();
+        let c = Config::load(cli).unwrap();
+        assert_eq!(
+            c.publish_timeout,
+            Duration::from_secs(2),
+            "file over default"
+        );
+        assert_eq!(c.listen.port(), 4321, "flag over file");
+        assert_eq!(c.source, SourceKind::File);
+
+        std::fs::write(&f, "bogusKey: 1\n").unwrap();
+        let cli =
+            Cli::try_parse_from(["spillway-gateway", "--config", f.to_str().unwrap()]).unwrap();
+        assert!(matches!(Config::load(cli), Err(ConfigError::Parse(..))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn invalid_values_are_all_reported() {
+        let cli = Cli {
+            source: Some(SourceKind::File),
+            publish_timeout: Some("soon".into()),
+            public_base_url: Some("hooks.example.com".into()),
+            max_header_bytes: Some(10),
+            ..Cli::default()
+        };
+        let Err(ConfigError::Invalid(p)) = Config::load(cli) else {
+            panic!("expected invalid")
+        };
+        assert_eq!(p.len(), 4, "{p:?}");
+    }
+}

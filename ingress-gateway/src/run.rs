@@ -1,0 +1,160 @@
+//! Wiring: connect NATS, start the endpoint source, serve both listeners,
+//! shut down gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::config::{Config, SourceKind};
+use crate::metrics::Metrics;
+use crate::route::Router;
+use crate::server::{self, Gateway, Limits, ServeOptions};
+use crate::source::{self, FileSource, SourceError};
+
+/// The gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("binding {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    /// The NATS URL or options are invalid.
+    #[error("connecting to NATS: {0}")]
+    Nats(#[from] async_nats::ConnectError),
+    /// No Kubernetes client could be configured.
+    #[error("configuring the Kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
+    /// The endpoints file is invalid.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Running {
+    /// Bound address of the webhook listener.
+    pub addr: SocketAddr,
+    /// Bound address of the admin listener.
+    pub admin_addr: SocketAddr,
+    /// Shared state (routing table, metrics, readiness).
+    pub gateway: Arc<Gateway>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stop accepting, drain in-flight requests and publishes, flush NATS,
+    /// then return.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Wait until the server stops by itself (it does not, short of a
+    /// shutdown).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    /// A handle that triggers shutdown from elsewhere.
+    pub fn shutdown_trigger(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Start the gateway. `kube_client` overrides the in-cluster/kubeconfig
+/// client of the kubernetes source (tests pass theirs).
+pub async fn start(
+    config: &Config,
+    kube_client: Option<kube::Client>,
+) -> Result<Running, StartError> {
+    let nats = async_nats::ConnectOptions::new()
+        .name("spillway-gateway")
+        .retry_on_initial_connect()
+        .connect(config.nats_url.as_str())
+        .await?;
+    let router = Arc::new(Router::default());
+    let metrics = Arc::new(Metrics::new());
+    let synced = Arc::new(AtomicBool::new(false));
+    let source_task: JoinHandle<()> = match config.source {
+        SourceKind::File => {
+            let path = config.endpoints_file.clone().unwrap_or_default();
+            let src = FileSource::load(&path, config.secrets_dir.as_deref())?;
+            src.apply(&router, config.public_base_url.as_deref());
+            synced.store(true, Ordering::Release);
+            info!(routes = router.table().len(), file = %path.display(), "loaded endpoints from file");
+            tokio::spawn(async {})
+        }
+        SourceKind::Kubernetes => {
+            let client = match kube_client {
+                Some(c) => c,
+                None => kube::Client::try_default().await?,
+            };
+            tokio::spawn(source::run_kubernetes(
+                client,
+                config.namespace.clone(),
+                router.clone(),
+                synced.clone(),
+                metrics.clone(),
+                config.public_base_url.clone(),
+            ))
+        }
+    };
+    let limits = Limits {
+        publish_timeout: config.publish_timeout,
+        body_timeout: config.body_timeout,
+        retry_after_secs: config.retry_after.as_secs().max(1),
+        max_in_flight_publishes: config.max_in_flight_publishes,
+    };
+    let gateway = Arc::new(Gateway::new(nats, router, metrics, synced, limits));
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| StartError::Bind(config.listen, e))?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|e| StartError::Bind(config.admin_listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(config.listen, e))?;
+    let admin_addr = admin
+        .local_addr()
+        .map_err(|e| StartError::Bind(config.admin_listen, e))?;
+    let opts = ServeOptions {
+        header_read_timeout: config.header_read_timeout,
+        max_header_bytes: config.max_header_bytes,
+        shutdown_grace: config.shutdown_grace,
+    };
+    let (tx, rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let admin_task = tokio::spawn(server::serve(
+        admin,
+        server::admin_app(gateway.clone()),
+        ServeOptions {
+            shutdown_grace: std::time::Duration::from_secs(1),
+            ..opts.clone()
+        },
+        stopped(rx.clone()),
+    ));
+    let gw = gateway.clone();
+    let task = tokio::spawn(async move {
+        server::serve(listener, server::app(gw.clone()), opts, stopped(rx)).await;
+        gw.flush().await;
+        source_task.abort();
+        let _ = admin_task.await;
+        info!("gateway stopped");
+    });
+    info!(%addr, %admin_addr, "gateway listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        gateway,
+        shutdown: tx,
+        task,
+    })
+}

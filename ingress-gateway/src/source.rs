@@ -1,0 +1,435 @@
+//! Where endpoints and secrets come from: Kubernetes (reflectors over
+//! WebhookEndpoints and one narrow watch per referenced Secret) or, for local
+//! use, a YAML file of WebhookEndpoint (and Secret) manifests plus secret
+//! files.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde::Deserialize;
+use spillway_api::{SecretKeyRef, WebhookEndpoint, WebhookEndpointSpec};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::route::{EndpointDef, Router};
+
+/// Loading endpoints failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The endpoints file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A document in the endpoints file is not valid.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (never secret values).
+        message: String,
+    },
+}
+
+/// Secret values: `(namespace, secret name)` → key → bytes.
+type SecretData = HashMap<(String, String), BTreeMap<String, Vec<u8>>>;
+
+fn lookup(data: &SecretData, namespace: &str, r: &SecretKeyRef) -> Option<Vec<u8>> {
+    data.get(&(namespace.to_owned(), r.name.clone()))?
+        .get(&r.key)
+        .cloned()
+}
+
+fn referenced(spec: &WebhookEndpointSpec) -> impl Iterator<Item = &SecretKeyRef> {
+    let h = spec.handshake.as_ref();
+    spec.verification
+        .secret_refs
+        .iter()
+        .chain(h.and_then(|h| h.verify_token_secret_ref.as_ref()))
+        .chain(h.and_then(|h| h.secret_ref.as_ref()))
+}
+
+// ---------------------------------------------------------------- file mode
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest {
+    kind: String,
+    #[serde(default)]
+    metadata: Meta,
+    #[serde(default)]
+    spec: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+    #[serde(default)]
+    string_data: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Meta {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+/// Endpoints and secrets read from files.
+#[derive(Debug, Default)]
+pub struct FileSource {
+    /// The endpoints, in file order (earlier documents win path conflicts).
+    pub endpoints: Vec<EndpointDef>,
+    secrets: SecretData,
+    secrets_dir: Option<PathBuf>,
+}
+
+impl FileSource {
+    /// Read a multi-document YAML file of `WebhookEndpoint` manifests (and
+    /// optionally `Secret` manifests with `data` or `stringData`; other kinds
+    /// are ignored). A secret key is looked up in the file's Secrets first,
+    /// then in `<secrets_dir>/<secret name>/<key>` (the layout of a mounted
+    /// Secret volume; one trailing newline is stripped).
+    pub fn load(path: &Path, secrets_dir: Option<&Path>) -> Result<Self, SourceError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let parse_err = |message: String| SourceError::Parse {
+            path: path.to_owned(),
+            message,
+        };
+        let mut out = FileSource {
+            secrets_dir: secrets_dir.map(Path::to_owned),
+            ..Default::default()
+        };
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+            let value = serde_yaml_ng::Value::deserialize(doc)
+                .map_err(|e| parse_err(format!("document {i}: {e}")))?;
+            if value.is_null() {
+                continue;
+            }
+            let m: Manifest = serde_yaml_ng::from_value(value)
+                .map_err(|e| parse_err(format!("document {i}: {e}")))?;
+            let namespace = m.metadata.namespace.unwrap_or_else(|| "default".into());
+            match m.kind.as_str() {
+                "WebhookEndpoint" => {
+                    let spec: WebhookEndpointSpec =
+                        serde_yaml_ng::from_value(m.spec.unwrap_or_default()).map_err(|e| {
+                            parse_err(format!("WebhookEndpoint {}: {e}", m.metadata.name))
+                        })?;
+                    if let Err(problems) = spillway_api::validate::check(&spec) {
+                        return Err(parse_err(format!(
+                            "WebhookEndpoint {}: {}",
+                            m.metadata.name,
+                            problems.join("; ")
+                        )));
+                    }
+                    out.endpoints.push(EndpointDef {
+                        namespace,
+                        name: m.metadata.name,
+                        created: Some(i64::try_from(i).unwrap_or(i64::MAX)),
+                        spec,
+                    });
+                }
+                "Secret" => {
+                    let mut values = BTreeMap::new();
+                    for (k, v) in m.data {
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(v.trim())
+                            .map_err(|_| {
+                                parse_err(format!(
+                                    "Secret {}: data.{k} is not base64",
+                                    m.metadata.name
+                                ))
+                            })?;
+                        values.insert(k, bytes);
+                    }
+                    for (k, v) in m.string_data {
+                        values.insert(k, v.into_bytes());
+                    }
+                    out.secrets.insert((namespace, m.metadata.name), values);
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// The value of a secret key, from the file or the secrets directory.
+    pub fn secret(&self, namespace: &str, r: &SecretKeyRef) -> Option<Vec<u8>> {
+        lookup(&self.secrets, namespace, r).or_else(|| {
+            let dir = self.secrets_dir.as_ref()?;
+            let mut v = std::fs::read(dir.join(&r.name).join(&r.key)).ok()?;
+            if v.last() == Some(&b'\n') {
+                v.pop();
+                if v.last() == Some(&b'\r') {
+                    v.pop();
+                }
+            }
+            Some(v)
+        })
+    }
+
+    /// Build the routing table from this source.
+    pub fn apply(&self, router: &Router, public_base_url: Option<&str>) {
+        let lookup = |ns: &str, r: &SecretKeyRef| self.secret(ns, r);
+        for loser in router.rebuild(&self.endpoints, &lookup, public_base_url) {
+            warn!(endpoint = %loser, "path already served by an older endpoint; not routed");
+        }
+    }
+}
+
+// ---------------------------------------------------------- kubernetes mode
+
+#[derive(Default)]
+struct SecretCache {
+    data: SecretData,
+    /// Secrets whose watch has listed at least once.
+    synced: HashSet<(String, String)>,
+}
+
+/// Watch WebhookEndpoints (all namespaces, or `namespace`) and the Secrets
+/// they reference, keeping `router` current. `synced` becomes true once the
+/// endpoints and every Secret referenced at that time have been listed.
+/// Runs until aborted.
+pub async fn run_kubernetes(
+    client: Client,
+    namespace: Option<String>,
+    router: Arc<Router>,
+    synced: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    public_base_url: Option<String>,
+) {
+    let api: Api<WebhookEndpoint> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (reader, writer) = reflector::store::<WebhookEndpoint>();
+    let changed = Arc::new(Notify::new());
+    let cache = Arc::new(Mutex::new(SecretCache::default()));
+
+    let endpoint_watch = {
+        let changed = changed.clone();
+        tokio::spawn(async move {
+            let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+                .default_backoff();
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(_) => changed.notify_one(),
+                    Err(e) => warn!(error = %e, "watching WebhookEndpoints failed; retrying"),
+                }
+            }
+        })
+    };
+    let _abort_endpoints = AbortOnDrop(endpoint_watch);
+
+    let mut secret_watches: HashMap<(String, String), AbortOnDrop> = HashMap::new();
+    let mut endpoints_ready = false;
+    loop {
+        changed.notified().await;
+        // Coalesce bursts of events into one rebuild.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if !endpoints_ready {
+            endpoints_ready = matches!(reader.wait_until_ready().now_or_never(), Some(Ok(())));
+            if !endpoints_ready {
+                continue;
+            }
+        }
+        let defs = endpoint_defs(&reader);
+        let wanted: HashSet<(String, String)> = defs
+            .iter()
+            .flat_map(|d| referenced(&d.spec).map(|r| (d.namespace.clone(), r.name.clone())))
+            .collect();
+        secret_watches.retain(|k, _| wanted.contains(k));
+        {
+            let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+            c.data.retain(|k, _| wanted.contains(k));
+            c.synced.retain(|k| wanted.contains(k));
+        }
+        for key in &wanted {
+            if !secret_watches.contains_key(key) {
+                debug!(namespace = %key.0, secret = %key.1, "watching Secret");
+                let task = tokio::spawn(watch_secret(
+                    client.clone(),
+                    key.clone(),
+                    cache.clone(),
+                    changed.clone(),
+                ));
+                secret_watches.insert(key.clone(), AbortOnDrop(task));
+            }
+        }
+        let all_secrets_synced = {
+            let c = cache.lock().unwrap_or_else(|e| e.into_inner());
+            let lookup = |ns: &str, r: &SecretKeyRef| lookup(&c.data, ns, r);
+            for loser in router.rebuild(&defs, &lookup, public_base_url.as_deref()) {
+                warn!(endpoint = %loser, "path already served by an older endpoint; not routed");
+            }
+            wanted.iter().all(|k| c.synced.contains(k))
+        };
+        metrics
+            .routes
+            .set(i64::try_from(router.table().len()).unwrap_or(i64::MAX));
+        if all_secrets_synced && !synced.swap(true, Ordering::AcqRel) {
+            info!(routes = router.table().len(), "routing table synced");
+        }
+    }
+}
+
+fn endpoint_defs(reader: &Store<WebhookEndpoint>) -> Vec<EndpointDef> {
+    reader
+        .state()
+        .iter()
+        .filter(|e| e.metadata.deletion_timestamp.is_none())
+        .map(|e| EndpointDef {
+            namespace: e.namespace().unwrap_or_default(),
+            name: e.name_any(),
+            created: e
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second()),
+            spec: e.spec.clone(),
+        })
+        .collect()
+}
+
+async fn watch_secret(
+    client: Client,
+    key: (String, String),
+    cache: Arc<Mutex<SecretCache>>,
+    changed: Arc<Notify>,
+) {
+    let api: Api<Secret> = Api::namespaced(client, &key.0);
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", key.1));
+    let stream = watcher(api, config).default_backoff();
+    futures::pin_mut!(stream);
+    let mut seen_in_init = false;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(namespace = %key.0, secret = %key.1, error = %e, "watching Secret failed; retrying");
+                continue;
+            }
+        };
+        let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            watcher::Event::Init => seen_in_init = false,
+            watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
+                seen_in_init = true;
+                let data = s
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect();
+                c.data.insert(key.clone(), data);
+            }
+            watcher::Event::Delete(_) => {
+                c.data.remove(&key);
+            }
+            watcher::Event::InitDone => {
+                if !seen_in_init {
+                    c.data.remove(&key);
+                }
+                c.synced.insert(key.clone());
+            }
+        }
+        drop(c);
+        changed.notify_one();
+    }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_source_reads_endpoints_and_secrets() {
+        let dir = std::env::temp_dir().join(format!("spillway-gw-src-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("files/gl")).unwrap();
+        std::fs::write(dir.join("files/gl/token"), "gl-token\n").unwrap();
+        let yaml = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: gh}
+stringData: {secret: "It's a Secret to Everybody"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: b64, namespace: other}
+data: {k: aGVsbG8=}
+---
+apiVersion: spillway.dev/v1alpha1
+kind: WebhookEndpoint
+metadata: {name: gh}
+spec:
+  path: /gh
+  verification: {scheme: github, secretRefs: [{name: gh, key: secret}]}
+  processor: {sink: {url: "http://sink"}}
+---
+kind: WebhookEndpoint
+metadata: {name: gl, namespace: team}
+spec:
+  verification: {scheme: gitlab, secretRefs: [{name: gl, key: token}]}
+  processor: {sink: {url: "http://sink"}}
+"#;
+        let file = dir.join("endpoints.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let src = FileSource::load(&file, Some(&dir.join("files"))).unwrap();
+        assert_eq!(src.endpoints.len(), 2);
+        let r = |name: &str, key: &str| SecretKeyRef {
+            name: name.into(),
+            key: key.into(),
+        };
+        assert_eq!(
+            src.secret("default", &r("gh", "secret")).as_deref(),
+            Some(&b"It's a Secret to Everybody"[..])
+        );
+        assert_eq!(
+            src.secret("other", &r("b64", "k")).as_deref(),
+            Some(&b"hello"[..])
+        );
+        assert_eq!(
+            src.secret("team", &r("gl", "token")).as_deref(),
+            Some(&b"gl-token"[..])
+        );
+        assert_eq!(src.secret("team", &r("gl", "nope")), None);
+        let router = Router::default();
+        src.apply(&router, None);
+        let t = router.table();
+        assert!(t.get("/gh").unwrap().verifier.is_ok());
+        assert!(t.get("/team/gl").unwrap().verifier.is_ok());
+
+        std::fs::write(
+            &file,
+            "kind: WebhookEndpoint\nmetadata: {name: x}\nspec: {}\n",
+        )
+        .unwrap();
+        let err = FileSource::load(&file, None).unwrap_err().to_string();
+        assert!(err.contains("WebhookEndpoint x"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
