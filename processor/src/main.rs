@@ -25,19 +25,23 @@ struct Args {
     #[arg(long)]
     config: Option<PathBuf>,
     /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "SPILLWAY_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
     /// NATS credentials file (JWT + NKey seed).
-    #[arg(long, env = "NATS_CREDS")]
+    #[arg(long, env = "SPILLWAY_NATS_CREDS")]
     nats_creds: Option<PathBuf>,
     /// NATS user (with --nats-password).
-    #[arg(long, env = "NATS_USER")]
+    #[arg(long, env = "SPILLWAY_NATS_USER")]
     nats_user: Option<String>,
     /// NATS password.
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    #[arg(long, env = "SPILLWAY_NATS_PASSWORD", hide_env_values = true)]
     nats_password: Option<String>,
     /// NATS token.
-    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "SPILLWAY_NATS_TOKEN", hide_env_values = true)]
     nats_token: Option<String>,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "SPILLWAY_ADMIN_ADDR", default_value = "0.0.0.0:9090")]

@@ -121,7 +121,10 @@ impl Endpoint {
                     filter_subject: filter,
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: ep.setup.ack_wait.unwrap_or(timeout),
-                    max_deliver: ep.setup.max_deliver.unwrap_or(i64::from(ep.setup.max_attempts)),
+                    max_deliver: ep
+                        .setup
+                        .max_deliver
+                        .unwrap_or(i64::from(ep.setup.max_attempts)),
                     backoff: backoff.clone(),
                     max_ack_pending,
                     ..Default::default()
@@ -308,6 +311,9 @@ pub struct Received {
     pub attempt: u32,
     pub status: u16,
     pub at: Instant,
+    /// The whole answer was given (false while in progress, or when the
+    /// client gave up first).
+    pub answered: bool,
     pub headers: HttpHeaders,
     pub body: Bytes,
 }
@@ -337,7 +343,11 @@ impl Drop for InFlight {
     }
 }
 
-async fn sink_handler(State(s): State<Arc<SinkState>>, headers: HttpHeaders, body: Bytes) -> Response {
+async fn sink_handler(
+    State(s): State<Arc<SinkState>>,
+    headers: HttpHeaders,
+    body: Bytes,
+) -> Response {
     let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     let _guard = InFlight(s.clone());
     s.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -359,17 +369,23 @@ async fn sink_handler(State(s): State<Arc<SinkState>>, headers: HttpHeaders, bod
             .or_else(|| s.default.lock().unwrap().clone())
             .unwrap_or(Reply::status(200))
     };
-    s.received.lock().unwrap().push(Received {
-        id,
-        attempt,
-        status: reply.status,
-        at: Instant::now(),
-        headers,
-        body,
-    });
+    let index = {
+        let mut rs = s.received.lock().unwrap();
+        rs.push(Received {
+            id,
+            attempt,
+            status: reply.status,
+            at: Instant::now(),
+            answered: false,
+            headers,
+            body,
+        });
+        rs.len() - 1
+    };
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
+    s.received.lock().unwrap()[index].answered = true;
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match reply.retry_after {
         Some(ra) => (status, [("retry-after", ra)], "scripted").into_response(),
@@ -434,11 +450,11 @@ impl Sink {
         self.state.received.lock().unwrap().len()
     }
 
-    /// Distinct ids answered with a 2xx.
+    /// Distinct ids answered (completely) with a 2xx.
     pub fn delivered_ids(&self) -> std::collections::HashSet<String> {
         self.received()
             .into_iter()
-            .filter(|r| (200..300).contains(&r.status))
+            .filter(|r| r.answered && (200..300).contains(&r.status))
             .map(|r| r.id)
             .collect()
     }
@@ -464,13 +480,15 @@ impl ProcessorProc {
 
     /// Start without waiting for readiness.
     pub fn spawn(config: &ProcessorConfig, nats_url: &str) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("spillway-proc-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("spillway-proc-")
+            .tempdir()?;
         let log = dir.path().join("processor.log");
         let out = std::fs::File::create(&log)?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let child = Command::new(bin_path("spillway-processor"))
             .env(wire::PROCESSOR_CONFIG_ENV, serde_json::to_string(config)?)
-            .env("NATS_URL", nats_url)
+            .env("SPILLWAY_NATS_URL", nats_url)
             .env("SPILLWAY_ADMIN_ADDR", admin.to_string())
             .env("SPILLWAY_SHUTDOWN_TIMEOUT", "10s")
             .env("RUST_LOG", "info,spillway_processor=debug,async_nats=warn")
@@ -491,9 +509,11 @@ impl ProcessorProc {
     /// Wait until /readyz answers 200.
     pub async fn wait_ready(&self) -> Result<()> {
         let admin = self.admin;
-        eventually(Duration::from_secs(15), "processor /readyz", || async move {
-            matches!(http_get(admin, "/readyz").await, Ok((200, _)))
-        })
+        eventually(
+            Duration::from_secs(15),
+            "processor /readyz",
+            || async move { matches!(http_get(admin, "/readyz").await, Ok((200, _))) },
+        )
         .await
         .with_context(|| format!("processor not ready; log:\n{}", self.log_text()))
     }
@@ -518,7 +538,9 @@ impl ProcessorProc {
     /// Send SIGTERM.
     pub fn sigterm(&self) -> Result<()> {
         let pid = self.child.as_ref().context("not running")?.id();
-        let st = Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        let st = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
         if !st.success() {
             bail!("kill -TERM {pid} failed");
         }
@@ -543,7 +565,10 @@ impl ProcessorProc {
                 return Ok(st);
             }
             if start.elapsed() > within {
-                bail!("processor did not exit within {within:?}; log:\n{}", self.log_text());
+                bail!(
+                    "processor did not exit within {within:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -576,8 +601,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
         .await
         .context("connect timed out")??;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await
@@ -588,7 +615,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("no status line")?;
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 

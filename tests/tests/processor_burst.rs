@@ -50,7 +50,10 @@ async fn burst_of_5000_never_exceeds_concurrency_3_and_delivers_all() -> Result<
 
     let max = sink.max_in_flight();
     assert!(max <= 3, "the sink saw {max} concurrent requests, cap is 3");
-    assert!(max >= 2, "deliveries never overlapped (max {max}): the test proves nothing");
+    assert!(
+        max >= 2,
+        "deliveries never overlapped (max {max}): the test proves nothing"
+    );
     let delivered = sink.delivered_ids();
     assert!(ids.iter().all(|id| delivered.contains(id)));
 

@@ -1,0 +1,223 @@
+//! Dead letters: 4xx at once, 410 with a clear signal, exhausted attempts;
+//! the dead letter carries the original and the failure; the original is
+//! not delivered again.
+
+#[path = "../src/processor_support.rs"]
+mod processor_support;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use processor_support::*;
+use spillway_api::wire;
+use spillway_tests::{NatsServer, eventually};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_gone_and_exhausted_attempts_are_dead_lettered() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    let ep = Endpoint::create(
+        nats.jetstream().await?,
+        Setup {
+            max_attempts: 3,
+            backoff: vec!["100ms".into()],
+            ..Setup::default()
+        },
+    )
+    .await?;
+    let p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    sink.script("bad", vec![Reply::status(400)]);
+    sink.script("gone", vec![Reply::status(410)]);
+    sink.script("flaky", vec![Reply::status(500); 10]);
+    sink.script(
+        "late",
+        vec![Reply::status(500), Reply::status(500), Reply::status(200)],
+    );
+    let bad_seq = ep.publish("bad", None, r#"{"kind":"bad"}"#).await?;
+    ep.publish("gone", None, r#"{"kind":"gone"}"#).await?;
+    ep.publish("flaky", None, r#"{"kind":"flaky"}"#).await?;
+    ep.publish("late", None, r#"{"kind":"late"}"#).await?;
+
+    eventually(Duration::from_secs(20), "three dead letters", || async {
+        ep.dead_letters()
+            .await
+            .map(|d| d.len() == 3)
+            .unwrap_or(false)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", p.log_text()))?;
+    eventually(Duration::from_secs(10), "late delivered", || async {
+        sink.delivered_ids().contains("late")
+    })
+    .await?;
+    // Give any wrong redelivery the time to show up.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    assert_eq!(sink.attempts("bad").len(), 1, "400 is not retried");
+    assert_eq!(sink.attempts("gone").len(), 1, "410 is not retried");
+    assert_eq!(sink.attempts("flaky").len(), 3, "maxAttempts 3");
+    assert_eq!(
+        sink.attempts("late").len(),
+        3,
+        "succeeded on the last attempt"
+    );
+
+    let dl = ep.dead_letters().await?;
+    let find = |id: &str| {
+        dl.iter()
+            .find(|m| header(&m.headers, wire::DELIVERY_ID).as_deref() == Some(id))
+            .unwrap_or_else(|| panic!("no dead letter for {id}"))
+            .clone()
+    };
+    let bad = find("bad");
+    assert_eq!(bad.payload.as_ref(), br#"{"kind":"bad"}"#);
+    assert_eq!(
+        header(&bad.headers, wire::DLQ_REASON).as_deref(),
+        Some("client_error")
+    );
+    assert_eq!(
+        header(&bad.headers, wire::DLQ_ATTEMPTS).as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        header(&bad.headers, wire::DLQ_LAST_STATUS).as_deref(),
+        Some("400")
+    );
+    assert_eq!(
+        header(&bad.headers, wire::DLQ_ORIGINAL_SEQ),
+        Some(bad_seq.to_string())
+    );
+    assert_eq!(
+        header(&bad.headers, wire::DLQ_ORIGINAL_SUBJECT),
+        Some(ep.names.subject(0))
+    );
+    assert_eq!(
+        header(&bad.headers, wire::CONTENT_TYPE).as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(
+        header(&bad.headers, "Spillway-Orig-X-Test-Event").as_deref(),
+        Some("ping")
+    );
+    assert!(
+        header(&bad.headers, wire::DLQ_DETAIL)
+            .unwrap()
+            .contains("400")
+    );
+    assert!(header(&bad.headers, wire::DLQ_FAILED_AT).is_some());
+
+    let gone = find("gone");
+    assert_eq!(
+        header(&gone.headers, wire::DLQ_REASON).as_deref(),
+        Some("gone")
+    );
+    assert_eq!(
+        header(&gone.headers, wire::DLQ_LAST_STATUS).as_deref(),
+        Some("410")
+    );
+
+    let flaky = find("flaky");
+    assert_eq!(
+        header(&flaky.headers, wire::DLQ_REASON).as_deref(),
+        Some("max_attempts")
+    );
+    assert_eq!(
+        header(&flaky.headers, wire::DLQ_ATTEMPTS).as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        header(&flaky.headers, wire::DLQ_LAST_STATUS).as_deref(),
+        Some("500")
+    );
+
+    // Originals are settled: nothing pending or in flight.
+    let info = ep.consumer_info(&ep.names.consumer(None)).await?;
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+
+    assert_eq!(p.metric("spillway_processor_sink_gone_total").await?, 1.0);
+    assert_eq!(
+        p.metric("spillway_processor_dead_lettered_total{reason=\"client_error\"}")
+            .await?,
+        1.0
+    );
+    assert_eq!(
+        p.metric("spillway_processor_dead_lettered_total{reason=\"max_attempts\"}")
+            .await?,
+        1.0
+    );
+    assert!(
+        p.log_text().contains("410 Gone"),
+        "the log says the sink is gone"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dead_letter_publish_keeps_the_message() -> Result<()> {
+    // No dead-letter stream at first: the publish fails, the message must
+    // stay (retried), and land in the dead-letter stream once it exists.
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    let js = nats.jetstream().await?;
+    let ep = Endpoint::create(
+        js.clone(),
+        Setup {
+            max_attempts: 2,
+            backoff: vec!["200ms".into()],
+            // Room for redeliveries after the last attempt.
+            max_deliver: Some(-1),
+            ..Setup::default()
+        },
+    )
+    .await?;
+    js.delete_stream(ep.names.dead_letter_stream()).await?;
+    let p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    sink.set_default(Reply::status(400));
+    ep.publish("keep", None, "{\"keep\":true}").await?;
+    eventually(
+        Duration::from_secs(10),
+        "a failed dead-letter publish",
+        || async {
+            p.metric("spillway_processor_dead_letter_publish_failures_total")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0
+        },
+    )
+    .await?;
+    let info = ep.consumer_info(&ep.names.consumer(None)).await?;
+    assert_eq!(
+        info.num_ack_pending as u64 + info.num_pending,
+        1,
+        "the message is still held"
+    );
+
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: ep.names.dead_letter_stream(),
+        subjects: vec![ep.names.dead_letter_subject()],
+        ..Default::default()
+    })
+    .await?;
+    eventually(
+        Duration::from_secs(10),
+        "dead letter after recovery",
+        || async {
+            ep.dead_letters()
+                .await
+                .map(|d| d.len() == 1)
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", p.log_text()))?;
+    let d = &ep.dead_letters().await?[0];
+    assert_eq!(d.payload.as_ref(), b"{\"keep\":true}");
+    eventually(Duration::from_secs(5), "original settled", || async {
+        ep.consumer_info(&ep.names.consumer(None))
+            .await
+            .map(|i| i.num_ack_pending == 0 && i.num_pending == 0)
+            .unwrap_or(false)
+    })
+    .await?;
+    Ok(())
+}
