@@ -272,6 +272,15 @@ pub enum SyncError {
 }
 
 impl SyncError {
+    fn from_nats(e: NatsError, what: &str) -> Self {
+        match e {
+            NatsError::Unavailable(_) => SyncError::Unavailable(e),
+            NatsError::Api { message, .. } => {
+                SyncError::Rejected(format!("JetStream refused {what}: {message}"))
+            }
+        }
+    }
+
     /// Condition reason for StreamReady=False.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -281,6 +290,13 @@ impl SyncError {
         }
     }
 }
+
+/// An empty JSON object: JetStream refuses `null` where it wants no
+/// request body.
+#[derive(Serialize)]
+struct Empty {}
+
+const EMPTY: Empty = Empty {};
 
 #[derive(Serialize)]
 struct CreateConsumer<'a> {
@@ -351,7 +367,7 @@ impl Js {
 
     /// Stream info, `None` when it does not exist.
     pub async fn stream_info(&self, name: &str) -> Result<Option<stream::Info>, NatsError> {
-        match self.api(format!("STREAM.INFO.{name}"), &()).await {
+        match self.api(format!("STREAM.INFO.{name}"), &EMPTY).await {
             Ok(i) => Ok(Some(i)),
             Err(e) if e.is(ErrorCode::STREAM_NOT_FOUND) => Ok(None),
             Err(e) => Err(e),
@@ -365,7 +381,7 @@ impl Js {
         name: &str,
     ) -> Result<Option<consumer::Info>, NatsError> {
         match self
-            .api(format!("CONSUMER.INFO.{stream}.{name}"), &())
+            .api(format!("CONSUMER.INFO.{stream}.{name}"), &EMPTY)
             .await
         {
             Ok(i) => Ok(Some(i)),
@@ -422,7 +438,7 @@ impl Js {
     /// Delete a consumer; true when it existed.
     pub async fn delete_consumer(&self, stream: &str, name: &str) -> Result<bool, NatsError> {
         match self
-            .api::<serde_json::Value, _>(format!("CONSUMER.DELETE.{stream}.{name}"), &())
+            .api::<serde_json::Value, _>(format!("CONSUMER.DELETE.{stream}.{name}"), &EMPTY)
             .await
         {
             Ok(_) => Ok(true),
@@ -436,7 +452,7 @@ impl Js {
     /// Delete a stream; true when it existed.
     pub async fn delete_stream(&self, name: &str) -> Result<bool, NatsError> {
         match self
-            .api::<serde_json::Value, _>(format!("STREAM.DELETE.{name}"), &())
+            .api::<serde_json::Value, _>(format!("STREAM.DELETE.{name}"), &EMPTY)
             .await
         {
             Ok(_) => Ok(true),
@@ -455,7 +471,7 @@ impl Js {
         let have = self
             .stream_info(&want.name)
             .await
-            .map_err(SyncError::Unavailable)?;
+            .map_err(|e| SyncError::from_nats(e, "reading the dead-letter stream"))?;
         let reject = |e: NatsError| match e {
             NatsError::Unavailable(_) => SyncError::Unavailable(e),
             NatsError::Api { message, .. } => SyncError::Rejected(format!(
@@ -512,7 +528,7 @@ impl Js {
         } else if let Some(dlq) = self
             .stream_info(&names.dead_letter_stream())
             .await
-            .map_err(SyncError::Unavailable)?
+            .map_err(|e| SyncError::from_nats(e, "listing consumers"))?
         {
             // Disabled but kept: still report what it holds.
             out.dead_letters = Some(dlq.state.messages);
@@ -526,20 +542,20 @@ impl Js {
         for stale in self
             .consumer_names(&main.name)
             .await
-            .map_err(SyncError::Unavailable)?
+            .map_err(|e| SyncError::from_nats(e, "deleting a stale consumer"))?
             .into_iter()
             .filter(|n| is_managed_consumer(n) && !wanted_names.contains(n.as_str()))
         {
             self.delete_consumer(&main.name, &stale)
                 .await
-                .map_err(SyncError::Unavailable)?;
+                .map_err(|e| SyncError::from_nats(e, "reading a consumer"))?;
         }
         for want in &wanted {
             let name = want.durable_name.as_deref().unwrap_or_default();
             let have = self
                 .consumer_info(&main.name, name)
                 .await
-                .map_err(SyncError::Unavailable)?;
+                .map_err(|e| SyncError::from_nats(e, "a request"))?;
             let info = match have {
                 Some(i) if !consumer_differs(&i.config, want) => i,
                 existing => {

@@ -1,0 +1,694 @@
+//! The operator against a real kube-apiserver + etcd and a real nats-server,
+//! running in-process (one operator per test, scoped to the test's
+//! namespace). No kubelet runs, so tests set Deployment readiness through
+//! the status subresource where they need it.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use async_nats::jetstream::consumer::PullConsumer;
+use clap::Parser;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use spillway_api::WebhookEndpoint;
+use spillway_api::names::EndpointNames;
+use spillway_api::wire::{PROCESSOR_CONFIG_ENV, ProcessorConfig};
+use spillway_operator::{Running, Settings};
+use spillway_tests::{ControlPlane, NatsServer, eventually};
+
+const WAIT: Duration = Duration::from_secs(40);
+
+fn settings(nats: &str, ns: &str, extra: &[&str]) -> Settings {
+    let mut args = vec![
+        "spillway-operator",
+        "--nats-url",
+        nats,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--watch-namespace",
+        ns,
+        "--leader-elect",
+        "false",
+        "--resync-interval",
+        "2s",
+        "--scale-down-cooldown",
+        "3s",
+        "--cleanup-timeout",
+        "4s",
+        "--nats-request-timeout",
+        "1s",
+        "--processor-image",
+        "spillway-processor:test",
+    ];
+    args.extend_from_slice(extra);
+    Settings::parse_from(args)
+}
+
+struct Env {
+    client: Client,
+    ns: String,
+    nats: NatsServer,
+    op: Option<Running>,
+}
+
+impl Env {
+    async fn new(prefix: &str) -> Result<Self> {
+        let cp = ControlPlane::shared().await;
+        let ns = cp.namespace(prefix).await?;
+        let client = cp.client().await?;
+        let nats = NatsServer::start().await?;
+        let op = spillway_operator::start(settings(&nats.url, &ns, &[]), client.clone()).await?;
+        Ok(Self {
+            client,
+            ns,
+            nats,
+            op: Some(op),
+        })
+    }
+
+    fn endpoints(&self) -> Api<WebhookEndpoint> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn names(&self, name: &str) -> EndpointNames {
+        EndpointNames::new(&self.ns, name)
+    }
+
+    async fn secret(&self, name: &str, key: &str) -> Result<()> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        let s: Secret = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "stringData": {key: "s3cr3t"},
+        }))?;
+        api.create(&PostParams::default(), &s).await?;
+        Ok(())
+    }
+
+    async fn create(&self, name: &str, spec: Value) -> Result<()> {
+        let ep: WebhookEndpoint = serde_json::from_value(json!({
+            "apiVersion": "spillway.dev/v1alpha1",
+            "kind": "WebhookEndpoint",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))?;
+        self.endpoints().create(&PostParams::default(), &ep).await?;
+        Ok(())
+    }
+
+    async fn patch_spec(&self, name: &str, spec: Value) -> Result<()> {
+        self.endpoints()
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": spec })),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Wait until `cond` has `status` (and `reason`, when given).
+    async fn wait_condition(
+        &self,
+        name: &str,
+        cond: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<WebhookEndpoint> {
+        let api = self.endpoints();
+        let start = std::time::Instant::now();
+        loop {
+            let ep = api.get(name).await.ok();
+            if let Some(ep) = &ep
+                && condition(ep, cond)
+                    .is_some_and(|(s, r, _)| s == status && reason.is_none_or(|want| r == want))
+            {
+                return Ok(ep.clone());
+            }
+            if start.elapsed() > WAIT {
+                bail!(
+                    "timed out waiting for {name}: {cond}={status} ({reason:?}); last status: {}",
+                    serde_json::to_string(&ep.and_then(|e| e.status)).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn deployment(&self, name: &str) -> Result<Deployment> {
+        Ok(self.deployments().get(&format!("{name}-processor")).await?)
+    }
+
+    async fn set_ready(&self, name: &str, ready: i32) -> Result<()> {
+        self.deployments()
+            .patch_status(
+                &format!("{name}-processor"),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"replicas": ready, "readyReplicas": ready, "availableReplicas": ready}})),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn replicas(&self, name: &str) -> Option<i32> {
+        self.deployment(name)
+            .await
+            .ok()
+            .and_then(|d| d.spec.replicas)
+    }
+
+    async fn event_reasons(&self) -> Result<Vec<(String, String)>> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        Ok(api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect())
+    }
+
+    async fn stop(mut self) {
+        if let Some(op) = self.op.take() {
+            op.stop().await;
+        }
+    }
+}
+
+fn condition(ep: &WebhookEndpoint, type_: &str) -> Option<(String, String, String)> {
+    ep.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn spec(extra: Value) -> Value {
+    let mut base = json!({
+        "verification": {"scheme": "github", "secretRefs": [{"name": "gh", "key": "secret"}]},
+        "processor": {
+            "sink": {"service": {"name": "app", "port": 8080, "path": "/hooks"}},
+            "concurrency": 10,
+            "timeout": "10s",
+            "replicas": {"min": 1, "max": 3, "targetBacklogPerReplica": 5},
+            "retry": {"maxAttempts": 4, "backoff": ["1s", "2s"]},
+        },
+        "stream": {"maxAge": "1h", "storage": "memory"},
+        "deduplication": {"window": "5m"},
+    });
+    merge(&mut base, extra);
+    base
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+fn config_of(d: &Deployment) -> Result<ProcessorConfig> {
+    let pod = d.spec.template.spec.as_ref().context("pod spec")?;
+    let env = pod.containers[0].env.as_ref().context("env")?;
+    let v = env
+        .iter()
+        .find(|e| e.name == PROCESSOR_CONFIG_ENV)
+        .and_then(|e| e.value.clone())
+        .context("config env")?;
+    Ok(serde_json::from_str(&v)?)
+}
+
+fn config_hash(d: &Deployment) -> String {
+    d.spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap()["spillway.dev/config-hash"]
+        .clone()
+}
+
+#[tokio::test]
+async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
+    let env = Env::new("op-main").await?;
+    env.secret("gh", "secret").await?;
+    env.create("gh", spec(json!({}))).await?;
+    let names = env.names("gh");
+
+    env.wait_condition("gh", "StreamReady", "True", None)
+        .await?;
+    // One replica wanted, no kubelet: processor not ready yet.
+    let ep = env
+        .wait_condition("gh", "ProcessorReady", "False", Some("PodsNotReady"))
+        .await?;
+    let st = ep.status.as_ref().unwrap();
+    assert_eq!(condition(&ep, "Accepted").unwrap().0, "True");
+    assert_eq!(condition(&ep, "Ready").unwrap().0, "False");
+    assert_eq!(st.observed_generation, ep.metadata.generation);
+    assert_eq!(st.path.as_deref(), Some(format!("/{}/gh", env.ns).as_str()));
+    assert_eq!(st.stream.as_deref(), Some(names.stream().as_str()));
+    assert_eq!(
+        st.dead_letter_stream.as_deref(),
+        Some(names.dead_letter_stream().as_str())
+    );
+    assert!(ep.finalizers().iter().any(|f| f == "spillway.dev/cleanup"));
+
+    // JetStream objects as specified.
+    let js = env.nats.jetstream().await?;
+    let mut stream = js.get_stream(names.stream()).await?;
+    let info = stream.info().await?.clone();
+    assert_eq!(info.config.subjects, vec![names.stream_subjects()]);
+    assert_eq!(info.config.max_age, Duration::from_secs(3600));
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(300));
+    assert_eq!(
+        info.config.storage,
+        async_nats::jetstream::stream::StorageType::Memory
+    );
+    let c = stream.consumer_info("processor").await?;
+    assert_eq!(c.config.max_ack_pending, 10);
+    assert_eq!(c.config.max_deliver, 4);
+    assert_eq!(
+        c.config.backoff,
+        vec![Duration::from_secs(16), Duration::from_secs(17)]
+    );
+    assert!(
+        c.config.ack_wait >= Duration::from_secs(10),
+        "ack wait covers the timeout"
+    );
+    let mut dlq = js.get_stream(names.dead_letter_stream()).await?;
+    let dlq_info = dlq.info().await?;
+    assert_eq!(dlq_info.config.subjects, vec![names.dead_letter_subject()]);
+    assert_eq!(dlq_info.config.max_age, Duration::from_secs(336 * 3600));
+
+    // The Deployment.
+    let d = env.deployment("gh").await?;
+    assert_eq!(d.spec.replicas, Some(1));
+    assert_eq!(d.owner_references()[0].uid, ep.uid().unwrap());
+    assert_eq!(d.labels()["app.kubernetes.io/name"], "spillway-processor");
+    assert_eq!(
+        d.labels()["app.kubernetes.io/managed-by"],
+        "spillway-operator"
+    );
+    let cfg = config_of(&d)?;
+    assert_eq!(
+        cfg.sink_url,
+        format!("http://app.{}.svc:8080/hooks", env.ns)
+    );
+    assert_eq!(cfg.stream, names.stream());
+    assert_eq!(cfg.consumers, vec!["processor".to_owned()]);
+    assert_eq!(cfg.concurrency, 10);
+    let container = &d.spec.template.spec.as_ref().unwrap().containers[0];
+    assert_eq!(container.image.as_deref(), Some("spillway-processor:test"));
+    let sc = container.security_context.as_ref().unwrap();
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let hash_before = config_hash(&d);
+
+    // Pods become ready (simulated): Ready.
+    env.set_ready("gh", 1).await?;
+    let ep = env
+        .wait_condition("gh", "Ready", "True", Some("Ready"))
+        .await?;
+    assert_eq!(
+        ep.status.as_ref().unwrap().replicas.as_ref().unwrap().ready,
+        1
+    );
+    let events = env.event_reasons().await?;
+    assert!(
+        events.iter().any(|(r, _)| r == "StreamCreated"),
+        "{events:?}"
+    );
+
+    // Idle: no writes to the endpoint or the Deployment over several resyncs.
+    let op = env.op.as_ref().unwrap();
+    let writes = op.metrics.status_writes();
+    let ep_rv = env.endpoints().get("gh").await?.resource_version();
+    let d_rv = env.deployment("gh").await?.resource_version();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        op.metrics.status_writes(),
+        writes,
+        "status written while idle"
+    );
+    assert_eq!(env.endpoints().get("gh").await?.resource_version(), ep_rv);
+    assert_eq!(env.deployment("gh").await?.resource_version(), d_rv);
+    let metrics = http_get_metrics(op.admin_addr).await?;
+    assert!(
+        metrics.contains("spillway_operator_reconciles_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"spillway_operator_endpoints{condition="Ready",status="True"} 1"#),
+        "{metrics}"
+    );
+
+    // Changes are applied: concurrency, retention, replicas.
+    env.patch_spec(
+        "gh",
+        json!({"processor": {"concurrency": 20, "replicas": {"min": 2, "max": 4}}, "stream": {"maxAge": "2h"}}),
+    )
+    .await?;
+    eventually(WAIT, "consumer maxAckPending 20", || async {
+        stream
+            .consumer_info("processor")
+            .await
+            .is_ok_and(|c| c.config.max_ack_pending == 20)
+    })
+    .await?;
+    assert_eq!(
+        stream.info().await?.config.max_age,
+        Duration::from_secs(7200)
+    );
+    eventually(WAIT, "replicas 2", || async {
+        env.replicas("gh").await == Some(2)
+    })
+    .await?;
+    let d = env.deployment("gh").await?;
+    assert_eq!(config_of(&d)?.concurrency, 20);
+    assert_ne!(config_hash(&d), hash_before, "config change rolls the pods");
+    let ep = env.endpoints().get("gh").await?;
+    eventually(WAIT, "observedGeneration", || async {
+        env.endpoints().get("gh").await.is_ok_and(|e| {
+            e.status.as_ref().and_then(|s| s.observed_generation) == e.metadata.generation
+        })
+    })
+    .await?;
+    assert!(ep.metadata.generation > Some(1));
+
+    // Paused: zero replicas, reflected in the conditions.
+    env.patch_spec("gh", json!({"processor": {"paused": true}}))
+        .await?;
+    let ep = env
+        .wait_condition("gh", "ProcessorReady", "True", Some("Paused"))
+        .await?;
+    assert_eq!(condition(&ep, "Ready").unwrap().1, "Paused");
+    assert_eq!(env.replicas("gh").await, Some(0));
+    assert!(config_of(&env.deployment("gh").await?)?.paused);
+    // Suspended (and resumed).
+    env.patch_spec(
+        "gh",
+        json!({"suspend": true, "processor": {"paused": false}}),
+    )
+    .await?;
+    env.wait_condition("gh", "Ready", "True", Some("Suspended"))
+        .await?;
+    eventually(WAIT, "replicas back to 2", || async {
+        env.replicas("gh").await == Some(2)
+    })
+    .await?;
+
+    // Delete with the default policy (Retain): processor and consumer go,
+    // the streams stay.
+    env.endpoints()
+        .delete("gh", &DeleteParams::default())
+        .await?;
+    eventually(WAIT, "endpoint gone", || async {
+        env.endpoints()
+            .get_opt("gh")
+            .await
+            .is_ok_and(|e| e.is_none())
+    })
+    .await?;
+    assert!(env.deployments().get_opt("gh-processor").await?.is_none());
+    assert!(
+        stream.consumer_info("processor").await.is_err(),
+        "consumer deleted"
+    );
+    assert!(
+        js.get_stream(names.stream()).await.is_ok(),
+        "stream retained"
+    );
+    assert!(
+        js.get_stream(names.dead_letter_stream()).await.is_ok(),
+        "DLQ retained"
+    );
+    env.stop().await;
+    Ok(())
+}
+
+async fn http_get_metrics(addr: std::net::SocketAddr) -> Result<String> {
+    // A minimal HTTP/1.0 GET; the admin server is plain HTTP on loopback.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn missing_secret_and_path_conflict_are_reported() -> Result<()> {
+    let env = Env::new("op-accept").await?;
+    env.create("a", spec(json!({"path": "/shared"}))).await?;
+    let ep = env
+        .wait_condition("a", "Accepted", "False", Some("SecretNotFound"))
+        .await?;
+    let msg = condition(&ep, "Accepted").unwrap().2;
+    assert!(
+        msg.contains("gh") && msg.contains("verification.secretRefs[0]"),
+        "{msg}"
+    );
+    assert_eq!(condition(&ep, "Ready").unwrap().0, "False");
+    // Nothing is created for an endpoint that is not accepted.
+    let js = env.nats.jetstream().await?;
+    assert!(js.get_stream(env.names("a").stream()).await.is_err());
+
+    // The Secret exists but lacks the key.
+    env.secret("gh", "other").await?;
+    env.wait_condition("a", "Accepted", "False", Some("SecretKeyMissing"))
+        .await?;
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    secrets
+        .patch(
+            "gh",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"secret": "x"}})),
+        )
+        .await?;
+    env.wait_condition("a", "Accepted", "True", None).await?;
+    env.wait_condition("a", "StreamReady", "True", None).await?;
+
+    // A newer endpoint on the same path is refused …
+    env.create("b", spec(json!({"path": "/shared"}))).await?;
+    let ep = env
+        .wait_condition("b", "Accepted", "False", Some("PathConflict"))
+        .await?;
+    assert!(
+        condition(&ep, "Accepted")
+            .unwrap()
+            .2
+            .contains(&format!("{}/a", env.ns))
+    );
+    // … invalid specs too …
+    env.create(
+        "c",
+        spec(json!({"processor": {"template": {"spec": {"containers": "not-a-list"}}}})),
+    )
+    .await?;
+    env.wait_condition("c", "Accepted", "False", Some("InvalidSpec"))
+        .await?;
+    // … and gets the path once the older one is gone.
+    env.endpoints()
+        .delete("a", &DeleteParams::default())
+        .await?;
+    env.wait_condition("b", "Accepted", "True", None).await?;
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn nats_outage_and_external_stream_deletion_recover() -> Result<()> {
+    let mut env = Env::new("op-nats").await?;
+    env.secret("gh", "secret").await?;
+    env.create("gh", spec(json!({"stream": {"storage": "file"}})))
+        .await?;
+    env.wait_condition("gh", "StreamReady", "True", None)
+        .await?;
+    let names = env.names("gh");
+
+    // Deleted behind the operator's back: recreated on the next resync.
+    let js = env.nats.jetstream().await?;
+    js.delete_stream(names.stream()).await?;
+    eventually(WAIT, "stream recreated", || async {
+        let js = js.clone();
+        let s = names.stream();
+        async move {
+            match js.get_stream(&s).await {
+                Ok(st) => st.consumer_info("processor").await.is_ok(),
+                Err(_) => false,
+            }
+        }
+        .await
+    })
+    .await?;
+    eventually(WAIT, "StreamRecreated event", || async {
+        env.event_reasons().await.is_ok_and(|e| {
+            e.iter()
+                .any(|(r, n)| r == "StreamRecreated" && n.contains(&names.stream()))
+        })
+    })
+    .await?;
+
+    // NATS down: StreamReady=False, and back when it returns.
+    env.nats.stop();
+    let ep = env
+        .wait_condition("gh", "StreamReady", "False", Some("NatsUnavailable"))
+        .await?;
+    assert_eq!(condition(&ep, "Ready").unwrap().0, "False");
+    env.nats.restart().await?;
+    env.wait_condition("gh", "StreamReady", "True", None)
+        .await?;
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn backlog_scales_up_and_drains_to_zero_after_cooldown() -> Result<()> {
+    let env = Env::new("op-scale").await?;
+    env.secret("gh", "secret").await?;
+    env.create(
+        "gh",
+        spec(json!({"processor": {"concurrency": 20, "replicas": {"min": 0, "max": 3, "targetBacklogPerReplica": 5}}})),
+    )
+    .await?;
+    // Idle endpoint with min 0: zero replicas and Ready.
+    let ep = env
+        .wait_condition("gh", "ProcessorReady", "True", Some("ScaledToZero"))
+        .await?;
+    assert_eq!(condition(&ep, "Ready").unwrap().0, "True");
+    assert_eq!(env.replicas("gh").await, Some(0));
+
+    // 12 stored webhooks: ceil(12/5) = 3 replicas.
+    let names = env.names("gh");
+    let js = env.nats.jetstream().await?;
+    for i in 0..12 {
+        js.publish(names.subject(0), format!("{{\"n\":{i}}}").into())
+            .await?
+            .await?;
+    }
+    eventually(WAIT, "scaled to 3", || async {
+        env.replicas("gh").await == Some(3)
+    })
+    .await?;
+    let ep = env.endpoints().get("gh").await?;
+    let st = ep.status.unwrap();
+    assert_eq!(st.backlog.unwrap().pending, 12);
+    assert_eq!(st.replicas.unwrap().desired, 3);
+
+    // Drain the backlog like a processor would.
+    let consumer: PullConsumer = js
+        .get_stream(names.stream())
+        .await?
+        .get_consumer("processor")
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut msgs = consumer.fetch().max_messages(20).messages().await?;
+    let mut acked = 0;
+    while let Some(m) = msgs.next().await {
+        m.map_err(|e| anyhow::anyhow!(e))?
+            .ack()
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        acked += 1;
+    }
+    assert_eq!(acked, 12);
+    // Down to zero, but only after the cooldown.
+    eventually(WAIT, "backlog 0 in status", || async {
+        env.endpoints().get("gh").await.is_ok_and(|e| {
+            e.status
+                .and_then(|s| s.backlog)
+                .is_some_and(|b| b.pending == 0 && b.ack_pending == 0)
+        })
+    })
+    .await?;
+    assert_eq!(
+        env.replicas("gh").await,
+        Some(3),
+        "cooldown holds the replicas"
+    );
+    eventually(WAIT, "scaled to 0", || async {
+        env.replicas("gh").await == Some(0)
+    })
+    .await?;
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn delete_policy_delete_and_cleanup_while_nats_is_down() -> Result<()> {
+    let mut env = Env::new("op-delete").await?;
+    env.secret("gh", "secret").await?;
+    env.create("del", spec(json!({"stream": {"deletionPolicy": "Delete"}})))
+        .await?;
+    env.create("stuck", spec(json!({}))).await?;
+    env.wait_condition("del", "StreamReady", "True", None)
+        .await?;
+    env.wait_condition("stuck", "StreamReady", "True", None)
+        .await?;
+    let js = env.nats.jetstream().await?;
+
+    // Delete policy: both streams go.
+    env.endpoints()
+        .delete("del", &DeleteParams::default())
+        .await?;
+    eventually(WAIT, "endpoint del gone", || async {
+        env.endpoints()
+            .get_opt("del")
+            .await
+            .is_ok_and(|e| e.is_none())
+    })
+    .await?;
+    let names = env.names("del");
+    assert!(
+        js.get_stream(names.stream()).await.is_err(),
+        "stream deleted"
+    );
+    assert!(
+        js.get_stream(names.dead_letter_stream()).await.is_err(),
+        "DLQ deleted"
+    );
+
+    // NATS down during deletion: retried, then released after the cleanup
+    // timeout with a Warning naming what was left.
+    env.nats.stop();
+    env.endpoints()
+        .delete("stuck", &DeleteParams::default())
+        .await?;
+    eventually(WAIT, "endpoint stuck released", || async {
+        env.endpoints()
+            .get_opt("stuck")
+            .await
+            .is_ok_and(|e| e.is_none())
+    })
+    .await?;
+    let events = env.event_reasons().await?;
+    let stream = env.names("stuck").stream();
+    assert!(
+        events.iter().any(|(r, _)| r == "CleanupRetrying"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "CleanupAbandoned" && n.contains(&stream)),
+        "{events:?}"
+    );
+    env.stop().await;
+    Ok(())
+}
