@@ -1,0 +1,263 @@
+//! Operator start-up and high availability against a control plane of its
+//! own (this binary starts without the CRD): refusing to start without the
+//! CRD, leader election through a Lease with fail-over, the admin
+//! endpoints, and the KEDA path with and without KEDA's CRD.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use spillway_api::WebhookEndpoint;
+use spillway_operator::{Error, Running, Settings};
+use spillway_tests::{ControlPlane, NatsServer, eventually};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(40);
+
+fn settings(nats: &str, ns: &str, id: &str) -> Settings {
+    Settings::parse_from([
+        "spillway-operator",
+        "--nats-url",
+        nats,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--watch-namespace",
+        ns,
+        "--leader-elect",
+        "true",
+        "--lease-namespace",
+        ns,
+        "--identity",
+        id,
+        "--lease-duration",
+        "3s",
+        "--lease-renew-interval",
+        "1s",
+        "--resync-interval",
+        "2s",
+        "--nats-request-timeout",
+        "1s",
+    ])
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+async fn endpoint(client: &Client, ns: &str, name: &str, extra: serde_json::Value) -> Result<()> {
+    let mut spec = json!({
+        "verification": {"scheme": "none"},
+        "processor": {"sink": {"url": "http://sink.example:8080/"}, "replicas": {"min": 1, "max": 2}},
+    });
+    if let (Some(s), Some(e)) = (spec["processor"].as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    let ep: WebhookEndpoint = serde_json::from_value(json!({
+        "apiVersion": "spillway.dev/v1alpha1",
+        "kind": "WebhookEndpoint",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    }))?;
+    Api::<WebhookEndpoint>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &ep)
+        .await?;
+    Ok(())
+}
+
+async fn condition(client: &Client, ns: &str, name: &str, type_: &str) -> Option<(String, String)> {
+    let ep = Api::<WebhookEndpoint>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .ok()?;
+    ep.status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status, c.reason))
+}
+
+fn leaders(ops: &[&Running]) -> usize {
+    ops.iter()
+        .filter(|o| o.health.leader.load(std::sync::atomic::Ordering::SeqCst))
+        .count()
+}
+
+#[tokio::test]
+async fn refuses_without_crd_then_elects_one_leader_and_fails_over() -> Result<()> {
+    let cp = ControlPlane::start().await?;
+    let client = cp.client().await?;
+    let nats = NatsServer::start().await?;
+
+    // No CRD: a clear refusal, not a crash loop of watch errors.
+    match spillway_operator::start(settings(&nats.url, "default", "x"), client.clone()).await {
+        Err(e @ Error::CrdMissing) => {
+            assert!(
+                e.to_string().contains("webhookendpoints.spillway.dev"),
+                "{e}"
+            );
+        }
+        Err(e) => bail!("unexpected error {e}"),
+        Ok(_) => bail!("started without the CRD"),
+    }
+
+    cp.install_crd().await?;
+    let ns = cp.namespace("op-ha").await?;
+    let a = spillway_operator::start(settings(&nats.url, &ns, "op-a"), client.clone()).await?;
+    let b = spillway_operator::start(settings(&nats.url, &ns, "op-b"), client.clone()).await?;
+    eventually(WAIT, "one leader", || async { leaders(&[&a, &b]) == 1 }).await?;
+    // Both stay ready; exactly one leads for a while.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(leaders(&[&a, &b]), 1);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let holder = leases
+        .get("spillway-operator")
+        .await?
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default();
+    let (leader, standby) = if holder == "op-a" { (a, b) } else { (b, a) };
+    assert!(
+        leader
+            .health
+            .leader
+            .load(std::sync::atomic::Ordering::SeqCst)
+    );
+
+    // Admin endpoints.
+    assert!(get(leader.admin_addr, "/healthz").await?.contains("200 OK"));
+    assert!(
+        get(leader.admin_addr, "/readyz")
+            .await?
+            .contains("ok (leader)")
+    );
+    assert!(
+        get(standby.admin_addr, "/readyz")
+            .await?
+            .contains("ok (standby)")
+    );
+    assert!(
+        get(leader.admin_addr, "/metrics")
+            .await?
+            .contains("spillway_operator_reconcile_duration_seconds")
+    );
+
+    // The leader reconciles.
+    endpoint(&client, &ns, "one", json!({})).await?;
+    eventually(WAIT, "one StreamReady", || async {
+        condition(&client, &ns, "one", "StreamReady")
+            .await
+            .is_some_and(|c| c.0 == "True")
+    })
+    .await?;
+
+    // The leader stops (releasing the Lease): the standby takes over.
+    leader.stop().await;
+    eventually(WAIT, "standby leads", || async {
+        standby
+            .health
+            .leader
+            .load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await?;
+    endpoint(&client, &ns, "two", json!({})).await?;
+    eventually(WAIT, "two StreamReady", || async {
+        condition(&client, &ns, "two", "StreamReady")
+            .await
+            .is_some_and(|c| c.0 == "True")
+    })
+    .await?;
+
+    // KEDA requested but not installed: said so in ProcessorReady, builtin
+    // scaling meanwhile.
+    endpoint(
+        &client,
+        &ns,
+        "keda",
+        json!({"replicas": {"min": 1, "max": 2, "autoscaler": "keda"}}),
+    )
+    .await?;
+    eventually(WAIT, "KedaNotInstalled", || async {
+        condition(&client, &ns, "keda", "ProcessorReady")
+            .await
+            .is_some_and(|c| c.0 == "False" && c.1 == "KedaNotInstalled")
+    })
+    .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    assert_eq!(
+        deployments.get("keda-processor").await?.spec.replicas,
+        Some(1)
+    );
+
+    // With KEDA's CRD present, a ScaledObject on the consumer's lag.
+    let crd = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: scaledobjects.keda.sh}
+spec:
+  group: keda.sh
+  names: {kind: ScaledObject, plural: scaledobjects, singular: scaledobject, listKind: ScaledObjectList}
+  scope: Namespaced
+  versions:
+  - name: v1alpha1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"#;
+    cp.kubectl_stdin(&["apply", "--server-side", "-f", "-"], crd)?;
+    cp.kubectl_output(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/scaledobjects.keda.sh",
+    ])?;
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("keda.sh", "v1alpha1", "ScaledObject"),
+        "scaledobjects",
+    );
+    let scaled: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+    // Nudge a reconcile now rather than waiting for the resync.
+    Api::<WebhookEndpoint>::namespaced(client.clone(), &ns)
+        .patch(
+            "keda",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"test/nudge": "1"}}})),
+        )
+        .await?;
+    eventually(WAIT, "ScaledObject", || async {
+        scaled
+            .get_opt("keda-processor")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await?;
+    let so = scaled.get("keda-processor").await?;
+    assert_eq!(so.data["spec"]["scaleTargetRef"]["name"], "keda-processor");
+    assert_eq!(so.data["spec"]["maxReplicaCount"], 2);
+    assert_eq!(so.data["spec"]["triggers"][0]["type"], "nats-jetstream");
+    assert_eq!(
+        so.data["spec"]["triggers"][0]["metadata"]["consumer"],
+        "processor"
+    );
+    eventually(WAIT, "keda ProcessorReady not KedaNotInstalled", || async {
+        condition(&client, &ns, "keda", "ProcessorReady")
+            .await
+            .is_some_and(|c| c.1 != "KedaNotInstalled")
+    })
+    .await?;
+    standby.stop().await;
+    Ok(())
+}
