@@ -123,12 +123,22 @@ type KeptLimiter = ((u32, u32), Arc<DefaultDirectRateLimiter>);
 pub struct Router {
     table: RwLock<Arc<Table>>,
     limiters: Mutex<HashMap<String, KeptLimiter>>,
+    conflicts: RwLock<Vec<String>>,
 }
 
 impl Router {
     /// The current table.
     pub fn table(&self) -> Arc<Table> {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Endpoints (`namespace/name`) that lost a path conflict in the last
+    /// rebuild.
+    pub fn conflicts(&self) -> Vec<String> {
+        self.conflicts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Rebuild the table from `endpoints` and swap it in. Returns the
@@ -176,6 +186,7 @@ impl Router {
         }
         *limiters = kept_limiters;
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Table { routes });
+        conflicts.clone_into(&mut self.conflicts.write().unwrap_or_else(|e| e.into_inner()));
         conflicts
     }
 }

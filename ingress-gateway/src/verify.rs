@@ -13,6 +13,9 @@ use ring::hmac;
 use spillway_api::{GenericHmac, HmacAlgorithm, Scheme, SignatureEncoding};
 use subtle::ConstantTimeEq;
 
+/// The HMAC primitives used here, for callers that sign (tests, tools).
+pub use ring::hmac as ring_hmac;
+
 /// Why a request was not authenticated. The reason is safe to return to the
 /// caller and to use as a metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]

@@ -1,0 +1,1104 @@
+//! The ingress gateway against a real nats-server and a real kube-apiserver:
+//! endpoints and Secrets are applied with kubectl, the gateway (in-process,
+//! on 127.0.0.1:0) picks them up through its reflectors, and what it stores
+//! is read back from JetStream.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use spillway_api::names::{EndpointNames, partition_of};
+use spillway_api::wire;
+use spillway_gateway::config::{Config, SourceKind};
+use spillway_gateway::run::{Running, start};
+use spillway_gateway::verify::sign;
+use spillway_tests::{ControlPlane, NatsServer, eventually};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+// ------------------------------------------------------------------ helpers
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn hmac256(secret: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    sign(ring_alg::SHA256, secret, parts).as_ref().to_vec()
+}
+
+mod ring_alg {
+    pub use spillway_gateway::verify::ring_hmac::{
+        HMAC_SHA1_FOR_LEGACY_USE_ONLY as SHA1, HMAC_SHA256 as SHA256,
+    };
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+/// A minimal HTTP/1.1 response.
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Send one request on a fresh connection (`Connection: close`). With
+/// `send_body` false only the head is sent, as a client would that waits for
+/// an early answer.
+async fn http_raw(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    send_body: bool,
+) -> Result<Resp> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await?;
+    if send_body {
+        let _ = s.write_all(body).await;
+    }
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
+    if !matches!(read, Ok(Ok(_))) && buf.is_empty() {
+        bail!("no response to {method} {target}: {read:?}");
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("response head")?;
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .context("status line")?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Ok(Resp {
+        status,
+        headers,
+        body: body.to_owned(),
+    })
+}
+
+async fn post(
+    addr: std::net::SocketAddr,
+    target: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Result<Resp> {
+    http_raw(addr, "POST", target, headers, body, true).await
+}
+
+fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// One test's world: a namespace, a NATS server and a gateway watching the
+/// namespace.
+struct World {
+    cp: &'static ControlPlane,
+    ns: String,
+    nats: NatsServer,
+    js: jetstream::Context,
+    gw: Running,
+}
+
+impl World {
+    async fn new(prefix: &str) -> Result<Self> {
+        let cp = ControlPlane::shared().await;
+        let ns = cp.namespace(prefix).await?;
+        let nats = NatsServer::start().await?;
+        let js = nats.jetstream().await?;
+        let config = Config {
+            listen: "127.0.0.1:0".parse()?,
+            admin_listen: "127.0.0.1:0".parse()?,
+            nats_url: nats.url.clone(),
+            source: SourceKind::Kubernetes,
+            namespace: Some(ns.clone()),
+            publish_timeout: Duration::from_secs(2),
+            retry_after: Duration::from_secs(3),
+            shutdown_grace: Duration::from_secs(5),
+            ..Config::default()
+        };
+        let gw = start(&config, Some(cp.client().await?)).await?;
+        Ok(Self {
+            cp,
+            ns,
+            nats,
+            js,
+            gw,
+        })
+    }
+
+    fn apply(&self, yaml: &str) -> Result<()> {
+        self.cp
+            .kubectl_stdin(&["apply", "-n", &self.ns, "-f", "-"], yaml)
+            .map(|_| ())
+    }
+
+    fn names(&self, name: &str) -> EndpointNames {
+        EndpointNames::new(&self.ns, name)
+    }
+
+    /// Create the endpoint's stream the way the operator does.
+    async fn stream(&self, name: &str, max_msgs: i64) -> Result<()> {
+        let n = self.names(name);
+        self.js
+            .create_stream(jetstream::stream::Config {
+                name: n.stream(),
+                subjects: vec![n.stream_subjects()],
+                duplicate_window: Duration::from_secs(120),
+                discard: jetstream::stream::DiscardPolicy::New,
+                max_messages: max_msgs,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn messages(&self, name: &str) -> Result<Vec<jetstream::message::StreamMessage>> {
+        let mut stream = self.js.get_stream(self.names(name).stream()).await?;
+        let state = stream.info().await?.state.clone();
+        let mut out = Vec::new();
+        if state.messages == 0 {
+            return Ok(out);
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            out.push(stream.get_raw_message(seq).await?);
+        }
+        Ok(out)
+    }
+
+    async fn count(&self, name: &str) -> Result<u64> {
+        let mut stream = self.js.get_stream(self.names(name).stream()).await?;
+        Ok(stream.info().await?.state.messages)
+    }
+
+    /// Wait until `path` is routed with its secrets loaded.
+    async fn routed(&self, path: &str) -> Result<()> {
+        let router = self.gw.gateway.router.clone();
+        let p = path.to_owned();
+        eventually(Duration::from_secs(15), &format!("{path} routed"), || {
+            let ok = router.table().get(&p).is_some_and(|r| r.verifier.is_ok());
+            async move { ok }
+        })
+        .await
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.gw.addr
+    }
+}
+
+fn endpoint(name: &str, path: &str, verification: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: spillway.dev/v1alpha1\nkind: WebhookEndpoint\nmetadata: {{name: {name}}}\nspec:\n  path: {path}\n  verification: {verification}\n{extra}  processor: {{sink: {{url: \"http://sink.invalid/hook\"}}}}\n"
+    )
+}
+
+const SVIX_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const TWILIO_URL: &str = "https://hooks.example.com/e/twilio";
+
+fn secrets_yaml() -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData:\n  github: \"It's a Secret to Everybody\"\n  stripe: whsec_stripe_test\n  slack: 8f742231b10e8888abcd99yyyzzz85a5\n  svix: {SVIX_SECRET}\n  shopify: shpss_test\n  gitlab: gl-token-1\n  twilio: twilio-auth\n  hmac: generic-key\n  meta: meta-verify\n  zoom: zoom-secret\n"
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Good,
+    Tampered,
+    WrongSecret,
+    Stale,
+    Missing,
+}
+
+const SCHEMES: &[&str] = &[
+    "github", "stripe", "slack", "svix", "shopify", "gitlab", "twilio", "hmac", "none",
+];
+
+fn all_endpoints() -> String {
+    let r = |k: &str| format!("{{name: keys, key: {k}}}");
+    let mut y = secrets_yaml();
+    y += &endpoint(
+        "github",
+        "/e/github",
+        &format!("{{scheme: github, secretRefs: [{}]}}", r("github")),
+        "",
+    );
+    y += &endpoint(
+        "stripe",
+        "/e/stripe",
+        &format!("{{scheme: stripe, secretRefs: [{}]}}", r("stripe")),
+        "",
+    );
+    y += &endpoint(
+        "slack",
+        "/e/slack",
+        &format!("{{scheme: slack, secretRefs: [{}]}}", r("slack")),
+        "",
+    );
+    y += &endpoint(
+        "svix",
+        "/e/svix",
+        &format!("{{scheme: standardWebhooks, secretRefs: [{}]}}", r("svix")),
+        "",
+    );
+    y += &endpoint(
+        "shopify",
+        "/e/shopify",
+        &format!("{{scheme: shopify, secretRefs: [{}]}}", r("shopify")),
+        "",
+    );
+    y += &endpoint(
+        "gitlab",
+        "/e/gitlab",
+        &format!("{{scheme: gitlab, secretRefs: [{}]}}", r("gitlab")),
+        "",
+    );
+    y += &endpoint(
+        "twilio",
+        "/e/twilio",
+        &format!(
+            "{{scheme: twilio, publicUrl: \"{TWILIO_URL}\", secretRefs: [{}]}}",
+            r("twilio")
+        ),
+        "",
+    );
+    y += &endpoint(
+        "hmac",
+        "/e/hmac",
+        &format!(
+            "{{scheme: hmac, secretRefs: [{}], hmac: {{header: X-Signature, prefix: \"sha256=\", signedContent: \"{{timestamp}}.{{body}}\", timestampHeader: X-Timestamp}}}}",
+            r("hmac")
+        ),
+        "",
+    );
+    y += &endpoint("none", "/e/none", "{scheme: none}", "");
+    y
+}
+
+/// A request for `scheme`, signed per `mode`. Returns headers, body and the
+/// delivery id the gateway should record.
+fn request(scheme: &str, n: u32, mode: Mode) -> (Vec<(String, String)>, Vec<u8>, String) {
+    let secret: &[u8] = match (mode, scheme) {
+        (Mode::WrongSecret, _) => b"wrong-secret",
+        (_, "github") => b"It's a Secret to Everybody",
+        (_, "stripe") => b"whsec_stripe_test",
+        (_, "slack") => b"8f742231b10e8888abcd99yyyzzz85a5",
+        (_, "shopify") => b"shpss_test",
+        (_, "gitlab") => b"gl-token-1",
+        (_, "twilio") => b"twilio-auth",
+        (_, "hmac") => b"generic-key",
+        _ => b"",
+    };
+    let ts = if mode == Mode::Stale {
+        now() - 3600
+    } else {
+        now()
+    }
+    .to_string();
+    let id = format!("{scheme}-{n}");
+    let json = format!(r#"{{"id":"{id}","event_id":"{id}","n":{n}}}"#).into_bytes();
+    let json_ct = ("Content-Type".to_string(), "application/json".to_string());
+    let (mut headers, body, sig_header): (Vec<(String, String)>, Vec<u8>, &str) = match scheme {
+        "github" => (
+            vec![
+                (
+                    "X-Hub-Signature-256".into(),
+                    format!("sha256={}", hex(&hmac256(secret, &[&json]))),
+                ),
+                ("X-GitHub-Delivery".into(), id.clone()),
+                ("X-GitHub-Event".into(), "push".into()),
+                json_ct,
+            ],
+            json,
+            "X-Hub-Signature-256",
+        ),
+        "stripe" => (
+            vec![
+                (
+                    "Stripe-Signature".into(),
+                    format!(
+                        "t={ts},v1={}",
+                        hex(&hmac256(secret, &[ts.as_bytes(), b".", &json]))
+                    ),
+                ),
+                json_ct,
+            ],
+            json,
+            "Stripe-Signature",
+        ),
+        "slack" => (
+            vec![
+                ("X-Slack-Request-Timestamp".into(), ts.clone()),
+                (
+                    "X-Slack-Signature".into(),
+                    format!(
+                        "v0={}",
+                        hex(&hmac256(secret, &[b"v0:", ts.as_bytes(), b":", &json]))
+                    ),
+                ),
+                json_ct,
+            ],
+            json,
+            "X-Slack-Signature",
+        ),
+        "svix" => {
+            let key = if mode == Mode::WrongSecret {
+                b"wrong-secret".to_vec()
+            } else {
+                B64.decode(SVIX_SECRET.trim_start_matches("whsec_"))
+                    .expect("svix secret")
+            };
+            let sig = B64.encode(hmac256(
+                &key,
+                &[id.as_bytes(), b".", ts.as_bytes(), b".", &json],
+            ));
+            (
+                vec![
+                    ("webhook-id".into(), id.clone()),
+                    ("webhook-timestamp".into(), ts.clone()),
+                    ("webhook-signature".into(), format!("v1,{sig}")),
+                    json_ct,
+                ],
+                json,
+                "webhook-signature",
+            )
+        }
+        "shopify" => (
+            vec![
+                (
+                    "X-Shopify-Hmac-Sha256".into(),
+                    B64.encode(hmac256(secret, &[&json])),
+                ),
+                ("X-Shopify-Webhook-Id".into(), id.clone()),
+                json_ct,
+            ],
+            json,
+            "X-Shopify-Hmac-Sha256",
+        ),
+        "gitlab" => (
+            vec![
+                (
+                    "X-Gitlab-Token".into(),
+                    String::from_utf8_lossy(secret).into_owned(),
+                ),
+                ("X-Gitlab-Event-UUID".into(), id.clone()),
+                ("X-Gitlab-Event".into(), "Push Hook".into()),
+                json_ct,
+            ],
+            json,
+            "X-Gitlab-Token",
+        ),
+        "twilio" => {
+            let form = format!("MessageSid=SM{n}&Body=Ahoy+{n}&From=%2B15551234567");
+            let mut params = vec![
+                ("Body".to_string(), format!("Ahoy {n}")),
+                ("From".to_string(), "+15551234567".to_string()),
+                ("MessageSid".to_string(), format!("SM{n}")),
+            ];
+            params.sort();
+            let mut data = TWILIO_URL.as_bytes().to_vec();
+            for (k, v) in &params {
+                data.extend_from_slice(k.as_bytes());
+                data.extend_from_slice(v.as_bytes());
+            }
+            let sig = B64.encode(sign(ring_alg::SHA1, secret, &[&data]).as_ref());
+            (
+                vec![
+                    ("X-Twilio-Signature".into(), sig),
+                    ("I-Twilio-Idempotency-Token".into(), id.clone()),
+                    (
+                        "Content-Type".into(),
+                        "application/x-www-form-urlencoded".into(),
+                    ),
+                ],
+                form.into_bytes(),
+                "X-Twilio-Signature",
+            )
+        }
+        "hmac" => (
+            vec![
+                ("X-Timestamp".into(), ts.clone()),
+                (
+                    "X-Signature".into(),
+                    format!(
+                        "sha256={}",
+                        hex(&hmac256(secret, &[ts.as_bytes(), b".", &json]))
+                    ),
+                ),
+                json_ct,
+            ],
+            json,
+            "X-Signature",
+        ),
+        _ => (vec![json_ct], json, ""),
+    };
+    let delivery = match scheme {
+        "hmac" | "none" => spillway_gateway::delivery::body_hash(&body),
+        _ => id,
+    };
+    let body = match mode {
+        Mode::Tampered => {
+            let mut b = body;
+            b.extend_from_slice(b" ");
+            b
+        }
+        _ => body,
+    };
+    if mode == Mode::Missing {
+        headers.retain(|(k, _)| !k.eq_ignore_ascii_case(sig_header));
+    }
+    (headers, body, delivery)
+}
+
+// -------------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scheme_lands_exactly_once_and_bad_requests_are_401() -> Result<()> {
+    let w = World::new("gw-schemes").await?;
+    w.apply(&all_endpoints())?;
+    for s in SCHEMES {
+        w.stream(s, -1).await?;
+        w.routed(&format!("/e/{s}")).await?;
+    }
+    let admin = w.gw.admin_addr;
+    eventually(Duration::from_secs(10), "readyz", || async move {
+        http_raw(admin, "GET", "/readyz", &[], b"", true)
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await?;
+
+    for s in SCHEMES {
+        let (headers, body, delivery) = request(s, 1, Mode::Good);
+        let r = post(w.addr(), &format!("/e/{s}"), &headers, &body).await?;
+        assert_eq!(r.status, 200, "{s}: {r:?}");
+        let msgs = w.messages(s).await?;
+        assert_eq!(msgs.len(), 1, "{s}: exactly one stored");
+        let m = &msgs[0];
+        assert_eq!(m.payload.as_ref(), body.as_slice(), "{s}: raw body stored");
+        assert_eq!(m.subject.as_str(), w.names(s).subject(0));
+        let hv = |k: &str| m.headers.get(k).map(|v| v.as_str().to_owned());
+        assert_eq!(hv(wire::ENDPOINT), Some(format!("{}/{s}", w.ns)), "{s}");
+        assert_eq!(
+            hv(wire::DELIVERY_ID).as_deref(),
+            Some(delivery.as_str()),
+            "{s}"
+        );
+        assert_eq!(
+            hv(wire::NATS_MSG_ID).as_deref(),
+            Some(delivery.as_str()),
+            "{s}"
+        );
+        assert!(
+            hv(wire::RECEIVED_AT).is_some_and(|t| t.ends_with('Z') && t.len() == 24),
+            "{s}"
+        );
+        assert!(hv(wire::TRACEPARENT).is_some_and(|t| t.len() == 55), "{s}");
+        let ct = headers
+            .iter()
+            .find(|(k, _)| k == "Content-Type")
+            .map(|(_, v)| v.clone());
+        assert_eq!(hv(wire::CONTENT_TYPE), ct, "{s}");
+        for (k, v) in &headers {
+            let stored = hv(&format!("{}{}", wire::ORIGINAL_HEADER_PREFIX, title(k)));
+            if k == "X-Gitlab-Token" {
+                assert_eq!(
+                    stored, None,
+                    "the GitLab token is a secret and never stored"
+                );
+            } else if k != "Content-Type" {
+                assert_eq!(stored.as_deref(), Some(v.as_str()), "{s}: {k} kept");
+            }
+        }
+    }
+
+    for s in SCHEMES.iter().filter(|s| **s != "none") {
+        let mut modes = vec![
+            (Mode::WrongSecret, "bad_signature"),
+            (Mode::Missing, "missing_signature"),
+        ];
+        // GitLab sends a shared token, not a signature over the body.
+        if *s != "gitlab" {
+            modes.push((Mode::Tampered, "bad_signature"));
+        }
+        if ["stripe", "slack", "svix", "hmac"].contains(s) {
+            modes.push((Mode::Stale, "timestamp_out_of_tolerance"));
+        }
+        for (mode, reason) in modes {
+            let (headers, body, _) = request(s, 2, mode);
+            let r = post(w.addr(), &format!("/e/{s}"), &headers, &body).await?;
+            assert_eq!(r.status, 401, "{s} {mode:?}: {r:?}");
+            let v: serde_json::Value = serde_json::from_str(&r.body)?;
+            assert_eq!(v, serde_json::json!({ "error": reason }), "{s} {mode:?}");
+        }
+        assert_eq!(
+            w.count(s).await?,
+            1,
+            "{s}: nothing published for rejected requests"
+        );
+    }
+
+    let metrics = http_raw(admin, "GET", "/metrics", &[], b"", true)
+        .await?
+        .body;
+    assert!(
+        metrics.contains(&format!(
+            "spillway_gateway_verify_failures_total{{endpoint=\"{}/stripe\",reason=\"timestamp_out_of_tolerance\"}} 1",
+            w.ns
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("spillway_gateway_publish_duration_seconds_bucket"));
+    assert!(!metrics.contains("It's a Secret"), "no secrets in metrics");
+    w.gw.shutdown().await;
+    Ok(())
+}
+
+fn title(name: &str) -> String {
+    name.to_ascii_lowercase()
+        .split('-')
+        .map(|seg| {
+            let mut c = seg.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_rotation_applies_live() -> Result<()> {
+    let w = World::new("gw-rotate").await?;
+    let secret = |old: &str, new: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: gh}}\nstringData: {{old: \"{old}\", new: \"{new}\"}}\n"
+        )
+    };
+    let ep = |refs: &str| {
+        endpoint(
+            "rot",
+            "/rot",
+            &format!("{{scheme: github, secretRefs: [{refs}]}}"),
+            "",
+        )
+    };
+    w.apply(&(secret("old-secret", "new-secret") + &ep("{name: gh, key: old}")))?;
+    w.stream("rot", -1).await?;
+    w.routed("/rot").await?;
+    let send = |secret: &'static str, n: u32| {
+        let addr = w.addr();
+        async move {
+            let body = format!("{{\"n\":{n}}}").into_bytes();
+            let headers = h(&[
+                (
+                    "X-Hub-Signature-256",
+                    &format!("sha256={}", hex(&hmac256(secret.as_bytes(), &[&body]))),
+                ),
+                ("X-GitHub-Delivery", &format!("rot-{n}")),
+            ]);
+            post(addr, "/rot", &headers, &body).await.map(|r| r.status)
+        }
+    };
+    assert_eq!(send("old-secret", 1).await?, 200);
+    assert_eq!(send("new-secret", 2).await?, 401);
+
+    // Add the new secret: both verify.
+    w.apply(&ep("{name: gh, key: old}, {name: gh, key: new}"))?;
+    let mut n = 10;
+    eventually(Duration::from_secs(10), "new secret accepted", || {
+        n += 1;
+        let f = send("new-secret", n);
+        async move { f.await.is_ok_and(|s| s == 200) }
+    })
+    .await?;
+    assert_eq!(send("old-secret", 3).await?, 200);
+
+    // Remove the old one.
+    w.apply(&ep("{name: gh, key: new}"))?;
+    let mut m = 100;
+    eventually(Duration::from_secs(10), "old secret refused", || {
+        m += 1;
+        let f = send("old-secret", m);
+        async move { f.await.is_ok_and(|s| s == 401) }
+    })
+    .await?;
+    assert_eq!(send("new-secret", 4).await?, 200);
+
+    // Changing the Secret's value is picked up too.
+    w.apply(&secret("old-secret", "newer-secret"))?;
+    let mut k = 200;
+    eventually(Duration::from_secs(10), "changed value accepted", || {
+        k += 1;
+        let f = send("newer-secret", k);
+        async move { f.await.is_ok_and(|s| s == 200) }
+    })
+    .await?;
+    w.gw.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_are_answered_and_not_stored() -> Result<()> {
+    let w = World::new("gw-handshake").await?;
+    let r = |k: &str| format!("{{name: keys, key: {k}}}");
+    let mut y = secrets_yaml();
+    y += &endpoint(
+        "slack",
+        "/h/slack",
+        &format!("{{scheme: slack, secretRefs: [{}]}}", r("slack")),
+        "  handshake: {type: slackUrlVerification}\n",
+    );
+    y += &endpoint(
+        "meta",
+        "/h/meta",
+        &format!("{{scheme: github, secretRefs: [{}]}}", r("github")),
+        &format!(
+            "  handshake: {{type: metaHubChallenge, verifyTokenSecretRef: {}}}\n",
+            r("meta")
+        ),
+    );
+    y += &endpoint(
+        "zoom",
+        "/h/zoom",
+        &format!(
+            "{{scheme: hmac, secretRefs: [{}], hmac: {{header: x-zm-signature, prefix: \"v0=\", signedContent: \"v0:{{timestamp}}:{{body}}\", timestampHeader: x-zm-request-timestamp}}}}",
+            r("zoom")
+        ),
+        "  handshake: {type: zoomUrlValidation}\n",
+    );
+    y += &endpoint(
+        "graph",
+        "/h/graph",
+        "{scheme: none}",
+        "  handshake: {type: msGraphValidationToken}\n",
+    );
+    y += &endpoint(
+        "twitch",
+        "/h/twitch",
+        &format!("{{scheme: github, secretRefs: [{}]}}", r("github")),
+        "  handshake: {type: twitchCallbackVerification}\n",
+    );
+    w.apply(&y)?;
+    for s in ["slack", "meta", "zoom", "graph", "twitch"] {
+        w.stream(s, -1).await?;
+        w.routed(&format!("/h/{s}")).await?;
+    }
+    let addr = w.addr();
+
+    // Slack: signed url_verification.
+    let ts = now().to_string();
+    let body = br#"{"token":"t","challenge":"slack-challenge-123","type":"url_verification"}"#;
+    let sig = format!(
+        "v0={}",
+        hex(&hmac256(
+            b"8f742231b10e8888abcd99yyyzzz85a5",
+            &[b"v0:", ts.as_bytes(), b":", body]
+        ))
+    );
+    let signed = h(&[
+        ("X-Slack-Request-Timestamp", &ts),
+        ("X-Slack-Signature", &sig),
+    ]);
+    let resp = post(addr, "/h/slack", &signed, body).await?;
+    assert_eq!(
+        (resp.status, resp.body.as_str()),
+        (200, "slack-challenge-123")
+    );
+    let unsigned = post(addr, "/h/slack", &[], body).await?;
+    assert_eq!(
+        unsigned.status, 401,
+        "an unsigned Slack handshake is refused"
+    );
+
+    // Meta: GET with the verify token.
+    let ok = http_raw(
+        addr,
+        "GET",
+        "/h/meta?hub.mode=subscribe&hub.verify_token=meta-verify&hub.challenge=1158201444",
+        &[],
+        b"",
+        true,
+    )
+    .await?;
+    assert_eq!((ok.status, ok.body.as_str()), (200, "1158201444"));
+    let bad = http_raw(
+        addr,
+        "GET",
+        "/h/meta?hub.mode=subscribe&hub.verify_token=nope&hub.challenge=1158201444",
+        &[],
+        b"",
+        true,
+    )
+    .await?;
+    assert_eq!(bad.status, 403);
+    assert!(!bad.body.contains("1158201444"));
+
+    // Zoom: signed endpoint.url_validation → plainToken + encryptedToken.
+    let body = br#"{"payload":{"plainToken":"qgg8vlvZRS6UYooatFL8Aw"},"event_ts":1654503849680,"event":"endpoint.url_validation"}"#;
+    let ts = now().to_string();
+    let sig = format!(
+        "v0={}",
+        hex(&hmac256(
+            b"zoom-secret",
+            &[b"v0:", ts.as_bytes(), b":", body]
+        ))
+    );
+    let resp = post(
+        addr,
+        "/h/zoom",
+        &h(&[("x-zm-request-timestamp", &ts), ("x-zm-signature", &sig)]),
+        body,
+    )
+    .await?;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let v: serde_json::Value = serde_json::from_str(&resp.body)?;
+    assert_eq!(v["plainToken"], "qgg8vlvZRS6UYooatFL8Aw");
+    assert_eq!(
+        v["encryptedToken"],
+        hex(&hmac256(b"zoom-secret", &[b"qgg8vlvZRS6UYooatFL8Aw"]))
+    );
+
+    // Microsoft Graph: validationToken echoed as text/plain.
+    let resp = post(
+        addr,
+        "/h/graph?validationToken=Validation%3A%20Testing%20123",
+        &[],
+        b"",
+    )
+    .await?;
+    assert_eq!(
+        (resp.status, resp.body.as_str()),
+        (200, "Validation: Testing 123")
+    );
+    assert!(
+        resp.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain"))
+    );
+
+    // Twitch: signed webhook_callback_verification.
+    let body = br#"{"challenge":"pogchamp-kappa-360noscope-vohiyo","subscription":{"type":"channel.follow"}}"#;
+    let sig = format!(
+        "sha256={}",
+        hex(&hmac256(b"It's a Secret to Everybody", &[body]))
+    );
+    let resp = post(
+        addr,
+        "/h/twitch",
+        &h(&[
+            ("X-Hub-Signature-256", &sig),
+            (
+                "Twitch-Eventsub-Message-Type",
+                "webhook_callback_verification",
+            ),
+        ]),
+        body,
+    )
+    .await?;
+    assert_eq!(
+        (resp.status, resp.body.as_str()),
+        (200, "pogchamp-kappa-360noscope-vohiyo")
+    );
+
+    for s in ["slack", "meta", "zoom", "graph", "twitch"] {
+        assert_eq!(w.count(s).await?, 0, "{s}: handshakes are not stored");
+    }
+    w.gw.shutdown().await;
+    Ok(())
+}
+
+fn github_headers(secret: &str, body: &[u8], delivery: &str) -> Vec<(String, String)> {
+    h(&[
+        (
+            "X-Hub-Signature-256",
+            &format!("sha256={}", hex(&hmac256(secret.as_bytes(), &[body]))),
+        ),
+        ("X-GitHub-Delivery", delivery),
+        ("Content-Type", "application/json"),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_dedup_ordering_and_nats_outage() -> Result<()> {
+    let mut w = World::new("gw-limits").await?;
+    let gh = "{scheme: github, secretRefs: [{name: keys, key: github}]}";
+    let mut y = secrets_yaml();
+    y += &endpoint(
+        "small",
+        "/l/small",
+        gh,
+        "  ingress: {maxBodyBytes: 1024, responseStatus: 202}\n",
+    );
+    y += &endpoint(
+        "rated",
+        "/l/rated",
+        gh,
+        "  ingress: {rateLimit: {requestsPerSecond: 1, burst: 2}}\n",
+    );
+    y += &endpoint("paused", "/l/paused", gh, "  suspend: true\n");
+    y += &endpoint(
+        "ordered",
+        "/l/ordered",
+        gh,
+        "  ordering: {keyJsonPointer: /customer, partitions: 4}\n",
+    );
+    y += &endpoint("full", "/l/full", gh, "");
+    w.apply(&y)?;
+    for s in ["small", "rated", "paused", "ordered"] {
+        w.stream(s, -1).await?;
+        w.routed(&format!("/l/{s}")).await?;
+    }
+    w.stream("full", 1).await?;
+    w.routed("/l/full").await?;
+    let secret = "It's a Secret to Everybody";
+    let addr = w.addr();
+
+    // 404 with no detail.
+    let r = post(addr, "/nowhere", &[], b"{}").await?;
+    assert_eq!((r.status, r.body.as_str()), (404, ""));
+
+    // 413: declared too large, answered before the body is sent.
+    let big = vec![b'x'; 4096];
+    let r = http_raw(
+        addr,
+        "POST",
+        "/l/small",
+        &github_headers(secret, &big, "big"),
+        &big,
+        false,
+    )
+    .await?;
+    assert_eq!(r.status, 413);
+    // At the limit it is accepted, with the endpoint's responseStatus.
+    let ok = vec![b'y'; 1024];
+    let r = post(addr, "/l/small", &github_headers(secret, &ok, "fits"), &ok).await?;
+    assert_eq!(r.status, 202, "{r:?}");
+    assert_eq!(w.count("small").await?, 1);
+
+    // Duplicate delivery id: both answered 2xx, one stored.
+    let body = br#"{"dup":true}"#;
+    for _ in 0..3 {
+        let r = post(
+            addr,
+            "/l/small",
+            &github_headers(secret, body, "dup-1"),
+            body,
+        )
+        .await?;
+        assert_eq!(r.status, 202);
+    }
+    assert_eq!(
+        w.count("small").await?,
+        2,
+        "three deliveries of dup-1 stored once"
+    );
+
+    // 429 with Retry-After once the burst is used.
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let b = format!("{{\"i\":{i}}}").into_bytes();
+        let r = post(
+            addr,
+            "/l/rated",
+            &github_headers(secret, &b, &format!("r{i}")),
+            &b,
+        )
+        .await?;
+        if r.status == 429 {
+            assert!(
+                r.header("retry-after")
+                    .is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1))
+            );
+        }
+        statuses.push(r.status);
+    }
+    assert_eq!(&statuses[..2], &[200, 200]);
+    assert!(statuses[2..].contains(&429), "{statuses:?}");
+
+    // Suspended: 503 + Retry-After, nothing stored.
+    let r = post(addr, "/l/paused", &github_headers(secret, body, "p1"), body).await?;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("3"));
+    assert_eq!(w.count("paused").await?, 0);
+
+    // Ordering key → partition subject.
+    let body = br#"{"customer":"cus_42"}"#;
+    let r = post(
+        addr,
+        "/l/ordered",
+        &github_headers(secret, body, "o1"),
+        body,
+    )
+    .await?;
+    assert_eq!(r.status, 200);
+    let msgs = w.messages("ordered").await?;
+    assert_eq!(
+        msgs[0].subject.as_str(),
+        w.names("ordered").subject(partition_of(b"cus_42", 4))
+    );
+    assert_eq!(
+        msgs[0].headers.get(wire::ORDERING_KEY).map(|v| v.as_str()),
+        Some("cus_42")
+    );
+
+    // Stream full with discard=new: 503, never 2xx.
+    let b1 = br#"{"f":1}"#;
+    assert_eq!(
+        post(addr, "/l/full", &github_headers(secret, b1, "f1"), b1)
+            .await?
+            .status,
+        200
+    );
+    let b2 = br#"{"f":2}"#;
+    let r = post(addr, "/l/full", &github_headers(secret, b2, "f2"), b2).await?;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.header("retry-after").is_some());
+
+    // NATS stopped mid-test: 503 with Retry-After, then 2xx again after a
+    // restart; every 2xx-acknowledged delivery is in the stream.
+    let mut acked = vec!["o1".to_string()];
+    w.nats.stop();
+    let admin = w.gw.admin_addr;
+    for i in 0..3 {
+        let b = format!("{{\"customer\":\"c{i}\"}}").into_bytes();
+        let id = format!("down-{i}");
+        let r = post(addr, "/l/ordered", &github_headers(secret, &b, &id), &b).await?;
+        assert_eq!(r.status, 503, "NATS down: {r:?}");
+        assert!(r.header("retry-after").is_some());
+    }
+    let ready = http_raw(admin, "GET", "/readyz", &[], b"", true).await?;
+    assert_eq!(ready.status, 503, "not ready while NATS is down");
+    w.nats.restart().await?;
+    let mut n = 0;
+    eventually(Duration::from_secs(20), "2xx after NATS restart", || {
+        n += 1;
+        let b = format!("{{\"customer\":\"back{n}\"}}").into_bytes();
+        let id = format!("back-{n}");
+        let headers = github_headers(secret, &b, &id);
+        async move {
+            post(addr, "/l/ordered", &headers, &b)
+                .await
+                .is_ok_and(|r| r.status == 200)
+        }
+    })
+    .await?;
+    acked.push(format!("back-{n}"));
+    w.js = w.nats.jetstream().await?;
+    let stored: Vec<String> = w
+        .messages("ordered")
+        .await?
+        .iter()
+        .filter_map(|m| {
+            m.headers
+                .get(wire::DELIVERY_ID)
+                .map(|v| v.as_str().to_owned())
+        })
+        .collect();
+    for id in &acked {
+        assert!(
+            stored.contains(id),
+            "acknowledged {id} missing from {stored:?}"
+        );
+    }
+    w.gw.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_are_all_stored() -> Result<()> {
+    let w = World::new("gw-load").await?;
+    let mut y = secrets_yaml();
+    y += &endpoint(
+        "load",
+        "/load",
+        "{scheme: github, secretRefs: [{name: keys, key: github}]}",
+        "",
+    );
+    w.apply(&y)?;
+    w.stream("load", -1).await?;
+    w.routed("/load").await?;
+    // A newer endpoint (creation times have one-second resolution) claiming
+    // the same path does not take it over.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    w.apply(&endpoint("intruder", "/load", "{scheme: none}", ""))?;
+    w.cp.kubectl_output(&["get", "webhookendpoint", "intruder", "-n", &w.ns])?;
+    let router = w.gw.gateway.router.clone();
+    let intruder = format!("{}/intruder", w.ns);
+    eventually(Duration::from_secs(10), "conflict seen", || {
+        let seen = router.conflicts().contains(&intruder);
+        async move { seen }
+    })
+    .await?;
+    let route = w.gw.gateway.router.table().get("/load").expect("routed");
+    assert_eq!(
+        route.endpoint,
+        format!("{}/load", w.ns),
+        "the older endpoint keeps the path"
+    );
+
+    let addr = w.addr();
+    let total = 300u32;
+    let mut tasks = tokio::task::JoinSet::new();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    for i in 0..total {
+        let sem = sem.clone();
+        tasks.spawn(async move {
+            let _p = sem.acquire().await.expect("semaphore");
+            let b = format!("{{\"i\":{i}}}").into_bytes();
+            let id = format!("load-{i}");
+            let r = post(
+                addr,
+                "/load",
+                &github_headers("It's a Secret to Everybody", &b, &id),
+                &b,
+            )
+            .await;
+            (id, r.map(|r| r.status).unwrap_or(0))
+        });
+    }
+    let mut acked = Vec::new();
+    while let Some(res) = tasks.join_next().await {
+        let (id, status) = res?;
+        if status == 200 {
+            acked.push(id);
+        }
+    }
+    assert_eq!(acked.len(), total as usize, "every request stored");
+    assert_eq!(w.count("load").await?, u64::from(total));
+    w.gw.shutdown().await;
+    Ok(())
+}
