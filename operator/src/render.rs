@@ -7,9 +7,9 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
-    Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -36,6 +36,8 @@ pub const RENDER_HASH: &str = "spillway.dev/render-hash";
 pub const ENDPOINT_LABEL: &str = "spillway.dev/endpoint";
 /// Environment variable with the NATS URL for the processor.
 pub const NATS_URL_ENV: &str = "SPILLWAY_NATS_URL";
+/// Port of the processor's /healthz, /readyz and /metrics (its default).
+pub const ADMIN_PORT: i32 = 9090;
 /// Where the signing secret is mounted.
 pub const SIGNING_DIR: &str = "/var/run/spillway/signing";
 
@@ -164,6 +166,19 @@ fn resources(settings: &Settings) -> ResourceRequirements {
     }
 }
 
+fn probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("admin".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Default::default()
+    }
+}
+
 fn restricted() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
@@ -249,6 +264,14 @@ pub fn deployment(
         resources: Some(resources(settings)),
         security_context: Some(restricted()),
         volume_mounts: Some(mounts),
+        ports: Some(vec![ContainerPort {
+            name: Some("admin".into()),
+            container_port: ADMIN_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(probe("/healthz", 10)),
         ..Default::default()
     };
 
@@ -345,7 +368,11 @@ pub fn up_to_date(have: &Deployment, want: &Deployment) -> bool {
             .as_ref()
             .and_then(|a| a.get(RENDER_HASH).cloned())
     };
-    hash(have).is_some() && hash(have) == hash(want)
+    // Replicas are compared too, so a manual scale is put back; with KEDA
+    // (`None`) they belong to the HPA.
+    hash(have).is_some()
+        && hash(have) == hash(want)
+        && (want.spec.replicas.is_none() || have.spec.replicas == want.spec.replicas)
 }
 
 #[cfg(test)]
@@ -472,6 +499,19 @@ spec:
         assert_eq!(hash(&a), hash(&b));
         assert!(!up_to_date(&a, &b), "replica change must be written");
         assert!(up_to_date(&a, &render(&ep, Some(1))));
+        let mut scaled_by_hand = a.clone();
+        scaled_by_hand.spec.replicas = Some(5);
+        assert!(
+            !up_to_date(&scaled_by_hand, &a),
+            "manual scaling is reverted"
+        );
+        let keda = render(&ep, None);
+        let mut by_hpa = keda.clone();
+        by_hpa.spec.replicas = Some(4);
+        assert!(
+            up_to_date(&by_hpa, &keda),
+            "the HPA owns replicas under KEDA"
+        );
         let mut ep2 = ep.clone();
         ep2.spec.processor.concurrency = 20;
         assert_ne!(hash(&a), hash(&render(&ep2, Some(1))));

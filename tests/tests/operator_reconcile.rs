@@ -339,7 +339,13 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
     let writes = op.metrics.status_writes();
     let ep_rv = env.endpoints().get("gh").await?.resource_version();
     let d_rv = env.deployment("gh").await?.resource_version();
+    let events_before = env.event_reasons().await?.len();
     tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        env.event_reasons().await?.len(),
+        events_before,
+        "events while idle"
+    );
     assert_eq!(
         op.metrics.status_writes(),
         writes,
