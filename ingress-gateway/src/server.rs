@@ -631,6 +631,169 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::route::EndpointDef;
+    use spillway_api::SecretKeyRef;
+    use tower::ServiceExt;
+
+    const SECRET: &[u8] = b"It's a Secret to Everybody";
+
+    fn def(name: &str, extra: &str) -> EndpointDef {
+        let yaml = format!(
+            "path: /{name}\nverification: {{scheme: github, secretRefs: [{{name: s, key: k}}]}}\nprocessor: {{sink: {{url: \"http://sink\"}}}}\n{extra}"
+        );
+        EndpointDef {
+            namespace: "ns".into(),
+            name: name.into(),
+            created: Some(1),
+            spec: serde_yaml_ng::from_str(&yaml).expect("spec"),
+        }
+    }
+
+    /// A gateway whose NATS server does not exist: everything before the
+    /// publish is testable without a socket.
+    async fn gateway() -> Arc<Gateway> {
+        let nats = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("nats://127.0.0.1:1")
+            .await
+            .expect("client");
+        let router = Arc::new(route::Router::default());
+        let defs = [
+            def("plain", "ingress: {maxBodyBytes: 16}\n"),
+            def(
+                "rated",
+                "ingress: {rateLimit: {requestsPerSecond: 1, burst: 1}}\n",
+            ),
+            def("paused", "suspend: true\n"),
+            def("graph", "handshake: {type: msGraphValidationToken}\n"),
+        ];
+        let secrets = |_: &str, r: &SecretKeyRef| (r.name == "s").then(|| SECRET.to_vec());
+        router.rebuild(&defs, &secrets, None);
+        Arc::new(Gateway::new(
+            nats,
+            router,
+            Arc::new(Metrics::new()),
+            Arc::new(AtomicBool::new(true)),
+            Limits {
+                publish_timeout: Duration::from_millis(300),
+                ..Limits::default()
+            },
+        ))
+    }
+
+    fn signed(path: &str, body: &'static [u8]) -> Request {
+        let sig = hex::encode(crate::verify::sign(
+            ring::hmac::HMAC_SHA256,
+            SECRET,
+            &[body],
+        ));
+        Request::post(path)
+            .header("x-hub-signature-256", format!("sha256={sig}"))
+            .header("content-length", body.len())
+            .body(Body::from(body))
+            .expect("request")
+    }
+
+    async fn body_text(r: Response) -> String {
+        let b = r.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    #[tokio::test]
+    async fn handler_answers_without_a_socket() {
+        let gw = gateway().await;
+        let app = app(gw.clone());
+
+        let r = app
+            .clone()
+            .oneshot(Request::post("/nope").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(body_text(r).await, "");
+
+        let r = app
+            .clone()
+            .oneshot(Request::post("/plain").body(Body::from("{}")).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(body_text(r).await, r#"{"error":"missing_signature"}"#);
+
+        let mut bad = signed("/plain", b"{}");
+        *bad.body_mut() = Body::from("{ }");
+        bad.headers_mut()
+            .insert("content-length", HeaderValue::from(3));
+        let r = app.clone().oneshot(bad).await.unwrap();
+        assert_eq!(body_text(r).await, r#"{"error":"bad_signature"}"#);
+
+        let r = app
+            .clone()
+            .oneshot(Request::get("/plain").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+
+        // Declared too large, and streamed too large without a length.
+        let r = app
+            .clone()
+            .oneshot(signed("/plain", b"0123456789abcdefX"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+            Ok(Bytes::from_static(b"0123456789")),
+            Ok(Bytes::from_static(b"abcdefghij")),
+        ];
+        let streamed = Request::post("/plain")
+            .body(Body::from_stream(futures::stream::iter(chunks)))
+            .unwrap();
+        let r = app.clone().oneshot(streamed).await.unwrap();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+        // Verified, but NATS is not there: 503 with Retry-After, never 2xx.
+        let r = app.clone().oneshot(signed("/plain", b"{}")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "5");
+
+        let r = app.clone().oneshot(signed("/paused", b"{}")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body_text(r).await, r#"{"error":"suspended"}"#);
+
+        let _ = app.clone().oneshot(signed("/rated", b"{}")).await.unwrap();
+        let r = app.clone().oneshot(signed("/rated", b"{}")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+
+        let r = app
+            .clone()
+            .oneshot(
+                Request::post("/graph?validationToken=abc%20d")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(body_text(r).await, "abc d");
+
+        let m = gw.metrics.encode();
+        assert!(
+            m.contains(
+                r#"verify_failures_total{endpoint="ns/plain",reason="missing_signature"} 1"#
+            ),
+            "{m}"
+        );
+        assert!(
+            m.contains(r#"requests_total{endpoint="",status="404"} 1"#),
+            "{m}"
+        );
+        assert!(
+            m.contains(r#"requests_total{endpoint="ns/rated",status="429"} 1"#),
+            "{m}"
+        );
+        assert!(!gw.ready(), "not ready without NATS");
+    }
 
     #[test]
     fn header_names_are_title_cased() {

@@ -134,6 +134,10 @@ struct World {
 
 impl World {
     async fn new(prefix: &str) -> Result<Self> {
+        Self::with(prefix, |_| {}).await
+    }
+
+    async fn with(prefix: &str, tweak: impl FnOnce(&mut Config)) -> Result<Self> {
         let cp = ControlPlane::shared().await;
         let ns = cp.namespace(prefix).await?;
         let nats = NatsServer::start().await?;
@@ -149,6 +153,8 @@ impl World {
             shutdown_grace: Duration::from_secs(5),
             ..Config::default()
         };
+        let mut config = config;
+        tweak(&mut config);
         let gw = start(&config, Some(cp.client().await?)).await?;
         Ok(Self {
             cp,
@@ -1100,5 +1106,111 @@ async fn concurrent_deliveries_are_all_stored() -> Result<()> {
     assert_eq!(acked.len(), total as usize, "every request stored");
     assert_eq!(w.count("load").await?, u64::from(total));
     w.gw.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_limits_slow_senders_and_graceful_shutdown() -> Result<()> {
+    let w = World::with("gw-hygiene", |c| {
+        c.max_header_bytes = 8192;
+        c.body_timeout = Duration::from_secs(1);
+        c.header_read_timeout = Duration::from_secs(1);
+    })
+    .await?;
+    let mut y = secrets_yaml();
+    y += &endpoint(
+        "drain",
+        "/drain",
+        "{scheme: github, secretRefs: [{name: keys, key: github}]}",
+        "",
+    );
+    w.apply(&y)?;
+    w.stream("drain", -1).await?;
+    w.routed("/drain").await?;
+    let addr = w.addr();
+
+    // Oversized request head.
+    let huge = "x".repeat(20_000);
+    let r = post(addr, "/drain", &h(&[("X-Huge", &huge)]), b"{}").await?;
+    assert_eq!(r.status, 431, "{r:?}");
+
+    // A body that stops arriving is cut off.
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"POST /drain HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+
+    // A head that stops arriving: the connection is closed.
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"POST /drain HTTP/1.1\r\nHost: x\r\n").await?;
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "slow head not cut off");
+    assert_eq!(w.count("drain").await?, 0);
+
+    // Graceful shutdown with requests in flight: whatever was answered 2xx
+    // is stored, nothing else is answered, and the port closes.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..80u32 {
+        let answered = answered.clone();
+        tasks.spawn(async move {
+            let b = format!("{{\"i\":{i}}}").into_bytes();
+            let id = format!("drain-{i}");
+            let r = post(
+                addr,
+                "/drain",
+                &github_headers("It's a Secret to Everybody", &b, &id),
+                &b,
+            )
+            .await;
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            (id, r.map(|r| r.status).ok())
+        });
+    }
+    let a = answered.clone();
+    eventually(Duration::from_secs(10), "first answers", || {
+        let n = a.load(std::sync::atomic::Ordering::SeqCst);
+        async move { n >= 5 }
+    })
+    .await?;
+    let gateway = w.gw.gateway.clone();
+    let World {
+        gw, js, nats, ns, ..
+    } = w;
+    gw.shutdown().await;
+    let mut ok = Vec::new();
+    while let Some(res) = tasks.join_next().await {
+        let (id, status) = res?;
+        match status {
+            Some(200) => ok.push(id),
+            None => {}
+            Some(other) => bail!("{id}: unexpected {other} during shutdown"),
+        }
+    }
+    assert!(ok.len() >= 5, "{} answered", ok.len());
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "port closed after shutdown"
+    );
+    let mut stream = js
+        .get_stream(EndpointNames::new(&ns, "drain").stream())
+        .await?;
+    let state = stream.info().await?.state.clone();
+    let mut stored = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        let m = stream.get_raw_message(seq).await?;
+        if let Some(id) = m.headers.get(wire::DELIVERY_ID) {
+            stored.push(id.as_str().to_owned());
+        }
+    }
+    for id in &ok {
+        assert!(stored.contains(id), "answered 2xx but not stored: {id}");
+    }
+    assert_eq!(gateway.metrics.in_flight.get(), 0);
+    drop(nats);
     Ok(())
 }
