@@ -1214,3 +1214,106 @@ async fn header_limits_slow_senders_and_graceful_shutdown() -> Result<()> {
     drop(nats);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_in_file_mode_serves_logs_json_and_stops_on_sigterm() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = nats.jetstream().await?;
+    let names = EndpointNames::new("local", "gh");
+    js.create_stream(jetstream::stream::Config {
+        name: names.stream(),
+        subjects: vec![names.stream_subjects()],
+        ..Default::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("secrets/gh"))?;
+    std::fs::write(
+        dir.path().join("secrets/gh/secret"),
+        "It's a Secret to Everybody\n",
+    )?;
+    std::fs::write(
+        dir.path().join("endpoints.yaml"),
+        endpoint(
+            "gh",
+            "/gh",
+            "{scheme: github, secretRefs: [{name: gh, key: secret}]}",
+            "",
+        )
+        .replace(
+            "metadata: {name: gh}",
+            "metadata: {name: gh, namespace: local}",
+        ),
+    )?;
+    let (port, admin_port) = (spillway_tests::free_port(), spillway_tests::free_port());
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!(
+            "listen: 127.0.0.1:{port}\nadminListen: 127.0.0.1:{admin_port}\nsource: file\nendpointsFile: {}\nsecretsDir: {}\npublishTimeout: 1s\n",
+            dir.path().join("endpoints.yaml").display(),
+            dir.path().join("secrets").display()
+        ),
+    )?;
+    let log = dir.path().join("gateway.log");
+    let mut child = std::process::Command::new(spillway_tests::bin_path("spillway-gateway"))
+        .arg("--config")
+        .arg(dir.path().join("gateway.yaml"))
+        .env("SPILLWAY_NATS_URL", &nats.url)
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let ready = eventually(Duration::from_secs(15), "binary ready", || async move {
+        http_raw(admin, "GET", "/readyz", &[], b"", true)
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    if ready.is_err() {
+        let _ = child.kill();
+        bail!("not ready: {}", std::fs::read_to_string(&log)?);
+    }
+    let body = br#"{"zen":"Keep it logically awesome."}"#;
+    let r = post(
+        addr,
+        "/gh",
+        &github_headers("It's a Secret to Everybody", body, "bin-1"),
+        body,
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut stream = js.get_stream(names.stream()).await?;
+    assert_eq!(stream.info().await?.state.messages, 1);
+
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(st.success());
+    let mut exited = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait()? {
+            exited = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(status) = exited else {
+        let _ = child.kill();
+        bail!("gateway did not stop on SIGTERM");
+    };
+    assert!(status.success(), "{status}");
+    let logs = std::fs::read_to_string(&log)?;
+    assert!(logs.lines().count() >= 2, "{logs}");
+    for line in logs.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).context(line.to_owned())?;
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
+    }
+    assert!(logs.contains("gateway stopped"), "{logs}");
+    assert!(!logs.contains("It's a Secret"), "no secrets in logs");
+    Ok(())
+}
