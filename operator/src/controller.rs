@@ -460,7 +460,7 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                 ),
                 Err(e) => {
                     if matches!(e, SyncError::Unavailable(_)) {
-                        let n = ctx.failures(&k, true);
+                        let n = ctx.failures(&format!("nats:{k}"), true);
                         requeue = requeue.min(backoff(n, resync));
                     }
                     ctx.metrics.error(e.reason());
@@ -471,6 +471,7 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                 }
             };
             if let Some(s) = &synced {
+                ctx.failures(&format!("nats:{k}"), false);
                 report_created(&ep, &ctx, &old, s).await;
                 status.backlog = Some(Backlog {
                     pending: s.backlog.pending,
@@ -895,6 +896,7 @@ async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, 
     }
 
     ctx.metrics.set_conditions(&k, None);
+    ctx.failures(&format!("nats:{k}"), false);
     if let Ok(mut s) = ctx.scale.lock() {
         s.remove(&ep.uid().unwrap_or_default());
     }
