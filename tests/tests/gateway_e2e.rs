@@ -674,6 +674,32 @@ async fn secret_rotation_applies_live() -> Result<()> {
         async move { f.await.is_ok_and(|s| s == 200) }
     })
     .await?;
+
+    // Suspend and resume live, then delete: 503, 200 again, then 404.
+    w.apply(
+        &ep("{name: gh, key: new}").replace("  path: /rot\n", "  path: /rot\n  suspend: true\n"),
+    )?;
+    let mut j = 300;
+    eventually(Duration::from_secs(10), "suspended", || {
+        j += 1;
+        let f = send("newer-secret", j);
+        async move { f.await.is_ok_and(|s| s == 503) }
+    })
+    .await?;
+    w.apply(&ep("{name: gh, key: new}"))?;
+    eventually(Duration::from_secs(10), "resumed", || {
+        j += 1;
+        let f = send("newer-secret", j);
+        async move { f.await.is_ok_and(|s| s == 200) }
+    })
+    .await?;
+    w.cp.kubectl_output(&["delete", "webhookendpoint", "rot", "-n", &w.ns])?;
+    eventually(Duration::from_secs(10), "deleted endpoint unrouted", || {
+        j += 1;
+        let f = send("newer-secret", j);
+        async move { f.await.is_ok_and(|s| s == 404) }
+    })
+    .await?;
     w.gw.shutdown().await;
     Ok(())
 }
