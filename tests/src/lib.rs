@@ -60,7 +60,7 @@ pub fn free_port() -> u16 {
 
 /// Kill `child_pid` once this process is gone (covers statics, panics and
 /// aborted runs; a normal Drop kills earlier).
-fn watchdog(child_pid: u32) {
+pub fn watchdog(child_pid: u32) {
     let me = std::process::id();
     let script = format!(
         "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {child_pid} 2>/dev/null"
@@ -132,7 +132,9 @@ pub struct NatsServer {
 impl NatsServer {
     /// Start a server and wait until it accepts connections.
     pub async fn start() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("spillway-nats-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("spillway-nats-")
+            .tempdir()?;
         let port = free_port();
         let mut s = Self {
             url: format!("nats://127.0.0.1:{port}"),
@@ -219,7 +221,9 @@ impl ControlPlane {
     pub async fn shared() -> &'static ControlPlane {
         SHARED
             .get_or_init(|| async {
-                let cp = ControlPlane::start().await.expect("test control plane starts");
+                let cp = ControlPlane::start()
+                    .await
+                    .expect("test control plane starts");
                 cp.install_crd().await.expect("CRD installs");
                 cp
             })
@@ -228,22 +232,39 @@ impl ControlPlane {
 
     /// Start etcd and kube-apiserver and wait for `/readyz`.
     pub async fn start() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("spillway-kube-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("spillway-kube-")
+            .tempdir()?;
         let d = dir.path();
         let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
 
         let mut etcd = Command::new(tool("etcd"));
-        etcd.args(["--name", "default", "--unsafe-no-fsync", "--log-level", "warn"])
-            .arg("--data-dir")
-            .arg(d.join("etcd"))
-            .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"))
-            .arg(format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"))
-            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
-            .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"));
+        etcd.args([
+            "--name",
+            "default",
+            "--unsafe-no-fsync",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--data-dir")
+        .arg(d.join("etcd"))
+        .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"))
+        .arg(format!(
+            "--advertise-client-urls=http://127.0.0.1:{etcd_port}"
+        ))
+        .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+        .arg(format!(
+            "--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"
+        ))
+        .arg(format!(
+            "--initial-cluster=default=http://127.0.0.1:{peer_port}"
+        ));
         let etcd = spawn_logged(etcd, &d.join("etcd.log"))?;
 
-        std::fs::write(d.join("tokens.csv"), format!("{TOKEN},admin,admin,system:masters\n"))?;
+        std::fs::write(
+            d.join("tokens.csv"),
+            format!("{TOKEN},admin,admin,system:masters\n"),
+        )?;
         let sa_key = d.join("sa.key");
         let st = Command::new("openssl")
             .args(["genrsa", "-out"])
@@ -260,12 +281,24 @@ impl ControlPlane {
             .arg(format!("--secure-port={api_port}"))
             .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
             .arg(format!("--cert-dir={}", d.join("certs").display()))
-            .arg(format!("--token-auth-file={}", d.join("tokens.csv").display()))
-            .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.96.0.0/24"])
+            .arg(format!(
+                "--token-auth-file={}",
+                d.join("tokens.csv").display()
+            ))
+            .args([
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.96.0.0/24",
+            ])
             .arg(format!("--service-account-key-file={}", sa_key.display()))
-            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                sa_key.display()
+            ))
             .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .args(["--endpoint-reconciler-type=none", "--enable-priority-and-fairness=false"]);
+            .args([
+                "--endpoint-reconciler-type=none",
+                "--enable-priority-and-fairness=false",
+            ]);
         let apiserver = spawn_logged(api, &d.join("apiserver.log"))?;
 
         let server = format!("https://127.0.0.1:{api_port}");
@@ -291,9 +324,15 @@ impl ControlPlane {
             if ready {
                 break;
             }
-            for (name, child) in [("etcd", &mut cp.etcd), ("kube-apiserver", &mut cp.apiserver)] {
+            for (name, child) in [
+                ("etcd", &mut cp.etcd),
+                ("kube-apiserver", &mut cp.apiserver),
+            ] {
                 if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                    let log = cp.dir.path().join(format!("{}.log", name.trim_start_matches("kube-")));
+                    let log = cp
+                        .dir
+                        .path()
+                        .join(format!("{}.log", name.trim_start_matches("kube-")));
                     bail!("{name} exited ({status}) while starting:\n{}", tail(&log));
                 }
             }

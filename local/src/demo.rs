@@ -1,0 +1,395 @@
+//! The demo: a sink that counts what it receives, the examples rewritten to
+//! deliver to it, and sample webhooks signed the way each provider signs.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::HeaderMap;
+use axum::routing::post;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use ring::hmac;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Deliveries received by the demo sink, per endpoint name.
+#[derive(Clone, Default)]
+pub struct Sink {
+    pub received: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
+}
+
+impl Sink {
+    /// Serve on `listener` until the task is dropped.
+    pub async fn serve(self, listener: tokio::net::TcpListener) {
+        async fn hook(
+            State(s): State<Sink>,
+            UrlPath(name): UrlPath<String>,
+            headers: HeaderMap,
+            _body: axum::body::Bytes,
+        ) -> &'static str {
+            let id = headers
+                .get("spillway-delivery-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_owned();
+            s.received
+                .lock()
+                .expect("sink lock")
+                .entry(name)
+                .or_default()
+                .push(id);
+            "ok"
+        }
+        let app = Router::new().route("/{name}", post(hook)).with_state(self);
+        let _ = axum::serve(listener, app).await;
+    }
+
+    pub fn total(&self) -> usize {
+        self.received
+            .lock()
+            .expect("sink lock")
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, usize> {
+        self.received
+            .lock()
+            .expect("sink lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.len()))
+            .collect()
+    }
+}
+
+/// One example file's endpoint, its secrets and its manifests as applied.
+pub struct Example {
+    pub name: String,
+    pub path: String,
+    pub scheme: String,
+    pub secret: Option<Vec<u8>>,
+    pub public_url: Option<String>,
+    /// Manifests (Secrets and the endpoint) to apply, as JSON.
+    pub docs: Vec<Value>,
+}
+
+/// Read `examples/*.yaml`, pointing each endpoint's sink at the demo sink.
+pub fn load_examples(dir: &std::path::Path, namespace: &str, sink: &str) -> Result<Vec<Example>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        let mut docs = Vec::new();
+        for d in serde_yaml_ng::Deserializer::from_str(&text) {
+            let v = Value::deserialize(d).with_context(|| format!("parsing {}", f.display()))?;
+            docs.push(v);
+        }
+        let Some(ep) = docs.iter_mut().find(|d| d["kind"] == "WebhookEndpoint") else {
+            continue;
+        };
+        let name = ep["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        ep["spec"]["processor"]["sink"] = serde_json::json!({"url": format!("{sink}/{name}")});
+        let spec = ep["spec"].clone();
+        let path = spec["path"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| spillway_api::names::default_path(namespace, &name));
+        let scheme = spec["verification"]["scheme"]
+            .as_str()
+            .unwrap_or("none")
+            .to_owned();
+        let first_ref = &spec["verification"]["secretRefs"][0];
+        let secret = docs.iter().find_map(|d| {
+            (d["kind"] == "Secret" && d["metadata"]["name"] == first_ref["name"])
+                .then(|| d["stringData"][first_ref["key"].as_str()?].as_str())
+                .flatten()
+                .map(|s| s.as_bytes().to_vec())
+        });
+        let public_url = spec["verification"]["publicUrl"]
+            .as_str()
+            .map(str::to_owned);
+        out.push(Example {
+            name,
+            path,
+            scheme,
+            secret,
+            public_url,
+            docs,
+        });
+    }
+    Ok(out)
+}
+
+/// A request to send, and what the gateway should answer.
+pub struct Sample {
+    pub endpoint: String,
+    pub case: &'static str,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub expect: u16,
+    /// Counts towards the deliveries the sink should see.
+    pub delivers: bool,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn mac(alg: hmac::Algorithm, key: &[u8], msg: &[u8]) -> Vec<u8> {
+    hmac::sign(&hmac::Key::new(alg, key), msg).as_ref().to_vec()
+}
+
+/// Headers a provider would send for `body`, signed with `secret` at `ts`.
+pub fn provider_headers(
+    ex: &Example,
+    body: &[u8],
+    ts: u64,
+    id: &str,
+) -> Option<Vec<(String, String)>> {
+    let secret = ex.secret.as_deref().unwrap_or_default();
+    let h = |k: &str, v: String| (k.to_owned(), v);
+    let json = h("content-type", "application/json".into());
+    let text = |prefix: String| [prefix.as_bytes(), body].concat();
+    Some(match ex.scheme.as_str() {
+        "github" => vec![
+            json,
+            h("x-github-delivery", id.into()),
+            h("x-github-event", "push".into()),
+            h(
+                "x-hub-signature-256",
+                format!(
+                    "sha256={}",
+                    hex::encode(mac(hmac::HMAC_SHA256, secret, body))
+                ),
+            ),
+        ],
+        "stripe" => {
+            let sig = mac(hmac::HMAC_SHA256, secret, &text(format!("{ts}.")));
+            vec![
+                json,
+                h(
+                    "stripe-signature",
+                    format!("t={ts},v1={}", hex::encode(sig)),
+                ),
+            ]
+        }
+        "slack" => {
+            let sig = mac(hmac::HMAC_SHA256, secret, &text(format!("v0:{ts}:")));
+            vec![
+                json,
+                h("x-slack-request-timestamp", ts.to_string()),
+                h("x-slack-signature", format!("v0={}", hex::encode(sig))),
+            ]
+        }
+        "standardWebhooks" => {
+            let key = secret
+                .strip_prefix(b"whsec_")
+                .and_then(|k| B64.decode(k).ok())
+                .unwrap_or_else(|| secret.to_vec());
+            let sig = mac(hmac::HMAC_SHA256, &key, &text(format!("{id}.{ts}.")));
+            vec![
+                json,
+                h("webhook-id", id.into()),
+                h("webhook-timestamp", ts.to_string()),
+                h("webhook-signature", format!("v1,{}", B64.encode(sig))),
+            ]
+        }
+        "shopify" => vec![
+            json,
+            h("x-shopify-webhook-id", id.into()),
+            h("x-shopify-topic", "orders/create".into()),
+            h(
+                "x-shopify-hmac-sha256",
+                B64.encode(mac(hmac::HMAC_SHA256, secret, body)),
+            ),
+        ],
+        "gitlab" => vec![
+            json,
+            h("x-gitlab-event-uuid", id.into()),
+            h(
+                "x-gitlab-token",
+                String::from_utf8_lossy(secret).into_owned(),
+            ),
+        ],
+        "hmac" => {
+            // The zoom example: v0=hex(HMAC("v0:{ts}:{body}")).
+            let sig = mac(hmac::HMAC_SHA256, secret, &text(format!("v0:{ts}:")));
+            vec![
+                json,
+                h("x-zm-request-timestamp", ts.to_string()),
+                h("x-zm-signature", format!("v0={}", hex::encode(sig))),
+            ]
+        }
+        "twilio" => {
+            // Form body: URL followed by the sorted parameters, HMAC-SHA1.
+            let url = ex.public_url.clone()?;
+            let mut params: Vec<(String, String)> = form_urlencoded::parse(body)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            params.sort();
+            let mut signed = url.into_bytes();
+            for (k, v) in params {
+                signed.extend_from_slice(k.as_bytes());
+                signed.extend_from_slice(v.as_bytes());
+            }
+            vec![
+                h("content-type", "application/x-www-form-urlencoded".into()),
+                h("i-twilio-idempotency-token", id.into()),
+                h(
+                    "x-twilio-signature",
+                    B64.encode(mac(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret, &signed)),
+                ),
+            ]
+        }
+        "none" => vec![json, h("x-request-id", id.into())],
+        _ => return None,
+    })
+}
+
+/// The sample requests: one good webhook per example, a provider retry of
+/// one of them, and requests the gateway must refuse.
+pub fn samples(examples: &[Example]) -> Vec<Sample> {
+    let ts = now();
+    let mut out = Vec::new();
+    for (i, ex) in examples.iter().enumerate() {
+        let id = format!("demo-{}-{i}", ex.name);
+        let body = if ex.scheme == "twilio" {
+            b"Body=Hello&From=%2B15005550006&MessageSid=SM1&To=%2B15005550001".to_vec()
+        } else {
+            serde_json::json!({"id": id, "type": "demo", "data": {"object": {"customer": "cus_demo"}}})
+                .to_string()
+                .into_bytes()
+        };
+        let Some(headers) = provider_headers(ex, &body, ts, &id) else {
+            continue;
+        };
+        out.push(Sample {
+            endpoint: ex.name.clone(),
+            case: "signed webhook",
+            path: ex.path.clone(),
+            headers,
+            body,
+            expect: 0,
+            delivers: true,
+        });
+    }
+    if let Some(gh) = examples.iter().find(|e| e.scheme == "github") {
+        let body = br#"{"zen":"Keep it logically awesome."}"#.to_vec();
+        let headers = provider_headers(gh, &body, ts, "demo-retry").unwrap_or_default();
+        for case in ["provider retry (1st)", "provider retry (2nd, deduplicated)"] {
+            out.push(Sample {
+                endpoint: gh.name.clone(),
+                case,
+                path: gh.path.clone(),
+                headers: headers.clone(),
+                body: body.clone(),
+                expect: 0,
+                delivers: case.ends_with("(1st)"),
+            });
+        }
+        let mut tampered = headers.clone();
+        tampered.retain(|(k, _)| k != "x-github-delivery");
+        tampered.push(("x-github-delivery".into(), "demo-tampered".into()));
+        out.push(Sample {
+            endpoint: gh.name.clone(),
+            case: "tampered body",
+            path: gh.path.clone(),
+            headers: tampered,
+            body: br#"{"zen":"Give me all your money."}"#.to_vec(),
+            expect: 401,
+            delivers: false,
+        });
+        out.push(Sample {
+            endpoint: gh.name.clone(),
+            case: "missing signature",
+            path: gh.path.clone(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.clone(),
+            expect: 401,
+            delivers: false,
+        });
+    }
+    if let Some(st) = examples.iter().find(|e| e.scheme == "stripe") {
+        let body = br#"{"id":"evt_stale"}"#.to_vec();
+        out.push(Sample {
+            endpoint: st.name.clone(),
+            case: "replayed (stale timestamp)",
+            path: st.path.clone(),
+            headers: provider_headers(st, &body, ts - 3600, "evt_stale").unwrap_or_default(),
+            body,
+            expect: 401,
+            delivers: false,
+        });
+    }
+    if let Some(sl) = examples.iter().find(|e| e.scheme == "slack") {
+        let body =
+            br#"{"type":"url_verification","challenge":"demo-challenge","token":"x"}"#.to_vec();
+        out.push(Sample {
+            endpoint: sl.name.clone(),
+            case: "url_verification handshake",
+            path: sl.path.clone(),
+            headers: provider_headers(sl, &body, ts, "hs").unwrap_or_default(),
+            body,
+            expect: 200,
+            delivers: false,
+        });
+    }
+    out.push(Sample {
+        endpoint: "-".into(),
+        case: "unknown path",
+        path: "/no/such/endpoint".into(),
+        headers: vec![],
+        body: b"{}".to_vec(),
+        expect: 404,
+        delivers: false,
+    });
+    out
+}
+
+/// POST one sample with a minimal HTTP/1.1 client (loopback only).
+pub async fn send(gateway: std::net::SocketAddr, s: &Sample) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(gateway).await?;
+    let mut req = format!(
+        "POST {} HTTP/1.1\r\nhost: {gateway}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        s.path,
+        s.body.len()
+    );
+    for (k, v) in &s.headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await?;
+    stream.write_all(&s.body).await?;
+    let mut resp = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        stream.read_to_end(&mut resp),
+    )
+    .await
+    .context("gateway did not answer within 15s")??;
+    let text = String::from_utf8_lossy(&resp);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("malformed HTTP response")?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    Ok((status, body))
+}
