@@ -28,4 +28,4 @@ test: tools fmt lint check-crds build
 	cargo test --workspace
 
 run: tools build
-	hack/local-up.sh
+	target/debug/spillway-local
