@@ -1,2 +1,397 @@
-//! The `spillway` command line (work in progress).
-fn main() {}
+//! `spillway`: inspect and operate WebhookEndpoints — status, dead letters,
+//! redrive, replay and test sends. Also usable as `kubectl spillway` (install
+//! it as `kubectl-spillway` on the PATH).
+#![forbid(unsafe_code)]
+
+mod dlq;
+mod endpoint;
+mod history;
+mod replay;
+mod send;
+mod sign;
+mod status;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use kube::api::Api;
+use spillway_api::WebhookEndpoint;
+
+use crate::endpoint::EndpointRef;
+
+/// Operate Spillway WebhookEndpoints.
+#[derive(Parser, Debug)]
+#[command(name = "spillway", version, about)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(ClapArgs, Debug)]
+struct Global {
+    /// Kubeconfig file (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long, global = true, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// Namespace of ENDPOINT given as a bare name (default: the context's).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    /// NATS server URL.
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// NATS credentials file.
+    #[arg(long, global = true, env = "NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// NATS user (with --nats-password).
+    #[arg(long, global = true, env = "NATS_USER")]
+    nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, global = true, env = "NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Path, readiness, backlog, in flight, dead letters and replicas.
+    Status {
+        /// `name` or `namespace/name`; all endpoints in the namespace when omitted.
+        endpoint: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Dead letters.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
+    /// Deliver stored webhooks again from the stream's history (new copies;
+    /// the live consumer is not disturbed).
+    Replay {
+        /// `name` or `namespace/name`.
+        endpoint: String,
+        /// Replay what was stored within this long ago (e.g. `2h`, `30m`).
+        #[arg(
+            long,
+            conflicts_with = "from_seq",
+            required_unless_present = "from_seq"
+        )]
+        since: Option<String>,
+        /// Replay from this stream sequence.
+        #[arg(long)]
+        from_seq: Option<u64>,
+        /// Last stream sequence to replay (default: the last one stored).
+        #[arg(long = "to-seq", alias = "to")]
+        to_seq: Option<u64>,
+        /// At most this many messages per second.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Id of this replay; repeat it to resume an interrupted replay
+        /// without duplicates (within the stream's duplicate window).
+        #[arg(long)]
+        replay_id: Option<String>,
+    },
+    /// Sign a test webhook like the provider would and POST it to the gateway.
+    Send {
+        /// `name` or `namespace/name`.
+        endpoint: String,
+        /// Signature scheme (default: the endpoint's).
+        #[arg(long)]
+        scheme: Option<String>,
+        /// File holding the provider's signing secret.
+        #[arg(long)]
+        secret_from: Option<PathBuf>,
+        /// Gateway base URL, e.g. https://hooks.example.com.
+        #[arg(long, env = "SPILLWAY_GATEWAY_URL")]
+        gateway: String,
+        /// Path on the gateway (default: the endpoint's).
+        #[arg(long)]
+        path: Option<String>,
+        /// Content type of the body.
+        #[arg(long, default_value = "application/json")]
+        content_type: String,
+        /// Extra header, `Name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// Delivery id for schemes that carry one (default: generated).
+        #[arg(long)]
+        id: Option<String>,
+        /// The body (`-` for stdin).
+        body: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCmd {
+    /// List dead letters: sequence, id, reason, attempts, last status, age.
+    List {
+        /// `name` or `namespace/name`.
+        endpoint: String,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Move dead letters back for another round, each exactly once.
+    Redrive {
+        /// `name` or `namespace/name`.
+        endpoint: String,
+        /// Delivery id to redrive (repeatable).
+        #[arg(long, required_unless_present_any = ["all", "seq"])]
+        id: Vec<String>,
+        /// Dead-letter sequence to redrive (repeatable; see `dlq list`).
+        #[arg(long)]
+        seq: Vec<u64>,
+        /// Every dead letter present when the redrive starts.
+        #[arg(long, conflicts_with_all = ["id", "seq"])]
+        all: bool,
+        /// At most this many per second.
+        #[arg(long)]
+        rate: Option<u32>,
+    },
+}
+
+impl Global {
+    async fn kube_config(&self) -> Result<kube::Config> {
+        let opts = kube::config::KubeConfigOptions {
+            context: self.context.clone(),
+            ..Default::default()
+        };
+        let kc = match &self.kubeconfig {
+            Some(p) => kube::config::Kubeconfig::read_from(p)
+                .with_context(|| format!("reading kubeconfig {}", p.display()))?,
+            None => kube::config::Kubeconfig::read()
+                .context("reading ~/.kube/config (or pass --kubeconfig)")?,
+        };
+        kube::Config::from_custom_kubeconfig(kc, &opts)
+            .await
+            .context("loading the kubeconfig")
+    }
+
+    async fn kube(&self) -> Result<(kube::Client, String)> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cfg = self.kube_config().await?;
+        let ns = cfg.default_namespace.clone();
+        Ok((
+            kube::Client::try_from(cfg).context("creating the Kubernetes client")?,
+            ns,
+        ))
+    }
+
+    /// The namespace for bare names, without contacting the cluster.
+    async fn default_namespace(&self) -> String {
+        if let Some(ns) = &self.namespace {
+            return ns.clone();
+        }
+        match self.kube_config().await {
+            Ok(c) => c.default_namespace,
+            Err(_) => "default".into(),
+        }
+    }
+
+    async fn endpoint(&self, s: &str) -> Result<EndpointRef> {
+        let ns = if s.contains('/') {
+            String::new()
+        } else {
+            self.default_namespace().await
+        };
+        EndpointRef::parse(s, &ns).map_err(anyhow::Error::msg)
+    }
+
+    async fn nats(&self) -> Result<async_nats::jetstream::Context> {
+        let mut opts = match &self.nats_creds {
+            Some(p) => async_nats::ConnectOptions::with_credentials_file(p)
+                .await
+                .with_context(|| format!("reading NATS credentials {}", p.display()))?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let (Some(u), Some(p)) = (&self.nats_user, &self.nats_password) {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        let client = opts
+            .name("spillway-cli")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(self.nats_url.as_str())
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to NATS at {} (pass --nats-url / NATS_URL, e.g. after `kubectl port-forward svc/nats 4222`)",
+                    self.nats_url
+                )
+            })?;
+        Ok(async_nats::jetstream::new(client))
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let g = &cli.global;
+    match cli.cmd {
+        Cmd::Status {
+            endpoint,
+            all_namespaces,
+        } => {
+            let (client, ctx_ns) = g.kube().await?;
+            let one = match &endpoint {
+                Some(e) => Some(
+                    EndpointRef::parse(e, g.namespace.as_deref().unwrap_or(&ctx_ns))
+                        .map_err(anyhow::Error::msg)?,
+                ),
+                None => None,
+            };
+            let js = match g.nats().await {
+                Ok(js) => Some(js),
+                Err(e) => {
+                    eprintln!("warning: {e:#}; showing the numbers from the endpoints' status");
+                    None
+                }
+            };
+            let ns = if all_namespaces {
+                None
+            } else {
+                Some(g.namespace.clone().unwrap_or(ctx_ns))
+            };
+            status::run(client, js.as_ref(), ns.as_deref(), one.as_ref()).await?;
+        }
+        Cmd::Dlq {
+            cmd: DlqCmd::List { endpoint, limit },
+        } => {
+            let ep = g.endpoint(&endpoint).await?;
+            dlq::list(&g.nats().await?, &ep, limit).await?;
+        }
+        Cmd::Dlq {
+            cmd:
+                DlqCmd::Redrive {
+                    endpoint,
+                    id,
+                    seq,
+                    all,
+                    rate,
+                },
+        } => {
+            let ep = g.endpoint(&endpoint).await?;
+            let sel = if all {
+                dlq::Selection::All
+            } else {
+                dlq::Selection::Some {
+                    ids: id.into_iter().collect::<BTreeSet<_>>(),
+                    seqs: seq.into_iter().collect(),
+                }
+            };
+            let r = dlq::redrive(&g.nats().await?, &ep, &sel, rate).await?;
+            println!(
+                "redrove {} dead letters of {ep}{}{}",
+                r.moved,
+                if r.duplicates > 0 {
+                    format!(
+                        " ({} already redriven by an interrupted run, removed)",
+                        r.duplicates
+                    )
+                } else {
+                    String::new()
+                },
+                if r.skipped > 0 {
+                    format!("; {} skipped (no original subject)", r.skipped)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        Cmd::Replay {
+            endpoint,
+            since,
+            from_seq,
+            to_seq,
+            rate,
+            replay_id,
+        } => {
+            let ep = g.endpoint(&endpoint).await?;
+            let start = match (since, from_seq) {
+                (Some(s), None) => {
+                    let d = spillway_api::duration::parse(&s).map_err(anyhow::Error::msg)?;
+                    history::Start::Time(replay::since(d)?)
+                }
+                (None, Some(n)) => history::Start::Seq(n),
+                _ => bail!("pass exactly one of --since or --from-seq"),
+            };
+            let run = replay_id.unwrap_or_else(replay::new_run_id);
+            let r = replay::replay(
+                &g.nats().await?,
+                &ep,
+                &replay::Range { start, to: to_seq },
+                &run,
+                rate,
+            )
+            .await?;
+            println!(
+                "replayed {} webhooks of {ep} (replay id {run}){}",
+                r.published,
+                if r.duplicates > 0 {
+                    format!("; {} were already replayed by this replay id", r.duplicates)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        Cmd::Send {
+            endpoint,
+            scheme,
+            secret_from,
+            gateway,
+            path,
+            content_type,
+            headers,
+            id,
+            body,
+        } => {
+            let ep = g.endpoint(&endpoint).await?;
+            let scheme = scheme
+                .map(|s| sign::parse_scheme(&s))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            // The endpoint is read when something must come from it.
+            let we = if scheme.is_none() || path.is_none() {
+                let (client, _) = g.kube().await?;
+                let api: Api<WebhookEndpoint> = Api::namespaced(client, &ep.namespace);
+                Some(
+                    api.get(&ep.name)
+                        .await
+                        .with_context(|| format!("getting WebhookEndpoint {ep}"))?,
+                )
+            } else {
+                None
+            };
+            let status = send::run(
+                send::SendArgs {
+                    ep,
+                    scheme,
+                    secret_from,
+                    body,
+                    gateway,
+                    path,
+                    content_type,
+                    headers,
+                    id,
+                },
+                we,
+            )
+            .await?;
+            if !(200..300).contains(&status) {
+                bail!("the gateway answered {status}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! `ENDPOINT` arguments: `name` or `namespace/name`.
+
+use spillway_api::names::EndpointNames;
+
+/// A WebhookEndpoint reference with its namespace resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl EndpointRef {
+    /// Parse `name` or `namespace/name`; a bare name takes `default_ns`.
+    pub fn parse(s: &str, default_ns: &str) -> Result<Self, String> {
+        let (ns, name) = match s.split_once('/') {
+            Some((ns, name)) => (ns, name),
+            None => (default_ns, s),
+        };
+        let ok = |v: &str| {
+            !v.is_empty()
+                && v.len() <= 253
+                && v.bytes()
+                    .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.'))
+        };
+        if !ok(ns) || !ok(name) || name.contains('/') {
+            return Err(format!(
+                "{s:?} is not an endpoint: use NAME or NAMESPACE/NAME (lower-case Kubernetes names)"
+            ));
+        }
+        Ok(Self {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The endpoint's NATS object names.
+    pub fn names(&self) -> EndpointNames {
+        EndpointNames::new(&self.namespace, &self.name)
+    }
+
+    /// Whether `subject` is one of this endpoint's stream subjects.
+    pub fn owns_subject(&self, subject: &str) -> bool {
+        let prefix = self.names().stream_subjects();
+        let prefix = prefix.trim_end_matches('*');
+        subject
+            .strip_prefix(prefix)
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    }
+}
+
+impl std::fmt::Display for EndpointRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_forms() {
+        let e = EndpointRef::parse("github", "team-a").unwrap();
+        assert_eq!(
+            (e.namespace.as_str(), e.name.as_str()),
+            ("team-a", "github")
+        );
+        let e = EndpointRef::parse("ops/stripe.v2", "team-a").unwrap();
+        assert_eq!(
+            (e.namespace.as_str(), e.name.as_str()),
+            ("ops", "stripe.v2")
+        );
+        assert_eq!(e.to_string(), "ops/stripe.v2");
+        for bad in ["", "/x", "x/", "a/b/c", "Upper", "a b"] {
+            assert!(EndpointRef::parse(bad, "default").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn owns_only_its_partition_subjects() {
+        let e = EndpointRef::parse("ns/gh", "default").unwrap();
+        assert!(e.owns_subject("spillway.in.ns_gh.0"));
+        assert!(e.owns_subject("spillway.in.ns_gh.17"));
+        assert!(!e.owns_subject("spillway.in.ns_gh."));
+        assert!(!e.owns_subject("spillway.in.ns_gh.x"));
+        assert!(!e.owns_subject("spillway.in.ns_ghx.0"));
+        assert!(!e.owns_subject("spillway.dlq.ns_gh"));
+    }
+}
