@@ -132,6 +132,9 @@ pub enum ApiError {
     /// The body did not arrive in time.
     #[error("request timeout")]
     RequestTimeout,
+    /// The body could not be read (malformed framing, client went away).
+    #[error("bad request")]
+    BadRequest,
     /// Token bucket empty.
     #[error("rate limited")]
     RateLimited {
@@ -173,6 +176,7 @@ impl IntoResponse for ApiError {
                 json_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
             }
             ApiError::RequestTimeout => json_error(StatusCode::REQUEST_TIMEOUT, "timeout"),
+            ApiError::BadRequest => json_error(StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::RateLimited { retry_after } => with_retry_after(
                 json_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
                 retry_after,
@@ -355,7 +359,7 @@ async fn read_body(body: Body, max: u64, deadline: Duration) -> Result<Bytes, Ap
             Err(ApiError::PayloadTooLarge)
         }
         // The client went away or sent a malformed body.
-        Ok(Err(_)) => Err(ApiError::RequestTimeout),
+        Ok(Err(_)) => Err(ApiError::BadRequest),
     }
 }
 
