@@ -109,11 +109,14 @@ fn set(doc: &mut Value, path: &str, value: Value) {
     }
 }
 
+/// What is wrong, the edits making it so, and the message expected.
+type Case = (&'static str, Vec<(&'static str, Value)>, &'static str);
+
 #[tokio::test]
 async fn nonsense_is_rejected_with_a_clear_message() -> Result<()> {
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("invalid").await?;
-    let cases: Vec<(&str, Vec<(&str, Value)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "signed scheme without secrets",
             vec![("verification/secretRefs", Value::Null)],
@@ -166,7 +169,10 @@ async fn nonsense_is_rejected_with_a_clear_message() -> Result<()> {
         ),
         (
             "more backoff steps than attempts",
-            vec![("processor/retry", json!({"maxAttempts": 2, "backoff": ["1s", "2s", "3s"]}))],
+            vec![(
+                "processor/retry",
+                json!({"maxAttempts": 2, "backoff": ["1s", "2s", "3s"]}),
+            )],
             "retry.backoff may list at most maxAttempts durations",
         ),
         (
@@ -199,7 +205,10 @@ async fn nonsense_is_rejected_with_a_clear_message() -> Result<()> {
         ),
         (
             "both ordering keys",
-            vec![("ordering", json!({"keyHeader": "X-Key", "keyJsonPointer": "/id"}))],
+            vec![(
+                "ordering",
+                json!({"keyHeader": "X-Key", "keyJsonPointer": "/id"}),
+            )],
             "ordering needs exactly one of keyHeader or keyJsonPointer",
         ),
         (
@@ -209,7 +218,10 @@ async fn nonsense_is_rejected_with_a_clear_message() -> Result<()> {
         ),
         (
             "burst below rate",
-            vec![("ingress/rateLimit", json!({"requestsPerSecond": 10, "burst": 5}))],
+            vec![(
+                "ingress/rateLimit",
+                json!({"requestsPerSecond": 10, "burst": 5}),
+            )],
             "rateLimit.burst must be at least requestsPerSecond",
         ),
         (
