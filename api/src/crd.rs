@@ -44,7 +44,10 @@ pub struct WebhookEndpointSpec {
     /// only URL-safe characters; at most 256 characters. When two endpoints
     /// claim one path, the older keeps it and the newer reports PathConflict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$"))]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+    )]
     pub path: Option<String>,
 
     /// Stop taking webhooks: the gateway answers 503 with Retry-After so
@@ -542,7 +545,10 @@ pub struct Sink {
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSink {
     /// Service name in the endpoint's namespace.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Service port number.
     #[schemars(range(min = 1, max = 65535))]
@@ -628,7 +634,10 @@ pub struct RetrySpec {
     /// Wait before each retry, as Go-style durations; the last entry repeats
     /// for further attempts. Default `1s, 5s, 30s, 2m, 10m`.
     #[serde(default = "defaults::backoff")]
-    #[schemars(length(min = 1, max = 100), inner(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$")))]
+    #[schemars(
+        length(min = 1, max = 100),
+        inner(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))
+    )]
     pub backoff: Vec<String>,
 }
 

@@ -36,7 +36,9 @@ pub fn parse(s: &str) -> Result<Duration, DurationError> {
             return Err(err());
         };
         rest = &rest[len..];
-        let part = unit.checked_mul(u32::try_from(n).map_err(|_| err())?).ok_or_else(err)?;
+        let part = unit
+            .checked_mul(u32::try_from(n).map_err(|_| err())?)
+            .ok_or_else(err)?;
         total = total.checked_add(part).ok_or_else(err)?;
     }
     Ok(total)
@@ -72,7 +74,17 @@ mod tests {
 
     #[test]
     fn rejects_what_the_api_server_would() {
-        for bad in ["", "30", "s", "1d", "1.5h", "-1s", "1h ", " 1h", "99999999999h"] {
+        for bad in [
+            "",
+            "30",
+            "s",
+            "1d",
+            "1.5h",
+            "-1s",
+            "1h ",
+            " 1h",
+            "99999999999h",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -43,7 +43,10 @@ mod tests {
             "charts/spillway/crds/webhookendpoints.spillway.dev.yaml",
         ] {
             let got = std::fs::read_to_string(root.join(f)).expect("committed CRD exists");
-            assert!(got == want, "{f} is out of date: run `make crds` and commit it");
+            assert!(
+                got == want,
+                "{f} is out of date: run `make crds` and commit it"
+            );
         }
     }
 }

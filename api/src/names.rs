@@ -108,7 +108,10 @@ mod tests {
     #[test]
     fn names_are_valid_jetstream_names() {
         let long = "x".repeat(253);
-        for n in [EndpointNames::new("default", "gh"), EndpointNames::new("ns", &long)] {
+        for n in [
+            EndpointNames::new("default", "gh"),
+            EndpointNames::new("ns", &long),
+        ] {
             let s = n.stream();
             assert!(s.len() <= 255, "{s}");
             assert!(!s.contains(['.', '*', '>', ' ', '/', '\\']), "{s}");

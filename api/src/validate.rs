@@ -39,7 +39,10 @@ pub fn check(spec: &WebhookEndpointSpec) -> Result<Timings, Vec<String>> {
             .enumerate()
             .map(|(i, b)| dur(&format!("processor.retry.backoff[{i}]"), b))
             .collect(),
-        dead_letter_max_age: dur("processor.deadLetter.maxAge", &spec.processor.dead_letter.max_age),
+        dead_letter_max_age: dur(
+            "processor.deadLetter.maxAge",
+            &spec.processor.dead_letter.max_age,
+        ),
     };
     if t.dedup_window > t.stream_max_age {
         problems.push("deduplication.window must not be longer than stream.maxAge".into());
@@ -59,9 +62,15 @@ pub fn check(spec: &WebhookEndpointSpec) -> Result<Timings, Vec<String>> {
         problems.push("verification.secretRefs needs at least one Secret reference".into());
     }
     if (v.scheme == crate::Scheme::Hmac) != v.hmac.is_some() {
-        problems.push("verification.hmac is required when scheme is hmac and not allowed otherwise".into());
+        problems.push(
+            "verification.hmac is required when scheme is hmac and not allowed otherwise".into(),
+        );
     }
-    if problems.is_empty() { Ok(t) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(t)
+    } else {
+        Err(problems)
+    }
 }
 
 #[cfg(test)]
