@@ -152,7 +152,10 @@ async fn main() -> Result<()> {
     step("sending sample webhooks through the gateway");
     let samples = demo::samples(&examples);
     let mut wrong = 0;
-    println!("  {:<18} {:<38} {:>6}  RESULT", "ENDPOINT", "CASE", "STATUS");
+    println!(
+        "  {:<18} {:<38} {:>6}  RESULT",
+        "ENDPOINT", "CASE", "STATUS"
+    );
     for s in &samples {
         let (status, body) = demo::send(gateway_addr, s).await?;
         let ok = if s.expect == 0 {
