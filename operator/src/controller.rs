@@ -37,6 +37,8 @@ use crate::settings::Settings;
 /// The finalizer that holds a deleted endpoint until its NATS objects are
 /// cleaned up.
 pub const FINALIZER: &str = "spillway.dev/cleanup";
+/// Longest a reconcile waits for the caches' initial listing.
+const STORE_WAIT: Duration = Duration::from_secs(10);
 /// KEDA's ScaledObject CRD.
 pub const KEDA_CRD: &str = "scaledobjects.keda.sh";
 
@@ -328,6 +330,8 @@ async fn accept(ep: &WebhookEndpoint, ctx: &Context) -> Result<Result<Timings, R
             }
         }
     }
+    // Judge paths only on a complete view of the endpoints.
+    let _ = tokio::time::timeout(STORE_WAIT, ctx.endpoints.wait_until_ready()).await;
     if let Some(holder) = path_holder(ep, &ctx.endpoints.state()) {
         return Ok(Err(Rejection {
             reason: "PathConflict",
@@ -664,6 +668,8 @@ async fn processor(
     let dname = deployment_name(&ep.name_any());
     let uid = ep.uid().unwrap_or_default();
     let p = &ep.spec.processor;
+    // The current replica count matters after a restart: wait for the cache.
+    let _ = tokio::time::timeout(STORE_WAIT, ctx.deployments.wait_until_ready()).await;
     let current = ctx
         .deployments
         .get(&ObjectRef::new(&dname).within(&ns))

@@ -307,13 +307,32 @@ pub async fn run_controller(
             ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
+    // The caches keep only what reconciling reads: no managedFields, no
+    // last-applied annotation, and for Deployments no pod template (the
+    // render hash annotation stands for it).
     let (dstore, dwriter) = reflector::store();
     let owned = reflector::reflector(
         dwriter,
         watcher(
             deployments,
             watcher::Config::default().labels("app.kubernetes.io/managed-by=spillway-operator"),
-        ),
+        )
+        .modify(|d: &mut Deployment| {
+            d.metadata.managed_fields = None;
+            d.spec.template = Default::default();
+        }),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (estore, ewriter) = reflector::store();
+    let trigger = reflector::reflector(
+        ewriter,
+        watcher(endpoints, watcher::Config::default()).modify(|e: &mut WebhookEndpoint| {
+            e.metadata.managed_fields = None;
+            if let Some(a) = e.metadata.annotations.as_mut() {
+                a.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+        }),
     )
     .default_backoff()
     .touched_objects();
@@ -321,14 +340,14 @@ pub async fn run_controller(
     let retrigger =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 
-    let controller = Controller::new(endpoints, watcher::Config::default());
+    let controller = Controller::for_stream(trigger, estore.clone());
     let ctx = Arc::new(Context::new(
         client,
         js,
         settings.clone(),
         recorder,
         metrics,
-        controller.store(),
+        estore,
         dstore,
         tx,
     ));

@@ -117,6 +117,10 @@ async fn thousand_endpoints() -> Result<()> {
             &ns,
         ])
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .args([
+            "--leader-elect",
+            &std::env::var("SPILLWAY_BENCH_LEADER_ELECT").unwrap_or_else(|_| "true".into()),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
