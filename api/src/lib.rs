@@ -9,6 +9,7 @@
 mod crd;
 pub mod duration;
 pub mod names;
+pub mod reference;
 mod schema;
 pub mod validate;
 pub mod wire;

@@ -1,5 +1,6 @@
-//! Writes the WebhookEndpoint CRD to stdout, or with `--check FILE...`
-//! fails when any FILE differs from what would be generated.
+//! Writes the WebhookEndpoint CRD to stdout; `--write FILE...` writes it (or,
+//! for a `.md` FILE, the generated API reference); `--check FILE...` fails
+//! when any FILE differs from what would be generated.
 
 use std::process::ExitCode;
 
@@ -9,6 +10,20 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("crdgen: cannot render the CRD: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    let reference = match spillway_api::reference::markdown() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("crdgen: cannot render the reference: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let content = |f: &str| {
+        if f.ends_with(".md") {
+            &reference
+        } else {
+            &yaml
         }
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -21,7 +36,7 @@ fn main() -> ExitCode {
             let mut ok = true;
             for f in files {
                 match std::fs::read_to_string(f) {
-                    Ok(s) if s == yaml => {}
+                    Ok(s) if &s == content(f) => {}
                     Ok(_) => {
                         eprintln!("crdgen: {f} is out of date; run `make crds` and commit it");
                         ok = false;
@@ -40,7 +55,7 @@ fn main() -> ExitCode {
         }
         Some((flag, files)) if flag == "--write" && !files.is_empty() => {
             for f in files {
-                if let Err(e) = std::fs::write(f, &yaml) {
+                if let Err(e) = std::fs::write(f, content(f)) {
                     eprintln!("crdgen: cannot write {f}: {e}");
                     return ExitCode::FAILURE;
                 }
