@@ -66,6 +66,9 @@ pub struct Cli {
     /// Deadline for reading request headers [default 10s].
     #[arg(long, env = "SPILLWAY_GATEWAY_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Option<String>,
+    /// Close connections that send nothing for this long [default 60s].
+    #[arg(long, env = "SPILLWAY_GATEWAY_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
     /// Largest request head in bytes [default 65536].
     #[arg(long, env = "SPILLWAY_GATEWAY_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
@@ -109,6 +112,7 @@ struct FileConfig {
     publish_timeout: Option<String>,
     body_timeout: Option<String>,
     header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_in_flight_publishes: Option<usize>,
     retry_after: Option<String>,
@@ -155,6 +159,8 @@ pub struct Config {
     pub body_timeout: Duration,
     /// Header read deadline.
     pub header_read_timeout: Duration,
+    /// Idle connection timeout.
+    pub idle_timeout: Duration,
     /// Largest request head.
     pub max_header_bytes: usize,
     /// Publishes in flight.
@@ -181,6 +187,7 @@ impl Default for Config {
             publish_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_in_flight_publishes: 4096,
             retry_after: Duration::from_secs(5),
@@ -248,6 +255,11 @@ impl Config {
                 "headerReadTimeout",
                 cli.header_read_timeout.or(file.header_read_timeout),
                 d.header_read_timeout,
+            ),
+            idle_timeout: dur(
+                "idleTimeout",
+                cli.idle_timeout.or(file.idle_timeout),
+                d.idle_timeout,
             ),
             max_header_bytes: cli
                 .max_header_bytes

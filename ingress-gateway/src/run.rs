@@ -126,6 +126,7 @@ pub async fn start(
     let opts = ServeOptions {
         header_read_timeout: config.header_read_timeout,
         max_header_bytes: config.max_header_bytes,
+        idle_timeout: config.idle_timeout,
         shutdown_grace: config.shutdown_grace,
     };
     let (tx, rx) = watch::channel(false);

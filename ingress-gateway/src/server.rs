@@ -3,8 +3,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -18,7 +20,6 @@ use governor::clock::{Clock, DefaultClock};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use spillway_api::names::partition_of;
 use spillway_api::wire;
@@ -563,6 +564,9 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// Largest request head (HTTP/1 read buffer; HTTP/2 header list).
     pub max_header_bytes: usize,
+    /// A connection that sends nothing for this long is closed (after any
+    /// request in progress is answered).
+    pub idle_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
 }
@@ -572,14 +576,68 @@ impl Default for ServeOptions {
         Self {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
+            idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(25),
         }
     }
 }
 
+/// A TCP stream that remembers when it last received bytes.
+struct Tracked {
+    inner: tokio::net::TcpStream,
+    epoch: Instant,
+    last_read_ms: Arc<AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.last_read_ms.store(now, AtomicOrdering::Relaxed);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
 /// Serve `router` on `listener` until `shutdown` resolves, then stop
 /// accepting and wait (up to the grace period) for in-flight requests, and so
-/// their publishes, to finish.
+/// their publishes, to finish. Idle connections are closed.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -596,7 +654,8 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX));
-    let graceful = GracefulShutdown::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, _peer): (_, SocketAddr) = tokio::select! {
@@ -610,25 +669,58 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        while conns.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
+        let epoch = Instant::now();
+        let last_read_ms = Arc::new(AtomicU64::new(0));
+        let io = Tracked {
+            inner: stream,
+            epoch,
+            last_read_ms: last_read_ms.clone(),
+        };
         let service = TowerToHyperService::new(router.clone());
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "connection ended with an error");
+        let mut stop = stop_rx.clone();
+        let idle = opts.idle_timeout;
+        conns.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let mut closing = false;
+            let check = (idle / 2).max(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            debug!(error = %e, "connection ended with an error");
+                        }
+                        return;
+                    }
+                    _ = stop.wait_for(|v| *v), if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    () = tokio::time::sleep(check), if !closing => {
+                        let last = Duration::from_millis(last_read_ms.load(AtomicOrdering::Relaxed));
+                        if epoch.elapsed().saturating_sub(last) >= idle {
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    }
+                }
             }
         });
     }
     drop(listener);
     info!("shutting down: draining in-flight requests");
-    if tokio::time::timeout(opts.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(opts.shutdown_grace, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
         warn!("grace period over with requests still in flight");
+        conns.abort_all();
     }
 }
 

@@ -1141,6 +1141,7 @@ async fn header_limits_slow_senders_and_graceful_shutdown() -> Result<()> {
         c.max_header_bytes = 8192;
         c.body_timeout = Duration::from_secs(1);
         c.header_read_timeout = Duration::from_secs(1);
+        c.idle_timeout = Duration::from_secs(1);
     })
     .await?;
     let mut y = secrets_yaml();
@@ -1175,6 +1176,11 @@ async fn header_limits_slow_senders_and_graceful_shutdown() -> Result<()> {
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
     assert!(closed.is_ok(), "slow head not cut off");
+    // A connection that sends nothing at all is closed too.
+    let mut s = TcpStream::connect(addr).await?;
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "idle connection not cut off");
     assert_eq!(w.count("drain").await?, 0);
 
     // Graceful shutdown with requests in flight: whatever was answered 2xx
