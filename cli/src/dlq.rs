@@ -165,6 +165,19 @@ pub async fn redrive(
     let (count, last) = last_seq(js, &stream_name).await?;
     let mut done = Redriven::default();
     if count == 0 {
+        if let Selection::Some { ids, seqs } = sel
+            && !(ids.is_empty() && seqs.is_empty())
+        {
+            let wanted: Vec<String> = ids
+                .iter()
+                .cloned()
+                .chain(seqs.iter().map(|s| format!("seq {s}")))
+                .collect();
+            bail!(
+                "there are no dead letters for {ep}: {} not found",
+                wanted.join(", ")
+            );
+        }
         eprintln!("no dead letters for {ep}");
         return Ok(done);
     }

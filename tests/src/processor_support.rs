@@ -629,3 +629,50 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
         (name == series).then(|| value.parse().ok())?
     })
 }
+
+// --------------------------------------------------------------------- cli
+
+/// Output of a `spillway` run.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run the real `spillway` binary with `args` (bounded to 60s). No
+/// kubeconfig is inherited from the environment.
+pub async fn spillway(args: &[&str], env: &[(&str, &str)]) -> Result<CliOutput> {
+    let mut cmd = tokio::process::Command::new(bin_path("spillway"));
+    cmd.args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("NATS_URL")
+        .env("HOME", std::env::temp_dir())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .with_context(|| format!("spillway {args:?} did not finish within 60s"))??;
+    Ok(CliOutput {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// Like [`spillway`], failing unless it exits 0.
+pub async fn spillway_ok(args: &[&str], env: &[(&str, &str)]) -> Result<CliOutput> {
+    let out = spillway(args, env).await?;
+    if !out.success {
+        bail!("spillway {args:?} failed:\n{}\n{}", out.stdout, out.stderr);
+    }
+    Ok(out)
+}
+
+/// Number of messages in `stream`.
+pub async fn stream_len(js: &jetstream::Context, stream: &str) -> Result<u64> {
+    Ok(js.get_stream(stream).await?.info().await?.state.messages)
+}
