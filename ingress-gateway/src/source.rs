@@ -88,12 +88,25 @@ struct Meta {
 }
 
 /// Endpoints and secrets read from files.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct FileSource {
     /// The endpoints, in file order (earlier documents win path conflicts).
     pub endpoints: Vec<EndpointDef>,
     secrets: SecretData,
     secrets_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for FileSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSource")
+            .field("endpoints", &self.endpoints)
+            .field(
+                "secrets",
+                &format_args!("<{} redacted>", self.secrets.len()),
+            )
+            .field("secrets_dir", &self.secrets_dir)
+            .finish()
+    }
 }
 
 impl FileSource {
@@ -400,6 +413,10 @@ spec:
         std::fs::write(&file, yaml).unwrap();
         let src = FileSource::load(&file, Some(&dir.join("files"))).unwrap();
         assert_eq!(src.endpoints.len(), 2);
+        assert!(
+            !format!("{src:?}").contains("Everybody"),
+            "Debug redacts secrets"
+        );
         let r = |name: &str, key: &str| SecretKeyRef {
             name: name.into(),
             key: key.into(),
