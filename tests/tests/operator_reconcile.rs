@@ -698,3 +698,57 @@ async fn delete_policy_delete_and_cleanup_while_nats_is_down() -> Result<()> {
     env.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn ordering_partitions_and_immutable_changes() -> Result<()> {
+    let env = Env::new("op-order").await?;
+    env.secret("gh", "secret").await?;
+    env.create(
+        "ord",
+        spec(json!({"ordering": {"keyHeader": "X-Key", "partitions": 3}})),
+    )
+    .await?;
+    env.wait_condition("ord", "StreamReady", "True", None)
+        .await?;
+    let names = env.names("ord");
+    let js = env.nats.jetstream().await?;
+    let stream = js.get_stream(names.stream()).await?;
+    for p in 0..3u16 {
+        let c = stream.consumer_info(names.consumer(Some(p))).await?;
+        assert_eq!(c.config.filter_subject, names.subject(p));
+        assert_eq!(c.config.max_ack_pending, 1);
+    }
+    assert!(stream.consumer_info("processor").await.is_err());
+    let cfg = config_of(&env.deployment("ord").await?)?;
+    assert_eq!(cfg.consumers.len(), 3);
+
+    // Fewer partitions: the surplus consumer goes.
+    env.patch_spec("ord", json!({"ordering": {"partitions": 2}}))
+        .await?;
+    eventually(WAIT, "processor-p2 deleted", || async {
+        stream.consumer_info(names.consumer(Some(2))).await.is_err()
+    })
+    .await?;
+    assert!(stream.consumer_info(names.consumer(Some(1))).await.is_ok());
+
+    // Storage cannot change in place: reported, stream untouched.
+    env.patch_spec("ord", json!({"stream": {"storage": "file"}}))
+        .await?;
+    let ep = env
+        .wait_condition("ord", "StreamReady", "False", Some("StreamConfigImmutable"))
+        .await?;
+    let msg = condition(&ep, "StreamReady").unwrap().2;
+    assert!(msg.contains("storage"), "{msg}");
+    let mut stream = js.get_stream(names.stream()).await?;
+    assert_eq!(
+        stream.info().await?.config.storage,
+        async_nats::jetstream::stream::StorageType::Memory
+    );
+    // Reverting heals it.
+    env.patch_spec("ord", json!({"stream": {"storage": "memory"}}))
+        .await?;
+    env.wait_condition("ord", "StreamReady", "True", None)
+        .await?;
+    env.stop().await;
+    Ok(())
+}
