@@ -122,19 +122,28 @@ pub async fn run(args: SendArgs, we: Option<WebhookEndpoint>) -> Result<u16> {
         .timeout(Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
-    let mut req = client
-        .post(&url)
-        .header(reqwest::header::CONTENT_TYPE, &args.content_type)
-        .body(body);
-    for (k, v) in signed {
-        req = req.header(k, v);
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut set = |k: &str, v: &str| -> Result<()> {
+        headers.insert(
+            reqwest::header::HeaderName::from_bytes(k.trim().as_bytes())
+                .with_context(|| format!("invalid header name {k:?}"))?,
+            reqwest::header::HeaderValue::from_str(v.trim())
+                .with_context(|| format!("invalid value for header {k}"))?,
+        );
+        Ok(())
+    };
+    set("content-type", &args.content_type)?;
+    for (k, v) in &signed {
+        set(k, v)?;
     }
+    // Extra headers last: they replace defaults such as X-GitHub-Event.
     for h in &args.headers {
         let (k, v) = h
             .split_once(':')
             .with_context(|| format!("--header {h:?} is not `Name: value`"))?;
-        req = req.header(k.trim(), v.trim());
+        set(k, v)?;
     }
+    let req = client.post(&url).headers(headers).body(body);
     let resp = req
         .send()
         .await

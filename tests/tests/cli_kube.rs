@@ -1,0 +1,187 @@
+//! `spillway status` and `spillway send` reading WebhookEndpoints from a real
+//! kube-apiserver, with live numbers from a real nats-server.
+
+#[path = "../src/processor_support.rs"]
+mod processor_support;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use processor_support::*;
+use spillway_tests::{ControlPlane, NatsServer, eventually};
+
+fn endpoint_yaml(ns: &str) -> String {
+    format!(
+        r#"apiVersion: spillway.dev/v1alpha1
+kind: WebhookEndpoint
+metadata: {{name: hooks, namespace: {ns}}}
+spec:
+  verification: {{scheme: github, secretRefs: [{{name: gh, key: secret}}]}}
+  processor: {{sink: {{url: "http://sink:8080/hook"}}, paused: true}}
+"#
+    )
+}
+
+const STATUS_PATCH: &str = r#"{"status":{"path":"/team/hooks","replicas":{"desired":2,"ready":1},
+ "backlog":{"pending":40,"ackPending":2,"redelivered":0},"deadLetters":9,
+ "conditions":[{"type":"Ready","status":"True","reason":"Ready","message":"serving","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_path_readiness_backlog_dead_letters_and_replicas() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("cli-status").await?;
+    cp.kubectl_stdin(&["apply", "-f", "-"], &endpoint_yaml(&ns))?;
+    cp.kubectl_output(&[
+        "patch",
+        "-n",
+        &ns,
+        "webhookendpoint",
+        "hooks",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        STATUS_PATCH,
+    ])?;
+    let nats = NatsServer::start().await?;
+    let ep = Endpoint::create(
+        nats.jetstream().await?,
+        Setup {
+            namespace: ns.clone(),
+            ..Setup::default()
+        },
+    )
+    .await?;
+    for i in 0..3 {
+        ep.publish(&format!("s{i}"), None, "{}").await?;
+    }
+    ep.js
+        .publish(ep.names.dead_letter_subject(), "{}".into())
+        .await?
+        .await?;
+
+    let kubeconfig = cp.kubeconfig.display().to_string();
+    let env = [
+        ("NATS_URL", nats.url.as_str()),
+        ("KUBECONFIG", kubeconfig.as_str()),
+    ];
+    let target = format!("{ns}/hooks");
+    let one = spillway_ok(&["status", &target], &env).await?;
+    let o = &one.stdout;
+    assert!(o.contains("/team/hooks"), "{o}");
+    assert!(o.contains("Ready:         True"), "{o}");
+    assert!(
+        o.contains("Backlog:       3"),
+        "live backlog, not the status' 40:\n{o}"
+    );
+    assert!(o.contains("In flight:     0"), "{o}");
+    assert!(o.contains("Dead letters:  1"), "{o}");
+    assert!(o.contains("Replicas:      1/2"), "{o}");
+    assert!(o.contains("paused"), "{o}");
+
+    // The table for the namespace (bare names resolve with -n too).
+    let table = spillway_ok(&["status", "-n", &ns], &env).await?;
+    let row = table
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&target))
+        .unwrap_or_else(|| panic!("no row for {target}:\n{}", table.stdout));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[1..4], ["/team/hooks", "True", "3"], "{row}");
+    let bare = spillway_ok(&["status", "hooks", "-n", &ns], &env).await?;
+    assert!(bare.stdout.contains("Backlog:       3"));
+
+    // NATS unreachable: the numbers the operator wrote into the status.
+    let env_down = [
+        ("NATS_URL", "nats://127.0.0.1:1"),
+        ("KUBECONFIG", kubeconfig.as_str()),
+    ];
+    let down = spillway_ok(&["status", &target], &env_down).await?;
+    assert!(down.stdout.contains("Backlog:       40"), "{}", down.stdout);
+    assert!(
+        down.stdout.contains("NATS was not reachable"),
+        "{}",
+        down.stdout
+    );
+    assert!(down.stderr.contains("NATS"), "{}", down.stderr);
+
+    // A missing endpoint is an error that says so.
+    let missing = spillway(&["status", &format!("{ns}/nope")], &env).await?;
+    assert!(
+        !missing.success && missing.stderr.contains("nope"),
+        "{}",
+        missing.stderr
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_takes_scheme_and_path_from_the_endpoint() -> Result<()> {
+    use hmac::{Hmac, Mac};
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("cli-send").await?;
+    cp.kubectl_stdin(&["apply", "-f", "-"], &endpoint_yaml(&ns))?;
+    cp.kubectl_output(&[
+        "patch",
+        "-n",
+        &ns,
+        "webhookendpoint",
+        "hooks",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"path":"/gh/acme"}}"#,
+    ])?;
+    // A stand-in gateway that records what it gets.
+    let gw = Sink::start().await?;
+    let base = gw.url.trim_end_matches("/hook").to_owned();
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("secret"), "It's a Secret to Everybody\n")?;
+    std::fs::write(
+        dir.path().join("body.json"),
+        r#"{"zen":"Keep it logically awesome."}"#,
+    )?;
+    let kubeconfig = cp.kubeconfig.display().to_string();
+    let secret = dir.path().join("secret").display().to_string();
+    let body = dir.path().join("body.json").display().to_string();
+    let out = spillway_ok(
+        &[
+            "send",
+            "hooks",
+            "-n",
+            &ns,
+            "--secret-from",
+            &secret,
+            "--gateway",
+            &base,
+            "-H",
+            "X-GitHub-Event: push",
+            &body,
+        ],
+        &[("KUBECONFIG", kubeconfig.as_str())],
+    )
+    .await?;
+    assert!(out.stdout.contains("github signed"), "{}", out.stdout);
+    assert!(out.stdout.contains("/gh/acme"), "{}", out.stdout);
+    eventually(Duration::from_secs(5), "received", || async {
+        gw.count() == 1
+    })
+    .await?;
+    let r = &gw.received()[0];
+    let sig = r
+        .headers
+        .get("x-hub-signature-256")
+        .unwrap()
+        .to_str()?
+        .to_owned();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"It's a Secret to Everybody")?;
+    mac.update(&r.body);
+    let want = format!("sha256={}", hex_lower(&mac.finalize().into_bytes()));
+    assert_eq!(sig, want);
+    assert_eq!(r.headers.get("x-github-event").unwrap(), "push");
+    assert_eq!(r.headers.get("content-type").unwrap(), "application/json");
+    Ok(())
+}
+
+fn hex_lower(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
