@@ -25,6 +25,9 @@ use crate::signing::SecretFile;
 /// takes to notice shutdown.
 const PULL_WAIT: Duration = Duration::from_secs(2);
 
+/// Wait between attempts to find the stream and consumers.
+const BIND_RETRY: Duration = Duration::from_secs(2);
+
 /// Failure to start serving.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -165,7 +168,8 @@ impl Processor {
         })
     }
 
-    /// Serve until shutdown: returns once every worker has stopped.
+    /// Serve until shutdown: returns once every worker has stopped. Waits
+    /// (not ready) until the stream and consumers exist.
     pub async fn run(self: Arc<Self>) -> Result<(), StartError> {
         let s = &self.settings;
         if s.paused {
@@ -175,24 +179,22 @@ impl Processor {
             let _ = stop.wait_for(|v| *v).await;
             return Ok(());
         }
-        let stream = self
-            .js
-            .get_stream(&s.stream)
-            .await
-            .map_err(|source| StartError::Stream {
-                stream: s.stream.clone(),
-                source,
-            })?;
+        // The operator creates the stream and consumers; until they exist
+        // (or while NATS is unreachable) keep trying, not ready.
+        let consumers = loop {
+            match self.bind().await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot bind to the consumers yet; retrying");
+                    self.pause(BIND_RETRY).await;
+                    if self.stopping() {
+                        return Ok(());
+                    }
+                }
+            }
+        };
         let mut workers = JoinSet::new();
-        for name in &s.consumers {
-            let consumer: jetstream::consumer::PullConsumer = stream
-                .get_consumer(name)
-                .await
-                .map_err(|source| StartError::Consumer {
-                    stream: s.stream.clone(),
-                    consumer: name.clone(),
-                    source,
-                })?;
+        for (name, consumer) in consumers {
             let cfg = &consumer.cached_info().config;
             let cap = s.concurrency_per_replica;
             let n = match u32::try_from(cfg.max_ack_pending) {
@@ -212,6 +214,33 @@ impl Processor {
             }
         }
         Ok(())
+    }
+
+    /// Look up the stream and every consumer.
+    async fn bind(&self) -> Result<Vec<(String, jetstream::consumer::PullConsumer)>, StartError> {
+        let s = &self.settings;
+        let stream = self
+            .js
+            .get_stream(&s.stream)
+            .await
+            .map_err(|source| StartError::Stream {
+                stream: s.stream.clone(),
+                source,
+            })?;
+        let mut out = Vec::new();
+        for name in &s.consumers {
+            let consumer =
+                stream
+                    .get_consumer(name)
+                    .await
+                    .map_err(|source| StartError::Consumer {
+                        stream: s.stream.clone(),
+                        consumer: name.clone(),
+                        source,
+                    })?;
+            out.push((name.clone(), consumer));
+        }
+        Ok(out)
     }
 
     async fn worker(self: Arc<Self>, consumer: jetstream::consumer::PullConsumer, every: Duration) {

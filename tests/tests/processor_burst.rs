@@ -79,3 +79,43 @@ async fn burst_of_5000_never_exceeds_concurrency_3_and_delivers_all() -> Result<
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_caps_deliveries_per_second() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    let ep = Endpoint::create(
+        nats.jetstream().await?,
+        Setup {
+            rate: Some(10),
+            ..Setup::default()
+        },
+    )
+    .await?;
+    let ids: Vec<String> = (0..40).map(|i| format!("rate-{i}")).collect();
+    ep.publish_many(&ids).await?;
+    let _p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    eventually(Duration::from_secs(10), "first delivery", || async {
+        sink.count() > 0
+    })
+    .await?;
+    let first = sink.received()[0].at;
+    eventually(Duration::from_secs(30), "all delivered", || async {
+        sink.delivered_ids().len() == ids.len()
+    })
+    .await?;
+    // A burst of at most 10, then 10 per second: whatever the machine's
+    // speed, no more than 10 + 10 * (t + slack) in the first t seconds.
+    let received = sink.received();
+    for (window_ms, max) in [(500u64, 16usize), (1500, 26)] {
+        let n = received
+            .iter()
+            .filter(|r| r.at.duration_since(first) < Duration::from_millis(window_ms))
+            .count();
+        assert!(
+            n <= max,
+            "{n} deliveries in the first {window_ms}ms at 10/s"
+        );
+    }
+    Ok(())
+}

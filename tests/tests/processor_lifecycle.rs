@@ -138,3 +138,58 @@ async fn paused_does_not_pull_and_resumes_where_it_left_off() -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_its_consumers_and_survives_a_nats_restart() -> Result<()> {
+    let mut nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    let setup = Setup::default();
+    // Started before the operator created anything: alive, not ready.
+    let names = spillway_api::names::EndpointNames::new(&setup.namespace, &setup.name);
+    let config = {
+        let ep = Endpoint {
+            setup: setup.clone(),
+            names,
+            js: nats.jetstream().await?,
+        };
+        ep.config(&sink.url)
+    };
+    let p = ProcessorProc::spawn(&config, &nats.url)?;
+    let admin = p.admin;
+    eventually(Duration::from_secs(10), "healthz up", || async move {
+        matches!(http_get(admin, "/healthz").await, Ok((200, _)))
+    })
+    .await?;
+    assert_eq!(http_get(admin, "/readyz").await?.0, 503);
+
+    let ep = Endpoint::create(nats.jetstream().await?, setup).await?;
+    p.wait_ready().await?;
+    for i in 0..5 {
+        ep.publish(&format!("before-{i}"), None, "{}").await?;
+    }
+    eventually(
+        Duration::from_secs(10),
+        "delivered before restart",
+        || async { sink.delivered_ids().len() == 5 },
+    )
+    .await?;
+
+    nats.restart().await?;
+    let js = nats.jetstream().await?;
+    let ep = Endpoint { js, ..ep };
+    for i in 0..5 {
+        ep.publish(&format!("after-{i}"), None, "{}").await?;
+    }
+    eventually(
+        Duration::from_secs(30),
+        "delivered after restart",
+        || async { sink.delivered_ids().len() == 10 },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", p.log_text()))?;
+    eventually(Duration::from_secs(10), "ready again", || async move {
+        matches!(http_get(admin, "/readyz").await, Ok((200, _)))
+    })
+    .await?;
+    Ok(())
+}
