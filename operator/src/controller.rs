@@ -511,6 +511,11 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
 
     if status != old {
         for (type_, from, to) in conditions::transitions(&old.conditions, &status.conditions) {
+            // A first status is not a transition unless it is a failure:
+            // saves four Events per new endpoint.
+            if from.is_none() && to != "False" {
+                continue;
+            }
             let c = status
                 .conditions
                 .iter()

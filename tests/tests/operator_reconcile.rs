@@ -592,10 +592,16 @@ async fn backlog_scales_up_and_drains_to_zero_after_cooldown() -> Result<()> {
         env.replicas("gh").await == Some(3)
     })
     .await?;
-    let ep = env.endpoints().get("gh").await?;
-    let st = ep.status.unwrap();
-    assert_eq!(st.backlog.unwrap().pending, 12);
-    assert_eq!(st.replicas.unwrap().desired, 3);
+    // The status follows the Deployment in the same reconcile.
+    eventually(WAIT, "status backlog 12, desired 3", || async {
+        env.endpoints().get("gh").await.is_ok_and(|e| {
+            e.status.is_some_and(|s| {
+                s.backlog.is_some_and(|b| b.pending == 12)
+                    && s.replicas.is_some_and(|r| r.desired == 3)
+            })
+        })
+    })
+    .await?;
 
     // Drain the backlog like a processor would.
     let consumer: PullConsumer = js

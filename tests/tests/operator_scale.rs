@@ -134,6 +134,7 @@ async fn thousand_endpoints() -> Result<()> {
     );
 
     let api: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ns);
+    let rollout_before = writes(cp)?;
     let t0 = Instant::now();
     let created = futures::stream::iter(0..n)
         .map(|i| {
@@ -190,6 +191,11 @@ async fn thousand_endpoints() -> Result<()> {
         "all {n} Ready after {all_ready:?}; RSS now/peak {:?} KiB",
         rss_kib(pid)
     );
+
+    println!("API writes from creation until all Ready (incl. the {n} creates):");
+    for (k, v) in diff(&rollout_before, &writes(cp)?) {
+        println!("  {k}: {v}");
+    }
 
     // Let the last status writes and events settle, then measure idle.
     tokio::time::sleep(Duration::from_secs(35)).await;
