@@ -33,9 +33,10 @@ struct Cli {
 }
 
 #[derive(ClapArgs, Debug)]
+#[command(next_help_heading = "Cluster and NATS")]
 struct Global {
     /// Kubeconfig file (default: $KUBECONFIG or ~/.kube/config).
-    #[arg(long, global = true, env = "KUBECONFIG")]
+    #[arg(long, global = true)]
     kubeconfig: Option<PathBuf>,
     /// Kubeconfig context.
     #[arg(long, global = true)]
