@@ -259,6 +259,10 @@ fn write_dir(dir: &Path, port: u16, admin: u16) -> Result<PathBuf> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    let load_before = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(String::from))
+        .unwrap_or_else(|| "unknown".into());
     let dir = std::env::temp_dir().join(format!("spillway-loadgen-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
 
@@ -360,7 +364,9 @@ on loopback; the load generator, the gateway and NATS share the same machine, so
 what the gateway does on dedicated cores, not a capacity promise.\n\n\
 Each request is a signed GitHub-style webhook (HMAC-SHA256 verified by the gateway, unique `X-GitHub-Delivery` \
 used as `Nats-Msg-Id`), answered only after the JetStream PubAck. Keep-alive HTTP/1.1, one request at a time per \
-connection. After each run the stream's message count is compared with the number of 2xx answers.\n\n",
+connection. After each run the stream's message count is compared with the number of 2xx answers. \
+nats-server runs with its default file-store sync policy (the PubAck means the message is in the server's \
+store, flushed to disk on the server's sync interval, not fsynced per message).\n\n",
         );
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
@@ -373,8 +379,12 @@ connection. After each run the stream's message count is compared with the numbe
             .unwrap_or_else(|| "unknown".into());
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         md += &format!(
-            "Machine: {cores} cores ({cpu}). Body: {} bytes. Requests per run: {} (cap {} s).\n\n",
-            args.body_bytes, args.requests, args.max_seconds
+            "Machine: {cores} cores ({cpu}); load average before the runs: {load_before} (other work on the machine). \
+Body: {} bytes. Requests per run: {} (cap {} s). Command: `{}`.\n\n",
+            args.body_bytes,
+            args.requests,
+            args.max_seconds,
+            std::env::args().collect::<Vec<_>>().join(" ")
         );
         md += "| connections | 2xx | non-2xx | errors | seconds | req/s | p50 ms | p90 ms | p99 ms | max ms | stored = 2xx |\n";
         md += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|\n";
