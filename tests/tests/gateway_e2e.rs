@@ -909,6 +909,7 @@ async fn limits_dedup_ordering_and_nats_outage() -> Result<()> {
         "  ordering: {keyJsonPointer: /customer, partitions: 4}\n",
     );
     y += &endpoint("full", "/l/full", gh, "");
+    y += &endpoint("slow", "/l/slow", gh, "");
     w.apply(&y)?;
     for s in ["small", "rated", "paused", "ordered"] {
         w.stream(s, -1).await?;
@@ -1005,6 +1006,21 @@ async fn limits_dedup_ordering_and_nats_outage() -> Result<()> {
     assert_eq!(
         msgs[0].headers.get(wire::ORDERING_KEY).map(|v| v.as_str()),
         Some("cus_42")
+    );
+
+    // JetStream slower than the deadline: a subscriber that never acks
+    // stands in for a stream that does not answer in time.
+    w.routed("/l/slow").await?;
+    let silent = w.nats.client().await?;
+    let _sub = silent.subscribe(w.names("slow").subject(0)).await?;
+    silent.flush().await?;
+    let started = std::time::Instant::now();
+    let r = post(addr, "/l/slow", &github_headers(secret, body, "s1"), body).await?;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.header("retry-after").is_some());
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "answered only after the publish deadline"
     );
 
     // Stream full with discard=new: 503, never 2xx.
