@@ -60,6 +60,12 @@ pub struct Context {
     pub deployments: Store<Deployment>,
     scale: Mutex<HashMap<String, scaling::State>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// The status last written per endpoint uid. The operator is the only
+    /// writer of status, so this is at least as new as the cached object,
+    /// which can lag behind our own write when another trigger (e.g. the
+    /// Deployment) fires first; comparing against it avoids writing the same
+    /// status twice.
+    written: Mutex<HashMap<String, WebhookEndpointStatus>>,
     retrigger: mpsc::UnboundedSender<ObjectRef<WebhookEndpoint>>,
 }
 
@@ -93,6 +99,7 @@ impl Context {
             deployments,
             scale: Mutex::default(),
             failures: Mutex::default(),
+            written: Mutex::default(),
             retrigger,
         }
     }
@@ -406,7 +413,15 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
     let k = key(&ep);
     let names = EndpointNames::new(&ns, &name);
     let spec = &ep.spec;
-    let old = ep.status.clone().unwrap_or_default();
+    let uid = ep.uid().unwrap_or_default();
+    let old = ctx
+        .written
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&uid)
+        .cloned()
+        .or_else(|| ep.status.clone())
+        .unwrap_or_default();
     let resync = ctx.settings.resync_interval;
     let mut requeue = resync;
 
@@ -548,6 +563,10 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
         )
         .await?;
         ctx.metrics.status_written();
+        ctx.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid, status);
     }
     Ok(Action::requeue(requeue))
 }
@@ -908,6 +927,10 @@ async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, 
 
     ctx.metrics.set_conditions(&k, None);
     ctx.failures(&format!("nats:{k}"), false);
+    ctx.written
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&ep.uid().unwrap_or_default());
     if let Ok(mut s) = ctx.scale.lock() {
         s.remove(&ep.uid().unwrap_or_default());
     }

@@ -603,6 +603,20 @@ async fn backlog_scales_up_and_drains_to_zero_after_cooldown() -> Result<()> {
     })
     .await?;
 
+    // Dead letters are counted in the status.
+    for _ in 0..2 {
+        js.publish(names.dead_letter_subject(), "dead".into())
+            .await?
+            .await?;
+    }
+    eventually(WAIT, "deadLetters 2", || async {
+        env.endpoints()
+            .get("gh")
+            .await
+            .is_ok_and(|e| e.status.and_then(|s| s.dead_letters) == Some(2))
+    })
+    .await?;
+
     // Drain the backlog like a processor would.
     let consumer: PullConsumer = js
         .get_stream(names.stream())
