@@ -50,6 +50,18 @@ struct Args {
     /// handed back (keep below the pod's termination grace period).
     #[arg(long, env = "SPILLWAY_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime_duration)]
     shutdown_timeout: Duration,
+    /// Log format.
+    #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -88,13 +100,16 @@ async fn connect(args: &Args) -> Result<async_nats::Client> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,async_nats=warn".into()),
-        )
-        .init();
     let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,async_nats=warn".into());
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
     let settings = load_settings(&args)?;
     tracing::info!(
         endpoint = %settings.endpoint,

@@ -10,7 +10,7 @@ use spillway_api::wire::ProcessorConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The JSON did not parse.
-    #[error("processor config is not valid JSON for ProcessorConfig: {0}")]
+    #[error("processor config is not valid JSON for ProcessorConfig")]
     Json(#[from] serde_json::Error),
     /// A field is out of range or malformed.
     #[error("processor config field {field}: {problem}")]
