@@ -190,7 +190,7 @@ pub async fn run(
         if !l.from_nats {
             writeln!(
                 out,
-                "(numbers from the endpoint's status: NATS was not reachable)"
+                "(numbers from the endpoint's status: live JetStream numbers were not available)"
             )?;
         }
         for p in &l.problems {
@@ -218,7 +218,7 @@ pub async fn run(
             if l.from_nats {
                 ""
             } else {
-                " (status; NATS unreachable)"
+                " (from status; no live numbers)"
             }
         )?;
     }
