@@ -581,15 +581,16 @@ async fn report_created(
         .conditions
         .iter()
         .any(|c| c.type_ == STREAM_READY && c.status == "True");
-    for stream in &s.created {
+    if !s.created.is_empty() {
+        let streams = s.created.join(" and ");
         if was_ready {
-            warn!(endpoint = %key(ep), stream, "stream was missing and has been recreated");
+            warn!(endpoint = %key(ep), streams, "streams were missing and have been recreated");
             ctx.event(
                 ep,
                 EventType::Warning,
                 "StreamRecreated",
                 format!(
-                    "stream {stream} was deleted outside Spillway and has been recreated (empty)"
+                    "JetStream stream(s) {streams} deleted outside Spillway; recreated (empty)"
                 ),
             )
             .await;
@@ -598,17 +599,17 @@ async fn report_created(
                 ep,
                 EventType::Normal,
                 "StreamCreated",
-                format!("created stream {stream}"),
+                format!("created JetStream stream(s) {streams}"),
             )
             .await;
         }
     }
-    for what in &s.updated {
+    if !s.updated.is_empty() {
         ctx.event(
             ep,
             EventType::Normal,
             "Updated",
-            format!("updated {what} in place"),
+            format!("updated {} in place", s.updated.join(", ")),
         )
         .await;
     }
