@@ -396,11 +396,16 @@ async fn sink_handler(
 impl Sink {
     /// Start a sink that answers 200 unless told otherwise.
     pub async fn start() -> Result<Self> {
+        Self::start_on(0).await
+    }
+
+    /// Like [`Sink::start`], on a given port (0: any).
+    pub async fn start_on(port: u16) -> Result<Self> {
         let state = Arc::new(SinkState::default());
         let app = axum::Router::new()
             .fallback(axum::routing::post(sink_handler))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

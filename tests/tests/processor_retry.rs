@@ -172,3 +172,42 @@ async fn long_deliveries_are_kept_alive_and_not_redelivered_meanwhile() -> Resul
     assert_eq!(info.num_ack_pending, 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_are_retried_until_the_sink_is_up() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let port = spillway_tests::free_port();
+    let ep = Endpoint::create(
+        nats.jetstream().await?,
+        Setup {
+            backoff: vec!["200ms".into()],
+            max_attempts: 20,
+            ..Setup::default()
+        },
+    )
+    .await?;
+    let p = ProcessorProc::start(
+        &ep.config(&format!("http://127.0.0.1:{port}/hook")),
+        &nats.url,
+    )
+    .await?;
+    ep.publish("down", None, "{}").await?;
+    let refused = "spillway_processor_deliveries_total{outcome=\"retried\",status_class=\"error\"}";
+    eventually(
+        Duration::from_secs(10),
+        "connection errors retried",
+        || async { p.metric(refused).await.unwrap_or(0.0) >= 2.0 },
+    )
+    .await?;
+    let sink = Sink::start_on(port).await?;
+    wait_delivered(&sink, &p, "down").await?;
+    let a = sink.attempts("down");
+    assert_eq!(a.len(), 1);
+    assert!(
+        a[0].attempt >= 3,
+        "attempt {} after two refused ones",
+        a[0].attempt
+    );
+    assert!(ep.dead_letters().await?.is_empty());
+    Ok(())
+}
