@@ -221,3 +221,39 @@ async fn a_failed_dead_letter_publish_keeps_the_message() -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_dead_letters_disabled_a_failure_is_dropped_and_counted() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    let ep = Endpoint::create(
+        nats.jetstream().await?,
+        Setup {
+            dead_letter: false,
+            ..Setup::default()
+        },
+    )
+    .await?;
+    let p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    sink.script("no", vec![Reply::status(400)]);
+    ep.publish("no", None, "{}").await?;
+    ep.publish("yes", None, "{}").await?;
+    eventually(Duration::from_secs(10), "dropped", || async {
+        p.metric("spillway_processor_dropped_total")
+            .await
+            .unwrap_or(0.0)
+            == 1.0
+    })
+    .await?;
+    eventually(Duration::from_secs(10), "settled", || async {
+        ep.consumer_info(&ep.names.consumer(None))
+            .await
+            .map(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+            .unwrap_or(false)
+    })
+    .await?;
+    assert_eq!(sink.attempts("no").len(), 1);
+    assert!(sink.delivered_ids().contains("yes"));
+    assert!(ep.dead_letters().await?.is_empty());
+    Ok(())
+}
