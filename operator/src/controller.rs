@@ -1024,4 +1024,67 @@ spec:
         assert_eq!(backoff(3, cap), Duration::from_secs(4));
         assert_eq!(backoff(50, cap), cap);
     }
+
+    /// API server unavailable (nothing listens on the port): the reconcile
+    /// fails with a typed error, nothing panics, and the error policy backs
+    /// off 1 s, 2 s, 4 s … per endpoint.
+    #[tokio::test]
+    async fn api_server_down_fails_softly_with_backoff() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cfg = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
+        cfg.connect_timeout = Some(Duration::from_millis(500));
+        let client = Client::try_from(cfg).unwrap();
+        let mut settings = Settings::defaults();
+        settings.nats_url = format!("nats://127.0.0.1:{port}");
+        let nats = crate::connect_nats(&settings).await.unwrap();
+        let js = Js::new(nats, Duration::from_millis(200));
+        let recorder = Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "test".into(),
+                instance: None,
+            },
+        );
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let ctx = Arc::new(Context::new(
+            client,
+            js,
+            settings,
+            recorder,
+            Arc::new(Metrics::new()),
+            kube::runtime::reflector::store().0,
+            kube::runtime::reflector::store().0,
+            tx,
+        ));
+        // With the finalizer present the reconcile goes on to read Secrets.
+        let mut e = (*ep("ns", "x", 1, None)).clone();
+        e.spec.verification =
+            serde_yaml_ng::from_str("{scheme: github, secretRefs: [{name: gh, key: secret}]}")
+                .unwrap();
+        e.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        let e = Arc::new(e);
+        let err = reconcile(e.clone(), ctx.clone()).await.unwrap_err();
+        assert_eq!(err.reason(), "KubernetesApiError", "{err}");
+        let actions: Vec<Action> = (0..4)
+            .map(|_| error_policy(e.clone(), &err, ctx.clone()))
+            .collect();
+        assert_eq!(
+            actions,
+            [1, 2, 4, 8].map(|s| Action::requeue(Duration::from_secs(s)))
+        );
+        assert!(
+            ctx.metrics
+                .render()
+                .contains(r#"reason="KubernetesApiError""#)
+        );
+        // Without the finalizer, adding it fails the same soft way.
+        let err = reconcile(ep("ns", "y", 1, None), ctx.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "FinalizerError", "{err}");
+    }
 }
