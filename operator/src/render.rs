@@ -38,6 +38,10 @@ pub const ENDPOINT_LABEL: &str = "spillway.dev/endpoint";
 pub const NATS_URL_ENV: &str = "SPILLWAY_NATS_URL";
 /// Port of the processor's /healthz, /readyz and /metrics (its default).
 pub const ADMIN_PORT: i32 = 9090;
+/// Environment variable with the processor's NATS credentials file.
+pub const NATS_CREDS_ENV: &str = "SPILLWAY_NATS_CREDS";
+/// Where the processor's NATS credentials are mounted.
+pub const NATS_CREDS_DIR: &str = "/var/run/spillway/nats";
 /// Where the signing secret is mounted.
 pub const SIGNING_DIR: &str = "/var/run/spillway/signing";
 
@@ -228,6 +232,16 @@ pub fn deployment(
             ..Default::default()
         },
     ];
+    if settings.processor_nats_creds_secret.is_some() {
+        env.push(EnvVar {
+            name: NATS_CREDS_ENV.into(),
+            value: Some(format!(
+                "{NATS_CREDS_DIR}/{}",
+                settings.processor_nats_creds_key
+            )),
+            ..Default::default()
+        });
+    }
     env.sort_by(|a, b| a.name.cmp(&b.name));
     let mut mounts = vec![VolumeMount {
         name: "spillway-tmp".into(),
@@ -239,6 +253,23 @@ pub fn deployment(
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Default::default()
     }];
+    if let Some(secret) = &settings.processor_nats_creds_secret {
+        mounts.push(VolumeMount {
+            name: "spillway-nats-creds".into(),
+            mount_path: NATS_CREDS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "spillway-nats-creds".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     if let Some(signing) = &ep.spec.processor.signing {
         mounts.push(VolumeMount {
             name: "spillway-signing".into(),
@@ -515,6 +546,49 @@ spec:
         let mut ep2 = ep.clone();
         ep2.spec.processor.concurrency = 20;
         assert_ne!(hash(&a), hash(&render(&ep2, Some(1))));
+    }
+
+    #[test]
+    fn processor_nats_credentials_are_mounted_when_configured() {
+        let ep = endpoint(EP);
+        let names = EndpointNames::new("team", "gh");
+        let t = check(&ep.spec).unwrap();
+        let mut s = Settings::defaults();
+        let plain = deployment(&ep, &names, &t, &s, Some(1)).unwrap();
+        let env_of = |d: &Deployment| {
+            d.spec.template.spec.as_ref().unwrap().containers[0]
+                .env
+                .clone()
+                .unwrap()
+        };
+        assert!(!env_of(&plain).iter().any(|e| e.name == NATS_CREDS_ENV));
+        s.processor_nats_creds_secret = Some("nats-creds".into());
+        let d = deployment(&ep, &names, &t, &s, Some(1)).unwrap();
+        let creds = env_of(&d)
+            .into_iter()
+            .find(|e| e.name == NATS_CREDS_ENV)
+            .unwrap();
+        assert_eq!(
+            creds.value.as_deref(),
+            Some("/var/run/spillway/nats/nats.creds")
+        );
+        let vols = d
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .clone()
+            .unwrap();
+        let v = vols
+            .iter()
+            .find(|v| v.name == "spillway-nats-creds")
+            .unwrap();
+        assert_eq!(
+            v.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("nats-creds")
+        );
     }
 
     #[test]

@@ -60,6 +60,18 @@ pub struct Settings {
     /// NATS URL the processor pods connect to (defaults to --nats-url).
     #[arg(long, env = "SPILLWAY_PROCESSOR_NATS_URL")]
     pub processor_nats_url: Option<String>,
+    /// Secret (looked up in each endpoint's namespace) holding NATS
+    /// credentials for the processor pods; mounted read-only and passed as
+    /// `SPILLWAY_NATS_CREDS`. Unset: processors connect without credentials.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_NATS_CREDS_SECRET")]
+    pub processor_nats_creds_secret: Option<String>,
+    /// Key of the credentials file in that Secret.
+    #[arg(
+        long,
+        env = "SPILLWAY_PROCESSOR_NATS_CREDS_KEY",
+        default_value = "nats.creds"
+    )]
+    pub processor_nats_creds_key: String,
     /// Processor container image.
     #[arg(long, env = "SPILLWAY_PROCESSOR_IMAGE", default_value = concat!("ghcr.io/spillway-dev/spillway-processor:", env!("CARGO_PKG_VERSION")))]
     pub processor_image: String,
