@@ -8,7 +8,6 @@ mod endpoint;
 mod history;
 mod replay;
 mod send;
-mod sign;
 mod status;
 
 use std::collections::BTreeSet;
@@ -21,6 +20,7 @@ use kube::api::Api;
 use spillway_api::WebhookEndpoint;
 
 use crate::endpoint::EndpointRef;
+use spillway_cli::sign;
 
 /// Operate Spillway WebhookEndpoints.
 #[derive(Parser, Debug)]

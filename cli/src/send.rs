@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use spillway_api::{GenericHmac, Scheme, WebhookEndpoint};
 
 use crate::endpoint::EndpointRef;
-use crate::sign;
+use spillway_cli::sign;
 
 /// Everything `send` needs, once resolved.
 #[derive(Debug, Clone)]

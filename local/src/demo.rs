@@ -10,11 +10,10 @@ use axum::Router;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::HeaderMap;
 use axum::routing::post;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
-use ring::hmac;
 use serde::Deserialize;
 use serde_json::Value;
+use spillway_api::{GenericHmac, Scheme};
+use spillway_cli::sign;
 
 /// Deliveries received by the demo sink, per endpoint name.
 #[derive(Clone, Default)]
@@ -74,6 +73,8 @@ pub struct Example {
     pub scheme: String,
     pub secret: Option<Vec<u8>>,
     pub public_url: Option<String>,
+    /// Generic HMAC settings, for scheme `hmac`.
+    pub hmac: Option<GenericHmac>,
     /// Manifests (Secrets and the endpoint) to apply, as JSON.
     pub docs: Vec<Value>,
 }
@@ -120,12 +121,14 @@ pub fn load_examples(dir: &std::path::Path, namespace: &str, sink: &str) -> Resu
         let public_url = spec["verification"]["publicUrl"]
             .as_str()
             .map(str::to_owned);
+        let hmac = serde_json::from_value(spec["verification"]["hmac"].clone()).ok();
         out.push(Example {
             name,
             path,
             scheme,
             secret,
             public_url,
+            hmac,
             docs,
         });
     }
@@ -151,115 +154,38 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn mac(alg: hmac::Algorithm, key: &[u8], msg: &[u8]) -> Vec<u8> {
-    hmac::sign(&hmac::Key::new(alg, key), msg).as_ref().to_vec()
-}
-
-/// Headers a provider would send for `body`, signed with `secret` at `ts`.
+/// Headers a provider would send for `body`, signed with the example's
+/// secret at `ts` (the CLI's `spillway send` signer).
 pub fn provider_headers(
     ex: &Example,
     body: &[u8],
     ts: u64,
     id: &str,
 ) -> Option<Vec<(String, String)>> {
+    let scheme = sign::parse_scheme(&ex.scheme).ok()?;
+    let content_type = if scheme == Scheme::Twilio {
+        "application/x-www-form-urlencoded"
+    } else {
+        "application/json"
+    };
+    let req = sign::Request {
+        body,
+        content_type,
+        now: i64::try_from(ts).ok()?,
+        id,
+        url: ex.public_url.as_deref().unwrap_or_default(),
+    };
     let secret = ex.secret.as_deref().unwrap_or_default();
-    let h = |k: &str, v: String| (k.to_owned(), v);
-    let json = h("content-type", "application/json".into());
-    let text = |prefix: String| [prefix.as_bytes(), body].concat();
-    Some(match ex.scheme.as_str() {
-        "github" => vec![
-            json,
-            h("x-github-delivery", id.into()),
-            h("x-github-event", "push".into()),
-            h(
-                "x-hub-signature-256",
-                format!(
-                    "sha256={}",
-                    hex::encode(mac(hmac::HMAC_SHA256, secret, body))
-                ),
-            ),
-        ],
-        "stripe" => {
-            let sig = mac(hmac::HMAC_SHA256, secret, &text(format!("{ts}.")));
-            vec![
-                json,
-                h(
-                    "stripe-signature",
-                    format!("t={ts},v1={}", hex::encode(sig)),
-                ),
-            ]
-        }
-        "slack" => {
-            let sig = mac(hmac::HMAC_SHA256, secret, &text(format!("v0:{ts}:")));
-            vec![
-                json,
-                h("x-slack-request-timestamp", ts.to_string()),
-                h("x-slack-signature", format!("v0={}", hex::encode(sig))),
-            ]
-        }
-        "standardWebhooks" => {
-            let key = secret
-                .strip_prefix(b"whsec_")
-                .and_then(|k| B64.decode(k).ok())
-                .unwrap_or_else(|| secret.to_vec());
-            let sig = mac(hmac::HMAC_SHA256, &key, &text(format!("{id}.{ts}.")));
-            vec![
-                json,
-                h("webhook-id", id.into()),
-                h("webhook-timestamp", ts.to_string()),
-                h("webhook-signature", format!("v1,{}", B64.encode(sig))),
-            ]
-        }
-        "shopify" => vec![
-            json,
-            h("x-shopify-webhook-id", id.into()),
-            h("x-shopify-topic", "orders/create".into()),
-            h(
-                "x-shopify-hmac-sha256",
-                B64.encode(mac(hmac::HMAC_SHA256, secret, body)),
-            ),
-        ],
-        "gitlab" => vec![
-            json,
-            h("x-gitlab-event-uuid", id.into()),
-            h(
-                "x-gitlab-token",
-                String::from_utf8_lossy(secret).into_owned(),
-            ),
-        ],
-        "hmac" => {
-            // The zoom example: v0=hex(HMAC("v0:{ts}:{body}")).
-            let sig = mac(hmac::HMAC_SHA256, secret, &text(format!("v0:{ts}:")));
-            vec![
-                json,
-                h("x-zm-request-timestamp", ts.to_string()),
-                h("x-zm-signature", format!("v0={}", hex::encode(sig))),
-            ]
-        }
-        "twilio" => {
-            // Form body: URL followed by the sorted parameters, HMAC-SHA1.
-            let url = ex.public_url.clone()?;
-            let mut params: Vec<(String, String)> = form_urlencoded::parse(body)
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-            params.sort();
-            let mut signed = url.into_bytes();
-            for (k, v) in params {
-                signed.extend_from_slice(k.as_bytes());
-                signed.extend_from_slice(v.as_bytes());
-            }
-            vec![
-                h("content-type", "application/x-www-form-urlencoded".into()),
-                h("i-twilio-idempotency-token", id.into()),
-                h(
-                    "x-twilio-signature",
-                    B64.encode(mac(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret, &signed)),
-                ),
-            ]
-        }
-        "none" => vec![json, h("x-request-id", id.into())],
-        _ => return None,
-    })
+    let mut headers = sign::headers(scheme, secret, &req, ex.hmac.as_ref()).ok()?;
+    headers.push(("content-type".into(), content_type.into()));
+    // Ids the schemes above do not carry in a signed header.
+    match scheme {
+        Scheme::Gitlab => headers.push(("x-gitlab-event-uuid".into(), id.into())),
+        Scheme::Twilio => headers.push(("i-twilio-idempotency-token".into(), id.into())),
+        Scheme::None => headers.push(("x-request-id".into(), id.into())),
+        _ => {}
+    }
+    Some(headers)
 }
 
 /// The sample requests: one good webhook per example, a provider retry of
