@@ -492,6 +492,10 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
             if let Some(s) = &synced {
                 ctx.failures(&format!("nats:{k}"), false);
                 report_created(&ep, &ctx, &old, s).await;
+                // Once per generation (not per resync: no idle writes).
+                if old.observed_generation != ep.metadata.generation {
+                    warn_payload(&ep, &ctx).await;
+                }
                 status.backlog = Some(Backlog {
                     pending: s.backlog.pending,
                     ack_pending: s.backlog.ack_pending,
@@ -610,6 +614,32 @@ async fn report_created(
             EventType::Normal,
             "Updated",
             format!("updated {} in place", s.updated.join(", ")),
+        )
+        .await;
+    }
+}
+
+/// Largest headers the gateway adds to a body (original headers kept under
+/// `Spillway-Orig-*` plus its own), for the max_payload check.
+const HEADER_ALLOWANCE: u64 = 16 * 1024;
+
+/// Whether NATS can carry the largest body this endpoint accepts.
+pub fn payload_fits(max_payload: usize, max_body_bytes: u64) -> bool {
+    max_payload == 0 || max_payload as u64 >= max_body_bytes + HEADER_ALLOWANCE
+}
+
+async fn warn_payload(ep: &WebhookEndpoint, ctx: &Context) {
+    let max = ctx.js.max_payload();
+    let body = ep.spec.ingress.max_body_bytes;
+    if !payload_fits(max, body) {
+        ctx.event(
+            ep,
+            EventType::Warning,
+            "NatsMaxPayloadTooSmall",
+            format!(
+                "ingress.maxBodyBytes is {body} but the NATS server's max_payload is {max}: bodies near the limit cannot be stored (the gateway answers 5xx); raise max_payload above {} or lower maxBodyBytes",
+                body + HEADER_ALLOWANCE
+            ),
         )
         .await;
     }
@@ -1015,6 +1045,16 @@ spec:
             (Status::True, "Suspended")
         );
         assert_eq!(all_conditions(parts, false, false)[0].reason, "Ready");
+    }
+
+    #[test]
+    fn payload_check() {
+        assert!(payload_fits(0, 1 << 20), "unknown while disconnected");
+        assert!(
+            !payload_fits(1 << 20, 1 << 20),
+            "NATS default 1 MiB vs 1 MiB bodies"
+        );
+        assert!(payload_fits(9 << 20, 8 << 20));
     }
 
     #[test]

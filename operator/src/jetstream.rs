@@ -338,6 +338,11 @@ impl Js {
         Self { ctx, client }
     }
 
+    /// The server's `max_payload` (0 while not connected).
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
     /// Whether the connection is up right now.
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
