@@ -1,0 +1,156 @@
+{{/* Name of the chart, overridable. */}}
+{{- define "spillway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Release-scoped base name. */}}
+{{- define "spillway.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "spillway.operator.fullname" -}}{{ include "spillway.fullname" . }}-operator{{- end -}}
+{{- define "spillway.gateway.fullname" -}}{{ include "spillway.fullname" . }}-gateway{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "spillway.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "spillway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: spillway
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels of a component: (dict "ctx" $ "component" "operator"). */}}
+{{- define "spillway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "spillway.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* All labels of a component's objects. */}}
+{{- define "spillway.componentLabels" -}}
+{{ include "spillway.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* image reference: (dict "repository" r "tag" t "digest" d "ctx" $) */}}
+{{- define "spillway.imageRef" -}}
+{{- if .digest -}}
+{{- printf "%s@%s" .repository .digest -}}
+{{- else -}}
+{{- printf "%s:%s" .repository (default .ctx.Chart.AppVersion .tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "spillway.image" -}}
+{{- include "spillway.imageRef" (dict "repository" .Values.image.repository "tag" .Values.image.tag "digest" .Values.image.digest "ctx" .) -}}
+{{- end -}}
+
+{{/* The processor image: its own settings, falling back to image.*. */}}
+{{- define "spillway.processorImage" -}}
+{{- $p := .Values.processor.image -}}
+{{- if or $p.repository $p.tag $p.digest -}}
+{{- include "spillway.imageRef" (dict "repository" (default .Values.image.repository $p.repository) "tag" $p.tag "digest" $p.digest "ctx" .) -}}
+{{- else -}}
+{{- include "spillway.image" . -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "spillway.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (include "spillway.operator.fullname" .) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "spillway.gateway.serviceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create -}}
+{{- default (include "spillway.gateway.fullname" .) .Values.gateway.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.gateway.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Namespaces that get Roles for the "workloads" rules (Secrets, processor
+Deployments, Events, ScaledObjects). Empty list = a ClusterRole instead.
+Returned as JSON: include then fromJsonArray.
+*/}}
+{{- define "spillway.workloadNamespaces" -}}
+{{- if .Values.rbac.namespaces -}}
+{{- toJson (uniq .Values.rbac.namespaces) -}}
+{{- else if .Values.watchNamespace -}}
+{{- toJson (list .Values.watchNamespace) -}}
+{{- else -}}
+[]
+{{- end -}}
+{{- end -}}
+
+{{/* NATS volumes shared by the operator and gateway pods. */}}
+{{- define "spillway.natsVolumes" -}}
+{{- with .Values.nats.credentials.secretName }}
+- name: nats-creds
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- with .Values.nats.tls.caSecretName }}
+- name: nats-ca
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0444
+{{- end }}
+{{- with .Values.nats.tls.clientSecretName }}
+- name: nats-client-tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{/* The pod security context, with fsGroup so mounted Secrets are readable. */}}
+{{- define "spillway.podSecurityContext" -}}
+{{- $psc := deepCopy .Values.podSecurityContext -}}
+{{- if not (hasKey $psc "fsGroup") -}}
+{{- $_ := set $psc "fsGroup" (default 65532 .Values.podSecurityContext.runAsGroup) -}}
+{{- end -}}
+{{- toYaml $psc -}}
+{{- end -}}
+
+{{/* Cross-field checks the schema cannot express; fail with what to change. */}}
+{{- define "spillway.validate" -}}
+{{- if .Values.nats.credentials.secretName -}}
+{{- fail "nats.credentials.secretName: spillway-gateway 0.1.0 cannot authenticate to NATS (it has no credentials option) and the operator passes no credentials to processors, so an install whose NATS requires credentials would not work. Let Spillway's clients connect without credentials (NATS `no_auth_user` mapped to a Spillway user/account, with a NetworkPolicy in front of NATS), see the chart README." -}}
+{{- end -}}
+{{- if .Values.nats.tls.clientSecretName -}}
+{{- fail "nats.tls.clientSecretName: spillway-gateway 0.1.0 and the processors cannot present a client certificate to NATS (mutual TLS); only server-verified TLS (nats.tls.caSecretName) is supported." -}}
+{{- end -}}
+{{- if and .Values.watchNamespace .Values.rbac.namespaces -}}
+{{- if not (and (eq (len .Values.rbac.namespaces) 1) (eq (index .Values.rbac.namespaces 0) .Values.watchNamespace)) -}}
+{{- fail (printf "rbac.namespaces: with watchNamespace %q only endpoints in that namespace are served; leave rbac.namespaces empty (or set it to [%q])" .Values.watchNamespace .Values.watchNamespace) -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.gateway.autoscaling.enabled -}}
+{{- if gt (int .Values.gateway.autoscaling.minReplicas) (int .Values.gateway.autoscaling.maxReplicas) -}}
+{{- fail (printf "gateway.autoscaling: minReplicas (%v) is greater than maxReplicas (%v)" .Values.gateway.autoscaling.minReplicas .Values.gateway.autoscaling.maxReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "spillway.leaseName" -}}
+{{- default (include "spillway.operator.fullname" .) .Values.operator.leaderElection.leaseName -}}
+{{- end -}}
