@@ -772,6 +772,24 @@ async fn processor(
     let want =
         render::deployment(ep, names, timings, &ctx.settings, replicas).map_err(Error::Render)?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    if current.is_none()
+        && let Some(existing) = deployments.get_opt(&dname).await?
+        && !is_ours(&existing)
+    {
+        // Never take over a Deployment someone else made.
+        return Ok((
+            Desired::new(
+                PROCESSOR_READY,
+                Status::False,
+                "DeploymentConflict",
+                format!(
+                    "Deployment {ns}/{dname} exists and is not managed by Spillway; delete or rename it"
+                ),
+            ),
+            ReplicaStatus::default(),
+            None,
+        ));
+    }
     let applied = match &current {
         Some(have) if render::up_to_date(have, &want) => have.clone(),
         _ => {
@@ -834,6 +852,16 @@ async fn processor(
     ))
 }
 
+/// Whether a Deployment was made by the operator (possibly for an earlier
+/// endpoint of the same name, which may be taken over).
+fn is_ours(d: &Deployment) -> bool {
+    d.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+        .is_some_and(|v| v == "spillway-operator")
+}
+
 /// What cleanup does with the streams, for messages.
 fn leftovers(names: &EndpointNames, policy: DeletionPolicy) -> String {
     match policy {
@@ -878,14 +906,21 @@ async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, 
 
     // Stop the processor first so it does not pull from a consumer being
     // removed (garbage collection would get there too, later).
+    // Only ours: a same-named Deployment someone else made is left alone.
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    match deployments
-        .delete(&dname, &DeleteParams::background())
-        .await
+    let uid = ep.uid().unwrap_or_default();
+    if let Some(d) = deployments.get_opt(&dname).await?
+        && is_ours(&d)
+        && d.owner_references().iter().any(|o| o.uid == uid)
     {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(e.into()),
+        match deployments
+            .delete(&dname, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     if ep.spec.processor.replicas.autoscaler == Autoscaler::Keda && keda_installed(&ctx).await? {
         let api: Api<DynamicObject> =

@@ -514,6 +514,40 @@ async fn missing_secret_and_path_conflict_are_reported() -> Result<()> {
         .delete("a", &DeleteParams::default())
         .await?;
     env.wait_condition("b", "Accepted", "True", None).await?;
+
+    // A Deployment of the same name that Spillway did not make is neither
+    // taken over nor deleted.
+    let foreign: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "f-processor", "labels": {"app": "mine"}},
+        "spec": {
+            "selector": {"matchLabels": {"app": "mine"}},
+            "template": {
+                "metadata": {"labels": {"app": "mine"}},
+                "spec": {"containers": [{"name": "c", "image": "mine:1"}]},
+            },
+        },
+    }))?;
+    env.deployments()
+        .create(&PostParams::default(), &foreign)
+        .await?;
+    env.create("f", spec(json!({}))).await?;
+    env.wait_condition("f", "ProcessorReady", "False", Some("DeploymentConflict"))
+        .await?;
+    env.endpoints()
+        .delete("f", &DeleteParams::default())
+        .await?;
+    eventually(WAIT, "endpoint f gone", || async {
+        env.endpoints()
+            .get_opt("f")
+            .await
+            .is_ok_and(|e| e.is_none())
+    })
+    .await?;
+    let d = env.deployment("f").await?;
+    assert_eq!(
+        d.spec.template.spec.unwrap().containers[0].image.as_deref(),
+        Some("mine:1")
+    );
     env.stop().await;
     Ok(())
 }
