@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -645,9 +647,22 @@ async fn warn_payload(ep: &WebhookEndpoint, ctx: &Context) {
     }
 }
 
+/// Whether KEDA's CRD exists. Not being allowed to look (the Helm chart
+/// grants it only with `operator.keda.enabled`) counts as not installed.
 async fn keda_installed(ctx: &Context) -> Result<bool, Error> {
     let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
-    Ok(crds.get_opt(KEDA_CRD).await?.is_some())
+    match crds.get_opt(KEDA_CRD).await {
+        Ok(found) => Ok(found.is_some()),
+        Err(kube::Error::Api(s)) if s.code == 403 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A Deployment by name, through `list` (the operator's RBAC has list and
+/// watch on Deployments, not get).
+async fn find_deployment(api: &Api<Deployment>, name: &str) -> Result<Option<Deployment>, Error> {
+    let lp = ListParams::default().fields(&format!("metadata.name={name}"));
+    Ok(api.list(&lp).await?.items.into_iter().next())
 }
 
 fn scaled_object_resource() -> ApiResource {
@@ -773,7 +788,7 @@ async fn processor(
         render::deployment(ep, names, timings, &ctx.settings, replicas).map_err(Error::Render)?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     if current.is_none()
-        && let Some(existing) = deployments.get_opt(&dname).await?
+        && let Some(existing) = find_deployment(&deployments, &dname).await?
         && !is_ours(&existing)
     {
         // Never take over a Deployment someone else made.
@@ -838,7 +853,7 @@ async fn processor(
             Status::False,
             "KedaNotInstalled",
             format!(
-                "autoscaler keda was requested but KEDA's CRD {KEDA_CRD} is not installed; install KEDA or set processor.replicas.autoscaler to builtin (scaling builtin meanwhile)"
+                "autoscaler keda was requested but KEDA's CRD {KEDA_CRD} is not installed (or the operator may not read it: Helm value operator.keda.enabled); install KEDA or set processor.replicas.autoscaler to builtin (scaling builtin meanwhile)"
             ),
         );
     }
@@ -909,7 +924,7 @@ async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, 
     // Only ours: a same-named Deployment someone else made is left alone.
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = ep.uid().unwrap_or_default();
-    if let Some(d) = deployments.get_opt(&dname).await?
+    if let Some(d) = find_deployment(&deployments, &dname).await?
         && is_ours(&d)
         && d.owner_references().iter().any(|o| o.uid == uid)
     {
