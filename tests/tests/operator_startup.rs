@@ -261,3 +261,115 @@ spec:
     standby.stop().await;
     Ok(())
 }
+
+/// The operator with exactly the RBAC the Helm chart grants (namespaced
+/// mode, leader election on), through a ServiceAccount token: create →
+/// Ready, a change, events, and deletion all work without a Forbidden.
+#[tokio::test]
+async fn runs_with_exactly_the_chart_rbac() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    let admin = cp.client().await?;
+    let ns = cp.namespace("op-rbac").await?;
+    let release_ns = cp.namespace("op-rbac-sys").await?;
+    let out = cp
+        .helm()
+        .arg("template")
+        .arg("sprbac")
+        .arg(spillway_tests::root().join("charts/spillway"))
+        .args(["--namespace", &release_ns])
+        .args(["--set", &format!("watchNamespace={ns}")])
+        .args(["--set", "operator.serviceAccount.name=spillway-op"])
+        .args([
+            "--set",
+            "operator.leaderElection.leaseName=spillway-op-lease",
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!("helm template: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rendered = String::from_utf8(out.stdout)?;
+    let mut rbac = String::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&rendered) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+        let kind = v["kind"].as_str().unwrap_or_default();
+        if [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+        ]
+        .contains(&kind)
+        {
+            rbac.push_str("---\n");
+            rbac.push_str(&serde_yaml_ng::to_string(&v)?);
+        }
+    }
+    cp.kubectl_stdin(&["apply", "-f", "-"], &rbac)?;
+    let token = cp.kubectl_output(&["create", "token", "spillway-op", "-n", &release_ns])?;
+    let mut cfg = kube::Config::new(cp.server.parse()?);
+    cfg.accept_invalid_certs = true;
+    cfg.auth_info.token = Some(token.trim().to_owned().into());
+    let restricted = Client::try_from(cfg)?;
+
+    let nats = NatsServer::start().await?;
+    let mut s = settings(&nats.url, &ns, "rbac-op");
+    s.lease_namespace = release_ns.clone();
+    s.lease_name = "spillway-op-lease".into();
+    let op = spillway_operator::start(s, restricted).await?;
+
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), &ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "gh"}, "stringData": {"secret": "x"}}),
+            )?,
+        )
+        .await?;
+    let ep: WebhookEndpoint = serde_json::from_value(json!({
+        "apiVersion": "spillway.dev/v1alpha1",
+        "kind": "WebhookEndpoint",
+        "metadata": {"name": "r", "namespace": ns},
+        "spec": {
+            "verification": {"scheme": "github", "secretRefs": [{"name": "gh", "key": "secret"}]},
+            "processor": {"sink": {"url": "http://sink:8080/"}, "replicas": {"min": 0, "max": 2}},
+        },
+    }))?;
+    let endpoints: Api<WebhookEndpoint> = Api::namespaced(admin.clone(), &ns);
+    endpoints.create(&PostParams::default(), &ep).await?;
+    eventually(WAIT, "Ready with the chart's RBAC", || async {
+        condition(&admin, &ns, "r", "Ready")
+            .await
+            .is_some_and(|c| c.0 == "True")
+    })
+    .await?;
+    endpoints
+        .patch(
+            "r",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"processor": {"replicas": {"min": 1}}}})),
+        )
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
+    eventually(WAIT, "replicas 1", || async {
+        deployments
+            .get("r-processor")
+            .await
+            .is_ok_and(|d| d.spec.replicas == Some(1))
+    })
+    .await?;
+    endpoints.delete("r", &Default::default()).await?;
+    eventually(WAIT, "deleted", || async {
+        endpoints.get_opt("r").await.is_ok_and(|e| e.is_none())
+    })
+    .await?;
+    assert!(deployments.get_opt("r-processor").await?.is_none());
+    let errors = op.metrics.render();
+    assert!(
+        !errors.contains("reconcile_errors_total{reason=\"KubernetesApiError\"}"),
+        "{errors}"
+    );
+    op.stop().await;
+    Ok(())
+}
