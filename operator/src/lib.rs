@@ -144,6 +144,14 @@ impl Running {
         self.admin.abort();
     }
 
+    /// Stop at once, as a crash would: reconciles in flight are dropped
+    /// and the Lease is not released (another replica takes over when it
+    /// expires).
+    pub fn abort(self) {
+        self.task.abort();
+        self.admin.abort();
+    }
+
     /// Wait until the operator stops on its own (it only does when stopped).
     pub async fn wait(&mut self) {
         let _ = (&mut self.task).await;

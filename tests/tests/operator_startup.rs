@@ -161,8 +161,9 @@ async fn refuses_without_crd_then_elects_one_leader_and_fails_over() -> Result<(
     })
     .await?;
 
-    // The leader stops (releasing the Lease): the standby takes over.
-    leader.stop().await;
+    // The leader crashes (the Lease is not released): the standby takes
+    // over once it expires.
+    leader.abort();
     eventually(WAIT, "standby leads", || async {
         standby
             .health
@@ -258,7 +259,14 @@ spec:
             .is_some_and(|c| c.1 != "KedaNotInstalled")
     })
     .await?;
+    // A clean stop releases the Lease for the next replica at once.
     standby.stop().await;
+    let spec = leases
+        .get("spillway-operator")
+        .await?
+        .spec
+        .unwrap_or_default();
+    assert_eq!(spec.holder_identity, None, "released on stop");
     Ok(())
 }
 
@@ -306,6 +314,21 @@ async fn runs_with_exactly_the_chart_rbac() -> Result<()> {
         }
     }
     cp.kubectl_stdin(&["apply", "-f", "-"], &rbac)?;
+    // The RBAC authorizer works from a cache: wait until it sees the grants.
+    let sa = format!("system:serviceaccount:{release_ns}:spillway-op");
+    eventually(WAIT, "RBAC in effect", || async {
+        [
+            ("get", "secrets"),
+            ("list", "deployments"),
+            ("patch", "webhookendpoints"),
+        ]
+        .iter()
+        .all(|(verb, res)| {
+            cp.kubectl_output(&["auth", "can-i", verb, res, "-n", &ns, "--as", &sa])
+                .is_ok_and(|o| o.trim() == "yes")
+        })
+    })
+    .await?;
     let token = cp.kubectl_output(&["create", "token", "spillway-op", "-n", &release_ns])?;
     let mut cfg = kube::Config::new(cp.server.parse()?);
     cfg.accept_invalid_certs = true;
@@ -338,12 +361,16 @@ async fn runs_with_exactly_the_chart_rbac() -> Result<()> {
     }))?;
     let endpoints: Api<WebhookEndpoint> = Api::namespaced(admin.clone(), &ns);
     endpoints.create(&PostParams::default(), &ep).await?;
-    eventually(WAIT, "Ready with the chart's RBAC", || async {
+    if let Err(e) = eventually(WAIT, "Ready with the chart's RBAC", || async {
         condition(&admin, &ns, "r", "Ready")
             .await
             .is_some_and(|c| c.0 == "True")
     })
-    .await?;
+    .await
+    {
+        let status = endpoints.get("r").await.ok().and_then(|e| e.status);
+        bail!("{e}; status {status:?}; metrics:\n{}", op.metrics.render());
+    }
     endpoints
         .patch(
             "r",
