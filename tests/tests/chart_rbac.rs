@@ -306,40 +306,41 @@ fn diff(want: &BTreeSet<Grant>, got: &BTreeSet<Grant>) -> String {
 async fn rendered_rbac_is_exactly_the_documented_table() -> Result<()> {
     let cp = ControlPlane::shared().await;
     let rows = table();
-    let mut scenarios = Vec::new();
-    scenarios.push(Scenario::new("spillway-system"));
-    scenarios.push(Scenario {
-        set: vec!["watchNamespace=team".into()],
-        watch_ns: Some("team".into()),
-        ..Scenario::new("spillway-system")
-    });
-    scenarios.push(Scenario {
-        set: vec!["rbac.namespaces={payments,ci}".into()],
-        rbac_namespaces: vec!["payments".into(), "ci".into()],
-        ..Scenario::new("spillway-system")
-    });
-    scenarios.push(Scenario {
-        set: vec![
-            "operator.keda.enabled=false".into(),
-            "operator.leaderElection.enabled=false".into(),
-            "operator.replicas=1".into(),
-            "watchNamespace=spillway-system".into(),
-        ],
-        keda: false,
-        leader: false,
-        watch_ns: Some("spillway-system".into()),
-        ..Scenario::new("spillway-system")
-    });
-    scenarios.push(Scenario {
-        set: vec!["operator.leaderElection.leaseName=my-lease".into()],
-        lease_name: "my-lease".into(),
-        ..Scenario::new("ops")
-    });
-    scenarios.push(Scenario {
-        set: vec!["rbac.create=false".into()],
-        rbac: false,
-        ..Scenario::new("spillway-system")
-    });
+    let scenarios = vec![
+        Scenario::new("spillway-system"),
+        Scenario {
+            set: vec!["watchNamespace=team".into()],
+            watch_ns: Some("team".into()),
+            ..Scenario::new("spillway-system")
+        },
+        Scenario {
+            set: vec!["rbac.namespaces={payments,ci}".into()],
+            rbac_namespaces: vec!["payments".into(), "ci".into()],
+            ..Scenario::new("spillway-system")
+        },
+        Scenario {
+            set: vec![
+                "operator.keda.enabled=false".into(),
+                "operator.leaderElection.enabled=false".into(),
+                "operator.replicas=1".into(),
+                "watchNamespace=spillway-system".into(),
+            ],
+            keda: false,
+            leader: false,
+            watch_ns: Some("spillway-system".into()),
+            ..Scenario::new("spillway-system")
+        },
+        Scenario {
+            set: vec!["operator.leaderElection.leaseName=my-lease".into()],
+            lease_name: "my-lease".into(),
+            ..Scenario::new("ops")
+        },
+        Scenario {
+            set: vec!["rbac.create=false".into()],
+            rbac: false,
+            ..Scenario::new("spillway-system")
+        },
+    ];
     for s in &scenarios {
         let yaml = helm_template(cp, "spillway", &s.release_ns, &s.set)?;
         let got = rendered(&objects(&yaml)?, "spillway", &s.release_ns)?;
