@@ -111,6 +111,18 @@ async fn refuses_without_crd_then_elects_one_leader_and_fails_over() -> Result<(
         Ok(_) => bail!("started without the CRD"),
     }
 
+    // The binary says so and exits non-zero (built by `make test`).
+    let out = std::process::Command::new(spillway_tests::bin_path("spillway-operator"))
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .args(["--nats-url", &nats.url, "--admin-addr", "127.0.0.1:0"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("CRD (webhookendpoints.spillway.dev) is not installed"),
+        "{stderr}"
+    );
+
     cp.install_crd().await?;
     let ns = cp.namespace("op-ha").await?;
     let a = spillway_operator::start(settings(&nats.url, &ns, "op-a"), client.clone()).await?;
