@@ -404,3 +404,54 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn helm_install_prints_how_to_start_and_uninstalls() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("chart-install").await?;
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    // The CRD is already installed (by the harness): helm leaves it alone.
+    let out = helm(
+        cp,
+        &[
+            "install",
+            "spw",
+            chart,
+            "-n",
+            &ns,
+            "--set",
+            &format!("watchNamespace={ns}"),
+        ],
+    )?;
+    for want in [
+        "kubectl -n demo wait --for=condition=Ready whe/github",
+        "kubectl -n demo apply -f examples/github.yaml",
+        &format!("http://spw-spillway-gateway.{ns}.svc:80/"),
+        &format!("kubectl -n {ns} port-forward svc/spw-spillway-gateway"),
+        &format!("Spillway only watches namespace {ns}"),
+    ] {
+        assert!(out.contains(want), "NOTES lack {want:?}:\n{out}");
+    }
+    let deployments = cp.kubectl_output(&["get", "deploy", "-n", &ns, "-o", "name"])?;
+    assert_eq!(
+        deployments.lines().collect::<BTreeSet<_>>(),
+        BTreeSet::from([
+            "deployment.apps/spw-spillway-gateway",
+            "deployment.apps/spw-spillway-operator"
+        ])
+    );
+    helm(cp, &["uninstall", "spw", "-n", &ns, "--wait"])?;
+    assert!(
+        cp.kubectl_output(&["get", "deploy,role,sa", "-n", &ns, "-o", "name"])?
+            .lines()
+            .all(|l| l.ends_with("/default")),
+        "uninstall removes what install created"
+    );
+    assert!(
+        cp.kubectl_output(&["get", "crd", "webhookendpoints.spillway.dev", "-o", "name"])
+            .is_ok(),
+        "the CRD stays"
+    );
+    Ok(())
+}
