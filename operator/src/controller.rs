@@ -1070,6 +1070,39 @@ spec:
     }
 
     #[test]
+    fn every_secret_reference_is_checked() {
+        let mut e = (*ep("ns", "x", 1, None)).clone();
+        e.spec.verification = serde_yaml_ng::from_str(
+            "{scheme: stripe, secretRefs: [{name: a, key: k1}, {name: b, key: k2}]}",
+        )
+        .unwrap();
+        e.spec.handshake = Some(
+            serde_yaml_ng::from_str(
+                "{type: metaHubChallenge, verifyTokenSecretRef: {name: c, key: t}, secretRef: {name: d, key: z}}",
+            )
+            .unwrap(),
+        );
+        e.spec.processor.signing =
+            Some(serde_yaml_ng::from_str("{secretRef: {name: e, key: s}}").unwrap());
+        let refs: Vec<(String, String)> = secret_refs(&e)
+            .into_iter()
+            .map(|(field, r)| (field, r.name.clone()))
+            .collect();
+        let fields: Vec<&str> = refs.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "verification.secretRefs[0]",
+                "verification.secretRefs[1]",
+                "handshake.verifyTokenSecretRef",
+                "handshake.secretRef",
+                "processor.signing.secretRef"
+            ]
+        );
+        assert_eq!(refs[4].1, "e");
+    }
+
+    #[test]
     fn processor_ready_rules() {
         assert_eq!(processor_condition(true, Some(0), 0).reason, "Paused");
         assert_eq!(processor_condition(false, Some(0), 0).status, Status::True);
