@@ -303,6 +303,24 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
         env(&objs, "-gateway", "SSL_CERT_FILE"),
         Some("/etc/spillway/nats/ca/ca.crt")
     );
+    // NATS credentials: the operator's own file, and the Secret name the
+    // operator mounts into processor pods.
+    assert_eq!(
+        env(&objs, "-operator", "SPILLWAY_NATS_CREDS_FILE"),
+        Some("/etc/spillway/nats/creds/operator.creds")
+    );
+    assert_eq!(
+        env(&objs, "-operator", "SPILLWAY_PROCESSOR_NATS_CREDS_SECRET"),
+        Some("spillway-processor-nats")
+    );
+    assert_eq!(
+        env(&objs, "-operator", "SPILLWAY_PROCESSOR_NATS_CREDS_KEY"),
+        Some("processor.creds")
+    );
+    assert_eq!(
+        env(&objs, "-operator", "SPILLWAY_NATS_TLS_KEY_FILE"),
+        Some("/etc/spillway/nats/client/tls.key")
+    );
     // With an HPA the Deployment leaves replicas to it.
     let gw = objs
         .iter()
@@ -357,8 +375,12 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
             &["/processor/resources/requests/memory"],
         ),
         (
-            "nats.credentials.secretName=nats-creds",
-            &["nats.credentials.secretName", "no_auth_user"],
+            "nats.monitoringEndpoint=http://nats:8222/",
+            &["/nats/monitoringEndpoint"],
+        ),
+        (
+            "nats.processorCredentials.secretName=Not_A_Name",
+            &["/nats/processorCredentials/secretName"],
         ),
         (
             "watchNamespace=team-a,rbac.namespaces={team-b}",

@@ -133,12 +133,6 @@ Returned as JSON: include then fromJsonArray.
 
 {{/* Cross-field checks the schema cannot express; fail with what to change. */}}
 {{- define "spillway.validate" -}}
-{{- if .Values.nats.credentials.secretName -}}
-{{- fail "nats.credentials.secretName: spillway-gateway 0.1.0 cannot authenticate to NATS (it has no credentials option) and the operator passes no credentials to processors, so an install whose NATS requires credentials would not work. Let Spillway's clients connect without credentials (NATS `no_auth_user` mapped to a Spillway user/account, with a NetworkPolicy in front of NATS), see the chart README." -}}
-{{- end -}}
-{{- if .Values.nats.tls.clientSecretName -}}
-{{- fail "nats.tls.clientSecretName: spillway-gateway 0.1.0 and the processors cannot present a client certificate to NATS (mutual TLS); only server-verified TLS (nats.tls.caSecretName) is supported." -}}
-{{- end -}}
 {{- if and .Values.watchNamespace .Values.rbac.namespaces -}}
 {{- if not (and (eq (len .Values.rbac.namespaces) 1) (eq (index .Values.rbac.namespaces 0) .Values.watchNamespace)) -}}
 {{- fail (printf "rbac.namespaces: with watchNamespace %q only endpoints in that namespace are served; leave rbac.namespaces empty (or set it to [%q])" .Values.watchNamespace .Values.watchNamespace) -}}
