@@ -85,6 +85,18 @@ pub fn partition_of(key: &[u8], partitions: u16) -> u16 {
     (fnv1a64(key) % u64::from(partitions.max(1))) as u16
 }
 
+/// Precedence of an endpoint for a contested path: the smallest value keeps
+/// it. Older first (creation time in Unix seconds; unknown counts as newest),
+/// then namespace, then name. The operator (which reports `PathConflict`) and
+/// the gateway (which routes) both use this, so they always agree.
+pub fn path_precedence<'a>(
+    created: Option<i64>,
+    namespace: &'a str,
+    name: &'a str,
+) -> (i64, &'a str, &'a str) {
+    (created.unwrap_or(i64::MAX), namespace, name)
+}
+
 /// The default path of an endpoint without `spec.path`.
 pub fn default_path(namespace: &str, name: &str) -> String {
     format!("/{namespace}/{name}")

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use axum::http::StatusCode;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use spillway_api::names::{EndpointNames, default_path};
+use spillway_api::names::{EndpointNames, default_path, path_precedence};
 use spillway_api::{Deduplication, HandshakeType, Ordering, SecretKeyRef, WebhookEndpointSpec};
 
 use crate::verify::{ConfigError, Verifier};
@@ -150,13 +150,7 @@ impl Router {
         public_base_url: Option<&str>,
     ) -> Vec<String> {
         let mut sorted: Vec<&EndpointDef> = endpoints.iter().collect();
-        sorted.sort_by(|a, b| {
-            (a.created.unwrap_or(i64::MAX), &a.namespace, &a.name).cmp(&(
-                b.created.unwrap_or(i64::MAX),
-                &b.namespace,
-                &b.name,
-            ))
-        });
+        sorted.sort_by_key(|d| path_precedence(d.created, &d.namespace, &d.name));
         let mut limiters = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
         let mut kept_limiters = HashMap::new();
         let mut routes = HashMap::new();

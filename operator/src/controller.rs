@@ -20,7 +20,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use spillway_api::condition::{ACCEPTED, PROCESSOR_READY, STREAM_READY};
-use spillway_api::names::{EndpointNames, default_path};
+use spillway_api::names::{EndpointNames, default_path, path_precedence};
 use spillway_api::validate::{Timings, check};
 use spillway_api::{
     Autoscaler, Backlog, DeletionPolicy, ReplicaStatus, SecretKeyRef, WebhookEndpoint,
@@ -246,23 +246,33 @@ pub fn effective_path(ep: &WebhookEndpoint) -> String {
         .unwrap_or_else(|| default_path(&ep.namespace().unwrap_or_default(), &ep.name_any()))
 }
 
-/// The older of two endpoints (by creation time, then namespace/name) keeps
-/// a contested path. Returns the endpoint in `others` that holds `ep`'s path,
-/// if any.
+/// The older of two endpoints keeps a contested path (ranked by
+/// [`path_precedence`], as in the gateway). Returns the endpoint in `others`
+/// that holds `ep`'s path, if any.
 pub fn path_holder<'a>(
     ep: &WebhookEndpoint,
     others: &'a [Arc<WebhookEndpoint>],
 ) -> Option<&'a WebhookEndpoint> {
     let path = effective_path(ep);
-    let rank = |e: &WebhookEndpoint| (e.creation_timestamp().map(|t| t.0), key(e));
-    let mine = rank(ep);
+    let mine = precedence(ep);
     others
         .iter()
         .map(|o| o.as_ref())
         .filter(|o| o.uid() != ep.uid() && o.metadata.deletion_timestamp.is_none())
         .filter(|o| effective_path(o) == path)
-        .filter(|o| rank(o) < mine)
-        .min_by_key(|o| rank(o))
+        .filter(|o| precedence(o) < mine)
+        .min_by_key(|o| precedence(o))
+}
+
+fn precedence(e: &WebhookEndpoint) -> (i64, &str, &str) {
+    path_precedence(
+        e.metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second()),
+        e.metadata.namespace.as_deref().unwrap_or_default(),
+        e.metadata.name.as_deref().unwrap_or_default(),
+    )
 }
 
 /// Every Secret reference of the spec, with where it is referenced.
@@ -1060,7 +1070,12 @@ spec:
         assert!(path_holder(&a, &all).is_none());
         assert_eq!(path_holder(&b, &all).map(key), Some("a/x".into()));
         assert!(path_holder(&c, &all).is_none());
-        // Same creation time: the name decides.
+        // Same creation time: the namespace, then the name decides (as a
+        // tuple, not as the string "ns/name": "a-b" sorts after "a").
+        let e = ep("a-b", "x", 100, Some("/p"));
+        let all = vec![a.clone(), e.clone()];
+        assert_eq!(path_holder(&e, &all).map(key), Some("a/x".into()));
+        // Same creation time and namespace: the name decides.
         let d = ep("a", "w", 100, Some("/p"));
         let all = vec![a.clone(), d.clone()];
         assert_eq!(path_holder(&a, &all).map(key), Some("a/w".into()));
