@@ -11,6 +11,20 @@
 /// key gets prefixes and suffixes).
 const MAX_KEY: usize = 200;
 
+/// Prefix of the notice subjects (followed by the endpoint key).
+const NOTICE_PREFIX: &str = "spillway.notice.";
+
+/// Wildcard covering every endpoint's notice subject.
+pub const NOTICE_SUBJECTS: &str = "spillway.notice.>";
+
+/// The endpoint key of a notice subject (`spillway.notice.<key>`), if it is
+/// one.
+pub fn notice_key(subject: &str) -> Option<&str> {
+    subject
+        .strip_prefix(NOTICE_PREFIX)
+        .filter(|k| !k.is_empty() && !k.contains(['.', '*', '>']))
+}
+
 /// Identity of one endpoint's NATS objects.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EndpointNames {
@@ -58,6 +72,13 @@ impl EndpointNames {
     /// Subject of the dead-letter stream.
     pub fn dead_letter_subject(&self) -> String {
         format!("spillway.dlq.{}", self.key)
+    }
+
+    /// Core NATS subject the processor reports its sink's state on (see
+    /// [`SinkNotice`](crate::wire::SinkNotice)); the operator subscribes to
+    /// [`NOTICE_SUBJECTS`].
+    pub fn notice_subject(&self) -> String {
+        format!("{NOTICE_PREFIX}{}", self.key)
     }
 
     /// Durable consumer for partition `p` of an ordered endpoint, or the one
@@ -141,6 +162,18 @@ mod tests {
         assert_eq!(n.subject(0), "spillway.in.default_gh.0");
         assert_eq!(n.stream_subjects(), "spillway.in.default_gh.*");
         assert!(!n.dead_letter_subject().starts_with("spillway.in."));
+    }
+
+    #[test]
+    fn notice_subjects_map_back_to_the_key() {
+        let n = EndpointNames::new("team-a", "gh.v2");
+        assert_eq!(n.notice_subject(), "spillway.notice.team-a_gh_v2");
+        assert_eq!(notice_key(&n.notice_subject()), Some(n.key()));
+        assert!(!n.notice_subject().starts_with("spillway.in."));
+        assert!(!n.notice_subject().starts_with("spillway.dlq."));
+        assert_eq!(notice_key("spillway.notice."), None);
+        assert_eq!(notice_key("spillway.notice.a.b"), None);
+        assert_eq!(notice_key("spillway.dlq.a_b"), None);
     }
 
     #[test]

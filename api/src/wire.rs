@@ -82,3 +82,103 @@ pub struct ProcessorConfig {
     /// Path of a file holding the outbound signing secret, if signing is on.
     pub signing_secret_file: Option<String>,
 }
+
+/// What a [`SinkNotice`] reports.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    /// The sink answered 410 Gone: it says it no longer exists, and
+    /// deliveries are being dead-lettered.
+    SinkGone,
+    /// The sink accepted a delivery (2xx) after this pod reported it gone.
+    SinkOk,
+}
+
+impl NoticeKind {
+    /// The JSON spelling (also a metrics label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeKind::SinkGone => "sink_gone",
+            NoticeKind::SinkOk => "sink_ok",
+        }
+    }
+}
+
+/// A processor's report about its sink, published as JSON on core NATS
+/// (no JetStream, no reply) to
+/// [`EndpointNames::notice_subject`](crate::names::EndpointNames::notice_subject).
+/// The operator turns it into the endpoint's `SinkAvailable` condition, as
+/// processors have no Kubernetes API access. Carries no secrets: the sink
+/// is given without userinfo, query or fragment ([`redact_url`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SinkNotice {
+    /// What happened.
+    pub kind: NoticeKind,
+    /// `namespace/name` of the WebhookEndpoint (must match the subject).
+    pub endpoint: String,
+    /// HTTP status the sink answered.
+    pub status: u16,
+    /// When, RFC 3339 UTC.
+    pub at: String,
+    /// The reporting pod.
+    pub pod: String,
+    /// The sink URL as [`redact_url`] shows it.
+    pub sink: String,
+}
+
+/// A URL without userinfo, query and fragment (`scheme://host[:port]/path`),
+/// for notices, status messages and logs. Input that is not an absolute URL
+/// is cut the same way, best effort.
+pub fn redact_url(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or_default();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    match scheme {
+        Some(s) => format!("{s}://{host}{path}"),
+        None => format!("{host}{path}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_urls_keep_only_scheme_host_and_path() {
+        assert_eq!(
+            redact_url("https://user:pa%40ss@sink.example:8443/hooks/in?token=s3cr3t#x"),
+            "https://sink.example:8443/hooks/in"
+        );
+        assert_eq!(
+            redact_url("http://app.team.svc:8080/hooks"),
+            "http://app.team.svc:8080/hooks"
+        );
+        assert_eq!(redact_url("http://a@b@host?q"), "http://host");
+        assert_eq!(redact_url("http://host/p@th"), "http://host/p@th");
+        assert_eq!(redact_url("not a url?k=v"), "not a url");
+    }
+
+    #[test]
+    fn notices_round_trip_as_camel_case_json() {
+        let n = SinkNotice {
+            kind: NoticeKind::SinkGone,
+            endpoint: "default/gh".into(),
+            status: 410,
+            at: "2026-01-01T00:00:00Z".into(),
+            pod: "gh-processor-abc".into(),
+            sink: "http://app/hooks".into(),
+        };
+        let json = serde_json::to_string(&n).unwrap();
+        assert!(json.contains(r#""kind":"sink_gone""#), "{json}");
+        assert_eq!(serde_json::from_str::<SinkNotice>(&json).unwrap(), n);
+        assert_eq!(NoticeKind::SinkOk.as_str(), "sink_ok");
+    }
+}
