@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use crate::dead_letter::{self, Failure};
 use crate::http;
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::notice::Notifier;
 use crate::outcome::{AttemptResult, DeadReason, Decision, decide};
 use crate::settings::Settings;
 use crate::signing::SecretFile;
@@ -112,6 +113,7 @@ pub struct Processor {
     rng: SystemRandom,
     shutdown: Shutdown,
     ready: Arc<AtomicBool>,
+    notifier: Notifier,
 }
 
 impl std::fmt::Debug for Processor {
@@ -120,6 +122,15 @@ impl std::fmt::Debug for Processor {
             .field("endpoint", &self.settings.endpoint)
             .finish_non_exhaustive()
     }
+}
+
+/// This pod's name for sink notices: `POD_NAME`, else `HOSTNAME` (the pod
+/// name in Kubernetes), else `unknown`.
+pub fn pod_name() -> String {
+    ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// How often to send in-progress acknowledgements: well within the shortest
@@ -154,6 +165,13 @@ impl Processor {
         let limiter = settings
             .rate_per_replica
             .map(|r| RateLimiter::direct(Quota::per_second(r)));
+        let notifier = Notifier::new(
+            js.client(),
+            &settings.endpoint,
+            settings.sink_url.as_str(),
+            pod_name(),
+            metrics.clone(),
+        );
         Ok(Self {
             permits: Semaphore::new(pool),
             settings,
@@ -165,6 +183,7 @@ impl Processor {
             rng: SystemRandom::new(),
             shutdown,
             ready,
+            notifier,
         })
     }
 
@@ -398,6 +417,7 @@ impl Processor {
             .latency
             .observe(started.elapsed().as_secs_f64());
         let class = result.status_class();
+        self.notifier.observe(result.status());
 
         match decide(&result, attempt, s.max_attempts, &s.backoff) {
             Decision::Ack => {

@@ -8,6 +8,7 @@ pub mod dead_letter;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod notice;
 pub mod outcome;
 pub mod settings;
 pub mod signing;

@@ -23,6 +23,13 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `spillway_processor_notices_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NoticeLabels {
+    /// `sink_gone` or `sink_ok`.
+    pub kind: &'static str,
+}
+
 /// Every metric the processor exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -40,6 +47,8 @@ pub struct Metrics {
     pub dropped: Counter,
     /// Deliveries answered 410 Gone (the sink says it no longer exists).
     pub sink_gone: Counter,
+    /// Sink notices sent to the operator, by kind.
+    pub notices: Family<NoticeLabels, Counter>,
     /// Failed dead-letter publishes (the message is retried instead).
     pub dead_letter_publish_failures: Counter,
     /// Failed acknowledgements to JetStream (the message may be redelivered).
@@ -57,6 +66,7 @@ impl Metrics {
             dead_lettered: Family::default(),
             dropped: Counter::default(),
             sink_gone: Counter::default(),
+            notices: Family::default(),
             dead_letter_publish_failures: Counter::default(),
             ack_failures: Counter::default(),
         };
@@ -95,6 +105,11 @@ impl Metrics {
             "sink_gone",
             "Deliveries answered 410 Gone by the sink",
             m.sink_gone.clone(),
+        );
+        r.register(
+            "notices",
+            "Sink notices (sink_gone, sink_ok) sent to the operator",
+            m.notices.clone(),
         );
         r.register(
             "dead_letter_publish_failures",
