@@ -1,32 +1,60 @@
 //! `spillway dlq list` and `spillway dlq redrive`.
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
+use std::io::Write;
 
 use anyhow::{Result, bail};
 use async_nats::jetstream;
+use serde::Serialize;
 use spillway_api::wire;
 
 use crate::endpoint::EndpointRef;
 use crate::history::{self, Pace, Reader, Start, header};
+use crate::output::{self, Format};
 
-/// One dead letter, as listed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One dead letter, as listed (and one item of `dlq list -o json|yaml`;
+/// field names in camelCase, see docs/cli.md). Neither the body nor the
+/// original request headers are shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Row {
     /// Sequence in the dead-letter stream (what `--seq` takes).
     pub seq: u64,
-    /// The provider's delivery id.
-    pub id: String,
-    /// Why it was dead-lettered.
-    pub reason: String,
-    /// Attempts made.
-    pub attempts: String,
-    /// Last HTTP status.
-    pub status: String,
+    /// The provider's delivery id (what `--id` takes).
+    pub delivery_id: Option<String>,
+    /// Why it was dead-lettered (`client_error`, `max_attempts`, ...).
+    pub reason: Option<String>,
+    /// Delivery attempts made.
+    pub attempts: Option<u32>,
+    /// HTTP status of the last attempt, when the sink answered.
+    pub last_status: Option<u16>,
+    /// Where it came from in the main stream.
+    pub original_subject: Option<String>,
+    /// Its sequence in the main stream.
+    pub original_seq: Option<u64>,
+    /// When it was dead-lettered (RFC 3339).
+    #[serde(with = "time::serde::rfc3339")]
+    pub dead_lettered_at: time::OffsetDateTime,
     /// Seconds since it was dead-lettered.
-    pub age_secs: i64,
+    pub age_seconds: i64,
+    /// The same, for people (`45s`, `12m`, `3h`, `2d`).
+    pub age: String,
     /// Failure detail.
-    pub detail: String,
+    pub detail: Option<String>,
+}
+
+/// `dlq list` as a whole: the rows shown and how many there are.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listing {
+    /// The endpoint (`namespace/name`).
+    pub endpoint: String,
+    /// The dead-letter stream read.
+    pub dead_letter_stream: String,
+    /// Dead letters in the stream; more than `items` when `--limit` cut.
+    pub total: u64,
+    /// The first `--limit` dead letters, oldest first.
+    pub items: Vec<Row>,
 }
 
 /// Human-friendly age: `45s`, `12m`, `3h`, `2d`.
@@ -51,58 +79,94 @@ async fn last_seq(js: &jetstream::Context, stream: &str) -> Result<(u64, u64)> {
 }
 
 /// Read the dead letters (up to `limit`).
-pub async fn rows(js: &jetstream::Context, ep: &EndpointRef, limit: usize) -> Result<Vec<Row>> {
+pub async fn rows(js: &jetstream::Context, ep: &EndpointRef, limit: usize) -> Result<Listing> {
     let stream = ep.names().dead_letter_stream();
     let (count, last) = last_seq(js, &stream).await?;
-    let mut out = Vec::new();
-    if count == 0 {
+    let mut out = Listing {
+        endpoint: ep.to_string(),
+        dead_letter_stream: stream.clone(),
+        total: count,
+        items: Vec::new(),
+    };
+    if count == 0 || limit == 0 {
         return Ok(out);
     }
     let now = time::OffsetDateTime::now_utc();
     let mut r = Reader::open(js, &stream, Start::First, last).await?;
     while let Some(m) = r.next().await? {
-        if out.len() >= limit {
+        out.items.push(row(&m, now));
+        if out.items.len() >= limit {
             break;
         }
-        let h = &m.headers;
-        out.push(Row {
-            seq: m.seq,
-            id: header(h, wire::DELIVERY_ID).unwrap_or_default(),
-            reason: header(h, wire::DLQ_REASON).unwrap_or_default(),
-            attempts: header(h, wire::DLQ_ATTEMPTS).unwrap_or_default(),
-            status: header(h, wire::DLQ_LAST_STATUS).unwrap_or_else(|| "-".into()),
-            age_secs: (now - m.time).whole_seconds(),
-            detail: header(h, wire::DLQ_DETAIL).unwrap_or_default(),
-        });
     }
     Ok(out)
 }
 
-/// Print the dead letters as a table.
-pub async fn list(js: &jetstream::Context, ep: &EndpointRef, limit: usize) -> Result<()> {
-    let rows = rows(js, ep, limit).await?;
-    if rows.is_empty() {
-        println!("no dead letters for {ep}");
+fn row(m: &history::Stored, now: time::OffsetDateTime) -> Row {
+    let h = &m.headers;
+    let age_secs = (now - m.time).whole_seconds().max(0);
+    Row {
+        seq: m.seq,
+        delivery_id: header(h, wire::DELIVERY_ID),
+        reason: header(h, wire::DLQ_REASON),
+        attempts: header(h, wire::DLQ_ATTEMPTS).and_then(|v| v.trim().parse().ok()),
+        last_status: header(h, wire::DLQ_LAST_STATUS).and_then(|v| v.trim().parse().ok()),
+        original_subject: header(h, wire::DLQ_ORIGINAL_SUBJECT),
+        original_seq: header(h, wire::DLQ_ORIGINAL_SEQ).and_then(|v| v.trim().parse().ok()),
+        dead_lettered_at: m.time,
+        age_seconds: age_secs,
+        age: age(age_secs),
+        detail: header(h, wire::DLQ_DETAIL),
+    }
+}
+
+/// Print the dead letters as a table, JSON or YAML.
+pub async fn list(
+    js: &jetstream::Context,
+    ep: &EndpointRef,
+    limit: usize,
+    format: Format,
+) -> Result<()> {
+    let listing = rows(js, ep, limit).await?;
+    let mut out = std::io::stdout().lock();
+    render(&mut out, &listing, format)
+}
+
+/// Write a listing in `format`.
+pub fn render(out: &mut impl Write, listing: &Listing, format: Format) -> Result<()> {
+    if output::structured(out, format, listing)? {
         return Ok(());
     }
-    let mut out = std::io::stdout().lock();
+    if listing.items.is_empty() {
+        writeln!(out, "no dead letters for {}", listing.endpoint)?;
+        return Ok(());
+    }
     writeln!(
         out,
         "{:<8} {:<40} {:<13} {:>8} {:>6} {:>5}  DETAIL",
         "SEQ", "ID", "REASON", "ATTEMPTS", "STATUS", "AGE"
     )?;
-    for r in &rows {
-        let detail: String = r.detail.chars().take(80).collect();
+    let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    for r in &listing.items {
+        let detail: String = r.detail.as_deref().unwrap_or("").chars().take(80).collect();
         writeln!(
             out,
             "{:<8} {:<40} {:<13} {:>8} {:>6} {:>5}  {}",
             r.seq,
-            r.id,
-            r.reason,
-            r.attempts,
-            r.status,
-            age(r.age_secs),
+            r.delivery_id.as_deref().unwrap_or("-"),
+            r.reason.as_deref().unwrap_or("-"),
+            dash(r.attempts.map(|a| a.to_string())),
+            dash(r.last_status.map(|a| a.to_string())),
+            r.age,
             detail
+        )?;
+    }
+    let shown = listing.items.len() as u64;
+    if listing.total > shown {
+        writeln!(
+            out,
+            "({shown} of {} shown; raise --limit for more)",
+            listing.total
         )?;
     }
     Ok(())
@@ -257,6 +321,59 @@ mod tests {
         assert_eq!(age(7300), "2h");
         assert_eq!(age(200_000), "2d");
         assert_eq!(age(-3), "0s");
+    }
+
+    #[test]
+    fn rows_read_the_dead_letter_headers() {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(wire::DELIVERY_ID, "evt_1");
+        h.insert(wire::DLQ_REASON, "client_error");
+        h.insert(wire::DLQ_ATTEMPTS, "3");
+        h.insert(wire::DLQ_LAST_STATUS, "422");
+        h.insert(wire::DLQ_ORIGINAL_SUBJECT, "spillway.in.a_b.0");
+        h.insert(wire::DLQ_ORIGINAL_SEQ, "17");
+        h.insert(wire::DLQ_DETAIL, "sink answered 422");
+        h.insert("Spillway-Orig-Authorization", "Bearer hunter2");
+        let t = time::OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap();
+        let m = history::Stored {
+            seq: 5,
+            subject: "spillway.dlq.a_b".into(),
+            headers: h,
+            payload: b"{\"card\":\"4242\"}".to_vec(),
+            time: t,
+        };
+        let listing = Listing {
+            endpoint: "a/b".into(),
+            dead_letter_stream: "spillway_dlq_a_b".into(),
+            total: 2,
+            items: vec![row(&m, t + time::Duration::seconds(150))],
+        };
+        let mut out = Vec::new();
+        render(&mut out, &listing, Format::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let want = serde_json::json!({
+            "endpoint": "a/b", "deadLetterStream": "spillway_dlq_a_b", "total": 2,
+            "items": [{
+                "seq": 5, "deliveryId": "evt_1", "reason": "client_error", "attempts": 3,
+                "lastStatus": 422, "originalSubject": "spillway.in.a_b.0", "originalSeq": 17,
+                "deadLetteredAt": "2026-01-01T00:00:00Z", "ageSeconds": 150, "age": "2m",
+                "detail": "sink answered 422"
+            }]
+        });
+        assert_eq!(v, want);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            !text.contains("hunter2") && !text.contains("4242"),
+            "{text}"
+        );
+
+        let mut out = Vec::new();
+        render(&mut out, &listing, Format::Table).unwrap();
+        let t = String::from_utf8(out).unwrap();
+        assert!(t.contains("(1 of 2 shown; raise --limit for more)"), "{t}");
+        let row = t.lines().nth(1).unwrap();
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cols[..6], ["5", "evt_1", "client_error", "3", "422", "2m"]);
     }
 
     #[test]

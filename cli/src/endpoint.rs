@@ -3,7 +3,7 @@
 use spillway_api::names::EndpointNames;
 
 /// A WebhookEndpoint reference with its namespace resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct EndpointRef {
     /// Namespace.
     pub namespace: String,

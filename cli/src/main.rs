@@ -6,6 +6,7 @@
 mod dlq;
 mod endpoint;
 mod history;
+mod output;
 mod replay;
 mod send;
 mod status;
@@ -72,6 +73,9 @@ enum Cmd {
         /// Every namespace.
         #[arg(short = 'A', long)]
         all_namespaces: bool,
+        /// Output format (json and yaml: see docs/cli.md for the fields).
+        #[arg(short, long, value_enum, default_value_t)]
+        output: output::Format,
     },
     /// Dead letters.
     Dlq {
@@ -143,6 +147,9 @@ enum DlqCmd {
         /// Show at most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Output format (json and yaml: see docs/cli.md for the fields).
+        #[arg(short, long, value_enum, default_value_t)]
+        output: output::Format,
     },
     /// Move dead letters back for another round, each exactly once.
     Redrive {
@@ -243,6 +250,7 @@ async fn main() -> Result<()> {
         Cmd::Status {
             endpoint,
             all_namespaces,
+            output,
         } => {
             let (client, ctx_ns) = g.kube().await?;
             let one = match &endpoint {
@@ -264,13 +272,18 @@ async fn main() -> Result<()> {
             } else {
                 Some(g.namespace.clone().unwrap_or(ctx_ns))
             };
-            status::run(client, js.as_ref(), ns.as_deref(), one.as_ref()).await?;
+            status::run(client, js.as_ref(), ns.as_deref(), one.as_ref(), output).await?;
         }
         Cmd::Dlq {
-            cmd: DlqCmd::List { endpoint, limit },
+            cmd:
+                DlqCmd::List {
+                    endpoint,
+                    limit,
+                    output,
+                },
         } => {
             let ep = g.endpoint(&endpoint).await?;
-            dlq::list(&g.nats().await?, &ep, limit).await?;
+            dlq::list(&g.nats().await?, &ep, limit, output).await?;
         }
         Cmd::Dlq {
             cmd:

@@ -1,19 +1,23 @@
 //! `spillway status`: what each endpoint is doing, from its status and the
 //! live JetStream numbers.
 
-use std::io::Write as _;
+use std::io::Write;
 
 use anyhow::{Context, Result};
 use async_nats::jetstream;
 use kube::api::{Api, ListParams};
-use spillway_api::{WebhookEndpoint, condition};
+use serde::Serialize;
+use spillway_api::{ReplicaStatus, WebhookEndpoint, condition};
 
 use crate::endpoint::EndpointRef;
+use crate::output::{self, Format};
 
 /// Live numbers from JetStream.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Live {
     /// Waiting to be delivered.
+    #[serde(rename = "backlog")]
     pub pending: u64,
     /// Handed to a processor, not yet acknowledged.
     pub in_flight: u64,
@@ -23,25 +27,97 @@ pub struct Live {
     pub dead_letters: u64,
 }
 
-/// One endpoint's status line.
-#[derive(Debug, Clone)]
+/// Where the numbers of a [`Line`] come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Source {
+    /// Read live from JetStream.
+    Jetstream,
+    /// The operator's last `.status` (NATS was unreachable).
+    Status,
+}
+
+/// One condition of the endpoint's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cond {
+    /// `Ready`, `Accepted`, `StreamReady`, `ProcessorReady`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// CamelCase reason.
+    pub reason: String,
+    /// What it means.
+    pub message: String,
+}
+
+/// One endpoint's status: a table row, the detailed view, or one item of
+/// `-o json|yaml` (field names in camelCase, see docs/cli.md).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Line {
-    /// The endpoint.
+    /// The endpoint (`namespace`, `name`).
+    #[serde(flatten)]
     pub ep: EndpointRef,
-    /// Path served.
-    pub path: String,
-    /// Ready condition: `True`, or `False (Reason)`.
+    /// Path served, once the operator has set it.
+    pub path: Option<String>,
+    /// Status of the Ready condition: `True`, `False` or `Unknown`.
     pub ready: String,
-    /// Live numbers, or the ones from `.status` when NATS was unreachable.
+    /// Reason of the Ready condition when it is not `True`.
+    pub ready_reason: Option<String>,
+    /// Backlog, in flight, redelivered and dead letters.
+    #[serde(flatten)]
     pub live: Live,
-    /// Whether `live` came from JetStream.
-    pub from_nats: bool,
-    /// `ready/desired`.
-    pub replicas: String,
-    /// Paused or suspended.
-    pub note: String,
-    /// Condition messages that are not True, for the detailed view.
-    pub problems: Vec<String>,
+    /// Where `live` comes from.
+    pub source: Source,
+    /// Processor replicas, once the operator has set them.
+    pub replicas: Option<ReplicaStatus>,
+    /// `spec.processor.paused`.
+    pub paused: bool,
+    /// `spec.suspend`.
+    pub suspended: bool,
+    /// All conditions.
+    pub conditions: Vec<Cond>,
+}
+
+impl Line {
+    /// The READY column: `True`, or `False (Reason)`.
+    pub fn ready_text(&self) -> String {
+        match &self.ready_reason {
+            Some(r) => format!("{} ({r})", self.ready),
+            None => self.ready.clone(),
+        }
+    }
+
+    /// The REPLICAS column: `ready/desired` or `-`.
+    pub fn replicas_text(&self) -> String {
+        self.replicas
+            .as_ref()
+            .map(|r| format!("{}/{}", r.ready, r.desired))
+            .unwrap_or_else(|| "-".into())
+    }
+
+    /// The NOTE column: `paused`, `suspended`, both, or empty.
+    pub fn note(&self) -> String {
+        let mut notes = Vec::new();
+        if self.paused {
+            notes.push("paused");
+        }
+        if self.suspended {
+            notes.push("suspended");
+        }
+        notes.join(",")
+    }
+
+    /// Conditions that are not True, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        self.conditions
+            .iter()
+            .filter(|c| c.status != "True")
+            .map(|c| format!("{}: {} — {}", c.type_, c.reason, c.message))
+            .collect()
+    }
 }
 
 /// Consumers of an endpoint (one per partition when ordered).
@@ -81,50 +157,41 @@ fn line(we: &WebhookEndpoint, live_nats: Option<Live>) -> Line {
         name: we.metadata.name.clone().unwrap_or_default(),
     };
     let st = we.status.clone().unwrap_or_default();
-    let ready = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == condition::READY)
-        .map(|c| {
-            if c.status == "True" {
-                "True".to_owned()
-            } else {
-                format!("{} ({})", c.status, c.reason)
-            }
-        })
-        .unwrap_or_else(|| "Unknown".into());
-    let problems = st
-        .conditions
-        .iter()
-        .filter(|c| c.status != "True")
-        .map(|c| format!("{}: {} — {}", c.type_, c.reason, c.message))
-        .collect();
-    let from_nats = live_nats.is_some();
+    let ready_cond = st.conditions.iter().find(|c| c.type_ == condition::READY);
+    let source = if live_nats.is_some() {
+        Source::Jetstream
+    } else {
+        Source::Status
+    };
     let live = live_nats.unwrap_or_else(|| Live {
         pending: st.backlog.as_ref().map(|b| b.pending).unwrap_or(0),
         in_flight: st.backlog.as_ref().map(|b| b.ack_pending).unwrap_or(0),
         redelivered: st.backlog.as_ref().map(|b| b.redelivered).unwrap_or(0),
         dead_letters: st.dead_letters.unwrap_or(0),
     });
-    let mut notes = Vec::new();
-    if we.spec.processor.paused {
-        notes.push("paused");
-    }
-    if we.spec.suspend {
-        notes.push("suspended");
-    }
     Line {
-        path: st.path.clone().unwrap_or_else(|| "-".into()),
-        ready,
+        path: st.path.clone(),
+        ready: ready_cond
+            .map(|c| c.status.clone())
+            .unwrap_or_else(|| "Unknown".into()),
+        ready_reason: ready_cond
+            .filter(|c| c.status != "True")
+            .map(|c| c.reason.clone()),
         live,
-        from_nats,
-        replicas: st
-            .replicas
-            .as_ref()
-            .map(|r| format!("{}/{}", r.ready, r.desired))
-            .unwrap_or_else(|| "-".into()),
-        note: notes.join(","),
-        problems,
+        source,
+        replicas: st.replicas.clone(),
+        paused: we.spec.processor.paused,
+        suspended: we.spec.suspend,
+        conditions: st
+            .conditions
+            .iter()
+            .map(|c| Cond {
+                type_: c.type_.clone(),
+                status: c.status.clone(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+            })
+            .collect(),
         ep,
     }
 }
@@ -135,6 +202,7 @@ pub async fn run(
     js: Option<&jetstream::Context>,
     ns: Option<&str>,
     one: Option<&EndpointRef>,
+    format: Format,
 ) -> Result<()> {
     let list: Vec<WebhookEndpoint> = match one {
         Some(ep) => {
@@ -170,30 +238,44 @@ pub async fn run(
         lines.push(line(we, l));
     }
     let mut out = std::io::stdout().lock();
+    render(&mut out, &lines, one.is_some(), format)
+}
+
+/// Write `lines`: one endpoint in detail (or as one object), several in a
+/// table (or as `{"items": [...]}`).
+pub fn render(out: &mut impl Write, lines: &[Line], one: bool, format: Format) -> Result<()> {
+    let done = match (one, lines.first()) {
+        (true, Some(l)) => output::structured(out, format, l)?,
+        _ => output::structured(out, format, &output::List { items: lines })?,
+    };
+    if done {
+        return Ok(());
+    }
     if lines.is_empty() {
         writeln!(out, "no WebhookEndpoints found")?;
         return Ok(());
     }
-    if one.is_some() {
+    if one {
         let l = &lines[0];
         writeln!(out, "Endpoint:      {}", l.ep)?;
-        writeln!(out, "Path:          {}", l.path)?;
-        writeln!(out, "Ready:         {}", l.ready)?;
+        writeln!(out, "Path:          {}", l.path.as_deref().unwrap_or("-"))?;
+        writeln!(out, "Ready:         {}", l.ready_text())?;
         writeln!(out, "Backlog:       {}", l.live.pending)?;
         writeln!(out, "In flight:     {}", l.live.in_flight)?;
         writeln!(out, "Redelivered:   {}", l.live.redelivered)?;
         writeln!(out, "Dead letters:  {}", l.live.dead_letters)?;
-        writeln!(out, "Replicas:      {}", l.replicas)?;
-        if !l.note.is_empty() {
-            writeln!(out, "Note:          {}", l.note)?;
+        writeln!(out, "Replicas:      {}", l.replicas_text())?;
+        let note = l.note();
+        if !note.is_empty() {
+            writeln!(out, "Note:          {note}")?;
         }
-        if !l.from_nats {
+        if l.source == Source::Status {
             writeln!(
                 out,
                 "(numbers from the endpoint's status: live JetStream numbers were not available)"
             )?;
         }
-        for p in &l.problems {
+        for p in l.problems() {
             writeln!(out, "  {p}")?;
         }
         return Ok(());
@@ -203,19 +285,19 @@ pub async fn run(
         "{:<32} {:<28} {:<22} {:>8} {:>9} {:>12} {:>8}  NOTE",
         "ENDPOINT", "PATH", "READY", "BACKLOG", "IN FLIGHT", "DEAD LETTERS", "REPLICAS"
     )?;
-    for l in &lines {
+    for l in lines {
         writeln!(
             out,
             "{:<32} {:<28} {:<22} {:>8} {:>9} {:>12} {:>8}  {}{}",
             l.ep.to_string(),
-            l.path,
-            l.ready,
+            l.path.as_deref().unwrap_or("-"),
+            l.ready_text(),
             l.live.pending,
             l.live.in_flight,
             l.live.dead_letters,
-            l.replicas,
-            l.note,
-            if l.from_nats {
+            l.replicas_text(),
+            l.note(),
+            if l.source == Source::Jetstream {
                 ""
             } else {
                 " (from status; no live numbers)"
@@ -223,4 +305,85 @@ pub async fn run(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Line {
+        Line {
+            ep: EndpointRef {
+                namespace: "team".into(),
+                name: "gh".into(),
+            },
+            path: Some("/team/gh".into()),
+            ready: "False".into(),
+            ready_reason: Some("SinkDown".into()),
+            live: Live {
+                pending: 4,
+                in_flight: 1,
+                redelivered: 2,
+                dead_letters: 3,
+            },
+            source: Source::Status,
+            replicas: Some(ReplicaStatus {
+                desired: 2,
+                ready: 1,
+            }),
+            paused: true,
+            suspended: false,
+            conditions: vec![Cond {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: "SinkDown".into(),
+                message: "no ready processor".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn json_has_stable_camel_case_fields() {
+        let mut out = Vec::new();
+        render(&mut out, &[sample()], true, Format::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let want = serde_json::json!({
+            "namespace": "team", "name": "gh", "path": "/team/gh",
+            "ready": "False", "readyReason": "SinkDown",
+            "backlog": 4, "inFlight": 1, "redelivered": 2, "deadLetters": 3,
+            "source": "status", "replicas": {"desired": 2, "ready": 1},
+            "paused": true, "suspended": false,
+            "conditions": [{"type": "Ready", "status": "False", "reason": "SinkDown",
+                            "message": "no ready processor"}]
+        });
+        assert_eq!(v, want);
+
+        let mut out = Vec::new();
+        render(&mut out, &[sample(), sample()], false, Format::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["items"].as_array().unwrap().len(), 2);
+        let mut out = Vec::new();
+        render(&mut out, &[], false, Format::Json).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
+            serde_json::json!({"items": []})
+        );
+    }
+
+    #[test]
+    fn yaml_and_table() {
+        let mut out = Vec::new();
+        render(&mut out, &[sample()], true, Format::Yaml).unwrap();
+        let y = String::from_utf8(out).unwrap();
+        assert!(y.contains("readyReason: SinkDown\n"), "{y}");
+        assert!(y.contains("inFlight: 1\n"), "{y}");
+
+        let mut out = Vec::new();
+        render(&mut out, &[sample()], true, Format::Table).unwrap();
+        let t = String::from_utf8(out).unwrap();
+        assert!(t.contains("Ready:         False (SinkDown)\n"), "{t}");
+        assert!(t.contains("Replicas:      1/2\n"), "{t}");
+        assert!(t.contains("Note:          paused\n"), "{t}");
+        assert!(t.contains("Ready: SinkDown — no ready processor"), "{t}");
+    }
 }

@@ -57,14 +57,59 @@ async fn list_and_redrive_deliver_each_dead_letter_exactly_once() -> Result<()> 
     );
     assert!(list.stdout.contains("422"));
 
+    // The same for scripts.
+    let list = spillway_ok(&["dlq", "list", "default/hooks", "-o", "json"], &env).await?;
+    let v: serde_json::Value = serde_json::from_str(&list.stdout)?;
+    assert_eq!(v["endpoint"], "default/hooks");
+    assert_eq!(v["total"], 5);
+    let items = v["items"].as_array().expect("items");
+    let mut listed: Vec<&str> = items
+        .iter()
+        .map(|i| i["deliveryId"].as_str().unwrap_or_default())
+        .collect();
+    listed.sort_unstable();
+    assert_eq!(listed, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    for i in items {
+        assert_eq!(i["reason"], "client_error", "{i}");
+        assert_eq!(i["lastStatus"], 422, "{i}");
+        assert_eq!(i["attempts"], 1, "{i}");
+        assert_eq!(i["originalSubject"], ep.names.subject(0).as_str(), "{i}");
+        assert!(i["seq"].as_u64().is_some_and(|s| s > 0), "{i}");
+        let age = i["ageSeconds"].as_i64().expect("ageSeconds");
+        assert!((0..60).contains(&age), "{i}");
+        assert_eq!(i["age"], format!("{age}s"));
+        assert!(
+            i["deadLetteredAt"]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z')),
+            "{i}"
+        );
+    }
+    let list = spillway_ok(
+        &["dlq", "list", "default/hooks", "--limit", "2", "-o", "json"],
+        &env,
+    )
+    .await?;
+    let v: serde_json::Value = serde_json::from_str(&list.stdout)?;
+    assert_eq!(
+        (v["total"].as_u64(), v["items"].as_array().map(Vec::len)),
+        (Some(5), Some(2))
+    );
+    // --seq takes what `seq` says.
+    let d1_seq = items
+        .iter()
+        .find(|i| i["deliveryId"] == "d1")
+        .and_then(|i| i["seq"].as_u64())
+        .expect("d1 listed");
+
     // Two by id, then the rest.
     let out = spillway_ok(
         &[
             "dlq",
             "redrive",
             "default/hooks",
-            "--id",
-            "d1",
+            "--seq",
+            &d1_seq.to_string(),
             "--id",
             "d3",
         ],
@@ -112,6 +157,12 @@ async fn list_and_redrive_deliver_each_dead_letter_exactly_once() -> Result<()> 
     assert_eq!(stream_len(&ep.js, &ep.names.stream()).await?, 11);
     let list = spillway_ok(&["dlq", "list", "default/hooks"], &env).await?;
     assert!(list.stdout.contains("no dead letters"), "{}", list.stdout);
+    let list = spillway_ok(&["dlq", "list", "default/hooks", "-o", "yaml"], &env).await?;
+    let v: serde_json::Value = serde_yaml_ng::from_str(&list.stdout)?;
+    assert_eq!(
+        (v["total"].as_u64(), v["items"].as_array().map(Vec::len)),
+        (Some(0), Some(0))
+    );
     Ok(())
 }
 

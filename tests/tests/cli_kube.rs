@@ -90,6 +90,36 @@ async fn status_shows_path_readiness_backlog_dead_letters_and_replicas() -> Resu
     let bare = spillway_ok(&["status", "hooks", "-n", &ns], &env).await?;
     assert!(bare.stdout.contains("Backlog:       3"));
 
+    // The same for scripts: -o json (one object, or {"items": [...]}) and yaml.
+    let j = spillway_ok(&["status", &target, "-o", "json"], &env).await?;
+    let v: serde_json::Value = serde_json::from_str(&j.stdout)?;
+    assert_eq!(v["namespace"], ns.as_str(), "{v}");
+    assert_eq!(v["name"], "hooks");
+    assert_eq!(v["path"], "/team/hooks");
+    assert_eq!(v["ready"], "True");
+    assert!(v["readyReason"].is_null(), "{v}");
+    assert_eq!(v["backlog"], 3, "live, not the status' 40: {v}");
+    assert_eq!(v["inFlight"], 0);
+    assert_eq!(v["deadLetters"], 1);
+    assert_eq!(v["source"], "jetstream");
+    assert_eq!(v["replicas"], serde_json::json!({"desired": 2, "ready": 1}));
+    assert_eq!(v["paused"], true);
+    assert_eq!(v["suspended"], false);
+    assert_eq!(v["conditions"][0]["type"], "Ready");
+    let j = spillway_ok(&["status", "-n", &ns, "--output=json"], &env).await?;
+    let v: serde_json::Value = serde_json::from_str(&j.stdout)?;
+    let items = v["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{v}");
+    assert_eq!(items[0]["name"], "hooks");
+    assert_eq!(items[0]["backlog"], 3);
+    let y = spillway_ok(&["status", &target, "-o", "yaml"], &env).await?;
+    let v: serde_json::Value = serde_yaml_ng::from_str(&y.stdout)?;
+    assert_eq!(v["deadLetters"], 1, "{}", y.stdout);
+    let empty_ns = cp.namespace("cli-status-empty").await?;
+    let j = spillway_ok(&["status", "-n", &empty_ns, "-o", "json"], &env).await?;
+    let v: serde_json::Value = serde_json::from_str(&j.stdout)?;
+    assert_eq!(v, serde_json::json!({"items": []}));
+
     // NATS unreachable: the numbers the operator wrote into the status.
     let env_down = [
         ("NATS_URL", "nats://127.0.0.1:1"),
@@ -104,6 +134,12 @@ async fn status_shows_path_readiness_backlog_dead_letters_and_replicas() -> Resu
         down.stdout
     );
     assert!(down.stderr.contains("NATS"), "{}", down.stderr);
+    let down = spillway_ok(&["status", &target, "-o", "json"], &env_down).await?;
+    let v: serde_json::Value = serde_json::from_str(&down.stdout)?;
+    assert_eq!(v["source"], "status", "{v}");
+    assert_eq!(v["backlog"], 40);
+    assert_eq!(v["inFlight"], 2);
+    assert_eq!(v["deadLetters"], 9);
 
     // A missing endpoint is an error that says so.
     let missing = spillway(&["status", &format!("{ns}/nope")], &env).await?;
