@@ -701,7 +701,9 @@ pub struct WebhookEndpointStatus {
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, Accepted, StreamReady and ProcessorReady, with reasons.
+    /// Ready, Accepted, StreamReady and ProcessorReady, with reasons; and
+    /// SinkAvailable, False (reason SinkGone) while the sink answers 410
+    /// Gone. SinkAvailable does not affect Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -753,6 +755,9 @@ pub mod condition {
     pub const ACCEPTED: &str = "Accepted";
     pub const STREAM_READY: &str = "StreamReady";
     pub const PROCESSOR_READY: &str = "ProcessorReady";
+    /// False (reason `SinkGone`) while processors report that the sink
+    /// answers 410 Gone; not part of `Ready`.
+    pub const SINK_AVAILABLE: &str = "SinkAvailable";
 }
 
 pub(crate) mod defaults {

@@ -19,9 +19,10 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
-use spillway_api::condition::{ACCEPTED, PROCESSOR_READY, STREAM_READY};
+use spillway_api::condition::{ACCEPTED, PROCESSOR_READY, SINK_AVAILABLE, STREAM_READY};
 use spillway_api::names::{EndpointNames, default_path, path_precedence};
 use spillway_api::validate::{Timings, check};
+use spillway_api::wire::redact_url;
 use spillway_api::{
     Autoscaler, Backlog, DeletionPolicy, ReplicaStatus, SecretKeyRef, WebhookEndpoint,
     WebhookEndpointStatus,
@@ -32,6 +33,7 @@ use tracing::{info, warn};
 use crate::conditions::{self, Desired, Status};
 use crate::jetstream::{Js, NatsError, SyncError, Synced, is_managed_consumer};
 use crate::metrics::Metrics;
+use crate::notices::SinkNotices;
 use crate::render::{self, FIELD_MANAGER, deployment_name};
 use crate::scaling;
 use crate::settings::Settings;
@@ -69,6 +71,8 @@ pub struct Context {
     /// status twice.
     written: Mutex<HashMap<String, WebhookEndpointStatus>>,
     retrigger: mpsc::UnboundedSender<ObjectRef<WebhookEndpoint>>,
+    /// What processors reported about the sinks (for `SinkAvailable`).
+    pub sink_notices: Arc<SinkNotices>,
 }
 
 impl std::fmt::Debug for Context {
@@ -94,6 +98,7 @@ impl Context {
         Self {
             client,
             js,
+            sink_notices: Arc::new(SinkNotices::new(settings.sink_gone_quiet_period)),
             settings,
             recorder,
             metrics,
@@ -526,7 +531,21 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
         }
     };
 
-    let desired = all_conditions(parts, spec.suspend, spec.processor.paused);
+    let mut desired = all_conditions(parts, spec.suspend, spec.processor.paused);
+    // Reported by the processors through NATS; not part of Ready.
+    let (sink_cond, recheck) = ctx.sink_notices.condition(
+        &k,
+        &render::sink_url(&ep)
+            .map(|u| redact_url(&u))
+            .unwrap_or_default(),
+        spec.processor.dead_letter.enabled,
+        old.conditions.iter().find(|c| c.type_ == SINK_AVAILABLE),
+        Timestamp::now(),
+    );
+    if let Some(r) = recheck {
+        requeue = requeue.min(r + Duration::from_secs(1));
+    }
+    desired.push(sink_cond);
     let now = Time(Timestamp::now());
     status.conditions = conditions::merge(&old.conditions, &desired, ep.metadata.generation, &now);
     ctx.metrics.set_conditions(
@@ -1017,6 +1036,7 @@ async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, 
     }
 
     ctx.metrics.set_conditions(&k, None);
+    ctx.sink_notices.forget(&k);
     ctx.failures(&format!("nats:{k}"), false);
     ctx.written
         .lock()

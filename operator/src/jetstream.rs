@@ -338,6 +338,11 @@ impl Js {
         Self { ctx, client }
     }
 
+    /// The NATS client (for core subscriptions such as sink notices).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
     /// The server's `max_payload` (0 while not connected).
     pub fn max_payload(&self) -> usize {
         self.client.server_info().max_payload

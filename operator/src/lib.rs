@@ -13,6 +13,7 @@ pub mod controller;
 pub mod jetstream;
 pub mod leader;
 pub mod metrics;
+pub mod notices;
 pub mod render;
 pub mod scaling;
 pub mod settings;
@@ -349,6 +350,7 @@ pub async fn run_controller(
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 
     let controller = Controller::for_stream(trigger, estore.clone());
+    let notice_trigger = tx.clone();
     let ctx = Arc::new(Context::new(
         client,
         js,
@@ -358,6 +360,13 @@ pub async fn run_controller(
         estore,
         dstore,
         tx,
+    ));
+    // Sink notices from processors, for this term of leadership only.
+    let notices = tokio::spawn(notices::listen(
+        ctx.js.client().clone(),
+        ctx.endpoints.clone(),
+        ctx.sink_notices.clone(),
+        notice_trigger,
     ));
     controller
         .owns_stream(owned)
@@ -371,4 +380,5 @@ pub async fn run_controller(
             }
         })
         .await;
+    notices.abort();
 }

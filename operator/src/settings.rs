@@ -139,6 +139,12 @@ pub struct Settings {
     /// names what was left behind.
     #[arg(long, env = "SPILLWAY_CLEANUP_TIMEOUT", value_parser = duration, default_value = "5m")]
     pub cleanup_timeout: Duration,
+    /// How long an endpoint's `SinkAvailable` condition stays False after
+    /// the last 410 Gone a processor reported, when no successful delivery
+    /// follows (processors repeat the report every 30 s while the 410s go
+    /// on).
+    #[arg(long, env = "SPILLWAY_SINK_GONE_QUIET_PERIOD", value_parser = duration, default_value = "10m")]
+    pub sink_gone_quiet_period: Duration,
     /// Endpoints reconciled at once.
     #[arg(long, env = "SPILLWAY_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,
