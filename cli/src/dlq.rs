@@ -11,6 +11,7 @@ use spillway_api::wire;
 use crate::endpoint::EndpointRef;
 use crate::history::{self, Pace, Reader, Start, header};
 use crate::output::{self, Format};
+use crate::progress::{Progress, Summary};
 
 /// One dead letter, as listed (and one item of `dlq list -o json|yaml`;
 /// field names in camelCase, see docs/cli.md). Neither the body nor the
@@ -214,20 +215,21 @@ pub struct Redriven {
     pub duplicates: u64,
     /// Left in place because their original subject is missing or foreign.
     pub skipped: u64,
+    /// How long it took.
+    pub run: Summary,
 }
 
 /// Move selected dead letters back to the main stream: publish (awaiting
 /// the PubAck) to the original subject, then delete the dead letter.
+/// Progress goes to stderr (see [`Progress`]).
 pub async fn redrive(
     js: &jetstream::Context,
     ep: &EndpointRef,
     sel: &Selection,
     rate: Option<u32>,
 ) -> Result<Redriven> {
-    let names = ep.names();
-    let stream_name = names.dead_letter_stream();
+    let stream_name = ep.names().dead_letter_stream();
     let (count, last) = last_seq(js, &stream_name).await?;
-    let mut done = Redriven::default();
     if count == 0 {
         if let Selection::Some { ids, seqs } = sel
             && !(ids.is_empty() && seqs.is_empty())
@@ -243,8 +245,55 @@ pub async fn redrive(
             );
         }
         eprintln!("no dead letters for {ep}");
-        return Ok(done);
+        return Ok(Redriven::default());
     }
+    let total = match sel {
+        Selection::All => count,
+        Selection::Some { ids, seqs } => ((ids.len() + seqs.len()) as u64).min(count),
+    };
+    let mut progress = Progress::new("redriven", total);
+    let mut done = Redriven::default();
+    match redrive_all(js, ep, sel, rate, last, &mut progress, &mut done).await {
+        Ok((seen_ids, seen_seqs)) => {
+            done.run = progress.finish();
+            if let Selection::Some { ids, seqs } = sel {
+                let missing: Vec<String> = ids
+                    .difference(&seen_ids)
+                    .cloned()
+                    .chain(seqs.difference(&seen_seqs).map(|s| format!("seq {s}")))
+                    .collect();
+                if !missing.is_empty() {
+                    bail!(
+                        "redrove {} dead letters, but these were not found in {stream_name}: {} (see `spillway dlq list {ep}`)",
+                        done.moved,
+                        missing.join(", ")
+                    );
+                }
+            }
+            Ok(done)
+        }
+        Err(e) => {
+            progress.abandon();
+            Err(e.context(format!(
+                "the redrive of {ep} stopped after {} of {total} dead letters; run the same command \
+                 again to go on: dead letters already put back are not delivered twice (within the \
+                 stream's duplicate window)",
+                done.moved + done.duplicates
+            )))
+        }
+    }
+}
+
+async fn redrive_all(
+    js: &jetstream::Context,
+    ep: &EndpointRef,
+    sel: &Selection,
+    rate: Option<u32>,
+    last: u64,
+    progress: &mut Progress,
+    done: &mut Redriven,
+) -> Result<(BTreeSet<String>, BTreeSet<u64>)> {
+    let stream_name = ep.names().dead_letter_stream();
     let dlq = js.get_stream(&stream_name).await?;
     let mut pace = Pace::new(rate);
     let mut seen_ids = BTreeSet::new();
@@ -261,12 +310,13 @@ pub async fn redrive(
         }
         let target = header(&m.headers, wire::DLQ_ORIGINAL_SUBJECT);
         let Some(subject) = target.filter(|s| ep.owns_subject(s)) else {
-            eprintln!(
+            progress.note(&format!(
                 "skipping dead letter {}: no valid {} header",
                 m.seq,
                 wire::DLQ_ORIGINAL_SUBJECT
-            );
+            ));
             done.skipped += 1;
+            progress.inc();
             continue;
         };
         pace.tick().await;
@@ -278,36 +328,16 @@ pub async fn redrive(
             .await
             .map_err(|e| anyhow::anyhow!("publishing dead letter {}: {e}", m.seq))?;
         dlq.delete_message(m.seq).await.map_err(|e| {
-            anyhow::anyhow!(
-                "deleting dead letter {} after its redrive: {e}; run the redrive again (it is deduplicated)",
-                m.seq
-            )
+            anyhow::anyhow!("deleting dead letter {} after its redrive: {e}", m.seq)
         })?;
         if ack.duplicate {
             done.duplicates += 1;
         } else {
             done.moved += 1;
         }
-        let n = done.moved + done.duplicates;
-        if n % 100 == 0 {
-            eprintln!("redriven {n} ...");
-        }
+        progress.inc();
     }
-    if let Selection::Some { ids, seqs } = sel {
-        let missing: Vec<String> = ids
-            .difference(&seen_ids)
-            .cloned()
-            .chain(seqs.difference(&seen_seqs).map(|s| format!("seq {s}")))
-            .collect();
-        if !missing.is_empty() {
-            bail!(
-                "redrove {} dead letters, but these were not found in {stream_name}: {} (see `spillway dlq list {ep}`)",
-                done.moved,
-                missing.join(", ")
-            );
-        }
-    }
-    Ok(done)
+    Ok((seen_ids, seen_seqs))
 }
 
 #[cfg(test)]
@@ -341,6 +371,7 @@ mod tests {
             headers: h,
             payload: b"{\"card\":\"4242\"}".to_vec(),
             time: t,
+            pending: 0,
         };
         let listing = Listing {
             endpoint: "a/b".into(),

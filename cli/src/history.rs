@@ -22,6 +22,8 @@ pub struct Stored {
     pub payload: Vec<u8>,
     /// When it was stored.
     pub time: time::OffsetDateTime,
+    /// Messages stored after it when it was read (for progress).
+    pub pending: u64,
 }
 
 /// Where to start reading.
@@ -128,6 +130,7 @@ impl Reader {
             headers: m.headers.unwrap_or_default(),
             payload: m.payload.to_vec(),
             time,
+            pending,
         }))
     }
 }

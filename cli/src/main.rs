@@ -7,6 +7,7 @@ mod dlq;
 mod endpoint;
 mod history;
 mod output;
+mod progress;
 mod replay;
 mod send;
 mod status;
@@ -242,6 +243,15 @@ impl Global {
     }
 }
 
+/// ` in 1.2s (40/s)` after a run that did something.
+fn timing(run: &progress::Summary) -> String {
+    if run.count == 0 {
+        String::new()
+    } else {
+        format!(" {run}")
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -306,8 +316,9 @@ async fn main() -> Result<()> {
             };
             let r = dlq::redrive(&g.nats().await?, &ep, &sel, rate).await?;
             println!(
-                "redrove {} dead letters of {ep}{}{}",
+                "redrove {} dead letters of {ep}{}{}{}",
                 r.moved,
+                timing(&r.run),
                 if r.duplicates > 0 {
                     format!(
                         " ({} already redriven by an interrupted run, removed)",
@@ -340,7 +351,16 @@ async fn main() -> Result<()> {
                 (None, Some(n)) => history::Start::Seq(n),
                 _ => bail!("pass exactly one of --since or --from-seq"),
             };
-            let run = replay_id.unwrap_or_else(replay::new_run_id);
+            let run = match replay_id {
+                Some(id) => id,
+                None => {
+                    let id = replay::new_run_id();
+                    eprintln!(
+                        "replay id {id}: if this replay is interrupted, run it again with `--replay-id {id}` to go on without duplicates"
+                    );
+                    id
+                }
+            };
             let r = replay::replay(
                 &g.nats().await?,
                 &ep,
@@ -350,8 +370,9 @@ async fn main() -> Result<()> {
             )
             .await?;
             println!(
-                "replayed {} webhooks of {ep} (replay id {run}){}",
+                "replayed {} webhooks of {ep} (replay id {run}){}{}",
                 r.published,
+                timing(&r.run),
                 if r.duplicates > 0 {
                     format!("; {} were already replayed by this replay id", r.duplicates)
                 } else {

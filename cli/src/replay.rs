@@ -8,6 +8,7 @@ use async_nats::jetstream;
 
 use crate::endpoint::EndpointRef;
 use crate::history::{self, Pace, Reader, Start};
+use crate::progress::{Progress, Summary};
 
 /// What to replay.
 #[derive(Debug, Clone)]
@@ -48,9 +49,28 @@ pub struct Replayed {
     pub duplicates: u64,
     /// Messages on subjects this endpoint does not own (not replayed).
     pub skipped: u64,
+    /// How long it took.
+    pub run: Summary,
 }
 
-/// Replay `range` of the endpoint's stream.
+/// The command that resumes an interrupted replay from stream sequence
+/// `from` (already replayed copies are deduplicated by the replay id).
+pub fn resume_command(
+    ep: &EndpointRef,
+    from: u64,
+    to: u64,
+    run: &str,
+    rate: Option<u32>,
+) -> String {
+    let mut c = format!("spillway replay {ep} --from-seq {from} --to-seq {to} --replay-id {run}");
+    if let Some(r) = rate {
+        c.push_str(&format!(" --rate {r}"));
+    }
+    c
+}
+
+/// Replay `range` of the endpoint's stream. Progress goes to stderr (see
+/// [`Progress`]); an error says how to resume.
 pub async fn replay(
     js: &jetstream::Context,
     ep: &EndpointRef,
@@ -67,6 +87,7 @@ pub async fn replay(
         .to
         .unwrap_or(state.last_sequence)
         .min(state.last_sequence);
+    let mut total = last.saturating_sub(state.first_sequence) + 1;
     if let Start::Seq(n) = range.start {
         if n > last {
             bail!("nothing to replay: --from-seq {n} is after the last stored sequence {last}");
@@ -76,18 +97,81 @@ pub async fn replay(
                 "note: messages before sequence {} are no longer stored (stream.maxAge or limits); starting there",
                 state.first_sequence
             );
+        } else {
+            total = last - n + 1;
         }
     }
-    let mut done = Replayed::default();
     if state.messages == 0 {
         eprintln!("the stream is empty: nothing to replay");
-        return Ok(done);
+        return Ok(Replayed::default());
     }
+    let mut progress = Progress::new("replayed", total.min(state.messages));
+    let mut done = Replayed::default();
+    // Where to resume after an error: the message being replayed, else the
+    // one after the last replayed.
+    let mut resume = match range.start {
+        Start::Seq(n) => Some(n.max(state.first_sequence)),
+        Start::First => Some(state.first_sequence),
+        Start::Time(_) => None,
+    };
+    match replay_all(
+        js,
+        ep,
+        range.start,
+        last,
+        run,
+        rate,
+        &mut progress,
+        &mut done,
+        &mut resume,
+    )
+    .await
+    {
+        Ok(()) => {
+            done.run = progress.finish();
+            Ok(done)
+        }
+        Err(e) => {
+            progress.abandon();
+            let n = done.published + done.duplicates;
+            let how = match resume {
+                Some(from) => format!(
+                    "resume with `{}`",
+                    resume_command(ep, from, last, run, rate)
+                ),
+                None => format!("run the same command again with `--replay-id {run}`"),
+            };
+            Err(e.context(format!(
+                "the replay of {ep} stopped after {n} webhooks; {how} (what was already replayed \
+                 is not stored twice, within the stream's duplicate window)"
+            )))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn replay_all(
+    js: &jetstream::Context,
+    ep: &EndpointRef,
+    start: Start,
+    last: u64,
+    run: &str,
+    rate: Option<u32>,
+    progress: &mut Progress,
+    done: &mut Replayed,
+    resume: &mut Option<u64>,
+) -> Result<()> {
+    let stream_name = ep.names().stream();
     let mut pace = Pace::new(rate);
-    let mut r = Reader::open(js, &stream_name, range.start, last).await?;
+    let mut r = Reader::open(js, &stream_name, start, last).await?;
     while let Some(m) = r.next().await? {
+        *resume = Some(m.seq);
+        let n = done.published + done.duplicates + done.skipped;
+        progress.set_total(n + 1 + m.pending.min(last.saturating_sub(m.seq)));
         if !ep.owns_subject(&m.subject) {
             done.skipped += 1;
+            progress.inc();
+            *resume = Some(m.seq + 1);
             continue;
         }
         pace.tick().await;
@@ -103,12 +187,10 @@ pub async fn replay(
         } else {
             done.published += 1;
         }
-        let n = done.published + done.duplicates;
-        if n % 100 == 0 {
-            eprintln!("replayed {n} (at sequence {} of {last}) ...", m.seq);
-        }
+        progress.inc();
+        *resume = Some(m.seq + 1);
     }
-    Ok(done)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -120,6 +202,19 @@ mod tests {
         assert_ne!(replay_msg_id("a", 1), replay_msg_id("b", 1));
         assert_ne!(replay_msg_id("a", 1), replay_msg_id("a", 2));
         assert!(!new_run_id().is_empty());
+    }
+
+    #[test]
+    fn resume_command_carries_range_id_and_rate() {
+        let ep = EndpointRef::parse("team/gh", "default").unwrap();
+        assert_eq!(
+            resume_command(&ep, 41, 90, "abc", Some(20)),
+            "spillway replay team/gh --from-seq 41 --to-seq 90 --replay-id abc --rate 20"
+        );
+        assert_eq!(
+            resume_command(&ep, 1, 2, "x", None),
+            "spillway replay team/gh --from-seq 1 --to-seq 2 --replay-id x"
+        );
     }
 
     #[test]

@@ -124,6 +124,13 @@ async fn list_and_redrive_deliver_each_dead_letter_exactly_once() -> Result<()> 
     )
     .await?;
     assert!(out.stdout.contains("redrove 3"), "{}", out.stdout);
+    // Not a terminal: no progress bar, the summary says how fast it went.
+    assert!(out.stdout.contains("/s)"), "{}", out.stdout);
+    assert!(
+        !out.stderr.contains('\r') && !out.stderr.contains("3/3"),
+        "{}",
+        out.stderr
+    );
     eventually(
         Duration::from_secs(15),
         "all redriven delivered",

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use processor_support::*;
-use spillway_tests::{NatsServer, eventually};
+use spillway_tests::{NatsServer, bin_path, eventually};
 
 fn counts(sink: &Sink) -> HashMap<String, usize> {
     let mut m = HashMap::new();
@@ -53,6 +53,18 @@ async fn replay_delivers_the_range_again_exactly_once() -> Result<()> {
     )
     .await?;
     assert!(out.stdout.contains("replayed 5 "), "{}", out.stdout);
+    // Not a terminal: no progress bar, the summary says how fast it went.
+    assert!(out.stdout.contains("/s)"), "{}", out.stdout);
+    assert!(
+        !out.stderr.contains('\r') && !out.stderr.contains("5/5"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("--replay-id "),
+        "a generated replay id is shown for resuming: {}",
+        out.stderr
+    );
     eventually(
         Duration::from_secs(10),
         "replayed copies delivered",
@@ -115,5 +127,97 @@ async fn replay_delivers_the_range_again_exactly_once() -> Result<()> {
         "{}",
         missing.stderr
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_replay_says_how_to_resume_and_shows_progress_on_a_terminal() -> Result<()> {
+    use async_nats::jetstream::stream;
+    let nats = NatsServer::start().await?;
+    let ep = Endpoint::create(nats.jetstream().await?, Setup::default()).await?;
+    let ids: Vec<String> = (0..10).map(|i| format!("i{i}")).collect();
+    ep.publish_many(&ids).await?;
+    let stream_name = ep.names.stream();
+
+    let url = nats.url.clone();
+    let run = tokio::spawn(async move {
+        spillway(
+            &["replay", "default/hooks", "--from-seq", "1", "--rate", "5"],
+            &[("NATS_URL", url.as_str())],
+        )
+        .await
+    });
+    eventually(Duration::from_secs(10), "two copies", || async {
+        stream_len(&ep.js, &stream_name).await.unwrap_or(0) >= 12
+    })
+    .await?;
+    // The stream stops taking the endpoint's subjects: the next copy fails.
+    let cfg: stream::Config = ep
+        .js
+        .get_stream(&stream_name)
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
+    ep.js
+        .update_stream(stream::Config {
+            subjects: vec!["elsewhere.>".into()],
+            ..cfg.clone()
+        })
+        .await?;
+    let out = run.await??;
+    assert!(!out.success, "{}", out.stdout);
+    let copied = stream_len(&ep.js, &stream_name).await? - 10;
+    assert!((2..10).contains(&copied), "{copied}");
+    let resume = out
+        .stderr
+        .split('`')
+        .find(|s| s.starts_with("spillway replay default/hooks --from-seq"))
+        .unwrap_or_else(|| panic!("no resume command:\n{}", out.stderr))
+        .to_owned();
+    assert!(
+        resume.contains("--to-seq 10 --replay-id ") && resume.ends_with(" --rate 5"),
+        "{resume}"
+    );
+    assert!(out.stderr.contains("stopped after"), "{}", out.stderr);
+
+    // Back to normal, the printed command finishes the job: every message
+    // replayed exactly once in all.
+    ep.js.update_stream(cfg).await?;
+    let args: Vec<&str> = resume.split_whitespace().skip(1).collect();
+    let env = [("NATS_URL", nats.url.as_str())];
+    let done = spillway_ok(&args, &env).await?;
+    assert!(done.stdout.contains("replayed "), "{}", done.stdout);
+    assert_eq!(stream_len(&ep.js, &stream_name).await?, 20);
+
+    // On a terminal (a pty from `script`): a progress bar with count/total
+    // and rate. The same replay id again: all ten are duplicates.
+    let mut full = args[..8].to_vec();
+    full[3] = "1"; // --from-seq 1
+    let cmd = std::iter::once(bin_path("spillway").display().to_string())
+        .chain(full.iter().map(|a| a.to_string()))
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let tty = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("NATS_URL", &nats.url)
+            .env_remove("KUBECONFIG")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{screen}");
+    assert!(
+        screen.contains("/10 (") && screen.contains("/s eta"),
+        "count/total and rate: {screen}"
+    );
+    assert!(screen.contains("10 were already replayed"), "{screen}");
+    assert_eq!(stream_len(&ep.js, &stream_name).await?, 20);
     Ok(())
 }
