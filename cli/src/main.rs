@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args as ClapArgs, Parser, Subcommand};
+use clap::{Args as ClapArgs, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use kube::api::Api;
 use spillway_api::WebhookEndpoint;
 
@@ -243,6 +243,26 @@ impl Global {
     }
 }
 
+/// The command line; usage and help say `kubectl spillway` when run as a
+/// kubectl plugin (the binary installed, or linked, as `kubectl-spillway`).
+fn parse_args() -> Cli {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let mut cmd = Cli::command();
+    if is_kubectl_plugin(std::path::Path::new(&argv0)) {
+        cmd = cmd.bin_name("kubectl spillway");
+    }
+    Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
+/// Whether `argv0` names a kubectl plugin (`kubectl-spillway`, as kubectl
+/// runs it, or anything else starting with `kubectl-`).
+fn is_kubectl_plugin(argv0: &std::path::Path) -> bool {
+    argv0
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("kubectl-"))
+}
+
 /// ` in 1.2s (40/s)` after a run that did something.
 fn timing(run: &progress::Summary) -> String {
     if run.count == 0 {
@@ -254,7 +274,7 @@ fn timing(run: &progress::Summary) -> String {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let cli = parse_args();
     let g = &cli.global;
     match cli.cmd {
         Cmd::Status {
@@ -429,4 +449,26 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubectl_plugin_names() {
+        assert!(is_kubectl_plugin(std::path::Path::new(
+            "/usr/local/bin/kubectl-spillway"
+        )));
+        assert!(is_kubectl_plugin(std::path::Path::new("kubectl-spillway")));
+        assert!(!is_kubectl_plugin(std::path::Path::new(
+            "/usr/bin/spillway"
+        )));
+        assert!(!is_kubectl_plugin(std::path::Path::new("")));
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use processor_support::*;
-use spillway_tests::{ControlPlane, NatsServer, eventually};
+use spillway_tests::{ControlPlane, NatsServer, bin_path, eventually};
 
 fn endpoint_yaml(ns: &str) -> String {
     format!(
@@ -221,4 +221,87 @@ async fn send_takes_scheme_and_path_from_the_endpoint() -> Result<()> {
 
 fn hex_lower(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `kubectl spillway ...` with the real kubectl: the binary linked as
+/// `kubectl-spillway` on PATH is found by kubectl's plugin discovery and gets
+/// the environment (KUBECONFIG) and the arguments after `spillway`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_spillway_is_the_cli_as_a_kubectl_plugin() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("cli-plugin").await?;
+    cp.kubectl_stdin(&["apply", "-f", "-"], &endpoint_yaml(&ns))?;
+    cp.kubectl_output(&[
+        "patch",
+        "-n",
+        &ns,
+        "webhookendpoint",
+        "hooks",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        STATUS_PATCH,
+    ])?;
+    let bin = tempfile::tempdir()?;
+    let plugin = bin.path().join("kubectl-spillway");
+    std::os::unix::fs::symlink(bin_path("spillway"), &plugin)?;
+    // Only the plugin's directory on PATH: kubectl is run by its full path.
+    let kubectl = |args: &[&str]| {
+        let mut c = cp.kubectl();
+        c.env("PATH", bin.path())
+            .env("NATS_URL", "nats://127.0.0.1:1")
+            .env_remove("NATS_CREDS")
+            .args(args);
+        let out = c.output().expect("running kubectl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (ok, list, err) = kubectl(&["plugin", "list"]);
+    assert!(ok, "{list}{err}");
+    assert!(
+        list.contains(&plugin.display().to_string()),
+        "kubectl plugin list:\n{list}{err}"
+    );
+
+    // KUBECONFIG reaches the plugin through the environment.
+    let (ok, out, err) = kubectl(&["spillway", "status", "hooks", "-n", &ns, "-o", "json"]);
+    assert!(ok, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["namespace"], ns.as_str(), "{v}");
+    assert_eq!(v["name"], "hooks");
+    assert_eq!(v["path"], "/team/hooks");
+    assert_eq!(v["source"], "status", "NATS is unreachable here: {v}");
+    assert_eq!(v["backlog"], 40);
+    assert!(err.contains("NATS"), "{err}");
+
+    // The table, and kubectl's own flags given after `spillway` (kubectl
+    // does not pass its flags before the plugin name to plugins).
+    let kubeconfig = cp.kubeconfig.display().to_string();
+    let mut c = cp.kubectl();
+    c.env_remove("KUBECONFIG")
+        .env("PATH", bin.path())
+        .env("NATS_URL", "nats://127.0.0.1:1")
+        .args(["spillway", "--kubeconfig", &kubeconfig, "-n", &ns, "status"]);
+    let out = c.output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("{ns}/hooks")))
+        .unwrap_or_else(|| panic!("no row:\n{table}"));
+    assert!(row.contains("/team/hooks"), "{row}");
+
+    // Help speaks of `kubectl spillway`.
+    let (ok, help, err) = kubectl(&["spillway", "status", "--help"]);
+    assert!(ok, "{help}{err}");
+    assert!(help.contains("Usage: kubectl spillway status"), "{help}");
+    Ok(())
 }
