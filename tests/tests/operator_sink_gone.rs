@@ -1,0 +1,278 @@
+//! A sink answering 410 Gone reaches the user: the real processor
+//! dead-letters and sends one rate-limited `sink_gone` notice over NATS, the
+//! operator (in-process, against a real kube-apiserver) sets
+//! `SinkAvailable=False/SinkGone` with one Warning Event, and a later
+//! successful delivery (`sink_ok`) sets it back to True. Ready is not
+//! affected.
+
+#[path = "../src/processor_support.rs"]
+mod processor_support;
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use processor_support::{ProcessorProc, Reply, Sink, stream_messages};
+use serde_json::json;
+use spillway_api::WebhookEndpoint;
+use spillway_api::names::{EndpointNames, NOTICE_SUBJECTS};
+use spillway_api::wire::{self, NoticeKind, PROCESSOR_CONFIG_ENV, ProcessorConfig, SinkNotice};
+use spillway_operator::Settings;
+use spillway_tests::{ControlPlane, NatsServer, eventually};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn settings(nats: &str, ns: &str) -> Settings {
+    Settings::parse_from([
+        "spillway-operator",
+        "--nats-url",
+        nats,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--watch-namespace",
+        ns,
+        "--leader-elect",
+        "false",
+        "--resync-interval",
+        "2s",
+        "--nats-request-timeout",
+        "1s",
+        "--processor-image",
+        "spillway-processor:test",
+    ])
+}
+
+/// `(status, reason, message)` of condition `type_`.
+async fn condition(
+    api: &Api<WebhookEndpoint>,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let ep = api.get(name).await.ok()?;
+    ep.status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status, c.reason, c.message))
+}
+
+async fn wait_condition(
+    api: &Api<WebhookEndpoint>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> Result<String> {
+    let start = std::time::Instant::now();
+    loop {
+        let c = condition(api, name, type_).await;
+        if let Some((s, r, m)) = &c
+            && s == status
+            && r == reason
+        {
+            return Ok(m.clone());
+        }
+        if start.elapsed() > WAIT {
+            bail!("timed out waiting for {type_}={status}/{reason}; last: {c:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `(type, reason, note)` of the namespace's Events.
+async fn events(client: &Client, ns: &str) -> Result<Vec<(String, String, String)>> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
+fn config_of(d: &Deployment) -> Result<ProcessorConfig> {
+    let pod = d.spec.template.spec.as_ref().context("pod spec")?;
+    let env = pod.containers[0].env.as_ref().context("env")?;
+    let v = env
+        .iter()
+        .find(|e| e.name == PROCESSOR_CONFIG_ENV)
+        .and_then(|e| e.value.clone())
+        .context("config env")?;
+    Ok(serde_json::from_str(&v)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("sink-gone").await?;
+    let client = cp.client().await?;
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    sink.set_default(Reply::status(410));
+    let op = spillway_operator::start(settings(&nats.url, &ns), client.clone()).await?;
+
+    // Every notice on the wire, as the operator sees them.
+    let nc = nats.client().await?;
+    let mut notices_sub = nc.subscribe(NOTICE_SUBJECTS).await?;
+    nc.flush().await?;
+
+    let endpoints: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ns);
+    let ep: WebhookEndpoint = serde_json::from_value(json!({
+        "apiVersion": "spillway.dev/v1alpha1",
+        "kind": "WebhookEndpoint",
+        "metadata": {"name": "gh"},
+        "spec": {
+            "verification": {"scheme": "none"},
+            "processor": {
+                // Userinfo and query must not show up anywhere.
+                "sink": {"url": sink.url.replace("http://", "http://user:s3cr3t@") + "?token=s3cr3t"},
+                "concurrency": 2,
+                "timeout": "5s",
+                "replicas": {"min": 1, "max": 1},
+                "retry": {"maxAttempts": 3, "backoff": ["1s"]},
+            },
+            "stream": {"maxAge": "1h", "storage": "memory"},
+        },
+    }))?;
+    endpoints.create(&PostParams::default(), &ep).await?;
+    wait_condition(&endpoints, "gh", "StreamReady", "True", "StreamReady").await?;
+    // No notice yet: SinkAvailable starts True.
+    wait_condition(&endpoints, "gh", "SinkAvailable", "True", "NoGoneReported").await?;
+
+    // Pods "ready" (no kubelet here), so Ready is True before the sink goes.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    deployments
+        .patch_status(
+            "gh-processor",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1}}),
+            ),
+        )
+        .await?;
+    wait_condition(&endpoints, "gh", "Ready", "True", "Ready").await?;
+
+    // The processor runs as rendered by the operator.
+    let cfg = config_of(&deployments.get("gh-processor").await?)?;
+    let proc = ProcessorProc::start(&cfg, &nats.url).await?;
+
+    let names = EndpointNames::new(&ns, "gh");
+    let js = nats.jetstream().await?;
+    let publish = |id: &'static str| {
+        let js = js.clone();
+        let subject = names.subject(0);
+        async move {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(wire::NATS_MSG_ID, id);
+            h.insert(wire::DELIVERY_ID, id);
+            js.publish_with_headers(subject, h, "{}".into())
+                .await?
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    for id in ["a", "b", "c"] {
+        publish(id).await?;
+    }
+
+    // Dead-lettered at once (410 is not retried).
+    eventually(WAIT, "three dead letters", || async {
+        stream_messages(&js, &names.dead_letter_stream())
+            .await
+            .is_ok_and(|m| m.len() == 3)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log_text()))?;
+    let dl = stream_messages(&js, &names.dead_letter_stream()).await?;
+    assert!(
+        dl.iter().all(|m| m
+            .headers
+            .get(wire::DLQ_REASON)
+            .is_some_and(|v| v.as_str() == "gone")),
+        "dead-letter reason gone"
+    );
+
+    // The endpoint says so; Ready is unchanged.
+    let message = wait_condition(&endpoints, "gh", "SinkAvailable", "False", "SinkGone")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log_text()))?;
+    assert!(message.contains("410 Gone"), "{message}");
+    assert!(message.contains("spillway dlq redrive"), "{message}");
+    assert!(message.contains(&sink.url), "sink shown: {message}");
+    assert!(!message.contains("s3cr3t"), "{message}");
+    assert_eq!(
+        condition(&endpoints, "gh", "Ready").await.map(|c| c.0),
+        Some("True".into())
+    );
+    eventually(WAIT, "SinkGone Warning Event", || async {
+        events(&client, &ns)
+            .await
+            .is_ok_and(|ev| ev.iter().any(|(t, r, _)| t == "Warning" && r == "SinkGone"))
+    })
+    .await?;
+
+    // One rate-limited notice for three 410s, without secrets.
+    let first = tokio::time::timeout(Duration::from_secs(5), notices_sub.next())
+        .await?
+        .context("notice subscription ended")?;
+    assert_eq!(first.subject.as_str(), names.notice_subject());
+    assert!(!String::from_utf8_lossy(&first.payload).contains("s3cr3t"));
+    let first: SinkNotice = serde_json::from_slice(&first.payload)?;
+    assert_eq!(first.kind, NoticeKind::SinkGone);
+    assert_eq!(first.status, 410);
+    assert_eq!(first.endpoint, format!("{ns}/gh"));
+    assert_eq!(first.sink, sink.url);
+
+    // The sink is back: the next delivery clears the condition.
+    sink.set_default(Reply::status(200));
+    publish("d").await?;
+    wait_condition(&endpoints, "gh", "SinkAvailable", "True", "SinkRecovered")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log_text()))?;
+    let next: SinkNotice = serde_json::from_slice(
+        &tokio::time::timeout(Duration::from_secs(5), notices_sub.next())
+            .await?
+            .context("notice subscription ended")?
+            .payload,
+    )?;
+    assert_eq!(
+        next.kind,
+        NoticeKind::SinkOk,
+        "no second sink_gone within 30 s"
+    );
+    assert_eq!(next.status, 200);
+    eventually(WAIT, "SinkRecovered Event", || async {
+        events(&client, &ns).await.is_ok_and(|ev| {
+            ev.iter()
+                .any(|(t, r, _)| t == "Normal" && r == "SinkRecovered")
+        })
+    })
+    .await?;
+    let ev = events(&client, &ns).await?;
+    assert_eq!(
+        ev.iter().filter(|(_, r, _)| r == "SinkGone").count(),
+        1,
+        "one Warning for the transition: {ev:?}"
+    );
+    assert!(ev.iter().all(|(_, _, note)| !note.contains("s3cr3t")));
+    assert_eq!(
+        proc.metric(r#"spillway_processor_notices_total{kind="sink_gone"}"#)
+            .await?,
+        1.0
+    );
+
+    op.stop().await;
+    Ok(())
+}
