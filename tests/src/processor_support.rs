@@ -668,6 +668,37 @@ pub async fn spillway(args: &[&str], env: &[(&str, &str)]) -> Result<CliOutput> 
     })
 }
 
+/// Run the real `spillway` binary on a terminal: under `script(1)`, which
+/// gives it a pty for stdin, stdout and stderr. Returns whether it exited 0
+/// and what the terminal showed (stdout and stderr interleaved, with the
+/// control sequences). Bounded to 60s.
+pub async fn spillway_on_a_terminal(args: &[&str], env: &[(&str, &str)]) -> Result<(bool, String)> {
+    let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+    let cmd = std::iter::once(bin_path("spillway").display().to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .map(|a| quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut c = tokio::process::Command::new("script");
+    c.args(["-qec", &cmd, "/dev/null"])
+        .env_remove("KUBECONFIG")
+        .env_remove("NATS_URL")
+        .env("HOME", std::env::temp_dir())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), c.output())
+        .await
+        .with_context(|| format!("spillway {args:?} did not finish within 60s"))?
+        .context("running script(1) (util-linux) to give spillway a terminal")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
 /// Like [`spillway`], failing unless it exits 0.
 pub async fn spillway_ok(args: &[&str], env: &[(&str, &str)]) -> Result<CliOutput> {
     let out = spillway(args, env).await?;

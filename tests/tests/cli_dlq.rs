@@ -220,5 +220,24 @@ async fn an_interrupted_redrive_run_again_does_not_duplicate() -> Result<()> {
         "{}",
         bad.stderr
     );
+
+    // On a terminal: a progress bar with count/total and rate on stderr.
+    for id in ["y1", "y2"] {
+        let mut h = ep.gateway_headers(id, None);
+        h.insert(wire::NATS_MSG_ID, format!("dlq-{id}").as_str());
+        h.insert(wire::DLQ_ORIGINAL_SUBJECT, ep.names.subject(0).as_str());
+        js.publish_with_headers(ep.names.dead_letter_subject(), h, "{}".into())
+            .await?
+            .await?;
+    }
+    let (ok, screen) =
+        spillway_on_a_terminal(&["dlq", "redrive", "default/hooks", "--all"], &env).await?;
+    assert!(ok, "{screen}");
+    assert!(
+        screen.contains("redriven [") && screen.contains("/2 (") && screen.contains("/s eta"),
+        "{screen}"
+    );
+    assert!(screen.contains("redrove 2 dead letters"), "{screen}");
+    assert!(ep.dead_letters().await?.is_empty());
     Ok(())
 }

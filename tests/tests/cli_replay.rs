@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use processor_support::*;
-use spillway_tests::{NatsServer, bin_path, eventually};
+use spillway_tests::{NatsServer, eventually};
 
 fn counts(sink: &Sink) -> HashMap<String, usize> {
     let mut m = HashMap::new();
@@ -195,24 +195,8 @@ async fn an_interrupted_replay_says_how_to_resume_and_shows_progress_on_a_termin
     // and rate. The same replay id again: all ten are duplicates.
     let mut full = args[..8].to_vec();
     full[3] = "1"; // --from-seq 1
-    let cmd = std::iter::once(bin_path("spillway").display().to_string())
-        .chain(full.iter().map(|a| a.to_string()))
-        .map(|a| format!("'{a}'"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let tty = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new("script")
-            .args(["-qec", &cmd, "/dev/null"])
-            .env("NATS_URL", &nats.url)
-            .env_remove("KUBECONFIG")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await??;
-    let screen = String::from_utf8_lossy(&tty.stdout);
-    assert!(tty.status.success(), "{screen}");
+    let (ok, screen) = spillway_on_a_terminal(&full, &env).await?;
+    assert!(ok, "{screen}");
     assert!(
         screen.contains("/10 (") && screen.contains("/s eta"),
         "count/total and rate: {screen}"
