@@ -154,7 +154,8 @@ mod tests {
 
     #[test]
     fn hidden_when_stderr_is_not_a_terminal_and_counts_anyway() {
-        // `cargo test` captures stderr through a pipe or file.
+        // In CI stderr is a pipe or a file; run from a terminal, there is
+        // nothing to check here (the pty integration tests cover that side).
         use std::io::IsTerminal as _;
         if std::io::stderr().is_terminal() {
             return;
