@@ -2,8 +2,9 @@
 //! dead-letters and sends one rate-limited `sink_gone` notice over NATS, the
 //! operator (in-process, against a real kube-apiserver) sets
 //! `SinkAvailable=False/SinkGone` with one Warning Event, and a later
-//! successful delivery (`sink_ok`) sets it back to True. Ready is not
-//! affected.
+//! successful delivery (`sink_ok`) sets it back to True, also across a
+//! NATS restart (the operator's subscription comes back by itself). Ready
+//! is not affected.
 
 #[path = "../src/processor_support.rs"]
 mod processor_support;
@@ -23,7 +24,7 @@ use spillway_api::WebhookEndpoint;
 use spillway_api::names::{EndpointNames, NOTICE_SUBJECTS};
 use spillway_api::wire::{self, NoticeKind, PROCESSOR_CONFIG_ENV, ProcessorConfig, SinkNotice};
 use spillway_operator::Settings;
-use spillway_tests::{ControlPlane, NatsServer, eventually};
+use spillway_tests::{ControlPlane, NatsServer, eventually, free_port};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -102,6 +103,38 @@ async fn events(client: &Client, ns: &str) -> Result<Vec<(String, String, String
         .collect())
 }
 
+/// Whether the connection named `name` holds a subscription to `subject`
+/// (from the server's monitoring port).
+async fn subscribed(monitor: std::net::SocketAddr, name: &str, subject: &str) -> bool {
+    // HTTP/1.0: a plain body, not chunked.
+    async fn get(addr: std::net::SocketAddr) -> Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /connz?subs=1 HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out)).await??;
+        Ok(out
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default())
+    }
+    let Ok(body) = get(monitor).await else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+        return false;
+    };
+    v["connections"].as_array().is_some_and(|cs| {
+        cs.iter().any(|c| {
+            c["name"] == name
+                && c["subscriptions_list"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|s| s == subject))
+        })
+    })
+}
+
 fn config_of(d: &Deployment) -> Result<ProcessorConfig> {
     let pod = d.spec.template.spec.as_ref().context("pod spec")?;
     let env = pod.containers[0].env.as_ref().context("env")?;
@@ -118,7 +151,8 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("sink-gone").await?;
     let client = cp.client().await?;
-    let nats = NatsServer::start().await?;
+    let monitor: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let mut nats = NatsServer::start_with(&format!("http: {monitor:?}")).await?;
     let sink = Sink::start().await?;
     sink.set_default(Reply::status(410));
     let op = spillway_operator::start(settings(&nats.url, &ns), client.clone()).await?;
@@ -143,7 +177,8 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
                 "replicas": {"min": 1, "max": 1},
                 "retry": {"maxAttempts": 3, "backoff": ["1s"]},
             },
-            "stream": {"maxAge": "1h", "storage": "memory"},
+            // File storage: the streams outlive the NATS restart below.
+            "stream": {"maxAge": "1h"},
         },
     }))?;
     endpoints.create(&PostParams::default(), &ep).await?;
@@ -235,24 +270,31 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
     assert_eq!(first.endpoint, format!("{ns}/gh"));
     assert_eq!(first.sink, sink.url);
 
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), notices_sub.next())
+            .await
+            .is_err(),
+        "no second sink_gone within 30 s"
+    );
+
+    // NATS restarts; the operator's subscription comes back by itself.
+    nats.restart().await?;
+    eventually(WAIT, "operator resubscribed to notices", || {
+        subscribed(monitor, "spillway-operator", NOTICE_SUBJECTS)
+    })
+    .await?;
+    proc.wait_ready().await?;
+
     // The sink is back: the next delivery clears the condition.
     sink.set_default(Reply::status(200));
-    publish("d").await?;
+    eventually(WAIT, "webhook d stored", || async {
+        publish("d").await.is_ok()
+    })
+    .await?;
     wait_condition(&endpoints, "gh", "SinkAvailable", "True", "SinkRecovered")
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log_text()))?;
-    let next: SinkNotice = serde_json::from_slice(
-        &tokio::time::timeout(Duration::from_secs(5), notices_sub.next())
-            .await?
-            .context("notice subscription ended")?
-            .payload,
-    )?;
-    assert_eq!(
-        next.kind,
-        NoticeKind::SinkOk,
-        "no second sink_gone within 30 s"
-    );
-    assert_eq!(next.status, 200);
+    assert!(sink.delivered_ids().contains("d"));
     eventually(WAIT, "SinkRecovered Event", || async {
         events(&client, &ns).await.is_ok_and(|ev| {
             ev.iter()
@@ -269,6 +311,11 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
     assert!(ev.iter().all(|(_, _, note)| !note.contains("s3cr3t")));
     assert_eq!(
         proc.metric(r#"spillway_processor_notices_total{kind="sink_gone"}"#)
+            .await?,
+        1.0
+    );
+    assert_eq!(
+        proc.metric(r#"spillway_processor_notices_total{kind="sink_ok"}"#)
             .await?,
         1.0
     );
