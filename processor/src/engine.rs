@@ -168,7 +168,7 @@ impl Processor {
         let notifier = Notifier::new(
             js.client(),
             &settings.endpoint,
-            settings.sink_url.as_str(),
+            &settings.sink_url_text,
             pod_name(),
             metrics.clone(),
         );

@@ -45,6 +45,9 @@ pub struct Settings {
     pub dead_letter_subject: Option<String>,
     /// Where deliveries go.
     pub sink_url: reqwest::Url,
+    /// `sinkUrl` exactly as configured (parsing normalises it), so that sink
+    /// notices name the sink as the operator renders it.
+    pub sink_url_text: String,
     /// Global cap on deliveries in flight.
     pub concurrency: u32,
     /// This pod's cap on deliveries in flight.
@@ -114,6 +117,7 @@ impl Settings {
             consumers: c.consumers,
             dead_letter_subject: c.dead_letter_subject.filter(|s| !s.is_empty()),
             sink_url,
+            sink_url_text: c.sink_url,
             concurrency: c.concurrency,
             concurrency_per_replica: c.concurrency_per_replica,
             timeout,
@@ -180,6 +184,14 @@ mod tests {
         assert_eq!(s.timeout, Duration::from_secs(30));
         assert_eq!(s.backoff.len(), 3);
         assert_eq!(s.sink_url.as_str(), "http://127.0.0.1:8080/hook");
+        let mut c = config();
+        c.sink_url = "http://Sink.Example:80".into();
+        let s = Settings::from_config(c).unwrap();
+        assert_eq!(s.sink_url.as_str(), "http://sink.example/");
+        assert_eq!(
+            s.sink_url_text, "http://Sink.Example:80",
+            "kept as configured"
+        );
     }
 
     #[test]
