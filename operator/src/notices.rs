@@ -5,12 +5,11 @@
 //! and the reconcile turns it into the `SinkAvailable` condition.
 //!
 //! `SinkAvailable` is False (reason `SinkGone`) from a `sink_gone` notice
-//! until a `sink_ok` notice (`SinkRecovered`), a [quiet period](Settings::sink_gone_quiet_period)
-//! without `sink_gone` (`GoneNotRepeated`), or a change of the sink
-//! (`SinkChanged`). Otherwise it is True (`NoGoneReported`). It does not
-//! affect `Ready`: webhooks are still accepted and kept.
-//!
-//! [`Settings::sink_gone_quiet_period`]: crate::Settings::sink_gone_quiet_period
+//! until a `sink_ok` notice (`SinkRecovered`), a
+//! [quiet period](crate::Settings::sink_gone_quiet_period) without
+//! `sink_gone` (`GoneNotRepeated`), or a change of the sink (`SinkChanged`).
+//! Otherwise it is True (`NoGoneReported`). It does not affect `Ready`:
+//! webhooks are still accepted and kept.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
