@@ -41,6 +41,27 @@ pub struct Cli {
     /// NATS server URL(s), comma-separated [default nats://127.0.0.1:4222].
     #[arg(long, env = "SPILLWAY_NATS_URL")]
     pub nats_url: Option<String>,
+    /// NATS credentials file (user JWT + NKey seed, `.creds`).
+    #[arg(long, env = "SPILLWAY_NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+    /// PEM file of CA certificates to verify the NATS server with (instead
+    /// of the system roots).
+    #[arg(long, env = "SPILLWAY_NATS_TLS_CA_FILE")]
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS mutual TLS; needs the key too.
+    #[arg(long, env = "SPILLWAY_NATS_TLS_CERT_FILE")]
+    pub nats_tls_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for NATS mutual TLS.
+    #[arg(long, env = "SPILLWAY_NATS_TLS_KEY_FILE")]
+    pub nats_tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to NATS without TLS [default false].
+    #[arg(
+        long,
+        env = "SPILLWAY_NATS_TLS_REQUIRED",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub nats_tls_required: Option<bool>,
     /// Endpoint source [default kubernetes].
     #[arg(long, env = "SPILLWAY_GATEWAY_SOURCE")]
     pub source: Option<SourceKind>,
@@ -104,6 +125,11 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
     nats_url: Option<String>,
+    nats_creds_file: Option<PathBuf>,
+    nats_tls_ca_file: Option<PathBuf>,
+    nats_tls_cert_file: Option<PathBuf>,
+    nats_tls_key_file: Option<PathBuf>,
+    nats_tls_required: Option<bool>,
     source: Option<SourceKind>,
     namespace: Option<String>,
     endpoints_file: Option<PathBuf>,
@@ -143,6 +169,16 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// NATS URL(s).
     pub nats_url: String,
+    /// NATS credentials file (`.creds`).
+    pub nats_creds_file: Option<PathBuf>,
+    /// CA certificates to verify the NATS server with.
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Client certificate for NATS mutual TLS.
+    pub nats_tls_cert_file: Option<PathBuf>,
+    /// Client key for NATS mutual TLS.
+    pub nats_tls_key_file: Option<PathBuf>,
+    /// Refuse plaintext connections to NATS.
+    pub nats_tls_required: bool,
     /// Endpoint source.
     pub source: SourceKind,
     /// Namespace scope of the kubernetes source.
@@ -179,6 +215,11 @@ impl Default for Config {
             listen: ([0, 0, 0, 0], 8080).into(),
             admin_listen: ([0, 0, 0, 0], 9090).into(),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_creds_file: None,
+            nats_tls_ca_file: None,
+            nats_tls_cert_file: None,
+            nats_tls_key_file: None,
+            nats_tls_required: false,
             source: SourceKind::Kubernetes,
             namespace: None,
             endpoints_file: None,
@@ -236,6 +277,14 @@ impl Config {
                 .or(file.admin_listen)
                 .unwrap_or(d.admin_listen),
             nats_url: cli.nats_url.or(file.nats_url).unwrap_or(d.nats_url),
+            nats_creds_file: cli.nats_creds_file.or(file.nats_creds_file),
+            nats_tls_ca_file: cli.nats_tls_ca_file.or(file.nats_tls_ca_file),
+            nats_tls_cert_file: cli.nats_tls_cert_file.or(file.nats_tls_cert_file),
+            nats_tls_key_file: cli.nats_tls_key_file.or(file.nats_tls_key_file),
+            nats_tls_required: cli
+                .nats_tls_required
+                .or(file.nats_tls_required)
+                .unwrap_or(d.nats_tls_required),
             source: cli.source.or(file.source).unwrap_or(d.source),
             namespace: cli.namespace.or(file.namespace),
             endpoints_file: cli.endpoints_file.or(file.endpoints_file),
@@ -298,6 +347,23 @@ impl Config {
         if c.nats_url.trim().is_empty() {
             problems.push("natsUrl must not be empty".into());
         }
+        if c.nats_tls_cert_file.is_some() != c.nats_tls_key_file.is_some() {
+            problems.push("natsTlsCertFile and natsTlsKeyFile go together".into());
+        }
+        // Unreadable files are refused here; their contents are checked by
+        // `nats::connect_options` when the gateway starts.
+        for (setting, path) in [
+            ("natsCredsFile", &c.nats_creds_file),
+            ("natsTlsCaFile", &c.nats_tls_ca_file),
+            ("natsTlsCertFile", &c.nats_tls_cert_file),
+            ("natsTlsKeyFile", &c.nats_tls_key_file),
+        ] {
+            if let Some(p) = path
+                && let Err(e) = std::fs::File::open(p)
+            {
+                problems.push(format!("{setting} {}: cannot read: {e}", p.display()));
+            }
+        }
         if problems.is_empty() {
             Ok(c)
         } else {
@@ -345,6 +411,54 @@ mod tests {
         let cli =
             Cli::try_parse_from(["spillway-gateway", "--config", f.to_str().unwrap()]).unwrap();
         assert!(matches!(Config::load(cli), Err(ConfigError::Parse(..))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn nats_files_are_layered_and_checked() {
+        let dir = std::env::temp_dir().join(format!("spillway-gw-nats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("gw.yaml");
+        let creds = dir.join("gw.creds");
+        std::fs::write(&creds, "").unwrap();
+        std::fs::write(
+            &f,
+            format!(
+                "natsCredsFile: {}\nnatsTlsRequired: true\n",
+                creds.display()
+            ),
+        )
+        .unwrap();
+        let cli =
+            Cli::try_parse_from(["spillway-gateway", "--config", f.to_str().unwrap()]).unwrap();
+        let c = Config::load(cli).unwrap();
+        assert_eq!(c.nats_creds_file.as_deref(), Some(creds.as_path()));
+        assert!(c.nats_tls_required, "file over default");
+        let cli = Cli::try_parse_from([
+            "spillway-gateway",
+            "--config",
+            f.to_str().unwrap(),
+            "--nats-tls-required=false",
+        ])
+        .unwrap();
+        assert!(
+            !Config::load(cli).unwrap().nats_tls_required,
+            "flag over file"
+        );
+        let cli = Cli::try_parse_from(["spillway-gateway", "--nats-tls-required"]).unwrap();
+        assert!(Config::load(cli).unwrap().nats_tls_required, "bare flag");
+
+        let cli = Cli {
+            nats_tls_ca_file: Some(dir.join("missing-ca.pem")),
+            nats_tls_cert_file: Some(creds.clone()),
+            ..Cli::default()
+        };
+        let Err(ConfigError::Invalid(p)) = Config::load(cli) else {
+            panic!("expected invalid")
+        };
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("natsTlsCertFile and natsTlsKeyFile"), "{p:?}");
+        assert!(p[1].starts_with("natsTlsCaFile "), "{p:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod delivery;
 pub mod handshake;
 pub mod metrics;
+pub mod nats;
 pub mod route;
 pub mod run;
 pub mod server;

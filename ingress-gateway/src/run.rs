@@ -25,6 +25,9 @@ pub enum StartError {
     /// The NATS URL or options are invalid.
     #[error("connecting to NATS: {0}")]
     Nats(#[from] async_nats::ConnectError),
+    /// A NATS credentials or TLS file is missing or unusable.
+    #[error(transparent)]
+    NatsFile(#[from] crate::nats::NatsFileError),
     /// No Kubernetes client could be configured.
     #[error("configuring the Kubernetes client: {0}")]
     Kube(#[from] kube::Error),
@@ -72,9 +75,7 @@ pub async fn start(
     config: &Config,
     kube_client: Option<kube::Client>,
 ) -> Result<Running, StartError> {
-    let nats = async_nats::ConnectOptions::new()
-        .name("spillway-gateway")
-        .retry_on_initial_connect()
+    let nats = crate::nats::connect_options(config)?
         .connect(config.nats_url.as_str())
         .await?;
     let router = Arc::new(Router::default());

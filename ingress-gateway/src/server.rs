@@ -104,10 +104,14 @@ impl Gateway {
             && self.nats.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// Flush what the NATS client still buffers.
+    /// Flush what the NATS client still buffers, waiting at most
+    /// `publish_timeout` (a client that is not connected, e.g. refused by
+    /// NATS, would otherwise wait forever).
     pub async fn flush(&self) {
-        if let Err(e) = self.nats.flush().await {
-            warn!(error = %e, "flushing NATS on shutdown failed");
+        match tokio::time::timeout(self.limits.publish_timeout, self.nats.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "flushing NATS on shutdown failed"),
+            Err(_) => warn!("flushing NATS on shutdown timed out"),
         }
     }
 }

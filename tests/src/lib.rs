@@ -127,11 +127,27 @@ pub struct NatsServer {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// Extra configuration appended to the generated file.
+    extra: Option<String>,
 }
 
 impl NatsServer {
     /// Start a server and wait until it accepts connections.
     pub async fn start() -> Result<Self> {
+        Self::start_inner(None).await
+    }
+
+    /// Start a server whose configuration file also holds `extra` (e.g. an
+    /// `authorization { ... }` or `tls { ... }` block), and wait until it
+    /// greets clients (its `INFO` line: a plain client may not be allowed
+    /// to connect). [`client`](Self::client) and
+    /// [`jetstream`](Self::jetstream) connect without credentials, so they
+    /// only work when `extra` lets such clients in.
+    pub async fn start_with(extra: &str) -> Result<Self> {
+        Self::start_inner(Some(extra.to_owned())).await
+    }
+
+    async fn start_inner(extra: Option<String>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("spillway-nats-")
             .tempdir()?;
@@ -141,9 +157,20 @@ impl NatsServer {
             port,
             dir,
             child: None,
+            extra,
         };
         s.spawn().await?;
         Ok(s)
+    }
+
+    /// The server's temp directory (for files its configuration names).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 
     async fn spawn(&mut self) -> Result<()> {
@@ -152,9 +179,10 @@ impl NatsServer {
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:{}\nmax_payload: 9MB\njetstream {{ store_dir: {:?} }}\n",
+                "listen: 127.0.0.1:{}\nmax_payload: 9MB\njetstream {{ store_dir: {:?} }}\n{}\n",
                 self.port,
-                self.dir.path().join("js")
+                self.dir.path().join("js"),
+                self.extra.as_deref().unwrap_or_default()
             ),
         )?;
         let log = self.dir.path().join("nats.log");
@@ -162,9 +190,17 @@ impl NatsServer {
         cmd.arg("-c").arg(&conf);
         self.child = Some(spawn_logged(cmd, &log)?);
         let url = self.url.clone();
+        let port = self.port;
+        let greets = self.extra.is_some();
         eventually(Duration::from_secs(10), "nats-server to accept", || {
             let url = url.clone();
-            async move { async_nats::connect(url).await.is_ok() }
+            async move {
+                if greets {
+                    sends_info(port).await
+                } else {
+                    async_nats::connect(url).await.is_ok()
+                }
+            }
         })
         .await
         .with_context(|| format!("nats-server did not start:\n{}", tail(&log)))
@@ -190,6 +226,19 @@ impl NatsServer {
     pub async fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
         Ok(async_nats::jetstream::new(self.client().await?))
     }
+}
+
+/// Whether a NATS server on `port` sends its `INFO` greeting.
+async fn sends_info(port: u16) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let mut buf = [0u8; 4];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await,
+        Ok(Ok(_))
+    ) && &buf == b"INFO"
 }
 
 impl Drop for NatsServer {

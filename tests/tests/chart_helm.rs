@@ -169,6 +169,48 @@ fn env<'a>(objs: &'a [Value], deployment_suffix: &str, var: &str) -> Option<&'a 
         .as_str()
 }
 
+/// `(volume, Secret, mount path)` of a Deployment's Secret volumes whose
+/// name starts with `nats-`, sorted; every one must be mounted read-only.
+fn nats_volumes(objs: &[Value], deployment_suffix: &str) -> Vec<(String, String, String)> {
+    let Some(pod) = objs
+        .iter()
+        .filter(|o| o["kind"] == "Deployment")
+        .find(|o| {
+            o["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with(deployment_suffix))
+        })
+        .map(|d| &d["spec"]["template"]["spec"])
+    else {
+        return Vec::new();
+    };
+    let mounts = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut out: Vec<(String, String, String)> = pod["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| {
+            let name = v["name"].as_str()?;
+            if !name.starts_with("nats-") {
+                return None;
+            }
+            let mount = mounts.iter().find(|m| m["name"] == name)?;
+            assert_eq!(mount["readOnly"], true, "{deployment_suffix} {name}");
+            Some((
+                name.to_owned(),
+                v["secret"]["secretName"].as_str()?.to_owned(),
+                mount["mountPath"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 #[tokio::test]
 async fn lint_passes_with_default_and_full_values() -> Result<()> {
     let cp = ControlPlane::shared().await;
@@ -244,6 +286,18 @@ async fn default_values_render_and_apply_on_the_api_server() -> Result<()> {
         env(&objs, "-operator", "SPILLWAY_LEASE_NAME"),
         Some("spillway-operator")
     );
+    // No NATS files by default: nothing mounted, no file settings.
+    for suffix in ["-gateway", "-operator"] {
+        assert!(nats_volumes(&objs, suffix).is_empty(), "{suffix}");
+        for var in [
+            "SPILLWAY_NATS_CREDS_FILE",
+            "SPILLWAY_NATS_TLS_CA_FILE",
+            "SPILLWAY_NATS_TLS_CERT_FILE",
+            "SPILLWAY_NATS_TLS_REQUIRED",
+        ] {
+            assert_eq!(env(&objs, suffix, var), None, "{suffix} {var}");
+        }
+    }
 
     let lines = dry_run_apply(cp, &yaml)?;
     assert_eq!(lines.len(), objs.len(), "one line per object: {lines:#?}");
@@ -292,16 +346,73 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
         assert_eq!(count(kind), n, "{kind} objects with full values");
     }
     assert_hardened(&objs);
-    // The image digest wins over a tag; the gateway trusts the NATS CA.
+    // The image digest wins over a tag.
     assert_eq!(
         env(&objs, "-operator", "SPILLWAY_PROCESSOR_IMAGE"),
         Some(
             "registry.example.com/spillway/spillway@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
         )
     );
+    // The gateway: its own credentials and client certificate, the shared
+    // CA, TLS required; each file from a read-only Secret volume.
+    for (var, value) in [
+        (
+            "SPILLWAY_NATS_CREDS_FILE",
+            "/etc/spillway/nats/creds/gateway.creds",
+        ),
+        ("SPILLWAY_NATS_TLS_CA_FILE", "/etc/spillway/nats/ca/ca.crt"),
+        (
+            "SPILLWAY_NATS_TLS_CERT_FILE",
+            "/etc/spillway/nats/client/tls.crt",
+        ),
+        (
+            "SPILLWAY_NATS_TLS_KEY_FILE",
+            "/etc/spillway/nats/client/tls.key",
+        ),
+        ("SPILLWAY_NATS_TLS_REQUIRED", "true"),
+    ] {
+        assert_eq!(env(&objs, "-gateway", var), Some(value), "gateway {var}");
+    }
+    assert_eq!(env(&objs, "-gateway", "SSL_CERT_FILE"), None);
     assert_eq!(
-        env(&objs, "-gateway", "SSL_CERT_FILE"),
-        Some("/etc/spillway/nats/ca/ca.crt")
+        nats_volumes(&objs, "-gateway"),
+        vec![
+            (
+                "nats-ca".to_owned(),
+                "nats-ca".to_owned(),
+                "/etc/spillway/nats/ca".to_owned()
+            ),
+            (
+                "nats-client-tls".to_owned(),
+                "spillway-gateway-nats-tls".to_owned(),
+                "/etc/spillway/nats/client".to_owned()
+            ),
+            (
+                "nats-creds".to_owned(),
+                "spillway-gateway-nats".to_owned(),
+                "/etc/spillway/nats/creds".to_owned()
+            ),
+        ]
+    );
+    assert_eq!(
+        nats_volumes(&objs, "-operator"),
+        vec![
+            (
+                "nats-ca".to_owned(),
+                "nats-ca".to_owned(),
+                "/etc/spillway/nats/ca".to_owned()
+            ),
+            (
+                "nats-client-tls".to_owned(),
+                "spillway-operator-nats-tls".to_owned(),
+                "/etc/spillway/nats/client".to_owned()
+            ),
+            (
+                "nats-creds".to_owned(),
+                "spillway-operator-nats".to_owned(),
+                "/etc/spillway/nats/creds".to_owned()
+            ),
+        ]
     );
     // NATS credentials: the operator's own file, and the Secret name the
     // operator mounts into processor pods.

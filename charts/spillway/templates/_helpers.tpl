@@ -100,21 +100,81 @@ Returned as JSON: include then fromJsonArray.
 {{- end -}}
 {{- end -}}
 
-{{/* NATS volumes shared by the operator and gateway pods. */}}
+{{/*
+NATS credentials and TLS files of one component, shared by the operator and
+gateway pods. Call with (dict "ctx" $ "component" "operator"|"gateway"): the
+CA and `nats.tls.required` are common, the credentials file and client
+certificate are the component's own (`nats.credentials` and
+`nats.tls.clientSecretName` for the operator, `nats.gatewayCredentials` and
+`nats.tls.gatewayClientSecretName` for the gateway).
+*/}}
+{{- define "spillway.natsFiles" -}}
+{{- $nats := .ctx.Values.nats -}}
+{{- $gw := eq .component "gateway" -}}
+{{- $creds := ternary $nats.gatewayCredentials $nats.credentials $gw -}}
+{{- $client := ternary $nats.tls.gatewayClientSecretName $nats.tls.clientSecretName $gw -}}
+{{- dict "credsSecret" $creds.secretName "credsKey" $creds.key "caSecret" $nats.tls.caSecretName "caKey" $nats.tls.caKey "clientSecret" $client "required" $nats.tls.required | toJson -}}
+{{- end -}}
+
+{{/* NATS environment of one component (see spillway.natsFiles). */}}
+{{- define "spillway.natsEnv" -}}
+{{- $f := include "spillway.natsFiles" . | fromJson -}}
+{{- if $f.credsSecret }}
+- name: SPILLWAY_NATS_CREDS_FILE
+  value: /etc/spillway/nats/creds/{{ $f.credsKey }}
+{{- end }}
+{{- if $f.caSecret }}
+- name: SPILLWAY_NATS_TLS_CA_FILE
+  value: /etc/spillway/nats/ca/{{ $f.caKey }}
+{{- end }}
+{{- if $f.clientSecret }}
+- name: SPILLWAY_NATS_TLS_CERT_FILE
+  value: /etc/spillway/nats/client/tls.crt
+- name: SPILLWAY_NATS_TLS_KEY_FILE
+  value: /etc/spillway/nats/client/tls.key
+{{- end }}
+{{- if $f.required }}
+- name: SPILLWAY_NATS_TLS_REQUIRED
+  value: "true"
+{{- end }}
+{{- end -}}
+
+{{/* NATS volume mounts of one component, read-only (see spillway.natsFiles). */}}
+{{- define "spillway.natsVolumeMounts" -}}
+{{- $f := include "spillway.natsFiles" . | fromJson -}}
+{{- if $f.credsSecret }}
+- name: nats-creds
+  mountPath: /etc/spillway/nats/creds
+  readOnly: true
+{{- end }}
+{{- if $f.caSecret }}
+- name: nats-ca
+  mountPath: /etc/spillway/nats/ca
+  readOnly: true
+{{- end }}
+{{- if $f.clientSecret }}
+- name: nats-client-tls
+  mountPath: /etc/spillway/nats/client
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* NATS volumes of one component (see spillway.natsFiles). */}}
 {{- define "spillway.natsVolumes" -}}
-{{- with .Values.nats.credentials.secretName }}
+{{- $f := include "spillway.natsFiles" . | fromJson -}}
+{{- with $f.credsSecret }}
 - name: nats-creds
   secret:
     secretName: {{ . }}
     defaultMode: 0440
 {{- end }}
-{{- with .Values.nats.tls.caSecretName }}
+{{- with $f.caSecret }}
 - name: nats-ca
   secret:
     secretName: {{ . }}
     defaultMode: 0444
 {{- end }}
-{{- with .Values.nats.tls.clientSecretName }}
+{{- with $f.clientSecret }}
 - name: nats-client-tls
   secret:
     secretName: {{ . }}

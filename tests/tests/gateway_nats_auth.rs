@@ -1,0 +1,609 @@
+//! The gateway against nats-servers that insist on who connects: JWT
+//! credentials (`.creds`, operator mode with a memory resolver, the JWTs made
+//! here with the `nkeys` crate) and mutual TLS (certificates made here with
+//! `rcgen`). With the right files the gateway becomes ready and stores
+//! webhooks; without them it stays not ready and answers 503; unusable files
+//! stop it at start with the setting's name and without their contents.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use nkeys::KeyPair;
+use spillway_api::names::EndpointNames;
+use spillway_gateway::config::{Config, SourceKind};
+use spillway_gateway::run::{Running, StartError, start};
+use spillway_gateway::verify::{ring_hmac, sign};
+use spillway_tests::{NatsServer, eventually};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const GH_SECRET: &str = "It's a Secret to Everybody";
+
+// ------------------------------------------------------------------ helpers
+
+/// A directory with an endpoints file: one GitHub endpoint `local/gh` at
+/// `/gh`, its secret inline.
+fn site() -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("endpoints.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: gh, namespace: local}}\nstringData: {{secret: \"{GH_SECRET}\"}}\n---\napiVersion: spillway.dev/v1alpha1\nkind: WebhookEndpoint\nmetadata: {{name: gh, namespace: local}}\nspec:\n  path: /gh\n  verification: {{scheme: github, secretRefs: [{{name: gh, key: secret}}]}}\n  processor: {{sink: {{url: \"http://sink.invalid/hook\"}}}}\n"
+        ),
+    )?;
+    Ok(dir)
+}
+
+fn config(site: &Path, nats_url: &str) -> Config {
+    Config {
+        listen: ([127, 0, 0, 1], 0).into(),
+        admin_listen: ([127, 0, 0, 1], 0).into(),
+        nats_url: nats_url.to_owned(),
+        source: SourceKind::File,
+        endpoints_file: Some(site.join("endpoints.yaml")),
+        publish_timeout: Duration::from_secs(2),
+        retry_after: Duration::from_secs(1),
+        shutdown_grace: Duration::from_secs(1),
+        ..Config::default()
+    }
+}
+
+/// Status and body of one HTTP/1.1 request on a fresh connection.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .context("response timed out")??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("response head")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("status line")?;
+    Ok((status, body.to_owned()))
+}
+
+async fn readyz(gw: &Running) -> u16 {
+    http(gw.admin_addr, "GET", "/readyz", &[], b"")
+        .await
+        .map_or(0, |(s, _)| s)
+}
+
+/// POST a correctly signed GitHub delivery.
+async fn deliver(gw: &Running, delivery: &str) -> Result<(u16, String)> {
+    let body = format!(r#"{{"zen":"{delivery}"}}"#);
+    let sig: String = sign(
+        ring_hmac::HMAC_SHA256,
+        GH_SECRET.as_bytes(),
+        &[body.as_bytes()],
+    )
+    .as_ref()
+    .iter()
+    .map(|b| format!("{b:02x}"))
+    .collect();
+    http(
+        gw.addr,
+        "POST",
+        "/gh",
+        &[
+            ("X-Hub-Signature-256", format!("sha256={sig}")),
+            ("X-GitHub-Delivery", delivery.to_owned()),
+            ("Content-Type", "application/json".to_owned()),
+        ],
+        body.as_bytes(),
+    )
+    .await
+}
+
+async fn wait_ready(gw: &Running) -> Result<()> {
+    eventually(Duration::from_secs(10), "gateway ready", || async {
+        readyz(gw).await == 200
+    })
+    .await
+}
+
+/// Create the endpoint's stream through `nc` (as the operator would).
+async fn stream(nc: async_nats::Client) -> Result<jetstream::stream::Stream> {
+    let names = EndpointNames::new("local", "gh");
+    Ok(jetstream::new(nc)
+        .create_stream(jetstream::stream::Config {
+            name: names.stream(),
+            subjects: vec![names.stream_subjects()],
+            ..Default::default()
+        })
+        .await?)
+}
+
+/// Wait until the server's log holds more than `before` lines containing
+/// `needle` (a refused connection attempt happened).
+async fn refused(nats: &NatsServer, needle: &str, before: usize) -> Result<()> {
+    eventually(Duration::from_secs(10), needle, || async {
+        nats.log().matches(needle).count() > before
+    })
+    .await
+    .with_context(|| nats.log())
+}
+
+/// The gateway was refused by NATS: not ready, and deliveries get 503.
+async fn assert_refused(gw: &Running) -> Result<()> {
+    assert_eq!(readyz(gw).await, 503, "not ready without access to NATS");
+    let (status, body) = deliver(gw, "refused").await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("store_unavailable"), "{body}");
+    Ok(())
+}
+
+fn start_error(r: Result<Running, StartError>) -> String {
+    match r {
+        Ok(_) => panic!("the gateway started with an unusable file"),
+        Err(e) => e.to_string(),
+    }
+}
+
+// ------------------------------------------------------------- NATS JWTs
+
+/// A NATS JWT (v2) for `subject`, issued and signed by `issuer`.
+fn jwt(issuer: &KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    let header = B64URL.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": format!("{name}{iat}").to_uppercase(),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!("{header}.{}", B64URL.encode(claims.to_string()));
+    let sig = issuer.sign(signed.as_bytes()).expect("ed25519 signs");
+    format!("{signed}.{}", B64URL.encode(sig))
+}
+
+/// A `.creds` file as `nsc` writes it.
+fn creds(user_jwt: &str, user: &KeyPair) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().expect("user seed")
+    )
+}
+
+/// An operator, one JetStream-enabled account, and users of that account.
+struct Trust {
+    operator_jwt: String,
+    account: KeyPair,
+    account_jwt: String,
+    system: KeyPair,
+    system_jwt: String,
+}
+
+impl Trust {
+    fn new() -> Self {
+        let operator = KeyPair::new_operator();
+        let account = KeyPair::new_account();
+        let operator_jwt = jwt(
+            &operator,
+            &operator.public_key(),
+            "spillway-test",
+            serde_json::json!({"type": "operator", "version": 2}),
+        );
+        let account_jwt = jwt(
+            &operator,
+            &account.public_key(),
+            "spillway",
+            serde_json::json!({"type": "account", "version": 2, "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1,
+                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+            }}),
+        );
+        // JetStream in operator mode needs a system account.
+        let system = KeyPair::new_account();
+        let system_jwt = jwt(
+            &operator,
+            &system.public_key(),
+            "SYS",
+            serde_json::json!({"type": "account", "version": 2, "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1,
+            }}),
+        );
+        Self {
+            operator_jwt,
+            account,
+            account_jwt,
+            system,
+            system_jwt,
+        }
+    }
+
+    /// nats-server configuration trusting this operator.
+    fn server_config(&self) -> String {
+        format!(
+            "operator: {}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{ {}: {}, {}: {} }}\n",
+            self.operator_jwt,
+            self.system.public_key(),
+            self.account.public_key(),
+            self.account_jwt,
+            self.system.public_key(),
+            self.system_jwt
+        )
+    }
+
+    /// A `.creds` for a user of the account, signed by `signer` (the
+    /// account itself, or an untrusted key), with `permissions`.
+    fn user(&self, signer: &KeyPair, name: &str, permissions: serde_json::Value) -> String {
+        let user = KeyPair::new_user();
+        let mut nats = serde_json::json!({
+            "type": "user", "version": 2, "subs": -1, "data": -1, "payload": -1,
+        });
+        if let (Some(n), Some(p)) = (nats.as_object_mut(), permissions.as_object()) {
+            n.extend(p.clone());
+        }
+        if signer.public_key() != self.account.public_key() {
+            // Claim the trusted account as issuer, signed by another key.
+            nats["issuer_account"] = self.account.public_key().into();
+        }
+        creds(&jwt(signer, &user.public_key(), name, nats), &user)
+    }
+}
+
+// ------------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_file_gets_a_publish_only_user_in_and_nothing_else_does() -> Result<()> {
+    let trust = Trust::new();
+    let nats = NatsServer::start_with(&trust.server_config()).await?;
+    let site = site()?;
+    let admin_creds = site.path().join("admin.creds");
+    std::fs::write(
+        &admin_creds,
+        trust.user(&trust.account, "admin", serde_json::json!({})),
+    )?;
+    // Exactly what docs/security.md grants the gateway: publish to
+    // spillway.in.>, receive the PubAck on its inbox.
+    let gw_creds = site.path().join("gateway.creds");
+    std::fs::write(
+        &gw_creds,
+        trust.user(
+            &trust.account,
+            "gateway",
+            serde_json::json!({
+                "pub": {"allow": ["spillway.in.>"]},
+                "sub": {"allow": ["_INBOX.>"]},
+            }),
+        ),
+    )?;
+    let admin = async_nats::ConnectOptions::with_credentials_file(&admin_creds)
+        .await?
+        .connect(&nats.url)
+        .await
+        .with_context(|| nats.log())?;
+    let mut stream = stream(admin).await?;
+
+    // The right credentials: ready, stored once.
+    let gw = start(
+        &Config {
+            nats_creds_file: Some(gw_creds.clone()),
+            ..config(site.path(), &nats.url)
+        },
+        None,
+    )
+    .await?;
+    wait_ready(&gw).await?;
+    let (status, body) = deliver(&gw, "with-creds").await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(stream.info().await?.state.messages, 1);
+    gw.shutdown().await;
+
+    // No credentials: NATS refuses the connection; not ready, 503.
+    let before = nats.log().matches("authentication error").count();
+    let gw = start(&config(site.path(), &nats.url), None).await?;
+    refused(&nats, "authentication error", before).await?;
+    assert_refused(&gw).await?;
+    gw.shutdown().await;
+
+    // A user JWT the account did not sign: refused as well.
+    let forged = site.path().join("forged.creds");
+    std::fs::write(
+        &forged,
+        trust.user(&KeyPair::new_account(), "forged", serde_json::json!({})),
+    )?;
+    let before = nats.log().matches("authentication error").count();
+    let gw = start(
+        &Config {
+            nats_creds_file: Some(forged),
+            ..config(site.path(), &nats.url)
+        },
+        None,
+    )
+    .await?;
+    refused(&nats, "authentication error", before).await?;
+    assert_refused(&gw).await?;
+    gw.shutdown().await;
+    assert_eq!(
+        stream.info().await?.state.messages,
+        1,
+        "nothing else stored"
+    );
+    Ok(())
+}
+
+/// nats-server's NKey users (`authorization { users = [{nkey: U...}] }`)
+/// expect the public key in CONNECT; a `.creds` file makes async-nats send
+/// the user JWT instead, so such a server refuses it even with the matching
+/// seed. Pinned here so the docs' "use operator/JWT mode" stays true.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_file_is_refused_by_plain_nkey_users() -> Result<()> {
+    let user = KeyPair::new_user();
+    let nats = NatsServer::start_with(&format!(
+        "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+        user.public_key()
+    ))
+    .await?;
+    let site = site()?;
+    // The same seed works as an NKey: the server is set up right.
+    async_nats::ConnectOptions::with_nkey(user.seed()?)
+        .connect(&nats.url)
+        .await
+        .with_context(|| nats.log())?;
+    let account = KeyPair::new_account();
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        "nkey-user",
+        serde_json::json!({"type": "user", "version": 2}),
+    );
+    let path = site.path().join("nkey.creds");
+    std::fs::write(&path, creds(&user_jwt, &user))?;
+    let before = nats.log().matches("authentication error").count();
+    let gw = start(
+        &Config {
+            nats_creds_file: Some(path),
+            ..config(site.path(), &nats.url)
+        },
+        None,
+    )
+    .await?;
+    refused(&nats, "authentication error", before).await?;
+    assert_refused(&gw).await?;
+    gw.shutdown().await;
+    Ok(())
+}
+
+/// Certificates for a CA, the server (127.0.0.1) and two clients.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair as RcKey, KeyUsagePurpose,
+        };
+        let dir = dir.join("pki");
+        std::fs::create_dir_all(&dir)?;
+        let write = |name: &str, s: String| std::fs::write(dir.join(name), s);
+
+        let ca_key = RcKey::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name
+            .push(DnType::CommonName, "spillway test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key)?;
+        write("ca.pem", ca_cert.pem())?;
+        let issuer = Issuer::new(ca, ca_key);
+
+        let server_key = RcKey::generate()?;
+        let mut server = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?;
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        write("server.pem", server.signed_by(&server_key, &issuer)?.pem())?;
+        write("server-key.pem", server_key.serialize_pem())?;
+
+        for name in ["client", "other"] {
+            let key = RcKey::generate()?;
+            let mut client = CertificateParams::new(Vec::<String>::new())?;
+            client
+                .distinguished_name
+                .push(DnType::CommonName, format!("spillway-gateway-{name}"));
+            client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            write(
+                &format!("{name}.pem"),
+                client.signed_by(&key, &issuer)?.pem(),
+            )?;
+            write(&format!("{name}-key.pem"), key.serialize_pem())?;
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// A `tls {}` block requiring client certificates from this CA.
+    fn server_config(&self) -> String {
+        format!(
+            "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true, timeout: 2 }}\n",
+            self.path("server.pem"),
+            self.path("server-key.pem"),
+            self.path("ca.pem")
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_ca_and_client_certificate() -> Result<()> {
+    let site = site()?;
+    let pki = Pki::new(site.path())?;
+    let nats = NatsServer::start_with(&pki.server_config()).await?;
+    let admin = async_nats::ConnectOptions::new()
+        .add_root_certificates(pki.path("ca.pem"))
+        .add_client_certificate(pki.path("other.pem"), pki.path("other-key.pem"))
+        .connect(&nats.url)
+        .await
+        .with_context(|| nats.log())?;
+    let mut stream = stream(admin).await?;
+    let tls = |c: Config| Config {
+        nats_tls_ca_file: Some(pki.path("ca.pem")),
+        nats_tls_cert_file: Some(pki.path("client.pem")),
+        nats_tls_key_file: Some(pki.path("client-key.pem")),
+        nats_tls_required: true,
+        ..c
+    };
+
+    let gw = start(&tls(config(site.path(), &nats.url)), None).await?;
+    wait_ready(&gw).await?;
+    let (status, body) = deliver(&gw, "mtls").await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(stream.info().await?.state.messages, 1);
+    gw.shutdown().await;
+
+    // The CA but no client certificate: the server refuses the handshake.
+    let before = nats.log().matches("TLS handshake error").count();
+    let gw = start(
+        &Config {
+            nats_tls_cert_file: None,
+            nats_tls_key_file: None,
+            ..tls(config(site.path(), &nats.url))
+        },
+        None,
+    )
+    .await?;
+    refused(&nats, "TLS handshake error", before).await?;
+    assert_refused(&gw).await?;
+    gw.shutdown().await;
+
+    // A client certificate but no CA file: the system roots do not know the
+    // server's certificate, so the gateway refuses the server.
+    let before = nats.log().matches("TLS handshake error").count();
+    let gw = start(
+        &Config {
+            nats_tls_ca_file: None,
+            ..tls(config(site.path(), &nats.url))
+        },
+        None,
+    )
+    .await?;
+    refused(&nats, "TLS handshake error", before).await?;
+    assert_refused(&gw).await?;
+    gw.shutdown().await;
+
+    // A key that belongs to another certificate: refused at start.
+    let e = start_error(
+        start(
+            &Config {
+                nats_tls_key_file: Some(pki.path("other-key.pem")),
+                ..tls(config(site.path(), &nats.url))
+            },
+            None,
+        )
+        .await,
+    );
+    assert!(e.starts_with("natsTlsKeyFile "), "{e}");
+    assert!(e.contains("does not go with natsTlsCertFile"), "{e}");
+    assert_eq!(
+        stream.info().await?.state.messages,
+        1,
+        "nothing else stored"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_files_stop_the_start_naming_the_setting_not_the_contents() -> Result<()> {
+    let site = site()?;
+    let pki = Pki::new(site.path())?;
+    let url = "nats://127.0.0.1:1";
+    let leak = "SUACSECRETSEEDTHATMUSTNOTAPPEAR";
+    let bad = site.path().join("bad.creds");
+    std::fs::write(
+        &bad,
+        format!("-----BEGIN USER NKEY SEED-----\n{leak}\n------END USER NKEY SEED------\n"),
+    )?;
+    let key_as_ca = pki.path("client-key.pem");
+    let key_pem = std::fs::read_to_string(&key_as_ca)?;
+    let key_line = key_pem.lines().nth(1).context("key body")?.to_owned();
+    let cases = [
+        (
+            Config {
+                nats_creds_file: Some(bad),
+                ..config(site.path(), url)
+            },
+            "natsCredsFile ",
+        ),
+        (
+            Config {
+                nats_creds_file: Some(site.path().join("missing.creds")),
+                ..config(site.path(), url)
+            },
+            "natsCredsFile ",
+        ),
+        (
+            Config {
+                nats_tls_ca_file: Some(key_as_ca),
+                ..config(site.path(), url)
+            },
+            "natsTlsCaFile ",
+        ),
+        (
+            Config {
+                nats_tls_cert_file: Some(pki.path("client.pem")),
+                nats_tls_key_file: Some(pki.path("ca.pem")),
+                ..config(site.path(), url)
+            },
+            "natsTlsKeyFile ",
+        ),
+    ];
+    for (config, setting) in cases {
+        let e = start_error(start(&config, None).await);
+        assert!(e.starts_with(setting), "{e}");
+        assert!(!e.contains(leak) && !e.contains(&key_line), "{e}");
+    }
+
+    // The binary: the same checks, exit code 1, message on stderr.
+    let out = std::process::Command::new(spillway_tests::bin_path("spillway-gateway"))
+        .args(["--source", "file", "--log-format", "text"])
+        .arg("--endpoints-file")
+        .arg(site.path().join("endpoints.yaml"))
+        .arg("--nats-url")
+        .arg(url)
+        .env("SPILLWAY_NATS_CREDS_FILE", site.path().join("bad.creds"))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("natsCredsFile"), "{stderr}");
+    assert!(!stderr.contains(leak), "{stderr}");
+    if stderr.contains("panicked") {
+        bail!("{stderr}");
+    }
+    Ok(())
+}
