@@ -74,6 +74,10 @@ pub struct Cli {
     /// Directory of `<secret>/<key>` files (file source).
     #[arg(long, env = "SPILLWAY_GATEWAY_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
+    /// How often the file source looks for changes of the endpoints file and
+    /// the secret files it references [default 1s].
+    #[arg(long, env = "SPILLWAY_GATEWAY_FILE_POLL_INTERVAL")]
+    pub file_poll_interval: Option<String>,
     /// Public base URL of the gateway, e.g. `https://hooks.example.com`
     /// (Twilio signs the public URL).
     #[arg(long, env = "SPILLWAY_GATEWAY_PUBLIC_BASE_URL")]
@@ -134,6 +138,7 @@ struct FileConfig {
     namespace: Option<String>,
     endpoints_file: Option<PathBuf>,
     secrets_dir: Option<PathBuf>,
+    file_poll_interval: Option<String>,
     public_base_url: Option<String>,
     publish_timeout: Option<String>,
     body_timeout: Option<String>,
@@ -187,6 +192,8 @@ pub struct Config {
     pub endpoints_file: Option<PathBuf>,
     /// Secrets directory of the file source.
     pub secrets_dir: Option<PathBuf>,
+    /// Change polling interval of the file source.
+    pub file_poll_interval: Duration,
     /// Public base URL.
     pub public_base_url: Option<String>,
     /// Publish deadline.
@@ -224,6 +231,7 @@ impl Default for Config {
             namespace: None,
             endpoints_file: None,
             secrets_dir: None,
+            file_poll_interval: Duration::from_secs(1),
             public_base_url: None,
             publish_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
@@ -289,6 +297,11 @@ impl Config {
             namespace: cli.namespace.or(file.namespace),
             endpoints_file: cli.endpoints_file.or(file.endpoints_file),
             secrets_dir: cli.secrets_dir.or(file.secrets_dir),
+            file_poll_interval: dur(
+                "filePollInterval",
+                cli.file_poll_interval.or(file.file_poll_interval),
+                d.file_poll_interval,
+            ),
             public_base_url: cli.public_base_url.or(file.public_base_url),
             publish_timeout: dur(
                 "publishTimeout",

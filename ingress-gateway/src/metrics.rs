@@ -33,6 +33,14 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+/// Labels of the file-source reload counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `applied` (a changed file was loaded) or `failed` (the changed file
+    /// was invalid; the previous routing table stays).
+    pub result: String,
+}
+
 /// All gateway metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -51,6 +59,8 @@ pub struct Metrics {
     pub in_flight: Gauge,
     /// Routes in the table.
     pub routes: Gauge,
+    /// Reloads of the file source, by result.
+    pub file_reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -72,6 +82,7 @@ impl Metrics {
         let publish_failures = Family::<EndpointLabels, Counter>::default();
         let in_flight = Gauge::default();
         let routes = Gauge::default();
+        let file_reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "requests",
             "HTTP requests by endpoint and status",
@@ -103,6 +114,11 @@ impl Metrics {
             in_flight.clone(),
         );
         registry.register("routes", "Paths in the routing table", routes.clone());
+        registry.register(
+            "file_reloads",
+            "Changes of the endpoints or secret files seen by the file source, by result",
+            file_reloads.clone(),
+        );
         Self {
             registry,
             requests,
@@ -112,6 +128,7 @@ impl Metrics {
             publish_failures,
             in_flight,
             routes,
+            file_reloads,
         }
     }
 

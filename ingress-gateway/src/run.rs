@@ -14,7 +14,7 @@ use crate::config::{Config, SourceKind};
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::server::{self, Gateway, Limits, ServeOptions};
-use crate::source::{self, FileSource, SourceError};
+use crate::source::{self, FileWatch, SourceError};
 
 /// The gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -84,11 +84,23 @@ pub async fn start(
     let source_task: JoinHandle<()> = match config.source {
         SourceKind::File => {
             let path = config.endpoints_file.clone().unwrap_or_default();
-            let src = FileSource::load(&path, config.secrets_dir.as_deref())?;
-            src.apply(&router, config.public_base_url.as_deref());
+            let watch = FileWatch::new(&path, config.secrets_dir.as_deref())?;
+            watch
+                .source()
+                .apply(&router, config.public_base_url.as_deref());
+            let routes = router.table().len();
+            metrics
+                .routes
+                .set(i64::try_from(routes).unwrap_or(i64::MAX));
             synced.store(true, Ordering::Release);
-            info!(routes = router.table().len(), file = %path.display(), "loaded endpoints from file");
-            tokio::spawn(async {})
+            info!(routes, file = %path.display(), "loaded endpoints from file");
+            tokio::spawn(source::run_file(
+                watch,
+                router.clone(),
+                metrics.clone(),
+                config.public_base_url.clone(),
+                config.file_poll_interval,
+            ))
         }
         SourceKind::Kubernetes => {
             let client = match kube_client {

@@ -116,9 +116,22 @@ impl FileSource {
     /// then in `<secrets_dir>/<secret name>/<key>` (the layout of a mounted
     /// Secret volume; one trailing newline is stripped).
     pub fn load(path: &Path, secrets_dir: Option<&Path>) -> Result<Self, SourceError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
+        let text = std::fs::read(path).map_err(|source| SourceError::Read {
             path: path.to_owned(),
             source,
+        })?;
+        Self::parse(path, &text, secrets_dir)
+    }
+
+    /// Parse the contents of the endpoints file `path` (see [`load`](Self::load)).
+    pub fn parse(
+        path: &Path,
+        text: &[u8],
+        secrets_dir: Option<&Path>,
+    ) -> Result<Self, SourceError> {
+        let text = std::str::from_utf8(text).map_err(|_| SourceError::Parse {
+            path: path.to_owned(),
+            message: "not UTF-8".into(),
         })?;
         let parse_err = |message: String| SourceError::Parse {
             path: path.to_owned(),
@@ -128,7 +141,7 @@ impl FileSource {
             secrets_dir: secrets_dir.map(Path::to_owned),
             ..Default::default()
         };
-        for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             let value = serde_yaml_ng::Value::deserialize(doc)
                 .map_err(|e| parse_err(format!("document {i}: {e}")))?;
             if value.is_null() {
@@ -196,11 +209,213 @@ impl FileSource {
         })
     }
 
+    /// A digest of the secret files this source's endpoints read from the
+    /// secrets directory (missing files included as missing), to notice
+    /// when one changes.
+    fn secrets_digest(&self) -> Vec<u8> {
+        let mut refs: Vec<(&str, &SecretKeyRef)> = self
+            .endpoints
+            .iter()
+            .flat_map(|d| referenced(&d.spec).map(move |r| (d.namespace.as_str(), r)))
+            .filter(|(ns, r)| lookup(&self.secrets, ns, r).is_none())
+            .collect();
+        refs.sort_by(|a, b| (&a.1.name, &a.1.key).cmp(&(&b.1.name, &b.1.key)));
+        refs.dedup_by(|a, b| a.1.name == b.1.name && a.1.key == b.1.key);
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        if let Some(dir) = &self.secrets_dir {
+            for (_, r) in refs {
+                for part in [r.name.as_bytes(), r.key.as_bytes()] {
+                    ctx.update(&(part.len() as u64).to_le_bytes());
+                    ctx.update(part);
+                }
+                match std::fs::read(dir.join(&r.name).join(&r.key)) {
+                    Ok(v) => {
+                        ctx.update(&[1]);
+                        ctx.update(&(v.len() as u64).to_le_bytes());
+                        ctx.update(&v);
+                    }
+                    Err(_) => ctx.update(&[0]),
+                }
+            }
+        }
+        ctx.finish().as_ref().to_vec()
+    }
+
     /// Build the routing table from this source.
     pub fn apply(&self, router: &Router, public_base_url: Option<&str>) {
         let lookup = |ns: &str, r: &SecretKeyRef| self.secret(ns, r);
         for loser in router.rebuild(&self.endpoints, &lookup, public_base_url) {
             warn!(endpoint = %loser, "path already served by an older endpoint; not routed");
+        }
+    }
+}
+
+/// Contents and SHA-256 digest of the endpoints file.
+fn file_digest(path: &Path) -> Result<(Vec<u8>, Vec<u8>), std::io::Error> {
+    let text = std::fs::read(path)?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &text)
+        .as_ref()
+        .to_vec();
+    Ok((text, digest))
+}
+
+/// What a [`FileWatch::reload`] did.
+#[derive(Debug)]
+pub enum Reload {
+    /// Nothing changed (or the same invalid file was already reported).
+    Unchanged,
+    /// The endpoints file or a secret file changed: apply
+    /// [`FileWatch::source`].
+    Changed,
+    /// The endpoints file changed but cannot be used; the previous source
+    /// stays. Reported once per distinct content.
+    Failed(SourceError),
+}
+
+/// The file source plus what is needed to notice changes of the endpoints
+/// file and of the secret files it references (content digests, so
+/// Kubernetes' atomic symlink swaps of mounted Secrets count as changes and
+/// `touch` does not).
+pub struct FileWatch {
+    path: PathBuf,
+    secrets_dir: Option<PathBuf>,
+    source: FileSource,
+    applied: Vec<u8>,
+    applied_secrets: Vec<u8>,
+    failed: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for FileWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileWatch")
+            .field("path", &self.path)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Digest standing for "the endpoints file could not be read".
+const UNREADABLE: &[u8] = b"";
+
+impl FileWatch {
+    /// Load the endpoints file (failing like [`FileSource::load`]).
+    pub fn new(path: &Path, secrets_dir: Option<&Path>) -> Result<Self, SourceError> {
+        let (text, digest) = file_digest(path).map_err(|source| SourceError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let source = FileSource::parse(path, &text, secrets_dir)?;
+        Ok(Self {
+            path: path.to_owned(),
+            secrets_dir: secrets_dir.map(Path::to_owned),
+            applied_secrets: source.secrets_digest(),
+            source,
+            applied: digest,
+            failed: None,
+        })
+    }
+
+    /// The source last loaded successfully.
+    pub fn source(&self) -> &FileSource {
+        &self.source
+    }
+
+    /// Whether [`reload`](Self::reload) would find something to do.
+    pub fn pending(&self) -> bool {
+        let digest = file_digest(&self.path).map_or_else(|_| UNREADABLE.to_vec(), |(_, d)| d);
+        if digest != self.applied && self.failed.as_ref() != Some(&digest) {
+            return true;
+        }
+        self.source.secrets_digest() != self.applied_secrets
+    }
+
+    /// Read the files again. A changed, valid endpoints file replaces the
+    /// source; an invalid or unreadable one is reported once and the
+    /// previous source stays; a changed secret file keeps the source but
+    /// asks for it to be applied again.
+    pub fn reload(&mut self) -> Reload {
+        let read = file_digest(&self.path);
+        let digest = read
+            .as_ref()
+            .map_or_else(|_| UNREADABLE.to_vec(), |(_, d)| d.clone());
+        if digest != self.applied && self.failed.as_ref() != Some(&digest) {
+            let parsed = match read {
+                Err(source) => Err(SourceError::Read {
+                    path: self.path.clone(),
+                    source,
+                }),
+                Ok((text, _)) => FileSource::parse(&self.path, &text, self.secrets_dir.as_deref()),
+            };
+            return match parsed {
+                Ok(source) => {
+                    self.applied_secrets = source.secrets_digest();
+                    self.source = source;
+                    self.applied = digest;
+                    self.failed = None;
+                    Reload::Changed
+                }
+                Err(e) => {
+                    self.failed = Some(digest);
+                    Reload::Failed(e)
+                }
+            };
+        }
+        if digest == self.applied {
+            // Back to the applied content: a later bad version is news again.
+            self.failed = None;
+        }
+        let secrets = self.source.secrets_digest();
+        if secrets != self.applied_secrets {
+            self.applied_secrets = secrets;
+            return Reload::Changed;
+        }
+        Reload::Unchanged
+    }
+}
+
+/// Poll the endpoints file and the secret files it references every
+/// `interval` and apply changes to `router`, counting them in
+/// `spillway_gateway_file_reloads_total`. An invalid file is logged and
+/// counted once; the routing table it would have replaced stays. Runs until
+/// aborted.
+pub async fn run_file(
+    mut watch: FileWatch,
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    public_base_url: Option<String>,
+    interval: Duration,
+) {
+    // Time given to a writer that is still writing when a change is seen.
+    const SETTLE: Duration = Duration::from_millis(100);
+    let count = |result: &str| {
+        metrics
+            .file_reloads
+            .get_or_create(&crate::metrics::ReloadLabels {
+                result: result.into(),
+            })
+            .inc();
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        if !watch.pending() {
+            continue;
+        }
+        tokio::time::sleep(SETTLE).await;
+        match watch.reload() {
+            Reload::Unchanged => {}
+            Reload::Changed => {
+                watch.source().apply(&router, public_base_url.as_deref());
+                let routes = router.table().len();
+                metrics
+                    .routes
+                    .set(i64::try_from(routes).unwrap_or(i64::MAX));
+                count("applied");
+                info!(routes, file = %watch.path.display(), "reloaded endpoints and secret files");
+            }
+            Reload::Failed(e) => {
+                count("failed");
+                warn!(error = %e, "endpoints file changed but cannot be used; keeping the previous routing table");
+            }
         }
     }
 }
@@ -378,6 +593,73 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_watch_applies_changes_and_keeps_the_last_good_file() {
+        let dir = std::env::temp_dir().join(format!("spillway-gw-watch-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("files/gh")).unwrap();
+        let secret = dir.join("files/gh/secret");
+        std::fs::write(&secret, "one\n").unwrap();
+        let file = dir.join("endpoints.yaml");
+        let endpoint = |name: &str| {
+            format!(
+                "---\nkind: WebhookEndpoint\nmetadata: {{name: {name}}}\nspec:\n  verification: {{scheme: github, secretRefs: [{{name: gh, key: secret}}]}}\n  processor: {{sink: {{url: \"http://sink\"}}}}\n"
+            )
+        };
+        std::fs::write(&file, endpoint("a")).unwrap();
+        let mut w = FileWatch::new(&file, Some(&dir.join("files"))).unwrap();
+        let r = SecretKeyRef {
+            name: "gh".into(),
+            key: "secret".into(),
+        };
+        let value = |w: &FileWatch| w.source().secret("default", &r);
+        assert!(!w.pending());
+        assert!(matches!(w.reload(), Reload::Unchanged));
+
+        // Same content rewritten: no change.
+        std::fs::write(&secret, "one\n").unwrap();
+        std::fs::write(&file, endpoint("a")).unwrap();
+        assert!(!w.pending());
+
+        // A secret file changes.
+        std::fs::write(&secret, "two\n").unwrap();
+        assert!(w.pending());
+        assert!(matches!(w.reload(), Reload::Changed));
+        assert_eq!(value(&w).as_deref(), Some(&b"two"[..]));
+        assert!(!w.pending());
+
+        // The endpoints file changes.
+        std::fs::write(&file, endpoint("a") + &endpoint("b")).unwrap();
+        assert!(matches!(w.reload(), Reload::Changed));
+        assert_eq!(w.source().endpoints.len(), 2);
+
+        // An invalid file is reported once; the last good source stays.
+        std::fs::write(
+            &file,
+            "kind: WebhookEndpoint\nmetadata: {name: x}\nspec: {}\n",
+        )
+        .unwrap();
+        assert!(w.pending());
+        let Reload::Failed(e) = w.reload() else {
+            panic!("expected failure")
+        };
+        assert!(e.to_string().contains("WebhookEndpoint x"), "{e}");
+        assert!(!w.pending(), "reported once");
+        assert!(matches!(w.reload(), Reload::Unchanged));
+        assert_eq!(w.source().endpoints.len(), 2);
+        // So is a missing file.
+        std::fs::remove_file(&file).unwrap();
+        assert!(matches!(
+            w.reload(),
+            Reload::Failed(SourceError::Read { .. })
+        ));
+        assert_eq!(w.source().endpoints.len(), 2);
+        // A valid file again.
+        std::fs::write(&file, endpoint("c")).unwrap();
+        assert!(matches!(w.reload(), Reload::Changed));
+        assert_eq!(w.source().endpoints[0].name, "c");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn file_source_reads_endpoints_and_secrets() {

@@ -1365,3 +1365,160 @@ async fn binary_in_file_mode_serves_logs_json_and_stops_on_sigterm() -> Result<(
     assert!(!logs.contains("It's a Secret"), "no secrets in logs");
     Ok(())
 }
+
+/// Kills the child process when dropped (a failed assertion included).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_in_file_mode_reloads_changed_files_and_keeps_routes_on_bad_ones() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = nats.jetstream().await?;
+    let names = EndpointNames::new("local", "gh");
+    js.create_stream(jetstream::stream::Config {
+        name: names.stream(),
+        subjects: vec![names.stream_subjects()],
+        ..Default::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir_all(secrets.join("gh"))?;
+    // Replace a file the way the kubelet updates a mounted Secret: write
+    // elsewhere, then rename over it.
+    let replace = |path: &std::path::Path, text: &str| -> Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    };
+    let secret = secrets.join("gh/secret");
+    replace(&secret, "old-secret\n")?;
+    let endpoints = dir.path().join("endpoints.yaml");
+    let gh = |path: &str| {
+        endpoint(
+            "gh",
+            path,
+            "{scheme: github, secretRefs: [{name: gh, key: secret}]}",
+            "",
+        )
+        .replace(
+            "metadata: {name: gh}",
+            "metadata: {name: gh, namespace: local}",
+        )
+    };
+    replace(&endpoints, &gh("/gh"))?;
+    let (port, admin_port) = (spillway_tests::free_port(), spillway_tests::free_port());
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!(
+            "listen: 127.0.0.1:{port}\nadminListen: 127.0.0.1:{admin_port}\nsource: file\nendpointsFile: {}\nsecretsDir: {}\npublishTimeout: 1s\nfilePollInterval: 200ms\n",
+            endpoints.display(),
+            secrets.display()
+        ),
+    )?;
+    let log = dir.path().join("gateway.log");
+    let _child = KillOnDrop(
+        std::process::Command::new(spillway_tests::bin_path("spillway-gateway"))
+            .arg("--config")
+            .arg(dir.path().join("gateway.yaml"))
+            .env("SPILLWAY_NATS_URL", &nats.url)
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    eventually(Duration::from_secs(15), "binary ready", || async move {
+        http_raw(admin, "GET", "/readyz", &[], b"", true)
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    let body = br#"{"zen":"Reload me."}"#;
+    let send = |target: &'static str, secret: &'static str, id: &'static str| async move {
+        post(addr, target, &github_headers(secret, body, id), body)
+            .await
+            .map_or(0, |r| r.status)
+    };
+    assert_eq!(send("/gh", "old-secret", "r-1").await, 200);
+
+    // The Secret file is rotated: the new signature is accepted, the old
+    // one no longer is.
+    replace(&secret, "new-secret\n")?;
+    eventually(Duration::from_secs(10), "new secret accepted", || async {
+        send("/gh", "new-secret", "r-2").await == 200
+    })
+    .await?;
+    assert_eq!(send("/gh", "old-secret", "r-3").await, 401);
+
+    // An invalid endpoints file: reported, routing stays as it was.
+    replace(
+        &endpoints,
+        "kind: WebhookEndpoint\nmetadata: {name: broken}\nspec: {}\n",
+    )?;
+    let metrics = || async move {
+        http_raw(admin, "GET", "/metrics", &[], b"", true)
+            .await
+            .map(|r| r.body)
+            .unwrap_or_default()
+    };
+    eventually(Duration::from_secs(10), "failed reload counted", || async {
+        metrics()
+            .await
+            .contains(r#"spillway_gateway_file_reloads_total{result="failed"} 1"#)
+    })
+    .await?;
+    assert_eq!(send("/gh", "new-secret", "r-4").await, 200, "route kept");
+    assert_eq!(send("/gh", "old-secret", "r-5").await, 401);
+    let ready = http_raw(admin, "GET", "/readyz", &[], b"", true).await?;
+    assert_eq!(ready.status, 200, "still ready on the previous table");
+    // A file that is not there at all: the same.
+    std::fs::remove_file(&endpoints)?;
+    eventually(Duration::from_secs(10), "missing file counted", || async {
+        metrics()
+            .await
+            .contains(r#"spillway_gateway_file_reloads_total{result="failed"} 2"#)
+    })
+    .await?;
+    assert_eq!(send("/gh", "new-secret", "r-6").await, 200, "route kept");
+
+    // A valid file again, with the endpoint moved: the new path serves.
+    replace(&endpoints, &gh("/moved"))?;
+    eventually(Duration::from_secs(10), "moved endpoint served", || async {
+        send("/moved", "new-secret", "r-7").await == 200
+    })
+    .await?;
+    assert_eq!(send("/gh", "new-secret", "r-8").await, 404);
+    let m = metrics().await;
+    assert!(
+        m.contains(r#"spillway_gateway_file_reloads_total{result="applied"} 2"#),
+        "{m}"
+    );
+    assert!(m.contains("spillway_gateway_routes 1"), "{m}");
+
+    let mut stream = js.get_stream(names.stream()).await?;
+    assert_eq!(
+        stream.info().await?.state.messages,
+        5,
+        "r-1, r-2, r-4, r-6 and r-7 stored"
+    );
+    let logs = std::fs::read_to_string(&log)?;
+    assert!(
+        logs.contains("keeping the previous routing table"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("old-secret") && !logs.contains("new-secret"),
+        "no secrets in logs"
+    );
+    Ok(())
+}
