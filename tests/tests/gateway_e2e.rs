@@ -1522,3 +1522,104 @@ async fn binary_in_file_mode_reloads_changed_files_and_keeps_routes_on_bad_ones(
     );
     Ok(())
 }
+
+/// Twilio's JSON variant: the body is not in the signature; the signed URL
+/// carries `bodySHA256`, which the body must hash to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twilio_json_is_checked_through_the_signed_body_sha256() -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let w = World::new("gw-twilio-json").await?;
+    let public = "https://hooks.example.com/e/twilio-json";
+    w.apply(
+        &(secrets_yaml()
+            + &endpoint(
+                "twilio-json",
+                "/e/twilio-json",
+                &format!(
+                    "{{scheme: twilio, publicUrl: \"{public}\", secretRefs: [{{name: keys, key: twilio}}]}}"
+                ),
+                "",
+            )),
+    )?;
+    w.stream("twilio-json", -1).await?;
+    w.routed("/e/twilio-json").await?;
+    let sign_url =
+        |url: &str| B64.encode(sign(ring_alg::SHA1, b"twilio-auth", &[url.as_bytes()]).as_ref());
+    let json = |body: &[u8], query: &str, sig: Option<&str>| {
+        let mut h = h(&[("Content-Type", "application/json")]);
+        if let Some(sig) = sig {
+            h.push(("X-Twilio-Signature".into(), sig.into()));
+        }
+        (format!("/e/twilio-json?{query}"), h, body.to_vec())
+    };
+    let body = br#"{"CallSid":"CA1","CallStatus":"completed"}"#;
+    let digest = hex(&Sha256::digest(body));
+    let query = format!("bodySHA256={digest}");
+    let sig = sign_url(&format!("{public}?{query}"));
+
+    let (target, headers, b) = json(body, &query, Some(&sig));
+    let r = post(w.addr(), &target, &headers, &b).await?;
+    assert_eq!(r.status, 200, "{r:?}");
+    let msgs = w.messages("twilio-json").await?;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].payload.as_ref(), body, "raw JSON body stored");
+    assert_eq!(
+        msgs[0]
+            .headers
+            .get(wire::DELIVERY_ID)
+            .map(|v| v.as_str().to_owned()),
+        Some(digest.clone()),
+        "no idempotency token: the delivery id is the body's SHA-256"
+    );
+
+    let tampered = br#"{"CallSid":"CA1","CallStatus":"failed"}"#;
+    let tampered_digest = hex(&Sha256::digest(tampered));
+    for (what, body, query, sig, reason) in [
+        (
+            "body changed, signed digest kept",
+            &tampered[..],
+            query.clone(),
+            Some(sig.clone()),
+            "bad_signature",
+        ),
+        (
+            "digest in the URL replaced, signature of the old URL",
+            &tampered[..],
+            format!("bodySHA256={tampered_digest}"),
+            Some(sig.clone()),
+            "bad_signature",
+        ),
+        (
+            "signature made with another auth token",
+            &body[..],
+            query.clone(),
+            Some(
+                B64.encode(
+                    sign(
+                        ring_alg::SHA1,
+                        b"wrong-secret",
+                        &[format!("{public}?{query}").as_bytes()],
+                    )
+                    .as_ref(),
+                ),
+            ),
+            "bad_signature",
+        ),
+        (
+            "no signature",
+            &body[..],
+            query.clone(),
+            None,
+            "missing_signature",
+        ),
+    ] {
+        let (target, headers, b) = json(body, &query, sig.as_deref());
+        let r = post(w.addr(), &target, &headers, &b).await?;
+        assert_eq!(r.status, 401, "{what}: {r:?}");
+        let v: serde_json::Value = serde_json::from_str(&r.body)?;
+        assert_eq!(v, serde_json::json!({ "error": reason }), "{what}");
+    }
+    assert_eq!(w.count("twilio-json").await?, 1, "nothing else stored");
+    w.gw.shutdown().await;
+    Ok(())
+}
