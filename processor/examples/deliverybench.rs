@@ -259,6 +259,7 @@ struct Outcome {
     max_in_flight: usize,
     duplicates: u64,
     proc_cpu_pct: f64,
+    proc_cpu_us_per_delivery: f64,
     machine_cpu_pct: f64,
     rss_kib: u64,
     probe_us: Vec<u64>,
@@ -446,6 +447,7 @@ async fn scenario(
         max_in_flight: sink.max_in_flight.load(Ordering::SeqCst),
         duplicates,
         proc_cpu_pct: 100.0 * proc_ticks as f64 / ticks_per_s / drain.as_secs_f64(),
+        proc_cpu_us_per_delivery: 1e6 * proc_ticks as f64 / ticks_per_s / n as f64,
         machine_cpu_pct,
         rss_kib,
         probe_us,
@@ -500,7 +502,7 @@ async fn main() -> Result<()> {
         for &c in &concurrencies {
             let o = scenario(&nats, &js, l, c, &args, ticks_per_s, &dir).await?;
             println!(
-                "sink {:>3} ms, concurrency {:>3}: {} in {:.2}s = {:.0}/s{}; first after {:.0} ms; sink max in flight {} (cap {}); {} duplicates; processor CPU {:.0}%, machine {:.0}%; peak RSS {:.1} MiB; probe p50 {:.2} ms, p99 {:.2} ms",
+                "sink {:>3} ms, concurrency {:>3}: {} in {:.2}s = {:.0}/s{}; first after {:.0} ms; sink max in flight {} (cap {}); {} duplicates; processor CPU {:.0}% ({:.0} µs per delivery), machine {:.0}%; peak RSS {:.1} MiB; probe p50 {:.2} ms, p99 {:.2} ms",
                 o.latency_ms,
                 o.concurrency,
                 o.messages,
@@ -515,6 +517,7 @@ async fn main() -> Result<()> {
                 o.concurrency,
                 o.duplicates,
                 o.proc_cpu_pct,
+                o.proc_cpu_us_per_delivery,
                 o.machine_cpu_pct,
                 o.rss_kib as f64 / 1024.0,
                 pct(&o.probe_us, 0.5),
@@ -570,7 +573,8 @@ Columns: **drain s** from starting the processor to the last sink answer (includ
 binding to the consumer); **deliveries/s** over first to last delivery; **ideal/s** = concurrency / sink \
 latency; **sink max in flight** is the most requests the sink ever held at once, the proof of the cap \
 (must be ≤ concurrency); **dup** counts deliveries beyond one per message; **proc CPU** is the processor's \
-CPU time over the drain (100% = one core), **machine CPU** the whole machine's busy share (100% = all \
+CPU time over the drain (100% = one core) and per delivery (in 10 ms clock ticks: coarse for short \
+scenarios), **machine CPU** the whole machine's busy share (100% = all \
 cores) during the drain; **RSS** is the processor's peak resident set (`VmHWM`) over the whole scenario; \
 **probe p50/p99** is the publish-to-sink latency of single messages sent one at a time to the idle \
 processor after the drain (the time a webhook waits when there is no backlog, sink latency excluded).\n\n",
@@ -604,15 +608,16 @@ at the ideal rate (at least {}, at most {}). Probes: {} per scenario. Command: `
         args.probes,
         std::env::args().collect::<Vec<_>>().join(" ")
     );
-    md += "| sink ms | concurrency | messages | drain s | deliveries/s | ideal/s | of ideal | first delivery ms | sink max in flight | ≤ cap | dup | proc CPU | machine CPU | RSS MiB | probe p50 ms | probe p99 ms |\n";
-    md += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|\n";
+    md += "| sink ms | concurrency | messages | drain s | deliveries/s | ideal/s | of ideal | first delivery ms | sink max in flight | ≤ cap | dup | proc CPU | proc CPU µs/delivery | machine CPU | RSS MiB | probe p50 ms | probe p99 ms |\n";
+    md +=
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for o in outcomes {
         let (ideal_s, of_ideal) = match ideal(o) {
             Some(i) => (format!("{i:.0}"), format!("{:.0}%", 100.0 * o.rate / i)),
             None => ("—".into(), "—".into()),
         };
         md += &format!(
-            "| {} | {} | {} | {:.2} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {:.0}% | {:.0}% | {:.1} | {:.2} | {:.2} |\n",
+            "| {} | {} | {} | {:.2} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {:.0}% | {:.0} | {:.0}% | {:.1} | {:.2} | {:.2} |\n",
             o.latency_ms,
             o.concurrency,
             o.messages,
@@ -629,6 +634,7 @@ at the ideal rate (at least {}, at most {}). Probes: {} per scenario. Command: `
             },
             o.duplicates,
             o.proc_cpu_pct,
+            o.proc_cpu_us_per_delivery,
             o.machine_cpu_pct,
             o.rss_kib as f64 / 1024.0,
             pct(&o.probe_us, 0.5),
