@@ -458,6 +458,57 @@ impl Pki {
             self.path("ca.pem")
         )
     }
+
+    /// A `tls {}` block without client certificates.
+    fn server_only_config(&self) -> String {
+        format!(
+            "tls {{ cert_file: {:?}, key_file: {:?}, timeout: 2 }}\n",
+            self.path("server.pem"),
+            self.path("server-key.pem"),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_tls_verified_with_the_ca_file() -> Result<()> {
+    let site = site()?;
+    let pki = Pki::new(site.path())?;
+    let nats = NatsServer::start_with(&pki.server_only_config()).await?;
+    let admin = async_nats::ConnectOptions::new()
+        .add_root_certificates(pki.path("ca.pem"))
+        .connect(&nats.url)
+        .await
+        .with_context(|| nats.log())?;
+    let mut stream = stream(admin).await?;
+    let gw = start(
+        &Config {
+            nats_tls_ca_file: Some(pki.path("ca.pem")),
+            nats_tls_required: true,
+            ..config(site.path(), &nats.url)
+        },
+        None,
+    )
+    .await?;
+    wait_ready(&gw).await?;
+    let (status, body) = deliver(&gw, "server-tls").await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(stream.info().await?.state.messages, 1);
+    gw.shutdown().await;
+
+    // Without the CA file the server's certificate is not trusted.
+    let before = nats.log().matches("TLS handshake error").count();
+    let gw = start(
+        &Config {
+            nats_tls_required: true,
+            ..config(site.path(), &nats.url)
+        },
+        None,
+    )
+    .await?;
+    refused(&nats, "TLS handshake error", before).await?;
+    assert_refused(&gw).await?;
+    gw.shutdown().await;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
