@@ -414,6 +414,10 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
             ),
         ]
     );
+    assert_eq!(
+        env(&objs, "-operator", "SPILLWAY_SINK_GONE_QUIET_PERIOD"),
+        Some("15m")
+    );
     // NATS credentials: the operator's own file, and the Secret name the
     // operator mounts into processor pods.
     assert_eq!(
