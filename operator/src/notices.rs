@@ -38,8 +38,6 @@ pub struct Gone {
     pub at: Timestamp,
     /// The sink it was about, redacted as in the notice.
     pub sink: String,
-    /// The reporting pod.
-    pub pod: String,
 }
 
 /// What is known about one endpoint's sink.
@@ -178,7 +176,6 @@ impl SinkNotices {
                 t.gone = Some(Gone {
                     at: now,
                     sink: notice.sink.clone(),
-                    pod: notice.pod.clone(),
                 });
                 t.recovered = false;
                 !was
@@ -213,7 +210,6 @@ impl SinkNotices {
                     gone: Some(Gone {
                         at: now,
                         sink: sink.to_owned(),
-                        pod: String::new(),
                     }),
                     recovered: false,
                 },
