@@ -88,12 +88,8 @@ pub async fn start(
             watch
                 .source()
                 .apply(&router, config.public_base_url.as_deref());
-            let routes = router.table().len();
-            metrics
-                .routes
-                .set(i64::try_from(routes).unwrap_or(i64::MAX));
             synced.store(true, Ordering::Release);
-            info!(routes, file = %path.display(), "loaded endpoints from file");
+            info!(routes = router.table().len(), file = %path.display(), "loaded endpoints from file");
             tokio::spawn(source::run_file(
                 watch,
                 router.clone(),

@@ -405,12 +405,8 @@ pub async fn run_file(
             Reload::Unchanged => {}
             Reload::Changed => {
                 watch.source().apply(&router, public_base_url.as_deref());
-                let routes = router.table().len();
-                metrics
-                    .routes
-                    .set(i64::try_from(routes).unwrap_or(i64::MAX));
                 count("applied");
-                info!(routes, file = %watch.path.display(), "reloaded endpoints and secret files");
+                info!(routes = router.table().len(), file = %watch.path.display(), "reloaded endpoints and secret files");
             }
             Reload::Failed(e) => {
                 count("failed");
