@@ -163,11 +163,6 @@ impl NatsServer {
         Ok(s)
     }
 
-    /// The server's temp directory (for files its configuration names).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
