@@ -87,6 +87,18 @@ fn spawn_logged(mut cmd: Command, log: &Path) -> Result<Child> {
     Ok(child)
 }
 
+/// Kills and reaps a child process when dropped (a failed assertion
+/// included), e.g. a binary a test starts itself.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn kill(child: &mut Option<Child>) {
     if let Some(mut c) = child.take() {
         let _ = c.kill();

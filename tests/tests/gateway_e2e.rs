@@ -14,7 +14,7 @@ use spillway_api::wire;
 use spillway_gateway::config::{Config, SourceKind};
 use spillway_gateway::run::{Running, start};
 use spillway_gateway::verify::sign;
-use spillway_tests::{ControlPlane, NatsServer, eventually};
+use spillway_tests::{ControlPlane, KillOnDrop, NatsServer, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -1364,16 +1364,6 @@ async fn binary_in_file_mode_serves_logs_json_and_stops_on_sigterm() -> Result<(
     assert!(logs.contains("gateway stopped"), "{logs}");
     assert!(!logs.contains("It's a Secret"), "no secrets in logs");
     Ok(())
-}
-
-/// Kills the child process when dropped (a failed assertion included).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,17 +19,7 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
 use spillway_api::WebhookEndpoint;
-use spillway_tests::{ControlPlane, NatsServer, bin_path, free_port};
-
-/// Kills the operator when the benchmark ends, however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use spillway_tests::{ControlPlane, KillOnDrop, NatsServer, bin_path, free_port};
 
 fn rss_kib(pid: u32) -> (u64, u64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
