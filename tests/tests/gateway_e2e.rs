@@ -1263,66 +1263,115 @@ async fn header_limits_slow_senders_and_graceful_shutdown() -> Result<()> {
     Ok(())
 }
 
+/// Replace a file the way the kubelet updates a mounted Secret: write
+/// elsewhere, then rename over it.
+fn replace(path: &std::path::Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The endpoints file of [`FileModeGateway`] with `local/gh` at `path`.
+fn gh_endpoint(path: &str) -> String {
+    endpoint(
+        "gh",
+        path,
+        "{scheme: github, secretRefs: [{name: gh, key: secret}]}",
+        "",
+    )
+    .replace(
+        "metadata: {name: gh}",
+        "metadata: {name: gh, namespace: local}",
+    )
+}
+
+/// The real `spillway-gateway` binary in file mode, logging JSON to `log`:
+/// one GitHub endpoint `local/gh` at `/gh` whose secret is the file
+/// `secret`, its stream created on `nats`.
+struct FileModeGateway {
+    _dir: tempfile::TempDir,
+    endpoints: std::path::PathBuf,
+    secret: std::path::PathBuf,
+    log: std::path::PathBuf,
+    addr: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    stream: jetstream::stream::Stream,
+    child: KillOnDrop,
+}
+
+impl FileModeGateway {
+    /// Start it with the secret `secret_value` and `extra` lines in its
+    /// config file; wait until it is ready.
+    async fn start(nats: &NatsServer, secret_value: &str, extra: &str) -> Result<Self> {
+        let names = EndpointNames::new("local", "gh");
+        let stream = nats
+            .jetstream()
+            .await?
+            .create_stream(jetstream::stream::Config {
+                name: names.stream(),
+                subjects: vec![names.stream_subjects()],
+                ..Default::default()
+            })
+            .await?;
+        let dir = tempfile::tempdir()?;
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir_all(secrets.join("gh"))?;
+        let secret = secrets.join("gh/secret");
+        replace(&secret, &format!("{secret_value}\n"))?;
+        let endpoints = dir.path().join("endpoints.yaml");
+        replace(&endpoints, &gh_endpoint("/gh"))?;
+        let (port, admin_port) = (spillway_tests::free_port(), spillway_tests::free_port());
+        std::fs::write(
+            dir.path().join("gateway.yaml"),
+            format!(
+                "listen: 127.0.0.1:{port}\nadminListen: 127.0.0.1:{admin_port}\nsource: file\nendpointsFile: {}\nsecretsDir: {}\npublishTimeout: 1s\n{extra}",
+                endpoints.display(),
+                secrets.display()
+            ),
+        )?;
+        let log = dir.path().join("gateway.log");
+        let child = KillOnDrop(
+            std::process::Command::new(spillway_tests::bin_path("spillway-gateway"))
+                .arg("--config")
+                .arg(dir.path().join("gateway.yaml"))
+                .env("SPILLWAY_NATS_URL", &nats.url)
+                .env("RUST_LOG", "info")
+                .stdout(std::fs::File::create(&log)?)
+                .stderr(std::process::Stdio::null())
+                .spawn()?,
+        );
+        let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
+        eventually(Duration::from_secs(15), "binary ready", || async move {
+            http_raw(admin, "GET", "/readyz", &[], b"", true)
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "not ready: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })?;
+        Ok(Self {
+            _dir: dir,
+            endpoints,
+            secret,
+            log,
+            addr: ([127, 0, 0, 1], port).into(),
+            admin,
+            stream,
+            child,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_in_file_mode_serves_logs_json_and_stops_on_sigterm() -> Result<()> {
     let nats = NatsServer::start().await?;
-    let js = nats.jetstream().await?;
-    let names = EndpointNames::new("local", "gh");
-    js.create_stream(jetstream::stream::Config {
-        name: names.stream(),
-        subjects: vec![names.stream_subjects()],
-        ..Default::default()
-    })
-    .await?;
-    let dir = tempfile::tempdir()?;
-    std::fs::create_dir_all(dir.path().join("secrets/gh"))?;
-    std::fs::write(
-        dir.path().join("secrets/gh/secret"),
-        "It's a Secret to Everybody\n",
-    )?;
-    std::fs::write(
-        dir.path().join("endpoints.yaml"),
-        endpoint(
-            "gh",
-            "/gh",
-            "{scheme: github, secretRefs: [{name: gh, key: secret}]}",
-            "",
-        )
-        .replace(
-            "metadata: {name: gh}",
-            "metadata: {name: gh, namespace: local}",
-        ),
-    )?;
-    let (port, admin_port) = (spillway_tests::free_port(), spillway_tests::free_port());
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        format!(
-            "listen: 127.0.0.1:{port}\nadminListen: 127.0.0.1:{admin_port}\nsource: file\nendpointsFile: {}\nsecretsDir: {}\npublishTimeout: 1s\n",
-            dir.path().join("endpoints.yaml").display(),
-            dir.path().join("secrets").display()
-        ),
-    )?;
-    let log = dir.path().join("gateway.log");
-    let mut child = std::process::Command::new(spillway_tests::bin_path("spillway-gateway"))
-        .arg("--config")
-        .arg(dir.path().join("gateway.yaml"))
-        .env("SPILLWAY_NATS_URL", &nats.url)
-        .env("RUST_LOG", "info")
-        .stdout(std::fs::File::create(&log)?)
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let ready = eventually(Duration::from_secs(15), "binary ready", || async move {
-        http_raw(admin, "GET", "/readyz", &[], b"", true)
-            .await
-            .is_ok_and(|r| r.status == 200)
-    })
-    .await;
-    if ready.is_err() {
-        let _ = child.kill();
-        bail!("not ready: {}", std::fs::read_to_string(&log)?);
-    }
+    let mut gw = FileModeGateway::start(&nats, "It's a Secret to Everybody", "").await?;
+    let addr = gw.addr;
     let body = br#"{"zen":"Keep it logically awesome."}"#;
     let r = post(
         addr,
@@ -1332,27 +1381,25 @@ async fn binary_in_file_mode_serves_logs_json_and_stops_on_sigterm() -> Result<(
     )
     .await?;
     assert_eq!(r.status, 200, "{r:?}");
-    let mut stream = js.get_stream(names.stream()).await?;
-    assert_eq!(stream.info().await?.state.messages, 1);
+    assert_eq!(gw.stream.info().await?.state.messages, 1);
 
     let st = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &gw.child.0.id().to_string()])
         .status()?;
     assert!(st.success());
     let mut exited = None;
     for _ in 0..100 {
-        if let Some(s) = child.try_wait()? {
+        if let Some(s) = gw.child.0.try_wait()? {
             exited = Some(s);
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let Some(status) = exited else {
-        let _ = child.kill();
         bail!("gateway did not stop on SIGTERM");
     };
     assert!(status.success(), "{status}");
-    let logs = std::fs::read_to_string(&log)?;
+    let logs = std::fs::read_to_string(&gw.log)?;
     assert!(logs.lines().count() >= 2, "{logs}");
     for line in logs.lines() {
         let v: serde_json::Value = serde_json::from_str(line).context(line.to_owned())?;
@@ -1369,70 +1416,8 @@ async fn binary_in_file_mode_serves_logs_json_and_stops_on_sigterm() -> Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_in_file_mode_reloads_changed_files_and_keeps_routes_on_bad_ones() -> Result<()> {
     let nats = NatsServer::start().await?;
-    let js = nats.jetstream().await?;
-    let names = EndpointNames::new("local", "gh");
-    js.create_stream(jetstream::stream::Config {
-        name: names.stream(),
-        subjects: vec![names.stream_subjects()],
-        ..Default::default()
-    })
-    .await?;
-    let dir = tempfile::tempdir()?;
-    let secrets = dir.path().join("secrets");
-    std::fs::create_dir_all(secrets.join("gh"))?;
-    // Replace a file the way the kubelet updates a mounted Secret: write
-    // elsewhere, then rename over it.
-    let replace = |path: &std::path::Path, text: &str| -> Result<()> {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    };
-    let secret = secrets.join("gh/secret");
-    replace(&secret, "old-secret\n")?;
-    let endpoints = dir.path().join("endpoints.yaml");
-    let gh = |path: &str| {
-        endpoint(
-            "gh",
-            path,
-            "{scheme: github, secretRefs: [{name: gh, key: secret}]}",
-            "",
-        )
-        .replace(
-            "metadata: {name: gh}",
-            "metadata: {name: gh, namespace: local}",
-        )
-    };
-    replace(&endpoints, &gh("/gh"))?;
-    let (port, admin_port) = (spillway_tests::free_port(), spillway_tests::free_port());
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        format!(
-            "listen: 127.0.0.1:{port}\nadminListen: 127.0.0.1:{admin_port}\nsource: file\nendpointsFile: {}\nsecretsDir: {}\npublishTimeout: 1s\nfilePollInterval: 200ms\n",
-            endpoints.display(),
-            secrets.display()
-        ),
-    )?;
-    let log = dir.path().join("gateway.log");
-    let _child = KillOnDrop(
-        std::process::Command::new(spillway_tests::bin_path("spillway-gateway"))
-            .arg("--config")
-            .arg(dir.path().join("gateway.yaml"))
-            .env("SPILLWAY_NATS_URL", &nats.url)
-            .env("RUST_LOG", "info")
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(std::process::Stdio::null())
-            .spawn()?,
-    );
-    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    eventually(Duration::from_secs(15), "binary ready", || async move {
-        http_raw(admin, "GET", "/readyz", &[], b"", true)
-            .await
-            .is_ok_and(|r| r.status == 200)
-    })
-    .await
-    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    let mut gw = FileModeGateway::start(&nats, "old-secret", "filePollInterval: 200ms\n").await?;
+    let (addr, admin) = (gw.addr, gw.admin);
     let body = br#"{"zen":"Reload me."}"#;
     let send = |target: &'static str, secret: &'static str, id: &'static str| async move {
         post(addr, target, &github_headers(secret, body, id), body)
@@ -1443,7 +1428,7 @@ async fn binary_in_file_mode_reloads_changed_files_and_keeps_routes_on_bad_ones(
 
     // The Secret file is rotated: the new signature is accepted, the old
     // one no longer is.
-    replace(&secret, "new-secret\n")?;
+    replace(&gw.secret, "new-secret\n")?;
     eventually(Duration::from_secs(10), "new secret accepted", || async {
         send("/gh", "new-secret", "r-2").await == 200
     })
@@ -1452,7 +1437,7 @@ async fn binary_in_file_mode_reloads_changed_files_and_keeps_routes_on_bad_ones(
 
     // An invalid endpoints file: reported, routing stays as it was.
     replace(
-        &endpoints,
+        &gw.endpoints,
         "kind: WebhookEndpoint\nmetadata: {name: broken}\nspec: {}\n",
     )?;
     let metrics = || async move {
@@ -1472,7 +1457,7 @@ async fn binary_in_file_mode_reloads_changed_files_and_keeps_routes_on_bad_ones(
     let ready = http_raw(admin, "GET", "/readyz", &[], b"", true).await?;
     assert_eq!(ready.status, 200, "still ready on the previous table");
     // A file that is not there at all: the same.
-    std::fs::remove_file(&endpoints)?;
+    std::fs::remove_file(&gw.endpoints)?;
     eventually(Duration::from_secs(10), "missing file counted", || async {
         metrics()
             .await
@@ -1482,7 +1467,7 @@ async fn binary_in_file_mode_reloads_changed_files_and_keeps_routes_on_bad_ones(
     assert_eq!(send("/gh", "new-secret", "r-6").await, 200, "route kept");
 
     // A valid file again, with the endpoint moved: the new path serves.
-    replace(&endpoints, &gh("/moved"))?;
+    replace(&gw.endpoints, &gh_endpoint("/moved"))?;
     eventually(Duration::from_secs(10), "moved endpoint served", || async {
         send("/moved", "new-secret", "r-7").await == 200
     })
@@ -1495,13 +1480,12 @@ async fn binary_in_file_mode_reloads_changed_files_and_keeps_routes_on_bad_ones(
     );
     assert!(m.contains("spillway_gateway_routes 1"), "{m}");
 
-    let mut stream = js.get_stream(names.stream()).await?;
     assert_eq!(
-        stream.info().await?.state.messages,
+        gw.stream.info().await?.state.messages,
         5,
         "r-1, r-2, r-4, r-6 and r-7 stored"
     );
-    let logs = std::fs::read_to_string(&log)?;
+    let logs = std::fs::read_to_string(&gw.log)?;
     assert!(
         logs.contains("keeping the previous routing table"),
         "{logs}"
