@@ -4,17 +4,19 @@
 //! status, a finalizer and nothing else of the user's objects), and
 //! `kubectl diff` sees no drift.
 
+#[path = "../src/operator_support.rs"]
+mod operator_support;
+
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use clap::Parser;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
+use operator_support::operator_settings;
 use serde_json::json;
 use spillway_api::WebhookEndpoint;
-use spillway_operator::Settings;
 use spillway_tests::{ControlPlane, NatsServer, root};
 
 /// Name, resourceVersion and generation of every WebhookEndpoint, Secret
@@ -81,21 +83,7 @@ async fn examples_become_ready_and_a_second_apply_changes_nothing() -> Result<()
     let ns = cp.namespace("gitops").await?;
     let client = cp.client().await?;
     let nats = NatsServer::start().await?;
-    let settings = Settings::parse_from([
-        "spillway-operator",
-        "--nats-url",
-        &nats.url,
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--watch-namespace",
-        &ns,
-        "--leader-elect",
-        "false",
-        "--resync-interval",
-        "2s",
-        "--processor-image",
-        "spillway-processor:test",
-    ]);
+    let settings = operator_settings(&nats.url, &ns);
     let op = spillway_operator::start(settings, client.clone()).await?;
     let examples = root().join("examples");
     let examples = examples.to_str().context("utf-8 path")?;

@@ -3,50 +3,35 @@
 //! namespace). No kubelet runs, so tests set Deployment readiness through
 //! the status subresource where they need it.
 
+#[path = "../src/operator_support.rs"]
+mod operator_support;
+
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::Result;
 use async_nats::jetstream::consumer::PullConsumer;
-use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
+use operator_support::{condition, config_of, operator_settings, wait_condition};
 use serde_json::{Value, json};
 use spillway_api::WebhookEndpoint;
 use spillway_api::names::EndpointNames;
-use spillway_api::wire::{PROCESSOR_CONFIG_ENV, ProcessorConfig};
 use spillway_operator::{Running, Settings};
 use spillway_tests::{ControlPlane, NatsServer, eventually};
 
 const WAIT: Duration = Duration::from_secs(40);
 
-fn settings(nats: &str, ns: &str, extra: &[&str]) -> Settings {
-    let mut args = vec![
-        "spillway-operator",
-        "--nats-url",
-        nats,
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--watch-namespace",
-        ns,
-        "--leader-elect",
-        "false",
-        "--resync-interval",
-        "2s",
-        "--scale-down-cooldown",
-        "3s",
-        "--cleanup-timeout",
-        "4s",
-        "--nats-request-timeout",
-        "1s",
-        "--processor-image",
-        "spillway-processor:test",
-    ];
-    args.extend_from_slice(extra);
-    Settings::parse_from(args)
+fn settings(nats: &str, ns: &str) -> Settings {
+    Settings {
+        scale_down_cooldown: Duration::from_secs(3),
+        cleanup_timeout: Duration::from_secs(4),
+        nats_request_timeout: Duration::from_secs(1),
+        ..operator_settings(nats, ns)
+    }
 }
 
 struct Env {
@@ -62,7 +47,7 @@ impl Env {
         let ns = cp.namespace(prefix).await?;
         let client = cp.client().await?;
         let nats = NatsServer::start().await?;
-        let op = spillway_operator::start(settings(&nats.url, &ns, &[]), client.clone()).await?;
+        let op = spillway_operator::start(settings(&nats.url, &ns), client.clone()).await?;
         Ok(Self {
             client,
             ns,
@@ -123,24 +108,7 @@ impl Env {
         status: &str,
         reason: Option<&str>,
     ) -> Result<WebhookEndpoint> {
-        let api = self.endpoints();
-        let start = std::time::Instant::now();
-        loop {
-            let ep = api.get(name).await.ok();
-            if let Some(ep) = &ep
-                && condition(ep, cond)
-                    .is_some_and(|(s, r, _)| s == status && reason.is_none_or(|want| r == want))
-            {
-                return Ok(ep.clone());
-            }
-            if start.elapsed() > WAIT {
-                bail!(
-                    "timed out waiting for {name}: {cond}={status} ({reason:?}); last status: {}",
-                    serde_json::to_string(&ep.and_then(|e| e.status)).unwrap_or_default()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_condition(&self.endpoints(), name, cond, status, reason, WAIT).await
     }
 
     async fn deployment(&self, name: &str) -> Result<Deployment> {
@@ -183,15 +151,6 @@ impl Env {
     }
 }
 
-fn condition(ep: &WebhookEndpoint, type_: &str) -> Option<(String, String, String)> {
-    ep.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
 fn spec(extra: Value) -> Value {
     let mut base = json!({
         "verification": {"scheme": "github", "secretRefs": [{"name": "gh", "key": "secret"}]},
@@ -218,17 +177,6 @@ fn merge(a: &mut Value, b: Value) {
         }
         (a, b) => *a = b,
     }
-}
-
-fn config_of(d: &Deployment) -> Result<ProcessorConfig> {
-    let pod = d.spec.template.spec.as_ref().context("pod spec")?;
-    let env = pod.containers[0].env.as_ref().context("env")?;
-    let v = env
-        .iter()
-        .find(|e| e.name == PROCESSOR_CONFIG_ENV)
-        .and_then(|e| e.value.clone())
-        .context("config env")?;
-    Ok(serde_json::from_str(&v)?)
 }
 
 fn config_hash(d: &Deployment) -> String {

@@ -6,83 +6,47 @@
 //! NATS restart (the operator's subscription comes back by itself). Ready
 //! is not affected.
 
+#[path = "../src/operator_support.rs"]
+mod operator_support;
 #[path = "../src/processor_support.rs"]
 mod processor_support;
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
-use clap::Parser;
+use anyhow::{Context as _, Result};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
+use operator_support::{condition, config_of, operator_settings, wait_condition};
 use processor_support::{ProcessorProc, Reply, Sink, stream_messages};
 use serde_json::json;
 use spillway_api::WebhookEndpoint;
 use spillway_api::names::{EndpointNames, NOTICE_SUBJECTS};
-use spillway_api::wire::{self, NoticeKind, PROCESSOR_CONFIG_ENV, ProcessorConfig, SinkNotice};
+use spillway_api::wire::{self, NoticeKind, SinkNotice};
 use spillway_operator::Settings;
 use spillway_tests::{ControlPlane, NatsServer, eventually, free_port};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 fn settings(nats: &str, ns: &str) -> Settings {
-    Settings::parse_from([
-        "spillway-operator",
-        "--nats-url",
-        nats,
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--watch-namespace",
-        ns,
-        "--leader-elect",
-        "false",
-        "--resync-interval",
-        "2s",
-        "--nats-request-timeout",
-        "1s",
-        "--processor-image",
-        "spillway-processor:test",
-    ])
+    Settings {
+        nats_request_timeout: Duration::from_secs(1),
+        ..operator_settings(nats, ns)
+    }
 }
 
-/// `(status, reason, message)` of condition `type_`.
-async fn condition(
-    api: &Api<WebhookEndpoint>,
-    name: &str,
-    type_: &str,
-) -> Option<(String, String, String)> {
-    let ep = api.get(name).await.ok()?;
-    ep.status?
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status, c.reason, c.message))
-}
-
-async fn wait_condition(
+/// Wait until `type_` has `status` and `reason`; its message then.
+async fn wait_reason(
     api: &Api<WebhookEndpoint>,
     name: &str,
     type_: &str,
     status: &str,
     reason: &str,
 ) -> Result<String> {
-    let start = std::time::Instant::now();
-    loop {
-        let c = condition(api, name, type_).await;
-        if let Some((s, r, m)) = &c
-            && s == status
-            && r == reason
-        {
-            return Ok(m.clone());
-        }
-        if start.elapsed() > WAIT {
-            bail!("timed out waiting for {type_}={status}/{reason}; last: {c:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ep = wait_condition(api, name, type_, status, Some(reason), WAIT).await?;
+    Ok(condition(&ep, type_).map(|c| c.2).unwrap_or_default())
 }
 
 /// `(type, reason, note)` of the namespace's Events.
@@ -135,17 +99,6 @@ async fn subscribed(monitor: std::net::SocketAddr, name: &str, subject: &str) ->
     })
 }
 
-fn config_of(d: &Deployment) -> Result<ProcessorConfig> {
-    let pod = d.spec.template.spec.as_ref().context("pod spec")?;
-    let env = pod.containers[0].env.as_ref().context("env")?;
-    let v = env
-        .iter()
-        .find(|e| e.name == PROCESSOR_CONFIG_ENV)
-        .and_then(|e| e.value.clone())
-        .context("config env")?;
-    Ok(serde_json::from_str(&v)?)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result<()> {
     let cp = ControlPlane::shared().await;
@@ -182,9 +135,9 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
         },
     }))?;
     endpoints.create(&PostParams::default(), &ep).await?;
-    wait_condition(&endpoints, "gh", "StreamReady", "True", "StreamReady").await?;
+    wait_reason(&endpoints, "gh", "StreamReady", "True", "StreamReady").await?;
     // No notice yet: SinkAvailable starts True.
-    wait_condition(&endpoints, "gh", "SinkAvailable", "True", "NoGoneReported").await?;
+    wait_reason(&endpoints, "gh", "SinkAvailable", "True", "NoGoneReported").await?;
 
     // Pods "ready" (no kubelet here), so Ready is True before the sink goes.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -197,7 +150,7 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
             ),
         )
         .await?;
-    wait_condition(&endpoints, "gh", "Ready", "True", "Ready").await?;
+    wait_reason(&endpoints, "gh", "Ready", "True", "Ready").await?;
 
     // The processor runs as rendered by the operator.
     let cfg = config_of(&deployments.get("gh-processor").await?)?;
@@ -240,7 +193,7 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
     );
 
     // The endpoint says so; Ready is unchanged.
-    let message = wait_condition(&endpoints, "gh", "SinkAvailable", "False", "SinkGone")
+    let message = wait_reason(&endpoints, "gh", "SinkAvailable", "False", "SinkGone")
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log_text()))?;
     assert!(message.contains("410 Gone"), "{message}");
@@ -248,7 +201,7 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
     assert!(message.contains(&sink.url), "sink shown: {message}");
     assert!(!message.contains("s3cr3t"), "{message}");
     assert_eq!(
-        condition(&endpoints, "gh", "Ready").await.map(|c| c.0),
+        condition(&endpoints.get("gh").await?, "Ready").map(|c| c.0),
         Some("True".into())
     );
     eventually(WAIT, "SinkGone Warning Event", || async {
@@ -291,7 +244,7 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
         publish("d").await.is_ok()
     })
     .await?;
-    wait_condition(&endpoints, "gh", "SinkAvailable", "True", "SinkRecovered")
+    wait_reason(&endpoints, "gh", "SinkAvailable", "True", "SinkRecovered")
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log_text()))?;
     assert!(sink.delivered_ids().contains("d"));

@@ -3,15 +3,18 @@
 //! CRD, leader election through a Lease with fail-over, the admin
 //! endpoints, and the KEDA path with and without KEDA's CRD.
 
+#[path = "../src/operator_support.rs"]
+mod operator_support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use clap::Parser;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
+use operator_support::operator_settings;
 use serde_json::json;
 use spillway_api::WebhookEndpoint;
 use spillway_operator::{Error, Running, Settings};
@@ -21,29 +24,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const WAIT: Duration = Duration::from_secs(40);
 
 fn settings(nats: &str, ns: &str, id: &str) -> Settings {
-    Settings::parse_from([
-        "spillway-operator",
-        "--nats-url",
-        nats,
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--watch-namespace",
-        ns,
-        "--leader-elect",
-        "true",
-        "--lease-namespace",
-        ns,
-        "--identity",
-        id,
-        "--lease-duration",
-        "3s",
-        "--lease-renew-interval",
-        "1s",
-        "--resync-interval",
-        "2s",
-        "--nats-request-timeout",
-        "1s",
-    ])
+    Settings {
+        leader_elect: true,
+        lease_namespace: ns.to_owned(),
+        identity: Some(id.to_owned()),
+        lease_duration: Duration::from_secs(3),
+        lease_renew_interval: Duration::from_secs(1),
+        nats_request_timeout: Duration::from_secs(1),
+        ..operator_settings(nats, ns)
+    }
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Result<String> {
