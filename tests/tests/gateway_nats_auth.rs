@@ -117,13 +117,6 @@ async fn deliver(gw: &Running, delivery: &str) -> Result<(u16, String)> {
     .await
 }
 
-async fn wait_ready(gw: &Running) -> Result<()> {
-    eventually(Duration::from_secs(10), "gateway ready", || async {
-        readyz(gw).await == 200
-    })
-    .await
-}
-
 /// Create the endpoint's stream through `nc` (as the operator would).
 async fn stream(nc: async_nats::Client) -> Result<jetstream::stream::Stream> {
     let names = EndpointNames::new("local", "gh");
@@ -136,22 +129,41 @@ async fn stream(nc: async_nats::Client) -> Result<jetstream::stream::Stream> {
         .await?)
 }
 
-/// Wait until the server's log holds more than `before` lines containing
-/// `needle` (a refused connection attempt happened).
-async fn refused(nats: &NatsServer, needle: &str, before: usize) -> Result<()> {
+/// Start the gateway with `config`: it becomes ready and stores one
+/// delivery (the stream then holds one message).
+async fn stores_one(
+    config: &Config,
+    stream: &mut jetstream::stream::Stream,
+    delivery: &str,
+) -> Result<()> {
+    let gw = start(config, None).await?;
+    eventually(Duration::from_secs(10), "gateway ready", || async {
+        readyz(&gw).await == 200
+    })
+    .await?;
+    let (status, body) = deliver(&gw, delivery).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(stream.info().await?.state.messages, 1);
+    gw.shutdown().await;
+    Ok(())
+}
+
+/// Start the gateway with `config` and wait until NATS refuses it (one more
+/// line containing `needle` in the server's log); then it is not ready and
+/// deliveries get 503.
+async fn refused(nats: &NatsServer, needle: &str, config: &Config) -> Result<()> {
+    let before = nats.log().matches(needle).count();
+    let gw = start(config, None).await?;
     eventually(Duration::from_secs(10), needle, || async {
         nats.log().matches(needle).count() > before
     })
     .await
-    .with_context(|| nats.log())
-}
-
-/// The gateway was refused by NATS: not ready, and deliveries get 503.
-async fn assert_refused(gw: &Running) -> Result<()> {
-    assert_eq!(readyz(gw).await, 503, "not ready without access to NATS");
-    let (status, body) = deliver(gw, "refused").await?;
+    .with_context(|| nats.log())?;
+    assert_eq!(readyz(&gw).await, 503, "not ready without access to NATS");
+    let (status, body) = deliver(&gw, "refused").await?;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("store_unavailable"), "{body}");
+    gw.shutdown().await;
     Ok(())
 }
 
@@ -309,26 +321,23 @@ async fn creds_file_gets_a_publish_only_user_in_and_nothing_else_does() -> Resul
     let mut stream = stream(admin).await?;
 
     // The right credentials: ready, stored once.
-    let gw = start(
+    stores_one(
         &Config {
             nats_creds_file: Some(gw_creds.clone()),
             ..config(site.path(), &nats.url)
         },
-        None,
+        &mut stream,
+        "with-creds",
     )
     .await?;
-    wait_ready(&gw).await?;
-    let (status, body) = deliver(&gw, "with-creds").await?;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(stream.info().await?.state.messages, 1);
-    gw.shutdown().await;
 
     // No credentials: NATS refuses the connection; not ready, 503.
-    let before = nats.log().matches("authentication error").count();
-    let gw = start(&config(site.path(), &nats.url), None).await?;
-    refused(&nats, "authentication error", before).await?;
-    assert_refused(&gw).await?;
-    gw.shutdown().await;
+    refused(
+        &nats,
+        "authentication error",
+        &config(site.path(), &nats.url),
+    )
+    .await?;
 
     // A user JWT the account did not sign: refused as well.
     let forged = site.path().join("forged.creds");
@@ -336,18 +345,15 @@ async fn creds_file_gets_a_publish_only_user_in_and_nothing_else_does() -> Resul
         &forged,
         trust.user(&KeyPair::new_account(), "forged", serde_json::json!({})),
     )?;
-    let before = nats.log().matches("authentication error").count();
-    let gw = start(
+    refused(
+        &nats,
+        "authentication error",
         &Config {
             nats_creds_file: Some(forged),
             ..config(site.path(), &nats.url)
         },
-        None,
     )
     .await?;
-    refused(&nats, "authentication error", before).await?;
-    assert_refused(&gw).await?;
-    gw.shutdown().await;
     assert_eq!(
         stream.info().await?.state.messages,
         1,
@@ -383,18 +389,15 @@ async fn creds_file_is_refused_by_plain_nkey_users() -> Result<()> {
     );
     let path = site.path().join("nkey.creds");
     std::fs::write(&path, creds(&user_jwt, &user))?;
-    let before = nats.log().matches("authentication error").count();
-    let gw = start(
+    refused(
+        &nats,
+        "authentication error",
         &Config {
             nats_creds_file: Some(path),
             ..config(site.path(), &nats.url)
         },
-        None,
     )
     .await?;
-    refused(&nats, "authentication error", before).await?;
-    assert_refused(&gw).await?;
-    gw.shutdown().await;
     Ok(())
 }
 
@@ -480,34 +483,27 @@ async fn server_tls_verified_with_the_ca_file() -> Result<()> {
         .await
         .with_context(|| nats.log())?;
     let mut stream = stream(admin).await?;
-    let gw = start(
+    stores_one(
         &Config {
             nats_tls_ca_file: Some(pki.path("ca.pem")),
             nats_tls_required: true,
             ..config(site.path(), &nats.url)
         },
-        None,
+        &mut stream,
+        "server-tls",
     )
     .await?;
-    wait_ready(&gw).await?;
-    let (status, body) = deliver(&gw, "server-tls").await?;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(stream.info().await?.state.messages, 1);
-    gw.shutdown().await;
 
     // Without the CA file the server's certificate is not trusted.
-    let before = nats.log().matches("TLS handshake error").count();
-    let gw = start(
+    refused(
+        &nats,
+        "TLS handshake error",
         &Config {
             nats_tls_required: true,
             ..config(site.path(), &nats.url)
         },
-        None,
     )
     .await?;
-    refused(&nats, "TLS handshake error", before).await?;
-    assert_refused(&gw).await?;
-    gw.shutdown().await;
     Ok(())
 }
 
@@ -531,42 +527,31 @@ async fn mutual_tls_with_ca_and_client_certificate() -> Result<()> {
         ..c
     };
 
-    let gw = start(&tls(config(site.path(), &nats.url)), None).await?;
-    wait_ready(&gw).await?;
-    let (status, body) = deliver(&gw, "mtls").await?;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(stream.info().await?.state.messages, 1);
-    gw.shutdown().await;
+    stores_one(&tls(config(site.path(), &nats.url)), &mut stream, "mtls").await?;
 
     // The CA but no client certificate: the server refuses the handshake.
-    let before = nats.log().matches("TLS handshake error").count();
-    let gw = start(
+    refused(
+        &nats,
+        "TLS handshake error",
         &Config {
             nats_tls_cert_file: None,
             nats_tls_key_file: None,
             ..tls(config(site.path(), &nats.url))
         },
-        None,
     )
     .await?;
-    refused(&nats, "TLS handshake error", before).await?;
-    assert_refused(&gw).await?;
-    gw.shutdown().await;
 
     // A client certificate but no CA file: the system roots do not know the
     // server's certificate, so the gateway refuses the server.
-    let before = nats.log().matches("TLS handshake error").count();
-    let gw = start(
+    refused(
+        &nats,
+        "TLS handshake error",
         &Config {
             nats_tls_ca_file: None,
             ..tls(config(site.path(), &nats.url))
         },
-        None,
     )
     .await?;
-    refused(&nats, "TLS handshake error", before).await?;
-    assert_refused(&gw).await?;
-    gw.shutdown().await;
 
     // A key that belongs to another certificate: refused at start.
     let e = start_error(
