@@ -26,10 +26,10 @@ const STATUS_PATCH: &str = r#"{"status":{"path":"/team/hooks","replicas":{"desir
  "backlog":{"pending":40,"ackPending":2,"redelivered":0},"deadLetters":9,
  "conditions":[{"type":"Ready","status":"True","reason":"Ready","message":"serving","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_shows_path_readiness_backlog_dead_letters_and_replicas() -> Result<()> {
-    let cp = ControlPlane::shared().await;
-    let ns = cp.namespace("cli-status").await?;
+/// A fresh namespace (named after `prefix`) holding the endpoint `hooks`
+/// with the status of [`STATUS_PATCH`].
+async fn endpoint_with_status(cp: &ControlPlane, prefix: &str) -> Result<String> {
+    let ns = cp.namespace(prefix).await?;
     cp.kubectl_stdin(&["apply", "-f", "-"], &endpoint_yaml(&ns))?;
     cp.kubectl_output(&[
         "patch",
@@ -42,6 +42,13 @@ async fn status_shows_path_readiness_backlog_dead_letters_and_replicas() -> Resu
         "-p",
         STATUS_PATCH,
     ])?;
+    Ok(ns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_path_readiness_backlog_dead_letters_and_replicas() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    let ns = endpoint_with_status(cp, "cli-status").await?;
     let nats = NatsServer::start().await?;
     let ep = Endpoint::create(
         nats.jetstream().await?,
@@ -229,19 +236,7 @@ fn hex_lower(b: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_spillway_is_the_cli_as_a_kubectl_plugin() -> Result<()> {
     let cp = ControlPlane::shared().await;
-    let ns = cp.namespace("cli-plugin").await?;
-    cp.kubectl_stdin(&["apply", "-f", "-"], &endpoint_yaml(&ns))?;
-    cp.kubectl_output(&[
-        "patch",
-        "-n",
-        &ns,
-        "webhookendpoint",
-        "hooks",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        STATUS_PATCH,
-    ])?;
+    let ns = endpoint_with_status(cp, "cli-plugin").await?;
     let bin = tempfile::tempdir()?;
     let plugin = bin.path().join("kubectl-spillway");
     std::os::unix::fs::symlink(bin_path("spillway"), &plugin)?;
