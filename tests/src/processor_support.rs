@@ -645,12 +645,14 @@ pub struct CliOutput {
     pub stderr: String,
 }
 
-/// Run the real `spillway` binary with `args` (bounded to 60s). No
-/// kubeconfig is inherited from the environment.
-pub async fn spillway(args: &[&str], env: &[(&str, &str)]) -> Result<CliOutput> {
-    let mut cmd = tokio::process::Command::new(bin_path("spillway"));
-    cmd.args(args)
-        .env_remove("KUBECONFIG")
+/// Run `cmd` (`spillway args`, directly or wrapped) with `env` and without
+/// the caller's kubeconfig, NATS URL or home directory, bounded to 60s.
+async fn run_cli(
+    mut cmd: tokio::process::Command,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<std::io::Result<std::process::Output>> {
+    cmd.env_remove("KUBECONFIG")
         .env_remove("NATS_URL")
         .env("HOME", std::env::temp_dir())
         .stdin(Stdio::null())
@@ -658,9 +660,17 @@ pub async fn spillway(args: &[&str], env: &[(&str, &str)]) -> Result<CliOutput> 
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
-        .with_context(|| format!("spillway {args:?} did not finish within 60s"))??;
+        .with_context(|| format!("spillway {args:?} did not finish within 60s"))
+}
+
+/// Run the real `spillway` binary with `args` (bounded to 60s). No
+/// kubeconfig is inherited from the environment.
+pub async fn spillway(args: &[&str], env: &[(&str, &str)]) -> Result<CliOutput> {
+    let mut cmd = tokio::process::Command::new(bin_path("spillway"));
+    cmd.args(args);
+    let out = run_cli(cmd, args, env).await??;
     Ok(CliOutput {
         success: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -680,18 +690,9 @@ pub async fn spillway_on_a_terminal(args: &[&str], env: &[(&str, &str)]) -> Resu
         .collect::<Vec<_>>()
         .join(" ");
     let mut c = tokio::process::Command::new("script");
-    c.args(["-qec", &cmd, "/dev/null"])
-        .env_remove("KUBECONFIG")
-        .env_remove("NATS_URL")
-        .env("HOME", std::env::temp_dir())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(60), c.output())
-        .await
-        .with_context(|| format!("spillway {args:?} did not finish within 60s"))?
+    c.args(["-qec", &cmd, "/dev/null"]);
+    let out = run_cli(c, args, env)
+        .await?
         .context("running script(1) (util-linux) to give spillway a terminal")?;
     Ok((
         out.status.success(),
