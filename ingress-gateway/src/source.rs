@@ -323,10 +323,13 @@ impl FileWatch {
     /// Whether [`reload`](Self::reload) would find something to do.
     pub fn pending(&self) -> bool {
         let digest = file_digest(&self.path).map_or_else(|_| UNREADABLE.to_vec(), |(_, d)| d);
-        if digest != self.applied && self.failed.as_ref() != Some(&digest) {
-            return true;
-        }
-        self.source.secrets_digest() != self.applied_secrets
+        self.is_news(&digest) || self.source.secrets_digest() != self.applied_secrets
+    }
+
+    /// Whether the endpoints file with `digest` is neither the applied one
+    /// nor the failure already reported.
+    fn is_news(&self, digest: &[u8]) -> bool {
+        digest != self.applied && self.failed.as_deref() != Some(digest)
     }
 
     /// Read the files again. A changed, valid endpoints file replaces the
@@ -338,7 +341,7 @@ impl FileWatch {
         let digest = read
             .as_ref()
             .map_or_else(|_| UNREADABLE.to_vec(), |(_, d)| d.clone());
-        if digest != self.applied && self.failed.as_ref() != Some(&digest) {
+        if self.is_news(&digest) {
             let parsed = match read {
                 Err(source) => Err(SourceError::Read {
                     path: self.path.clone(),
