@@ -213,22 +213,24 @@ impl FileSource {
     /// secrets directory (missing files included as missing), to notice
     /// when one changes.
     fn secrets_digest(&self) -> Vec<u8> {
-        let mut refs: Vec<(&str, &SecretKeyRef)> = self
+        let mut refs: Vec<(&str, &str)> = self
             .endpoints
             .iter()
-            .flat_map(|d| referenced(&d.spec).map(move |r| (d.namespace.as_str(), r)))
-            .filter(|(ns, r)| lookup(&self.secrets, ns, r).is_none())
+            .flat_map(|d| {
+                referenced(&d.spec).filter(|r| lookup(&self.secrets, &d.namespace, r).is_none())
+            })
+            .map(|r| (r.name.as_str(), r.key.as_str()))
             .collect();
-        refs.sort_by(|a, b| (&a.1.name, &a.1.key).cmp(&(&b.1.name, &b.1.key)));
-        refs.dedup_by(|a, b| a.1.name == b.1.name && a.1.key == b.1.key);
+        refs.sort_unstable();
+        refs.dedup();
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         if let Some(dir) = &self.secrets_dir {
-            for (_, r) in refs {
-                for part in [r.name.as_bytes(), r.key.as_bytes()] {
+            for (name, key) in refs {
+                for part in [name.as_bytes(), key.as_bytes()] {
                     ctx.update(&(part.len() as u64).to_le_bytes());
                     ctx.update(part);
                 }
-                match std::fs::read(dir.join(&r.name).join(&r.key)) {
+                match std::fs::read(dir.join(name).join(key)) {
                     Ok(v) => {
                         ctx.update(&[1]);
                         ctx.update(&(v.len() as u64).to_le_bytes());
