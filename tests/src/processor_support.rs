@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use spillway_api::duration;
 use spillway_api::names::{EndpointNames, partition_of};
 use spillway_api::wire::{self, ProcessorConfig};
-use spillway_tests::{bin_path, eventually, free_port};
+use spillway_tests::{bin_path, eventually, free_port, watchdog};
 
 // ---------------------------------------------------------------- endpoint
 
@@ -584,20 +584,6 @@ impl Drop for ProcessorProc {
     fn drop(&mut self) {
         self.sigkill();
     }
-}
-
-/// Kill `pid` once this test process is gone.
-fn watchdog(pid: u32) {
-    let me = std::process::id();
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {pid} 2>/dev/null"
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
 }
 
 /// A minimal HTTP/1.1 GET (status and body), enough for admin endpoints.
