@@ -9,6 +9,8 @@
 mod crd;
 pub mod duration;
 pub mod names;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod reference;
 mod schema;
 pub mod validate;
