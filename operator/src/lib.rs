@@ -55,9 +55,13 @@ pub enum Error {
     /// Kubernetes API error at startup.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    /// NATS options could not be built (credentials file unreadable …).
+    /// NATS options could not be built (bad URL, connection refused …).
     #[error("NATS configuration: {0}")]
     NatsConfig(String),
+    /// A NATS credentials or TLS file is missing or unusable (the error
+    /// names the flag, never the file's contents).
+    #[error(transparent)]
+    NatsFile(#[from] spillway_api::nats::NatsFileError),
     /// The admin server could not bind.
     #[error("admin server on {addr}: {source}")]
     Admin {
@@ -79,9 +83,12 @@ pub async fn check_crd(client: &Client) -> Result<(), Error> {
 }
 
 /// Connect to NATS in the background (the operator starts while NATS is
-/// down and reconnects forever, at most 2 s apart).
+/// down and reconnects forever, at most 2 s apart). The credentials and TLS
+/// files are checked first (see [`spillway_api::nats::NatsAuth`]).
 pub async fn connect_nats(settings: &Settings) -> Result<async_nats::Client, Error> {
-    let mut opts = async_nats::ConnectOptions::new()
+    let opts = settings
+        .nats_auth()
+        .connect_options(spillway_api::nats::SettingNames::FLAGS)?
         .name("spillway-operator")
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -89,21 +96,6 @@ pub async fn connect_nats(settings: &Settings) -> Result<async_nats::Client, Err
         .reconnect_delay_callback(|n| {
             Duration::from_millis(100u64.saturating_mul(1 << n.min(5))).min(Duration::from_secs(2))
         });
-    if let Some(creds) = &settings.nats_creds_file {
-        opts = opts
-            .credentials_file(creds)
-            .await
-            .map_err(|e| Error::NatsConfig(format!("credentials file {}: {e}", creds.display())))?;
-    }
-    if let Some(ca) = &settings.nats_tls_ca_file {
-        opts = opts.add_root_certificates(ca.clone());
-    }
-    if let (Some(cert), Some(key)) = (&settings.nats_tls_cert_file, &settings.nats_tls_key_file) {
-        opts = opts.add_client_certificate(cert.clone(), key.clone());
-    }
-    if settings.nats_tls_required {
-        opts = opts.require_tls(true);
-    }
     let urls: Vec<async_nats::ServerAddr> = settings
         .nats_url
         .split(',')

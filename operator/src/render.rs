@@ -38,8 +38,9 @@ pub const ENDPOINT_LABEL: &str = "spillway.dev/endpoint";
 pub const NATS_URL_ENV: &str = "SPILLWAY_NATS_URL";
 /// Port of the processor's /healthz, /readyz and /metrics (its default).
 pub const ADMIN_PORT: i32 = 9090;
-/// Environment variable with the processor's NATS credentials file.
-pub const NATS_CREDS_ENV: &str = "SPILLWAY_NATS_CREDS";
+/// Environment variable with the processor's NATS credentials file (the
+/// processor still reads the older `SPILLWAY_NATS_CREDS` too).
+pub const NATS_CREDS_ENV: &str = "SPILLWAY_NATS_CREDS_FILE";
 /// Where the processor's NATS credentials are mounted.
 pub const NATS_CREDS_DIR: &str = "/var/run/spillway/nats";
 /// Where the signing secret is mounted.

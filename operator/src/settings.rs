@@ -62,7 +62,8 @@ pub struct Settings {
     pub processor_nats_url: Option<String>,
     /// Secret (looked up in each endpoint's namespace) holding NATS
     /// credentials for the processor pods; mounted read-only and passed as
-    /// `SPILLWAY_NATS_CREDS`. Unset: processors connect without credentials.
+    /// `SPILLWAY_NATS_CREDS_FILE`. Unset: processors connect without
+    /// credentials.
     #[arg(long, env = "SPILLWAY_PROCESSOR_NATS_CREDS_SECRET")]
     pub processor_nats_creds_secret: Option<String>,
     /// Key of the credentials file in that Secret.
@@ -154,6 +155,17 @@ impl Settings {
     /// The settings with every default, for tests and embedding.
     pub fn defaults() -> Self {
         <Self as clap::Parser>::parse_from(["spillway-operator"])
+    }
+
+    /// The operator's own NATS credentials and TLS files.
+    pub fn nats_auth(&self) -> spillway_api::nats::NatsAuth {
+        spillway_api::nats::NatsAuth {
+            creds_file: self.nats_creds_file.clone(),
+            tls_ca_file: self.nats_tls_ca_file.clone(),
+            tls_cert_file: self.nats_tls_cert_file.clone(),
+            tls_key_file: self.nats_tls_key_file.clone(),
+            tls_required: self.nats_tls_required,
+        }
     }
 
     /// The NATS URL processors use.
