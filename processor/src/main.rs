@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use prometheus_client::registry::Registry;
+use spillway_api::nats::{NatsAuth, SettingNames};
 use spillway_api::wire::PROCESSOR_CONFIG_ENV;
 use spillway_processor::admin::{self, AdminState};
 use spillway_processor::engine::{Processor, ShutdownHandle};
@@ -31,9 +32,31 @@ struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
-    /// NATS credentials file (JWT + NKey seed).
-    #[arg(long, env = "SPILLWAY_NATS_CREDS")]
-    nats_creds: Option<PathBuf>,
+    /// NATS credentials file (user JWT + NKey seed, `.creds`). The older
+    /// `--nats-creds` and SPILLWAY_NATS_CREDS are read too.
+    #[arg(long, alias = "nats-creds", env = "SPILLWAY_NATS_CREDS_FILE")]
+    nats_creds_file: Option<PathBuf>,
+    /// PEM file of CA certificates to verify the NATS server with (instead
+    /// of the system roots).
+    #[arg(long, env = "SPILLWAY_NATS_TLS_CA_FILE")]
+    nats_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS mutual TLS; needs the key too.
+    #[arg(
+        long,
+        env = "SPILLWAY_NATS_TLS_CERT_FILE",
+        requires = "nats_tls_key_file"
+    )]
+    nats_tls_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for NATS mutual TLS.
+    #[arg(
+        long,
+        env = "SPILLWAY_NATS_TLS_KEY_FILE",
+        requires = "nats_tls_cert_file"
+    )]
+    nats_tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to NATS without TLS.
+    #[arg(long, env = "SPILLWAY_NATS_TLS_REQUIRED", default_value_t = false)]
+    nats_tls_required: bool,
     /// NATS user (with --nats-password).
     #[arg(long, env = "SPILLWAY_NATS_USER")]
     nats_user: Option<String>,
@@ -79,13 +102,26 @@ fn load_settings(args: &Args) -> Result<Settings> {
     Ok(Settings::from_json(&json)?)
 }
 
+/// The older name of SPILLWAY_NATS_CREDS_FILE, still read when that is unset.
+const LEGACY_CREDS_ENV: &str = "SPILLWAY_NATS_CREDS";
+
+/// The NATS credentials and TLS files, checked by the same code as the
+/// gateway's and the operator's.
+fn nats_auth(args: &Args) -> NatsAuth {
+    NatsAuth {
+        creds_file: args
+            .nats_creds_file
+            .clone()
+            .or_else(|| std::env::var_os(LEGACY_CREDS_ENV).map(PathBuf::from)),
+        tls_ca_file: args.nats_tls_ca_file.clone(),
+        tls_cert_file: args.nats_tls_cert_file.clone(),
+        tls_key_file: args.nats_tls_key_file.clone(),
+        tls_required: args.nats_tls_required,
+    }
+}
+
 async fn connect(args: &Args) -> Result<async_nats::Client> {
-    let mut opts = match &args.nats_creds {
-        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
-            .await
-            .with_context(|| format!("reading NATS credentials {}", path.display()))?,
-        None => async_nats::ConnectOptions::new(),
-    };
+    let mut opts = nats_auth(args).connect_options(SettingNames::FLAGS)?;
     if let (Some(u), Some(p)) = (&args.nats_user, &args.nats_password) {
         opts = opts.user_and_password(u.clone(), p.clone());
     }

@@ -485,6 +485,16 @@ impl ProcessorProc {
 
     /// Start without waiting for readiness.
     pub fn spawn(config: &ProcessorConfig, nats_url: &str) -> Result<Self> {
+        Self::spawn_with_env(config, nats_url, &[])
+    }
+
+    /// Like [`ProcessorProc::spawn`], with more environment variables (NATS
+    /// credentials and TLS files, say).
+    pub fn spawn_with_env(
+        config: &ProcessorConfig,
+        nats_url: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("spillway-proc-")
             .tempdir()?;
@@ -497,6 +507,7 @@ impl ProcessorProc {
             .env("SPILLWAY_ADMIN_ADDR", admin.to_string())
             .env("SPILLWAY_SHUTDOWN_TIMEOUT", "10s")
             .env("RUST_LOG", "info,spillway_processor=debug,async_nats=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

@@ -4,6 +4,11 @@
 //! `rcgen`). With the right files the gateway becomes ready and stores
 //! webhooks; without them it stays not ready and answers 503; unusable files
 //! stop it at start with the setting's name and without their contents.
+//! The processor binary, which shares those checks (`spillway_api::nats`),
+//! delivers over mutual TLS the same way.
+
+#[path = "../src/processor_support.rs"]
+mod processor_support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -641,5 +646,92 @@ async fn unusable_files_stop_the_start_naming_the_setting_not_the_contents() -> 
     if stderr.contains("panicked") {
         bail!("{stderr}");
     }
+    Ok(())
+}
+
+/// The real processor binary with the gateway's flags (as environment
+/// variables): CA file, client certificate and key, TLS required. It
+/// connects to a nats-server that insists on client certificates and
+/// delivers a stored webhook; without a client certificate the server
+/// refuses it, and unusable files stop it at start naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_delivers_over_mutual_tls() -> Result<()> {
+    use processor_support::{Endpoint, ProcessorProc, Setup, Sink};
+    use std::ffi::OsStr;
+
+    let site = site()?;
+    let pki = Pki::new(site.path())?;
+    let nats = NatsServer::start_with(&pki.server_config()).await?;
+    let admin = async_nats::ConnectOptions::new()
+        .add_root_certificates(pki.path("ca.pem"))
+        .add_client_certificate(pki.path("other.pem"), pki.path("other-key.pem"))
+        .connect(&nats.url)
+        .await
+        .with_context(|| nats.log())?;
+    let ep = Endpoint::create(jetstream::new(admin), Setup::default()).await?;
+    let sink = Sink::start().await?;
+    let config = ep.config(&sink.url);
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client-key.pem"),
+    );
+    let tls: [(&str, &OsStr); 4] = [
+        ("SPILLWAY_NATS_TLS_CA_FILE", ca.as_os_str()),
+        ("SPILLWAY_NATS_TLS_CERT_FILE", cert.as_os_str()),
+        ("SPILLWAY_NATS_TLS_KEY_FILE", key.as_os_str()),
+        ("SPILLWAY_NATS_TLS_REQUIRED", OsStr::new("true")),
+    ];
+
+    let processor = ProcessorProc::spawn_with_env(&config, &nats.url, &tls)?;
+    processor.wait_ready().await?;
+    ep.publish("over-mtls", None, r#"{"zen":"mtls"}"#).await?;
+    eventually(Duration::from_secs(10), "delivered over mTLS", || async {
+        sink.delivered_ids().contains("over-mtls")
+    })
+    .await
+    .with_context(|| processor.log_text())?;
+    drop(processor);
+
+    // The CA but no client certificate: the server refuses the handshake
+    // and the processor exits.
+    let before = nats.log().matches("TLS handshake error").count();
+    let mut refused = ProcessorProc::spawn_with_env(&config, &nats.url, &tls[..1])?;
+    let status = refused.wait_exit(Duration::from_secs(15)).await?;
+    assert!(!status.success(), "{}", refused.log_text());
+    assert!(
+        nats.log().matches("TLS handshake error").count() > before,
+        "{}",
+        nats.log()
+    );
+
+    // Unusable files stop it at start, naming the flag: a key that belongs
+    // to another certificate, and a credentials file (by the older variable
+    // SPILLWAY_NATS_CREDS the operator used to render) that is not there.
+    let other_key = pki.path("other-key.pem");
+    let missing = site.path().join("missing.creds");
+    let cases: [(Vec<(&str, &OsStr)>, &str); 2] = [
+        (
+            vec![
+                tls[0],
+                tls[1],
+                ("SPILLWAY_NATS_TLS_KEY_FILE", other_key.as_os_str()),
+            ],
+            "--nats-tls-key-file ",
+        ),
+        (
+            vec![("SPILLWAY_NATS_CREDS", missing.as_os_str())],
+            "--nats-creds-file ",
+        ),
+    ];
+    for (env, flag) in cases {
+        let mut p = ProcessorProc::spawn_with_env(&config, &nats.url, &env)?;
+        let status = p.wait_exit(Duration::from_secs(15)).await?;
+        let log = p.log_text();
+        assert!(!status.success(), "{log}");
+        assert!(log.contains(flag), "{log}");
+        assert!(!log.contains("PRIVATE KEY"), "{log}");
+    }
+    assert_eq!(sink.count(), 1, "one delivery, once");
     Ok(())
 }
