@@ -20,6 +20,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use kube::api::Api;
 use spillway_api::WebhookEndpoint;
+use spillway_api::nats::{NatsAuth, SettingNames};
 
 use crate::endpoint::EndpointRef;
 use spillway_cli::sign;
@@ -54,9 +55,38 @@ struct Global {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
-    /// NATS credentials file.
-    #[arg(long, global = true, env = "NATS_CREDS")]
-    nats_creds: Option<PathBuf>,
+    /// NATS credentials file (user JWT + NKey seed, `.creds`); NATS_CREDS
+    /// and the older `--nats-creds` are read too.
+    #[arg(
+        long,
+        global = true,
+        alias = "nats-creds",
+        env = "SPILLWAY_NATS_CREDS_FILE"
+    )]
+    nats_creds_file: Option<PathBuf>,
+    /// PEM file of CA certificates to verify the NATS server with (instead
+    /// of the system roots).
+    #[arg(long, global = true, env = "SPILLWAY_NATS_TLS_CA_FILE")]
+    nats_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS mutual TLS; needs the key too.
+    #[arg(
+        long,
+        global = true,
+        env = "SPILLWAY_NATS_TLS_CERT_FILE",
+        requires = "nats_tls_key_file"
+    )]
+    nats_tls_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for NATS mutual TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "SPILLWAY_NATS_TLS_KEY_FILE",
+        requires = "nats_tls_cert_file"
+    )]
+    nats_tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to NATS without TLS.
+    #[arg(long, global = true, env = "SPILLWAY_NATS_TLS_REQUIRED")]
+    nats_tls_required: bool,
     /// NATS user (with --nats-password).
     #[arg(long, global = true, env = "NATS_USER")]
     nats_user: Option<String>,
@@ -219,12 +249,18 @@ impl Global {
     }
 
     async fn nats(&self) -> Result<async_nats::jetstream::Context> {
-        let mut opts = match &self.nats_creds {
-            Some(p) => async_nats::ConnectOptions::with_credentials_file(p)
-                .await
-                .with_context(|| format!("reading NATS credentials {}", p.display()))?,
-            None => async_nats::ConnectOptions::new(),
+        let auth = NatsAuth {
+            creds_file: self
+                .nats_creds_file
+                .clone()
+                .or_else(|| std::env::var_os("NATS_CREDS").map(PathBuf::from)),
+            tls_ca_file: self.nats_tls_ca_file.clone(),
+            tls_cert_file: self.nats_tls_cert_file.clone(),
+            tls_key_file: self.nats_tls_key_file.clone(),
+            tls_required: self.nats_tls_required,
         };
+        // The same checks as the gateway's, operator's and processor's.
+        let mut opts = auth.connect_options(SettingNames::FLAGS)?;
         if let (Some(u), Some(p)) = (&self.nats_user, &self.nats_password) {
             opts = opts.user_and_password(u.clone(), p.clone());
         }

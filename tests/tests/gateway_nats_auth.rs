@@ -4,8 +4,8 @@
 //! `rcgen`). With the right files the gateway becomes ready and stores
 //! webhooks; without them it stays not ready and answers 503; unusable files
 //! stop it at start with the setting's name and without their contents.
-//! The processor binary, which shares those checks (`spillway_api::nats`),
-//! delivers over mutual TLS the same way.
+//! The processor and CLI binaries, which share those checks
+//! (`spillway_api::nats`), connect over mutual TLS the same way.
 
 #[path = "../src/processor_support.rs"]
 mod processor_support;
@@ -653,7 +653,8 @@ async fn unusable_files_stop_the_start_naming_the_setting_not_the_contents() -> 
 /// variables): CA file, client certificate and key, TLS required. It
 /// connects to a nats-server that insists on client certificates and
 /// delivers a stored webhook; without a client certificate the server
-/// refuses it, and unusable files stop it at start naming the flag.
+/// refuses it, and unusable files stop it at start naming the flag. The
+/// CLI connects with the same variables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processor_delivers_over_mutual_tls() -> Result<()> {
     use processor_support::{Endpoint, ProcessorProc, Setup, Sink};
@@ -692,6 +693,21 @@ async fn processor_delivers_over_mutual_tls() -> Result<()> {
     .await
     .with_context(|| processor.log_text())?;
     drop(processor);
+
+    // The CLI, with the same flags: lists the (empty) dead letters over
+    // mutual TLS; without the client certificate it cannot connect.
+    let cli_env: Vec<(&str, &str)> = tls
+        .iter()
+        .map(|(k, v)| Ok((*k, v.to_str().context("UTF-8 path")?)))
+        .collect::<Result<_>>()?;
+    let args = ["dlq", "list", "default/hooks", "-o", "json", "--nats-url"];
+    let args: Vec<&str> = args.into_iter().chain([nats.url.as_str()]).collect();
+    let list = processor_support::spillway_ok(&args, &cli_env).await?;
+    let v: serde_json::Value = serde_json::from_str(&list.stdout)?;
+    assert_eq!(v["total"], 0, "{}", list.stdout);
+    let out = processor_support::spillway(&args, &cli_env[..1]).await?;
+    assert!(!out.success, "{}", out.stdout);
+    assert!(out.stderr.contains("connecting to NATS"), "{}", out.stderr);
 
     // The CA but no client certificate: the server refuses the handshake
     // and the processor exits.
