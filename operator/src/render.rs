@@ -43,6 +43,19 @@ pub const ADMIN_PORT: i32 = 9090;
 pub const NATS_CREDS_ENV: &str = "SPILLWAY_NATS_CREDS_FILE";
 /// Where the processor's NATS credentials are mounted.
 pub const NATS_CREDS_DIR: &str = "/var/run/spillway/nats";
+/// Environment variable with the CA file processors verify NATS with.
+pub const NATS_TLS_CA_ENV: &str = "SPILLWAY_NATS_TLS_CA_FILE";
+/// Environment variable with the processor's NATS client certificate.
+pub const NATS_TLS_CERT_ENV: &str = "SPILLWAY_NATS_TLS_CERT_FILE";
+/// Environment variable with the processor's NATS client key.
+pub const NATS_TLS_KEY_ENV: &str = "SPILLWAY_NATS_TLS_KEY_FILE";
+/// Environment variable making the processor refuse plaintext NATS.
+pub const NATS_TLS_REQUIRED_ENV: &str = "SPILLWAY_NATS_TLS_REQUIRED";
+/// Where the CA Secret for NATS is mounted in processor pods.
+pub const NATS_TLS_CA_DIR: &str = "/var/run/spillway/nats-ca";
+/// Where the `kubernetes.io/tls` client Secret for NATS is mounted in
+/// processor pods (`tls.crt`, `tls.key`).
+pub const NATS_TLS_CLIENT_DIR: &str = "/var/run/spillway/nats-tls";
 /// Where the signing secret is mounted.
 pub const SIGNING_DIR: &str = "/var/run/spillway/signing";
 
@@ -207,6 +220,32 @@ pub fn owner_ref(ep: &WebhookEndpoint) -> OwnerReference {
         .expect("stored endpoints have a uid")
 }
 
+/// The NATS credentials and TLS environment of processor pods (file paths
+/// inside the Secrets the operator mounts, and whether TLS is required).
+pub fn processor_nats_env(settings: &Settings) -> Vec<(&'static str, String)> {
+    let mut env = Vec::new();
+    if settings.processor_nats_creds_secret.is_some() {
+        env.push((
+            NATS_CREDS_ENV,
+            format!("{NATS_CREDS_DIR}/{}", settings.processor_nats_creds_key),
+        ));
+    }
+    if settings.processor_nats_tls_ca_secret.is_some() {
+        env.push((
+            NATS_TLS_CA_ENV,
+            format!("{NATS_TLS_CA_DIR}/{}", settings.processor_nats_tls_ca_key),
+        ));
+    }
+    if settings.processor_nats_tls_client_secret.is_some() {
+        env.push((NATS_TLS_CERT_ENV, format!("{NATS_TLS_CLIENT_DIR}/tls.crt")));
+        env.push((NATS_TLS_KEY_ENV, format!("{NATS_TLS_CLIENT_DIR}/tls.key")));
+    }
+    if settings.processor_nats_tls_required() {
+        env.push((NATS_TLS_REQUIRED_ENV, "true".into()));
+    }
+    env
+}
+
 /// Render the processor Deployment. `replicas` is `None` when someone else
 /// (KEDA) owns the replica count.
 pub fn deployment(
@@ -233,16 +272,12 @@ pub fn deployment(
             ..Default::default()
         },
     ];
-    if settings.processor_nats_creds_secret.is_some() {
-        env.push(EnvVar {
-            name: NATS_CREDS_ENV.into(),
-            value: Some(format!(
-                "{NATS_CREDS_DIR}/{}",
-                settings.processor_nats_creds_key
-            )),
-            ..Default::default()
-        });
-    }
+    let nats_env = processor_nats_env(settings);
+    env.extend(nats_env.iter().map(|(name, value)| EnvVar {
+        name: (*name).into(),
+        value: Some(value.clone()),
+        ..Default::default()
+    }));
     env.sort_by(|a, b| a.name.cmp(&b.name));
     let mut mounts = vec![VolumeMount {
         name: "spillway-tmp".into(),
@@ -266,6 +301,40 @@ pub fn deployment(
             secret: Some(SecretVolumeSource {
                 secret_name: Some(secret.clone()),
                 default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    // The TLS Secrets are mounted with `optional: false`: when one is
+    // missing in the endpoint's namespace the pod stays in ContainerCreating
+    // with a FailedMount event naming it, and ProcessorReady stays False.
+    let tls_secrets = [
+        (
+            "spillway-nats-ca",
+            NATS_TLS_CA_DIR,
+            &settings.processor_nats_tls_ca_secret,
+        ),
+        (
+            "spillway-nats-tls",
+            NATS_TLS_CLIENT_DIR,
+            &settings.processor_nats_tls_client_secret,
+        ),
+    ];
+    for (volume, dir, secret) in tls_secrets {
+        let Some(secret) = secret else { continue };
+        mounts.push(VolumeMount {
+            name: volume.into(),
+            mount_path: dir.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: volume.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                default_mode: Some(0o440),
+                optional: Some(false),
                 ..Default::default()
             }),
             ..Default::default()
@@ -337,16 +406,21 @@ pub fn deployment(
         .automount_service_account_token
         .get_or_insert(false);
 
-    let config_hash = format!(
-        "{:016x}",
-        fnv1a64(
-            format!(
-                "{config_json}\n{}\n{:?}",
-                settings.processor_image, ep.spec.processor.template
-            )
-            .as_bytes()
-        )
+    // The processor's NATS Secrets and files are hashed only when one of
+    // them is set, so pods of operators without any keep their hash.
+    let mut hashed = format!(
+        "{config_json}\n{}\n{:?}",
+        settings.processor_image, ep.spec.processor.template
     );
+    if !nats_env.is_empty() {
+        hashed.push_str(&format!(
+            "\n{nats_env:?}\n{:?}\n{:?}\n{:?}",
+            settings.processor_nats_creds_secret,
+            settings.processor_nats_tls_ca_secret,
+            settings.processor_nats_tls_client_secret
+        ));
+    }
+    let config_hash = format!("{:016x}", fnv1a64(hashed.as_bytes()));
     let mut annotations = pod_meta.annotations.take().unwrap_or_default();
     annotations.insert(CONFIG_HASH.into(), config_hash);
     pod_meta.annotations = Some(annotations);
@@ -590,6 +664,125 @@ spec:
             v.secret.as_ref().unwrap().secret_name.as_deref(),
             Some("nats-creds")
         );
+    }
+
+    #[test]
+    fn processor_nats_tls_is_mounted_when_configured() {
+        let ep = endpoint(EP);
+        let names = EndpointNames::new("team", "gh");
+        let t = check(&ep.spec).unwrap();
+        let render = |s: &Settings| deployment(&ep, &names, &t, s, Some(1)).unwrap();
+        let pod = |d: &Deployment| d.spec.template.spec.clone().unwrap();
+        let env = |d: &Deployment| -> BTreeMap<String, String> {
+            pod(d).containers[0]
+                .env
+                .clone()
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.name, e.value.unwrap_or_default()))
+                .collect()
+        };
+        let hash = |d: &Deployment| {
+            d.spec
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()[CONFIG_HASH]
+                .clone()
+        };
+        let tls_envs = [
+            NATS_TLS_CA_ENV,
+            NATS_TLS_CERT_ENV,
+            NATS_TLS_KEY_ENV,
+            NATS_TLS_REQUIRED_ENV,
+        ];
+        let tls_volumes = ["spillway-nats-ca", "spillway-nats-tls"];
+
+        let mut s = Settings::defaults();
+        let plain = render(&s);
+        for name in tls_envs {
+            assert!(!env(&plain).contains_key(name), "{name} without settings");
+        }
+        let plain_pod = pod(&plain);
+        for name in tls_volumes {
+            assert!(
+                !plain_pod
+                    .volumes
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v.name == name)
+            );
+            assert!(
+                !plain_pod.containers[0]
+                    .volume_mounts
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m.name == name)
+            );
+        }
+
+        s.processor_nats_tls_ca_secret = Some("nats-ca".into());
+        s.processor_nats_tls_ca_key = "bundle.pem".into();
+        s.processor_nats_tls_client_secret = Some("nats-client".into());
+        s.processor_nats_tls_required = Some(true);
+        let d = render(&s);
+        let e = env(&d);
+        assert_eq!(e[NATS_TLS_CA_ENV], "/var/run/spillway/nats-ca/bundle.pem");
+        assert_eq!(e[NATS_TLS_CERT_ENV], "/var/run/spillway/nats-tls/tls.crt");
+        assert_eq!(e[NATS_TLS_KEY_ENV], "/var/run/spillway/nats-tls/tls.key");
+        assert_eq!(e[NATS_TLS_REQUIRED_ENV], "true");
+        assert!(!e.contains_key(NATS_CREDS_ENV));
+        let p = pod(&d);
+        for (volume, secret, dir) in [
+            ("spillway-nats-ca", "nats-ca", NATS_TLS_CA_DIR),
+            ("spillway-nats-tls", "nats-client", NATS_TLS_CLIENT_DIR),
+        ] {
+            let v = p
+                .volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == volume)
+                .unwrap();
+            let src = v.secret.as_ref().unwrap();
+            assert_eq!(src.secret_name.as_deref(), Some(secret));
+            assert_eq!(src.optional, Some(false));
+            let m = p.containers[0]
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.name == volume)
+                .unwrap();
+            assert_eq!(m.mount_path, dir);
+            assert_eq!(m.read_only, Some(true));
+        }
+        // The user's containers get none of it.
+        assert!(p.containers[1].volume_mounts.is_none());
+
+        // Any change rolls the pods.
+        assert_ne!(hash(&plain), hash(&d));
+        let mut other = s.clone();
+        other.processor_nats_tls_client_secret = Some("nats-client-2".into());
+        assert_ne!(hash(&d), hash(&render(&other)));
+        let mut other = s.clone();
+        other.processor_nats_tls_ca_key = "ca.crt".into();
+        assert_ne!(hash(&d), hash(&render(&other)));
+        let mut other = s.clone();
+        other.processor_nats_tls_required = Some(false);
+        let relaxed = render(&other);
+        assert!(!env(&relaxed).contains_key(NATS_TLS_REQUIRED_ENV));
+        assert_ne!(hash(&d), hash(&relaxed));
+
+        // Unset, "required" follows the operator's own setting.
+        let mut s = Settings::defaults();
+        s.nats_tls_required = true;
+        assert_eq!(env(&render(&s))[NATS_TLS_REQUIRED_ENV], "true");
     }
 
     #[test]

@@ -73,6 +73,31 @@ pub struct Settings {
         default_value = "nats.creds"
     )]
     pub processor_nats_creds_key: String,
+    /// Secret (looked up in each endpoint's namespace) holding the CA
+    /// certificate(s) the processor pods verify the NATS server with;
+    /// mounted read-only and passed as `SPILLWAY_NATS_TLS_CA_FILE`. Unset:
+    /// processors use the system roots of their image.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_NATS_TLS_CA_SECRET")]
+    pub processor_nats_tls_ca_secret: Option<String>,
+    /// Key of the CA file in that Secret.
+    #[arg(
+        long,
+        env = "SPILLWAY_PROCESSOR_NATS_TLS_CA_KEY",
+        default_value = "ca.crt"
+    )]
+    pub processor_nats_tls_ca_key: String,
+    /// `kubernetes.io/tls` Secret (looked up in each endpoint's namespace)
+    /// with the client certificate the processor pods present for NATS
+    /// mutual TLS (keys `tls.crt` and `tls.key`); mounted read-only and
+    /// passed as `SPILLWAY_NATS_TLS_CERT_FILE` and
+    /// `SPILLWAY_NATS_TLS_KEY_FILE`. Unset: processors present none.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_NATS_TLS_CLIENT_SECRET")]
+    pub processor_nats_tls_client_secret: Option<String>,
+    /// Whether processors refuse to talk to NATS without TLS (passed as
+    /// `SPILLWAY_NATS_TLS_REQUIRED`). Unset: the same as
+    /// `--nats-tls-required`.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_NATS_TLS_REQUIRED", action = clap::ArgAction::Set)]
+    pub processor_nats_tls_required: Option<bool>,
     /// Processor container image.
     #[arg(long, env = "SPILLWAY_PROCESSOR_IMAGE", default_value = concat!("ghcr.io/spillway-dev/spillway-processor:", env!("CARGO_PKG_VERSION")))]
     pub processor_image: String,
@@ -168,6 +193,12 @@ impl Settings {
         }
     }
 
+    /// Whether processors require TLS to NATS.
+    pub fn processor_nats_tls_required(&self) -> bool {
+        self.processor_nats_tls_required
+            .unwrap_or(self.nats_tls_required)
+    }
+
     /// The NATS URL processors use.
     pub fn processor_nats_url(&self) -> &str {
         self.processor_nats_url.as_deref().unwrap_or(&self.nats_url)
@@ -197,5 +228,37 @@ mod tests {
         assert!(!s.leader_elect);
         assert_eq!(s.processor_nats_url(), "nats://a:1");
         assert!(Settings::try_parse_from(["x", "--resync-interval", "soon"]).is_err());
+    }
+
+    #[test]
+    fn processor_tls_required_follows_the_operator_unless_set() {
+        let d = Settings::defaults();
+        assert_eq!(d.processor_nats_tls_ca_key, "ca.crt");
+        assert!(!d.processor_nats_tls_required());
+        let s = Settings::parse_from(["x", "--nats-tls-required"]);
+        assert!(s.processor_nats_tls_required());
+        let s = Settings::parse_from([
+            "x",
+            "--nats-tls-required",
+            "--processor-nats-tls-required",
+            "false",
+        ]);
+        assert!(!s.processor_nats_tls_required());
+        let s = Settings::parse_from([
+            "x",
+            "--processor-nats-tls-required",
+            "true",
+            "--processor-nats-tls-ca-secret",
+            "nats-ca",
+            "--processor-nats-tls-client-secret",
+            "nats-client",
+        ]);
+        assert!(s.processor_nats_tls_required());
+        assert_eq!(s.processor_nats_tls_ca_secret.as_deref(), Some("nats-ca"));
+        assert_eq!(
+            s.processor_nats_tls_client_secret.as_deref(),
+            Some("nats-client")
+        );
+        assert!(Settings::try_parse_from(["x", "--processor-nats-tls-required", "maybe"]).is_err());
     }
 }
