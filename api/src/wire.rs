@@ -44,6 +44,32 @@ pub const DLQ_ORIGINAL_SUBJECT: &str = "Spillway-Dlq-Original-Subject";
 /// When the message was dead-lettered, RFC 3339 UTC.
 pub const DLQ_FAILED_AT: &str = "Spillway-Dlq-Failed-At";
 
+/// Prefix of the dead-letter headers above (`Spillway-Dlq-*`).
+pub const DLQ_HEADER_PREFIX: &str = "Spillway-Dlq-";
+
+/// The headers of a stored message worth carrying over when it is published
+/// again (dead-lettered, redriven, replayed): all of them except its
+/// [`NATS_MSG_ID`] and any dead-letter headers (`Spillway-Dlq-*`), matched
+/// case-insensitively. The caller adds the new message id (cargo feature
+/// `nats`).
+#[cfg(feature = "nats")]
+pub fn carried_headers(original: &async_nats::HeaderMap) -> async_nats::HeaderMap {
+    let mut out = async_nats::HeaderMap::new();
+    for (name, values) in original.iter() {
+        let n: &str = name.as_ref();
+        let dead_letter = n
+            .get(..DLQ_HEADER_PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(DLQ_HEADER_PREFIX));
+        if n.eq_ignore_ascii_case(NATS_MSG_ID) || dead_letter {
+            continue;
+        }
+        for v in values {
+            out.append(name.clone(), v.clone());
+        }
+    }
+    out
+}
+
 /// Environment variable holding [`ProcessorConfig`] as JSON.
 pub const PROCESSOR_CONFIG_ENV: &str = "SPILLWAY_PROCESSOR_CONFIG";
 
@@ -180,5 +206,30 @@ mod tests {
         assert!(json.contains(r#""kind":"sink_gone""#), "{json}");
         assert_eq!(serde_json::from_str::<SinkNotice>(&json).unwrap(), n);
         assert_eq!(NoticeKind::SinkOk.as_str(), "sink_ok");
+    }
+
+    #[cfg(feature = "nats")]
+    #[test]
+    fn carried_headers_drop_the_message_id_and_dead_letter_headers() {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(NATS_MSG_ID, "orig");
+        h.insert(DELIVERY_ID, "evt_1");
+        h.insert(DLQ_REASON, "client_error");
+        h.insert("spillway-dlq-custom", "x");
+        h.insert("Spillway-Orig-X-Event", "push");
+        h.append("Spillway-Orig-X-Multi", "1");
+        h.append("Spillway-Orig-X-Multi", "2");
+        let out = carried_headers(&h);
+        let names: Vec<String> = out.iter().map(|(n, _)| n.to_string()).collect();
+        assert!(out.get(NATS_MSG_ID).is_none(), "{names:?}");
+        assert!(out.get(DLQ_REASON).is_none(), "{names:?}");
+        assert!(out.get("spillway-dlq-custom").is_none(), "{names:?}");
+        assert_eq!(out.get(DELIVERY_ID).map(|v| v.as_str()), Some("evt_1"));
+        assert_eq!(
+            out.get("Spillway-Orig-X-Event").map(|v| v.as_str()),
+            Some("push")
+        );
+        assert_eq!(out.get_all("Spillway-Orig-X-Multi").count(), 2);
+        assert_eq!(out.iter().count(), 3, "{names:?}");
     }
 }

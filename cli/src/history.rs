@@ -139,18 +139,7 @@ impl Reader {
 /// original headers without its message id and any dead-letter headers, with
 /// `msg_id` as the new `Nats-Msg-Id`.
 pub fn republish_headers(original: &HeaderMap, msg_id: &str) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    for (name, values) in original.iter() {
-        let n: &str = name.as_ref();
-        if n.eq_ignore_ascii_case(wire::NATS_MSG_ID)
-            || n.to_ascii_lowercase().starts_with("spillway-dlq-")
-        {
-            continue;
-        }
-        for v in values {
-            out.append(name.clone(), v.clone());
-        }
-    }
+    let mut out = wire::carried_headers(original);
     out.insert(wire::NATS_MSG_ID, msg_id);
     out
 }

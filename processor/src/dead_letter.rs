@@ -34,20 +34,7 @@ const MAX_DETAIL: usize = 512;
 /// stable for this stored message, so a repeated dead-letter publish of the
 /// same message (after a lost acknowledgement) is deduplicated by JetStream.
 pub fn headers(original: Option<&HeaderMap>, f: &Failure<'_>) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    if let Some(orig) = original {
-        for (name, values) in orig.iter() {
-            let n: &str = name.as_ref();
-            if n.eq_ignore_ascii_case(wire::NATS_MSG_ID)
-                || n.to_ascii_lowercase().starts_with("spillway-dlq-")
-            {
-                continue;
-            }
-            for v in values {
-                out.append(name.clone(), v.clone());
-            }
-        }
-    }
+    let mut out = original.map(wire::carried_headers).unwrap_or_default();
     let detail: String = f.detail.chars().take(MAX_DETAIL).collect();
     out.insert(wire::NATS_MSG_ID, msg_id(f.stream, f.seq).as_str());
     out.insert(wire::DLQ_REASON, f.reason.as_str());
