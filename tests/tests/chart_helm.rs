@@ -436,6 +436,18 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
         env(&objs, "-operator", "SPILLWAY_NATS_TLS_KEY_FILE"),
         Some("/etc/spillway/nats/client/tls.key")
     );
+    // NATS TLS Secrets the operator mounts into processor pods.
+    for (name, want) in [
+        ("SPILLWAY_PROCESSOR_NATS_TLS_CA_SECRET", "nats-ca"),
+        ("SPILLWAY_PROCESSOR_NATS_TLS_CA_KEY", "ca.pem"),
+        (
+            "SPILLWAY_PROCESSOR_NATS_TLS_CLIENT_SECRET",
+            "spillway-processor-nats-tls",
+        ),
+        ("SPILLWAY_PROCESSOR_NATS_TLS_REQUIRED", "true"),
+    ] {
+        assert_eq!(env(&objs, "-operator", name), Some(want), "{name}");
+    }
     // With an HPA the Deployment leaves replicas to it.
     let gw = objs
         .iter()
@@ -496,6 +508,10 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
         (
             "nats.processorCredentials.secretName=Not_A_Name",
             &["/nats/processorCredentials/secretName"],
+        ),
+        (
+            "nats.processorTls.required=maybe",
+            &["/nats/processorTls/required"],
         ),
         (
             "watchNamespace=team-a,rbac.namespaces={team-b}",
