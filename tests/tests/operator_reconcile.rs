@@ -6,6 +6,7 @@
 #[path = "../src/operator_support.rs"]
 mod operator_support;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -30,6 +31,12 @@ fn settings(nats: &str, ns: &str) -> Settings {
         scale_down_cooldown: Duration::from_secs(3),
         cleanup_timeout: Duration::from_secs(4),
         nats_request_timeout: Duration::from_secs(1),
+        // Processor NATS Secrets: no kubelet runs, so they need not exist;
+        // the rendered Deployment must carry them and pass the API server.
+        processor_nats_creds_secret: Some("proc-nats".into()),
+        processor_nats_tls_ca_secret: Some("proc-nats-ca".into()),
+        processor_nats_tls_client_secret: Some("proc-nats-tls".into()),
+        processor_nats_tls_required: Some(true),
         ..operator_settings(nats, ns)
     }
 }
@@ -265,6 +272,71 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
     let sc = container.security_context.as_ref().unwrap();
     assert_eq!(sc.run_as_non_root, Some(true));
     assert_eq!(sc.read_only_root_filesystem, Some(true));
+    // NATS credentials and TLS files from the operator's settings.
+    let env_of: BTreeMap<&str, &str> = container
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or("")))
+        .collect();
+    for (name, want) in [
+        (
+            "SPILLWAY_NATS_CREDS_FILE",
+            "/var/run/spillway/nats/nats.creds",
+        ),
+        (
+            "SPILLWAY_NATS_TLS_CA_FILE",
+            "/var/run/spillway/nats-ca/ca.crt",
+        ),
+        (
+            "SPILLWAY_NATS_TLS_CERT_FILE",
+            "/var/run/spillway/nats-tls/tls.crt",
+        ),
+        (
+            "SPILLWAY_NATS_TLS_KEY_FILE",
+            "/var/run/spillway/nats-tls/tls.key",
+        ),
+        ("SPILLWAY_NATS_TLS_REQUIRED", "true"),
+    ] {
+        assert_eq!(env_of.get(name).copied(), Some(want), "{name}");
+    }
+    let secret_volumes: BTreeMap<&str, &str> = d
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|v| Some((v.name.as_str(), v.secret.as_ref()?.secret_name.as_deref()?)))
+        .collect();
+    assert_eq!(
+        secret_volumes,
+        BTreeMap::from([
+            ("spillway-nats-ca", "proc-nats-ca"),
+            ("spillway-nats-creds", "proc-nats"),
+            ("spillway-nats-tls", "proc-nats-tls"),
+        ])
+    );
+    let read_only_mounts: BTreeMap<&str, &str> = container
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter(|m| m.read_only == Some(true))
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert_eq!(
+        read_only_mounts,
+        BTreeMap::from([
+            ("spillway-nats-ca", "/var/run/spillway/nats-ca"),
+            ("spillway-nats-creds", "/var/run/spillway/nats"),
+            ("spillway-nats-tls", "/var/run/spillway/nats-tls"),
+        ])
+    );
     let hash_before = config_hash(&d);
 
     // Pods become ready (simulated): Ready.
