@@ -28,7 +28,7 @@ use spillway_api::{
     WebhookEndpointStatus,
 };
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::conditions::{self, Desired, Status};
 use crate::jetstream::{Js, NatsError, SyncError, Synced, is_managed_consumer};
@@ -302,6 +302,66 @@ pub fn secret_refs(ep: &WebhookEndpoint) -> Vec<(String, &SecretKeyRef)> {
         out.push(("processor.signing.secretRef".into(), &sig.secret_ref));
     }
     out
+}
+
+/// Why processor pods cannot start for want of a NATS Secret of the
+/// operator's settings (`found`: that Secret in namespace `ns`, if it
+/// exists): a `ProcessorReady` reason and message, or `None` when it is
+/// there with every key.
+pub fn processor_secret_problem(
+    ns: &str,
+    wanted: &render::ProcessorSecret,
+    found: Option<&Secret>,
+) -> Option<(&'static str, String)> {
+    let Some(s) = found else {
+        return Some((
+            "NatsSecretNotFound",
+            format!(
+                "Secret {ns}/{} (operator setting {}) does not exist: processor pods cannot start until it does",
+                wanted.name, wanted.flag
+            ),
+        ));
+    };
+    let missing: Vec<&str> = wanted
+        .keys
+        .iter()
+        .filter(|k| {
+            !(s.data.as_ref().is_some_and(|d| d.contains_key(*k))
+                || s.string_data.as_ref().is_some_and(|d| d.contains_key(*k)))
+        })
+        .map(String::as_str)
+        .collect();
+    (!missing.is_empty()).then(|| {
+        (
+            "NatsSecretKeyMissing",
+            format!(
+                "Secret {ns}/{} (operator setting {}) has no key {}: processor pods cannot start until it does",
+                wanted.name,
+                wanted.flag,
+                missing.join(", ")
+            ),
+        )
+    })
+}
+
+/// The first processor NATS Secret missing (or lacking a key) in `ns`.
+/// Errors reading a Secret skip the check: it only explains pods that are
+/// not ready.
+async fn missing_processor_secret(ns: &str, ctx: &Context) -> Option<(&'static str, String)> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    for wanted in render::processor_nats_secrets(&ctx.settings) {
+        match secrets.get_opt(&wanted.name).await {
+            Ok(found) => {
+                if let Some(p) = processor_secret_problem(ns, &wanted, found.as_ref()) {
+                    return Some(p);
+                }
+            }
+            Err(e) => {
+                debug!(namespace = %ns, secret = %wanted.name, error = %e, "cannot check a processor NATS Secret");
+            }
+        }
+    }
+    None
 }
 
 async fn accept(ep: &WebhookEndpoint, ctx: &Context) -> Result<Result<Timings, Rejection>, Error> {
@@ -876,6 +936,13 @@ async fn processor(
     let spec_replicas = applied.spec.replicas;
     let desired = replicas.or(spec_replicas);
     let mut cond = processor_condition(p.paused, desired, ready);
+    // Pods that are not ready may lack a NATS Secret the operator mounts
+    // (the kubelet reports that only as a pod event): say so.
+    if cond.status == Status::False
+        && let Some((reason, message)) = missing_processor_secret(&ns, ctx).await
+    {
+        cond = Desired::new(PROCESSOR_READY, Status::False, reason, message);
+    }
     if keda_missing {
         cond = Desired::new(
             PROCESSOR_READY,
@@ -1063,6 +1130,45 @@ async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processor_nats_secrets_are_judged_by_name_and_keys() {
+        let mut s = Settings::defaults();
+        assert!(render::processor_nats_secrets(&s).is_empty());
+        s.processor_nats_tls_ca_secret = Some("ca".into());
+        s.processor_nats_tls_client_secret = Some("client".into());
+        let wanted = render::processor_nats_secrets(&s);
+        assert_eq!(
+            wanted.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(),
+            ["ca", "client"]
+        );
+        let secret = |keys: &[&str]| -> Secret {
+            serde_json::from_value(json!({
+                "metadata": {"name": "x"},
+                "data": keys.iter().map(|k| (k.to_string(), "c2VjcmV0")).collect::<std::collections::BTreeMap<_, _>>(),
+            }))
+            .unwrap()
+        };
+        let (reason, msg) = processor_secret_problem("team", &wanted[0], None).unwrap();
+        assert_eq!(reason, "NatsSecretNotFound");
+        assert!(msg.contains("team/ca"), "{msg}");
+        assert!(msg.contains("--processor-nats-tls-ca-secret"), "{msg}");
+        assert_eq!(
+            processor_secret_problem("team", &wanted[0], Some(&secret(&["ca.crt"]))),
+            None
+        );
+        let (reason, msg) =
+            processor_secret_problem("team", &wanted[1], Some(&secret(&["tls.crt"]))).unwrap();
+        assert_eq!(reason, "NatsSecretKeyMissing");
+        assert!(
+            msg.contains("tls.key") && !msg.contains("c2VjcmV0"),
+            "{msg}"
+        );
+        assert_eq!(
+            processor_secret_problem("team", &wanted[1], Some(&secret(&["tls.crt", "tls.key"]))),
+            None
+        );
+    }
 
     fn ep(ns: &str, name: &str, created: i64, path: Option<&str>) -> Arc<WebhookEndpoint> {
         let mut e: WebhookEndpoint = serde_yaml_ng::from_str(&format!(

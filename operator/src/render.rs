@@ -246,6 +246,46 @@ pub fn processor_nats_env(settings: &Settings) -> Vec<(&'static str, String)> {
     env
 }
 
+/// A Secret the processor pods mount from the endpoint's namespace to reach
+/// NATS, with the keys they read from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessorSecret {
+    /// The operator flag that names it (for messages).
+    pub flag: &'static str,
+    /// The Secret's name.
+    pub name: String,
+    /// The keys the processor reads.
+    pub keys: Vec<String>,
+}
+
+/// The NATS credentials and TLS Secrets processor pods mount, from the
+/// operator's settings.
+pub fn processor_nats_secrets(settings: &Settings) -> Vec<ProcessorSecret> {
+    let mut out = Vec::new();
+    if let Some(name) = &settings.processor_nats_creds_secret {
+        out.push(ProcessorSecret {
+            flag: "--processor-nats-creds-secret",
+            name: name.clone(),
+            keys: vec![settings.processor_nats_creds_key.clone()],
+        });
+    }
+    if let Some(name) = &settings.processor_nats_tls_ca_secret {
+        out.push(ProcessorSecret {
+            flag: "--processor-nats-tls-ca-secret",
+            name: name.clone(),
+            keys: vec![settings.processor_nats_tls_ca_key.clone()],
+        });
+    }
+    if let Some(name) = &settings.processor_nats_tls_client_secret {
+        out.push(ProcessorSecret {
+            flag: "--processor-nats-tls-client-secret",
+            name: name.clone(),
+            keys: vec!["tls.crt".into(), "tls.key".into()],
+        });
+    }
+    out
+}
+
 /// Render the processor Deployment. `replicas` is `None` when someone else
 /// (KEDA) owns the replica count.
 pub fn deployment(

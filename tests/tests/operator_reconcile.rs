@@ -31,12 +31,6 @@ fn settings(nats: &str, ns: &str) -> Settings {
         scale_down_cooldown: Duration::from_secs(3),
         cleanup_timeout: Duration::from_secs(4),
         nats_request_timeout: Duration::from_secs(1),
-        // Processor NATS Secrets: no kubelet runs, so they need not exist;
-        // the rendered Deployment must carry them and pass the API server.
-        processor_nats_creds_secret: Some("proc-nats".into()),
-        processor_nats_tls_ca_secret: Some("proc-nats-ca".into()),
-        processor_nats_tls_client_secret: Some("proc-nats-tls".into()),
-        processor_nats_tls_required: Some(true),
         ..operator_settings(nats, ns)
     }
 }
@@ -50,11 +44,19 @@ struct Env {
 
 impl Env {
     async fn new(prefix: &str) -> Result<Self> {
+        Self::with_settings(prefix, |s| s).await
+    }
+
+    /// An operator with `settings` changed by `change`.
+    async fn with_settings(
+        prefix: &str,
+        change: impl FnOnce(Settings) -> Settings,
+    ) -> Result<Self> {
         let cp = ControlPlane::shared().await;
         let ns = cp.namespace(prefix).await?;
         let client = cp.client().await?;
         let nats = NatsServer::start().await?;
-        let op = spillway_operator::start(settings(&nats.url, &ns), client.clone()).await?;
+        let op = spillway_operator::start(change(settings(&nats.url, &ns)), client.clone()).await?;
         Ok(Self {
             client,
             ns,
@@ -76,12 +78,28 @@ impl Env {
     }
 
     async fn secret(&self, name: &str, key: &str) -> Result<()> {
+        self.secret_with(name, &[key]).await
+    }
+
+    /// Create or replace Secret `name` with `keys` (placeholder values).
+    async fn secret_with(&self, name: &str, keys: &[&str]) -> Result<()> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        let data: serde_json::Map<String, Value> = keys
+            .iter()
+            .map(|k| (k.to_string(), json!("s3cr3t")))
+            .collect();
         let s: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
             "metadata": {"name": name},
-            "stringData": {key: "s3cr3t"},
+            "stringData": data,
         }))?;
-        api.create(&PostParams::default(), &s).await?;
+        api.patch(
+            name,
+            &PatchParams::apply("spillway-tests").force(),
+            &Patch::Apply(&s),
+        )
+        .await?;
         Ok(())
     }
 
@@ -272,71 +290,6 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
     let sc = container.security_context.as_ref().unwrap();
     assert_eq!(sc.run_as_non_root, Some(true));
     assert_eq!(sc.read_only_root_filesystem, Some(true));
-    // NATS credentials and TLS files from the operator's settings.
-    let env_of: BTreeMap<&str, &str> = container
-        .env
-        .as_ref()
-        .unwrap()
-        .iter()
-        .map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or("")))
-        .collect();
-    for (name, want) in [
-        (
-            "SPILLWAY_NATS_CREDS_FILE",
-            "/var/run/spillway/nats/nats.creds",
-        ),
-        (
-            "SPILLWAY_NATS_TLS_CA_FILE",
-            "/var/run/spillway/nats-ca/ca.crt",
-        ),
-        (
-            "SPILLWAY_NATS_TLS_CERT_FILE",
-            "/var/run/spillway/nats-tls/tls.crt",
-        ),
-        (
-            "SPILLWAY_NATS_TLS_KEY_FILE",
-            "/var/run/spillway/nats-tls/tls.key",
-        ),
-        ("SPILLWAY_NATS_TLS_REQUIRED", "true"),
-    ] {
-        assert_eq!(env_of.get(name).copied(), Some(want), "{name}");
-    }
-    let secret_volumes: BTreeMap<&str, &str> = d
-        .spec
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .volumes
-        .as_ref()
-        .unwrap()
-        .iter()
-        .filter_map(|v| Some((v.name.as_str(), v.secret.as_ref()?.secret_name.as_deref()?)))
-        .collect();
-    assert_eq!(
-        secret_volumes,
-        BTreeMap::from([
-            ("spillway-nats-ca", "proc-nats-ca"),
-            ("spillway-nats-creds", "proc-nats"),
-            ("spillway-nats-tls", "proc-nats-tls"),
-        ])
-    );
-    let read_only_mounts: BTreeMap<&str, &str> = container
-        .volume_mounts
-        .as_ref()
-        .unwrap()
-        .iter()
-        .filter(|m| m.read_only == Some(true))
-        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
-        .collect();
-    assert_eq!(
-        read_only_mounts,
-        BTreeMap::from([
-            ("spillway-nats-ca", "/var/run/spillway/nats-ca"),
-            ("spillway-nats-creds", "/var/run/spillway/nats"),
-            ("spillway-nats-tls", "/var/run/spillway/nats-tls"),
-        ])
-    );
     let hash_before = config_hash(&d);
 
     // Pods become ready (simulated): Ready.
@@ -463,6 +416,120 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
         js.get_stream(names.dead_letter_stream()).await.is_ok(),
         "DLQ retained"
     );
+    env.stop().await;
+    Ok(())
+}
+
+/// Processor NATS Secrets from the operator's settings: mounted read-only
+/// with their env vars (accepted by the API server), and a missing Secret
+/// or key is named in ProcessorReady (no kubelet runs here to mount them).
+#[tokio::test]
+async fn processor_nats_secrets_are_mounted_and_missing_ones_reported() -> Result<()> {
+    let env = Env::with_settings("op-natstls", |s| Settings {
+        processor_nats_creds_secret: Some("proc-nats".into()),
+        processor_nats_tls_ca_secret: Some("proc-nats-ca".into()),
+        processor_nats_tls_client_secret: Some("proc-nats-tls".into()),
+        processor_nats_tls_required: Some(true),
+        ..s
+    })
+    .await?;
+    env.secret("gh", "secret").await?;
+    env.create("gh", spec(json!({}))).await?;
+    let ep = env
+        .wait_condition("gh", "ProcessorReady", "False", Some("NatsSecretNotFound"))
+        .await?;
+    let (_, _, msg) = condition(&ep, "ProcessorReady").unwrap();
+    assert!(msg.contains(&format!("{}/proc-nats ", env.ns)), "{msg}");
+    assert_eq!(condition(&ep, "Accepted").unwrap().0, "True");
+
+    let d = env.deployment("gh").await?;
+    let container = &d.spec.template.spec.as_ref().unwrap().containers[0];
+    // NATS credentials and TLS files from the operator's settings.
+    let env_of: BTreeMap<&str, &str> = container
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or("")))
+        .collect();
+    for (name, want) in [
+        (
+            "SPILLWAY_NATS_CREDS_FILE",
+            "/var/run/spillway/nats/nats.creds",
+        ),
+        (
+            "SPILLWAY_NATS_TLS_CA_FILE",
+            "/var/run/spillway/nats-ca/ca.crt",
+        ),
+        (
+            "SPILLWAY_NATS_TLS_CERT_FILE",
+            "/var/run/spillway/nats-tls/tls.crt",
+        ),
+        (
+            "SPILLWAY_NATS_TLS_KEY_FILE",
+            "/var/run/spillway/nats-tls/tls.key",
+        ),
+        ("SPILLWAY_NATS_TLS_REQUIRED", "true"),
+    ] {
+        assert_eq!(env_of.get(name).copied(), Some(want), "{name}");
+    }
+    let secret_volumes: BTreeMap<&str, &str> = d
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|v| Some((v.name.as_str(), v.secret.as_ref()?.secret_name.as_deref()?)))
+        .collect();
+    assert_eq!(
+        secret_volumes,
+        BTreeMap::from([
+            ("spillway-nats-ca", "proc-nats-ca"),
+            ("spillway-nats-creds", "proc-nats"),
+            ("spillway-nats-tls", "proc-nats-tls"),
+        ])
+    );
+    let read_only_mounts: BTreeMap<&str, &str> = container
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter(|m| m.read_only == Some(true))
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert_eq!(
+        read_only_mounts,
+        BTreeMap::from([
+            ("spillway-nats-ca", "/var/run/spillway/nats-ca"),
+            ("spillway-nats-creds", "/var/run/spillway/nats"),
+            ("spillway-nats-tls", "/var/run/spillway/nats-tls"),
+        ])
+    );
+
+    env.secret("proc-nats", "nats.creds").await?;
+    env.secret("proc-nats-ca", "ca.crt").await?;
+    env.secret("proc-nats-tls", "tls.crt").await?;
+    let ep = env
+        .wait_condition(
+            "gh",
+            "ProcessorReady",
+            "False",
+            Some("NatsSecretKeyMissing"),
+        )
+        .await?;
+    let (_, _, msg) = condition(&ep, "ProcessorReady").unwrap();
+    assert!(
+        msg.contains("proc-nats-tls") && msg.contains("tls.key"),
+        "{msg}"
+    );
+    env.secret_with("proc-nats-tls", &["tls.crt", "tls.key"])
+        .await?;
+    env.wait_condition("gh", "ProcessorReady", "False", Some("PodsNotReady"))
+        .await?;
     env.stop().await;
     Ok(())
 }
