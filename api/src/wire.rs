@@ -116,7 +116,8 @@ pub enum NoticeKind {
     /// The sink answered 410 Gone: it says it no longer exists, and
     /// deliveries are being dead-lettered.
     SinkGone,
-    /// The sink accepted a delivery (2xx) after this pod reported it gone.
+    /// The sink accepted a delivery (2xx) after a pod of the endpoint
+    /// reported it gone.
     SinkOk,
 }
 

@@ -124,6 +124,15 @@ impl std::fmt::Debug for Processor {
     }
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// This pod's name for sink notices: `POD_NAME`, else `HOSTNAME` (the pod
 /// name in Kubernetes), else `unknown`.
 pub fn pod_name() -> String {
@@ -198,6 +207,9 @@ impl Processor {
             let _ = stop.wait_for(|v| *v).await;
             return Ok(());
         }
+        // Other pods' sink notices, for as long as this runs (never a
+        // reason to be not ready).
+        let _follow = AbortOnDrop(self.notifier.follow());
         // The operator creates the stream and consumers; until they exist
         // (or while NATS is unreachable) keep trying, not ready.
         let consumers = loop {

@@ -129,6 +129,14 @@ async fn connect(args: &Args) -> Result<async_nats::Client> {
         opts = opts.token(t.clone());
     }
     opts = opts.name("spillway-processor");
+    // Server errors (e.g. a permission violation for the sink-notice
+    // subscription) would otherwise only show at debug level.
+    opts = opts.event_callback(|event| async move {
+        match event {
+            async_nats::Event::ServerError(e) => tracing::warn!(error = %e, "NATS server error"),
+            other => tracing::debug!(event = %other, "NATS connection event"),
+        }
+    });
     opts.connect(args.nats_url.as_str())
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats_url))

@@ -4,12 +4,16 @@
 //! condition and an Event.
 //!
 //! Rate-limited per pod: at most one `sink_gone` per [`GONE_INTERVAL`]
-//! while 410s continue, and one `sink_ok` on the first 2xx after a reported
-//! `sink_gone`.
+//! while 410s continue. Every pod of the endpoint also follows the notices
+//! on the endpoint's subject: a `sink_gone` from any pod (or its own) arms
+//! it to send one `sink_ok` on its next 2xx, and a `sink_ok` from any pod
+//! disarms it. So whichever replica first delivers again clears the
+//! endpoint's condition, and roughly one `sink_ok` goes out per recovery.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use spillway_api::names::EndpointNames;
 use spillway_api::wire::{NoticeKind, SinkNotice, redact_url};
 
@@ -27,7 +31,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct NoticeGate {
     interval: Duration,
     last_gone: Option<Instant>,
-    reported: bool,
+    /// A `sink_gone` (this pod's or another's) is not yet answered by a
+    /// `sink_ok`: the next 2xx sends one.
+    armed: bool,
 }
 
 impl NoticeGate {
@@ -36,7 +42,7 @@ impl NoticeGate {
         Self {
             interval,
             last_gone: None,
-            reported: false,
+            armed: false,
         }
     }
 
@@ -50,18 +56,33 @@ impl NoticeGate {
                     .is_none_or(|t| now.saturating_duration_since(t) >= self.interval);
                 if due {
                     self.last_gone = Some(now);
-                    self.reported = true;
+                    self.armed = true;
                     Some(NoticeKind::SinkGone)
                 } else {
                     None
                 }
             }
-            200..=299 if self.reported => {
-                self.reported = false;
+            200..=299 if self.armed => {
+                self.armed = false;
                 Some(NoticeKind::SinkOk)
             }
             _ => None,
         }
+    }
+
+    /// Another pod of the endpoint sent `kind`: a `sink_gone` arms this pod
+    /// to send `sink_ok` on its next 2xx, a `sink_ok` disarms it (the
+    /// operator already heard of the recovery). Whether that changed the
+    /// gate; this pod's own `sink_gone` rate limit is unaffected.
+    pub fn on_notice(&mut self, kind: NoticeKind) -> bool {
+        let was = self.armed;
+        self.armed = kind == NoticeKind::SinkGone;
+        was != self.armed
+    }
+
+    /// Whether the next 2xx sends `sink_ok`.
+    pub fn armed(&self) -> bool {
+        self.armed
     }
 }
 
@@ -73,7 +94,7 @@ pub struct Notifier {
     endpoint: String,
     pod: String,
     sink: String,
-    gate: Mutex<NoticeGate>,
+    gate: Arc<Mutex<NoticeGate>>,
     metrics: Arc<Metrics>,
 }
 
@@ -94,18 +115,14 @@ impl Notifier {
             endpoint: endpoint.to_owned(),
             pod,
             sink: redact_url(sink_url),
-            gate: Mutex::new(NoticeGate::new(GONE_INTERVAL)),
+            gate: Arc::new(Mutex::new(NoticeGate::new(GONE_INTERVAL))),
             metrics,
         }
     }
 
     /// The notice for a delivery answered with `status`, if one is due.
     pub fn notice_for(&self, status: Option<u16>) -> Option<SinkNotice> {
-        let kind = self
-            .gate
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .on_result(status, Instant::now())?;
+        let kind = lock(&self.gate).on_result(status, Instant::now())?;
         Some(SinkNotice {
             kind,
             endpoint: self.endpoint.clone(),
@@ -113,6 +130,41 @@ impl Notifier {
             at: jiff::Timestamp::now().to_string(),
             pod: self.pod.clone(),
             sink: self.sink.clone(),
+        })
+    }
+
+    /// Take in a notice seen on the endpoint's subject: another pod's
+    /// notice about this endpoint arms or disarms this pod's `sink_ok`
+    /// ([`NoticeGate::on_notice`]); this pod's own (the subscription hears
+    /// its own publishes) and anything else are ignored. Whether the
+    /// notice changed what this pod will send.
+    pub fn heard(&self, payload: &[u8]) -> bool {
+        heard(&self.gate, &self.endpoint, &self.pod, payload)
+    }
+
+    /// Follow the other pods' notices on this endpoint's subject (core
+    /// NATS; the client resubscribes after reconnects) until the returned
+    /// task is aborted. A failed subscription is logged and only costs the
+    /// cross-pod `sink_ok`: deliveries and readiness do not depend on it.
+    pub fn follow(&self) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        let subject = self.subject.clone();
+        let gate = self.gate.clone();
+        let endpoint = self.endpoint.clone();
+        let pod = self.pod.clone();
+        tokio::spawn(async move {
+            let mut sub = match client.subscribe(subject.clone()).await {
+                Ok(sub) => sub,
+                Err(e) => {
+                    tracing::warn!(%subject, error = %e,
+                        "cannot follow other pods' sink notices; this pod sends sink_ok only after its own sink_gone");
+                    return;
+                }
+            };
+            tracing::debug!(%subject, "following sink notices");
+            while let Some(msg) = sub.next().await {
+                heard(&gate, &endpoint, &pod, &msg.payload);
+            }
         })
     }
 
@@ -150,6 +202,37 @@ impl Notifier {
             }
         });
     }
+}
+
+fn lock(gate: &Mutex<NoticeGate>) -> std::sync::MutexGuard<'_, NoticeGate> {
+    gate.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// See [`Notifier::heard`].
+fn heard(gate: &Mutex<NoticeGate>, endpoint: &str, pod: &str, payload: &[u8]) -> bool {
+    let notice: SinkNotice = match serde_json::from_slice(payload) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(error = %e, "ignoring a malformed sink notice");
+            return false;
+        }
+    };
+    if notice.pod == pod || notice.endpoint != endpoint {
+        return false;
+    }
+    let changed = lock(gate).on_notice(notice.kind);
+    if changed {
+        tracing::info!(
+            from = %notice.pod,
+            kind = notice.kind.as_str(),
+            "another pod reported the sink: {}",
+            match notice.kind {
+                NoticeKind::SinkGone => "the next successful delivery sends sink_ok",
+                NoticeKind::SinkOk => "no sink_ok needed from this pod",
+            }
+        );
+    }
+    changed
 }
 
 #[cfg(test)]
@@ -194,6 +277,92 @@ mod tests {
             Some(NoticeKind::SinkGone)
         );
         assert_eq!(g.on_result(Some(200), t0 + s(31)), Some(NoticeKind::SinkOk));
+    }
+
+    #[test]
+    fn any_pods_gone_arms_one_ok_and_any_pods_ok_disarms() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut g = NoticeGate::new(s(30));
+        // Another pod's gone: this pod's next 2xx (only) reports recovery.
+        assert!(g.on_notice(NoticeKind::SinkGone));
+        assert!(g.armed());
+        assert!(!g.on_notice(NoticeKind::SinkGone), "already armed");
+        for other in [None, Some(500), Some(404), Some(429)] {
+            assert_eq!(g.on_result(other, t0), None, "{other:?}");
+        }
+        assert_eq!(g.on_result(Some(200), t0), Some(NoticeKind::SinkOk));
+        assert_eq!(g.on_result(Some(200), t0), None);
+        assert!(!g.armed());
+
+        // Another pod's ok first: nothing left to report here.
+        g.on_notice(NoticeKind::SinkGone);
+        assert!(g.on_notice(NoticeKind::SinkOk));
+        assert_eq!(g.on_result(Some(200), t0), None);
+        assert!(!g.on_notice(NoticeKind::SinkOk), "already disarmed");
+
+        // This pod's own gone, then another pod's ok: disarmed too.
+        assert_eq!(g.on_result(Some(410), t0), Some(NoticeKind::SinkGone));
+        g.on_notice(NoticeKind::SinkOk);
+        assert_eq!(g.on_result(Some(204), t0 + s(1)), None);
+
+        // Others' notices leave this pod's gone rate limit alone.
+        g.on_notice(NoticeKind::SinkGone);
+        assert_eq!(g.on_result(Some(410), t0 + s(2)), None, "rate-limited");
+        assert_eq!(
+            g.on_result(Some(410), t0 + s(30)),
+            Some(NoticeKind::SinkGone)
+        );
+        let mut fresh = NoticeGate::new(s(30));
+        fresh.on_notice(NoticeKind::SinkGone);
+        assert_eq!(
+            fresh.on_result(Some(410), t0),
+            Some(NoticeKind::SinkGone),
+            "another pod's gone does not count as this pod's"
+        );
+    }
+
+    /// A notifier whose client never connects (content only).
+    async fn notifier(pod: &str) -> Notifier {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("nats://127.0.0.1:1")
+            .await
+            .unwrap();
+        let mut reg = prometheus_client::registry::Registry::default();
+        Notifier::new(
+            client,
+            "team/gh",
+            "http://sink/hooks",
+            pod.into(),
+            Arc::new(Metrics::new(&mut reg)),
+        )
+    }
+
+    #[tokio::test]
+    async fn heard_notices_count_only_from_other_pods_of_the_endpoint() {
+        let a = notifier("gh-processor-a").await;
+        let b = notifier("gh-processor-b").await;
+        let gone = a.notice_for(Some(410)).unwrap();
+        // Its own notice (the subscription echoes it) changes nothing.
+        let other = SinkNotice {
+            endpoint: "team/other".into(),
+            ..gone.clone()
+        };
+        let gone = serde_json::to_vec(&gone).unwrap();
+        assert!(!a.heard(&gone));
+        assert!(!b.heard(b"not json"));
+        assert!(!b.heard(&serde_json::to_vec(&other).unwrap()));
+        assert!(b.notice_for(Some(200)).is_none());
+
+        assert!(b.heard(&gone));
+        let ok = b.notice_for(Some(200)).unwrap();
+        assert_eq!(ok.kind, NoticeKind::SinkOk);
+        assert_eq!(ok.pod, "gh-processor-b");
+        assert!(b.notice_for(Some(200)).is_none(), "one ok");
+        // b's ok reaches a, which then has nothing to send.
+        assert!(a.heard(&serde_json::to_vec(&ok).unwrap()));
+        assert!(a.notice_for(Some(200)).is_none());
     }
 
     #[tokio::test]

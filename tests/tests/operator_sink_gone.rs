@@ -3,8 +3,9 @@
 //! operator (in-process, against a real kube-apiserver) sets
 //! `SinkAvailable=False/SinkGone` with one Warning Event, and a later
 //! successful delivery (`sink_ok`) sets it back to True, also across a
-//! NATS restart (the operator's subscription comes back by itself). Ready
-//! is not affected.
+//! NATS restart (the operator's subscription comes back by itself), and
+//! also when it is another pod, one that never saw a 410, that delivers
+//! first. Ready is not affected.
 
 #[path = "../src/operator_support.rs"]
 mod operator_support;
@@ -154,7 +155,9 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
 
     // The processor runs as rendered by the operator.
     let cfg = config_of(&deployments.get("gh-processor").await?)?;
-    let proc = ProcessorProc::start(&cfg, &nats.url).await?;
+    let pod = |name: &'static str| [("POD_NAME", std::ffi::OsStr::new(name))];
+    let mut proc = ProcessorProc::spawn_with_env(&cfg, &nats.url, &pod("gh-processor-a"))?;
+    proc.wait_ready().await?;
 
     let names = EndpointNames::new(&ns, "gh");
     let js = nats.jetstream().await?;
@@ -217,6 +220,7 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
         .context("notice subscription ended")?;
     assert_eq!(first.subject.as_str(), names.notice_subject());
     assert!(!String::from_utf8_lossy(&first.payload).contains("s3cr3t"));
+    let first_payload = first.payload.clone();
     let first: SinkNotice = serde_json::from_slice(&first.payload)?;
     assert_eq!(first.kind, NoticeKind::SinkGone);
     assert_eq!(first.status, 410);
@@ -237,6 +241,29 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
     })
     .await?;
     proc.wait_ready().await?;
+    assert_eq!(
+        proc.metric(r#"spillway_processor_notices_total{kind="sink_gone"}"#)
+            .await?,
+        1.0
+    );
+
+    // Another pod, which never saw a 410, delivers first: it heard pod a's
+    // sink_gone (repeated here as pod a repeats it every 30 s while the
+    // 410s go on), so it sends the sink_ok.
+    proc.sigterm()?;
+    proc.wait_exit(WAIT).await?;
+    let proc_b = ProcessorProc::spawn_with_env(&cfg, &nats.url, &pod("gh-processor-b"))?;
+    proc_b.wait_ready().await?;
+    eventually(WAIT, "pod b heard pod a's sink_gone", || async {
+        let sent = nc
+            .publish(names.notice_subject(), first_payload.clone())
+            .await
+            .is_ok()
+            && nc.flush().await.is_ok();
+        sent && proc_b.log_text().contains("another pod reported the sink")
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", proc_b.log_text()))?;
 
     // The sink is back: the next delivery clears the condition.
     sink.set_default(Reply::status(200));
@@ -246,7 +273,7 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
     .await?;
     wait_reason(&endpoints, "gh", "SinkAvailable", "True", "SinkRecovered")
         .await
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log_text()))?;
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", proc_b.log_text()))?;
     assert!(sink.delivered_ids().contains("d"));
     eventually(WAIT, "SinkRecovered Event", || async {
         events(&client, &ns).await.is_ok_and(|ev| {
@@ -263,12 +290,14 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
     );
     assert!(ev.iter().all(|(_, _, note)| !note.contains("s3cr3t")));
     assert_eq!(
-        proc.metric(r#"spillway_processor_notices_total{kind="sink_gone"}"#)
+        proc_b
+            .metric(r#"spillway_processor_notices_total{kind="sink_gone"}"#)
             .await?,
-        1.0
+        0.0
     );
     assert_eq!(
-        proc.metric(r#"spillway_processor_notices_total{kind="sink_ok"}"#)
+        proc_b
+            .metric(r#"spillway_processor_notices_total{kind="sink_ok"}"#)
             .await?,
         1.0
     );
