@@ -182,11 +182,16 @@ impl NatsServer {
 
     async fn spawn(&mut self) -> Result<()> {
         // max_payload above the gateway's largest body (8 MiB) plus headers.
+        // JetStream reserves every stream's maxBytes (1 GiB by default, the
+        // dead-letter stream too) against max_file_store, which otherwise
+        // defaults to 75% of the free disk: a dozen endpoints would then be
+        // rejected on a machine with a small disk. Tests store little, so
+        // the limit is set far above what they reserve.
         let conf = self.dir.path().join("nats.conf");
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:{}\nmax_payload: 9MB\njetstream {{ store_dir: {:?} }}\n{}\n",
+                "listen: 127.0.0.1:{}\nmax_payload: 9MB\njetstream {{ store_dir: {:?}, max_file_store: 1T }}\n{}\n",
                 self.port,
                 self.dir.path().join("js"),
                 self.extra.as_deref().unwrap_or_default()

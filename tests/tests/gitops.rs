@@ -115,12 +115,27 @@ async fn examples_become_ready_and_a_second_apply_changes_nothing() -> Result<()
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     let out = waiter.wait_with_output()?;
-    ensure!(
-        waited.success(),
-        "kubectl wait failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !waited.success() {
+        let whe: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ns);
+        let mut conditions = String::new();
+        for e in whe.list(&ListParams::default()).await? {
+            let c = e
+                .status
+                .as_ref()
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default();
+            conditions.push_str(&format!(
+                "{}: {}\n",
+                e.name_any(),
+                serde_json::to_string(&c)?
+            ));
+        }
+        anyhow::bail!(
+            "kubectl wait failed: {}{}\n{conditions}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let met = String::from_utf8_lossy(&out.stdout);
     let count = std::fs::read_dir(root().join("examples"))?.count();
     ensure!(
