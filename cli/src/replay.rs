@@ -105,36 +105,34 @@ pub async fn replay(
         eprintln!("the stream is empty: nothing to replay");
         return Ok(Replayed::default());
     }
-    let mut progress = Progress::new("replayed", total.min(state.messages));
-    let mut done = Replayed::default();
-    // Where to resume after an error: the message being replayed, else the
-    // one after the last replayed.
-    let mut resume = match range.start {
-        Start::Seq(n) => Some(n.max(state.first_sequence)),
-        Start::First => Some(state.first_sequence),
-        Start::Time(_) => None,
-    };
-    match replay_all(
+    let job = Job {
         js,
         ep,
-        range.start,
-        last,
         run,
         rate,
-        &mut progress,
-        &mut done,
-        &mut resume,
-    )
-    .await
-    {
+        last,
+    };
+    let mut st = State {
+        progress: Progress::new("replayed", total.min(state.messages)),
+        done: Replayed::default(),
+        // Where to resume after an error: the message being replayed, else
+        // the one after the last replayed.
+        resume: match range.start {
+            Start::Seq(n) => Some(n.max(state.first_sequence)),
+            Start::First => Some(state.first_sequence),
+            Start::Time(_) => None,
+        },
+    };
+    match job.replay_all(range.start, &mut st).await {
         Ok(()) => {
-            done.run = progress.finish();
+            let mut done = st.done;
+            done.run = st.progress.finish();
             Ok(done)
         }
         Err(e) => {
-            progress.abandon();
-            let n = done.published + done.duplicates;
-            let how = match resume {
+            st.progress.abandon();
+            let n = st.done.published + st.done.duplicates;
+            let how = match st.resume {
                 Some(from) => format!(
                     "resume with `{}`",
                     resume_command(ep, from, last, run, rate)
@@ -149,48 +147,59 @@ pub async fn replay(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn replay_all(
-    js: &jetstream::Context,
-    ep: &EndpointRef,
-    start: Start,
-    last: u64,
-    run: &str,
+/// One replay run: what it copies and where to.
+struct Job<'a> {
+    js: &'a jetstream::Context,
+    ep: &'a EndpointRef,
+    /// The run id (part of every copy's message id).
+    run: &'a str,
     rate: Option<u32>,
-    progress: &mut Progress,
-    done: &mut Replayed,
-    resume: &mut Option<u64>,
-) -> Result<()> {
-    let stream_name = ep.names().stream();
-    let mut pace = Pace::new(rate);
-    let mut r = Reader::open(js, &stream_name, start, last).await?;
-    while let Some(m) = r.next().await? {
-        *resume = Some(m.seq);
-        let n = done.published + done.duplicates + done.skipped;
-        progress.set_total(n + 1 + m.pending.min(last.saturating_sub(m.seq)));
-        if !ep.owns_subject(&m.subject) {
-            done.skipped += 1;
-            progress.inc();
-            *resume = Some(m.seq + 1);
-            continue;
+    /// Last stream sequence to replay.
+    last: u64,
+}
+
+/// What a run has done so far (kept when it fails, to say how to resume).
+struct State {
+    progress: Progress,
+    done: Replayed,
+    resume: Option<u64>,
+}
+
+impl Job<'_> {
+    async fn replay_all(&self, start: Start, st: &mut State) -> Result<()> {
+        let (js, ep, last) = (self.js, self.ep, self.last);
+        let stream_name = ep.names().stream();
+        let mut pace = Pace::new(self.rate);
+        let mut r = Reader::open(js, &stream_name, start, last).await?;
+        while let Some(m) = r.next().await? {
+            st.resume = Some(m.seq);
+            let n = st.done.published + st.done.duplicates + st.done.skipped;
+            st.progress
+                .set_total(n + 1 + m.pending.min(last.saturating_sub(m.seq)));
+            if !ep.owns_subject(&m.subject) {
+                st.done.skipped += 1;
+                st.progress.inc();
+                st.resume = Some(m.seq + 1);
+                continue;
+            }
+            pace.tick().await;
+            let headers = history::republish_headers(&m.headers, &replay_msg_id(self.run, m.seq));
+            let ack = js
+                .publish_with_headers(m.subject.clone(), headers, m.payload.clone().into())
+                .await
+                .map_err(|e| anyhow::anyhow!("replaying sequence {}: {e}", m.seq))?
+                .await
+                .map_err(|e| anyhow::anyhow!("replaying sequence {}: {e}", m.seq))?;
+            if ack.duplicate {
+                st.done.duplicates += 1;
+            } else {
+                st.done.published += 1;
+            }
+            st.progress.inc();
+            st.resume = Some(m.seq + 1);
         }
-        pace.tick().await;
-        let headers = history::republish_headers(&m.headers, &replay_msg_id(run, m.seq));
-        let ack = js
-            .publish_with_headers(m.subject.clone(), headers, m.payload.clone().into())
-            .await
-            .map_err(|e| anyhow::anyhow!("replaying sequence {}: {e}", m.seq))?
-            .await
-            .map_err(|e| anyhow::anyhow!("replaying sequence {}: {e}", m.seq))?;
-        if ack.duplicate {
-            done.duplicates += 1;
-        } else {
-            done.published += 1;
-        }
-        progress.inc();
-        *resume = Some(m.seq + 1);
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
