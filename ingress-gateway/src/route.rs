@@ -10,7 +10,10 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use spillway_api::names::{EndpointNames, default_path, path_precedence};
 use spillway_api::{Deduplication, HandshakeType, Ordering, SecretKeyRef, WebhookEndpointSpec};
 
-use crate::verify::{ConfigError, Verifier};
+use spillway_api::Scheme;
+use tracing::warn;
+
+use crate::verify::{ConfigError, Verifier, is_empty_secret};
 
 /// One endpoint as read from the source (Kubernetes or a file).
 #[derive(Debug, Clone)]
@@ -201,10 +204,25 @@ fn resolve(
 ) -> Route {
     let spec = &def.spec;
     let v = &spec.verification;
+    // Empty values are dropped (and logged by Secret and key, never by
+    // value): an empty key or token would let anyone pass verification.
+    let usable = |r: &SecretKeyRef, scheme: Scheme| {
+        let value = secrets.secret(&def.namespace, r)?;
+        if is_empty_secret(scheme, &value) {
+            warn!(
+                endpoint = %endpoint,
+                secret = %format_args!("{}/{}", def.namespace, r.name),
+                key = %r.key,
+                "secret value is empty; not used"
+            );
+            return None;
+        }
+        Some(value)
+    };
     let values: Vec<Vec<u8>> = v
         .secret_refs
         .iter()
-        .filter_map(|r| secrets.secret(&def.namespace, r))
+        .filter_map(|r| usable(r, v.scheme))
         .collect();
     let public_url = v
         .public_url
@@ -222,12 +240,12 @@ fn resolve(
         meta_verify_token: h
             .verify_token_secret_ref
             .as_ref()
-            .and_then(|r| secrets.secret(&def.namespace, r)),
+            .and_then(|r| usable(r, Scheme::None)),
         zoom_secret: h
             .secret_ref
             .as_ref()
             .or(v.secret_refs.first())
-            .and_then(|r| secrets.secret(&def.namespace, r)),
+            .and_then(|r| usable(r, Scheme::None)),
     });
     Route {
         names: EndpointNames::new(&def.namespace, &def.name),
@@ -318,6 +336,45 @@ processor: {sink: {url: "http://sink"}}
             .clone()
             .unwrap();
         assert!(!Arc::ptr_eq(&l1, &l3));
+    }
+
+    #[test]
+    fn empty_secret_values_leave_the_endpoint_not_ready() {
+        let router = Router::default();
+        let mut d = def("ns", "gl", Some(1), GH);
+        d.spec.verification.scheme = Scheme::Gitlab;
+        d.spec.handshake = Some(
+            serde_yaml_ng::from_str(
+                "{type: metaHubChallenge, verifyTokenSecretRef: {name: gh, key: secret}}",
+            )
+            .unwrap(),
+        );
+        let empty = |_: &str, _: &SecretKeyRef| Some(Vec::new());
+        router.rebuild(std::slice::from_ref(&d), &empty, None);
+        let r = router.table().get("/gh").unwrap();
+        assert_eq!(
+            r.verifier.as_ref().unwrap_err(),
+            &ConfigError::NoSecret("gitlab")
+        );
+        let h = r.handshake.as_ref().unwrap();
+        assert!(h.meta_verify_token.is_none(), "empty verify token unused");
+        // Another, non-empty secretRef still serves.
+        d.spec.verification.secret_refs.insert(
+            0,
+            SecretKeyRef {
+                name: "blank".into(),
+                key: "k".into(),
+            },
+        );
+        let some = |_: &str, r: &SecretKeyRef| {
+            Some(if r.name == "blank" {
+                Vec::new()
+            } else {
+                b"tok".to_vec()
+            })
+        };
+        router.rebuild(std::slice::from_ref(&d), &some, None);
+        assert!(router.table().get("/gh").unwrap().verifier.is_ok());
     }
 
     #[test]

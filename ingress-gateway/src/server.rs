@@ -766,8 +766,17 @@ mod tests {
             ),
             def("paused", "suspend: true\n"),
             def("graph", "handshake: {type: msGraphValidationToken}\n"),
+            {
+                let mut d = def("blank", "");
+                d.spec.verification.secret_refs[0].name = "empty".into();
+                d
+            },
         ];
-        let secrets = |_: &str, r: &SecretKeyRef| (r.name == "s").then(|| SECRET.to_vec());
+        let secrets = |_: &str, r: &SecretKeyRef| match r.name.as_str() {
+            "s" => Some(SECRET.to_vec()),
+            "empty" => Some(Vec::new()),
+            _ => None,
+        };
         router.rebuild(&defs, &secrets, None);
         Arc::new(Gateway::new(
             nats,
@@ -855,6 +864,23 @@ mod tests {
         let r = app.clone().oneshot(signed("/plain", b"{}")).await.unwrap();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "5");
+
+        // An empty secret value is no key: a signature made with the empty
+        // key is answered like a missing secret, never accepted.
+        let forged = hex::encode(crate::verify::sign(ring::hmac::HMAC_SHA256, b"", &[b"{}"]));
+        let r = app
+            .clone()
+            .oneshot(
+                Request::post("/blank")
+                    .header("x-hub-signature-256", format!("sha256={forged}"))
+                    .body(Body::from("{}"))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "5");
+        assert_eq!(body_text(r).await, r#"{"error":"not_ready"}"#);
 
         let r = app.clone().oneshot(signed("/paused", b"{}")).await.unwrap();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -49,8 +49,8 @@ pub enum ConfigError {
     /// `scheme: hmac` without `hmac` settings.
     #[error("scheme hmac needs verification.hmac settings")]
     MissingHmacSettings,
-    /// A scheme that needs a secret has none.
-    #[error("no secret is available for scheme {0}")]
+    /// A scheme that needs a secret has none (empty values do not count).
+    #[error("no non-empty secret is available for scheme {0}")]
     NoSecret(&'static str),
     /// A `whsec_` secret is not valid base64 (the secret itself is not shown).
     #[error("a whsec_ secret is not valid base64")]
@@ -155,9 +155,21 @@ pub fn standard_webhooks_secret(raw: &[u8]) -> Result<Vec<u8>, ConfigError> {
     }
 }
 
+/// Whether a secret value is empty as `scheme` uses it: an empty value, or a
+/// Standard Webhooks `whsec_` secret that decodes to nothing. An empty key
+/// would make every signature computable by anyone (and an empty GitLab
+/// token would match an empty header), so such values are never used.
+pub fn is_empty_secret(scheme: Scheme, raw: &[u8]) -> bool {
+    raw.is_empty()
+        || (scheme == Scheme::StandardWebhooks
+            && standard_webhooks_secret(raw).is_ok_and(|k| k.is_empty()))
+}
+
 impl Verifier {
     /// Build a verifier. `secrets` are the raw values of every secretRef that
-    /// could be read; `public_url` is the resolved URL Twilio signs.
+    /// could be read; `public_url` is the resolved URL Twilio signs. Empty
+    /// values (see [`is_empty_secret`]) are ignored; a scheme left without
+    /// a secret is [`ConfigError::NoSecret`], never a verifier that accepts.
     pub fn new(
         scheme: Scheme,
         secrets: Vec<Vec<u8>>,
@@ -165,6 +177,10 @@ impl Verifier {
         public_url: Option<String>,
         generic: Option<&GenericHmac>,
     ) -> Result<Self, ConfigError> {
+        let secrets: Vec<Vec<u8>> = secrets
+            .into_iter()
+            .filter(|s| !is_empty_secret(scheme, s))
+            .collect();
         if scheme != Scheme::None && secrets.is_empty() {
             return Err(ConfigError::NoSecret(scheme.as_str()));
         }
@@ -747,6 +763,51 @@ mod tests {
                 Part::Literal(b"{x}".to_vec()),
             ]
         );
+    }
+
+    #[test]
+    fn empty_secrets_are_ignored_and_never_accept() {
+        // An empty GitLab token would match an empty X-Gitlab-Token header.
+        let empty_header = headers(&[("X-Gitlab-Token", "")]);
+        assert_eq!(
+            Verifier::new(Scheme::Gitlab, vec![Vec::new()], 300, None, None).unwrap_err(),
+            ConfigError::NoSecret("gitlab")
+        );
+        let ver = v(Scheme::Gitlab, &["", "tok"]);
+        assert_eq!(
+            check(&ver, &empty_header, b"{}", NOW),
+            Err(Failure::BadSignature)
+        );
+        assert_eq!(
+            check(&ver, &headers(&[("X-Gitlab-Token", "tok")]), b"{}", NOW),
+            Ok(())
+        );
+        // An empty HMAC key is a key anyone can sign with.
+        let body = b"{}";
+        let forged = format!("sha256={}", hex_sig("", &[body]));
+        let h = headers(&[("X-Hub-Signature-256", &forged)]);
+        assert!(Verifier::new(Scheme::Github, vec![Vec::new()], 300, None, None).is_err());
+        assert_eq!(
+            check(&v(Scheme::Github, &["", "real"]), &h, body, NOW),
+            Err(Failure::BadSignature)
+        );
+        // A whsec_ secret that decodes to nothing.
+        for raw in ["whsec_", "whsec_  "] {
+            assert!(is_empty_secret(Scheme::StandardWebhooks, raw.as_bytes()));
+            assert_eq!(
+                Verifier::new(
+                    Scheme::StandardWebhooks,
+                    vec![raw.as_bytes().to_vec()],
+                    300,
+                    None,
+                    None
+                )
+                .unwrap_err(),
+                ConfigError::NoSecret("standardWebhooks")
+            );
+        }
+        assert!(!is_empty_secret(Scheme::Github, b"whsec_"));
+        assert!(!is_empty_secret(Scheme::StandardWebhooks, b"whsec_aGk="));
     }
 
     #[test]
