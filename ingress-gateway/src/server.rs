@@ -429,6 +429,22 @@ fn traceparent(headers: &HeaderMap) -> String {
     )
 }
 
+/// Longest ordering key stored (and partitioned on) as it is.
+pub const MAX_ORDERING_KEY_BYTES: usize = 256;
+
+/// The ordering key as stored in `Spillway-Ordering-Key` and partitioned on.
+/// A key with control characters (which cannot be a NATS header value) or
+/// longer than [`MAX_ORDERING_KEY_BYTES`] is replaced by `sha256:<hex>` of
+/// its bytes: equal keys still land on the same partition, and the header
+/// stays small and valid.
+pub fn safe_ordering_key(key: String) -> String {
+    if key.len() <= MAX_ORDERING_KEY_BYTES && !key.chars().any(char::is_control) {
+        key
+    } else {
+        format!("sha256:{}", delivery::body_hash(key.as_bytes()))
+    }
+}
+
 fn ordering_key(route: &Route, headers: &HeaderMap, body: &[u8]) -> Option<(String, u16)> {
     let o = route.ordering.as_ref()?;
     let key = if let Some(h) = &o.key_header {
@@ -442,6 +458,7 @@ fn ordering_key(route: &Route, headers: &HeaderMap, body: &[u8]) -> Option<(Stri
             other => other.to_string(),
         }
     };
+    let key = safe_ordering_key(key);
     let p = partition_of(key.as_bytes(), o.partitions);
     Some((key, p))
 }
@@ -919,6 +936,52 @@ mod tests {
             "{m}"
         );
         assert!(!gw.ready(), "not ready without NATS");
+    }
+
+    #[test]
+    fn ordering_keys_with_control_characters_or_too_long_are_hashed() {
+        assert_eq!(safe_ordering_key("cus_42".into()), "cus_42");
+        let at_limit = "k".repeat(MAX_ORDERING_KEY_BYTES);
+        assert_eq!(safe_ordering_key(at_limit.clone()), at_limit);
+        let hashed = |k: &str| format!("sha256:{}", delivery::body_hash(k.as_bytes()));
+        for k in [
+            "a\nb".to_owned(),
+            "a\r\nX-Injected: 1".to_owned(),
+            "nul\0".to_owned(),
+            "k".repeat(MAX_ORDERING_KEY_BYTES + 1),
+            "x".repeat(4 << 20),
+        ] {
+            let safe = safe_ordering_key(k.clone());
+            assert_eq!(safe, hashed(&k));
+            assert_eq!(safe.len(), "sha256:".len() + 64);
+        }
+
+        // Through the request path: a JSON field with a newline becomes a
+        // valid header and partitions on the hashed key.
+        let router = route::Router::default();
+        let d = def(
+            "o",
+            "ordering: {keyJsonPointer: /customer, partitions: 4}\n",
+        );
+        router.rebuild(
+            &[d],
+            &|_: &str, _: &SecretKeyRef| Some(SECRET.to_vec()),
+            None,
+        );
+        let r = router.table().get("/o").expect("route");
+        let body = br#"{"customer":"line1\nline2"}"#;
+        let (key, partition) = ordering_key(&r, &HeaderMap::new(), body).expect("key");
+        assert_eq!(key, hashed("line1\nline2"));
+        assert_eq!(partition, partition_of(key.as_bytes(), 4));
+        let ids = delivery::Ids {
+            delivery_id: "d".into(),
+            msg_id: None,
+        };
+        let h = message_headers(&r, &HeaderMap::new(), &ids, Some(&key));
+        assert_eq!(
+            h.get(wire::ORDERING_KEY).map(|v| v.as_str()),
+            Some(key.as_str())
+        );
     }
 
     #[test]

@@ -1007,6 +1007,36 @@ async fn limits_dedup_ordering_and_nats_outage() -> Result<()> {
         msgs[0].headers.get(wire::ORDERING_KEY).map(|v| v.as_str()),
         Some("cus_42")
     );
+    // A key with a newline (an end user's JSON field) or megabytes long
+    // cannot be a NATS header: it is stored as its SHA-256, answered 2xx.
+    let long = "k".repeat(600_000);
+    for (i, key) in ["line1\nline2\r\nX-Injected: 1", long.as_str()]
+        .into_iter()
+        .enumerate()
+    {
+        use sha2::{Digest, Sha256};
+        let body = serde_json::to_vec(&serde_json::json!({ "customer": key }))?;
+        let r = post(
+            addr,
+            "/l/ordered",
+            &github_headers(secret, &body, &format!("o-odd-{i}")),
+            &body,
+        )
+        .await?;
+        assert_eq!(r.status, 200, "{r:?}");
+        let stored = w.messages("ordered").await?;
+        let m = stored.last().context("stored")?;
+        let want = format!("sha256:{}", hex(&Sha256::digest(key.as_bytes())));
+        assert_eq!(
+            m.headers.get(wire::ORDERING_KEY).map(|v| v.as_str()),
+            Some(want.as_str())
+        );
+        assert_eq!(
+            m.subject.as_str(),
+            w.names("ordered").subject(partition_of(want.as_bytes(), 4))
+        );
+        assert_eq!(m.payload.as_ref(), body.as_slice());
+    }
 
     // JetStream slower than the deadline: a subscriber that never acks
     // stands in for a stream that does not answer in time.
