@@ -196,6 +196,12 @@ pub struct SecretKeyRef {
 /// A generic HMAC signature carried in one header.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.timestampHeader) == (has(self.signedContent) && self.signedContent.contains('{timestamp}'))",
+        "message": "hmac.timestampHeader and a {timestamp} placeholder in hmac.signedContent go together: a timestamp that is not signed protects nothing against replays, and {timestamp} needs the header it is read from"
+    }
+]))]
 pub struct GenericHmac {
     /// Request header carrying the signature, for example `X-Signature`.
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
@@ -218,7 +224,8 @@ pub struct GenericHmac {
     #[schemars(length(min = 1, max = 256))]
     pub signed_content: String,
     /// Header carrying a Unix timestamp (seconds) that is part of the signed
-    /// content; when set, it must be within `toleranceSeconds`.
+    /// content; it must be within `toleranceSeconds`. Required exactly when
+    /// `signedContent` contains `{timestamp}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub timestamp_header: Option<String>,
@@ -389,6 +396,7 @@ pub struct Ordering {
     pub key_json_pointer: Option<String>,
     /// Number of partitions keys are hashed into. Each partition is
     /// delivered one message at a time, so this bounds ordered parallelism.
+    /// It can grow but not shrink (stored webhooks stay on their partition).
     #[serde(default = "defaults::partitions")]
     #[schemars(range(min = 1, max = 256))]
     pub partitions: u16,

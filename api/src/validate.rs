@@ -16,6 +16,10 @@ pub struct Timings {
     pub dead_letter_max_age: Duration,
 }
 
+/// Why `verification.hmac` is refused when `timestampHeader` and the
+/// `{timestamp}` placeholder do not come together.
+pub const HMAC_TIMESTAMP_PROBLEM: &str = "verification.hmac.timestampHeader and a {timestamp} placeholder in verification.hmac.signedContent go together: a timestamp that is not signed protects nothing against replays, and {timestamp} needs the header it is read from";
+
 /// Check a spec and parse its durations. Every problem found is reported,
 /// not just the first.
 pub fn check(spec: &WebhookEndpointSpec) -> Result<Timings, Vec<String>> {
@@ -66,6 +70,11 @@ pub fn check(spec: &WebhookEndpointSpec) -> Result<Timings, Vec<String>> {
             "verification.hmac is required when scheme is hmac and not allowed otherwise".into(),
         );
     }
+    if let Some(h) = &v.hmac
+        && h.timestamp_header.is_some() != h.signed_content.contains("{timestamp}")
+    {
+        problems.push(HMAC_TIMESTAMP_PROBLEM.into());
+    }
     if problems.is_empty() {
         Ok(t)
     } else {
@@ -108,5 +117,31 @@ processor: {sink: {url: "http://sink:8080/hook"}}
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("processor.timeout")));
         assert!(problems.iter().any(|p| p.contains("deduplication.window")));
+    }
+
+    #[test]
+    fn hmac_timestamp_header_and_placeholder_go_together() {
+        let hmac = |extra: &str| {
+            spec(&format!(
+                "verification: {{scheme: hmac, secretRefs: [{{name: s, key: k}}], hmac: {{header: X-Sig{extra}}}}}\nprocessor: {{sink: {{url: \"http://sink\"}}}}\n"
+            ))
+        };
+        let refused = |s: &WebhookEndpointSpec| {
+            check(s).is_err_and(|p| p == [HMAC_TIMESTAMP_PROBLEM.to_owned()])
+        };
+        assert!(check(&hmac("")).is_ok(), "default {{body}}, no timestamp");
+        assert!(
+            check(&hmac(
+                ", signedContent: \"v0:{timestamp}:{body}\", timestampHeader: X-Ts"
+            ))
+            .is_ok()
+        );
+        // A checked but unsigned timestamp: replays with a fresh timestamp pass.
+        assert!(refused(&hmac(", timestampHeader: X-Ts")));
+        assert!(refused(&hmac(
+            ", signedContent: \"{body}\", timestampHeader: X-Ts"
+        )));
+        // {timestamp} without the header would sign an empty string.
+        assert!(refused(&hmac(", signedContent: \"{timestamp}.{body}\"")));
     }
 }

@@ -52,6 +52,11 @@ pub enum ConfigError {
     /// A scheme that needs a secret has none (empty values do not count).
     #[error("no non-empty secret is available for scheme {0}")]
     NoSecret(&'static str),
+    /// `hmac.timestampHeader` without `{timestamp}` in the signed content
+    /// (the timestamp would be checked but not signed, so a replay with a
+    /// fresh timestamp passes), or `{timestamp}` without the header.
+    #[error("verification.hmac.timestampHeader and {{timestamp}} in signedContent go together")]
+    TimestampNotSigned,
     /// A `whsec_` secret is not valid base64 (the secret itself is not shown).
     #[error("a whsec_ secret is not valid base64")]
     BadWhsecSecret,
@@ -194,6 +199,10 @@ impl Verifier {
         };
         let generic = if scheme == Scheme::Hmac {
             let g = generic.ok_or(ConfigError::MissingHmacSettings)?;
+            let template = parse_template(&g.signed_content);
+            if g.timestamp_header.is_some() != template.contains(&Part::Timestamp) {
+                return Err(ConfigError::TimestampNotSigned);
+            }
             Some(Generic {
                 header: g.header.clone(),
                 algorithm: match g.algorithm {
@@ -203,7 +212,7 @@ impl Verifier {
                 },
                 encoding: g.encoding,
                 prefix: g.prefix.clone().unwrap_or_default(),
-                template: parse_template(&g.signed_content),
+                template,
                 timestamp_header: g.timestamp_header.clone(),
             })
         } else {
@@ -748,6 +757,19 @@ mod tests {
         let h = headers(&[("x-zm-signature", &sig)]);
         assert_eq!(check(&ver, &h, b"{body}-literal", NOW), Ok(()));
         assert!(Verifier::new(Scheme::Hmac, vec![b"k".to_vec()], 300, None, None).is_err());
+
+        // A timestamp header that is not signed (or {timestamp} without a
+        // header) is refused: such a verifier would accept replays.
+        for (ts, template) in [
+            (Some("x-zm-request-timestamp"), "{body}"),
+            (None, "{timestamp}.{body}"),
+        ] {
+            let g = generic(ts, template, SignatureEncoding::Hex);
+            assert_eq!(
+                Verifier::new(Scheme::Hmac, vec![b"k".to_vec()], 300, None, Some(&g)).unwrap_err(),
+                ConfigError::TimestampNotSigned
+            );
+        }
     }
 
     #[test]

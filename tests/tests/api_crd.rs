@@ -133,6 +133,28 @@ async fn nonsense_is_rejected_with_a_clear_message() -> Result<()> {
             "hmac settings are required when scheme is hmac",
         ),
         (
+            "hmac timestamp checked but not signed",
+            vec![
+                ("verification/scheme", json!("hmac")),
+                (
+                    "verification/hmac",
+                    json!({"header": "X-Sig", "timestampHeader": "X-Ts"}),
+                ),
+            ],
+            "hmac.timestampHeader and a {timestamp} placeholder in hmac.signedContent go together",
+        ),
+        (
+            "hmac {timestamp} signed without its header",
+            vec![
+                ("verification/scheme", json!("hmac")),
+                (
+                    "verification/hmac",
+                    json!({"header": "X-Sig", "signedContent": "{timestamp}.{body}"}),
+                ),
+            ],
+            "hmac.timestampHeader and a {timestamp} placeholder in hmac.signedContent go together",
+        ),
+        (
             "unknown scheme",
             vec![("verification/scheme", json!("paypal"))],
             "Unsupported value: \"paypal\"",
