@@ -401,6 +401,10 @@ impl Verifier {
             if !bool::from(got.as_bytes().ct_eq(want.to_ascii_lowercase().as_bytes())) {
                 return Err(Failure::BadSignature);
             }
+        } else if !req.body.is_empty() {
+            // Neither form parameters nor a signed bodySHA256: only the URL
+            // is signed, so a body would be accepted unverified.
+            return Err(Failure::BadSignature);
         }
         self.require(self.any_match(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &[&data], &[sig]))
     }
@@ -706,6 +710,20 @@ mod tests {
         h.insert("content-type", HeaderValue::from_static("application/json"));
         assert_eq!(run(&h, json, &q), Ok(()));
         assert_eq!(run(&h, b"{}", &q), Err(Failure::BadSignature));
+
+        // Neither form-encoded nor a bodySHA256 in the URL: the signature
+        // covers only the URL, so only an empty body is accepted with it.
+        let sig = BASE64.encode(sign(
+            hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+            b"12345",
+            &[base.as_bytes()],
+        ));
+        h.insert("x-twilio-signature", HeaderValue::from_str(&sig).unwrap());
+        assert_eq!(run(&h, b"", ""), Ok(()));
+        assert_eq!(run(&h, json, ""), Err(Failure::BadSignature));
+        h.remove("content-type");
+        assert_eq!(run(&h, b"", ""), Ok(()));
+        assert_eq!(run(&h, b"anything", ""), Err(Failure::BadSignature));
         assert!(Verifier::new(Scheme::Twilio, vec![b"x".to_vec()], 300, None, None).is_err());
     }
 
