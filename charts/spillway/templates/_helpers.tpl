@@ -203,6 +203,9 @@ certificate are the component's own (`nats.credentials` and
 {{- fail (printf "gateway.autoscaling: minReplicas (%v) is greater than maxReplicas (%v)" .Values.gateway.autoscaling.minReplicas .Values.gateway.autoscaling.maxReplicas) -}}
 {{- end -}}
 {{- end -}}
+{{- if and (has "Deny" .Values.pathPolicy.validationActions) (has "Warn" .Values.pathPolicy.validationActions) -}}
+{{- fail "pathPolicy.validationActions: Deny and Warn may not be used together (Deny already tells the client why)" -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "spillway.leaseName" -}}
