@@ -100,6 +100,10 @@ pub struct Cli {
     /// Publishes awaiting PubAck at once [default 4096].
     #[arg(long, env = "SPILLWAY_GATEWAY_MAX_IN_FLIGHT")]
     pub max_in_flight_publishes: Option<usize>,
+    /// Webhook requests handled at once (body read, verification, publish);
+    /// more are answered 503 before their body is read [default 256].
+    #[arg(long, env = "SPILLWAY_GATEWAY_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
     /// Retry-After on 503 [default 5s].
     #[arg(long, env = "SPILLWAY_GATEWAY_RETRY_AFTER")]
     pub retry_after: Option<String>,
@@ -146,6 +150,7 @@ struct FileConfig {
     idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_in_flight_publishes: Option<usize>,
+    max_concurrent_requests: Option<usize>,
     retry_after: Option<String>,
     shutdown_grace: Option<String>,
     log_format: Option<LogFormat>,
@@ -208,6 +213,8 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// Publishes in flight.
     pub max_in_flight_publishes: usize,
+    /// Webhook requests handled at once.
+    pub max_concurrent_requests: usize,
     /// Retry-After on 503.
     pub retry_after: Duration,
     /// Shutdown grace period.
@@ -239,6 +246,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_in_flight_publishes: 4096,
+            max_concurrent_requests: 256,
             retry_after: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(25),
             log_format: LogFormat::Json,
@@ -331,6 +339,10 @@ impl Config {
                 .max_in_flight_publishes
                 .or(file.max_in_flight_publishes)
                 .unwrap_or(d.max_in_flight_publishes),
+            max_concurrent_requests: cli
+                .max_concurrent_requests
+                .or(file.max_concurrent_requests)
+                .unwrap_or(d.max_concurrent_requests),
             retry_after: dur(
                 "retryAfter",
                 cli.retry_after.or(file.retry_after),
@@ -357,6 +369,9 @@ impl Config {
         if c.max_in_flight_publishes == 0 {
             problems.push("maxInFlightPublishes must be at least 1".into());
         }
+        if c.max_concurrent_requests == 0 {
+            problems.push("maxConcurrentRequests must be at least 1".into());
+        }
         if c.nats_url.trim().is_empty() {
             problems.push("natsUrl must not be empty".into());
         }
@@ -380,13 +395,14 @@ mod tests {
         let c = Config::load(Cli::default()).unwrap();
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.publish_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_concurrent_requests, 256);
 
         let dir = std::env::temp_dir().join(format!("spillway-gw-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("gw.yaml");
         std::fs::write(
             &f,
-            "publishTimeout: 2s\nlisten: 127.0.0.1:1234\nsource: file\nendpointsFile: /x.yaml\n",
+            "publishTimeout: 2s\nlisten: 127.0.0.1:1234\nsource: file\nendpointsFile: /x.yaml\nmaxConcurrentRequests: 7\n",
         )
         .unwrap();
         let cli = Cli::try_parse_from([
@@ -404,6 +420,7 @@ mod tests {
             "file over default"
         );
         assert_eq!(c.listen.port(), 4321, "flag over file");
+        assert_eq!(c.max_concurrent_requests, 7, "file over default");
         assert_eq!(c.source, SourceKind::File);
 
         std::fs::write(&f, "bogusKey: 1\n").unwrap();
@@ -475,11 +492,13 @@ mod tests {
             publish_timeout: Some("soon".into()),
             public_base_url: Some("hooks.example.com".into()),
             max_header_bytes: Some(10),
+            max_concurrent_requests: Some(0),
             ..Cli::default()
         };
         let Err(ConfigError::Invalid(p)) = Config::load(cli) else {
             panic!("expected invalid")
         };
-        assert_eq!(p.len(), 4, "{p:?}");
+        assert_eq!(p.len(), 5, "{p:?}");
+        assert!(p.contains(&"maxConcurrentRequests must be at least 1".to_owned()));
     }
 }

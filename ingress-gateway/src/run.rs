@@ -118,6 +118,7 @@ pub async fn start(
         body_timeout: config.body_timeout,
         retry_after_secs: config.retry_after.as_secs().max(1),
         max_in_flight_publishes: config.max_in_flight_publishes,
+        max_concurrent_requests: config.max_concurrent_requests,
     };
     let gateway = Arc::new(Gateway::new(nats, router, metrics, synced, limits));
     let listener = TcpListener::bind(config.listen)

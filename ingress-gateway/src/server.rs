@@ -44,6 +44,11 @@ pub struct Limits {
     pub retry_after_secs: u64,
     /// Publishes awaiting their PubAck at once, across all requests.
     pub max_in_flight_publishes: usize,
+    /// Webhook requests past routing (reading their body, verifying,
+    /// publishing) at once, across all endpoints. A request over the cap is
+    /// answered 503 before its body is read, which bounds the memory held by
+    /// bodies of requests that are not yet authenticated.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for Limits {
@@ -53,6 +58,7 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(10),
             retry_after_secs: 5,
             max_in_flight_publishes: 4096,
+            max_concurrent_requests: 256,
         }
     }
 }
@@ -71,6 +77,7 @@ pub struct Gateway {
     nats: async_nats::Client,
     js: jetstream::Context,
     permits: Semaphore,
+    requests: Semaphore,
     clock: DefaultClock,
 }
 
@@ -88,6 +95,7 @@ impl Gateway {
             .build(nats.clone());
         Self {
             permits: Semaphore::new(limits.max_in_flight_publishes.max(1)),
+            requests: Semaphore::new(limits.max_concurrent_requests.max(1)),
             router,
             metrics,
             synced,
@@ -331,6 +339,15 @@ async fn handle_route(gw: &Gateway, route: &Route, req: Request) -> Result<Respo
     if declared.is_some_and(|n| n > route.max_body_bytes) {
         return Err(ApiError::PayloadTooLarge);
     }
+    // Taken before the body is buffered and held until the answer: bodies
+    // of unauthenticated requests cannot pile up past the global cap.
+    let _request_permit = gw
+        .requests
+        .try_acquire()
+        .map_err(|_| ApiError::Unavailable {
+            reason: "overloaded",
+            retry_after: gw.limits.retry_after_secs,
+        })?;
     let body = read_body(body, route.max_body_bytes, gw.limits.body_timeout).await?;
     let verifier = route.verifier.as_ref().map_err(|_| ApiError::Unavailable {
         reason: "not_ready",
@@ -936,6 +953,70 @@ mod tests {
             "{m}"
         );
         assert!(!gw.ready(), "not ready without NATS");
+    }
+
+    #[tokio::test]
+    async fn requests_over_the_global_cap_get_503_before_their_body_is_read() {
+        let nats = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("nats://127.0.0.1:1")
+            .await
+            .expect("client");
+        let router = Arc::new(route::Router::default());
+        let secrets = |_: &str, _: &SecretKeyRef| Some(SECRET.to_vec());
+        router.rebuild(&[def("capped", "")], &secrets, None);
+        let gw = Arc::new(Gateway::new(
+            nats,
+            router,
+            Arc::new(Metrics::new()),
+            Arc::new(AtomicBool::new(true)),
+            Limits {
+                publish_timeout: Duration::from_millis(300),
+                max_concurrent_requests: 1,
+                ..Limits::default()
+            },
+        ));
+        let app = app(gw.clone());
+        // A sender whose body never ends holds the only slot.
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let stalled = Request::post("/capped")
+            .body(Body::from_stream(tokio_stream_from(rx)))
+            .unwrap();
+        let held = tokio::spawn(app.clone().oneshot(stalled));
+        for _ in 0..1000 {
+            if gw.requests.available_permits() == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(gw.requests.available_permits(), 0, "slot taken");
+        let r = app.clone().oneshot(signed("/capped", b"{}")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "5");
+        assert_eq!(body_text(r).await, r#"{"error":"overloaded"}"#);
+        // Once it is gone, requests are handled again (here: verified, then
+        // refused only because this NATS does not exist).
+        held.abort();
+        let _ = held.await;
+        assert_eq!(gw.requests.available_permits(), 1, "slot released");
+        let r = app.clone().oneshot(signed("/capped", b"{}")).await.unwrap();
+        assert_eq!(body_text(r).await, r#"{"error":"store_unavailable"}"#);
+        let mut bad = signed("/capped", b"{}");
+        *bad.body_mut() = Body::from("{ }");
+        let r = app.clone().oneshot(bad).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            gw.requests.available_permits(),
+            1,
+            "released after answering"
+        );
+    }
+
+    /// A stream of body chunks fed by `rx`.
+    fn tokio_stream_from(
+        rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
     }
 
     #[test]

@@ -1293,6 +1293,93 @@ async fn header_limits_slow_senders_and_graceful_shutdown() -> Result<()> {
     Ok(())
 }
 
+/// The global cap on requests in progress: a sender that never finishes its
+/// body holds the only slot, the next request is answered 503 + Retry-After
+/// before its body is read, and once the slot is free requests are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_global_cap_get_503_and_normal_traffic_passes() -> Result<()> {
+    let w = World::with("gw-cap", |c| {
+        c.max_concurrent_requests = 1;
+        c.body_timeout = Duration::from_secs(30);
+    })
+    .await?;
+    let mut y = secrets_yaml();
+    y += &endpoint(
+        "cap",
+        "/cap",
+        "{scheme: github, secretRefs: [{name: keys, key: github}]}",
+        "",
+    );
+    w.apply(&y)?;
+    w.stream("cap", -1).await?;
+    w.routed("/cap").await?;
+    let addr = w.addr();
+    let secret = "It's a Secret to Everybody";
+    let body = br#"{"cap":1}"#;
+    assert_eq!(
+        post(addr, "/cap", &github_headers(secret, body, "c-1"), body)
+            .await?
+            .status,
+        200,
+        "under the cap"
+    );
+
+    let mut slow = TcpStream::connect(addr).await?;
+    slow.write_all(b"POST /cap HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123")
+        .await?;
+    eventually(
+        Duration::from_secs(10),
+        "503 while the slot is held",
+        || {
+            let headers = github_headers(secret, body, "c-2");
+            async move {
+                post(addr, "/cap", &headers, body)
+                    .await
+                    .is_ok_and(|r| r.status == 503)
+            }
+        },
+    )
+    .await?;
+    // The slow sender still holds the slot (its body timeout is 30s).
+    let r = post(addr, "/cap", &github_headers(secret, body, "c-2"), body).await?;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("3"), "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.body)?;
+    assert_eq!(v, serde_json::json!({"error": "overloaded"}));
+
+    drop(slow);
+    eventually(
+        Duration::from_secs(10),
+        "stored once the slot is free",
+        || {
+            let headers = github_headers(secret, body, "c-3");
+            async move {
+                post(addr, "/cap", &headers, body)
+                    .await
+                    .is_ok_and(|r| r.status == 200)
+            }
+        },
+    )
+    .await?;
+    // c-2 may have been stored by an attempt before the slot was taken.
+    let stored: Vec<String> = w
+        .messages("cap")
+        .await?
+        .iter()
+        .filter_map(|m| {
+            m.headers
+                .get(wire::DELIVERY_ID)
+                .map(|v| v.as_str().to_owned())
+        })
+        .collect();
+    assert!(
+        stored.contains(&"c-1".to_owned()) && stored.contains(&"c-3".to_owned()),
+        "{stored:?}"
+    );
+    w.gw.shutdown().await;
+    Ok(())
+}
+
 /// Replace a file the way the kubelet updates a mounted Secret: write
 /// elsewhere, then rename over it.
 fn replace(path: &std::path::Path, text: &str) -> Result<()> {
