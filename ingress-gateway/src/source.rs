@@ -73,10 +73,46 @@ struct Manifest {
     metadata: Meta,
     #[serde(default)]
     spec: Option<serde_yaml_ng::Value>,
+    // Secret contents are taken as any YAML and checked by hand, so that no
+    // error message (serde's quote the offending value) shows a secret.
     #[serde(default)]
-    data: BTreeMap<String, String>,
+    data: Option<serde_yaml_ng::Value>,
     #[serde(default)]
-    string_data: BTreeMap<String, String>,
+    string_data: Option<serde_yaml_ng::Value>,
+}
+
+/// The `field` (`data` or `stringData`) of Secret `secret` as key → text.
+/// Errors name the Secret, the field and the key, never a value.
+fn secret_strings(
+    secret: &str,
+    field: &str,
+    value: Option<serde_yaml_ng::Value>,
+) -> Result<Vec<(String, String)>, String> {
+    use serde_yaml_ng::Value;
+    let map = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Mapping(m)) => m,
+        Some(_) => {
+            return Err(format!(
+                "Secret {secret}: {field} must be a map of keys to strings"
+            ));
+        }
+    };
+    map.into_iter()
+        .map(|(k, v)| {
+            let Value::String(k) = k else {
+                return Err(format!(
+                    "Secret {secret}: every key of {field} must be a string"
+                ));
+            };
+            match v {
+                Value::String(v) => Ok((k, v)),
+                _ => Err(format!(
+                    "Secret {secret}: {field}.{k} must be a string (quote the value)"
+                )),
+            }
+        })
+        .collect()
 }
 
 #[derive(Deserialize, Default)]
@@ -171,8 +207,12 @@ impl FileSource {
                     });
                 }
                 "Secret" => {
+                    let name = &m.metadata.name;
+                    let data = secret_strings(name, "data", m.data).map_err(parse_err)?;
+                    let string_data =
+                        secret_strings(name, "stringData", m.string_data).map_err(parse_err)?;
                     let mut values = BTreeMap::new();
-                    for (k, v) in m.data {
+                    for (k, v) in data {
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(v.trim())
                             .map_err(|_| {
@@ -183,7 +223,7 @@ impl FileSource {
                             })?;
                         values.insert(k, bytes);
                     }
-                    for (k, v) in m.string_data {
+                    for (k, v) in string_data {
                         values.insert(k, v.into_bytes());
                     }
                     out.secrets.insert((namespace, m.metadata.name), values);
@@ -731,5 +771,38 @@ spec:
         let err = FileSource::load(&file, None).unwrap_err().to_string();
         assert!(err.contains("WebhookEndpoint x"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn secret_errors_name_the_key_but_never_the_value() {
+        let path = Path::new("endpoints.yaml");
+        for (contents, names) in [
+            ("stringData: {token: 123456}", "stringData.token"),
+            ("stringData: {token: [123456]}", "stringData.token"),
+            ("stringData: {token: {v: 123456}}", "stringData.token"),
+            ("data: {token: 123456}", "data.token"),
+            ("data: {token: true, other: \"MTIzNDU2\"}", "data.token"),
+            ("stringData: \"123456\"", "stringData must be a map"),
+            ("data: [123456]", "data must be a map"),
+            ("stringData: {123456: x}", "every key of stringData"),
+            ("data: {token: \"123456!\"}", "data.token is not base64"),
+        ] {
+            let yaml = format!("kind: Secret\nmetadata: {{name: gh}}\n{contents}\n");
+            let err = FileSource::parse(path, yaml.as_bytes(), None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("Secret gh") && err.contains(names),
+                "{contents}: {err}"
+            );
+            assert!(!err.contains("123456"), "{contents}: value echoed: {err}");
+        }
+        let ok = "kind: Secret\nmetadata: {name: gh}\nstringData: {token: \"123456\"}\n";
+        let src = FileSource::parse(path, ok.as_bytes(), None).unwrap();
+        let r = SecretKeyRef {
+            name: "gh".into(),
+            key: "token".into(),
+        };
+        assert_eq!(src.secret("default", &r).as_deref(), Some(&b"123456"[..]));
     }
 }
