@@ -116,27 +116,32 @@ fn storage(s: StorageType) -> stream::StorageType {
 /// consumer with `maxAckPending` = concurrency, or with ordering one per
 /// partition filtered on its subject with `maxAckPending` 1.
 ///
-/// JetStream's `backoff` doubles as the ack wait of each delivery (the
-/// server replaces `ack_wait` with `backoff[0]`), so each entry is the
-/// delivery timeout plus margin plus the configured retry delay: a delivery
-/// in progress is never redelivered under the processor, and a message whose
-/// processor died is retried after the configured delay. The processor
-/// itself NAKs failed deliveries with the same delays.
+/// The retry schedule (`processor.retry`) is applied by the processor, not
+/// by JetStream: it NAKs a failed delivery with the schedule's delay and
+/// dead-letters after `maxAttempts`. The consumer therefore has
+/// - no JetStream `backoff`: the server measures a delayed NAK from
+///   `backoff[0]` but expires it by `backoff[n]`, which stretched the later
+///   retries by the difference (a 3s retry became 5.7s, measured);
+/// - `ack_wait` = delivery timeout + margin: a delivery in progress is never
+///   redelivered under the processor, and a message whose processor died
+///   comes back after that;
+/// - unlimited `max_deliver`: JetStream silently stops delivering a message
+///   at `max_deliver`, so a message whose last attempt could not finish
+///   (processor killed, dead-letter publish failed) would be lost; the
+///   processor dead-letters anything delivered more than `maxAttempts` times
+///   before sending it to the sink again.
 pub fn consumer_configs(
     names: &EndpointNames,
     spec: &WebhookEndpointSpec,
     t: &Timings,
 ) -> Vec<pull::Config> {
     let p = &spec.processor;
-    let ack_wait = t.delivery_timeout + ACK_WAIT_MARGIN;
-    let backoff: Vec<Duration> = t.backoff.iter().map(|b| ack_wait + *b).collect();
     let base = pull::Config {
         ack_policy: AckPolicy::Explicit,
         deliver_policy: DeliverPolicy::All,
         replay_policy: ReplayPolicy::Instant,
-        ack_wait: backoff.first().copied().unwrap_or(ack_wait),
-        max_deliver: i64::from(p.retry.max_attempts),
-        backoff,
+        ack_wait: t.delivery_timeout + ACK_WAIT_MARGIN,
+        max_deliver: -1,
         ..Default::default()
     };
     match &spec.ordering {
@@ -164,6 +169,33 @@ pub fn is_managed_consumer(name: &str) -> bool {
         || name
             .strip_prefix("processor-p")
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Where a new consumer with subject filter `filter` (empty: all) starts,
+/// given the consumers that exist and the stream's last sequence: after
+/// everything the existing consumers whose filters overlap it (ordering
+/// switched on or off) have settled, so what they acknowledged is not
+/// delivered again and what they had not is not skipped. A consumer with
+/// nothing pending has settled everything so far; one with a backlog,
+/// everything up to its acknowledgement floor. `None` (deliver everything
+/// stored) when none overlaps: a new endpoint, a new partition's subject,
+/// or consumers deleted behind the operator's back, whose progress is
+/// unknown (delivering twice beats losing).
+pub fn resume_point(existing: &[consumer::Info], filter: &str, last_seq: u64) -> Option<u64> {
+    existing
+        .iter()
+        .filter(|i| {
+            let f = i.config.filter_subject.as_str();
+            f.is_empty() || filter.is_empty() || f == filter
+        })
+        .map(|i| {
+            if i.num_pending == 0 && i.num_ack_pending == 0 {
+                last_seq + 1
+            } else {
+                i.ack_floor.stream_sequence + 1
+            }
+        })
+        .min()
 }
 
 /// How an existing stream compares with the desired configuration.
@@ -481,7 +513,7 @@ impl Js {
         let have = self
             .stream_info(&want.name)
             .await
-            .map_err(|e| SyncError::from_nats(e, "reading the dead-letter stream"))?;
+            .map_err(|e| SyncError::from_nats(e, "reading a stream"))?;
         let reject = |e: NatsError| match e {
             NatsError::Unavailable(_) => SyncError::Unavailable(e),
             NatsError::Api { message, .. } => SyncError::Rejected(format!(
@@ -529,7 +561,11 @@ impl Js {
     ) -> Result<Synced, SyncError> {
         let mut out = Synced::default();
         let main = stream_config(names, spec, t);
-        self.ensure_stream(&main, &mut out).await?;
+        let last_seq = self
+            .ensure_stream(&main, &mut out)
+            .await?
+            .state
+            .last_sequence;
         if spec.processor.dead_letter.enabled {
             let dlq = self
                 .ensure_stream(&dead_letter_config(names, spec, t), &mut out)
@@ -538,7 +574,7 @@ impl Js {
         } else if let Some(dlq) = self
             .stream_info(&names.dead_letter_stream())
             .await
-            .map_err(|e| SyncError::from_nats(e, "listing consumers"))?
+            .map_err(|e| SyncError::from_nats(e, "reading the dead-letter stream"))?
         {
             // Disabled but kept: still report what it holds.
             out.dead_letters = Some(dlq.state.messages);
@@ -549,28 +585,47 @@ impl Js {
             .iter()
             .filter_map(|c| c.durable_name.as_deref())
             .collect();
-        for stale in self
+        let mut existing = Vec::new();
+        for name in self
             .consumer_names(&main.name)
             .await
-            .map_err(|e| SyncError::from_nats(e, "deleting a stale consumer"))?
+            .map_err(|e| SyncError::from_nats(e, "listing consumers"))?
             .into_iter()
-            .filter(|n| is_managed_consumer(n) && !wanted_names.contains(n.as_str()))
+            .filter(|n| is_managed_consumer(n))
         {
-            self.delete_consumer(&main.name, &stale)
+            if let Some(info) = self
+                .consumer_info(&main.name, &name)
                 .await
-                .map_err(|e| SyncError::from_nats(e, "reading a consumer"))?;
+                .map_err(|e| SyncError::from_nats(e, "reading a consumer"))?
+            {
+                existing.push(info);
+            }
         }
         for want in &wanted {
             let name = want.durable_name.as_deref().unwrap_or_default();
-            let have = self
-                .consumer_info(&main.name, name)
-                .await
-                .map_err(|e| SyncError::from_nats(e, "a request"))?;
+            let have = existing.iter().find(|i| i.name == name);
             let info = match have {
-                Some(i) if !consumer_differs(&i.config, want) => i,
-                existing => {
+                Some(i) if !consumer_differs(&i.config, want) => i.clone(),
+                _ => {
+                    let mut cfg = want.clone();
+                    match (
+                        have,
+                        resume_point(&existing, &want.filter_subject, last_seq),
+                    ) {
+                        // JetStream cannot change where a consumer starts.
+                        (Some(i), _) => cfg.deliver_policy = i.config.deliver_policy,
+                        // Created beside or in place of earlier consumers
+                        // (ordering switched on or off): start where they
+                        // had got to, not at the start of the history.
+                        (None, Some(seq)) => {
+                            cfg.deliver_policy = DeliverPolicy::ByStartSequence {
+                                start_sequence: seq,
+                            }
+                        }
+                        (None, None) => {}
+                    }
                     let info = self
-                        .put_consumer(&main.name, want)
+                        .put_consumer(&main.name, &cfg)
                         .await
                         .map_err(|e| match e {
                             NatsError::Unavailable(_) => SyncError::Unavailable(e),
@@ -578,7 +633,7 @@ impl Js {
                                 "JetStream rejected consumer {name}: {message}"
                             )),
                         })?;
-                    if existing.is_some() {
+                    if have.is_some() {
                         out.updated.push(name.to_owned());
                     }
                     info
@@ -587,6 +642,17 @@ impl Js {
             out.backlog.pending += info.num_pending;
             out.backlog.ack_pending += info.num_ack_pending as u64;
             out.backlog.redelivered += info.num_redelivered as u64;
+        }
+        // Only once their successors exist: a sync that fails half way
+        // must not leave a stream without consumers (the next one would
+        // start the new consumers at the beginning of the history).
+        for stale in existing
+            .iter()
+            .filter(|i| !wanted_names.contains(i.name.as_str()))
+        {
+            self.delete_consumer(&main.name, &stale.name)
+                .await
+                .map_err(|e| SyncError::from_nats(e, "deleting a stale consumer"))?;
         }
         Ok(out)
     }
@@ -636,12 +702,10 @@ ingress: {maxBodyBytes: 1000}
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].durable_name.as_deref(), Some("processor"));
         assert_eq!(c[0].max_ack_pending, 7);
-        assert_eq!(c[0].max_deliver, 4);
-        assert_eq!(
-            c[0].backoff,
-            vec![Duration::from_secs(16), Duration::from_secs(17)]
-        );
-        assert_eq!(c[0].ack_wait, Duration::from_secs(16));
+        // The processor applies maxAttempts and the backoff schedule.
+        assert_eq!(c[0].max_deliver, -1);
+        assert!(c[0].backoff.is_empty());
+        assert_eq!(c[0].ack_wait, Duration::from_secs(15));
         assert!(c[0].filter_subject.is_empty());
 
         let mut s = s;
@@ -670,6 +734,42 @@ ingress: {maxBodyBytes: 1000}
             diff_stream(&have, &want),
             StreamDiff::Immutable(vec!["storage"])
         );
+    }
+
+    fn consumer(name: &str, filter: &str, floor: u64, pending: u64) -> consumer::Info {
+        serde_json::from_value(serde_json::json!({
+            "stream_name": "s", "name": name, "created": "2026-11-24T00:00:00Z",
+            "config": {"durable_name": name, "filter_subject": filter, "ack_policy": "explicit",
+                       "deliver_policy": "all", "replay_policy": "instant"},
+            "delivered": {"consumer_seq": 0, "stream_seq": 0},
+            "ack_floor": {"consumer_seq": 0, "stream_seq": floor},
+            "num_ack_pending": 0, "num_redelivered": 0, "num_waiting": 0, "num_pending": pending
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn new_consumers_resume_after_the_consumers_they_replace() {
+        // Nothing before: everything stored is delivered.
+        assert_eq!(resume_point(&[], "", 100), None);
+        assert_eq!(resume_point(&[], "in.0", 100), None);
+        // Ordering switched on: every partition starts after the shared
+        // consumer's floor.
+        let shared = [consumer("processor", "", 41, 59)];
+        assert_eq!(resume_point(&shared, "in.0", 100), Some(42));
+        assert_eq!(resume_point(&shared, "in.3", 100), Some(42));
+        // Ordering switched off: the shared consumer starts after the
+        // lowest floor of a partition with a backlog; a partition with
+        // nothing pending has settled everything (its floor may be 0).
+        let parts = [
+            consumer("processor-p0", "in.0", 90, 3),
+            consumer("processor-p1", "in.1", 12, 1),
+            consumer("processor-p2", "in.2", 0, 0),
+        ];
+        assert_eq!(resume_point(&parts, "", 100), Some(13));
+        assert_eq!(resume_point(&parts[2..], "", 100), Some(101));
+        // A partition added: its subject has no history to skip.
+        assert_eq!(resume_point(&parts, "in.3", 100), None);
     }
 
     #[test]

@@ -336,7 +336,11 @@ pub async fn run_controller(
         }),
     )
     .default_backoff()
-    .touched_objects();
+    .touched_objects()
+    // Not our own status writes: each one would trigger a reconcile that
+    // reads a slightly different backlog and writes again, for as long as
+    // traffic flows. Status is refreshed on the resync period instead.
+    .predicate_filter(user_intent, Default::default());
     let (tx, rx) = mpsc::unbounded_channel::<ObjectRef<WebhookEndpoint>>();
     let retrigger =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
@@ -373,4 +377,18 @@ pub async fn run_controller(
         })
         .await;
     notices.abort();
+}
+
+/// What of a WebhookEndpoint starts a reconcile: its spec (generation),
+/// finalizers, deletion, labels and annotations; not its status.
+fn user_intent(e: &WebhookEndpoint) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let m = &e.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.generation.hash(&mut h);
+    m.finalizers.hash(&mut h);
+    m.deletion_timestamp.is_some().hash(&mut h);
+    m.labels.hash(&mut h);
+    m.annotations.hash(&mut h);
+    Some(h.finish())
 }

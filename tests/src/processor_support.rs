@@ -22,9 +22,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap as HttpHeaders, StatusCode};
 use axum::response::{IntoResponse, Response};
-use spillway_api::duration;
+use spillway_api::WebhookEndpointSpec;
 use spillway_api::names::{EndpointNames, partition_of};
+use spillway_api::validate::{Timings, check};
 use spillway_api::wire::{self, ProcessorConfig};
+use spillway_operator::jetstream::consumer_configs;
 use spillway_tests::{bin_path, eventually, free_port, watchdog};
 
 // ---------------------------------------------------------------- endpoint
@@ -45,9 +47,9 @@ pub struct Setup {
     pub rate: Option<u32>,
     pub paused: bool,
     pub signing_secret_file: Option<String>,
-    /// Consumer ack wait; defaults to `timeout` like the operator.
+    /// Consumer ack wait; defaults to the operator's (timeout + margin).
     pub ack_wait: Option<Duration>,
-    /// Consumer max deliver; defaults to `max_attempts` like the operator.
+    /// Consumer max deliver; defaults to the operator's (unlimited).
     pub max_deliver: Option<i64>,
 }
 
@@ -107,44 +109,49 @@ impl Endpoint {
         .context("creating the dead-letter stream")?;
         let ep = Self { setup, names, js };
         let stream = ep.js.get_stream(ep.names.stream()).await?;
-        let timeout = duration::parse(&ep.setup.timeout)?;
-        let backoff = ep
-            .setup
-            .backoff
-            .iter()
-            .map(|b| duration::parse(b))
-            .collect::<Result<Vec<_>, _>>()?;
-        for (consumer, filter, max_ack_pending) in ep.consumer_specs() {
+        // The consumers exactly as the operator configures them, with the
+        // test's overrides on top.
+        for cfg in consumer_configs(&ep.names, &ep.spec()?, &ep.timings()?) {
+            let name = cfg.durable_name.clone().unwrap_or_default();
             stream
                 .create_consumer(consumer::pull::Config {
-                    durable_name: Some(consumer.clone()),
-                    filter_subject: filter,
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: ep.setup.ack_wait.unwrap_or(timeout),
-                    max_deliver: ep
-                        .setup
-                        .max_deliver
-                        .unwrap_or(i64::from(ep.setup.max_attempts)),
-                    backoff: backoff.clone(),
-                    max_ack_pending,
-                    ..Default::default()
+                    ack_wait: ep.setup.ack_wait.unwrap_or(cfg.ack_wait),
+                    max_deliver: ep.setup.max_deliver.unwrap_or(cfg.max_deliver),
+                    ..cfg
                 })
                 .await
-                .with_context(|| format!("creating consumer {consumer}"))?;
+                .with_context(|| format!("creating consumer {name}"))?;
         }
         Ok(ep)
     }
 
-    fn consumer_specs(&self) -> Vec<(String, String, i64)> {
+    /// The WebhookEndpoint spec this setup stands for (what the operator
+    /// would see).
+    pub fn spec(&self) -> Result<WebhookEndpointSpec> {
+        let s = &self.setup;
+        let mut spec = serde_json::json!({
+            "verification": {"scheme": "none"},
+            "processor": {
+                "sink": {"url": "http://sink.invalid/"},
+                "concurrency": s.concurrency,
+                "timeout": s.timeout,
+                "retry": {"maxAttempts": s.max_attempts, "backoff": s.backoff},
+            },
+        });
+        if let Some(n) = s.partitions {
+            spec["ordering"] = serde_json::json!({"keyHeader": "X-Key", "partitions": n});
+        }
+        Ok(serde_json::from_value(spec)?)
+    }
+
+    fn timings(&self) -> Result<Timings> {
+        check(&self.spec()?).map_err(|p| anyhow::anyhow!("invalid setup: {}", p.join("; ")))
+    }
+
+    fn consumer_names(&self) -> Vec<String> {
         match self.setup.partitions {
-            None => vec![(
-                self.names.consumer(None),
-                self.names.stream_subjects(),
-                i64::from(self.setup.concurrency),
-            )],
-            Some(n) => (0..n)
-                .map(|p| (self.names.consumer(Some(p)), self.names.subject(p), 1))
-                .collect(),
+            None => vec![self.names.consumer(None)],
+            Some(n) => (0..n).map(|p| self.names.consumer(Some(p))).collect(),
         }
     }
 
@@ -154,7 +161,7 @@ impl Endpoint {
         ProcessorConfig {
             endpoint: format!("{}/{}", s.namespace, s.name),
             stream: self.names.stream(),
-            consumers: self.consumer_specs().into_iter().map(|c| c.0).collect(),
+            consumers: self.consumer_names(),
             dead_letter_subject: s.dead_letter.then(|| self.names.dead_letter_subject()),
             sink_url: sink_url.into(),
             concurrency: s.concurrency,

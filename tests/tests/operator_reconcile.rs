@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Result;
-use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
@@ -254,14 +254,15 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
     );
     let c = stream.consumer_info("processor").await?;
     assert_eq!(c.config.max_ack_pending, 10);
-    assert_eq!(c.config.max_deliver, 4);
+    // maxAttempts and the backoff schedule are the processor's: JetStream
+    // would stop delivering at max_deliver (losing a message whose last
+    // attempt did not finish) and stretch delayed NAKs by its backoff.
+    assert_eq!(c.config.max_deliver, -1);
+    assert!(c.config.backoff.is_empty());
     assert_eq!(
-        c.config.backoff,
-        vec![Duration::from_secs(16), Duration::from_secs(17)]
-    );
-    assert!(
-        c.config.ack_wait >= Duration::from_secs(10),
-        "ack wait covers the timeout"
+        c.config.ack_wait,
+        Duration::from_secs(15),
+        "timeout + margin"
     );
     let mut dlq = js.get_stream(names.dead_letter_stream()).await?;
     let dlq_info = dlq.info().await?;
@@ -863,14 +864,60 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
     let cfg = config_of(&env.deployment("ord").await?)?;
     assert_eq!(cfg.consumers.len(), 3);
 
-    // Fewer partitions: the surplus consumer goes.
-    env.patch_spec("ord", json!({"ordering": {"partitions": 2}}))
+    // Fewer partitions would strand what is stored on the removed ones:
+    // the API server refuses.
+    let err = env
+        .patch_spec("ord", json!({"ordering": {"partitions": 2}}))
+        .await
+        .expect_err("partitions cannot shrink");
+    assert!(err.to_string().contains("cannot be reduced"), "{err}");
+
+    // Traffic: seqs 1-4 and 6 on partition 0, 5 on partition 1; partition
+    // 0 settles 1-4 (6 stays pending), partition 1 settles 5.
+    for (i, p) in [0u16, 0, 0, 0, 1, 0].into_iter().enumerate() {
+        js.publish(names.subject(p), format!("{{\"n\":{i}}}").into())
+            .await?
+            .await?;
+    }
+    for (p, n) in [(0u16, 4), (1, 1)] {
+        let c: PullConsumer = stream
+            .get_consumer(&names.consumer(Some(p)))
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let mut msgs = c.fetch().max_messages(n).messages().await?;
+        while let Some(m) = msgs.next().await {
+            m.map_err(|e| anyhow::anyhow!(e))?
+                .double_ack()
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+        }
+    }
+
+    // More partitions: the new one has no history to skip.
+    env.patch_spec("ord", json!({"ordering": {"partitions": 4}}))
         .await?;
-    eventually(WAIT, "processor-p2 deleted", || async {
-        stream.consumer_info(names.consumer(Some(2))).await.is_err()
+    eventually(WAIT, "processor-p3 created", || async {
+        stream.consumer_info(names.consumer(Some(3))).await.is_ok()
     })
     .await?;
-    assert!(stream.consumer_info(names.consumer(Some(1))).await.is_ok());
+    let p3 = stream.consumer_info(names.consumer(Some(3))).await?;
+    assert_eq!(p3.config.deliver_policy, DeliverPolicy::All);
+
+    // Ordering off: the shared consumer replaces the partitions and starts
+    // after what they settled (5: the lowest floor with a backlog, p0's),
+    // not at the start of the history.
+    env.patch_spec("ord", json!({"ordering": null})).await?;
+    eventually(WAIT, "shared consumer, partitions gone", || async {
+        stream.consumer_info("processor").await.is_ok()
+            && stream.consumer_info(names.consumer(Some(0))).await.is_err()
+    })
+    .await?;
+    let shared = stream.consumer_info("processor").await?;
+    assert_eq!(
+        shared.config.deliver_policy,
+        DeliverPolicy::ByStartSequence { start_sequence: 5 }
+    );
+    assert_eq!(shared.num_pending, 2, "seqs 5 and 6 only");
 
     // Storage cannot change in place: reported, stream untouched.
     env.patch_spec("ord", json!({"stream": {"storage": "file"}}))

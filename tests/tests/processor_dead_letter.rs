@@ -162,10 +162,11 @@ async fn a_failed_dead_letter_publish_keeps_the_message() -> Result<()> {
     let ep = Endpoint::create(
         js.clone(),
         Setup {
-            max_attempts: 2,
+            // The operator's consumer: JetStream does not stop redelivering
+            // after maxAttempts (with max_deliver = 1 it would drop this
+            // message after the failed dead-letter publish).
+            max_attempts: 1,
             backoff: vec!["200ms".into()],
-            // Room for redeliveries after the last attempt.
-            max_deliver: Some(-1),
             ..Setup::default()
         },
     )
