@@ -382,7 +382,8 @@ pub enum DedupSource {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.keyHeader) != has(self.keyJsonPointer)", "message": "ordering needs exactly one of keyHeader or keyJsonPointer"}
+    {"rule": "has(self.keyHeader) != has(self.keyJsonPointer)", "message": "ordering needs exactly one of keyHeader or keyJsonPointer"},
+    {"rule": "self.partitions >= oldSelf.partitions", "message": "ordering.partitions cannot be reduced: webhooks already stored on the removed partitions would never be delivered; keep the number, or create a new endpoint"}
 ]))]
 pub struct Ordering {
     /// Request header whose value is the ordering key.
