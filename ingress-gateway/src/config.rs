@@ -110,6 +110,10 @@ pub struct Cli {
     /// Time given to in-flight requests on shutdown [default 25s].
     #[arg(long, env = "SPILLWAY_GATEWAY_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<String>,
+    /// On SIGTERM, time /readyz answers 503 while webhooks are still served,
+    /// before the listener closes; `0s` to close at once [default 5s].
+    #[arg(long, env = "SPILLWAY_GATEWAY_DRAIN_DELAY")]
+    pub drain_delay: Option<String>,
     /// Log format [default json].
     #[arg(long, env = "SPILLWAY_GATEWAY_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -153,6 +157,7 @@ struct FileConfig {
     max_concurrent_requests: Option<usize>,
     retry_after: Option<String>,
     shutdown_grace: Option<String>,
+    drain_delay: Option<String>,
     log_format: Option<LogFormat>,
 }
 
@@ -219,6 +224,9 @@ pub struct Config {
     pub retry_after: Duration,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
+    /// Time between the shutdown signal (readiness turns false) and closing
+    /// the listener.
+    pub drain_delay: Duration,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -249,6 +257,7 @@ impl Default for Config {
             max_concurrent_requests: 256,
             retry_after: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(25),
+            drain_delay: Duration::from_secs(5),
             log_format: LogFormat::Json,
         }
     }
@@ -272,6 +281,14 @@ impl Config {
         };
         let d = Config::default();
         let mut problems = Vec::new();
+        // Zero is allowed here: close the listener right away.
+        let drain_delay = match cli.drain_delay.or(file.drain_delay) {
+            None => d.drain_delay,
+            Some(s) => duration::parse(&s).unwrap_or_else(|e| {
+                problems.push(format!("drainDelay: {e}"));
+                d.drain_delay
+            }),
+        };
         let mut dur = |name: &str, v: Option<String>, default: Duration| match v {
             None => default,
             Some(s) => match duration::parse(&s) {
@@ -353,6 +370,7 @@ impl Config {
                 cli.shutdown_grace.or(file.shutdown_grace),
                 d.shutdown_grace,
             ),
+            drain_delay,
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
         };
         if c.source == SourceKind::File && c.endpoints_file.is_none() {
@@ -396,6 +414,9 @@ mod tests {
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.publish_timeout, Duration::from_secs(5));
         assert_eq!(c.max_concurrent_requests, 256);
+        assert_eq!(c.drain_delay, Duration::from_secs(5));
+        let zero = Cli::try_parse_from(["spillway-gateway", "--drain-delay", "0s"]).unwrap();
+        assert_eq!(Config::load(zero).unwrap().drain_delay, Duration::ZERO);
 
         let dir = std::env::temp_dir().join(format!("spillway-gw-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -493,12 +514,14 @@ mod tests {
             public_base_url: Some("hooks.example.com".into()),
             max_header_bytes: Some(10),
             max_concurrent_requests: Some(0),
+            drain_delay: Some("5".into()),
             ..Cli::default()
         };
         let Err(ConfigError::Invalid(p)) = Config::load(cli) else {
             panic!("expected invalid")
         };
-        assert_eq!(p.len(), 5, "{p:?}");
+        assert_eq!(p.len(), 6, "{p:?}");
+        assert!(p.iter().any(|p| p.starts_with("drainDelay: ")), "{p:?}");
         assert!(p.contains(&"maxConcurrentRequests must be at least 1".to_owned()));
     }
 }

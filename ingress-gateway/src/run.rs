@@ -50,8 +50,9 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stop accepting, drain in-flight requests and publishes, flush NATS,
-    /// then return.
+    /// Turn `/readyz` to 503, keep serving for the drain delay, then stop
+    /// accepting, drain in-flight requests and publishes, flush NATS, and
+    /// return.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
@@ -139,7 +140,10 @@ pub async fn start(
         idle_timeout: config.idle_timeout,
         shutdown_grace: config.shutdown_grace,
     };
+    // `tx`: shutdown requested; `close_tx`: stop accepting, after the
+    // drain delay.
     let (tx, rx) = watch::channel(false);
+    let (close_tx, close_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
@@ -150,11 +154,25 @@ pub async fn start(
             shutdown_grace: std::time::Duration::from_secs(1),
             ..opts.clone()
         },
-        stopped(rx.clone()),
+        stopped(close_rx.clone()),
     ));
     let gw = gateway.clone();
+    let drain_delay = config.drain_delay;
     let task = tokio::spawn(async move {
-        server::serve(listener, server::app(gw.clone()), opts, stopped(rx)).await;
+        let drain = async {
+            stopped(rx).await;
+            gw.start_draining();
+            info!(
+                drain_delay = %spillway_api::duration::format(drain_delay),
+                "shutdown requested: /readyz answers 503; still serving until the drain delay is over"
+            );
+            tokio::time::sleep(drain_delay).await;
+            let _ = close_tx.send(true);
+        };
+        tokio::join!(
+            server::serve(listener, server::app(gw.clone()), opts, stopped(close_rx)),
+            drain
+        );
         gw.flush().await;
         source_task.abort();
         let _ = admin_task.await;

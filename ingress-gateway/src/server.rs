@@ -78,6 +78,7 @@ pub struct Gateway {
     js: jetstream::Context,
     permits: Semaphore,
     requests: Semaphore,
+    draining: AtomicBool,
     clock: DefaultClock,
 }
 
@@ -96,6 +97,7 @@ impl Gateway {
         Self {
             permits: Semaphore::new(limits.max_in_flight_publishes.max(1)),
             requests: Semaphore::new(limits.max_concurrent_requests.max(1)),
+            draining: AtomicBool::new(false),
             router,
             metrics,
             synced,
@@ -106,10 +108,22 @@ impl Gateway {
         }
     }
 
-    /// Ready: routing table synced and NATS connected.
+    /// Ready: not shutting down, routing table synced and NATS connected.
     pub fn ready(&self) -> bool {
-        self.synced.load(AtomicOrdering::Acquire)
+        !self.draining()
+            && self.synced.load(AtomicOrdering::Acquire)
             && self.nats.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Shutdown has begun: `/readyz` answers 503 from now on (so load
+    /// balancers stop sending) while webhooks are still served.
+    pub fn start_draining(&self) {
+        self.draining.store(true, AtomicOrdering::Release);
+    }
+
+    /// Whether [`start_draining`](Self::start_draining) was called.
+    pub fn draining(&self) -> bool {
+        self.draining.load(AtomicOrdering::Acquire)
     }
 
     /// Flush what the NATS client still buffers, waiting at most
@@ -953,6 +967,25 @@ mod tests {
             "{m}"
         );
         assert!(!gw.ready(), "not ready without NATS");
+    }
+
+    #[tokio::test]
+    async fn readyz_turns_503_when_draining_while_webhooks_are_served() {
+        let gw = gateway().await;
+        let admin = admin_app(gw.clone());
+        let readyz = || Request::get("/readyz").body(Body::empty()).unwrap();
+        assert!(!gw.draining());
+        gw.start_draining();
+        assert!(gw.draining() && !gw.ready());
+        let r = admin.clone().oneshot(readyz()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // Still handled like before (here: verified, then 503 only because
+        // this NATS does not exist).
+        let r = app(gw.clone())
+            .oneshot(signed("/plain", b"{}"))
+            .await
+            .unwrap();
+        assert_eq!(body_text(r).await, r#"{"error":"store_unavailable"}"#);
     }
 
     #[tokio::test]

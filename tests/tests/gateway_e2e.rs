@@ -151,6 +151,7 @@ impl World {
             publish_timeout: Duration::from_secs(2),
             retry_after: Duration::from_secs(3),
             shutdown_grace: Duration::from_secs(5),
+            drain_delay: Duration::ZERO,
             ..Config::default()
         };
         let mut config = config;
@@ -1419,8 +1420,13 @@ struct FileModeGateway {
 
 impl FileModeGateway {
     /// Start it with the secret `secret_value` and `extra` lines in its
-    /// config file; wait until it is ready.
+    /// config file (`drainDelay: 0s` unless `extra` sets it); wait until it
+    /// is ready.
     async fn start(nats: &NatsServer, secret_value: &str, extra: &str) -> Result<Self> {
+        let mut extra = extra.to_owned();
+        if !extra.contains("drainDelay:") {
+            extra.push_str("drainDelay: 0s\n");
+        }
         let names = EndpointNames::new("local", "gh");
         let stream = nats
             .jetstream()
@@ -1527,6 +1533,49 @@ async fn binary_in_file_mode_serves_logs_json_and_stops_on_sigterm() -> Result<(
     }
     assert!(logs.contains("gateway stopped"), "{logs}");
     assert!(!logs.contains("It's a Secret"), "no secrets in logs");
+    Ok(())
+}
+
+/// SIGTERM first turns readiness off while webhooks are still stored, and
+/// closes the listener only after `drainDelay`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_on_sigterm_turns_unready_and_serves_through_the_drain_delay() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let secret = "It's a Secret to Everybody";
+    let mut gw = FileModeGateway::start(&nats, secret, "drainDelay: 5s\n").await?;
+    let (addr, admin) = (gw.addr, gw.admin);
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &gw.child.0.id().to_string()])
+        .status()?;
+    assert!(st.success());
+    eventually(
+        Duration::from_secs(3),
+        "/readyz 503 after SIGTERM",
+        || async {
+            http_raw(admin, "GET", "/readyz", &[], b"", true)
+                .await
+                .is_ok_and(|r| r.status == 503)
+        },
+    )
+    .await?;
+    let body = br#"{"zen":"Still here."}"#;
+    let r = post(addr, "/gh", &github_headers(secret, body, "drain-1"), body).await?;
+    assert_eq!(r.status, 200, "served during the drain delay: {r:?}");
+    assert_eq!(gw.stream.info().await?.state.messages, 1);
+    let mut exited = None;
+    for _ in 0..150 {
+        if let Some(s) = gw.child.0.try_wait()? {
+            exited = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = exited.context("gateway did not stop after the drain delay")?;
+    assert!(status.success(), "{status}");
+    assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
+    let logs = std::fs::read_to_string(&gw.log)?;
+    assert!(logs.contains("shutdown requested"), "{logs}");
+    assert!(logs.contains("gateway stopped"), "{logs}");
     Ok(())
 }
 

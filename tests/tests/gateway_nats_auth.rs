@@ -53,6 +53,7 @@ fn config(site: &Path, nats_url: &str) -> Config {
         publish_timeout: Duration::from_secs(2),
         retry_after: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(1),
+        drain_delay: Duration::ZERO,
         ..Config::default()
     }
 }
