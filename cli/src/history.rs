@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt as _;
@@ -48,6 +48,9 @@ pub struct Reader {
     msgs: consumer::pull::Ordered,
     last: u64,
     done: bool,
+    /// JetStream said more messages follow (at open, or with the last one
+    /// read): silence then is a stall, not the end.
+    more: bool,
 }
 
 impl std::fmt::Debug for Reader {
@@ -86,6 +89,7 @@ impl Reader {
             })
             .await
             .map_err(|e| anyhow::anyhow!("creating a reader on {stream}: {e}"))?;
+        let more = c.cached_info().num_pending > 0;
         let msgs = c
             .messages()
             .await
@@ -95,6 +99,7 @@ impl Reader {
             msgs,
             last,
             done: false,
+            more,
         })
     }
 
@@ -104,6 +109,15 @@ impl Reader {
             return Ok(None);
         }
         let next = match tokio::time::timeout(IDLE, self.msgs.next()).await {
+            Err(_) | Ok(None) if self.more => {
+                self.done = true;
+                bail!(
+                    "reading {} stalled for {}s before sequence {} (NATS slow or unavailable?)",
+                    self.stream,
+                    IDLE.as_secs(),
+                    self.last
+                );
+            }
             Err(_) | Ok(None) => {
                 self.done = true;
                 return Ok(None);
@@ -123,6 +137,7 @@ impl Reader {
         if seq >= self.last || pending == 0 {
             self.done = true;
         }
+        self.more = pending > 0;
         let m = next.message;
         Ok(Some(Stored {
             seq,
