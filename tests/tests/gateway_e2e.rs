@@ -1294,6 +1294,74 @@ async fn header_limits_slow_senders_and_graceful_shutdown() -> Result<()> {
     Ok(())
 }
 
+/// An empty Secret value is no key: with only empty values the endpoint
+/// answers 503 (like a missing Secret), never 2xx to a request "signed" with
+/// the empty key or carrying an empty token; a real value makes it serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_secret_values_never_verify() -> Result<()> {
+    let w = World::new("gw-empty").await?;
+    let secret = |v: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: blank}}\nstringData: {{gitlab: \"{v}\", github: \"{v}\"}}\n"
+        )
+    };
+    let mut y = secret("");
+    y += &endpoint(
+        "gl",
+        "/empty/gl",
+        "{scheme: gitlab, secretRefs: [{name: blank, key: gitlab}]}",
+        "",
+    );
+    y += &endpoint(
+        "gh",
+        "/empty/gh",
+        "{scheme: github, secretRefs: [{name: blank, key: github}]}",
+        "",
+    );
+    w.apply(&y)?;
+    w.stream("gl", -1).await?;
+    w.stream("gh", -1).await?;
+    let gateway = w.gw.gateway.clone();
+    eventually(Duration::from_secs(15), "routes and Secret synced", || {
+        let t = gateway.router.table();
+        let ok = gateway.synced.load(std::sync::atomic::Ordering::Acquire)
+            && t.get("/empty/gl").is_some()
+            && t.get("/empty/gh").is_some();
+        async move { ok }
+    })
+    .await?;
+    let addr = w.addr();
+    let body = br#"{"object_kind":"push"}"#;
+    let empty_token = h(&[("X-Gitlab-Token", "")]);
+    let r = post(addr, "/empty/gl", &empty_token, body).await?;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("3"));
+    assert!(r.body.contains("not_ready"), "{r:?}");
+    let forged = github_headers("", body, "forged");
+    let r = post(addr, "/empty/gh", &forged, body).await?;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(w.count("gl").await? + w.count("gh").await?, 0);
+
+    w.apply(&secret("now-set"))?;
+    w.routed("/empty/gl").await?;
+    w.routed("/empty/gh").await?;
+    assert_eq!(
+        post(addr, "/empty/gl", &empty_token, body).await?.status,
+        401
+    );
+    assert_eq!(post(addr, "/empty/gh", &forged, body).await?.status, 401);
+    let r = post(
+        addr,
+        "/empty/gl",
+        &h(&[("X-Gitlab-Token", "now-set")]),
+        body,
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{r:?}");
+    w.gw.shutdown().await;
+    Ok(())
+}
+
 /// The global cap on requests in progress: a sender that never finishes its
 /// body holds the only slot, the next request is answered 503 + Retry-After
 /// before its body is read, and once the slot is free requests are stored.
