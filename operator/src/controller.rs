@@ -894,6 +894,27 @@ async fn processor(
             None,
         ));
     }
+    let was_keda = current.as_deref().is_some_and(render::scaled_by_keda);
+    if use_keda
+        && !was_keda
+        && let Some(r) = current.as_ref().and_then(|d| d.spec.replicas)
+    {
+        // Handing replicas over to KEDA: an apply that leaves out a field
+        // the operator owns would remove it (back to 1 replica until the
+        // HPA acts). Another manager holds the current count meanwhile.
+        deployments
+            .patch(
+                &dname,
+                &PatchParams::apply(render::HANDOVER_FIELD_MANAGER).force(),
+                &Patch::Apply(json!({
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": {"name": dname},
+                    "spec": {"replicas": r},
+                })),
+            )
+            .await?;
+    }
     let applied = match &current {
         Some(have) if render::up_to_date(have, &want) => have.clone(),
         _ => {
@@ -917,15 +938,27 @@ async fn processor(
             Arc::new(d)
         }
     };
+    let scaled_objects = || {
+        Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &ns, &scaled_object_resource())
+    };
     if use_keda {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(ctx.client.clone(), &ns, &scaled_object_resource());
-        api.patch(
-            &dname,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(scaled_object(ep, names, &ctx.settings)),
-        )
-        .await?;
+        scaled_objects()
+            .patch(
+                &dname,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(scaled_object(ep, names, &ctx.settings)),
+            )
+            .await?;
+    } else if was_keda {
+        // Back to builtin scaling: KEDA's HPA must not scale against it.
+        match scaled_objects()
+            .delete(&dname, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => info!(endpoint = %key(ep), "deleted the KEDA ScaledObject (builtin scaling)"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 
     let ready = applied

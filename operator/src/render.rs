@@ -32,6 +32,13 @@ pub const CONFIG_HASH: &str = "spillway.dev/config-hash";
 /// Deployment annotation: hash of everything the operator renders, to skip
 /// writes when nothing changed.
 pub const RENDER_HASH: &str = "spillway.dev/render-hash";
+/// Deployment annotation: `keda` while a KEDA ScaledObject scales it (its
+/// replicas are left to KEDA's HPA), `builtin` otherwise.
+pub const AUTOSCALER: &str = "spillway.dev/autoscaler";
+/// Field manager that briefly holds `spec.replicas` when scaling is handed
+/// over to KEDA, so the operator's next apply (without replicas) does not
+/// reset them to 1.
+pub const HANDOVER_FIELD_MANAGER: &str = "spillway-operator-handover";
 /// Label naming the owning endpoint (`instance` may be shortened).
 pub const ENDPOINT_LABEL: &str = "spillway.dev/endpoint";
 /// Environment variable with the NATS URL for the processor.
@@ -502,22 +509,41 @@ pub fn deployment(
                 .as_bytes()
         )
     );
-    d.metadata.annotations = Some(BTreeMap::from([(RENDER_HASH.into(), render_hash)]));
+    let autoscaler = if replicas.is_none() {
+        "keda"
+    } else {
+        "builtin"
+    };
+    d.metadata.annotations = Some(BTreeMap::from([
+        (RENDER_HASH.into(), render_hash),
+        (AUTOSCALER.into(), autoscaler.into()),
+    ]));
     Ok(d)
+}
+
+/// Whether a Deployment from the cluster was last applied for KEDA.
+pub fn scaled_by_keda(d: &Deployment) -> bool {
+    d.meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(AUTOSCALER))
+        .is_some_and(|v| v == "keda")
 }
 
 /// Whether `have` (from the cluster) already carries what was rendered.
 pub fn up_to_date(have: &Deployment, want: &Deployment) -> bool {
-    let hash = |d: &Deployment| {
+    let annotation = |d: &Deployment, k: &str| {
         d.meta()
             .annotations
             .as_ref()
-            .and_then(|a| a.get(RENDER_HASH).cloned())
+            .and_then(|a| a.get(k).cloned())
     };
+    let hash = |d: &Deployment| annotation(d, RENDER_HASH);
     // Replicas are compared too, so a manual scale is put back; with KEDA
     // (`None`) they belong to the HPA.
     hash(have).is_some()
         && hash(have) == hash(want)
+        && annotation(have, AUTOSCALER) == annotation(want, AUTOSCALER)
         && (want.spec.replicas.is_none() || have.spec.replicas == want.spec.replicas)
 }
 

@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use operator_support::operator_settings;
 use serde_json::json;
 use spillway_api::WebhookEndpoint;
@@ -186,7 +186,7 @@ async fn refuses_without_crd_then_elects_one_leader_and_fails_over() -> Result<(
         &client,
         &ns,
         "keda",
-        json!({"replicas": {"min": 1, "max": 2, "autoscaler": "keda"}}),
+        json!({"replicas": {"min": 2, "max": 3, "autoscaler": "keda"}}),
     )
     .await?;
     eventually(WAIT, "KedaNotInstalled", || async {
@@ -198,7 +198,7 @@ async fn refuses_without_crd_then_elects_one_leader_and_fails_over() -> Result<(
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     assert_eq!(
         deployments.get("keda-processor").await?.spec.replicas,
-        Some(1)
+        Some(2)
     );
 
     // With KEDA's CRD present, a ScaledObject on the consumer's lag.
@@ -248,7 +248,7 @@ spec:
     .await?;
     let so = scaled.get("keda-processor").await?;
     assert_eq!(so.data["spec"]["scaleTargetRef"]["name"], "keda-processor");
-    assert_eq!(so.data["spec"]["maxReplicaCount"], 2);
+    assert_eq!(so.data["spec"]["maxReplicaCount"], 3);
     assert_eq!(so.data["spec"]["triggers"][0]["type"], "nats-jetstream");
     assert_eq!(
         so.data["spec"]["triggers"][0]["metadata"]["consumer"],
@@ -260,6 +260,30 @@ spec:
             .is_some_and(|c| c.1 != "KedaNotInstalled")
     })
     .await?;
+    // Handed over to KEDA without dropping to the default of 1 replica.
+    assert_eq!(
+        deployments.get("keda-processor").await?.spec.replicas,
+        Some(2)
+    );
+    // Back to builtin: the ScaledObject (and so KEDA's HPA) goes, the
+    // operator scales again.
+    Api::<WebhookEndpoint>::namespaced(client.clone(), &ns)
+        .patch(
+            "keda",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"processor": {"replicas": {"autoscaler": "builtin"}}}})),
+        )
+        .await?;
+    eventually(WAIT, "ScaledObject deleted", || async {
+        scaled
+            .get_opt("keda-processor")
+            .await
+            .is_ok_and(|o| o.is_none())
+    })
+    .await?;
+    let d = deployments.get("keda-processor").await?;
+    assert_eq!(d.spec.replicas, Some(2));
+    assert_eq!(d.annotations()["spillway.dev/autoscaler"], "builtin");
     // A clean stop releases the Lease for the next replica at once.
     standby.stop().await;
     let spec = leases
