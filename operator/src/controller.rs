@@ -24,7 +24,7 @@ use spillway_api::names::{EndpointNames, default_path, path_precedence};
 use spillway_api::validate::{Timings, check};
 use spillway_api::wire::redact_url;
 use spillway_api::{
-    Autoscaler, Backlog, DeletionPolicy, ReplicaStatus, SecretKeyRef, WebhookEndpoint,
+    Autoscaler, Backlog, DeletionPolicy, ReplicaStatus, Scheme, SecretKeyRef, WebhookEndpoint,
     WebhookEndpointStatus,
 };
 use tokio::sync::mpsc;
@@ -304,6 +304,18 @@ pub fn secret_refs(ep: &WebhookEndpoint) -> Vec<(String, &SecretKeyRef)> {
     out
 }
 
+/// Whether a Secret value is no secret at all: empty, or (for Standard
+/// Webhooks secrets, `whsec` true) a `whsec_` prefix with nothing after it.
+/// The gateway ignores such values (an empty HMAC key makes every signature
+/// computable by anyone).
+pub fn secret_value_is_empty(value: &[u8], whsec: bool) -> bool {
+    value.is_empty()
+        || (whsec
+            && value
+                .strip_prefix(b"whsec_")
+                .is_some_and(|rest| rest.trim_ascii().is_empty()))
+}
+
 /// Why processor pods cannot start for want of a NATS Secret of the
 /// operator's settings (`found`: that Secret in namespace `ns`, if it
 /// exists): a `ProcessorReady` reason and message, or `None` when it is
@@ -398,15 +410,36 @@ async fn accept(ep: &WebhookEndpoint, ctx: &Context) -> Result<Result<Timings, R
                 }));
             }
             Some(s) => {
-                let has = s.data.as_ref().is_some_and(|d| d.contains_key(&r.key))
-                    || s.string_data
-                        .as_ref()
-                        .is_some_and(|d| d.contains_key(&r.key));
-                if !has {
+                let value = s
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(&r.key))
+                    .map(|v| v.0.as_slice())
+                    .or_else(|| {
+                        s.string_data
+                            .as_ref()
+                            .and_then(|d| d.get(&r.key))
+                            .map(|v| v.as_bytes())
+                    });
+                let Some(value) = value else {
                     return Ok(Err(Rejection {
                         reason: "SecretKeyMissing",
                         message: format!(
                             "Secret {ns}/{} has no key {:?} (referenced by {field})",
+                            r.name, r.key
+                        ),
+                    }));
+                };
+                let whsec = field == "processor.signing.secretRef"
+                    || (field.starts_with("verification.")
+                        && ep.spec.verification.scheme == Scheme::StandardWebhooks);
+                if secret_value_is_empty(value, whsec) {
+                    return Ok(Err(Rejection {
+                        reason: "SecretKeyEmpty",
+                        message: format!(
+                            "Secret {ns}/{} key {:?} (referenced by {field}) is empty; \
+                             the gateway does not use it (requests are answered 503 while no \
+                             secret of the endpoint has a value); put the secret in it",
                             r.name, r.key
                         ),
                     }));
@@ -1163,6 +1196,17 @@ async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_secret_values_are_no_secrets() {
+        assert!(secret_value_is_empty(b"", false));
+        assert!(secret_value_is_empty(b"", true));
+        assert!(!secret_value_is_empty(b"whsec_", false), "a literal token");
+        assert!(secret_value_is_empty(b"whsec_", true));
+        assert!(secret_value_is_empty(b"whsec_ \n", true));
+        assert!(!secret_value_is_empty(b"whsec_MfKQ9r8G", true));
+        assert!(!secret_value_is_empty(b"x", false));
+    }
 
     #[test]
     fn processor_nats_secrets_are_judged_by_name_and_keys() {

@@ -568,13 +568,26 @@ async fn missing_secret_and_path_conflict_are_reported() -> Result<()> {
     env.wait_condition("a", "Accepted", "False", Some("SecretKeyMissing"))
         .await?;
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
-    secrets
-        .patch(
-            "gh",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"stringData": {"secret": "x"}})),
-        )
+    let set = |v: &'static str| {
+        let secrets = secrets.clone();
+        async move {
+            secrets
+                .patch(
+                    "gh",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"stringData": {"secret": v}})),
+                )
+                .await
+        }
+    };
+    // The key is there but empty: no secret at all (the gateway ignores it).
+    set("").await?;
+    let ep = env
+        .wait_condition("a", "Accepted", "False", Some("SecretKeyEmpty"))
         .await?;
+    let msg = condition(&ep, "Accepted").unwrap().2;
+    assert!(msg.contains("is empty") && msg.contains("\"secret\""), "{msg}");
+    set("x").await?;
     env.wait_condition("a", "Accepted", "True", None).await?;
     env.wait_condition("a", "StreamReady", "True", None).await?;
 
