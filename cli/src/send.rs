@@ -75,11 +75,9 @@ pub async fn run(args: SendArgs, we: Option<WebhookEndpoint>) -> Result<u16> {
         (None, None) => spillway_api::names::default_path(&args.ep.namespace, &args.ep.name),
     };
     let generic: Option<GenericHmac> = we.as_ref().and_then(|w| w.spec.verification.hmac.clone());
-    let url = join_url(&args.gateway, &path);
-    let signed_url = we
+    let public_url = we
         .as_ref()
-        .and_then(|w| w.spec.verification.public_url.clone())
-        .unwrap_or_else(|| url.clone());
+        .and_then(|w| w.spec.verification.public_url.clone());
     let secret = match (&args.secret_from, scheme) {
         (_, Scheme::None) => Vec::new(),
         (Some(p), _) => read_secret(p)?,
@@ -95,6 +93,15 @@ pub async fn run(args: SendArgs, we: Option<WebhookEndpoint>) -> Result<u16> {
     } else {
         std::fs::read(&args.body).with_context(|| format!("reading {}", args.body.display()))?
     };
+    // Twilio: a non-form body is covered by a signed bodySHA256 in the URL.
+    let target = sign::target(
+        scheme,
+        &join_url(&args.gateway, &path),
+        public_url.as_deref(),
+        &args.content_type,
+        &body,
+    );
+    let url = target.post;
     let now = time::OffsetDateTime::now_utc();
     let id = args.id.clone().unwrap_or_else(|| {
         format!(
@@ -111,7 +118,7 @@ pub async fn run(args: SendArgs, we: Option<WebhookEndpoint>) -> Result<u16> {
             content_type: &args.content_type,
             now: now.unix_timestamp(),
             id: &id,
-            url: &signed_url,
+            url: &target.signed,
         },
         generic.as_ref(),
     )

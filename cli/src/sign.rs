@@ -17,8 +17,62 @@ pub struct Request<'a> {
     pub now: i64,
     /// A delivery/message id for schemes that carry one.
     pub id: &'a str,
-    /// The full URL the provider would post to (Twilio signs it).
+    /// The URL the provider signs (Twilio): [`Target::signed`].
     pub url: &'a str,
+}
+
+/// Where a test webhook is posted, and the URL that goes into its signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The URL to POST to.
+    pub post: String,
+    /// The URL the provider signs (only Twilio signs one).
+    pub signed: String,
+}
+
+/// The URL to POST to and the URL to sign, for a webhook of `scheme` sent to
+/// `url`.
+///
+/// `public_url` is the endpoint's `verification.publicUrl`, the URL the
+/// provider was given; the gateway appends the request's query string to
+/// it, so the signed URL is `public_url` plus the posted URL's query (or the
+/// posted URL itself when there is no `public_url`).
+///
+/// Twilio signs only the URL (plus the parameters of a form body). For any
+/// other non-empty body it does what Twilio does for JSON: it appends
+/// `bodySHA256=<lowercase hex SHA-256 of the raw body>` to the query string
+/// and signs the URL with it, so the body is covered through its digest.
+/// Form bodies and empty bodies are posted to `url` unchanged.
+pub fn target(
+    scheme: Scheme,
+    url: &str,
+    public_url: Option<&str>,
+    content_type: &str,
+    body: &[u8],
+) -> Target {
+    let mut post = url.to_owned();
+    if scheme == Scheme::Twilio && !is_form(content_type) && !body.is_empty() {
+        post = with_query(&post, &format!("bodySHA256={}", body_sha256(body)));
+    }
+    let signed = match public_url {
+        None => post.clone(),
+        Some(public) => match post.split_once('?') {
+            Some((_, q)) if !q.is_empty() => with_query(public, q),
+            _ => public.to_owned(),
+        },
+    };
+    Target { post, signed }
+}
+
+/// Lowercase hex SHA-256 of `body`, as Twilio's `bodySHA256` carries it.
+pub fn body_sha256(body: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, body))
+}
+
+/// `url` with `query` appended to its query string.
+fn with_query(url: &str, query: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{query}")
 }
 
 fn mac(alg: hmac::Algorithm, secret: &[u8], parts: &[&[u8]]) -> Vec<u8> {
@@ -275,6 +329,101 @@ mod tests {
     }
 
     #[test]
+    fn twilio_json_carries_a_signed_body_sha256_like_twilio() {
+        // Twilio's JSON signature-validation sample: the body's bodySHA256.
+        let body = br#"{"CallSid":"CA1234567890ABCDE","Caller":"+12349013030"}"#;
+        let t = target(
+            Scheme::Twilio,
+            "https://example.com/myapp",
+            None,
+            "application/json",
+            body,
+        );
+        let want = "https://example.com/myapp?bodySHA256=5ccde7145dfb8f56479710896586cb9d5911809d83afbe34627818790db0aec9";
+        assert_eq!(t.post, want);
+        assert_eq!(t.signed, want);
+
+        // The vectors of Twilio's helper libraries (auth token 12345): the
+        // digest is appended to an existing query, or starts one.
+        let body = br#"{"property": "value", "boolean": true}"#;
+        let digest = "0a1ff7634d9ab3b95db5c9a2dfe9416e41502b283a80c7cf19632632f96e6620";
+        assert_eq!(body_sha256(body), digest);
+        for (url, sig) in [
+            (
+                "https://mycompany.com/myapp.php?foo=1&bar=2",
+                "a9nBmqA0ju/hNViExpshrM61xv4=",
+            ),
+            (
+                "https://mycompany.com/myapp.php",
+                "y77kIzt2vzLz71DgmJGsen2scGs=",
+            ),
+        ] {
+            let t = target(
+                Scheme::Twilio,
+                url,
+                None,
+                "application/json; charset=utf-8",
+                body,
+            );
+            let sep = if url.contains('?') { '&' } else { '?' };
+            assert_eq!(t.post, format!("{url}{sep}bodySHA256={digest}"));
+            assert_eq!(t.signed, t.post);
+            let r = Request {
+                body,
+                content_type: "application/json",
+                now: 0,
+                id: "x",
+                url: &t.signed,
+            };
+            let h = headers(Scheme::Twilio, b"12345", &r, None).unwrap();
+            assert_eq!(get(&h, "X-Twilio-Signature"), sig, "{url}");
+        }
+    }
+
+    #[test]
+    fn twilio_target_keeps_form_and_empty_bodies_and_uses_the_public_url() {
+        let url = "http://127.0.0.1:8080/in/tw";
+        for (ct, body) in [
+            ("application/x-www-form-urlencoded", &b"To=%2B1"[..]),
+            (
+                "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+                b"To=%2B1",
+            ),
+            ("application/json", b""),
+        ] {
+            let t = target(Scheme::Twilio, url, None, ct, body);
+            assert_eq!((t.post.as_str(), t.signed.as_str()), (url, url), "{ct}");
+        }
+        // Other schemes never touch the URL.
+        let t = target(Scheme::Github, url, None, "application/json", b"{}");
+        assert_eq!(t.post, url);
+
+        // With verification.publicUrl the public URL is signed, with the
+        // posted URL's query appended (as the gateway rebuilds it).
+        let public = "https://hooks.example.com/tw";
+        let t = target(Scheme::Twilio, url, Some(public), "application/json", b"{}");
+        let digest = body_sha256(b"{}");
+        assert_eq!(t.post, format!("{url}?bodySHA256={digest}"));
+        assert_eq!(t.signed, format!("{public}?bodySHA256={digest}"));
+        let t = target(
+            Scheme::Twilio,
+            &format!("{url}?a=1"),
+            Some(public),
+            "application/x-www-form-urlencoded",
+            b"To=%2B1",
+        );
+        assert_eq!(t.signed, format!("{public}?a=1"));
+        let t = target(
+            Scheme::Twilio,
+            url,
+            Some(public),
+            "application/x-www-form-urlencoded",
+            b"To=%2B1",
+        );
+        assert_eq!(t.signed, public);
+    }
+
+    #[test]
     fn generic_hmac_follows_the_template() {
         let g = GenericHmac {
             header: "X-Sig".into(),
@@ -348,15 +497,23 @@ mod tests {
                 "application/x-www-form-urlencoded",
                 "To=%2B1&From=%2B2",
             ),
+            (
+                Scheme::Twilio,
+                "12345",
+                "application/json",
+                r#"{"CallSid":"CA1"}"#,
+            ),
             (Scheme::Hmac, "generic", "application/json", "{}"),
             (Scheme::None, "", "application/json", "{}"),
         ] {
+            let t = target(scheme, url, None, ct, body.as_bytes());
+            let query = t.post.split_once('?').map(|(_, q)| q.to_owned());
             let r = Request {
                 body: body.as_bytes(),
                 content_type: ct,
                 now,
                 id: "msg_1",
-                url,
+                url: &t.signed,
             };
             let signed = headers(scheme, secret.as_bytes(), &r, Some(&generic)).unwrap();
             let mut h = reqwest::header::HeaderMap::new();
@@ -376,7 +533,7 @@ mod tests {
             let inbound = |body: &'static str| Inbound {
                 headers: &h,
                 body: body.as_bytes(),
-                query: None,
+                query: query.as_deref(),
                 now_unix: now,
             };
             assert_eq!(v.verify(&inbound(body)), Ok(()), "{}", scheme.as_str());
