@@ -838,8 +838,8 @@ pub fn scaled_object(
         },
         "spec": {
             "scaleTargetRef": {"name": deployment_name(&ep.name_any())},
-            "minReplicaCount": r.min,
-            "maxReplicaCount": r.max,
+            "minReplicaCount": render::replica_bounds(&ep.spec.processor).0,
+            "maxReplicaCount": render::replica_bounds(&ep.spec.processor).1,
             "cooldownPeriod": settings.scale_down_cooldown.as_secs(),
             "triggers": triggers,
         }
@@ -884,8 +884,8 @@ async fn processor(
         (None, None)
     } else {
         let input = scaling::Input {
-            min: p.replicas.min,
-            max: p.replicas.max,
+            min: render::replica_bounds(p).0,
+            max: render::replica_bounds(p).1,
             target_backlog_per_replica: p.replicas.target_backlog_per_replica,
             paused: p.paused,
             backlog: synced.map(|s| s.backlog.pending + s.backlog.ack_pending),

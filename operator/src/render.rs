@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use spillway_api::names::{EndpointNames, fnv1a64};
 use spillway_api::validate::Timings;
 use spillway_api::wire::{PROCESSOR_CONFIG_ENV, ProcessorConfig};
-use spillway_api::{UrlScheme, WebhookEndpoint, duration};
+use spillway_api::{ProcessorSpec, UrlScheme, WebhookEndpoint, duration};
 
 use crate::settings::Settings;
 
@@ -124,6 +124,19 @@ pub fn sink_url(ep: &WebhookEndpoint) -> Option<String> {
     ))
 }
 
+/// The processor pods an endpoint may run, `(min, max)`: the spec's bounds
+/// with `max` at most `concurrency` (each pod needs at least one delivery
+/// slot; more pods would each take one and exceed the cap together).
+pub fn replica_bounds(p: &ProcessorSpec) -> (u32, u32) {
+    let max = p.replicas.max.min(p.concurrency).max(1);
+    (p.replicas.min.min(max), max)
+}
+
+/// Each pod's share of `concurrency`: pods at `max` never exceed it together.
+pub fn per_replica(p: &ProcessorSpec) -> u32 {
+    (p.concurrency / replica_bounds(p).1).max(1)
+}
+
 /// The processor's configuration for endpoint `ep`.
 pub fn processor_config(
     ep: &WebhookEndpoint,
@@ -143,7 +156,7 @@ pub fn processor_config(
         dead_letter_subject: p.dead_letter.enabled.then(|| names.dead_letter_subject()),
         sink_url: sink_url(ep).unwrap_or_default(),
         concurrency: p.concurrency,
-        concurrency_per_replica: (p.concurrency / p.replicas.max.max(1)).max(1),
+        concurrency_per_replica: per_replica(p),
         timeout: duration::format(t.delivery_timeout),
         max_attempts: p.retry.max_attempts,
         backoff: t.backoff.iter().map(|d| duration::format(*d)).collect(),
@@ -488,9 +501,21 @@ pub fn deployment(
             },
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::String("25%".into())),
-                    max_unavailable: Some(IntOrString::Int(0)),
+                rolling_update: Some(if ep.spec.ordering.is_some() {
+                    // Ordered: JetStream caps in-flight per partition, not
+                    // in total, so the per-pod shares are the cap: no extra
+                    // pod during a rollout.
+                    RollingUpdateDeployment {
+                        max_surge: Some(IntOrString::Int(0)),
+                        max_unavailable: Some(IntOrString::Int(1)),
+                    }
+                } else {
+                    // Unordered: maxAckPending caps the total; roll without
+                    // losing capacity.
+                    RollingUpdateDeployment {
+                        max_surge: Some(IntOrString::String("25%".into())),
+                        max_unavailable: Some(IntOrString::Int(0)),
+                    }
                 }),
             }),
             template: PodTemplateSpec {
@@ -551,6 +576,37 @@ pub fn up_to_date(have: &Deployment, want: &Deployment) -> bool {
 mod tests {
     use super::*;
     use spillway_api::validate::check;
+
+    #[test]
+    fn pods_never_hold_more_slots_than_the_concurrency() {
+        let spec = |c: u32, min: u32, max: u32| -> ProcessorSpec {
+            serde_json::from_value(serde_json::json!({
+                "sink": {"url": "http://s/"}, "concurrency": c,
+                "replicas": {"min": min, "max": max}
+            }))
+            .unwrap()
+        };
+        for (c, min, max) in [
+            (1, 1, 3),
+            (2, 0, 3),
+            (2, 3, 3),
+            (5, 1, 3),
+            (10, 1, 3),
+            (7, 2, 7),
+        ] {
+            let p = spec(c, min, max);
+            let (lo, hi) = replica_bounds(&p);
+            assert!(
+                lo <= hi && hi <= max && hi <= c,
+                "{c} {min} {max}: {lo} {hi}"
+            );
+            assert!(hi * per_replica(&p) <= c, "{c} {min} {max}");
+            assert!(per_replica(&p) >= 1);
+        }
+        assert_eq!(replica_bounds(&spec(2, 0, 3)), (0, 2));
+        assert_eq!(replica_bounds(&spec(2, 3, 3)), (2, 2));
+        assert_eq!(per_replica(&spec(10, 1, 3)), 3);
+    }
 
     fn endpoint(yaml: &str) -> WebhookEndpoint {
         let mut ep: WebhookEndpoint = serde_yaml_ng::from_str(yaml).unwrap();
