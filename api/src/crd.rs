@@ -348,7 +348,11 @@ pub struct Deduplication {
     /// X-GitHub-Delivery, the Stripe event id, webhook-id,
     /// X-Shopify-Webhook-Id, the Slack event_id, ...; falls back to a body
     /// hash), `header` (the header named in `header`), `bodyHash` (SHA-256 of
-    /// the body) or `none` (no deduplication).
+    /// the body) or `none` (no deduplication). With a body hash (the
+    /// fallback for `hmac`, `none` and requests without a provider id), two
+    /// requests with byte-identical bodies within `window` are one delivery:
+    /// the second is answered 2xx and not stored again. Use `header` or
+    /// `none` for senders that can send the same body twice on purpose.
     #[serde(default)]
     pub source: DedupSource,
     /// Header carrying the delivery id when source is `header`.

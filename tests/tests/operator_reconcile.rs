@@ -586,7 +586,10 @@ async fn missing_secret_and_path_conflict_are_reported() -> Result<()> {
         .wait_condition("a", "Accepted", "False", Some("SecretKeyEmpty"))
         .await?;
     let msg = condition(&ep, "Accepted").unwrap().2;
-    assert!(msg.contains("is empty") && msg.contains("\"secret\""), "{msg}");
+    assert!(
+        msg.contains("is empty") && msg.contains("\"secret\""),
+        "{msg}"
+    );
     set("x").await?;
     env.wait_condition("a", "Accepted", "True", None).await?;
     env.wait_condition("a", "StreamReady", "True", None).await?;
