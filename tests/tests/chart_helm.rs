@@ -2,8 +2,9 @@
 //! kube-apiserver: lint, render with default and with every-feature values
 //! (`charts/spillway/ci/full-values.yaml`) and apply each with
 //! `kubectl apply --dry-run=server`, schema rejections with clear messages,
-//! restricted pod security and labels on everything, and image tags from
-//! the chart's appVersion.
+//! restricted pod security and labels on everything, image tags from the
+//! chart's appVersion, and the gateway's drain settings with a grace period
+//! that covers its shutdown.
 //!
 //! ServiceMonitor, PodMonitor and HTTPRoute are not built into Kubernetes:
 //! the full-values test installs minimal stand-in CRDs for them
@@ -14,6 +15,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -521,6 +523,35 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
             "gateway.autoscaling.enabled=true,gateway.autoscaling.minReplicas=5,gateway.autoscaling.maxReplicas=2",
             &["minReplicas (5) is greater than maxReplicas (2)"],
         ),
+        (
+            "gateway.config.maxConcurrentRequests=0",
+            &["/gateway/config/maxConcurrentRequests", "minimum"],
+        ),
+        (
+            "gateway.config.drainDelay=5sec",
+            &["/gateway/config/drainDelay", "does not match pattern"],
+        ),
+        // The gateway reads whole ms/s/m/h parts only.
+        (
+            "gateway.config.drainDelay=1.5s",
+            &["/gateway/config/drainDelay", "does not match pattern"],
+        ),
+        (
+            "gateway.config.maxHeaderBytes=4096",
+            &["/gateway/config/maxHeaderBytes", "minimum"],
+        ),
+        (
+            "gateway.terminationGracePeriodSeconds=35",
+            &[
+                "gateway.terminationGracePeriodSeconds (35) must exceed",
+                "drainDelay (5s) + shutdownGrace (25s) + publishTimeout (5s) = 35s",
+                "at least 36",
+            ],
+        ),
+        (
+            "gateway.terminationGracePeriodSeconds=85,gateway.config.drainDelay=1m,gateway.config.publishTimeout=500ms",
+            &["= 85.5s", "at least 86", "computes it (91)"],
+        ),
     ];
     for (set, want) in cases {
         let err = match render(cp, "spillway-system", &["--set", set]) {
@@ -555,6 +586,163 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
             .is_empty(),
         "nothing was installed"
     );
+    Ok(())
+}
+
+/// The gateway as the chart configures it: its config file (the ConfigMap,
+/// loaded with the gateway's own config loader, which refuses unknown
+/// keys), the Deployment's config hash, grace period and readiness probe.
+struct GatewayShutdown {
+    config: spillway_gateway::config::Config,
+    config_hash: String,
+    grace_seconds: u64,
+    /// periodSeconds × failureThreshold of the readiness probe: how long
+    /// after /readyz turns 503 the kubelet marks the pod not ready, at most.
+    readiness_window_seconds: u64,
+}
+
+fn gateway_shutdown(objs: &[Value]) -> Result<GatewayShutdown> {
+    let cm = objs
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "spillway-gateway")
+        .context("gateway ConfigMap")?;
+    let text = cm["data"]["config.yaml"]
+        .as_str()
+        .context("config.yaml in the gateway ConfigMap")?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, text)?;
+    let config = spillway_gateway::config::Config::load(spillway_gateway::config::Cli {
+        config: Some(file),
+        ..Default::default()
+    })
+    .with_context(|| format!("the gateway refuses the chart's config file:\n{text}"))?;
+
+    let gw = objs
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "spillway-gateway")
+        .context("gateway Deployment")?;
+    let pod = &gw["spec"]["template"]["spec"];
+    // The Deployment reads that ConfigMap as its config file.
+    assert_eq!(
+        env(objs, "-gateway", "SPILLWAY_GATEWAY_CONFIG"),
+        Some("/etc/spillway/gateway/config.yaml")
+    );
+    let volume = pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "config"))
+        .context("config volume")?;
+    assert_eq!(volume["configMap"]["name"], "spillway-gateway");
+    let container = &pod["containers"][0];
+    assert!(
+        container["volumeMounts"].as_array().is_some_and(|m| m
+            .iter()
+            .any(|m| m["name"] == "config" && m["mountPath"] == "/etc/spillway/gateway")),
+        "config volume mounted at /etc/spillway/gateway"
+    );
+    let probe = &container["readinessProbe"];
+    assert_eq!(probe["httpGet"]["path"], "/readyz");
+    let readiness_window_seconds = probe["periodSeconds"].as_u64().context("periodSeconds")?
+        * probe["failureThreshold"]
+            .as_u64()
+            .context("failureThreshold")?;
+    Ok(GatewayShutdown {
+        config,
+        config_hash: gw["spec"]["template"]["metadata"]["annotations"]["spillway.dev/config-hash"]
+            .as_str()
+            .context("config-hash annotation")?
+            .to_owned(),
+        grace_seconds: pod["terminationGracePeriodSeconds"]
+            .as_u64()
+            .context("terminationGracePeriodSeconds")?,
+        readiness_window_seconds,
+    })
+}
+
+impl GatewayShutdown {
+    /// drainDelay + shutdownGrace + publishTimeout: the longest the gateway
+    /// takes from SIGTERM to exit.
+    fn shutdown(&self) -> Duration {
+        self.config.drain_delay + self.config.shutdown_grace + self.config.publish_timeout
+    }
+}
+
+#[tokio::test]
+async fn gateway_drain_settings_and_grace_period_follow_the_values() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    let ns = "spillway-system";
+
+    // Defaults: the gateway's own defaults, written out; 5s + 25s + 5s of
+    // shutdown and 5s of slack.
+    let defaults = gateway_shutdown(&objects(&render(cp, ns, &[])?)?)?;
+    assert_eq!(defaults.config.drain_delay, Duration::from_secs(5));
+    assert_eq!(defaults.config.max_concurrent_requests, 256);
+    assert_eq!(defaults.shutdown(), Duration::from_secs(35));
+    assert_eq!(defaults.grace_seconds, 40);
+    assert!(Duration::from_secs(defaults.grace_seconds) > defaults.shutdown());
+    // The kubelet notices /readyz turning 503 before the drain delay ends.
+    assert!(
+        Duration::from_secs(defaults.readiness_window_seconds) < defaults.config.drain_delay,
+        "readiness probe window {}s vs drainDelay {:?}",
+        defaults.readiness_window_seconds,
+        defaults.config.drain_delay
+    );
+
+    // Custom values: carried into the config file, a new config hash (so
+    // pods roll), and a grace period computed from them (107.5s rounded up,
+    // plus 5s).
+    let custom = gateway_shutdown(&objects(&render(
+        cp,
+        ns,
+        &[
+            "--set",
+            "gateway.config.drainDelay=45s,gateway.config.maxConcurrentRequests=7,\
+             gateway.config.shutdownGrace=1m,gateway.config.publishTimeout=2500ms",
+        ],
+    )?)?)?;
+    assert_eq!(custom.config.drain_delay, Duration::from_secs(45));
+    assert_eq!(custom.config.max_concurrent_requests, 7);
+    assert_eq!(custom.config.shutdown_grace, Duration::from_secs(60));
+    assert_eq!(custom.shutdown(), Duration::from_millis(107_500));
+    assert_eq!(custom.grace_seconds, 113);
+    assert!(Duration::from_secs(custom.grace_seconds) > custom.shutdown());
+    assert!(Duration::from_secs(custom.readiness_window_seconds) < custom.config.drain_delay);
+    assert_ne!(custom.config_hash, defaults.config_hash);
+
+    // No drain delay; unset keys fall back to the gateway's defaults in the
+    // computation too.
+    let unset = gateway_shutdown(&objects(&render(
+        cp,
+        ns,
+        &[
+            "--set",
+            "gateway.config.drainDelay=0s,gateway.config.shutdownGrace=null",
+        ],
+    )?)?)?;
+    assert_eq!(unset.config.drain_delay, Duration::ZERO);
+    assert_eq!(unset.config.shutdown_grace, Duration::from_secs(25));
+    assert_eq!(unset.grace_seconds, 35);
+
+    // A configured grace period is kept when it exceeds the shutdown
+    // (bad ones are refused: bad_values_fail_with_a_message_naming_the_value).
+    let explicit = gateway_shutdown(&objects(&render(
+        cp,
+        ns,
+        &["--set", "gateway.terminationGracePeriodSeconds=36"],
+    )?)?)?;
+    assert_eq!(explicit.grace_seconds, 36);
+
+    // The every-feature values file sets its own, large enough.
+    let full = root().join("charts/spillway/ci/full-values.yaml");
+    let full = gateway_shutdown(&objects(&render(
+        cp,
+        ns,
+        &["-f", full.to_str().expect("utf-8")],
+    )?)?)?;
+    assert_eq!(full.config.drain_delay, Duration::from_secs(8));
+    assert_eq!(full.config.max_concurrent_requests, 512);
+    assert!(Duration::from_secs(full.grace_seconds) > full.shutdown());
+    assert!(Duration::from_secs(full.readiness_window_seconds) < full.config.drain_delay);
     Ok(())
 }
 

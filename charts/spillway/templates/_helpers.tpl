@@ -206,6 +206,45 @@ certificate are the component's own (`nats.credentials` and
 {{- if and (has "Deny" .Values.pathPolicy.validationActions) (has "Warn" .Values.pathPolicy.validationActions) -}}
 {{- fail "pathPolicy.validationActions: Deny and Warn may not be used together (Deny already tells the client why)" -}}
 {{- end -}}
+{{- with .Values.gateway.terminationGracePeriodSeconds -}}
+{{- $t := include "spillway.gateway.shutdownTimes" $ | fromYaml -}}
+{{- if le (mul (int64 .) 1000000000) (int64 $t.totalNanos) -}}
+{{- fail (printf "gateway.terminationGracePeriodSeconds (%v) must exceed gateway.config.drainDelay (%s) + shutdownGrace (%s) + publishTimeout (%s) = %vs, or the kubelet kills the gateway before in-flight webhooks are stored: set it to at least %d, or to null so the chart computes it (%d)" . $t.drainDelay $t.shutdownGrace $t.publishTimeout (divf $t.totalNanos 1000000000) (add1 (div (int64 $t.totalNanos) 1000000000)) (int64 $t.computedSeconds)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Nanoseconds of a Go-style duration string (the schema allows whole ms, s,
+m and h parts). Sprig has no duration parser, but dateModify adds one to a
+time with Go's time.ParseDuration.
+*/}}
+{{- define "spillway.durationNanos" -}}
+{{- $epoch := toDate "2006-01-02" "2000-01-01" -}}
+{{- sub (mustDateModify . $epoch).UnixNano $epoch.UnixNano -}}
+{{- end -}}
+
+{{/*
+The gateway's shutdown as YAML: drainDelay, shutdownGrace and
+publishTimeout (values or the gateway's defaults), their sum (totalNanos),
+the chart's grace period for it (computedSeconds: the sum rounded up plus
+5s of slack for the process to exit) and the pod's
+terminationGracePeriodSeconds (graceSeconds: the configured one, else
+computedSeconds).
+*/}}
+{{- define "spillway.gateway.shutdownTimes" -}}
+{{- $c := .Values.gateway.config | default dict -}}
+{{- $drain := $c.drainDelay | default "5s" -}}
+{{- $grace := $c.shutdownGrace | default "25s" -}}
+{{- $publish := $c.publishTimeout | default "5s" -}}
+{{- $ns := add (include "spillway.durationNanos" $drain | int64) (include "spillway.durationNanos" $grace | int64) (include "spillway.durationNanos" $publish | int64) -}}
+{{- $computed := add (div (add $ns 999999999) 1000000000) 5 -}}
+drainDelay: {{ $drain | quote }}
+shutdownGrace: {{ $grace | quote }}
+publishTimeout: {{ $publish | quote }}
+totalNanos: {{ $ns }}
+computedSeconds: {{ $computed }}
+graceSeconds: {{ .Values.gateway.terminationGracePeriodSeconds | default $computed }}
 {{- end -}}
 
 {{- define "spillway.leaseName" -}}
