@@ -36,6 +36,10 @@ use crate::schema;
     {
         "rule": "!has(self.deduplication) || !has(self.stream) || duration(self.deduplication.window) <= duration(self.stream.maxAge)",
         "message": "deduplication.window must not be longer than stream.maxAge"
+    },
+    {
+        "rule": "self.verification.scheme != 'twitch' || (has(self.handshake) && self.handshake.type == 'twitchCallbackVerification')",
+        "message": "scheme twitch needs handshake type twitchCallbackVerification: Twitch enables a subscription only once its webhook_callback_verification challenge is echoed"
     }
 ]))]
 pub struct WebhookEndpointSpec {
@@ -110,8 +114,11 @@ pub struct Verification {
     /// (Stripe-Signature), `slack` (X-Slack-Signature), `standardWebhooks`
     /// (webhook-signature, as sent by Svix and others), `shopify`
     /// (X-Shopify-Hmac-Sha256), `gitlab` (X-Gitlab-Token shared token),
-    /// `twilio` (X-Twilio-Signature), `hmac` (generic, see `hmac`), or `none`
-    /// (accept unauthenticated requests; must be chosen explicitly).
+    /// `twilio` (X-Twilio-Signature), `twitch` (Twitch EventSub
+    /// Twitch-Eventsub-Message-Signature over message id, timestamp and body;
+    /// needs `handshake.type: twitchCallbackVerification`), `hmac` (generic,
+    /// see `hmac`), or `none` (accept unauthenticated requests; must be chosen
+    /// explicitly).
     pub scheme: Scheme,
 
     /// Secrets holding the signing secret, in this namespace. A request is
@@ -121,8 +128,8 @@ pub struct Verification {
     #[schemars(length(max = 8))]
     pub secret_refs: Vec<SecretKeyRef>,
 
-    /// For timestamped schemes (stripe, slack, standardWebhooks, hmac with a
-    /// timestamp header): how far the signed timestamp may be from the
+    /// For timestamped schemes (stripe, slack, standardWebhooks, twitch, hmac
+    /// with a timestamp header): how far the signed timestamp may be from the
     /// gateway's clock, in seconds. Older requests are rejected as replays.
     #[serde(default = "defaults::tolerance_seconds")]
     #[schemars(range(min = 1, max = 86400))]
@@ -151,6 +158,7 @@ pub enum Scheme {
     Shopify,
     Gitlab,
     Twilio,
+    Twitch,
     Hmac,
     None,
 }
@@ -166,6 +174,7 @@ impl Scheme {
             Scheme::Shopify => "shopify",
             Scheme::Gitlab => "gitlab",
             Scheme::Twilio => "twilio",
+            Scheme::Twitch => "twitch",
             Scheme::Hmac => "hmac",
             Scheme::None => "none",
         }
@@ -176,7 +185,7 @@ impl Scheme {
     pub fn is_timestamped(self) -> bool {
         matches!(
             self,
-            Scheme::Stripe | Scheme::Slack | Scheme::StandardWebhooks
+            Scheme::Stripe | Scheme::Slack | Scheme::StandardWebhooks | Scheme::Twitch
         )
     }
 }

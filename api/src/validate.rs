@@ -20,6 +20,10 @@ pub struct Timings {
 /// `{timestamp}` placeholder do not come together.
 pub const HMAC_TIMESTAMP_PROBLEM: &str = "verification.hmac.timestampHeader and a {timestamp} placeholder in verification.hmac.signedContent go together: a timestamp that is not signed protects nothing against replays, and {timestamp} needs the header it is read from";
 
+/// Why an endpoint with `scheme: twitch` is refused without the Twitch
+/// handshake.
+pub const TWITCH_HANDSHAKE_PROBLEM: &str = "scheme twitch needs handshake type twitchCallbackVerification: Twitch enables a subscription only once its webhook_callback_verification challenge is echoed";
+
 /// Check a spec and parse its durations. Every problem found is reported,
 /// not just the first.
 pub fn check(spec: &WebhookEndpointSpec) -> Result<Timings, Vec<String>> {
@@ -74,6 +78,15 @@ pub fn check(spec: &WebhookEndpointSpec) -> Result<Timings, Vec<String>> {
         && h.timestamp_header.is_some() != h.signed_content.contains("{timestamp}")
     {
         problems.push(HMAC_TIMESTAMP_PROBLEM.into());
+    }
+    // Without the handshake the signed challenge would be stored like a
+    // notification and answered with an empty 2xx, and Twitch would never
+    // enable the subscription.
+    if v.scheme == crate::Scheme::Twitch
+        && spec.handshake.as_ref().map(|h| h.kind)
+            != Some(crate::HandshakeType::TwitchCallbackVerification)
+    {
+        problems.push(TWITCH_HANDSHAKE_PROBLEM.into());
     }
     if problems.is_empty() {
         Ok(t)
@@ -143,5 +156,28 @@ processor: {sink: {url: "http://sink:8080/hook"}}
         )));
         // {timestamp} without the header would sign an empty string.
         assert!(refused(&hmac(", signedContent: \"{timestamp}.{body}\"")));
+    }
+
+    #[test]
+    fn twitch_needs_the_twitch_handshake() {
+        let twitch = |extra: &str| {
+            spec(&format!(
+                "verification: {{scheme: twitch, secretRefs: [{{name: s, key: k}}]}}\n{extra}processor: {{sink: {{url: \"http://sink\"}}}}\n"
+            ))
+        };
+        let refused = |s: &WebhookEndpointSpec| {
+            check(s).is_err_and(|p| p == [TWITCH_HANDSHAKE_PROBLEM.to_owned()])
+        };
+        assert!(check(&twitch("handshake: {type: twitchCallbackVerification}\n")).is_ok());
+        assert!(refused(&twitch("")));
+        assert!(refused(&twitch(
+            "handshake: {type: slackUrlVerification}\n"
+        )));
+        // Other schemes may take the Twitch handshake (as before) or none.
+        let mut s = twitch("handshake: {type: twitchCallbackVerification}\n");
+        s.verification.scheme = crate::Scheme::Github;
+        assert!(check(&s).is_ok());
+        s.handshake = None;
+        assert!(check(&s).is_ok());
     }
 }
