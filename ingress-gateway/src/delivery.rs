@@ -43,7 +43,8 @@ fn json_field(body: &[u8], field: &str) -> Option<String> {
 /// The delivery id the provider put on the request, if the scheme has one:
 /// `X-GitHub-Delivery`, the Stripe event `id`, `webhook-id`,
 /// `X-Shopify-Webhook-Id`, the Slack `event_id`, `X-Gitlab-Event-UUID`,
-/// `I-Twilio-Idempotency-Token`.
+/// `I-Twilio-Idempotency-Token`, `Twitch-Eventsub-Message-Id` (Twitch
+/// retries a notification with the same id).
 pub fn provider_id(scheme: Scheme, headers: &HeaderMap, body: &[u8]) -> Option<String> {
     let raw = match scheme {
         Scheme::Github => header(headers, "x-github-delivery").map(String::from),
@@ -53,6 +54,7 @@ pub fn provider_id(scheme: Scheme, headers: &HeaderMap, body: &[u8]) -> Option<S
         Scheme::Slack => json_field(body, "event_id"),
         Scheme::Gitlab => header(headers, "x-gitlab-event-uuid").map(String::from),
         Scheme::Twilio => header(headers, "i-twilio-idempotency-token").map(String::from),
+        Scheme::Twitch => header(headers, "twitch-eventsub-message-id").map(String::from),
         Scheme::Hmac | Scheme::None => None,
     }?;
     clean(&raw)
@@ -145,6 +147,16 @@ mod tests {
                 b"",
                 Some("t-1"),
             ),
+            (
+                Scheme::Twitch,
+                h(&[(
+                    "Twitch-Eventsub-Message-Id",
+                    "befa7b53-d79d-478f-86b9-120f112b044e",
+                )]),
+                b"{}",
+                Some("befa7b53-d79d-478f-86b9-120f112b044e"),
+            ),
+            (Scheme::Twitch, h(&[("webhook-id", "msg_1")]), b"{}", None),
             (Scheme::Hmac, h(&[("X-GitHub-Delivery", "x")]), b"{}", None),
             (
                 Scheme::Github,

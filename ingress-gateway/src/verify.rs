@@ -247,6 +247,7 @@ impl Verifier {
             Scheme::Shopify => self.shopify(req),
             Scheme::Gitlab => self.gitlab(req),
             Scheme::Twilio => self.twilio(req),
+            Scheme::Twitch => self.twitch(req),
             Scheme::Hmac => self.generic(req),
         }
     }
@@ -257,6 +258,19 @@ impl Verifier {
             .parse()
             .map_err(|_| Failure::TimestampOutOfTolerance)?;
         if now.abs_diff(t) > self.tolerance.unsigned_abs() {
+            return Err(Failure::TimestampOutOfTolerance);
+        }
+        Ok(())
+    }
+
+    /// An RFC 3339 timestamp (Twitch sends fractional seconds) within
+    /// tolerance of `now`, in either direction.
+    fn check_rfc3339(&self, ts: &str, now: i64) -> Result<(), Failure> {
+        let t: jiff::Timestamp = ts
+            .trim()
+            .parse()
+            .map_err(|_| Failure::TimestampOutOfTolerance)?;
+        if now.abs_diff(t.as_second()) > self.tolerance.unsigned_abs() {
             return Err(Failure::TimestampOutOfTolerance);
         }
         Ok(())
@@ -407,6 +421,27 @@ impl Verifier {
             return Err(Failure::BadSignature);
         }
         self.require(self.any_match(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &[&data], &[sig]))
+    }
+
+    /// Twitch EventSub: `sha256=` + hex HMAC-SHA256 of message id, timestamp
+    /// and raw body, concatenated without separators.
+    fn twitch(&self, req: &Inbound<'_>) -> Result<(), Failure> {
+        let id =
+            header(req.headers, "twitch-eventsub-message-id").ok_or(Failure::MissingSignature)?;
+        let ts = header(req.headers, "twitch-eventsub-message-timestamp")
+            .ok_or(Failure::MissingSignature)?;
+        let sig = header(req.headers, "twitch-eventsub-message-signature")
+            .ok_or(Failure::MissingSignature)?;
+        let sig = sig
+            .strip_prefix("sha256=")
+            .and_then(|x| hex::decode(x.trim()).ok())
+            .ok_or(Failure::BadSignature)?;
+        self.require(self.any_match(
+            hmac::HMAC_SHA256,
+            &[id.as_bytes(), ts.as_bytes(), req.body],
+            &[sig],
+        ))?;
+        self.check_rfc3339(ts, req.now_unix)
     }
 
     fn generic(&self, req: &Inbound<'_>) -> Result<(), Failure> {
@@ -725,6 +760,127 @@ mod tests {
         assert_eq!(run(&h, b"", ""), Ok(()));
         assert_eq!(run(&h, b"anything", ""), Err(Failure::BadSignature));
         assert!(Verifier::new(Scheme::Twilio, vec![b"x".to_vec()], 300, None, None).is_err());
+    }
+
+    /// `sha256=` + hex HMAC-SHA256(secret, id + timestamp + body), computed
+    /// with RustCrypto as Twitch documents it, independently of `ring`.
+    fn twitch_sig(secret: &[u8], id: &str, ts: &str, body: &[u8]) -> String {
+        use ::hmac::{Hmac, Mac};
+        let mut m = Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+        m.update(id.as_bytes());
+        m.update(ts.as_bytes());
+        m.update(body);
+        format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn twitch_eventsub() {
+        const SECRET: &str = "s3cRe7-twitch-eventsub";
+        const ID: &str = "befa7b53-d79d-478f-86b9-120f112b044e";
+        const TS: &str = "2026-11-24T21:00:00.123456789Z";
+        // 2026-11-24T21:00:00Z
+        const T: i64 = 1_795_554_000;
+        let body = br#"{"subscription":{"id":"f1c2a387-161a-49f9-a165-0f21d7a4e1c4","type":"channel.follow","version":"2","status":"enabled"},"event":{"user_id":"1337","user_login":"awesome_user","broadcaster_user_id":"12826"}}"#;
+        let sig = twitch_sig(SECRET.as_bytes(), ID, TS, body);
+        // Independently computed, and what the gateway's own signer makes.
+        assert_eq!(
+            sig,
+            format!(
+                "sha256={}",
+                hex_sig(SECRET, &[ID.as_bytes(), TS.as_bytes(), body])
+            )
+        );
+        let mk = |id: &str, ts: &str, sig: &str| {
+            headers(&[
+                ("Twitch-Eventsub-Message-Id", id),
+                ("Twitch-Eventsub-Message-Retry", "0"),
+                ("Twitch-Eventsub-Message-Type", "notification"),
+                ("Twitch-Eventsub-Message-Signature", sig),
+                ("Twitch-Eventsub-Message-Timestamp", ts),
+            ])
+        };
+        let ver = v(Scheme::Twitch, &["an-older-twitch-secret", SECRET]);
+        let good = mk(ID, TS, &sig);
+        assert_eq!(check(&ver, &good, body, T), Ok(()));
+        // Tolerance both ways: older than it, or further in the future.
+        assert_eq!(check(&ver, &good, body, T + 300), Ok(()));
+        assert_eq!(check(&ver, &good, body, T - 300), Ok(()));
+        assert_eq!(
+            check(&ver, &good, body, T + 301),
+            Err(Failure::TimestampOutOfTolerance)
+        );
+        assert_eq!(
+            check(&ver, &good, body, T - 301),
+            Err(Failure::TimestampOutOfTolerance)
+        );
+        // Body, id and timestamp are all signed.
+        let mut tampered = body.to_vec();
+        tampered.push(b' ');
+        assert_eq!(check(&ver, &good, &tampered, T), Err(Failure::BadSignature));
+        assert_eq!(
+            check(&ver, &mk("another-id", TS, &sig), body, T),
+            Err(Failure::BadSignature)
+        );
+        assert_eq!(
+            check(
+                &ver,
+                &mk(ID, "2026-11-24T21:00:01.123456789Z", &sig),
+                body,
+                T
+            ),
+            Err(Failure::BadSignature)
+        );
+        // Signed with none of the secrets, malformed, or another prefix.
+        let other = twitch_sig(b"not-the-twitch-secret", ID, TS, body);
+        for bad in [
+            other.as_str(),
+            &sig[7..],
+            "sha256=zz",
+            &sig.replace("sha256=", "sha1="),
+        ] {
+            assert_eq!(
+                check(&ver, &mk(ID, TS, bad), body, T),
+                Err(Failure::BadSignature),
+                "{bad}"
+            );
+        }
+        // Every secret is tried: the first one verifies too.
+        let old = twitch_sig(b"an-older-twitch-secret", ID, TS, body);
+        assert_eq!(check(&ver, &mk(ID, TS, &old), body, T), Ok(()));
+        // Any RFC 3339 offset; a signed timestamp that is not RFC 3339 is
+        // refused like a stale one.
+        for (ts, ok) in [
+            ("2026-11-24T22:00:00.5+01:00", true),
+            ("2026-11-24T21:00:00Z", true),
+            ("1795554000", false),
+            ("2026-11-24T21:00:00", false),
+        ] {
+            let h = mk(ID, ts, &twitch_sig(SECRET.as_bytes(), ID, ts, body));
+            let want = if ok {
+                Ok(())
+            } else {
+                Err(Failure::TimestampOutOfTolerance)
+            };
+            assert_eq!(check(&ver, &h, body, T), want, "{ts}");
+        }
+        // Each of the three headers is required.
+        for name in [
+            "twitch-eventsub-message-id",
+            "twitch-eventsub-message-timestamp",
+            "twitch-eventsub-message-signature",
+        ] {
+            let mut h = good.clone();
+            h.remove(name);
+            assert_eq!(
+                check(&ver, &h, body, T),
+                Err(Failure::MissingSignature),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            Verifier::new(Scheme::Twitch, vec![Vec::new()], 300, None, None).unwrap_err(),
+            ConfigError::NoSecret("twitch")
+        );
     }
 
     fn generic(ts_header: Option<&str>, template: &str, enc: SignatureEncoding) -> GenericHmac {
