@@ -172,6 +172,32 @@ pub fn headers(
             let sig = mac(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret, &[&data]);
             vec![h("X-Twilio-Signature", BASE64.encode(sig))]
         }
+        Scheme::Twitch => {
+            // RFC 3339 in UTC, as Twitch sends it (Twitch adds nanoseconds;
+            // whole seconds are as valid and are what `now` carries).
+            let ts = time::OffsetDateTime::from_unix_timestamp(req.now)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .ok_or_else(|| format!("time {} cannot be written as RFC 3339", req.now))?;
+            let sig = mac(
+                hmac::HMAC_SHA256,
+                secret,
+                &[req.id.as_bytes(), ts.as_bytes(), req.body],
+            );
+            vec![
+                h("Twitch-Eventsub-Message-Id", req.id.into()),
+                h("Twitch-Eventsub-Message-Retry", "0".into()),
+                h("Twitch-Eventsub-Message-Type", "notification".into()),
+                h(
+                    "Twitch-Eventsub-Message-Signature",
+                    format!("sha256={}", hex::encode(sig)),
+                ),
+                h("Twitch-Eventsub-Message-Timestamp", ts),
+            ]
+        }
         Scheme::Hmac => {
             let g = generic.ok_or("scheme hmac needs the endpoint's verification.hmac settings")?;
             let alg = match g.algorithm {
@@ -218,7 +244,7 @@ fn is_form(ct: &str) -> bool {
 pub fn parse_scheme(s: &str) -> Result<Scheme, String> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
         format!(
-            "unknown scheme {s:?}: use github, stripe, slack, standardWebhooks, shopify, gitlab, twilio, hmac or none"
+            "unknown scheme {s:?}: use github, stripe, slack, standardWebhooks, shopify, gitlab, twilio, twitch, hmac or none"
         )
     })
 }
@@ -424,6 +450,32 @@ mod tests {
     }
 
     #[test]
+    fn twitch_signs_id_timestamp_and_body() {
+        let body = br#"{"event":{"user_id":"1337"}}"#;
+        let h = headers(
+            Scheme::Twitch,
+            b"twitch-secret-1",
+            &req(body, 1_795_554_000, "befa7b53"),
+            None,
+        )
+        .unwrap();
+        let ts = "2026-11-24T21:00:00Z";
+        assert_eq!(get(&h, "Twitch-Eventsub-Message-Timestamp"), ts);
+        assert_eq!(get(&h, "Twitch-Eventsub-Message-Id"), "befa7b53");
+        assert_eq!(get(&h, "Twitch-Eventsub-Message-Type"), "notification");
+        let want = hex::encode(mac(
+            hmac::HMAC_SHA256,
+            b"twitch-secret-1",
+            &[b"befa7b53", ts.as_bytes(), body],
+        ));
+        assert_eq!(
+            get(&h, "Twitch-Eventsub-Message-Signature"),
+            format!("sha256={want}")
+        );
+        assert_eq!(parse_scheme("twitch").unwrap(), Scheme::Twitch);
+    }
+
+    #[test]
     fn generic_hmac_follows_the_template() {
         let g = GenericHmac {
             header: "X-Sig".into(),
@@ -502,6 +554,12 @@ mod tests {
                 "12345",
                 "application/json",
                 r#"{"CallSid":"CA1"}"#,
+            ),
+            (
+                Scheme::Twitch,
+                "twitch-eventsub-secret",
+                "application/json",
+                r#"{"event":{"user_id":"1337"}}"#,
             ),
             (Scheme::Hmac, "generic", "application/json", "{}"),
             (Scheme::None, "", "application/json", "{}"),
