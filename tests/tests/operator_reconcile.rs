@@ -7,7 +7,7 @@
 mod operator_support;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer};
@@ -788,6 +788,51 @@ async fn backlog_scales_up_and_drains_to_zero_after_cooldown() -> Result<()> {
     );
     eventually(WAIT, "scaled to 0", || async {
         env.replicas("gh").await == Some(0)
+    })
+    .await?;
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_busy_endpoint_writes_status_on_the_resync_period_only() -> Result<()> {
+    let env = Env::new("op-busy").await?;
+    env.secret("gh", "secret").await?;
+    env.create(
+        "gh",
+        spec(json!({"processor": {"replicas": {"min": 1, "max": 1}}})),
+    )
+    .await?;
+    env.wait_condition("gh", "StreamReady", "True", None)
+        .await?;
+    let op = env.op.as_ref().unwrap();
+    let names = env.names("gh");
+    let js = env.nats.jetstream().await?;
+    // The backlog changes all the time; each status write used to start a
+    // reconcile that read a new backlog and wrote again.
+    let writes = op.metrics.status_writes();
+    let busy = Instant::now();
+    let mut sent = 0;
+    while busy.elapsed() < Duration::from_secs(4) {
+        js.publish(names.subject(0), format!("{{\"n\":{sent}}}").into())
+            .await?
+            .await?;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let busy_writes = op.metrics.status_writes() - writes;
+    // Resync every 2 s: two or three refreshes, one spare.
+    assert!(
+        busy_writes <= 4,
+        "{busy_writes} status writes in 4 s of traffic ({sent} webhooks)"
+    );
+    // The backlog is still reported.
+    eventually(WAIT, "backlog in status", || async {
+        env.endpoints().get("gh").await.is_ok_and(|e| {
+            e.status
+                .and_then(|s| s.backlog)
+                .is_some_and(|b| b.pending == sent)
+        })
     })
     .await?;
     env.stop().await;
