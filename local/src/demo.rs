@@ -276,6 +276,27 @@ pub fn samples(examples: &[Example]) -> Vec<Sample> {
             delivers: false,
         });
     }
+    if let Some(tw) = examples.iter().find(|e| e.scheme == "twitch") {
+        // Twitch's signed subscription check: answered with the challenge
+        // only because it verifies, and never delivered.
+        let body = br#"{"challenge":"demo-twitch-challenge","subscription":{"type":"channel.follow","version":"2","status":"webhook_callback_verification_pending"}}"#.to_vec();
+        let mut headers =
+            provider_headers(tw, &body, ts, "demo-twitch-handshake").unwrap_or_default();
+        headers.retain(|(k, _)| !k.eq_ignore_ascii_case("twitch-eventsub-message-type"));
+        headers.push((
+            "twitch-eventsub-message-type".into(),
+            "webhook_callback_verification".into(),
+        ));
+        out.push(Sample {
+            endpoint: tw.name.clone(),
+            case: "webhook_callback_verification",
+            path: tw.path.clone(),
+            headers,
+            body,
+            expect: 200,
+            delivers: false,
+        });
+    }
     out.push(Sample {
         endpoint: "-".into(),
         case: "unknown path",

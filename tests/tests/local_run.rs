@@ -23,6 +23,7 @@ fn local_spillway_runs_the_demo_end_to_end() {
         "rejected as expected {\"error\":\"bad_signature\"}",
         "rejected as expected {\"error\":\"timestamp_out_of_tolerance\"}",
         "provider retry (2nd, deduplicated)",
+        "webhook_callback_verification",
         "unknown path                              404",
         "Spillway is running",
     ] {
