@@ -41,7 +41,7 @@ async fn every_example_applies_and_reads_back_equal() -> Result<()> {
     let client = cp.client().await?;
     let api: Api<WebhookEndpoint> = Api::namespaced(client, &ns);
     let files = examples();
-    assert!(files.len() >= 9, "one example per scheme at least");
+    assert!(files.len() >= 10, "one example per scheme at least");
     let mut schemes = std::collections::BTreeSet::new();
     for file in &files {
         let path = file.to_str().expect("utf-8 path");
@@ -65,6 +65,7 @@ async fn every_example_applies_and_reads_back_equal() -> Result<()> {
         "shopify",
         "gitlab",
         "twilio",
+        "twitch",
         "hmac",
         "none",
     ] {
@@ -153,6 +154,19 @@ async fn nonsense_is_rejected_with_a_clear_message() -> Result<()> {
                 ),
             ],
             "hmac.timestampHeader and a {timestamp} placeholder in hmac.signedContent go together",
+        ),
+        (
+            "twitch without its handshake",
+            vec![("verification/scheme", json!("twitch"))],
+            "scheme twitch needs handshake type twitchCallbackVerification",
+        ),
+        (
+            "twitch with another handshake",
+            vec![
+                ("verification/scheme", json!("twitch")),
+                ("handshake", json!({"type": "slackUrlVerification"})),
+            ],
+            "scheme twitch needs handshake type twitchCallbackVerification",
         ),
         (
             "unknown scheme",

@@ -125,6 +125,36 @@ async fn stripe_and_slack() -> Result<()> {
     Ok(())
 }
 
+/// Twitch EventSub: `sha256=` + hex HMAC-SHA256(secret, message id +
+/// timestamp + raw body), the timestamp RFC 3339.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twitch() -> Result<()> {
+    let secret = "twitch-eventsub-secret";
+    let r = send(
+        "twitch",
+        &format!("{secret}\n"),
+        r#"{"event":{"user_id":"1337"}}"#,
+    )
+    .await?;
+    let (id, ts) = (
+        h(&r, "twitch-eventsub-message-id"),
+        h(&r, "twitch-eventsub-message-timestamp"),
+    );
+    assert_eq!(id, "msg_1");
+    let at: jiff::Timestamp = ts.parse()?;
+    assert!((at.as_second() - now()).abs() < 60, "{ts}");
+    let want = hex(&hmac256(
+        secret.as_bytes(),
+        &[id.as_bytes(), ts.as_bytes(), &r.body],
+    ));
+    assert_eq!(
+        h(&r, "twitch-eventsub-message-signature"),
+        format!("sha256={want}")
+    );
+    assert_eq!(h(&r, "twitch-eventsub-message-type"), "notification");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_rejections_fail_the_command() -> Result<()> {
     let gw = Sink::start().await?;

@@ -238,7 +238,7 @@ const TWILIO_URL: &str = "https://hooks.example.com/e/twilio";
 
 fn secrets_yaml() -> String {
     format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData:\n  github: \"It's a Secret to Everybody\"\n  stripe: whsec_stripe_test\n  slack: 8f742231b10e8888abcd99yyyzzz85a5\n  svix: {SVIX_SECRET}\n  shopify: shpss_test\n  gitlab: gl-token-1\n  twilio: twilio-auth\n  hmac: generic-key\n  meta: meta-verify\n  zoom: zoom-secret\n"
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData:\n  github: \"It's a Secret to Everybody\"\n  stripe: whsec_stripe_test\n  slack: 8f742231b10e8888abcd99yyyzzz85a5\n  svix: {SVIX_SECRET}\n  shopify: shpss_test\n  gitlab: gl-token-1\n  twilio: twilio-auth\n  twitch: twitch-eventsub-secret\n  hmac: generic-key\n  meta: meta-verify\n  zoom: zoom-secret\n"
     )
 }
 
@@ -252,7 +252,7 @@ enum Mode {
 }
 
 const SCHEMES: &[&str] = &[
-    "github", "stripe", "slack", "svix", "shopify", "gitlab", "twilio", "hmac", "none",
+    "github", "stripe", "slack", "svix", "shopify", "gitlab", "twilio", "twitch", "hmac", "none",
 ];
 
 fn all_endpoints() -> String {
@@ -304,6 +304,12 @@ fn all_endpoints() -> String {
         "",
     );
     y += &endpoint(
+        "twitch",
+        "/e/twitch",
+        &format!("{{scheme: twitch, secretRefs: [{}]}}", r("twitch")),
+        "  handshake: {type: twitchCallbackVerification}\n",
+    );
+    y += &endpoint(
         "hmac",
         "/e/hmac",
         &format!(
@@ -327,6 +333,7 @@ fn request(scheme: &str, n: u32, mode: Mode) -> (Vec<(String, String)>, Vec<u8>,
         (_, "shopify") => b"shpss_test",
         (_, "gitlab") => b"gl-token-1",
         (_, "twilio") => b"twilio-auth",
+        (_, "twitch") => b"twitch-eventsub-secret",
         (_, "hmac") => b"generic-key",
         _ => b"",
     };
@@ -456,6 +463,38 @@ fn request(scheme: &str, n: u32, mode: Mode) -> (Vec<(String, String)>, Vec<u8>,
                 "X-Twilio-Signature",
             )
         }
+        "twitch" => {
+            // RFC 3339 with nanoseconds, as Twitch sends it.
+            let at = if mode == Mode::Stale {
+                now() - 3600
+            } else {
+                now()
+            };
+            let ts = jiff::Timestamp::new(at, 123_456_789)
+                .expect("a valid time")
+                .to_string();
+            assert!(ts.ends_with(".123456789Z"), "{ts}");
+            let sig = hex(&hmac256(secret, &[id.as_bytes(), ts.as_bytes(), &json]));
+            (
+                vec![
+                    ("Twitch-Eventsub-Message-Id".into(), id.clone()),
+                    ("Twitch-Eventsub-Message-Retry".into(), "0".into()),
+                    ("Twitch-Eventsub-Message-Type".into(), "notification".into()),
+                    (
+                        "Twitch-Eventsub-Message-Signature".into(),
+                        format!("sha256={sig}"),
+                    ),
+                    ("Twitch-Eventsub-Message-Timestamp".into(), ts),
+                    (
+                        "Twitch-Eventsub-Subscription-Type".into(),
+                        "channel.follow".into(),
+                    ),
+                    json_ct,
+                ],
+                json,
+                "Twitch-Eventsub-Message-Signature",
+            )
+        }
         "hmac" => (
             vec![
                 ("X-Timestamp".into(), ts.clone()),
@@ -553,6 +592,18 @@ async fn every_scheme_lands_exactly_once_and_bad_requests_are_401() -> Result<()
         }
     }
 
+    // Twitch retries a notification with the same message id (a new retry
+    // count and signature): stored once.
+    let (mut headers, body, _) = request("twitch", 1, Mode::Good);
+    for (k, v) in &mut headers {
+        if k == "Twitch-Eventsub-Message-Retry" {
+            *v = "1".into();
+        }
+    }
+    let r = post(w.addr(), "/e/twitch", &headers, &body).await?;
+    assert_eq!(r.status, 200, "twitch retry: {r:?}");
+    assert_eq!(w.count("twitch").await?, 1, "a Twitch retry is stored once");
+
     for s in SCHEMES.iter().filter(|s| **s != "none") {
         let mut modes = vec![
             (Mode::WrongSecret, "bad_signature"),
@@ -562,7 +613,7 @@ async fn every_scheme_lands_exactly_once_and_bad_requests_are_401() -> Result<()
         if *s != "gitlab" {
             modes.push((Mode::Tampered, "bad_signature"));
         }
-        if ["stripe", "slack", "svix", "hmac"].contains(s) {
+        if ["stripe", "slack", "svix", "twitch", "hmac"].contains(s) {
             modes.push((Mode::Stale, "timestamp_out_of_tolerance"));
         }
         for (mode, reason) in modes {
@@ -743,7 +794,7 @@ async fn handshakes_are_answered_and_not_stored() -> Result<()> {
     y += &endpoint(
         "twitch",
         "/h/twitch",
-        &format!("{{scheme: github, secretRefs: [{}]}}", r("github")),
+        &format!("{{scheme: twitch, secretRefs: [{}]}}", r("twitch")),
         "  handshake: {type: twitchCallbackVerification}\n",
     );
     w.apply(&y)?;
@@ -843,22 +894,32 @@ async fn handshakes_are_answered_and_not_stored() -> Result<()> {
             .is_some_and(|c| c.starts_with("text/plain"))
     );
 
-    // Twitch: signed webhook_callback_verification.
+    // Twitch: webhook_callback_verification signed as Twitch EventSub
+    // signs (scheme twitch), answered only once it verified.
     let body = br#"{"challenge":"pogchamp-kappa-360noscope-vohiyo","subscription":{"type":"channel.follow"}}"#;
-    let sig = format!(
-        "sha256={}",
-        hex(&hmac256(b"It's a Secret to Everybody", &[body]))
-    );
-    let resp = post(
-        addr,
-        "/h/twitch",
-        &h(&[
-            ("X-Hub-Signature-256", &sig),
+    let twitch = |secret: &[u8], at: i64| {
+        let ts = jiff::Timestamp::new(at, 5_000_000)
+            .expect("a valid time")
+            .to_string();
+        let id = "e76c6bd4-55c9-4987-8304-da1588d8988b";
+        let sig = hex(&hmac256(secret, &[id.as_bytes(), ts.as_bytes(), body]));
+        h(&[
+            ("Twitch-Eventsub-Message-Id", id),
+            ("Twitch-Eventsub-Message-Timestamp", &ts),
+            (
+                "Twitch-Eventsub-Message-Signature",
+                &format!("sha256={sig}"),
+            ),
             (
                 "Twitch-Eventsub-Message-Type",
                 "webhook_callback_verification",
             ),
-        ]),
+        ])
+    };
+    let resp = post(
+        addr,
+        "/h/twitch",
+        &twitch(b"twitch-eventsub-secret", now()),
         body,
     )
     .await?;
@@ -866,6 +927,39 @@ async fn handshakes_are_answered_and_not_stored() -> Result<()> {
         (resp.status, resp.body.as_str()),
         (200, "pogchamp-kappa-360noscope-vohiyo")
     );
+    assert!(
+        resp.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain"))
+    );
+    for (what, headers, reason) in [
+        (
+            "wrong secret",
+            twitch(b"not-the-eventsub-secret", now()),
+            "bad_signature",
+        ),
+        (
+            "stale",
+            twitch(b"twitch-eventsub-secret", now() - 3600),
+            "timestamp_out_of_tolerance",
+        ),
+        (
+            "unsigned",
+            h(&[(
+                "Twitch-Eventsub-Message-Type",
+                "webhook_callback_verification",
+            )]),
+            "missing_signature",
+        ),
+    ] {
+        let resp = post(addr, "/h/twitch", &headers, body).await?;
+        assert_eq!(resp.status, 401, "twitch {what}: {resp:?}");
+        assert!(
+            !resp.body.contains("pogchamp"),
+            "twitch {what}: no challenge echoed"
+        );
+        let v: serde_json::Value = serde_json::from_str(&resp.body)?;
+        assert_eq!(v, serde_json::json!({ "error": reason }), "twitch {what}");
+    }
 
     for s in ["slack", "meta", "zoom", "graph", "twitch"] {
         assert_eq!(w.count(s).await?, 0, "{s}: handshakes are not stored");
