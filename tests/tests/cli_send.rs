@@ -330,3 +330,152 @@ async fn twilio_json_and_form_are_accepted_and_stored_by_the_gateway() -> Result
     gw.shutdown().await;
     Ok(())
 }
+
+/// An in-process gateway (file source, real nats-server) serving one
+/// endpoint `local/<name>` whose `spec` lines (indented two spaces, without
+/// the processor) set `path: /in/<name>`; the Secret `keys` holds `secret`
+/// under `key`. Returns once the path is routed, with what must stay alive,
+/// the gateway's base URL and the endpoint's stream.
+async fn file_gateway(
+    name: &str,
+    spec: &str,
+    key: &str,
+    secret: &str,
+) -> Result<(
+    spillway_tests::NatsServer,
+    tempfile::TempDir,
+    spillway_gateway::run::Running,
+    String,
+    async_nats::jetstream::stream::Stream,
+)> {
+    use spillway_api::names::EndpointNames;
+    use spillway_gateway::config::{Config, SourceKind};
+
+    let nats = spillway_tests::NatsServer::start().await?;
+    let names = EndpointNames::new("local", name);
+    let stream = nats
+        .jetstream()
+        .await?
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: names.stream(),
+            subjects: vec![names.stream_subjects()],
+            ..Default::default()
+        })
+        .await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("secrets/keys"))?;
+    std::fs::write(dir.path().join("secrets/keys").join(key), secret)?;
+    let endpoints = dir.path().join("endpoints.yaml");
+    std::fs::write(
+        &endpoints,
+        format!(
+            "apiVersion: spillway.dev/v1alpha1\nkind: WebhookEndpoint\nmetadata: {{name: {name}, namespace: local}}\nspec:\n{spec}  processor: {{sink: {{url: \"http://sink.invalid/hook\"}}}}\n"
+        ),
+    )?;
+    let port = spillway_tests::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let gw = spillway_gateway::run::start(
+        &Config {
+            listen: ([127, 0, 0, 1], port).into(),
+            admin_listen: "127.0.0.1:0".parse()?,
+            nats_url: nats.url.clone(),
+            source: SourceKind::File,
+            endpoints_file: Some(endpoints),
+            secrets_dir: Some(dir.path().join("secrets")),
+            public_base_url: Some(base.clone()),
+            publish_timeout: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(5),
+            drain_delay: Duration::ZERO,
+            ..Config::default()
+        },
+        None,
+    )
+    .await?;
+    let router = gw.gateway.router.clone();
+    let path = format!("/in/{name}");
+    eventually(Duration::from_secs(15), "endpoint routed", || {
+        let ok = router
+            .table()
+            .get(&path)
+            .is_some_and(|r| r.verifier.is_ok());
+        async move { ok }
+    })
+    .await?;
+    Ok((nats, dir, gw, base, stream))
+}
+
+/// `spillway send --scheme twitch` through the real gateway: a notification
+/// is verified and stored, the signed webhook_callback_verification (message
+/// type set with -H) gets its challenge echoed and is not stored, and a
+/// wrong secret is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twitch_notification_and_handshake_through_the_gateway() -> Result<()> {
+    let (_nats, dir, gw, base, mut stream) = file_gateway(
+        "twitch",
+        "  path: /in/twitch\n  verification: {scheme: twitch, secretRefs: [{name: keys, key: twitch}]}\n  handshake: {type: twitchCallbackVerification}\n",
+        "twitch",
+        "twitch-eventsub-secret\n",
+    )
+    .await?;
+    let send = |secret: &'static str, body: &'static str, extra: &'static [&'static str]| {
+        let (dir, base) = (dir.path().to_owned(), base.clone());
+        async move {
+            let (sf, bf) = (dir.join("secret"), dir.join("body"));
+            std::fs::write(&sf, secret)?;
+            std::fs::write(&bf, body)?;
+            let (sf, bf) = (sf.display().to_string(), bf.display().to_string());
+            let mut args = vec![
+                "send",
+                "local/twitch",
+                "--scheme",
+                "twitch",
+                "--secret-from",
+                &sf,
+                "--gateway",
+                &base,
+                "--path",
+                "/in/twitch",
+            ];
+            args.extend_from_slice(extra);
+            args.push(&bf);
+            spillway(&args, &[]).await
+        }
+    };
+    let notification = r#"{"subscription":{"type":"channel.follow"},"event":{"user_id":"1337"}}"#;
+    let out = send("twitch-eventsub-secret", notification, &[]).await?;
+    assert!(out.success, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains(&format!("POST {base}/in/twitch (twitch signed) -> 200")),
+        "{}",
+        out.stdout
+    );
+
+    let challenge =
+        r#"{"challenge":"cli-twitch-challenge","subscription":{"type":"channel.follow"}}"#;
+    let verification: &[&str] = &[
+        "-H",
+        "Twitch-Eventsub-Message-Type: webhook_callback_verification",
+    ];
+    let out = send("twitch-eventsub-secret", challenge, verification).await?;
+    assert!(out.success, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.lines().any(|l| l == "cli-twitch-challenge"),
+        "the challenge is echoed: {}",
+        out.stdout
+    );
+
+    for body in [notification, challenge] {
+        let wrong = send("not-the-eventsub-secret", body, verification).await?;
+        assert!(!wrong.success, "{}", wrong.stdout);
+        assert!(wrong.stdout.contains("-> 401"), "{}", wrong.stdout);
+        assert!(!wrong.stdout.contains("cli-twitch-challenge"));
+    }
+
+    let state = stream.info().await?.state.clone();
+    assert_eq!(state.messages, 1, "only the notification is stored");
+    let stored = stream.get_raw_message(state.last_sequence).await?;
+    assert_eq!(stored.payload.as_ref(), notification.as_bytes());
+    gw.shutdown().await;
+    Ok(())
+}
