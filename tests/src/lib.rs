@@ -59,12 +59,27 @@ pub fn free_port() -> u16 {
 }
 
 /// Kill `child_pid` once this process is gone (covers statics, panics and
-/// aborted runs; a normal Drop kills earlier).
+/// aborted runs; a normal Drop kills earlier). The watchdog ends with the
+/// child, so it never signals a process that later reuses the pid.
 pub fn watchdog(child_pid: u32) {
     let me = std::process::id();
-    let script = format!(
-        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {child_pid} 2>/dev/null"
-    );
+    sh_background(format!(
+        "while kill -0 {me} 2>/dev/null && kill -0 {child_pid} 2>/dev/null; do sleep 0.5; done; \
+         kill -0 {me} 2>/dev/null || kill -9 {child_pid} 2>/dev/null"
+    ));
+}
+
+/// Remove `dir` once this process is gone: statics (the shared control
+/// plane) are never dropped, and etcd pre-allocates ~130 MB in each.
+fn remove_when_gone(dir: &Path) {
+    let me = std::process::id();
+    let dir = dir.display().to_string().replace('\'', "");
+    sh_background(format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 1; done; sleep 1; rm -rf '{dir}'"
+    ));
+}
+
+fn sh_background(script: String) {
     let _ = Command::new("sh")
         .arg("-c")
         .arg(script)
@@ -296,6 +311,7 @@ impl ControlPlane {
         let dir = tempfile::Builder::new()
             .prefix("spillway-kube-")
             .tempdir()?;
+        remove_when_gone(dir.path());
         let d = dir.path();
         let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
 

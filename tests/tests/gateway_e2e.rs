@@ -1360,7 +1360,9 @@ async fn header_limits_slow_senders_and_graceful_shutdown() -> Result<()> {
         let (id, status) = res?;
         match status {
             Some(200) => ok.push(id),
-            None => {}
+            // Cut off by shutdown, or (408) starved past the 1 s read
+            // timeouts on a loaded machine: not answered 2xx either way.
+            None | Some(408) => {}
             Some(other) => bail!("{id}: unexpected {other} during shutdown"),
         }
     }
@@ -1704,14 +1706,14 @@ async fn binary_in_file_mode_serves_logs_json_and_stops_on_sigterm() -> Result<(
 async fn binary_on_sigterm_turns_unready_and_serves_through_the_drain_delay() -> Result<()> {
     let nats = NatsServer::start().await?;
     let secret = "It's a Secret to Everybody";
-    let mut gw = FileModeGateway::start(&nats, secret, "drainDelay: 5s\n").await?;
+    let mut gw = FileModeGateway::start(&nats, secret, "drainDelay: 8s\n").await?;
     let (addr, admin) = (gw.addr, gw.admin);
     let st = std::process::Command::new("kill")
         .args(["-TERM", &gw.child.0.id().to_string()])
         .status()?;
     assert!(st.success());
     eventually(
-        Duration::from_secs(3),
+        Duration::from_secs(5),
         "/readyz 503 after SIGTERM",
         || async {
             http_raw(admin, "GET", "/readyz", &[], b"", true)
@@ -1725,7 +1727,7 @@ async fn binary_on_sigterm_turns_unready_and_serves_through_the_drain_delay() ->
     assert_eq!(r.status, 200, "served during the drain delay: {r:?}");
     assert_eq!(gw.stream.info().await?.state.messages, 1);
     let mut exited = None;
-    for _ in 0..150 {
+    for _ in 0..200 {
         if let Some(s) = gw.child.0.try_wait()? {
             exited = Some(s);
             break;

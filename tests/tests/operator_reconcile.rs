@@ -821,9 +821,10 @@ async fn a_busy_endpoint_writes_status_on_the_resync_period_only() -> Result<()>
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let busy_writes = op.metrics.status_writes() - writes;
-    // Resync every 2 s: two or three refreshes, one spare.
+    // Resync every 2 s: two or three refreshes, plus what the endpoint's
+    // creation still had under way (without the filter: about a hundred).
     assert!(
-        busy_writes <= 4,
+        busy_writes <= 8,
         "{busy_writes} status writes in 4 s of traffic ({sent} webhooks)"
     );
     // The backlog is still reported.

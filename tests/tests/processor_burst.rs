@@ -99,23 +99,18 @@ async fn rate_limit_caps_deliveries_per_second() -> Result<()> {
         sink.count() > 0
     })
     .await?;
-    let first = sink.received()[0].at;
     eventually(Duration::from_secs(30), "all delivered", || async {
         sink.delivered_ids().len() == ids.len()
     })
     .await?;
-    // A burst of at most 10, then 10 per second: whatever the machine's
-    // speed, no more than 10 + 10 * (t + slack) in the first t seconds.
-    let received = sink.received();
-    for (window_ms, max) in [(500u64, 16usize), (1500, 26)] {
-        let n = received
-            .iter()
-            .filter(|r| r.at.duration_since(first) < Duration::from_millis(window_ms))
-            .count();
-        assert!(
-            n <= max,
-            "{n} deliveries in the first {window_ms}ms at 10/s"
-        );
-    }
+    // A burst of at most 10, then 10 per second: the 30 after the burst
+    // take at least ~3 s, however fast (or slow) the machine is.
+    let mut at: Vec<_> = sink.received().iter().map(|r| r.at).collect();
+    at.sort();
+    let spread = at[ids.len() - 1].duration_since(at[0]);
+    assert!(
+        spread >= Duration::from_millis(2500),
+        "40 deliveries within {spread:?} at 10/s (burst 10)"
+    );
     Ok(())
 }

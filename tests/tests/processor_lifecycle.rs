@@ -67,7 +67,8 @@ async fn sigkill_mid_delivery_loses_nothing() -> Result<()> {
 async fn sigterm_finishes_in_flight_and_stops_pulling() -> Result<()> {
     let nats = NatsServer::start().await?;
     let sink = Sink::start().await?;
-    sink.set_default(Reply::slow(200, Duration::from_millis(800)));
+    // Slow enough that SIGTERM lands while the first three are in flight.
+    sink.set_default(Reply::slow(200, Duration::from_secs(2)));
     let ep = Endpoint::create(nats.jetstream().await?, Setup::default()).await?;
     let ids: Vec<String> = (0..10).map(|i| format!("term-{i}")).collect();
     ep.publish_many(&ids).await?;

@@ -20,7 +20,9 @@ async fn per_key_order_holds_under_retries_while_other_keys_proceed() -> Result<
         Setup {
             concurrency: 4,
             per_replica: 2,
-            backoff: vec!["400ms".into()],
+            // Long enough for keys b and c to finish meanwhile on a slow
+            // machine.
+            backoff: vec!["1s".into()],
             max_attempts: 5,
             partitions: Some(PARTITIONS),
             ..Setup::default()
