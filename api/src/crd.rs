@@ -355,8 +355,8 @@ pub struct Deduplication {
     pub window: String,
     /// Where the delivery id comes from: `provider` (the scheme's own id:
     /// X-GitHub-Delivery, the Stripe event id, webhook-id,
-    /// X-Shopify-Webhook-Id, the Slack event_id, ...; falls back to a body
-    /// hash), `header` (the header named in `header`), `bodyHash` (SHA-256 of
+    /// X-Shopify-Webhook-Id, the Slack event_id,
+    /// Twitch-Eventsub-Message-Id, ...; falls back to a body hash), `header` (the header named in `header`), `bodyHash` (SHA-256 of
     /// the body) or `none` (no deduplication). With a body hash (the
     /// fallback for `hmac`, `none` and requests without a provider id), two
     /// requests with byte-identical bodies within `window` are one delivery:
