@@ -356,8 +356,9 @@ pub struct Deduplication {
     /// Where the delivery id comes from: `provider` (the scheme's own id:
     /// X-GitHub-Delivery, the Stripe event id, webhook-id,
     /// X-Shopify-Webhook-Id, the Slack event_id,
-    /// Twitch-Eventsub-Message-Id, ...; falls back to a body hash), `header` (the header named in `header`), `bodyHash` (SHA-256 of
-    /// the body) or `none` (no deduplication). With a body hash (the
+    /// Twitch-Eventsub-Message-Id, ...; falls back to a body hash),
+    /// `header` (the header named in `header`), `bodyHash` (SHA-256 of the
+    /// body) or `none` (no deduplication). With a body hash (the
     /// fallback for `hmac`, `none` and requests without a provider id), two
     /// requests with byte-identical bodies within `window` are one delivery:
     /// the second is answered 2xx and not stored again. Use `header` or
