@@ -128,6 +128,19 @@ fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
+/// The documents of a multi-document YAML stream (`helm template` output,
+/// an example file) as JSON values; empty documents are skipped.
+pub fn yaml_documents(yaml: &str) -> Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+        if !v.is_null() {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
 /// Poll `f` until it returns true or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<()>
 where

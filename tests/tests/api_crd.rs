@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use kube::Api;
 use serde_json::{Value, json};
 use spillway_api::WebhookEndpoint;
-use spillway_tests::{ControlPlane, root};
+use spillway_tests::{ControlPlane, root, yaml_documents};
 
 fn examples() -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(root().join("examples"))
@@ -25,8 +25,7 @@ fn examples() -> Vec<std::path::PathBuf> {
 fn endpoints_in(file: &std::path::Path) -> Result<Vec<WebhookEndpoint>> {
     let text = std::fs::read_to_string(file)?;
     let mut out = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-        let v: Value = serde::Deserialize::deserialize(doc)?;
+    for v in yaml_documents(&text)? {
         if v["kind"] == "WebhookEndpoint" {
             out.push(serde_json::from_value(v)?);
         }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use spillway_tests::{ControlPlane, root};
+use spillway_tests::{ControlPlane, root, yaml_documents};
 
 fn chart() -> PathBuf {
     root().join("charts/spillway")
@@ -52,18 +52,6 @@ fn render(cp: &ControlPlane, ns: &str, extra: &[&str]) -> Result<String> {
     ];
     args.extend_from_slice(extra);
     helm(cp, &args)
-}
-
-/// The objects of a multi-document YAML stream.
-fn objects(yaml: &str) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let v: Value = serde::Deserialize::deserialize(doc)?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
 }
 
 fn kinds(objs: &[Value]) -> Vec<String> {
@@ -240,7 +228,7 @@ async fn default_values_render_and_apply_on_the_api_server() -> Result<()> {
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("chart-default").await?;
     let yaml = render(cp, &ns, &[])?;
-    let objs = objects(&yaml)?;
+    let objs = yaml_documents(&yaml)?;
     let got: BTreeSet<String> = kinds(&objs).into_iter().collect();
     let want: BTreeSet<String> = [
         "ClusterRole",
@@ -332,7 +320,7 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
     ensure_namespaces(cp, &["payments", "ci", "monitoring"])?;
     let full = root().join("charts/spillway/ci/full-values.yaml");
     let yaml = render(cp, &ns, &["-f", full.to_str().expect("utf-8")])?;
-    let objs = objects(&yaml)?;
+    let objs = yaml_documents(&yaml)?;
     let ks = kinds(&objs);
     let count = |k: &str| ks.iter().filter(|x| *x == k).count();
     for (kind, n) in [
@@ -674,7 +662,7 @@ async fn gateway_drain_settings_and_grace_period_follow_the_values() -> Result<(
 
     // Defaults: the gateway's own defaults, written out; 5s + 25s + 5s of
     // shutdown and 5s of slack.
-    let defaults = gateway_shutdown(&objects(&render(cp, ns, &[])?)?)?;
+    let defaults = gateway_shutdown(&yaml_documents(&render(cp, ns, &[])?)?)?;
     assert_eq!(defaults.config.drain_delay, Duration::from_secs(5));
     assert_eq!(defaults.config.max_concurrent_requests, 256);
     assert_eq!(defaults.shutdown(), Duration::from_secs(35));
@@ -691,7 +679,7 @@ async fn gateway_drain_settings_and_grace_period_follow_the_values() -> Result<(
     // Custom values: carried into the config file, a new config hash (so
     // pods roll), and a grace period computed from them (107.5s rounded up,
     // plus 5s).
-    let custom = gateway_shutdown(&objects(&render(
+    let custom = gateway_shutdown(&yaml_documents(&render(
         cp,
         ns,
         &[
@@ -711,7 +699,7 @@ async fn gateway_drain_settings_and_grace_period_follow_the_values() -> Result<(
 
     // No drain delay; unset keys fall back to the gateway's defaults in the
     // computation too.
-    let unset = gateway_shutdown(&objects(&render(
+    let unset = gateway_shutdown(&yaml_documents(&render(
         cp,
         ns,
         &[
@@ -725,7 +713,7 @@ async fn gateway_drain_settings_and_grace_period_follow_the_values() -> Result<(
 
     // A configured grace period is kept when it exceeds the shutdown
     // (bad ones are refused: bad_values_fail_with_a_message_naming_the_value).
-    let explicit = gateway_shutdown(&objects(&render(
+    let explicit = gateway_shutdown(&yaml_documents(&render(
         cp,
         ns,
         &["--set", "gateway.terminationGracePeriodSeconds=36"],
@@ -734,7 +722,7 @@ async fn gateway_drain_settings_and_grace_period_follow_the_values() -> Result<(
 
     // The every-feature values file sets its own, large enough.
     let full = root().join("charts/spillway/ci/full-values.yaml");
-    let full = gateway_shutdown(&objects(&render(
+    let full = gateway_shutdown(&yaml_documents(&render(
         cp,
         ns,
         &["-f", full.to_str().expect("utf-8")],

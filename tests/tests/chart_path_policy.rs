@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use spillway_tests::{ControlPlane, root};
+use spillway_tests::{ControlPlane, root, yaml_documents};
 
 /// Release name of the live test: the policy is `pp-spillway-endpoint-path`.
 const RELEASE: &str = "pp";
@@ -39,21 +39,9 @@ fn render(cp: &ControlPlane, release: &str, set: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// The objects of a multi-document YAML stream.
-fn objects(yaml: &str) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let v: Value = serde::Deserialize::deserialize(doc)?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
-}
-
 /// The rendered admission objects (ValidatingAdmissionPolicy and binding).
 fn admission_objects(yaml: &str) -> Result<Vec<Value>> {
-    Ok(objects(yaml)?
+    Ok(yaml_documents(yaml)?
         .into_iter()
         .filter(|o| {
             o["apiVersion"]
@@ -157,7 +145,7 @@ fn exists(cp: &ControlPlane, ns: &str, name: &str) -> Result<bool> {
 
 /// The WebhookEndpoint paths a YAML file sets (`None`: left unset).
 fn example_paths(text: &str) -> Result<Vec<Option<String>>> {
-    Ok(objects(text)?
+    Ok(yaml_documents(text)?
         .into_iter()
         .filter(|o| o["kind"] == "WebhookEndpoint")
         .map(|o| o["spec"]["path"].as_str().map(str::to_owned))

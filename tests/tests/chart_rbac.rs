@@ -18,7 +18,7 @@ use kube::{Api, Client};
 use serde_json::Value;
 use spillway_api::WebhookEndpoint;
 use spillway_gateway::config::{Config, SourceKind};
-use spillway_tests::{ControlPlane, NatsServer, eventually, root};
+use spillway_tests::{ControlPlane, NatsServer, eventually, root, yaml_documents};
 
 // ------------------------------------------------------------ the table
 
@@ -177,17 +177,6 @@ fn helm_template(cp: &ControlPlane, release: &str, ns: &str, set: &[String]) -> 
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn objects(yaml: &str) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let v: Value = serde::Deserialize::deserialize(doc)?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
-}
-
 fn strs(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
@@ -343,7 +332,7 @@ async fn rendered_rbac_is_exactly_the_documented_table() -> Result<()> {
     ];
     for s in &scenarios {
         let yaml = helm_template(cp, "spillway", &s.release_ns, &s.set)?;
-        let got = rendered(&objects(&yaml)?, "spillway", &s.release_ns)?;
+        let got = rendered(&yaml_documents(&yaml)?, "spillway", &s.release_ns)?;
         let want = s.documented(&rows);
         assert!(got == want, "scenario {:?}:\n{}", s.set, diff(&want, &got));
     }
@@ -413,7 +402,7 @@ async fn serve_with_chart_rbac(
 ) -> Result<()> {
     let release_ns = cp.namespace(&format!("{release}-sys")).await?;
     let yaml = helm_template(cp, release, &release_ns, set)?;
-    let rbac: Vec<Value> = objects(&yaml)?
+    let rbac: Vec<Value> = yaml_documents(&yaml)?
         .into_iter()
         .filter(|o| {
             o["kind"] == "ServiceAccount"

@@ -210,57 +210,14 @@ async fn gateway_rejections_fail_the_command() -> Result<()> {
 /// byte for byte; a wrong auth token is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twilio_json_and_form_are_accepted_and_stored_by_the_gateway() -> Result<()> {
-    use async_nats::jetstream;
-    use spillway_api::names::EndpointNames;
-    use spillway_gateway::config::{Config, SourceKind};
-
-    let nats = spillway_tests::NatsServer::start().await?;
-    let names = EndpointNames::new("local", "tw");
-    let js = nats.jetstream().await?;
-    let mut stream = js
-        .create_stream(jetstream::stream::Config {
-            name: names.stream(),
-            subjects: vec![names.stream_subjects()],
-            ..Default::default()
-        })
-        .await?;
-    let dir = tempfile::tempdir()?;
-    std::fs::create_dir_all(dir.path().join("secrets/keys"))?;
-    std::fs::write(dir.path().join("secrets/keys/twilio"), "twilio-auth\n")?;
-    let endpoints = dir.path().join("endpoints.yaml");
-    std::fs::write(
-        &endpoints,
-        "apiVersion: spillway.dev/v1alpha1\nkind: WebhookEndpoint\nmetadata: {name: tw, namespace: local}\nspec:\n  path: /in/twilio\n  verification: {scheme: twilio, secretRefs: [{name: keys, key: twilio}]}\n  processor: {sink: {url: \"http://sink.invalid/hook\"}}\n",
-    )?;
     // No publicUrl: the gateway signs its public base URL plus the path,
     // which is where the CLI posts.
-    let port = spillway_tests::free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let gw = spillway_gateway::run::start(
-        &Config {
-            listen: ([127, 0, 0, 1], port).into(),
-            admin_listen: "127.0.0.1:0".parse()?,
-            nats_url: nats.url.clone(),
-            source: SourceKind::File,
-            endpoints_file: Some(endpoints),
-            secrets_dir: Some(dir.path().join("secrets")),
-            public_base_url: Some(base.clone()),
-            publish_timeout: Duration::from_secs(2),
-            shutdown_grace: Duration::from_secs(5),
-            drain_delay: Duration::ZERO,
-            ..Config::default()
-        },
-        None,
+    let (_nats, dir, gw, base, mut stream) = file_gateway(
+        "twilio",
+        "  path: /in/twilio\n  verification: {scheme: twilio, secretRefs: [{name: keys, key: twilio}]}\n",
+        "twilio",
+        "twilio-auth\n",
     )
-    .await?;
-    let router = gw.gateway.router.clone();
-    eventually(Duration::from_secs(15), "/in/twilio routed", || {
-        let ok = router
-            .table()
-            .get("/in/twilio")
-            .is_some_and(|r| r.verifier.is_ok());
-        async move { ok }
-    })
     .await?;
 
     let send = |secret: &'static str, content_type: &'static str, body: &'static str| {
@@ -273,7 +230,7 @@ async fn twilio_json_and_form_are_accepted_and_stored_by_the_gateway() -> Result
             spillway(
                 &[
                     "send",
-                    "local/tw",
+                    "local/twilio",
                     "--scheme",
                     "twilio",
                     "--secret-from",

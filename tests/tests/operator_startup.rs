@@ -322,8 +322,7 @@ async fn runs_with_exactly_the_chart_rbac() -> Result<()> {
     }
     let rendered = String::from_utf8(out.stdout)?;
     let mut rbac = String::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(&rendered) {
-        let v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+    for v in spillway_tests::yaml_documents(&rendered)? {
         let kind = v["kind"].as_str().unwrap_or_default();
         if [
             "ServiceAccount",
