@@ -222,6 +222,21 @@ impl World {
         .await
     }
 
+    /// One GitHub endpoint `name` on `path` (Secret `keys`), applied, with
+    /// its stream there and its path routed.
+    async fn github_endpoint(&self, name: &str, path: &str) -> Result<()> {
+        let mut y = secrets_yaml();
+        y += &endpoint(
+            name,
+            path,
+            "{scheme: github, secretRefs: [{name: keys, key: github}]}",
+            "",
+        );
+        self.apply(&y)?;
+        self.stream(name, -1).await?;
+        self.routed(path).await
+    }
+
     fn addr(&self) -> std::net::SocketAddr {
         self.gw.addr
     }
@@ -1214,16 +1229,7 @@ async fn limits_dedup_ordering_and_nats_outage() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_deliveries_are_all_stored() -> Result<()> {
     let w = World::new("gw-load").await?;
-    let mut y = secrets_yaml();
-    y += &endpoint(
-        "load",
-        "/load",
-        "{scheme: github, secretRefs: [{name: keys, key: github}]}",
-        "",
-    );
-    w.apply(&y)?;
-    w.stream("load", -1).await?;
-    w.routed("/load").await?;
+    w.github_endpoint("load", "/load").await?;
     // A newer endpoint (creation times have one-second resolution) claiming
     // the same path does not take it over.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -1285,16 +1291,7 @@ async fn header_limits_slow_senders_and_graceful_shutdown() -> Result<()> {
         c.idle_timeout = Duration::from_secs(1);
     })
     .await?;
-    let mut y = secrets_yaml();
-    y += &endpoint(
-        "drain",
-        "/drain",
-        "{scheme: github, secretRefs: [{name: keys, key: github}]}",
-        "",
-    );
-    w.apply(&y)?;
-    w.stream("drain", -1).await?;
-    w.routed("/drain").await?;
+    w.github_endpoint("drain", "/drain").await?;
     let addr = w.addr();
 
     // Oversized request head.
@@ -1468,16 +1465,7 @@ async fn requests_over_the_global_cap_get_503_and_normal_traffic_passes() -> Res
         c.body_timeout = Duration::from_secs(30);
     })
     .await?;
-    let mut y = secrets_yaml();
-    y += &endpoint(
-        "cap",
-        "/cap",
-        "{scheme: github, secretRefs: [{name: keys, key: github}]}",
-        "",
-    );
-    w.apply(&y)?;
-    w.stream("cap", -1).await?;
-    w.routed("/cap").await?;
+    w.github_endpoint("cap", "/cap").await?;
     let addr = w.addr();
     let secret = "It's a Secret to Everybody";
     let body = br#"{"cap":1}"#;
