@@ -28,4 +28,4 @@ test: tools fmt lint check-crds build
 	cargo test --workspace
 
 run: tools build
-	target/debug/spillway-local
+	"$${CARGO_TARGET_DIR:-target}/debug/spillway-local"

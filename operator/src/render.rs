@@ -35,6 +35,9 @@ pub const RENDER_HASH: &str = "spillway.dev/render-hash";
 /// Deployment annotation: `keda` while a KEDA ScaledObject scales it (its
 /// replicas are left to KEDA's HPA), `builtin` otherwise.
 pub const AUTOSCALER: &str = "spillway.dev/autoscaler";
+/// Group of the processor image's user (Dockerfile `USER 65532:65532`):
+/// the pod's `fsGroup`, so mounted Secrets are readable.
+pub const PROCESSOR_GID: i64 = 65532;
 /// Field manager that briefly holds `spec.replicas` when scaling is handed
 /// over to KEDA, so the operator's next apply (without replicas) does not
 /// reset them to 1.
@@ -457,6 +460,9 @@ pub fn deployment(
     pod_spec.volumes = Some(all_volumes);
     let mut psc = pod_spec.security_context.take().unwrap_or_default();
     psc.run_as_non_root.get_or_insert(true);
+    // Mounted Secrets (mode 0440, root-owned otherwise) must be readable by
+    // the image's non-root user (65532, see the Dockerfile).
+    psc.fs_group.get_or_insert(PROCESSOR_GID);
     psc.seccomp_profile.get_or_insert_with(|| SeccompProfile {
         type_: "RuntimeDefault".into(),
         ..Default::default()
@@ -705,6 +711,11 @@ spec:
                 .unwrap()
                 .type_,
             "RuntimeDefault"
+        );
+        // The signing Secret (mode 0440) is readable by the image's user.
+        assert_eq!(
+            pod.security_context.as_ref().unwrap().fs_group,
+            Some(PROCESSOR_GID)
         );
     }
 
