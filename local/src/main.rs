@@ -79,6 +79,15 @@ fn step(msg: &str) {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    // Before anything starts: a taken port would only show later as every
+    // sample failing.
+    if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", args.port)) {
+        bail!(
+            "port {} on 127.0.0.1 is not free for the gateway ({e}); \
+             pick another with SPILLWAY_LOCAL_PORT=PORT make run",
+            args.port
+        );
+    }
     let started = Instant::now();
     let run_dir = tempfile::Builder::new()
         .prefix("spillway-local-")
