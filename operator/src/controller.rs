@@ -881,6 +881,11 @@ async fn processor(
     };
 
     let (replicas, due) = if use_keda {
+        // KEDA scales now: builtin scaling starts afresh if it comes back.
+        ctx.scale
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&uid);
         (None, None)
     } else {
         let input = scaling::Input {
@@ -928,6 +933,22 @@ async fn processor(
         ));
     }
     let was_keda = current.as_deref().is_some_and(render::scaled_by_keda);
+    let scaled_objects = || {
+        Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &ns, &scaled_object_resource())
+    };
+    if was_keda && !use_keda {
+        // Back to builtin scaling: KEDA's HPA must not scale against it.
+        // Before the Deployment loses its `keda` mark, so a failed delete
+        // is tried again by the next reconcile.
+        match scaled_objects()
+            .delete(&dname, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => info!(endpoint = %key(ep), "deleted the KEDA ScaledObject (builtin scaling)"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     if use_keda
         && !was_keda
         && let Some(r) = current.as_ref().and_then(|d| d.spec.replicas)
@@ -971,9 +992,6 @@ async fn processor(
             Arc::new(d)
         }
     };
-    let scaled_objects = || {
-        Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &ns, &scaled_object_resource())
-    };
     if use_keda {
         scaled_objects()
             .patch(
@@ -982,16 +1000,6 @@ async fn processor(
                 &Patch::Apply(scaled_object(ep, names, &ctx.settings)),
             )
             .await?;
-    } else if was_keda {
-        // Back to builtin scaling: KEDA's HPA must not scale against it.
-        match scaled_objects()
-            .delete(&dname, &DeleteParams::background())
-            .await
-        {
-            Ok(_) => info!(endpoint = %key(ep), "deleted the KEDA ScaledObject (builtin scaling)"),
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
     }
 
     let ready = applied
@@ -1056,14 +1064,18 @@ async fn nats_cleanup(
     names: &EndpointNames,
     policy: DeletionPolicy,
 ) -> Result<Vec<String>, NatsError> {
+    // Retain keeps the consumers too: they remember what was delivered, so
+    // an endpoint created again under the same name resumes there instead
+    // of sending the retained history to its sink again. (Deleting a
+    // stream deletes its consumers.)
     let mut done = Vec::new();
-    let stream = names.stream();
-    for c in js.consumer_names(&stream).await? {
-        if is_managed_consumer(&c) && js.delete_consumer(&stream, &c).await? {
-            done.push(format!("consumer {stream}/{c}"));
-        }
-    }
     if policy == DeletionPolicy::Delete {
+        let stream = names.stream();
+        for c in js.consumer_names(&stream).await? {
+            if is_managed_consumer(&c) && js.delete_consumer(&stream, &c).await? {
+                done.push(format!("consumer {stream}/{c}"));
+            }
+        }
         for s in [stream, names.dead_letter_stream()] {
             if js.delete_stream(&s).await? {
                 done.push(format!("stream {s}"));
@@ -1113,7 +1125,7 @@ async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, 
         Ok(done) => {
             let kept = match policy {
                 DeletionPolicy::Retain => format!(
-                    "; streams {} and {} retained (deletionPolicy Retain)",
+                    "; streams {} and {} and their consumers retained (deletionPolicy Retain)",
                     names.stream(),
                     names.dead_letter_stream()
                 ),

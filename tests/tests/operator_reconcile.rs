@@ -392,8 +392,9 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
     })
     .await?;
 
-    // Delete with the default policy (Retain): processor and consumer go,
-    // the streams stay.
+    // Delete with the default policy (Retain): the processor goes, the
+    // streams and the consumer (what was delivered) stay.
+    let consumer_before = stream.consumer_info("processor").await?;
     env.endpoints()
         .delete("gh", &DeleteParams::default())
         .await?;
@@ -406,8 +407,8 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
     .await?;
     assert!(env.deployments().get_opt("gh-processor").await?.is_none());
     assert!(
-        stream.consumer_info("processor").await.is_err(),
-        "consumer deleted"
+        stream.consumer_info("processor").await.is_ok(),
+        "consumer retained"
     );
     assert!(
         js.get_stream(names.stream()).await.is_ok(),
@@ -417,6 +418,13 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
         js.get_stream(names.dead_letter_stream()).await.is_ok(),
         "DLQ retained"
     );
+    // Created again: it resumes with the same consumer (updated in place),
+    // so the retained history is not delivered a second time.
+    env.create("gh", spec(json!({}))).await?;
+    env.wait_condition("gh", "StreamReady", "True", None)
+        .await?;
+    let again = stream.consumer_info("processor").await?;
+    assert_eq!(again.created, consumer_before.created, "not recreated");
     env.stop().await;
     Ok(())
 }
@@ -846,11 +854,15 @@ async fn delete_policy_delete_and_cleanup_while_nats_is_down() -> Result<()> {
     env.secret("gh", "secret").await?;
     env.create("del", spec(json!({"stream": {"deletionPolicy": "Delete"}})))
         .await?;
-    env.create("stuck", spec(json!({}))).await?;
-    env.wait_condition("del", "StreamReady", "True", None)
-        .await?;
-    env.wait_condition("stuck", "StreamReady", "True", None)
-        .await?;
+    env.create(
+        "stuck",
+        spec(json!({"stream": {"deletionPolicy": "Delete"}})),
+    )
+    .await?;
+    env.create("kept", spec(json!({}))).await?;
+    for n in ["del", "stuck", "kept"] {
+        env.wait_condition(n, "StreamReady", "True", None).await?;
+    }
     let js = env.nats.jetstream().await?;
 
     // Delete policy: both streams go.
@@ -874,9 +886,28 @@ async fn delete_policy_delete_and_cleanup_while_nats_is_down() -> Result<()> {
         "DLQ deleted"
     );
 
-    // NATS down during deletion: retried, then released after the cleanup
-    // timeout with a Warning naming what was left.
+    // NATS down during deletion: with Retain there is nothing to do in
+    // NATS, so the endpoint goes at once; with Delete, cleanup is retried,
+    // then released after the cleanup timeout with a Warning naming what
+    // was left.
     env.nats.stop();
+    env.endpoints()
+        .delete("kept", &DeleteParams::default())
+        .await?;
+    eventually(WAIT, "endpoint kept released", || async {
+        env.endpoints()
+            .get_opt("kept")
+            .await
+            .is_ok_and(|e| e.is_none())
+    })
+    .await?;
+    assert!(
+        !env.event_reasons()
+            .await?
+            .iter()
+            .any(|(r, n)| r == "CleanupRetrying" && n.contains("_kept")),
+        "Retain needs no NATS to delete"
+    );
     env.endpoints()
         .delete("stuck", &DeleteParams::default())
         .await?;
