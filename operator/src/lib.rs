@@ -238,8 +238,11 @@ async fn lead(
         }
         health.leader.store(true, Ordering::SeqCst);
 
-        // The term ends on shutdown or when the Lease is lost.
-        let (end_tx, end_rx) = oneshot::channel::<()>();
+        // The term ends on shutdown (in-flight reconciles finish) or when
+        // the Lease is lost (they are cancelled at once: another replica
+        // may already lead; a sync cut short is safe, stale consumers are
+        // deleted last).
+        let (lost_tx, lost_rx) = oneshot::channel::<()>();
         let mut stop2 = stop.clone();
         let elect = settings.leader_elect;
         let renew_every = settings.lease_renew_interval;
@@ -249,13 +252,21 @@ async fn lead(
             let mut last_ok = Instant::now();
             loop {
                 tokio::select! {
-                    _ = stop2.changed() => break,
+                    _ = stop2.changed() => return,
                     _ = tokio::time::sleep(renew_every), if elect => {
-                        match lock2.try_acquire_or_renew().await {
-                            Ok(true) => last_ok = Instant::now(),
-                            Ok(false) => { warn!("lease taken by another replica"); break; }
-                            Err(e) => {
-                                warn!(error = %e, "lease renewal failed");
+                        // Bounded: a renewal hanging on a half-open
+                        // connection must not outlive the lease.
+                        match tokio::time::timeout(renew_every, lock2.try_acquire_or_renew()).await {
+                            Ok(Ok(true)) => last_ok = Instant::now(),
+                            Ok(Ok(false)) => {
+                                warn!("lease taken by another replica");
+                                break;
+                            }
+                            failed => {
+                                match failed {
+                                    Ok(Err(e)) => warn!(error = %e, "lease renewal failed"),
+                                    _ => warn!(timeout = ?renew_every, "lease renewal timed out"),
+                                }
                                 if last_ok.elapsed() + renew_every >= lease_duration {
                                     warn!("could not renew the lease in time");
                                     break;
@@ -265,19 +276,25 @@ async fn lead(
                     }
                 }
             }
-            let _ = end_tx.send(());
+            let _ = lost_tx.send(());
         });
-        run_controller(
+        let mut stop3 = stop.clone();
+        let controller = run_controller(
             &settings,
             client.clone(),
             js.clone(),
             metrics.clone(),
             recorder.clone(),
             async move {
-                let _ = end_rx.await;
+                let _ = stop3.wait_for(|v| *v).await;
             },
-        )
-        .await;
+        );
+        tokio::select! {
+            _ = controller => {}
+            Ok(()) = lost_rx => {
+                warn!("lease lost: cancelling the reconciles in progress");
+            }
+        }
         watchdog.abort();
         health.leader.store(false, Ordering::SeqCst);
         if *stop.borrow() {
@@ -357,13 +374,14 @@ pub async fn run_controller(
         dstore,
         tx,
     ));
-    // Sink notices from processors, for this term of leadership only.
-    let notices = tokio::spawn(notices::listen(
+    // Sink notices from processors, for this term of leadership only (also
+    // when the term is cut short by dropping this future).
+    let _notices = AbortOnDrop(tokio::spawn(notices::listen(
         ctx.js.client().clone(),
         ctx.endpoints.clone(),
         ctx.sink_notices.clone(),
         notice_trigger,
-    ));
+    )));
     controller
         .owns_stream(owned)
         .reconcile_on(retrigger)
@@ -376,7 +394,15 @@ pub async fn run_controller(
             }
         })
         .await;
-    notices.abort();
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What of a WebhookEndpoint starts a reconcile: its spec (generation),

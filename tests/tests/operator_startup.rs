@@ -180,6 +180,27 @@ async fn refuses_without_crd_then_elects_one_leader_and_fails_over() -> Result<(
     })
     .await?;
 
+    // The Lease is taken from it (another holder renewed it): it steps down
+    // at its next renewal, and leads again once that holder's lease expires.
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    leases
+        .patch(
+            "spillway-operator",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holderIdentity": "intruder", "renewTime": now}})),
+        )
+        .await?;
+    let leads = || {
+        standby
+            .health
+            .leader
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    eventually(WAIT, "steps down", || async { !leads() }).await?;
+    eventually(WAIT, "leads again", || async { leads() }).await?;
+
     // KEDA requested but not installed: said so in ProcessorReady, builtin
     // scaling meanwhile.
     endpoint(
