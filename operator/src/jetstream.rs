@@ -171,30 +171,30 @@ pub fn is_managed_consumer(name: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Where a new consumer with subject filter `filter` (empty: all) starts,
-/// given the consumers that exist and the stream's last sequence: after
-/// everything the existing consumers whose filters overlap it (ordering
-/// switched on or off) have settled, so what they acknowledged is not
-/// delivered again and what they had not is not skipped. A consumer with
-/// nothing pending has settled everything so far; one with a backlog,
-/// everything up to its acknowledgement floor. `None` (deliver everything
-/// stored) when none overlaps: a new endpoint, a new partition's subject,
-/// or consumers deleted behind the operator's back, whose progress is
-/// unknown (delivering twice beats losing).
-pub fn resume_point(existing: &[consumer::Info], filter: &str, last_seq: u64) -> Option<u64> {
+/// How far an existing consumer has got: its subject filter (empty: all)
+/// and the stream sequence of the first message on it that it has not
+/// settled (the stream's last sequence + 1 when it has settled everything).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The consumer's subject filter.
+    pub filter: String,
+    /// First unsettled stream sequence.
+    pub next: u64,
+}
+
+/// Where a new consumer with subject filter `filter` (empty: all) starts:
+/// at the earliest unsettled message of the existing consumers whose
+/// filters overlap it (ordering switched on or off), so what they
+/// acknowledged is not delivered again and what they had not is not
+/// skipped. `None` (deliver everything stored) when none overlaps: a new
+/// endpoint, a new partition's subject, or consumers deleted behind the
+/// operator's back, whose progress is unknown (delivering twice beats
+/// losing).
+pub fn resume_point(existing: &[Position], filter: &str) -> Option<u64> {
     existing
         .iter()
-        .filter(|i| {
-            let f = i.config.filter_subject.as_str();
-            f.is_empty() || filter.is_empty() || f == filter
-        })
-        .map(|i| {
-            if i.num_pending == 0 && i.num_ack_pending == 0 {
-                last_seq + 1
-            } else {
-                i.ack_floor.stream_sequence + 1
-            }
-        })
+        .filter(|p| p.filter.is_empty() || filter.is_empty() || p.filter == filter)
+        .map(|p| p.next)
         .min()
 }
 
@@ -298,6 +298,10 @@ pub enum SyncError {
     /// The change cannot be applied in place.
     #[error("{0}")]
     Immutable(String),
+    /// Switching ordering on with fewer partitions than webhooks still
+    /// waiting on: they would be on subjects no consumer reads.
+    #[error("{0}")]
+    WouldStrand(String),
     /// JetStream refused a create or update.
     #[error("{0}")]
     Rejected(String),
@@ -318,6 +322,7 @@ impl SyncError {
         match self {
             SyncError::Unavailable(_) => "NatsUnavailable",
             SyncError::Immutable(_) => "StreamConfigImmutable",
+            SyncError::WouldStrand(_) => "PartitionsWouldStrandWebhooks",
             SyncError::Rejected(_) => "StreamRejected",
         }
     }
@@ -550,6 +555,134 @@ impl Js {
         }
     }
 
+    /// The first stored message at or after `seq` on `subject` (wildcards
+    /// allowed), `None` when there is none.
+    async fn next_on_subject(
+        &self,
+        stream: &str,
+        seq: u64,
+        subject: &str,
+    ) -> Result<Option<u64>, SyncError> {
+        #[derive(Serialize)]
+        struct NextBySubject<'a> {
+            seq: u64,
+            next_by_subj: &'a str,
+        }
+        match self
+            .api::<serde_json::Value, _>(
+                format!("STREAM.MSG.GET.{stream}"),
+                &NextBySubject {
+                    seq,
+                    next_by_subj: subject,
+                },
+            )
+            .await
+        {
+            Ok(v) => Ok(v["message"]["seq"].as_u64()),
+            Err(e) if e.is(ErrorCode::NO_MESSAGE_FOUND) => Ok(None),
+            Err(e) => Err(SyncError::from_nats(e, "reading the stream")),
+        }
+    }
+
+    /// Where each existing consumer has got (see [`Position`]): its first
+    /// unsettled message is the next one on its filter after its
+    /// acknowledgement floor (for a filtered consumer the floor can lag far
+    /// behind: other subjects' messages in between are not its own).
+    async fn positions(
+        &self,
+        stream: &str,
+        names: &EndpointNames,
+        existing: &[consumer::Info],
+        last_seq: u64,
+    ) -> Result<Vec<Position>, SyncError> {
+        let mut out = Vec::new();
+        for i in existing {
+            let filter = i.config.filter_subject.clone();
+            let next = if i.num_pending == 0 && i.num_ack_pending == 0 {
+                last_seq + 1
+            } else {
+                let subject = if filter.is_empty() {
+                    names.stream_subjects()
+                } else {
+                    filter.clone()
+                };
+                self.next_on_subject(stream, i.ack_floor.stream_sequence + 1, &subject)
+                    .await?
+                    .unwrap_or(last_seq + 1)
+            };
+            out.push(Position { filter, next });
+        }
+        Ok(out)
+    }
+
+    /// Ordering switched on with `partitions` while a shared consumer (from
+    /// ordering off) still has a backlog: refuse when some of it sits on a
+    /// partition subject at or above `partitions` (stored while ordering
+    /// was on with more partitions), since no new consumer would read it.
+    async fn check_not_stranded(
+        &self,
+        stream: &str,
+        names: &EndpointNames,
+        existing: &[consumer::Info],
+        partitions: u16,
+    ) -> Result<(), SyncError> {
+        let Some(shared) = existing.iter().find(|i| {
+            i.config.filter_subject.is_empty() && (i.num_pending > 0 || i.num_ack_pending > 0)
+        }) else {
+            return Ok(());
+        };
+        let from = shared.ack_floor.stream_sequence + 1;
+        #[derive(Serialize)]
+        struct SubjectsFilter {
+            subjects_filter: String,
+        }
+        #[derive(Deserialize)]
+        struct Info {
+            state: State,
+        }
+        #[derive(Deserialize)]
+        struct State {
+            #[serde(default)]
+            subjects: std::collections::HashMap<String, u64>,
+        }
+        let info: Info = self
+            .api(
+                format!("STREAM.INFO.{stream}"),
+                &SubjectsFilter {
+                    subjects_filter: names.stream_subjects(),
+                },
+            )
+            .await
+            .map_err(|e| SyncError::from_nats(e, "listing the stream's subjects"))?;
+        let mut stranded = Vec::new();
+        for subject in info.state.subjects.keys() {
+            let Some(p) = (0..=255u16)
+                .map(|p| (p, names.subject(p)))
+                .find(|(_, s)| s == subject)
+                .map(|(p, _)| p)
+            else {
+                continue;
+            };
+            if p < partitions {
+                continue;
+            }
+            if self.next_on_subject(stream, from, subject).await?.is_some() {
+                stranded.push(p);
+            }
+        }
+        if stranded.is_empty() {
+            return Ok(());
+        }
+        stranded.sort_unstable();
+        let most = stranded.last().copied().unwrap_or(partitions) + 1;
+        Err(SyncError::WouldStrand(format!(
+            "webhooks stored while ordering had more partitions are not delivered yet on \
+             partition(s) {stranded:?}; with ordering.partitions {partitions} no consumer would read \
+             them: set ordering.partitions to at least {most}, or switch ordering off until the \
+             backlog is delivered (nothing was changed)"
+        )))
+    }
+
     /// Create or update the endpoint's streams and consumers, delete
     /// managed consumers no longer wanted, and read backlog and dead-letter
     /// counts.
@@ -601,6 +734,11 @@ impl Js {
                 existing.push(info);
             }
         }
+        if let Some(o) = &spec.ordering {
+            self.check_not_stranded(&main.name, names, &existing, o.partitions)
+                .await?;
+        }
+        let mut positions: Option<Vec<Position>> = None;
         for want in &wanted {
             let name = want.durable_name.as_deref().unwrap_or_default();
             let have = existing.iter().find(|i| i.name == name);
@@ -608,21 +746,26 @@ impl Js {
                 Some(i) if !consumer_differs(&i.config, want) => i.clone(),
                 _ => {
                     let mut cfg = want.clone();
-                    match (
-                        have,
-                        resume_point(&existing, &want.filter_subject, last_seq),
-                    ) {
+                    match have {
                         // JetStream cannot change where a consumer starts.
-                        (Some(i), _) => cfg.deliver_policy = i.config.deliver_policy,
+                        Some(i) => cfg.deliver_policy = i.config.deliver_policy,
                         // Created beside or in place of earlier consumers
                         // (ordering switched on or off): start where they
                         // had got to, not at the start of the history.
-                        (None, Some(seq)) => {
-                            cfg.deliver_policy = DeliverPolicy::ByStartSequence {
-                                start_sequence: seq,
+                        None => {
+                            if positions.is_none() {
+                                positions = Some(
+                                    self.positions(&main.name, names, &existing, last_seq)
+                                        .await?,
+                                );
+                            }
+                            let known = positions.as_deref().unwrap_or_default();
+                            if let Some(seq) = resume_point(known, &want.filter_subject) {
+                                cfg.deliver_policy = DeliverPolicy::ByStartSequence {
+                                    start_sequence: seq,
+                                };
                             }
                         }
-                        (None, None) => {}
                     }
                     let info = self
                         .put_consumer(&main.name, &cfg)
@@ -736,40 +879,30 @@ ingress: {maxBodyBytes: 1000}
         );
     }
 
-    fn consumer(name: &str, filter: &str, floor: u64, pending: u64) -> consumer::Info {
-        serde_json::from_value(serde_json::json!({
-            "stream_name": "s", "name": name, "created": "2026-11-24T00:00:00Z",
-            "config": {"durable_name": name, "filter_subject": filter, "ack_policy": "explicit",
-                       "deliver_policy": "all", "replay_policy": "instant"},
-            "delivered": {"consumer_seq": 0, "stream_seq": 0},
-            "ack_floor": {"consumer_seq": 0, "stream_seq": floor},
-            "num_ack_pending": 0, "num_redelivered": 0, "num_waiting": 0, "num_pending": pending
-        }))
-        .unwrap()
+    fn at(filter: &str, next: u64) -> Position {
+        Position {
+            filter: filter.into(),
+            next,
+        }
     }
 
     #[test]
     fn new_consumers_resume_after_the_consumers_they_replace() {
         // Nothing before: everything stored is delivered.
-        assert_eq!(resume_point(&[], "", 100), None);
-        assert_eq!(resume_point(&[], "in.0", 100), None);
-        // Ordering switched on: every partition starts after the shared
-        // consumer's floor.
-        let shared = [consumer("processor", "", 41, 59)];
-        assert_eq!(resume_point(&shared, "in.0", 100), Some(42));
-        assert_eq!(resume_point(&shared, "in.3", 100), Some(42));
-        // Ordering switched off: the shared consumer starts after the
-        // lowest floor of a partition with a backlog; a partition with
-        // nothing pending has settled everything (its floor may be 0).
-        let parts = [
-            consumer("processor-p0", "in.0", 90, 3),
-            consumer("processor-p1", "in.1", 12, 1),
-            consumer("processor-p2", "in.2", 0, 0),
-        ];
-        assert_eq!(resume_point(&parts, "", 100), Some(13));
-        assert_eq!(resume_point(&parts[2..], "", 100), Some(101));
+        assert_eq!(resume_point(&[], ""), None);
+        assert_eq!(resume_point(&[], "in.0"), None);
+        // Ordering switched on: every partition starts at the shared
+        // consumer's first unsettled message.
+        let shared = [at("", 42)];
+        assert_eq!(resume_point(&shared, "in.0"), Some(42));
+        assert_eq!(resume_point(&shared, "in.3"), Some(42));
+        // Ordering switched off: the shared consumer starts at the earliest
+        // unsettled message of any partition.
+        let parts = [at("in.0", 91), at("in.1", 13), at("in.2", 101)];
+        assert_eq!(resume_point(&parts, ""), Some(13));
+        assert_eq!(resume_point(&parts[2..], ""), Some(101));
         // A partition added: its subject has no history to skip.
-        assert_eq!(resume_point(&parts, "in.3", 100), None);
+        assert_eq!(resume_point(&parts, "in.3"), None);
     }
 
     #[test]

@@ -995,10 +995,15 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
     .await?;
     let p3 = stream.consumer_info(names.consumer(Some(3))).await?;
     assert_eq!(p3.config.deliver_policy, DeliverPolicy::All);
+    // Seq 7 lands on the new partition 3 (and stays undelivered).
+    js.publish(names.subject(3), "{\"n\":7}".into())
+        .await?
+        .await?;
 
     // Ordering off: the shared consumer replaces the partitions and starts
-    // after what they settled (5: the lowest floor with a backlog, p0's),
-    // not at the start of the history.
+    // at the earliest message they had not settled (6, on partition 0; 5
+    // was settled on partition 1, 7 waits on partition 3), not at the
+    // start of the history.
     env.patch_spec("ord", json!({"ordering": null})).await?;
     eventually(WAIT, "shared consumer, partitions gone", || async {
         stream.consumer_info("processor").await.is_ok()
@@ -1008,9 +1013,37 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
     let shared = stream.consumer_info("processor").await?;
     assert_eq!(
         shared.config.deliver_policy,
-        DeliverPolicy::ByStartSequence { start_sequence: 5 }
+        DeliverPolicy::ByStartSequence { start_sequence: 6 }
     );
-    assert_eq!(shared.num_pending, 2, "seqs 5 and 6 only");
+    assert_eq!(shared.num_pending, 2, "seqs 6 and 7 only");
+
+    // Ordering on again with 2 partitions would leave seq 7 (partition 3)
+    // to no consumer: refused, nothing changed.
+    env.patch_spec(
+        "ord",
+        json!({"ordering": {"keyHeader": "X-Key", "partitions": 2}}),
+    )
+    .await?;
+    let ep = env
+        .wait_condition(
+            "ord",
+            "StreamReady",
+            "False",
+            Some("PartitionsWouldStrandWebhooks"),
+        )
+        .await?;
+    let msg = condition(&ep, "StreamReady").unwrap().2;
+    assert!(msg.contains("at least 4"), "{msg}");
+    assert!(stream.consumer_info("processor").await.is_ok(), "kept");
+    assert!(stream.consumer_info(names.consumer(Some(0))).await.is_err());
+    // With enough partitions it goes through, after the shared floor.
+    env.patch_spec("ord", json!({"ordering": {"partitions": 4}}))
+        .await?;
+    env.wait_condition("ord", "StreamReady", "True", None)
+        .await?;
+    let p3 = stream.consumer_info(names.consumer(Some(3))).await?;
+    assert_eq!(p3.num_pending, 1, "seq 7 waits on partition 3");
+    assert!(stream.consumer_info("processor").await.is_err(), "replaced");
 
     // Storage cannot change in place: reported, stream untouched.
     env.patch_spec("ord", json!({"stream": {"storage": "file"}}))
