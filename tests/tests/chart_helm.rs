@@ -512,6 +512,14 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
             &["minReplicas (5) is greater than maxReplicas (2)"],
         ),
         (
+            "networkPolicy.dnsPorts={0}",
+            &["/networkPolicy/dnsPorts/0", "minimum"],
+        ),
+        (
+            "networkPolicy.dnsTo=kube-dns",
+            &["/networkPolicy/dnsTo", "array"],
+        ),
+        (
             "gateway.config.maxConcurrentRequests=0",
             &["/gateway/config/maxConcurrentRequests", "minimum"],
         ),
@@ -574,6 +582,108 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
             .is_empty(),
         "nothing was installed"
     );
+    Ok(())
+}
+
+/// The DNS egress rule of each NetworkPolicy: (ports as `port/protocol`,
+/// peers), one per policy; None when a policy has no rule on a DNS port.
+fn dns_egress(objs: &[Value], dns_ports: &[u64]) -> Vec<Option<(Vec<String>, Value)>> {
+    objs.iter()
+        .filter(|o| o["kind"] == "NetworkPolicy")
+        .map(|np| {
+            let rules = np["spec"]["egress"].as_array()?;
+            let rule = rules.iter().find(|r| {
+                r["ports"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| p["port"].as_u64().is_some_and(|n| dns_ports.contains(&n)))
+                })
+            })?;
+            let ports = rule["ports"]
+                .as_array()?
+                .iter()
+                .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("")))
+                .collect();
+            Some((ports, rule["to"].clone()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn network_policy_dns_egress_follows_the_values() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("chart-dns").await?;
+    let on = ["--set", "networkPolicy.enabled=true"];
+    // Default: the kube-dns pods of any namespace, UDP and TCP 53.
+    let objs = yaml_documents(&render(cp, &ns, &on)?)?;
+    let kube_dns = serde_json::json!([{
+        "namespaceSelector": {},
+        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+    }]);
+    let rules = dns_egress(&objs, &[53]);
+    assert_eq!(rules.len(), 2, "operator and gateway policies");
+    for rule in &rules {
+        assert_eq!(
+            rule.as_ref(),
+            Some(&(
+                vec!["53/UDP".to_owned(), "53/TCP".to_owned()],
+                kube_dns.clone()
+            ))
+        );
+    }
+    // OpenShift: the openshift-dns namespace, pods listening on 5353.
+    let openshift = serde_json::json!([{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "openshift-dns"}},
+    }]);
+    let set_to = format!("networkPolicy.dnsTo={openshift}");
+    let yaml = render(
+        cp,
+        &ns,
+        &[
+            on[0],
+            on[1],
+            "--set-json",
+            &set_to,
+            "--set",
+            "networkPolicy.dnsPorts={5353}",
+        ],
+    )?;
+    let objs = yaml_documents(&yaml)?;
+    for rule in dns_egress(&objs, &[53, 5353]) {
+        assert_eq!(
+            rule,
+            Some((
+                vec!["5353/UDP".to_owned(), "5353/TCP".to_owned()],
+                openshift.clone()
+            ))
+        );
+    }
+    // The API server takes the custom peers.
+    let policies: String = objs
+        .iter()
+        .filter(|o| o["kind"] == "NetworkPolicy")
+        .map(|o| format!("---\n{}", serde_yaml_ng::to_string(o).expect("YAML")))
+        .collect();
+    let lines = dry_run_apply(cp, &policies)?;
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    // Empty: port 53 to anywhere (no `to`), e.g. NodeLocal DNSCache
+    // without knowing its address.
+    let objs = yaml_documents(&render(
+        cp,
+        &ns,
+        &[on[0], on[1], "--set-json", "networkPolicy.dnsTo=[]"],
+    )?)?;
+    for rule in dns_egress(&objs, &[53]) {
+        let (ports, to) = rule.context("a DNS rule")?;
+        assert_eq!(ports, ["53/UDP", "53/TCP"]);
+        assert!(to.is_null(), "no peers: {to}");
+    }
+    // dns: false: no DNS rule at all.
+    let objs = yaml_documents(&render(
+        cp,
+        &ns,
+        &[on[0], on[1], "--set", "networkPolicy.dns=false"],
+    )?)?;
+    assert_eq!(dns_egress(&objs, &[53]), vec![None, None]);
     Ok(())
 }
 

@@ -3,7 +3,9 @@
 //! impersonates its chart ServiceAccount, serve an endpoint end to end
 //! (Secret check, finalizer, stream, processor Deployment by server-side
 //! apply, status, Events, Lease, KEDA detection, Secret watch, cleanup) in
-//! each RBAC mode: cluster-wide, `rbac.namespaces`, and `watchNamespace`.
+//! each RBAC mode: cluster-wide, `rbac.namespaces`, and `watchNamespace`;
+//! and in each the operator's cache of processor Deployments fills (later
+//! reconciles find the Deployment and do not create it again).
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
@@ -119,7 +121,7 @@ impl Scenario {
     fn places(&self, scope: &str) -> Vec<String> {
         match scope {
             "cluster" => vec!["*".into()],
-            "endpoints" => vec![self.watch_ns.clone().unwrap_or_else(|| "*".into())],
+            "watched" => vec![self.watch_ns.clone().unwrap_or_else(|| "*".into())],
             "workloads" if !self.rbac_namespaces.is_empty() => self.rbac_namespaces.clone(),
             "workloads" => vec![self.watch_ns.clone().unwrap_or_else(|| "*".into())],
             "release" => vec![self.release_ns.clone()],
@@ -389,6 +391,35 @@ async fn condition(
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// How often `DeploymentCreated` was recorded for endpoint `name` (an
+/// Event repeated by the operator's recorder carries a series count).
+fn deployment_created_count(cp: &ControlPlane, ns: &str, name: &str) -> Result<u64> {
+    let out = cp.kubectl_output(&["get", "events.events.k8s.io", "-n", ns, "-o", "json"])?;
+    let list: Value = serde_json::from_str(&out)?;
+    Ok(list["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter(|e| {
+            e["reason"] == "DeploymentCreated"
+                && e["regarding"]["kind"] == "WebhookEndpoint"
+                && e["regarding"]["name"] == name
+        })
+        .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
+        .sum())
+}
+
+/// Reconciles the operator has finished, from its metrics.
+fn reconciles(operator: &spillway_operator::Running) -> u64 {
+    operator
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("spillway_operator_reconciles_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Install only the chart's ServiceAccounts and RBAC for `release` in
 /// `release_ns`, run the operator and the gateway as those ServiceAccounts,
 /// and serve endpoints in `team`.
@@ -455,6 +486,32 @@ async fn serve_with_chart_rbac(
         &op_sa,
         &["get", "secrets", "-n", team]
     )?);
+    // The operator's Deployment cache watches where endpoints are watched
+    // (every namespace without watchNamespace), read-only; writes stay in
+    // the workload namespaces.
+    assert_eq!(
+        can_i(
+            cp,
+            &release_ns,
+            &op_sa,
+            &["watch", "deployments.apps", "--all-namespaces"]
+        )?,
+        !watch,
+        "{set:?}: cluster-wide watch of Deployments"
+    );
+    let confined = watch || set.iter().any(|s| s.starts_with("rbac.namespaces="));
+    for verb in ["create", "patch", "delete"] {
+        assert_eq!(
+            can_i(
+                cp,
+                &release_ns,
+                &op_sa,
+                &[verb, "deployments.apps", "-n", "kube-system"]
+            )?,
+            !confined,
+            "{set:?}: {verb} Deployments in kube-system"
+        );
+    }
     assert!(can_i(
         cp,
         &release_ns,
@@ -552,6 +609,24 @@ spec:
         "jsonpath={.items[*].reason}",
     ])?;
     assert!(events.contains("DeploymentCreated"), "events: {events}");
+    // The operator's Deployment cache works: over the next reconciles (a
+    // resync every 2 s) it finds gh's Deployment up to date and neither
+    // re-applies it nor repeats DeploymentCreated. Without list/watch on
+    // Deployments wherever the operator watches (cluster-wide here unless
+    // watchNamespace), its cache never fills and every reconcile waits for
+    // it, re-applies and counts another DeploymentCreated.
+    let created = deployment_created_count(cp, team, "gh")?;
+    assert!(created >= 1, "gh's DeploymentCreated event");
+    let reconciled = reconciles(&operator);
+    eventually(WAIT, "four more reconciles", || async {
+        reconciles(&operator) >= reconciled + 4
+    })
+    .await?;
+    assert_eq!(
+        deployment_created_count(cp, team, "gh")?,
+        created,
+        "{set:?}: the operator created gh's Deployment again: its Deployment cache is empty"
+    );
     // The Lease is held.
     let lease = Api::<Lease>::namespaced(admin.clone(), &release_ns)
         .get(&lease_name)

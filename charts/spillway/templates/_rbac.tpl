@@ -4,7 +4,10 @@ rules in a table, and tests/tests/chart_rbac.rs checks that the rendered
 chart grants exactly that table, no more, no less.
 
   cluster    always a ClusterRole
-  endpoints  where WebhookEndpoints are watched: ClusterRole, or a Role in watchNamespace
+  watched    where the caches watch (WebhookEndpoints; the operator's processor
+             Deployments): ClusterRole, or a Role in watchNamespace. Not narrowed
+             by rbac.namespaces: without watchNamespace the operator and the
+             gateway watch every namespace.
   workloads  where endpoints' Secrets, processors and Events live: ClusterRole,
              or a Role in each of rbac.namespaces (or watchNamespace)
   release    a Role in the release namespace
@@ -24,7 +27,7 @@ chart grants exactly that table, no more, no less.
 {{- end }}
 {{- end -}}
 
-{{- define "spillway.rules.operator.endpoints" -}}
+{{- define "spillway.rules.operator.watched" -}}
 # Watch endpoints; add/remove the spillway.dev/cleanup finalizer (JSON patch).
 - apiGroups: [spillway.dev]
   resources: [webhookendpoints]
@@ -38,6 +41,11 @@ chart grants exactly that table, no more, no less.
 - apiGroups: [spillway.dev]
   resources: [webhookendpoints/finalizers]
   verbs: [update]
+# The processor Deployment cache (label managed-by=spillway-operator), read-only;
+# watched wherever endpoints are, so cluster-wide unless watchNamespace.
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [list, watch]
 {{- end -}}
 
 {{- define "spillway.rules.operator.workloads" -}}
@@ -45,10 +53,10 @@ chart grants exactly that table, no more, no less.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
-# Processor Deployments: watch (label managed-by=spillway-operator), apply, delete.
+# Processor Deployments: server-side apply, delete.
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [list, watch, create, patch, delete]
+  verbs: [create, patch, delete]
 # Events on endpoints.
 - apiGroups: [events.k8s.io]
   resources: [events]
@@ -77,7 +85,7 @@ chart grants exactly that table, no more, no less.
 {{- define "spillway.rules.gateway.cluster" -}}
 {{- end -}}
 
-{{- define "spillway.rules.gateway.endpoints" -}}
+{{- define "spillway.rules.gateway.watched" -}}
 # The routing table.
 - apiGroups: [spillway.dev]
   resources: [webhookendpoints]
