@@ -88,13 +88,23 @@ pub fn dead_letter_config(
         storage: storage(s.storage),
         // Dead letters are kept as long as possible: old ones make room.
         discard: stream::DiscardPolicy::Old,
-        duplicate_window: Duration::from_secs(120).min(t.dead_letter_max_age),
+        // Long enough that a dead letter published again after a lost
+        // terminate (the original comes back after the ack wait and is
+        // processed again) is still recognised as a duplicate.
+        duplicate_window: dead_letter_dedup_window(t).min(t.dead_letter_max_age),
         max_message_size: msg_size(
             spec.ingress.max_body_bytes + HEADER_HEADROOM + DEAD_LETTER_HEADROOM,
         ),
         description: Some(format!("Spillway dead letters for {}", endpoint_id(names))),
         ..Default::default()
     }
+}
+
+/// The dead-letter stream's duplicate window: two ack waits (redelivery
+/// plus another full delivery) and a minute, at least two minutes.
+pub fn dead_letter_dedup_window(t: &Timings) -> Duration {
+    (2 * (t.delivery_timeout + ACK_WAIT_MARGIN) + Duration::from_secs(60))
+        .max(Duration::from_secs(120))
 }
 
 fn endpoint_id(names: &EndpointNames) -> String {
@@ -834,6 +844,15 @@ ingress: {maxBodyBytes: 1000}
         let d = dead_letter_config(&n, &s, &t);
         assert_eq!(d.subjects, vec![n.dead_letter_subject()]);
         assert_eq!(d.max_age, Duration::from_secs(336 * 3600));
+        // timeout 10s: 2 x (10s + 5s) + 60s, above the 2 min floor.
+        assert_eq!(d.duplicate_window, Duration::from_secs(120));
+        let mut long = s.clone();
+        long.processor.timeout = "5m".into();
+        let t = check(&long).unwrap();
+        assert_eq!(
+            dead_letter_config(&n, &long, &t).duplicate_window,
+            Duration::from_secs(2 * 305 + 60)
+        );
     }
 
     #[test]

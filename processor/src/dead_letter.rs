@@ -35,7 +35,14 @@ const MAX_DETAIL: usize = 512;
 /// same message (after a lost acknowledgement) is deduplicated by JetStream.
 pub fn headers(original: Option<&HeaderMap>, f: &Failure<'_>) -> HeaderMap {
     let mut out = original.map(wire::carried_headers).unwrap_or_default();
-    let detail: String = f.detail.chars().take(MAX_DETAIL).collect();
+    // A header value: no control characters (a CR or LF would make the
+    // NATS client panic), bounded.
+    let detail: String = f
+        .detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_DETAIL)
+        .collect();
     out.insert(wire::NATS_MSG_ID, msg_id(f.stream, f.seq).as_str());
     out.insert(wire::DLQ_REASON, f.reason.as_str());
     out.insert(wire::DLQ_DETAIL, detail.as_str());
@@ -92,6 +99,27 @@ mod tests {
             Some("spillway.in.default_gh.0")
         );
         assert_eq!(h.get_all(wire::DLQ_REASON).count(), 1);
+    }
+
+    #[test]
+    fn control_characters_in_the_detail_become_spaces() {
+        let h = headers(
+            None,
+            &Failure {
+                stream: "s",
+                seq: 1,
+                reason: DeadReason::MaxAttempts,
+                detail: "connect error:\r\nX-Injected: 1\tend",
+                attempts: 2,
+                last_status: None,
+                subject: "a.b",
+                failed_at: "t",
+            },
+        );
+        assert_eq!(
+            h.get(wire::DLQ_DETAIL).unwrap().as_str(),
+            "connect error:  X-Injected: 1 end"
+        );
     }
 
     #[test]

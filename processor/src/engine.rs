@@ -171,9 +171,9 @@ impl Processor {
             Some(path) => Some(SecretFile::load(path)?),
             None => None,
         };
-        let limiter = settings
-            .rate_per_replica
-            .map(|r| RateLimiter::direct(Quota::per_second(r)));
+        let limiter = settings.rate_share.and_then(|r| {
+            Quota::with_period(r.interval).map(|q| RateLimiter::direct(q.allow_burst(r.burst)))
+        });
         let notifier = Notifier::new(
             js.client(),
             &settings.endpoint,
@@ -361,10 +361,9 @@ impl Processor {
                 return;
             }
         };
-        if self.stopping() {
-            self.nak_now(&msg).await;
-            return;
-        }
+        // A message already in hand when shutdown begins is still delivered
+        // (within the shutdown grace): handing it back unsent would spend
+        // one of its attempts. Only an abort hands it back.
         let s = &self.settings;
         // Wait for a delivery slot (and the rate limit), keeping the
         // message alive meanwhile.

@@ -14,6 +14,9 @@ pub const ATTEMPT: &str = "Spillway-Attempt";
 
 /// Most bytes of a sink's response body kept for logs and dead letters.
 const EXCERPT_BYTES: usize = 256;
+/// Most of a response body read to keep the connection reusable; a longer
+/// body is left unread and the connection closed.
+const DRAIN_BYTES: usize = 64 * 1024;
 
 /// Original request headers never forwarded to the sink (hop-by-hop or
 /// describing the original connection), even if the gateway kept them.
@@ -137,7 +140,7 @@ pub async fn post(
         .body(body)
         .send()
         .await;
-    let resp = match resp {
+    let mut resp = match resp {
         Ok(r) => r,
         Err(e) => return classify_error(e),
     };
@@ -147,13 +150,29 @@ pub async fn post(
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    // Read (and so release) the body; a body that does not arrive in time
-    // makes the attempt a timeout unless the status already says success.
-    let excerpt = match resp.bytes().await {
-        Ok(b) => excerpt(&b),
-        Err(e) if !(200..300).contains(&status) => return classify_error(e),
-        Err(_) => String::new(),
-    };
+    // Read the body (so the connection can be reused) but keep only the
+    // excerpt, and stop after DRAIN_BYTES: a sink answering with a huge
+    // body costs a closed connection, not memory. A body that does not
+    // arrive in time makes the attempt a timeout unless the status already
+    // says success.
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                let room = EXCERPT_BYTES.saturating_sub(kept.len());
+                kept.extend_from_slice(&c[..c.len().min(room)]);
+                seen += c.len();
+                if seen > DRAIN_BYTES {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) if !(200..300).contains(&status) => return classify_error(e),
+            Err(_) => break,
+        }
+    }
+    let excerpt = excerpt(&kept);
     AttemptResult::Response {
         status,
         retry_after,
@@ -193,6 +212,38 @@ pub fn excerpt(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sink answering 200 with an endless body: the attempt is a 200 with
+    /// the body's first bytes as excerpt, not a read until the timeout
+    /// (which left no excerpt) or memory without bound.
+    #[tokio::test]
+    async fn an_endless_response_body_is_not_read_to_the_end() {
+        use axum::body::Body;
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(|| async {
+                let chunk = axum::body::Bytes::from(vec![b'x'; 16 * 1024]);
+                let endless =
+                    futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+                Body::from_stream(endless)
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = client(Duration::from_secs(3), 1).unwrap();
+        let url = reqwest::Url::parse(&format!("http://{addr}/")).unwrap();
+        match post(&client, &url, reqwest::header::HeaderMap::new(), "{}").await {
+            AttemptResult::Response {
+                status, excerpt, ..
+            } => {
+                assert_eq!(status, 200);
+                assert_eq!(excerpt.len(), EXCERPT_BYTES, "{excerpt:?}");
+                assert!(excerpt.bytes().all(|b| b == b'x'));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn stored() -> HeaderMap {
         let mut h = HeaderMap::new();

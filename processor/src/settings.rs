@@ -59,7 +59,7 @@ pub struct Settings {
     /// Retry delays; the last repeats.
     pub backoff: Vec<Duration>,
     /// This pod's share of the delivery rate limit, if any.
-    pub rate_per_replica: Option<NonZeroU32>,
+    pub rate_share: Option<RateShare>,
     /// Do not pull while true.
     pub paused: bool,
     /// File with the outbound signing secret.
@@ -106,10 +106,10 @@ impl Settings {
             .iter()
             .map(|b| duration::parse(b).map_err(|e| field("backoff", e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
-        let rate_per_replica = match c.rate_limit_per_second {
+        let rate_share = match c.rate_limit_per_second {
             None => None,
             Some(0) => return Err(field("rateLimitPerSecond", "must be at least 1 when set")),
-            Some(r) => NonZeroU32::new(split_rate(r, c.concurrency_per_replica, c.concurrency)),
+            Some(r) => Some(split_rate(r, c.concurrency_per_replica, c.concurrency)),
         };
         Ok(Self {
             endpoint: c.endpoint,
@@ -123,7 +123,7 @@ impl Settings {
             timeout,
             max_attempts: c.max_attempts,
             backoff,
-            rate_per_replica,
+            rate_share,
             paused: c.paused,
             signing_secret_file: c.signing_secret_file.filter(|s| !s.is_empty()),
         })
@@ -146,12 +146,29 @@ pub fn backoff_after(backoff: &[Duration], attempt: u32) -> Duration {
         .unwrap_or(DEFAULT_BACKOFF)
 }
 
+/// A pod's share of the endpoint's delivery rate: one delivery per
+/// `interval`, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateShare {
+    /// Time between deliveries at the sustained rate.
+    pub interval: Duration,
+    /// Deliveries allowed at once after a quiet spell.
+    pub burst: NonZeroU32,
+}
+
 /// This pod's share of a global rate: the same fraction as its share of the
-/// concurrency (`per_replica / concurrency`), rounded up, at least 1.
-pub fn split_rate(rate: u32, per_replica: u32, concurrency: u32) -> u32 {
-    let share = u64::from(rate) * u64::from(per_replica.min(concurrency));
-    let r = share.div_ceil(u64::from(concurrency.max(1)));
-    u32::try_from(r).unwrap_or(u32::MAX).clamp(1, rate.max(1))
+/// concurrency (`per_replica / concurrency`), not rounded up, so the pods
+/// the operator runs (at most `concurrency / per_replica`) never exceed
+/// `rate` together; the burst is the share rounded down (at least 1).
+pub fn split_rate(rate: u32, per_replica: u32, concurrency: u32) -> RateShare {
+    let share = f64::from(rate.max(1)) * f64::from(per_replica.clamp(1, concurrency.max(1)))
+        / f64::from(concurrency.max(1));
+    RateShare {
+        interval: Duration::from_secs_f64(1.0 / share),
+        // Truncation is the point: never more than the share at once.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        burst: NonZeroU32::new(share.floor() as u32).unwrap_or(NonZeroU32::MIN),
+    }
 }
 
 #[cfg(test)]
@@ -235,14 +252,30 @@ mod tests {
     }
 
     #[test]
-    fn rate_is_split_like_concurrency() {
-        assert_eq!(split_rate(100, 10, 10), 100);
-        assert_eq!(split_rate(100, 4, 10), 40);
-        assert_eq!(split_rate(10, 1, 3), 4);
-        assert_eq!(split_rate(1, 1, 100), 1);
+    fn rate_is_split_like_concurrency_and_never_exceeded_in_total() {
+        let per_sec = |r: RateShare| 1.0 / r.interval.as_secs_f64();
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        assert!(close(per_sec(split_rate(100, 10, 10)), 100.0));
+        assert_eq!(split_rate(100, 10, 10).burst.get(), 100);
+        assert!(close(per_sec(split_rate(100, 4, 10)), 40.0));
+        // 3 pods of 1 slot with concurrency 3 and 10/s: 3.33/s each, 10 in
+        // total (rounding up gave 4 each, 12/s).
+        assert!(close(per_sec(split_rate(10, 1, 3)), 10.0 / 3.0));
+        assert_eq!(split_rate(10, 1, 3).burst.get(), 3);
+        // 100 pods of 1 slot sharing 1/s: one delivery per 100 s each.
+        assert_eq!(split_rate(1, 1, 100).interval, Duration::from_secs(100));
+        assert_eq!(split_rate(1, 1, 100).burst.get(), 1);
+        for (rate, per, conc) in [(10, 1, 10), (7, 2, 9), (1000, 3, 10), (5, 5, 5)] {
+            let pods = conc / per;
+            let total = f64::from(pods) * per_sec(split_rate(rate, per, conc));
+            assert!(
+                total <= f64::from(rate) + 1e-6,
+                "{rate} {per} {conc}: {total}"
+            );
+        }
         let mut c = config();
         c.rate_limit_per_second = Some(50);
         let s = Settings::from_config(c).unwrap();
-        assert_eq!(s.rate_per_replica.map(NonZeroU32::get), Some(20));
+        assert!(close(per_sec(s.rate_share.unwrap()), 20.0));
     }
 }
