@@ -797,14 +797,19 @@ mod tests {
         }
     }
 
-    /// A gateway whose NATS server does not exist: everything before the
-    /// publish is testable without a socket.
-    async fn gateway() -> Arc<Gateway> {
-        let nats = async_nats::ConnectOptions::new()
+    /// A NATS client for a server that does not exist.
+    async fn unreachable_nats() -> async_nats::Client {
+        async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect("nats://127.0.0.1:1")
             .await
-            .expect("client");
+            .expect("client")
+    }
+
+    /// A gateway whose NATS server does not exist: everything before the
+    /// publish is testable without a socket.
+    async fn gateway() -> Arc<Gateway> {
+        let nats = unreachable_nats().await;
         let router = Arc::new(route::Router::default());
         let defs = [
             def("plain", "ingress: {maxBodyBytes: 16}\n"),
@@ -990,11 +995,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_over_the_global_cap_get_503_before_their_body_is_read() {
-        let nats = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect("nats://127.0.0.1:1")
-            .await
-            .expect("client");
+        let nats = unreachable_nats().await;
         let router = Arc::new(route::Router::default());
         let secrets = |_: &str, _: &SecretKeyRef| Some(SECRET.to_vec());
         router.rebuild(&[def("capped", "")], &secrets, None);

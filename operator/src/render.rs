@@ -637,6 +637,19 @@ spec:
         containers: [{name: handler, image: "example/handler:1"}]
 "#;
 
+    /// The pod template's config hash annotation.
+    fn hash(d: &Deployment) -> String {
+        d.spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CONFIG_HASH]
+            .clone()
+    }
+
     fn render(ep: &WebhookEndpoint, replicas: Option<i32>) -> Deployment {
         let names = EndpointNames::new("team", "gh");
         let t = check(&ep.spec).unwrap();
@@ -722,17 +735,6 @@ spec:
     #[test]
     fn config_change_changes_pod_hash_but_replicas_do_not() {
         let ep = endpoint(EP);
-        let hash = |d: &Deployment| {
-            d.spec
-                .template
-                .metadata
-                .as_ref()
-                .unwrap()
-                .annotations
-                .as_ref()
-                .unwrap()[CONFIG_HASH]
-                .clone()
-        };
         let a = render(&ep, Some(1));
         let b = render(&ep, Some(3));
         assert_eq!(hash(&a), hash(&b));
@@ -814,17 +816,6 @@ spec:
                 .into_iter()
                 .map(|e| (e.name, e.value.unwrap_or_default()))
                 .collect()
-        };
-        let hash = |d: &Deployment| {
-            d.spec
-                .template
-                .metadata
-                .as_ref()
-                .unwrap()
-                .annotations
-                .as_ref()
-                .unwrap()[CONFIG_HASH]
-                .clone()
         };
         let tls_envs = [
             NATS_TLS_CA_ENV,
