@@ -801,13 +801,8 @@ pub fn scaled_object(
     settings: &Settings,
 ) -> serde_json::Value {
     let r = &ep.spec.processor.replicas;
-    let consumers: Vec<String> = match &ep.spec.ordering {
-        None => vec![names.consumer(None)],
-        Some(o) => (0..o.partitions.max(1))
-            .map(|i| names.consumer(Some(i)))
-            .collect(),
-    };
-    let triggers: Vec<serde_json::Value> = consumers
+    let (min, max) = render::replica_bounds(&ep.spec.processor);
+    let triggers: Vec<serde_json::Value> = render::consumer_names(ep, names)
         .iter()
         .map(|c| {
             json!({
@@ -838,8 +833,8 @@ pub fn scaled_object(
         },
         "spec": {
             "scaleTargetRef": {"name": deployment_name(&ep.name_any())},
-            "minReplicaCount": render::replica_bounds(&ep.spec.processor).0,
-            "maxReplicaCount": render::replica_bounds(&ep.spec.processor).1,
+            "minReplicaCount": min,
+            "maxReplicaCount": max,
             "cooldownPeriod": settings.scale_down_cooldown.as_secs(),
             "triggers": triggers,
         }
@@ -888,9 +883,10 @@ async fn processor(
             .remove(&uid);
         (None, None)
     } else {
+        let (min, max) = render::replica_bounds(p);
         let input = scaling::Input {
-            min: render::replica_bounds(p).0,
-            max: render::replica_bounds(p).1,
+            min,
+            max,
             target_backlog_per_replica: p.replicas.target_backlog_per_replica,
             paused: p.paused,
             backlog: synced.map(|s| s.backlog.pending + s.backlog.ack_pending),

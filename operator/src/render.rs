@@ -140,6 +140,17 @@ pub fn per_replica(p: &ProcessorSpec) -> u32 {
     (p.concurrency / replica_bounds(p).1).max(1)
 }
 
+/// The durable consumers the processor pulls from: the shared one, or one
+/// per partition when the endpoint is ordered.
+pub fn consumer_names(ep: &WebhookEndpoint, names: &EndpointNames) -> Vec<String> {
+    match &ep.spec.ordering {
+        None => vec![names.consumer(None)],
+        Some(o) => (0..o.partitions.max(1))
+            .map(|i| names.consumer(Some(i)))
+            .collect(),
+    }
+}
+
 /// The processor's configuration for endpoint `ep`.
 pub fn processor_config(
     ep: &WebhookEndpoint,
@@ -150,12 +161,7 @@ pub fn processor_config(
     ProcessorConfig {
         endpoint: format!("{}/{}", ep.namespace().unwrap_or_default(), ep.name_any()),
         stream: names.stream(),
-        consumers: match &ep.spec.ordering {
-            None => vec![names.consumer(None)],
-            Some(o) => (0..o.partitions.max(1))
-                .map(|i| names.consumer(Some(i)))
-                .collect(),
-        },
+        consumers: consumer_names(ep, names),
         dead_letter_subject: p.dead_letter.enabled.then(|| names.dead_letter_subject()),
         sink_url: sink_url(ep).unwrap_or_default(),
         concurrency: p.concurrency,
