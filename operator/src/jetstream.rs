@@ -666,10 +666,10 @@ impl Js {
             .map_err(|e| SyncError::from_nats(e, "listing the stream's subjects"))?;
         let mut stranded = Vec::new();
         for subject in info.state.subjects.keys() {
-            let Some(p) = (0..=255u16)
-                .map(|p| (p, names.subject(p)))
-                .find(|(_, s)| s == subject)
-                .map(|(p, _)| p)
+            let Some(p) = subject
+                .rsplit_once('.')
+                .and_then(|(_, n)| n.parse::<u16>().ok())
+                .filter(|p| names.subject(*p) == *subject)
             else {
                 continue;
             };
