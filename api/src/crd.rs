@@ -513,8 +513,12 @@ pub struct ProcessorSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "schema::preserve_unknown_object")]
     pub template: Option<serde_json::Value>,
-    /// Hard cap on deliveries in flight to the sink, across all replicas.
-    /// Enforced by JetStream (maxAckPending) and split between replicas.
+    /// Hard cap on deliveries in flight to the sink, across all replicas,
+    /// and the drain rate's only limit: enforced by JetStream
+    /// (maxAckPending), so any single replica may use all of it. A failed
+    /// delivery waiting for its retry does not count against it (unordered
+    /// endpoints: it waits in the endpoint's retry stream). With ordering,
+    /// split between replicas.
     #[serde(default = "defaults::concurrency")]
     #[schemars(range(min = 1, max = 10000))]
     pub concurrency: u32,
@@ -655,7 +659,9 @@ pub struct RetrySpec {
     #[schemars(range(min = 1, max = 100))]
     pub max_attempts: u32,
     /// Wait before each retry, as Go-style durations; the last entry repeats
-    /// for further attempts. Default `1s, 5s, 30s, 2m, 10m`.
+    /// for further attempts. Default `1s, 5s, 30s, 2m, 10m`. The wait holds
+    /// no concurrency slot (unordered endpoints); once it is over the
+    /// webhook queues again behind what is already waiting.
     #[serde(default = "defaults::backoff")]
     #[schemars(
         length(min = 1, max = 100),
@@ -758,8 +764,13 @@ pub struct Backlog {
     pub pending: u64,
     /// Messages being delivered (handed out, not yet acknowledged).
     pub ack_pending: u64,
-    /// Messages handed out more than once (retries).
+    /// Messages handed out more than once (redelivered after a pod died
+    /// or, on ordered endpoints, retried in place).
     pub redelivered: u64,
+    /// Failed deliveries waiting out their retry delay, off the delivery
+    /// cap (unordered endpoints).
+    #[serde(default)]
+    pub retrying: u64,
 }
 
 /// Replica counts.

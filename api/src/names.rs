@@ -81,6 +81,40 @@ impl EndpointNames {
         format!("{NOTICE_PREFIX}{}", self.key)
     }
 
+    /// Subject a retry whose wait is over is published to, in the main
+    /// stream, for `listener` only (the main consumer of an unordered
+    /// endpoint reads every subject of the stream).
+    pub fn due_subject(&self, listener: &str) -> String {
+        format!("spillway.due.{}.{listener}", self.key)
+    }
+
+    /// Wildcard of the main stream's `due` subjects.
+    pub fn due_subjects(&self) -> String {
+        format!("spillway.due.{}.*", self.key)
+    }
+
+    /// Stream holding retries while they wait out their delay (work-queue
+    /// retention: a parked retry leaves it when it is due and moved back).
+    pub fn retry_stream(&self) -> String {
+        format!("spillway_{}_retry", self.key)
+    }
+
+    /// Subject a failed delivery of `listener` is parked on.
+    pub fn retry_subject(&self, listener: &str) -> String {
+        format!("spillway.retry.{}.{listener}", self.key)
+    }
+
+    /// Wildcard of the retry stream's subjects.
+    pub fn retry_subjects(&self) -> String {
+        format!("spillway.retry.{}.*", self.key)
+    }
+
+    /// Durable consumer on the retry stream that holds `listener`'s parked
+    /// retries until they are due.
+    pub fn retry_consumer(&self, listener: &str) -> String {
+        format!("retry-{listener}")
+    }
+
     /// Durable consumer for partition `p` of an ordered endpoint, or the one
     /// shared consumer (`None`).
     pub fn consumer(&self, partition: Option<u16>) -> String {
@@ -90,6 +124,9 @@ impl EndpointNames {
         }
     }
 }
+
+/// The listener every endpoint has: `spec.processor`.
+pub const BUILTIN_LISTENER: &str = "processor";
 
 /// FNV-1a, 64 bit: stable across releases and platforms (unlike std's hasher).
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -162,6 +199,16 @@ mod tests {
         assert_eq!(n.subject(0), "spillway.in.default_gh.0");
         assert_eq!(n.stream_subjects(), "spillway.in.default_gh.*");
         assert!(!n.dead_letter_subject().starts_with("spillway.in."));
+        assert_eq!(
+            n.due_subject("processor"),
+            "spillway.due.default_gh.processor"
+        );
+        assert_eq!(
+            n.retry_subject("processor"),
+            "spillway.retry.default_gh.processor"
+        );
+        assert_eq!(n.retry_stream(), "spillway_default_gh_retry");
+        assert!(!n.retry_subject("processor").starts_with("spillway.due."));
     }
 
     #[test]

@@ -44,12 +44,39 @@ pub const DLQ_ORIGINAL_SUBJECT: &str = "Spillway-Dlq-Original-Subject";
 /// When the message was dead-lettered, RFC 3339 UTC.
 pub const DLQ_FAILED_AT: &str = "Spillway-Dlq-Failed-At";
 
+/// Delivery attempts a retried copy has already been through (absent on a
+/// first copy). The attempt number of a delivery is this plus JetStream's
+/// delivery count of the copy in hand.
+pub const ATTEMPTS_SPENT: &str = "Spillway-Attempts-Spent";
+/// When a parked retry is due, Unix milliseconds.
+pub const RETRY_AT: &str = "Spillway-Retry-At";
+/// On a retried copy in the main stream: the stream sequence of the message
+/// whose delivery failed first (the webhook as the gateway stored it).
+/// `replay` skips copies that carry it: the original is replayed instead.
+pub const RETRY_OF: &str = "Spillway-Retry-Of";
+
+/// `Nats-Msg-Id` of the parked copy of the message at `seq` of `stream`:
+/// a pod that dies after parking and before acknowledging delivers the
+/// message again and parks it again, which JetStream then deduplicates.
+/// Internal ids start with `spillway:`; see also [`due_msg_id`].
+pub fn park_msg_id(stream: &str, seq: u64) -> String {
+    format!("spillway:park:{stream}:{seq}")
+}
+
+/// `Nats-Msg-Id` of the due copy made from the parked retry at `seq` of
+/// the retry stream `stream`.
+pub fn due_msg_id(stream: &str, seq: u64) -> String {
+    format!("spillway:due:{stream}:{seq}")
+}
+
 /// Prefix of the dead-letter headers above (`Spillway-Dlq-*`).
 pub const DLQ_HEADER_PREFIX: &str = "Spillway-Dlq-";
 
 /// The headers of a stored message worth carrying over when it is published
 /// again (dead-lettered, redriven, replayed): all of them except its
-/// [`NATS_MSG_ID`] and any dead-letter headers (`Spillway-Dlq-*`), matched
+/// [`NATS_MSG_ID`], any dead-letter headers (`Spillway-Dlq-*`) and the retry
+/// bookkeeping ([`ATTEMPTS_SPENT`], [`RETRY_AT`], [`RETRY_OF`]: a dead
+/// letter, redrive or replay starts counting afresh), matched
 /// case-insensitively. The caller adds the new message id (cargo feature
 /// `nats`).
 #[cfg(feature = "nats")]
@@ -60,7 +87,10 @@ pub fn carried_headers(original: &async_nats::HeaderMap) -> async_nats::HeaderMa
         let dead_letter = n
             .get(..DLQ_HEADER_PREFIX.len())
             .is_some_and(|p| p.eq_ignore_ascii_case(DLQ_HEADER_PREFIX));
-        if n.eq_ignore_ascii_case(NATS_MSG_ID) || dead_letter {
+        let retry = [ATTEMPTS_SPENT, RETRY_AT, RETRY_OF]
+            .iter()
+            .any(|h| n.eq_ignore_ascii_case(h));
+        if n.eq_ignore_ascii_case(NATS_MSG_ID) || dead_letter || retry {
             continue;
         }
         for v in values {
@@ -92,9 +122,20 @@ pub struct ProcessorConfig {
     pub sink_url: String,
     /// Cap on deliveries in flight across all replicas.
     pub concurrency: u32,
-    /// Cap on deliveries in flight in this pod (the global cap split over the
-    /// maximum replica count, at least 1).
+    /// Cap on deliveries in flight in this pod. Unordered: the whole
+    /// `concurrency` (JetStream's `maxAckPending` caps all pods together).
+    /// Ordered: `concurrency` split over the maximum replica count, at least
+    /// 1 (there the consumers' total `maxAckPending` is the partition count).
     pub concurrency_per_replica: u32,
+    /// Most processor pods the operator runs (splits the rate limit);
+    /// 0 in older configs: derived from the concurrency split.
+    #[serde(default)]
+    pub max_replicas: u32,
+    /// Where failed deliveries wait out their delay; `None`: they wait
+    /// with a delayed NAK on their own consumer (ordered endpoints, where
+    /// that wait is the head-of-line blocking ordering asks for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryConfig>,
     /// Per-delivery timeout, Go-style duration.
     pub timeout: String,
     /// Attempts before dead-lettering.
@@ -107,6 +148,20 @@ pub struct ProcessorConfig {
     pub paused: bool,
     /// Path of a file holding the outbound signing secret, if signing is on.
     pub signing_secret_file: Option<String>,
+}
+
+/// The retry stream a processor parks failed deliveries in.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryConfig {
+    /// The retry stream.
+    pub stream: String,
+    /// Subject parked retries are published to.
+    pub subject: String,
+    /// Durable consumer holding them until due.
+    pub consumer: String,
+    /// Subject of the main stream a due retry is published back to.
+    pub due_subject: String,
 }
 
 /// What a [`SinkNotice`] reports.
@@ -217,6 +272,9 @@ mod tests {
         h.insert(DELIVERY_ID, "evt_1");
         h.insert(DLQ_REASON, "client_error");
         h.insert("spillway-dlq-custom", "x");
+        h.insert("spillway-attempts-spent", "3");
+        h.insert(RETRY_AT, "1");
+        h.insert(RETRY_OF, "7");
         h.insert("Spillway-Orig-X-Event", "push");
         h.append("Spillway-Orig-X-Multi", "1");
         h.append("Spillway-Orig-X-Multi", "2");
@@ -225,6 +283,8 @@ mod tests {
         assert!(out.get(NATS_MSG_ID).is_none(), "{names:?}");
         assert!(out.get(DLQ_REASON).is_none(), "{names:?}");
         assert!(out.get("spillway-dlq-custom").is_none(), "{names:?}");
+        assert!(out.get(ATTEMPTS_SPENT).is_none(), "{names:?}");
+        assert!(out.get(RETRY_OF).is_none(), "{names:?}");
         assert_eq!(out.get(DELIVERY_ID).map(|v| v.as_str()), Some("evt_1"));
         assert_eq!(
             out.get("Spillway-Orig-X-Event").map(|v| v.as_str()),

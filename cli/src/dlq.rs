@@ -309,7 +309,7 @@ async fn redrive_all(
             seen_ids.insert(i.clone());
         }
         let target = header(&m.headers, wire::DLQ_ORIGINAL_SUBJECT);
-        let Some(subject) = target.filter(|s| ep.owns_subject(s)) else {
+        let Some(subject) = target.and_then(|s| ep.redrive_subject(&s)) else {
             progress.note(&format!(
                 "skipping dead letter {}: no valid {} header",
                 m.seq,

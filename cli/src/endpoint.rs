@@ -48,6 +48,23 @@ impl EndpointRef {
             .strip_prefix(prefix)
             .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
     }
+
+    /// Where a dead letter goes back to when redriven: its original intake
+    /// subject, or for a retried copy (which sat on a listener's `due`
+    /// subject) the unordered intake subject. `None` for a subject of
+    /// another endpoint or of no endpoint.
+    pub fn redrive_subject(&self, original: &str) -> Option<String> {
+        let names = self.names();
+        if self.owns_subject(original) {
+            return Some(original.to_owned());
+        }
+        let due = names.due_subjects();
+        let prefix = due.trim_end_matches('*');
+        original
+            .strip_prefix(prefix)
+            .filter(|l| !l.is_empty() && !l.contains(['.', '*', '>']))
+            .map(|_| names.subject(0))
+    }
 }
 
 impl std::fmt::Display for EndpointRef {
@@ -59,6 +76,22 @@ impl std::fmt::Display for EndpointRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redrive_goes_back_to_the_intake_subject() {
+        let ep = EndpointRef::parse("a/b", "default").unwrap();
+        assert_eq!(
+            ep.redrive_subject("spillway.in.a_b.3").as_deref(),
+            Some("spillway.in.a_b.3")
+        );
+        assert_eq!(
+            ep.redrive_subject("spillway.due.a_b.processor").as_deref(),
+            Some("spillway.in.a_b.0")
+        );
+        assert_eq!(ep.redrive_subject("spillway.due.a_c.processor"), None);
+        assert_eq!(ep.redrive_subject("spillway.due.a_b.x.y"), None);
+        assert_eq!(ep.redrive_subject("spillway.in.a_b.x"), None);
+    }
 
     #[test]
     fn parses_both_forms() {

@@ -73,6 +73,8 @@ pub struct Context {
     retrigger: mpsc::UnboundedSender<ObjectRef<WebhookEndpoint>>,
     /// What processors reported about the sinks (for `SinkAvailable`).
     pub sink_notices: Arc<SinkNotices>,
+    /// Subscriptions that wake endpoints at zero replicas.
+    pub wakers: crate::wake::Wakers,
 }
 
 impl std::fmt::Debug for Context {
@@ -108,6 +110,7 @@ impl Context {
             failures: Mutex::default(),
             written: Mutex::default(),
             retrigger,
+            wakers: crate::wake::Wakers::default(),
         }
     }
 
@@ -610,6 +613,7 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                     pending: s.backlog.pending,
                     ack_pending: s.backlog.ack_pending,
                     redelivered: s.backlog.redelivered,
+                    retrying: s.backlog.retrying,
                 });
                 status.dead_letters = s.dead_letters;
             }
@@ -876,6 +880,7 @@ async fn processor(
     };
 
     let (replicas, due) = if use_keda {
+        ctx.wakers.disarm(&uid);
         // KEDA scales now: builtin scaling starts afresh if it comes back.
         ctx.scale
             .lock()
@@ -889,7 +894,10 @@ async fn processor(
             max,
             target_backlog_per_replica: p.replicas.target_backlog_per_replica,
             paused: p.paused,
-            backlog: synced.map(|s| s.backlog.pending + s.backlog.ack_pending),
+            // Waiting retries need a pod to move them back when due, but
+            // not more pods: they count as one.
+            backlog: synced
+                .map(|s| s.backlog.pending + s.backlog.ack_pending + s.backlog.retrying.min(1)),
         };
         let fallback = current.as_ref().and_then(|d| d.spec.replicas);
         let now = Instant::now();
@@ -901,6 +909,19 @@ async fn processor(
             info!(endpoint = %key(ep), from = ?fallback, to = desired, backlog = ?input.backlog, "scaling processor");
         }
         states.insert(uid.clone(), next);
+        drop(states);
+        // At zero, the first webhook wakes it at once (not at the resync).
+        if desired == 0 && !p.paused {
+            ctx.wakers.arm(
+                &uid,
+                ctx.js.client(),
+                names.stream_subjects(),
+                ObjectRef::from_obj(ep),
+                ctx.retrigger.clone(),
+            );
+        } else {
+            ctx.wakers.disarm(&uid);
+        }
         (
             Some(desired),
             scaling::scale_down_due_in(&next, now, cooldown),
@@ -1048,9 +1069,10 @@ fn leftovers(names: &EndpointNames, policy: DeletionPolicy) -> String {
     match policy {
         DeletionPolicy::Retain => format!("consumers of stream {}", names.stream()),
         DeletionPolicy::Delete => format!(
-            "streams {} and {} and their consumers",
+            "streams {}, {} and {} and their consumers",
             names.stream(),
-            names.dead_letter_stream()
+            names.dead_letter_stream(),
+            names.retry_stream()
         ),
     }
 }
@@ -1072,7 +1094,7 @@ async fn nats_cleanup(
                 done.push(format!("consumer {stream}/{c}"));
             }
         }
-        for s in [stream, names.dead_letter_stream()] {
+        for s in [stream, names.dead_letter_stream(), names.retry_stream()] {
             if js.delete_stream(&s).await? {
                 done.push(format!("stream {s}"));
             }
@@ -1094,6 +1116,7 @@ async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, 
     // Only ours: a same-named Deployment someone else made is left alone.
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = ep.uid().unwrap_or_default();
+    ctx.wakers.disarm(&uid);
     if let Some(d) = find_deployment(&deployments, &dname).await?
         && is_ours(&d)
         && d.owner_references().iter().any(|o| o.uid == uid)

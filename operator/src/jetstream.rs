@@ -52,7 +52,8 @@ pub fn stream_config(
     let s = &spec.stream;
     stream::Config {
         name: names.stream(),
-        subjects: vec![names.stream_subjects()],
+        // Intake partitions, and retries whose wait is over.
+        subjects: vec![names.stream_subjects(), names.due_subjects()],
         retention: stream::RetentionPolicy::Limits,
         max_age: t.stream_max_age,
         max_bytes: s.max_bytes,
@@ -98,6 +99,68 @@ pub fn dead_letter_config(
         description: Some(format!("Spillway dead letters for {}", endpoint_id(names))),
         ..Default::default()
     }
+}
+
+/// The retry stream's desired configuration: failed deliveries of an
+/// unordered endpoint wait here, off the delivery cap, until they are due.
+/// Work-queue retention (a parked retry leaves when it has been moved back
+/// to the main stream), no age limit (a waiting retry is never dropped),
+/// `discard: new` at `stream.maxBytes` (a full retry stream makes the
+/// processor fall back to waiting on the main consumer, never loses one).
+pub fn retry_stream_config(
+    names: &EndpointNames,
+    spec: &WebhookEndpointSpec,
+    t: &Timings,
+) -> stream::Config {
+    let s = &spec.stream;
+    stream::Config {
+        name: names.retry_stream(),
+        subjects: vec![names.retry_subjects()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        max_bytes: s.max_bytes,
+        max_messages: s.max_messages,
+        num_replicas: usize::from(s.replicas),
+        storage: storage(s.storage),
+        discard: stream::DiscardPolicy::New,
+        // A pod that parks a retry and dies before acknowledging the
+        // original parks it again after the ack wait: still a duplicate.
+        duplicate_window: dead_letter_dedup_window(t),
+        max_message_size: msg_size(spec.ingress.max_body_bytes + HEADER_HEADROOM),
+        description: Some(format!("Spillway retries for {}", endpoint_id(names))),
+        ..Default::default()
+    }
+}
+
+/// Most parked retries one parking consumer holds at once; more wait in
+/// the retry stream and are picked up as earlier ones move back.
+pub const RETRY_MAX_ACK_PENDING: i64 = 100_000;
+
+/// How long a processor may hold a parked retry it picked up before
+/// JetStream hands it to another (it only checks the due time and moves it).
+pub const RETRY_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// The parking consumers on the retry stream (one per listener; ordered
+/// endpoints have none: their retries wait on their partition).
+pub fn retry_consumer_configs(
+    names: &EndpointNames,
+    spec: &WebhookEndpointSpec,
+) -> Vec<pull::Config> {
+    if spec.ordering.is_some() {
+        return Vec::new();
+    }
+    let listener = spillway_api::names::BUILTIN_LISTENER;
+    vec![pull::Config {
+        durable_name: Some(names.retry_consumer(listener)),
+        filter_subject: names.retry_subject(listener),
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::All,
+        replay_policy: ReplayPolicy::Instant,
+        ack_wait: RETRY_ACK_WAIT,
+        max_deliver: -1,
+        max_ack_pending: RETRY_MAX_ACK_PENDING,
+        description: Some("Spillway retries waiting for their time".into()),
+        ..Default::default()
+    }]
 }
 
 /// The dead-letter stream's duplicate window: two ack waits (redelivery
@@ -284,6 +347,8 @@ pub struct Backlog {
     pub ack_pending: u64,
     /// Messages handed out more than once.
     pub redelivered: u64,
+    /// Failed deliveries waiting out their retry delay (parked).
+    pub retrying: u64,
 }
 
 /// What a successful sync found.
@@ -693,6 +758,63 @@ impl Js {
         )))
     }
 
+    /// The retry stream and its parking consumers (unordered endpoints; an
+    /// existing one is kept and read when ordering is switched on, so what
+    /// it holds is still reported).
+    async fn sync_retries(
+        &self,
+        names: &EndpointNames,
+        spec: &WebhookEndpointSpec,
+        t: &Timings,
+        out: &mut Synced,
+    ) -> Result<(), SyncError> {
+        let wanted = retry_consumer_configs(names, spec);
+        let stream = names.retry_stream();
+        if wanted.is_empty() {
+            if let Some(info) = self
+                .stream_info(&stream)
+                .await
+                .map_err(|e| SyncError::from_nats(e, "reading the retry stream"))?
+            {
+                out.backlog.retrying += info.state.messages;
+            }
+            return Ok(());
+        }
+        self.ensure_stream(&retry_stream_config(names, spec, t), out)
+            .await?;
+        for want in &wanted {
+            let name = want.durable_name.as_deref().unwrap_or_default();
+            let have = self
+                .consumer_info(&stream, name)
+                .await
+                .map_err(|e| SyncError::from_nats(e, "reading a retry consumer"))?;
+            let info = match have {
+                Some(i) if !consumer_differs(&i.config, want) => i,
+                have => {
+                    let mut cfg = want.clone();
+                    if let Some(i) = &have {
+                        cfg.deliver_policy = i.config.deliver_policy;
+                    }
+                    let info = self
+                        .put_consumer(&stream, &cfg)
+                        .await
+                        .map_err(|e| match e {
+                            NatsError::Unavailable(_) => SyncError::Unavailable(e),
+                            NatsError::Api { message, .. } => SyncError::Rejected(format!(
+                                "JetStream rejected consumer {stream}/{name}: {message}"
+                            )),
+                        })?;
+                    if have.is_some() {
+                        out.updated.push(format!("{stream}/{name}"));
+                    }
+                    info
+                }
+            };
+            out.backlog.retrying += info.num_pending + info.num_ack_pending as u64;
+        }
+        Ok(())
+    }
+
     /// Create or update the endpoint's streams and consumers, delete
     /// managed consumers no longer wanted, and read backlog and dead-letter
     /// counts.
@@ -796,6 +918,7 @@ impl Js {
             out.backlog.ack_pending += info.num_ack_pending as u64;
             out.backlog.redelivered += info.num_redelivered as u64;
         }
+        self.sync_retries(names, spec, t, &mut out).await?;
         // Only once their successors exist: a sync that fails half way
         // must not leave a stream without consumers (the next one would
         // start the new consumers at the beginning of the history).

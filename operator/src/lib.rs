@@ -17,6 +17,7 @@ pub mod notices;
 pub mod render;
 pub mod scaling;
 pub mod settings;
+pub mod wake;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -15,9 +15,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use spillway_api::names::{EndpointNames, fnv1a64};
+use spillway_api::names::{BUILTIN_LISTENER, EndpointNames, fnv1a64};
 use spillway_api::validate::Timings;
-use spillway_api::wire::{PROCESSOR_CONFIG_ENV, ProcessorConfig};
+use spillway_api::wire::{PROCESSOR_CONFIG_ENV, ProcessorConfig, RetryConfig};
 use spillway_api::{ProcessorSpec, UrlScheme, WebhookEndpoint, duration};
 
 use crate::settings::Settings;
@@ -136,8 +136,23 @@ pub fn replica_bounds(p: &ProcessorSpec) -> (u32, u32) {
 }
 
 /// Each pod's share of `concurrency`: pods at `max` never exceed it together.
+/// Only ordered endpoints need it (see [`slots_per_pod`]).
 pub fn per_replica(p: &ProcessorSpec) -> u32 {
     (p.concurrency / replica_bounds(p).1).max(1)
+}
+
+/// Delivery slots of one processor pod. Unordered: the whole
+/// `concurrency`, since the shared consumer's `maxAckPending` caps all pods
+/// together and a pod pulls only as many messages as it has free slots, so
+/// one pod alone can use the whole cap. Ordered: the per-pod share, because
+/// there JetStream caps the total at the partition count, not at
+/// `concurrency`.
+pub fn slots_per_pod(ep: &WebhookEndpoint) -> u32 {
+    let p = &ep.spec.processor;
+    match ep.spec.ordering {
+        None => p.concurrency.max(1),
+        Some(_) => per_replica(p),
+    }
 }
 
 /// The durable consumers the processor pulls from: the shared one, or one
@@ -165,7 +180,14 @@ pub fn processor_config(
         dead_letter_subject: p.dead_letter.enabled.then(|| names.dead_letter_subject()),
         sink_url: sink_url(ep).unwrap_or_default(),
         concurrency: p.concurrency,
-        concurrency_per_replica: per_replica(p),
+        concurrency_per_replica: slots_per_pod(ep),
+        max_replicas: replica_bounds(p).1,
+        retry: ep.spec.ordering.is_none().then(|| RetryConfig {
+            stream: names.retry_stream(),
+            subject: names.retry_subject(BUILTIN_LISTENER),
+            consumer: names.retry_consumer(BUILTIN_LISTENER),
+            due_subject: names.due_subject(BUILTIN_LISTENER),
+        }),
         timeout: duration::format(t.delivery_timeout),
         max_attempts: p.retry.max_attempts,
         backoff: t.backoff.iter().map(|d| duration::format(*d)).collect(),
@@ -672,7 +694,20 @@ spec:
         assert_eq!(c.sink_url, "http://app.team.svc:8080/hooks");
         assert_eq!(c.endpoint, "team/gh");
         assert_eq!(c.consumers, vec!["processor".to_owned()]);
+        // Unordered: any pod may use the whole cap (JetStream holds the
+        // total to it), not a floor(10/4) = 2 share.
+        assert_eq!(c.concurrency_per_replica, 10);
+        assert_eq!(c.max_replicas, 4);
+        let r = c.retry.expect("unordered endpoints park their retries");
+        assert_eq!(r.stream, "spillway_team_gh_retry");
+        assert_eq!(r.consumer, "retry-processor");
+        assert_eq!(r.due_subject, "spillway.due.team_gh.processor");
+        // Ordered: the per-pod share, and retries wait on the partition.
+        let mut ordered = ep.clone();
+        ordered.spec.ordering = serde_yaml_ng::from_str("{partitions: 4}").unwrap();
+        let c = processor_config(&ordered, &EndpointNames::new("team", "gh"), &t);
         assert_eq!(c.concurrency_per_replica, 2);
+        assert!(c.retry.is_none());
         assert_eq!(
             c.signing_secret_file.as_deref(),
             Some("/var/run/spillway/signing/key")

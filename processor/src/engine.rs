@@ -11,7 +11,7 @@ use futures::StreamExt as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use ring::rand::SystemRandom;
 use spillway_api::wire;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::dead_letter::{self, Failure};
@@ -28,6 +28,21 @@ const PULL_WAIT: Duration = Duration::from_secs(2);
 
 /// Wait between attempts to find the stream and consumers.
 const BIND_RETRY: Duration = Duration::from_secs(2);
+
+/// Most messages asked for in one pull request (a pod asks for as many as
+/// it has free slots, up to this).
+const MAX_BATCH: usize = 512;
+
+/// Parked retries looked at in one pull, and moved back at once.
+const PARK_BATCH: usize = 256;
+const PARK_CONCURRENCY: usize = 64;
+
+/// A parked retry due within this is moved back now.
+const DUE_SLACK: Duration = Duration::from_millis(5);
+
+/// Wait before trying again to move a due retry back when the main stream
+/// refused it (full, or NATS unavailable).
+const MOVE_RETRY: Duration = Duration::from_secs(1);
 
 /// Failure to start serving.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +123,7 @@ pub struct Processor {
     client: reqwest::Client,
     signer: Option<SecretFile>,
     metrics: Arc<Metrics>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     limiter: Option<DefaultDirectRateLimiter>,
     rng: SystemRandom,
     shutdown: Shutdown,
@@ -140,6 +155,14 @@ pub fn pod_name() -> String {
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// How often to send in-progress acknowledgements: well within the shortest
@@ -182,7 +205,7 @@ impl Processor {
             metrics.clone(),
         );
         Ok(Self {
-            permits: Semaphore::new(pool),
+            permits: Arc::new(Semaphore::new(pool)),
             settings,
             js,
             client,
@@ -228,15 +251,28 @@ impl Processor {
         for (name, consumer) in consumers {
             let cfg = &consumer.cached_info().config;
             let cap = s.concurrency_per_replica;
-            let n = match u32::try_from(cfg.max_ack_pending) {
-                Ok(m) if m > 0 => m.min(cap),
-                _ => cap,
-            };
+            let pending = u32::try_from(cfg.max_ack_pending).unwrap_or(0);
             let every = progress_interval(cfg.ack_wait, &cfg.backoff);
-            tracing::info!(consumer = %name, workers = n, progress_every = ?every, "pulling");
-            for _ in 0..n {
+            if pending == 1 {
+                // A partition of an ordered endpoint: one message at a time,
+                // and this pod's slots shared by all its partitions (a
+                // puller waits for a slot only once it holds a message, so
+                // an idle partition takes none).
+                tracing::info!(consumer = %name, progress_every = ?every, "pulling one at a time");
                 workers.spawn(self.clone().worker(consumer.clone(), every));
+            } else {
+                // The shared consumer: JetStream's maxAckPending caps all
+                // pods together, so this pod asks for as many messages as
+                // it has free slots, up to the whole cap.
+                let batch = (if pending > 0 { pending.min(cap) } else { cap }) as usize;
+                let batch = batch.clamp(1, MAX_BATCH);
+                tracing::info!(consumer = %name, slots = cap, batch, progress_every = ?every, "pulling in batches");
+                workers.spawn(self.clone().puller(consumer.clone(), every, batch));
             }
+        }
+        if let Some(parking) = self.bind_retry().await {
+            tracing::info!(consumer = %parking.cached_info().name, "moving parked retries back when due");
+            workers.spawn(self.clone().parker(parking));
         }
         self.ready.store(true, Ordering::SeqCst);
         while let Some(r) = workers.join_next().await {
@@ -245,6 +281,32 @@ impl Processor {
             }
         }
         Ok(())
+    }
+
+    /// The parking consumer, when retries are parked. Retried until it
+    /// exists (the operator creates it with the stream); `None` on shutdown.
+    async fn bind_retry(&self) -> Option<jetstream::consumer::PullConsumer> {
+        let r = self.settings.retry.as_ref()?;
+        loop {
+            let found = match self.js.get_stream(&r.stream).await {
+                Ok(stream) => stream
+                    .get_consumer(&r.consumer)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match found {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    tracing::warn!(stream = %r.stream, consumer = %r.consumer, error = %e,
+                        "cannot bind to the retry consumer yet; retrying");
+                    self.pause(BIND_RETRY).await;
+                    if self.stopping() {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Look up the stream and every consumer.
@@ -274,6 +336,215 @@ impl Processor {
         Ok(out)
     }
 
+    /// Pull from the shared consumer in batches sized to this pod's free
+    /// slots; each message is delivered in its own task holding one slot.
+    async fn puller(
+        self: Arc<Self>,
+        consumer: jetstream::consumer::PullConsumer,
+        every: Duration,
+        max_batch: usize,
+    ) {
+        let mut running = JoinSet::new();
+        let mut stop = self.shutdown.stop.clone();
+        while !self.stopping() {
+            while running.try_join_next().is_some() {}
+            // At least one free slot, then as many more as are free.
+            let first = tokio::select! {
+                p = self.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = stop.wait_for(|v| *v) => break,
+            };
+            let mut slots = vec![first];
+            while slots.len() < max_batch {
+                match self.permits.clone().try_acquire_owned() {
+                    Ok(p) => slots.push(p),
+                    Err(_) => break,
+                }
+            }
+            let batch = consumer
+                .batch()
+                .max_messages(slots.len())
+                .expires(PULL_WAIT)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    drop(slots);
+                    tracing::warn!(error = %e, "pull request failed; retrying");
+                    self.pause(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            // Messages as they arrive, each with a slot; the request ends
+            // when it has them all or expires.
+            while let Some(m) = batch.next().await {
+                match m {
+                    Ok(msg) => {
+                        let Some(slot) = slots.pop() else {
+                            // JetStream never sends more than asked for;
+                            // should it, the message waits for a slot.
+                            running.spawn(self.clone().handle(msg, every, None));
+                            continue;
+                        };
+                        running.spawn(self.clone().handle(msg, every, Some(slot)));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pull failed; retrying");
+                        self.pause(Duration::from_millis(500)).await;
+                        break;
+                    }
+                }
+            }
+        }
+        // Shutdown: finish what is in hand.
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Move parked retries back to the main stream when they are due: one
+    /// not yet due is handed back to JetStream with a delayed NAK for the
+    /// time left (the timer is the server's, so a pod that dies loses
+    /// nothing); a due one is published to the due subject and, once
+    /// JetStream has it, acknowledged here.
+    async fn parker(self: Arc<Self>, consumer: jetstream::consumer::PullConsumer) {
+        while !self.stopping() {
+            let batch = consumer
+                .batch()
+                .max_messages(PARK_BATCH)
+                .expires(PULL_WAIT)
+                .messages()
+                .await;
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pulling parked retries failed; retrying");
+                    self.pause(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            batch
+                .for_each_concurrent(PARK_CONCURRENCY, |m| {
+                    let this = self.clone();
+                    async move {
+                        match m {
+                            Ok(msg) => this.move_when_due(msg).await,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "pulling parked retries failed");
+                                this.pause(Duration::from_millis(500)).await;
+                            }
+                        }
+                    }
+                })
+                .await;
+        }
+    }
+
+    async fn move_when_due(&self, msg: Message) {
+        let Some(r) = &self.settings.retry else {
+            return;
+        };
+        let Ok(info) = msg.info() else {
+            tracing::warn!("parked retry without JetStream metadata; terminating it");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        };
+        let parked_seq = info.stream_sequence;
+        let headers = msg.headers.clone().unwrap_or_default();
+        let now_ms = now_millis();
+        let due_ms = headers
+            .get(wire::RETRY_AT)
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .unwrap_or(now_ms);
+        let left = Duration::from_millis(due_ms.saturating_sub(now_ms));
+        if left > DUE_SLACK {
+            if let Err(e) = msg.ack_with(AckKind::Nak(Some(left))).await {
+                tracing::debug!(error = %e, "delayed NAK of a parked retry failed; JetStream hands it out again after its ack wait");
+            }
+            return;
+        }
+        let mut out = wire::carried_headers(&headers);
+        for h in [wire::ATTEMPTS_SPENT, wire::RETRY_OF] {
+            if let Some(v) = headers.get(h) {
+                out.insert(h, v.as_str());
+            }
+        }
+        out.insert(
+            wire::NATS_MSG_ID,
+            wire::due_msg_id(&r.stream, parked_seq).as_str(),
+        );
+        let published = match self
+            .js
+            .publish_with_headers(r.due_subject.clone(), out, msg.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match published {
+            Ok(()) => {
+                self.metrics.retries_moved.inc();
+                if let Err(e) = msg.double_ack().await {
+                    self.metrics.ack_failures.inc();
+                    tracing::warn!(parked_seq, error = %e,
+                        "ack of a moved retry not confirmed; moving it again is deduplicated");
+                }
+            }
+            Err(e) => {
+                self.metrics.retry_move_failures.inc();
+                tracing::warn!(parked_seq, error = %e, "cannot move a due retry back yet; keeping it");
+                let _ = msg.ack_with(AckKind::Nak(Some(MOVE_RETRY))).await;
+            }
+        }
+    }
+
+    /// Park a failed delivery in the retry stream until `delay` has passed,
+    /// then acknowledge it here, freeing its slot at once. `false` when it
+    /// could not be parked (the caller then waits on this consumer).
+    async fn park(&self, msg: &Message, delay: Duration, attempt: u32, seq: u64) -> bool {
+        let Some(r) = &self.settings.retry else {
+            return false;
+        };
+        let original = msg.headers.clone().unwrap_or_default();
+        let mut out = wire::carried_headers(&original);
+        out.insert(wire::ATTEMPTS_SPENT, attempt.to_string().as_str());
+        let due = now_millis().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        out.insert(wire::RETRY_AT, due.to_string().as_str());
+        let first = original
+            .get(wire::RETRY_OF)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_else(|| seq.to_string());
+        out.insert(wire::RETRY_OF, first.as_str());
+        out.insert(
+            wire::NATS_MSG_ID,
+            wire::park_msg_id(&self.settings.stream, seq).as_str(),
+        );
+        let published = match self
+            .js
+            .publish_with_headers(r.subject.clone(), out, msg.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match published {
+            Ok(()) => {
+                if let Err(e) = msg.double_ack().await {
+                    self.metrics.ack_failures.inc();
+                    tracing::warn!(seq, error = %e,
+                        "ack after parking not confirmed; a redelivery parks it again (deduplicated)");
+                }
+                true
+            }
+            Err(e) => {
+                self.metrics.park_failures.inc();
+                tracing::warn!(seq, error = %e, "cannot park the retry; it waits on the consumer instead");
+                false
+            }
+        }
+    }
+
     async fn worker(self: Arc<Self>, consumer: jetstream::consumer::PullConsumer, every: Duration) {
         while !self.stopping() {
             let batch = consumer
@@ -293,7 +564,7 @@ impl Processor {
             // At most one message; the batch ends when it expires.
             while let Some(m) = batch.next().await {
                 match m {
-                    Ok(msg) => self.handle(msg, every).await,
+                    Ok(msg) => self.clone().handle(msg, every, None).await,
                     Err(e) => {
                         tracing::warn!(error = %e, "pull failed; retrying");
                         self.pause(Duration::from_millis(500)).await;
@@ -349,10 +620,23 @@ impl Processor {
         }
     }
 
-    async fn handle(&self, msg: Message, every: Duration) {
+    /// Deliver one message. `slot` is the delivery slot it was pulled for;
+    /// without one (ordered partitions) it waits for one here.
+    async fn handle(
+        self: Arc<Self>,
+        msg: Message,
+        every: Duration,
+        slot: Option<OwnedSemaphorePermit>,
+    ) {
+        let spent = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(wire::ATTEMPTS_SPENT))
+            .and_then(|v| v.as_str().parse::<u32>().ok())
+            .unwrap_or(0);
         let (attempt, seq) = match msg.info() {
             Ok(i) => (
-                u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX),
+                spent.saturating_add(u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX)),
                 i.stream_sequence,
             ),
             Err(e) => {
@@ -369,7 +653,10 @@ impl Processor {
         // message alive meanwhile.
         let slot = self
             .keep_alive(&msg, every, async {
-                let permit = self.permits.acquire().await;
+                let permit = match slot {
+                    Some(p) => Ok(p),
+                    None => self.permits.clone().acquire_owned().await,
+                };
                 if let Some(l) = &self.limiter {
                     l.until_ready().await;
                 }
@@ -443,7 +730,12 @@ impl Processor {
                 self.metrics.delivery("retried", class);
                 self.metrics.retries.inc();
                 tracing::info!(seq, attempt, id = %id, ?delay, failure = %result.describe(), "retrying");
-                if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+                // Unordered: wait off the cap, in the retry stream.
+                // Ordered (or the retry stream refused it): wait here,
+                // holding this consumer's place.
+                if !self.park(&msg, delay, attempt, seq).await
+                    && let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await
+                {
                     tracing::warn!(seq, error = %e, "negative ack failed; JetStream redelivers after ack wait");
                 }
             }

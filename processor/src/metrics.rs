@@ -53,6 +53,12 @@ pub struct Metrics {
     pub dead_letter_publish_failures: Counter,
     /// Failed acknowledgements to JetStream (the message may be redelivered).
     pub ack_failures: Counter,
+    /// Retries that could not be parked (they waited on their consumer).
+    pub park_failures: Counter,
+    /// Parked retries moved back to the main stream when due.
+    pub retries_moved: Counter,
+    /// Due retries the main stream refused for now (kept, tried again).
+    pub retry_move_failures: Counter,
 }
 
 impl Metrics {
@@ -69,6 +75,9 @@ impl Metrics {
             notices: Family::default(),
             dead_letter_publish_failures: Counter::default(),
             ack_failures: Counter::default(),
+            park_failures: Counter::default(),
+            retries_moved: Counter::default(),
+            retry_move_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("spillway_processor");
         r.register(
@@ -120,6 +129,21 @@ impl Metrics {
             "ack_failures",
             "Acknowledgements JetStream did not confirm",
             m.ack_failures.clone(),
+        );
+        r.register(
+            "park_failures",
+            "Retries the retry stream refused (they waited on their consumer, holding a slot)",
+            m.park_failures.clone(),
+        );
+        r.register(
+            "retries_moved",
+            "Parked retries moved back to the main stream when due",
+            m.retries_moved.clone(),
+        );
+        r.register(
+            "retry_move_failures",
+            "Due retries the main stream refused for now (kept and tried again)",
+            m.retry_move_failures.clone(),
         );
         m
     }

@@ -4,7 +4,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use spillway_api::duration;
-use spillway_api::wire::ProcessorConfig;
+use spillway_api::wire::{ProcessorConfig, RetryConfig};
 
 /// A [`ProcessorConfig`] that cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +64,9 @@ pub struct Settings {
     pub paused: bool,
     /// File with the outbound signing secret.
     pub signing_secret_file: Option<String>,
+    /// Where failed deliveries wait out their delay, off the cap; `None`:
+    /// on their own consumer (ordered endpoints).
+    pub retry: Option<RetryConfig>,
 }
 
 impl Settings {
@@ -109,8 +112,21 @@ impl Settings {
         let rate_share = match c.rate_limit_per_second {
             None => None,
             Some(0) => return Err(field("rateLimitPerSecond", "must be at least 1 when set")),
+            // A pod's share of the rate is one over the most pods that
+            // run; older configs say it through the concurrency split.
+            Some(r) if c.max_replicas > 0 => Some(split_rate(r, 1, c.max_replicas)),
             Some(r) => Some(split_rate(r, c.concurrency_per_replica, c.concurrency)),
         };
+        if let Some(r) = &c.retry
+            && [&r.stream, &r.subject, &r.consumer, &r.due_subject]
+                .iter()
+                .any(|v| v.is_empty())
+        {
+            return Err(field(
+                "retry",
+                "stream, subject, consumer and dueSubject must be set",
+            ));
+        }
         Ok(Self {
             endpoint: c.endpoint,
             stream: c.stream,
@@ -126,6 +142,7 @@ impl Settings {
             rate_share,
             paused: c.paused,
             signing_secret_file: c.signing_secret_file.filter(|s| !s.is_empty()),
+            retry: c.retry,
         })
     }
 
@@ -156,10 +173,10 @@ pub struct RateShare {
     pub burst: NonZeroU32,
 }
 
-/// This pod's share of a global rate: the same fraction as its share of the
-/// concurrency (`per_replica / concurrency`), not rounded up, so the pods
-/// the operator runs (at most `concurrency / per_replica`) never exceed
-/// `rate` together; the burst is the share rounded down (at least 1).
+/// This pod's share of a global rate: the fraction `part / whole` (one over
+/// the most pods the operator runs, or in older configs the pod's share of
+/// the concurrency), not rounded up, so the pods never exceed `rate`
+/// together; the burst is the share rounded down (at least 1).
 pub fn split_rate(rate: u32, per_replica: u32, concurrency: u32) -> RateShare {
     let share = f64::from(rate.max(1)) * f64::from(per_replica.clamp(1, concurrency.max(1)))
         / f64::from(concurrency.max(1));
@@ -184,6 +201,8 @@ mod tests {
             sink_url: "http://127.0.0.1:8080/hook".into(),
             concurrency: 10,
             concurrency_per_replica: 4,
+            max_replicas: 0,
+            retry: None,
             timeout: "30s".into(),
             max_attempts: 5,
             backoff: vec!["1s".into(), "5s".into(), "30s".into()],
@@ -275,7 +294,14 @@ mod tests {
         }
         let mut c = config();
         c.rate_limit_per_second = Some(50);
-        let s = Settings::from_config(c).unwrap();
+        let s = Settings::from_config(c.clone()).unwrap();
         assert!(close(per_sec(s.rate_share.unwrap()), 20.0));
+        // Every pod may use the whole cap, but the rate is split over the
+        // most pods that run.
+        c.concurrency_per_replica = 10;
+        c.max_replicas = 3;
+        c.rate_limit_per_second = Some(30);
+        let s = Settings::from_config(c).unwrap();
+        assert!(close(per_sec(s.rate_share.unwrap()), 10.0));
     }
 }

@@ -17,16 +17,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap as HttpHeaders, StatusCode};
 use axum::response::{IntoResponse, Response};
 use spillway_api::WebhookEndpointSpec;
-use spillway_api::names::{EndpointNames, partition_of};
+use spillway_api::names::{BUILTIN_LISTENER, EndpointNames, partition_of};
 use spillway_api::validate::{Timings, check};
 use spillway_api::wire::{self, ProcessorConfig};
-use spillway_operator::jetstream::consumer_configs;
+use spillway_operator::jetstream::{
+    consumer_configs, dead_letter_config, retry_consumer_configs, retry_stream_config,
+    stream_config,
+};
 use spillway_tests::{bin_path, eventually, free_port, watchdog};
 
 // ---------------------------------------------------------------- endpoint
@@ -87,26 +90,30 @@ impl Endpoint {
     /// does (limits retention so history can be replayed).
     pub async fn create(js: jetstream::Context, setup: Setup) -> Result<Self> {
         let names = EndpointNames::new(&setup.namespace, &setup.name);
-        js.create_stream(stream::Config {
-            name: names.stream(),
-            subjects: vec![names.stream_subjects()],
-            retention: stream::RetentionPolicy::Limits,
-            max_age: Duration::from_secs(3600),
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await
-        .context("creating the stream")?;
-        js.create_stream(stream::Config {
-            name: names.dead_letter_stream(),
-            subjects: vec![names.dead_letter_subject()],
-            retention: stream::RetentionPolicy::Limits,
-            max_age: Duration::from_secs(3600),
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await
-        .context("creating the dead-letter stream")?;
+        let probe = Self {
+            setup: setup.clone(),
+            names: names.clone(),
+            js: js.clone(),
+        };
+        let (spec, t) = (probe.spec()?, probe.timings()?);
+        // The streams exactly as the operator configures them.
+        for cfg in [
+            stream_config(&names, &spec, &t),
+            dead_letter_config(&names, &spec, &t),
+            retry_stream_config(&names, &spec, &t),
+        ] {
+            let name = cfg.name.clone();
+            js.create_stream(cfg)
+                .await
+                .with_context(|| format!("creating stream {name}"))?;
+        }
+        let retry = js.get_stream(names.retry_stream()).await?;
+        for cfg in retry_consumer_configs(&names, &spec) {
+            retry
+                .create_consumer(cfg)
+                .await
+                .context("creating the retry consumer")?;
+        }
         let ep = Self { setup, names, js };
         let stream = ep.js.get_stream(ep.names.stream()).await?;
         // The consumers exactly as the operator configures them, with the
@@ -166,6 +173,13 @@ impl Endpoint {
             sink_url: sink_url.into(),
             concurrency: s.concurrency,
             concurrency_per_replica: s.per_replica,
+            max_replicas: 0,
+            retry: s.partitions.is_none().then(|| wire::RetryConfig {
+                stream: self.names.retry_stream(),
+                subject: self.names.retry_subject(BUILTIN_LISTENER),
+                consumer: self.names.retry_consumer(BUILTIN_LISTENER),
+                due_subject: self.names.due_subject(BUILTIN_LISTENER),
+            }),
             timeout: s.timeout.clone(),
             max_attempts: s.max_attempts,
             backoff: s.backoff.clone(),
@@ -173,6 +187,20 @@ impl Endpoint {
             paused: s.paused,
             signing_secret_file: s.signing_secret_file.clone(),
         }
+    }
+
+    /// The config the operator renders for this endpoint with
+    /// `replicas.max` = `max_replicas` (its own function, not a copy),
+    /// pointed at `sink_url`.
+    pub fn operator_config(&self, sink_url: &str, max_replicas: u32) -> Result<ProcessorConfig> {
+        let mut spec = self.spec()?;
+        spec.processor.replicas.max = max_replicas;
+        let t = check(&spec).map_err(|p| anyhow::anyhow!("invalid setup: {}", p.join("; ")))?;
+        let mut ep = spillway_api::WebhookEndpoint::new(&self.setup.name, spec);
+        ep.metadata.namespace = Some(self.setup.namespace.clone());
+        let mut c = spillway_operator::render::processor_config(&ep, &self.names, &t);
+        c.sink_url = sink_url.into();
+        Ok(c)
     }
 
     /// Headers the gateway would store with a webhook.

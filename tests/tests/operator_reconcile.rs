@@ -1066,3 +1066,38 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
     env.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_first_webhook_wakes_an_endpoint_at_zero_without_waiting_for_a_resync() -> Result<()> {
+    // A resync far longer than the promise: only the wake can explain a
+    // scale-up within 2 s.
+    let env = Env::with_settings("op-wake", |s| Settings {
+        resync_interval: Duration::from_secs(120),
+        ..s
+    })
+    .await?;
+    env.secret("gh", "secret").await?;
+    env.create(
+        "gh",
+        spec(json!({"processor": {"replicas": {"min": 0, "max": 3}}})),
+    )
+    .await?;
+    env.wait_condition("gh", "ProcessorReady", "True", Some("ScaledToZero"))
+        .await?;
+    assert_eq!(env.replicas("gh").await, Some(0));
+    // Let the reconcile that scaled to zero finish (and arm the wake).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let names = env.names("gh");
+    let js = env.nats.jetstream().await?;
+    let sent = Instant::now();
+    js.publish(names.subject(0), "{\"n\":1}".into())
+        .await?
+        .await?;
+    eventually(Duration::from_secs(2), "scaled to 1 within 2 s", || async {
+        env.replicas("gh").await == Some(1)
+    })
+    .await?;
+    println!("woken {:?} after the webhook", sent.elapsed());
+    env.stop().await;
+    Ok(())
+}
