@@ -958,7 +958,13 @@ ingress: {maxBodyBytes: 1000}
         let n = EndpointNames::new("ns", "gh");
         let c = stream_config(&n, &s, &t);
         assert_eq!(c.name, "spillway_ns_gh");
-        assert_eq!(c.subjects, vec!["spillway.in.ns_gh.*".to_owned()]);
+        assert_eq!(
+            c.subjects,
+            vec![
+                "spillway.in.ns_gh.*".to_owned(),
+                "spillway.due.ns_gh.*".to_owned()
+            ]
+        );
         assert_eq!(c.max_age, Duration::from_secs(3600));
         assert_eq!(c.duplicate_window, Duration::from_secs(300));
         assert_eq!(c.storage, stream::StorageType::Memory);
@@ -969,6 +975,22 @@ ingress: {maxBodyBytes: 1000}
         assert_eq!(d.max_age, Duration::from_secs(336 * 3600));
         // timeout 10s: 2 x (10s + 5s) + 60s, above the 2 min floor.
         assert_eq!(d.duplicate_window, Duration::from_secs(120));
+        // Retries: never aged out, refused rather than dropped when full,
+        // gone once moved back.
+        let r = retry_stream_config(&n, &s, &t);
+        assert_eq!(r.subjects, vec![n.retry_subjects()]);
+        assert_eq!(r.retention, stream::RetentionPolicy::WorkQueue);
+        assert_eq!(r.discard, stream::DiscardPolicy::New);
+        assert_eq!(r.max_age, Duration::ZERO);
+        assert_eq!(r.max_bytes, 1_000_000);
+        let rc = retry_consumer_configs(&n, &s);
+        assert_eq!(rc.len(), 1);
+        assert_eq!(rc[0].filter_subject, n.retry_subject("processor"));
+        assert_eq!(rc[0].durable_name.as_deref(), Some("retry-processor"));
+        let mut ordered = s.clone();
+        ordered.ordering =
+            Some(serde_yaml_ng::from_str("{keyHeader: X-Key, partitions: 3}").unwrap());
+        assert!(retry_consumer_configs(&n, &ordered).is_empty());
         let mut long = s.clone();
         long.processor.timeout = "5m".into();
         let t = check(&long).unwrap();
