@@ -35,7 +35,10 @@ use spillway_api::WebhookEndpoint;
 use spillway_api::names::EndpointNames;
 use spillway_api::validate;
 use spillway_api::wire::{self, PROCESSOR_CONFIG_ENV};
-use spillway_operator::jetstream::{consumer_configs, dead_letter_config, stream_config};
+use spillway_operator::jetstream::{
+    consumer_configs, dead_letter_config, retry_consumer_configs, retry_stream_config,
+    stream_config,
+};
 use spillway_operator::render::processor_config;
 use spillway_tests::{NatsServer, eventually, free_port, watchdog};
 
@@ -55,11 +58,21 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     min_messages: u64,
     /// Sink latencies in milliseconds (comma-separated).
-    #[arg(long, default_value = "0,20,100")]
+    #[arg(long, default_value = "30")]
     latency_ms: String,
-    /// Endpoint concurrencies (comma-separated: one scenario each per latency).
-    #[arg(long, default_value = "1,8,32,128")]
+    /// Endpoint concurrencies (comma-separated: one scenario each per latency
+    /// and failure share).
+    #[arg(long, default_value = "3,32,128")]
     concurrency: String,
+    /// Shares of webhooks (percent, comma-separated) whose first attempt the
+    /// sink answers 503 (retried on the endpoint's backoff, 1 s first).
+    #[arg(long, default_value = "0,15,50")]
+    failure_pct: String,
+    /// Concurrencies at which a 0 ms sink is drained by the processor and by
+    /// the benchmark's own raw fetch+POST+ack loop, side by side (empty:
+    /// none).
+    #[arg(long, default_value = "32,128")]
+    raw_concurrency: String,
     /// Body size in bytes.
     #[arg(long, default_value_t = 1024)]
     body_bytes: usize,
@@ -88,6 +101,9 @@ fn now_us() -> u64 {
 
 struct Sink {
     latency: Duration,
+    /// Percent of messages whose first attempt is answered 503.
+    fail_pct: u64,
+    failed: Mutex<HashSet<u64>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     requests: AtomicU64,
@@ -99,9 +115,11 @@ struct Sink {
 }
 
 impl Sink {
-    fn new(latency: Duration) -> Self {
+    fn new(latency: Duration, fail_pct: u64) -> Self {
         Self {
             latency,
+            fail_pct,
+            failed: Mutex::new(HashSet::new()),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
@@ -124,7 +142,12 @@ impl Drop for InFlight {
     }
 }
 
-async fn sink_handler(State(s): State<Arc<Sink>>, body: Bytes) -> &'static str {
+/// Whether message `i` is one whose first attempt fails (a fixed spread).
+fn fails_first(i: u64, pct: u64) -> bool {
+    (i.wrapping_mul(2_654_435_761) >> 7) % 100 < pct
+}
+
+async fn sink_handler(State(s): State<Arc<Sink>>, body: Bytes) -> axum::http::StatusCode {
     let at = now_us();
     let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     let _guard = InFlight(s.clone());
@@ -144,15 +167,21 @@ async fn sink_handler(State(s): State<Arc<Sink>>, body: Bytes) -> &'static str {
         tokio::time::sleep(s.latency).await;
     }
     s.requests.fetch_add(1, Ordering::SeqCst);
+    s.last_us.fetch_max(now_us(), Ordering::SeqCst);
+    if v["probe"].as_bool() != Some(true)
+        && fails_first(i, s.fail_pct)
+        && s.failed.lock().expect("failed lock").insert(i)
+    {
+        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+    }
     if s.seen.lock().expect("seen lock").insert(i) {
         s.distinct.fetch_add(1, Ordering::SeqCst);
     }
-    s.last_us.fetch_max(now_us(), Ordering::SeqCst);
-    "ok"
+    axum::http::StatusCode::OK
 }
 
-async fn start_sink(latency: Duration) -> Result<(Arc<Sink>, String)> {
-    let state = Arc::new(Sink::new(latency));
+async fn start_sink(latency: Duration, fail_pct: u64) -> Result<(Arc<Sink>, String)> {
+    let state = Arc::new(Sink::new(latency, fail_pct));
     let app = axum::Router::new()
         .fallback(axum::routing::post(sink_handler))
         .with_state(state.clone());
@@ -252,7 +281,11 @@ fn clock_ticks_per_second() -> f64 {
 struct Outcome {
     latency_ms: u64,
     concurrency: u32,
+    fail_pct: u64,
+    /// Delivered by the benchmark's raw loop, not the processor.
+    raw: bool,
     messages: u64,
+    sink_calls: u64,
     drain: Duration,
     rate: f64,
     first_delivery: Duration,
@@ -310,18 +343,35 @@ fn messages_for(args: &Args, latency_ms: u64, concurrency: u32) -> u64 {
     ideal.clamp(args.min_messages.min(args.messages), args.messages)
 }
 
+/// One scenario's shape.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    latency_ms: u64,
+    concurrency: u32,
+    fail_pct: u64,
+    raw: bool,
+}
+
 async fn scenario(
     nats: &NatsServer,
     js: &jetstream::Context,
-    latency_ms: u64,
-    concurrency: u32,
+    shape: Shape,
     args: &Args,
     ticks_per_s: f64,
     dir: &Path,
 ) -> Result<Outcome> {
-    let name = format!("l{latency_ms}-c{concurrency}");
+    let Shape {
+        latency_ms,
+        concurrency,
+        fail_pct,
+        raw,
+    } = shape;
+    let name = format!(
+        "l{latency_ms}-c{concurrency}-f{fail_pct}{}",
+        if raw { "-raw" } else { "" }
+    );
     let names = EndpointNames::new(NAMESPACE, &name);
-    let (sink, sink_url) = start_sink(Duration::from_millis(latency_ms)).await?;
+    let (sink, sink_url) = start_sink(Duration::from_millis(latency_ms), fail_pct).await?;
     let ep = endpoint(&name, &sink_url, concurrency)?;
     let timings =
         validate::check(&ep.spec).map_err(|p| anyhow::anyhow!("invalid endpoint: {p:?}"))?;
@@ -334,6 +384,12 @@ async fn scenario(
         .await?;
     for c in consumer_configs(&names, &ep.spec, &timings) {
         stream.create_consumer(c).await?;
+    }
+    let retry = js
+        .create_stream(retry_stream_config(&names, &ep.spec, &timings))
+        .await?;
+    for c in retry_consumer_configs(&names, &ep.spec) {
+        retry.create_consumer(c).await?;
     }
     let config = processor_config(&ep, &names, &timings);
 
@@ -361,19 +417,36 @@ async fn scenario(
     let log = dir.join(format!("{name}.log"));
     let machine_before = machine_ticks();
     let spawned_us = now_us();
-    let child = Command::new(&args.processor_bin)
-        .env(PROCESSOR_CONFIG_ENV, serde_json::to_string(&config)?)
-        .env("SPILLWAY_NATS_URL", &nats.url)
-        .env("SPILLWAY_ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env("RUST_LOG", "warn")
-        .env("POD_NAME", format!("bench-{name}"))
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log)?)
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", args.processor_bin.display()))?;
-    watchdog(child.id());
-    let proc = Proc { child, log };
+    let (proc, raw_loop) = if raw {
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(&names.consumer(None))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let url = sink_url.clone();
+        (
+            None,
+            Some(AbortOnDrop(tokio::spawn(raw_loop(
+                consumer,
+                url,
+                concurrency,
+            )))),
+        )
+    } else {
+        let child = Command::new(&args.processor_bin)
+            .env(PROCESSOR_CONFIG_ENV, serde_json::to_string(&config)?)
+            .env("SPILLWAY_NATS_URL", &nats.url)
+            .env("SPILLWAY_ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env("RUST_LOG", "warn")
+            .env("POD_NAME", format!("bench-{name}"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", args.processor_bin.display()))?;
+        watchdog(child.id());
+        (Some(Proc { child, log }), None)
+    };
+    let log_tail = || proc.as_ref().map_or_else(String::new, Proc::log_tail);
 
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
     while sink.distinct.load(Ordering::SeqCst) < n {
@@ -382,20 +455,22 @@ async fn scenario(
                 "{name}: {} of {n} delivered after {} s; processor log:\n{}",
                 sink.distinct.load(Ordering::SeqCst),
                 args.max_seconds,
-                proc.log_tail()
+                log_tail()
             );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let machine_after = machine_ticks();
-    let proc_ticks = cpu_ticks(proc.pid()).unwrap_or(0);
+    let proc_ticks = proc.as_ref().and_then(|p| cpu_ticks(p.pid())).unwrap_or(0);
     let (first, last) = (
         sink.first_us.load(Ordering::SeqCst),
         sink.last_us.load(Ordering::SeqCst),
     );
     let drain = Duration::from_micros(last.saturating_sub(spawned_us));
     let active = Duration::from_micros(last.saturating_sub(first)).max(Duration::from_micros(1));
-    let duplicates = sink.requests.load(Ordering::SeqCst) - n;
+    let sink_calls = sink.requests.load(Ordering::SeqCst);
+    let failed_first = sink.failed.lock().expect("failed lock").len() as u64;
+    let duplicates = sink_calls.saturating_sub(n + failed_first);
 
     // Idle pick-up latency: one message at a time, publish to sink arrival.
     for k in 0..u64::from(args.probes) {
@@ -426,10 +501,15 @@ async fn scenario(
         }
     })
     .await?;
-    let rss_kib = peak_rss_kib(proc.pid()).unwrap_or(0);
+    let rss_kib = proc
+        .as_ref()
+        .and_then(|p| peak_rss_kib(p.pid()))
+        .unwrap_or(0);
     drop(proc);
+    drop(raw_loop);
     js.delete_stream(names.stream()).await?;
     js.delete_stream(names.dead_letter_stream()).await?;
+    js.delete_stream(names.retry_stream()).await?;
 
     let mut probe_us = sink.probe_us.lock().expect("probe lock").clone();
     probe_us.sort_unstable();
@@ -440,7 +520,10 @@ async fn scenario(
     Ok(Outcome {
         latency_ms,
         concurrency,
+        fail_pct,
+        raw,
         messages: n,
+        sink_calls,
         drain,
         rate: n as f64 / active.as_secs_f64(),
         first_delivery: Duration::from_micros(first.saturating_sub(spawned_us)),
@@ -452,6 +535,64 @@ async fn scenario(
         rss_kib,
         probe_us,
     })
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The simplest correct capped consumer, for comparison: pull as many
+/// messages as there are free slots, POST each (body only), ack on 2xx,
+/// NAK otherwise. No retries off the cap, headers, signing, tracing,
+/// metrics or keep-alive acks.
+async fn raw_loop(consumer: jetstream::consumer::PullConsumer, url: String, concurrency: u32) {
+    use futures::StreamExt as _;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency as usize)
+        .build()
+        .expect("http client");
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency as usize));
+    loop {
+        let Ok(first) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut held = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            held.push(p);
+        }
+        let Ok(mut batch) = consumer
+            .batch()
+            .max_messages(held.len())
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+        else {
+            continue;
+        };
+        while let Some(Ok(msg)) = batch.next().await {
+            let Some(slot) = held.pop() else { break };
+            let client = client.clone();
+            let url = url.clone();
+            tokio::spawn(async move {
+                let ok = client
+                    .post(&url)
+                    .body(msg.payload.clone())
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                let _ = if ok {
+                    msg.double_ack().await
+                } else {
+                    msg.ack_with(jetstream::AckKind::Nak(None)).await
+                };
+                drop(slot);
+            });
+        }
+    }
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -472,14 +613,54 @@ fn ideal(o: &Outcome) -> Option<f64> {
     (o.latency_ms > 0).then(|| f64::from(o.concurrency) * 1000.0 / o.latency_ms as f64)
 }
 
+/// Drain time at the cap: sink calls × latency / concurrency.
+fn ideal_drain(o: &Outcome) -> Option<Duration> {
+    (o.latency_ms > 0).then(|| {
+        Duration::from_millis(o.latency_ms) * u32::try_from(o.sink_calls).unwrap_or(u32::MAX)
+            / o.concurrency
+    })
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     LazyLock::force(&EPOCH);
     let latencies: Vec<u64> = list(&args.latency_ms, "--latency-ms")?;
     let concurrencies: Vec<u32> = list(&args.concurrency, "--concurrency")?;
-    if concurrencies.contains(&0) {
-        bail!("--concurrency values must be at least 1");
+    let failures: Vec<u64> = list(&args.failure_pct, "--failure-pct")?;
+    let raws: Vec<u32> = if args.raw_concurrency.trim().is_empty() {
+        Vec::new()
+    } else {
+        list(&args.raw_concurrency, "--raw-concurrency")?
+    };
+    if concurrencies.contains(&0) || raws.contains(&0) {
+        bail!("concurrency values must be at least 1");
+    }
+    if failures.iter().any(|f| *f > 100) {
+        bail!("--failure-pct values are percentages (0-100)");
+    }
+    let mut shapes = Vec::new();
+    for &latency_ms in &latencies {
+        for &fail_pct in &failures {
+            for &concurrency in &concurrencies {
+                shapes.push(Shape {
+                    latency_ms,
+                    concurrency,
+                    fail_pct,
+                    raw: false,
+                });
+            }
+        }
+    }
+    for &concurrency in &raws {
+        for raw in [false, true] {
+            shapes.push(Shape {
+                latency_ms: 0,
+                concurrency,
+                fail_pct: 0,
+                raw,
+            });
+        }
     }
     if !args.processor_bin.exists() {
         bail!(
@@ -498,33 +679,35 @@ async fn main() -> Result<()> {
     let nats = NatsServer::start().await?;
     let js = nats.jetstream().await?;
     let mut outcomes = Vec::new();
-    for &l in &latencies {
-        for &c in &concurrencies {
-            let o = scenario(&nats, &js, l, c, &args, ticks_per_s, &dir).await?;
-            println!(
-                "sink {:>3} ms, concurrency {:>3}: {} in {:.2}s = {:.0}/s{}; first after {:.0} ms; sink max in flight {} (cap {}); {} duplicates; processor CPU {:.0}% ({:.0} µs per delivery), machine {:.0}%; peak RSS {:.1} MiB; probe p50 {:.2} ms, p99 {:.2} ms",
-                o.latency_ms,
-                o.concurrency,
-                o.messages,
-                o.drain.as_secs_f64(),
-                o.rate,
-                ideal(&o).map_or(String::new(), |i| format!(
-                    " ({:.0}% of {i:.0}/s)",
-                    100.0 * o.rate / i
-                )),
-                o.first_delivery.as_secs_f64() * 1000.0,
-                o.max_in_flight,
-                o.concurrency,
-                o.duplicates,
-                o.proc_cpu_pct,
-                o.proc_cpu_us_per_delivery,
-                o.machine_cpu_pct,
-                o.rss_kib as f64 / 1024.0,
-                pct(&o.probe_us, 0.5),
-                pct(&o.probe_us, 0.99),
-            );
-            outcomes.push(o);
-        }
+    for shape in shapes {
+        let o = scenario(&nats, &js, shape, &args, ticks_per_s, &dir).await?;
+        println!(
+            "{} sink {:>3} ms, concurrency {:>3}, {:>2}% failing first: {} in {:.2}s = {:.0}/s{}; {} sink calls{}; sink max in flight {} (cap {}); {} duplicates; CPU {:.0}%, machine {:.0}%; first after {:.0} ms; probe p50 {:.2} ms",
+            if o.raw { "raw loop " } else { "processor" },
+            o.latency_ms,
+            o.concurrency,
+            o.fail_pct,
+            o.messages,
+            o.drain.as_secs_f64(),
+            o.rate,
+            ideal(&o).map_or(String::new(), |i| format!(
+                " ({:.0}% of {i:.0}/s)",
+                100.0 * o.rate / i
+            )),
+            o.sink_calls,
+            ideal_drain(&o).map_or(String::new(), |i| format!(
+                ", drain/ideal {:.2}",
+                o.drain.as_secs_f64() / i.as_secs_f64()
+            )),
+            o.max_in_flight,
+            o.concurrency,
+            o.duplicates,
+            o.proc_cpu_pct,
+            o.machine_cpu_pct,
+            o.first_delivery.as_secs_f64() * 1000.0,
+            pct(&o.probe_us, 0.5),
+        );
+        outcomes.push(o);
     }
     let load_after = std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -561,23 +744,27 @@ fn write_report(
         "# Processor benchmark\n\nGenerated by `processor/examples/deliverybench.rs` (see its header for the commands). \
 One real `nats-server` (JetStream, file storage, the test harness's configuration) and the real \
 `spillway-processor` binary (release build, one replica) on loopback, delivering to an HTTP sink inside the \
-benchmark process that waits a fixed time before answering 200. Sink, processor and NATS share the same \
+benchmark process that waits a fixed time before answering. Sink, processor and NATS share the same \
 machine, so the figures are a floor for what one processor replica does on dedicated cores, not a capacity \
 promise.\n\n\
 Each scenario is its own endpoint, set up with the operator's own functions (`stream_config`, \
-`dead_letter_config`, `consumer_configs`, `processor_config`: file stream, dead letters on, one durable \
-consumer with `maxAckPending` = concurrency, `replicas: {min: 1, max: 1}`, default timeout and retries). \
-The backlog is published first, with the gateway's headers and a unique `Nats-Msg-Id` per message; then the \
-processor starts and drains it.\n\n\
-Columns: **drain s** from starting the processor to the last sink answer (includes process start and \
-binding to the consumer); **deliveries/s** over first to last delivery; **ideal/s** = concurrency / sink \
-latency; **sink max in flight** is the most requests the sink ever held at once, the proof of the cap \
-(must be ≤ concurrency); **dup** counts deliveries beyond one per message; **proc CPU** is the processor's \
-CPU time over the drain (100% = one core) and per delivery (in 10 ms clock ticks: coarse for short \
-scenarios), **machine CPU** the whole machine's busy share (100% = all \
-cores) during the drain; **RSS** is the processor's peak resident set (`VmHWM`) over the whole scenario; \
-**probe p50/p99** is the publish-to-sink latency of single messages sent one at a time to the idle \
-processor after the drain (the time a webhook waits when there is no backlog, sink latency excluded).\n\n",
+`dead_letter_config`, `consumer_configs`, `retry_stream_config`, `retry_consumer_configs`, \
+`processor_config`: file streams, dead letters on, one durable consumer with `maxAckPending` = concurrency, \
+`replicas: {min: 1, max: 1}`, default timeout and retries: backoff 1s, 5s, …). The backlog is published \
+first, with the gateway's headers and a unique `Nats-Msg-Id` per message; then the processor starts and \
+drains it. In a scenario with failures the sink answers 503 to the first attempt of that share of the \
+webhooks (a fixed spread over the sequence), and 200 after.\n\n\
+Columns: **path** is the processor, or the benchmark's own raw loop (pull as many as there are free \
+slots, POST the body, ack; no retries, headers, signing, metrics) on the same sink and machine; **sink \
+calls** counts every request (first attempts and retries); **drain s** from starting the processor to the \
+last sink answer (includes process start, binding, and the last retry's backoff); **ideal drain s** = \
+sink calls × latency / concurrency; **drain/ideal** their ratio (1.00 = the cap was the only limit); \
+**deliveries/s** over first to last delivery; **sink max in flight** is the most requests the sink ever \
+held at once, the proof of the cap (must be ≤ concurrency); **dup** counts calls beyond one per message \
+and one per failed first attempt; **proc CPU** is the processor's CPU time over the drain (100% = one \
+core) and per delivery (10 ms clock ticks: coarse for short scenarios); **RSS** is the processor's peak \
+resident set (`VmHWM`); **probe p50/p99** is the publish-to-sink latency of single messages sent one at a \
+time to the idle processor after the drain.\n\n",
     );
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -608,24 +795,37 @@ at the ideal rate (at least {}, at most {}). Probes: {} per scenario. Command: `
         args.probes,
         std::env::args().collect::<Vec<_>>().join(" ")
     );
-    md += "| sink ms | concurrency | messages | drain s | deliveries/s | ideal/s | of ideal | first delivery ms | sink max in flight | ≤ cap | dup | proc CPU | proc CPU µs/delivery | machine CPU | RSS MiB | probe p50 ms | probe p99 ms |\n";
-    md +=
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    md += "| path | sink ms | concurrency | failing first | messages | sink calls | drain s | ideal drain s | drain/ideal | deliveries/s | sink max in flight | ≤ cap | dup | proc CPU | proc CPU µs/delivery | RSS MiB | probe p50 ms | probe p99 ms |\n";
+    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|\n";
     for o in outcomes {
-        let (ideal_s, of_ideal) = match ideal(o) {
-            Some(i) => (format!("{i:.0}"), format!("{:.0}%", 100.0 * o.rate / i)),
+        let (ideal_s, ratio) = match ideal_drain(o) {
+            Some(i) => (
+                format!("{:.2}", i.as_secs_f64()),
+                format!("{:.2}", o.drain.as_secs_f64() / i.as_secs_f64()),
+            ),
             None => ("—".into(), "—".into()),
         };
+        let (cpu, cpu_per, rss) = if o.raw {
+            ("—".to_owned(), "—".to_owned(), "—".to_owned())
+        } else {
+            (
+                format!("{:.0}%", o.proc_cpu_pct),
+                format!("{:.0}", o.proc_cpu_us_per_delivery),
+                format!("{:.1}", o.rss_kib as f64 / 1024.0),
+            )
+        };
         md += &format!(
-            "| {} | {} | {} | {:.2} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {:.0}% | {:.0} | {:.0}% | {:.1} | {:.2} | {:.2} |\n",
+            "| {} | {} | {} | {}% | {} | {} | {:.2} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} |\n",
+            if o.raw { "raw loop" } else { "processor" },
             o.latency_ms,
             o.concurrency,
+            o.fail_pct,
             o.messages,
+            o.sink_calls,
             o.drain.as_secs_f64(),
-            o.rate,
             ideal_s,
-            of_ideal,
-            o.first_delivery.as_secs_f64() * 1000.0,
+            ratio,
+            o.rate,
             o.max_in_flight,
             if o.max_in_flight <= o.concurrency as usize {
                 "yes"
@@ -633,12 +833,33 @@ at the ideal rate (at least {}, at most {}). Probes: {} per scenario. Command: `
                 "NO"
             },
             o.duplicates,
-            o.proc_cpu_pct,
-            o.proc_cpu_us_per_delivery,
-            o.machine_cpu_pct,
-            o.rss_kib as f64 / 1024.0,
+            cpu,
+            cpu_per,
+            rss,
             pct(&o.probe_us, 0.5),
             pct(&o.probe_us, 0.99),
+        );
+    }
+    let raw_pairs: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.raw)
+        .filter_map(|r| {
+            let p = outcomes
+                .iter()
+                .find(|o| !o.raw && o.latency_ms == 0 && o.concurrency == r.concurrency)?;
+            Some(format!(
+                "concurrency {}: processor {:.0}/s, raw loop {:.0}/s, ratio {:.2}",
+                r.concurrency,
+                p.rate,
+                r.rate,
+                p.rate / r.rate
+            ))
+        })
+        .collect();
+    if !raw_pairs.is_empty() {
+        md += &format!(
+            "\nNo-op sink (0 ms), processor against the raw loop in the same run: {}.\n",
+            raw_pairs.join("; ")
         );
     }
     if let Some(parent) = out.parent() {

@@ -245,7 +245,10 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
     let js = env.nats.jetstream().await?;
     let mut stream = js.get_stream(names.stream()).await?;
     let info = stream.info().await?.clone();
-    assert_eq!(info.config.subjects, vec![names.stream_subjects()]);
+    assert_eq!(
+        info.config.subjects,
+        vec![names.stream_subjects(), names.due_subjects()]
+    );
     assert_eq!(info.config.max_age, Duration::from_secs(3600));
     assert_eq!(info.config.duplicate_window, Duration::from_secs(300));
     assert_eq!(
@@ -1082,6 +1085,7 @@ async fn the_first_webhook_wakes_an_endpoint_at_zero_without_waiting_for_a_resyn
         spec(json!({"processor": {"replicas": {"min": 0, "max": 3}}})),
     )
     .await?;
+    env.wait_condition("gh", "StreamReady", "True", None).await?;
     env.wait_condition("gh", "ProcessorReady", "True", Some("ScaledToZero"))
         .await?;
     assert_eq!(env.replicas("gh").await, Some(0));
@@ -1090,9 +1094,21 @@ async fn the_first_webhook_wakes_an_endpoint_at_zero_without_waiting_for_a_resyn
     let names = env.names("gh");
     let js = env.nats.jetstream().await?;
     let sent = Instant::now();
-    js.publish(names.subject(0), "{\"n\":1}".into())
+    let ack = js
+        .publish(names.subject(0), "{\"n\":1}".into())
         .await?
-        .await?;
+        .await;
+    if let Err(e) = ack {
+        let info = js.get_stream(names.stream()).await?.info().await?.clone();
+        let log = env.nats.log();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        anyhow::bail!(
+            "publish not acknowledged ({e}); stream {:?} state {:?}\n{}",
+            info.config.subjects,
+            info.state,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     eventually(Duration::from_secs(2), "scaled to 1 within 2 s", || async {
         env.replicas("gh").await == Some(1)
     })
