@@ -551,9 +551,8 @@ impl Drop for AbortOnDrop {
 /// metrics or keep-alive acks.
 async fn raw_loop(consumer: jetstream::consumer::PullConsumer, url: String, concurrency: u32) {
     use futures::StreamExt as _;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency as usize)
-        .build()
+    // The processor's own client settings (pool, timeouts, TLS provider).
+    let client = spillway_processor::http::client(Duration::from_secs(30), concurrency as usize)
         .expect("http client");
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency as usize));
     loop {

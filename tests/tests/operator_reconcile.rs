@@ -1085,7 +1085,8 @@ async fn the_first_webhook_wakes_an_endpoint_at_zero_without_waiting_for_a_resyn
         spec(json!({"processor": {"replicas": {"min": 0, "max": 3}}})),
     )
     .await?;
-    env.wait_condition("gh", "StreamReady", "True", None).await?;
+    env.wait_condition("gh", "StreamReady", "True", None)
+        .await?;
     env.wait_condition("gh", "ProcessorReady", "True", Some("ScaledToZero"))
         .await?;
     assert_eq!(env.replicas("gh").await, Some(0));
