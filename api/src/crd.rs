@@ -424,20 +424,34 @@ pub struct Ordering {
     {"rule": "duration(self.maxAge) >= duration('1m')", "message": "stream.maxAge must be at least 1m"}
 ]))]
 pub struct StreamSpec {
-    /// How long stored webhooks are kept (also how far back `spillway
-    /// replay` can go). A Go-style duration such as `72h`.
+    /// How long webhooks are kept in the history (how far back `spillway
+    /// replay` can go), and how long one may wait undelivered: a webhook
+    /// older than this is dead-lettered with reason `expired` instead of
+    /// being delivered (never dropped silently). A Go-style duration such as
+    /// `72h`.
     #[serde(default = "defaults::stream_max_age")]
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     pub max_age: String,
-    /// Most bytes the stream may hold; -1 for no limit other than the
-    /// server's.
+    /// Most bytes of undelivered webhooks (the work stream); -1 for no
+    /// limit other than the server's. Delivered webhooks do not count. When
+    /// reached, the gateway answers 503 with Retry-After (providers retry)
+    /// and `StreamReady` is False with reason `BacklogFull` until the
+    /// backlog drains. Lowering it below what is stored now is refused
+    /// (`LimitsWouldDropWebhooks`).
     #[serde(default = "defaults::stream_max_bytes")]
     #[schemars(range(min = -1))]
     pub max_bytes: i64,
-    /// Most messages the stream may hold; -1 for no limit.
+    /// Most undelivered webhooks (the work stream); -1 for no limit. As
+    /// `maxBytes`.
     #[serde(default = "defaults::unlimited")]
     #[schemars(range(min = -1))]
     pub max_messages: i64,
+    /// Most bytes the history (for `spillway replay`) keeps; the oldest are
+    /// dropped to make room, and it never blocks intake. -1 for no limit
+    /// other than the server's.
+    #[serde(default = "defaults::stream_max_bytes")]
+    #[schemars(range(min = -1))]
+    pub history_max_bytes: i64,
     /// Copies JetStream keeps (1, 3 or 5 are sensible; a cluster of that
     /// size is needed). With 1, an acknowledged webhook lives on one server.
     #[serde(default = "defaults::replicas")]
@@ -446,9 +460,9 @@ pub struct StreamSpec {
     /// `file` (survives restarts) or `memory`.
     #[serde(default)]
     pub storage: StorageType,
-    /// When the stream is full: `new` refuses new webhooks (the gateway
-    /// answers 503 and providers retry; nothing stored is lost) or `old`
-    /// drops the oldest stored webhooks, delivered or not.
+    /// Kept for compatibility and ignored: undelivered webhooks are never
+    /// dropped to make room (a full work stream refuses new ones with 503),
+    /// and the history always drops its oldest.
     #[serde(default)]
     pub discard: DiscardPolicy,
     /// What happens to the streams when the WebhookEndpoint is deleted:
@@ -464,6 +478,7 @@ impl Default for StreamSpec {
             max_age: defaults::stream_max_age(),
             max_bytes: defaults::stream_max_bytes(),
             max_messages: defaults::unlimited(),
+            history_max_bytes: defaults::stream_max_bytes(),
             replicas: defaults::replicas(),
             storage: StorageType::default(),
             discard: DiscardPolicy::default(),

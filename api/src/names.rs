@@ -49,9 +49,46 @@ impl EndpointNames {
         &self.key
     }
 
-    /// Stream holding accepted webhooks.
+    /// The work stream: accepted webhooks until every listener has settled
+    /// them (interest retention), so only undelivered webhooks fill it. The
+    /// processors' consumers live here. (Prefixes with `-` cannot collide
+    /// with a `spillway_<key>` name: keys never contain `-` before the `_`
+    /// that follows `spillway`.)
     pub fn stream(&self) -> String {
+        format!("spillway-work_{}", self.key)
+    }
+
+    /// The history stream: a copy of every accepted webhook (the work
+    /// stream republishes each one it stores to the history subjects),
+    /// bounded by its own limits, for `replay` and `events`. Never blocks
+    /// intake.
+    pub fn history_stream(&self) -> String {
+        format!("spillway-history_{}", self.key)
+    }
+
+    /// Subject the work stream republishes an accepted webhook of partition
+    /// `p` to, for the history stream.
+    pub fn history_subject(&self, partition: u16) -> String {
+        format!("spillway.hist.{}.{partition}", self.key)
+    }
+
+    /// Subjects of the history stream.
+    pub fn history_subjects(&self) -> String {
+        format!("spillway.hist.{}.*", self.key)
+    }
+
+    /// The stream of the older layout, which held work and history in one
+    /// (limits retention). An existing one is migrated: its intake subjects
+    /// move to the work stream, its consumers drain what it still holds,
+    /// the history stream copies it, then it is deleted.
+    pub fn legacy_stream(&self) -> String {
         format!("spillway_{}", self.key)
+    }
+
+    /// The subject a legacy stream keeps once its intake subjects have moved
+    /// (nothing publishes to it).
+    pub fn legacy_parked_subject(&self) -> String {
+        format!("spillway.legacy.{}", self.key)
     }
 
     /// Stream holding dead letters.
@@ -96,7 +133,7 @@ impl EndpointNames {
     /// Stream holding retries while they wait out their delay (work-queue
     /// retention: a parked retry leaves it when it is due and moved back).
     pub fn retry_stream(&self) -> String {
-        format!("spillway_{}_retry", self.key)
+        format!("spillway-retry_{}", self.key)
     }
 
     /// Subject a failed delivery of `listener` is parked on.
@@ -172,7 +209,9 @@ mod tests {
         let c = EndpointNames::new("a", "b.c");
         let d = EndpointNames::new("a-b", "c");
         assert_ne!(c.key(), d.key());
-        assert_eq!(c.stream(), "spillway_a_b_c");
+        assert_eq!(c.stream(), "spillway-work_a_b_c");
+        assert_eq!(c.legacy_stream(), "spillway_a_b_c");
+        assert_eq!(c.history_stream(), "spillway-history_a_b_c");
     }
 
     #[test]
@@ -207,7 +246,7 @@ mod tests {
             n.retry_subject("processor"),
             "spillway.retry.default_gh.processor"
         );
-        assert_eq!(n.retry_stream(), "spillway_default_gh_retry");
+        assert_eq!(n.retry_stream(), "spillway-retry_default_gh");
         assert!(!n.retry_subject("processor").starts_with("spillway.due."));
     }
 

@@ -74,7 +74,8 @@ pub const DLQ_HEADER_PREFIX: &str = "Spillway-Dlq-";
 
 /// The headers of a stored message worth carrying over when it is published
 /// again (dead-lettered, redriven, replayed): all of them except its
-/// [`NATS_MSG_ID`], any dead-letter headers (`Spillway-Dlq-*`) and the retry
+/// NATS's own (`Nats-*`: [`NATS_MSG_ID`], and what a republish adds), any
+/// dead-letter headers (`Spillway-Dlq-*`) and the retry
 /// bookkeeping ([`ATTEMPTS_SPENT`], [`RETRY_AT`], [`RETRY_OF`]: a dead
 /// letter, redrive or replay starts counting afresh), matched
 /// case-insensitively. The caller adds the new message id (cargo feature
@@ -90,7 +91,11 @@ pub fn carried_headers(original: &async_nats::HeaderMap) -> async_nats::HeaderMa
         let retry = [ATTEMPTS_SPENT, RETRY_AT, RETRY_OF]
             .iter()
             .any(|h| n.eq_ignore_ascii_case(h));
-        if n.eq_ignore_ascii_case(NATS_MSG_ID) || dead_letter || retry {
+        // NATS's own headers (`Nats-Msg-Id`, and those a republish adds:
+        // `Nats-Stream`, `Nats-Sequence`, …) describe the stored copy, not
+        // the webhook.
+        let nats = n.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("Nats-"));
+        if nats || dead_letter || retry {
             continue;
         }
         for v in values {
@@ -136,6 +141,15 @@ pub struct ProcessorConfig {
     /// that wait is the head-of-line blocking ordering asks for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryConfig>,
+    /// Consumers of an older layout's stream that still hold undelivered
+    /// webhooks (an endpoint being migrated): served as well until the
+    /// operator removes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainConfig>,
+    /// A webhook received longer ago than this (Go-style duration) is
+    /// dead-lettered with reason `expired` instead of delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_after: Option<String>,
     /// Per-delivery timeout, Go-style duration.
     pub timeout: String,
     /// Attempts before dead-lettering.
@@ -162,6 +176,17 @@ pub struct RetryConfig {
     pub consumer: String,
     /// Subject of the main stream a due retry is published back to.
     pub due_subject: String,
+}
+
+/// Consumers of another stream to serve as well (see
+/// [`ProcessorConfig::drain`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainConfig {
+    /// The stream.
+    pub stream: String,
+    /// Its durable consumers.
+    pub consumers: Vec<String>,
 }
 
 /// What a [`SinkNotice`] reports.
@@ -275,6 +300,7 @@ mod tests {
         h.insert("spillway-attempts-spent", "3");
         h.insert(RETRY_AT, "1");
         h.insert(RETRY_OF, "7");
+        h.insert("Nats-Sequence", "12");
         h.insert("Spillway-Orig-X-Event", "push");
         h.append("Spillway-Orig-X-Multi", "1");
         h.append("Spillway-Orig-X-Multi", "2");

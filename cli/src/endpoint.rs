@@ -49,6 +49,25 @@ impl EndpointRef {
             .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
     }
 
+    /// Where a webhook read from the history is published when replayed:
+    /// its intake subject (the history keeps it under
+    /// `spillway.hist.<key>.<p>`, or under the intake subject itself when
+    /// it was copied from a legacy stream). `None` for anything else (retry
+    /// copies, other endpoints).
+    pub fn replay_subject(&self, stored: &str) -> Option<String> {
+        if self.owns_subject(stored) {
+            return Some(stored.to_owned());
+        }
+        let names = self.names();
+        let hist = names.history_subjects();
+        let p = stored.strip_prefix(hist.trim_end_matches('*'))?;
+        let p: u16 = p
+            .parse()
+            .ok()
+            .filter(|_| p.bytes().all(|b| b.is_ascii_digit()))?;
+        Some(names.subject(p))
+    }
+
     /// Where a dead letter goes back to when redriven: its original intake
     /// subject, or for a retried copy (which sat on a listener's `due`
     /// subject) the unordered intake subject. `None` for a subject of
@@ -91,6 +110,17 @@ mod tests {
         assert_eq!(ep.redrive_subject("spillway.due.a_c.processor"), None);
         assert_eq!(ep.redrive_subject("spillway.due.a_b.x.y"), None);
         assert_eq!(ep.redrive_subject("spillway.in.a_b.x"), None);
+        assert_eq!(
+            ep.replay_subject("spillway.hist.a_b.2").as_deref(),
+            Some("spillway.in.a_b.2")
+        );
+        assert_eq!(
+            ep.replay_subject("spillway.in.a_b.0").as_deref(),
+            Some("spillway.in.a_b.0")
+        );
+        assert_eq!(ep.replay_subject("spillway.due.a_b.processor"), None);
+        assert_eq!(ep.replay_subject("spillway.hist.a_c.0"), None);
+        assert_eq!(ep.replay_subject("spillway.hist.a_b.x"), None);
     }
 
     #[test]

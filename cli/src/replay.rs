@@ -78,7 +78,7 @@ pub async fn replay(
     run: &str,
     rate: Option<u32>,
 ) -> Result<Replayed> {
-    let stream_name = ep.names().stream();
+    let stream_name = ep.names().history_stream();
     let mut stream = js.get_stream(&stream_name).await.map_err(|e| {
         anyhow::anyhow!("stream {stream_name} not found ({e}); is the endpoint ready?")
     })?;
@@ -168,7 +168,7 @@ struct State {
 impl Job<'_> {
     async fn replay_all(&self, start: Start, st: &mut State) -> Result<()> {
         let (js, ep, last) = (self.js, self.ep, self.last);
-        let stream_name = ep.names().stream();
+        let stream_name = ep.names().history_stream();
         let mut pace = Pace::new(self.rate);
         let mut r = Reader::open(js, &stream_name, start, last).await?;
         while let Some(m) = r.next().await? {
@@ -176,16 +176,16 @@ impl Job<'_> {
             let n = st.done.published + st.done.duplicates + st.done.skipped;
             st.progress
                 .set_total(n + 1 + m.pending.min(last.saturating_sub(m.seq)));
-            if !ep.owns_subject(&m.subject) {
+            let Some(subject) = ep.replay_subject(&m.subject) else {
                 st.done.skipped += 1;
                 st.progress.inc();
                 st.resume = Some(m.seq + 1);
                 continue;
-            }
+            };
             pace.tick().await;
             let headers = history::republish_headers(&m.headers, &replay_msg_id(self.run, m.seq));
             let ack = js
-                .publish_with_headers(m.subject.clone(), headers, m.payload.clone().into())
+                .publish_with_headers(subject, headers, m.payload.clone().into())
                 .await
                 .map_err(|e| anyhow::anyhow!("replaying sequence {}: {e}", m.seq))?
                 .await

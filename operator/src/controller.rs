@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::conditions::{self, Desired, Status};
-use crate::jetstream::{Js, NatsError, SyncError, Synced, is_managed_consumer};
+use crate::jetstream::{Js, Migration, NatsError, SyncError, Synced, is_managed_consumer};
 use crate::metrics::Metrics;
 use crate::notices::SinkNotices;
 use crate::render::{self, FIELD_MANAGER, deployment_name};
@@ -582,12 +582,19 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
             // JetStream.
             let (stream_cond, synced) = match ctx.js.sync(&names, spec, &timings).await {
                 Ok(s) => (
-                    Desired::new(
-                        STREAM_READY,
-                        Status::True,
-                        "StreamReady",
-                        format!("stream {} and its consumers are in place", names.stream()),
-                    ),
+                    match &s.backlog_full {
+                        // Full of undelivered webhooks: the gateway answers
+                        // 503 until the backlog drains.
+                        Some(why) => {
+                            Desired::new(STREAM_READY, Status::False, "BacklogFull", why.clone())
+                        }
+                        None => Desired::new(
+                            STREAM_READY,
+                            Status::True,
+                            "StreamReady",
+                            format!("stream {} and its consumers are in place", names.stream()),
+                        ),
+                    },
                     Some(s),
                 ),
                 Err(e) => {
@@ -713,6 +720,47 @@ async fn report_created(
         .conditions
         .iter()
         .any(|c| c.type_ == STREAM_READY && c.status == "True");
+    let was_full = old
+        .conditions
+        .iter()
+        .any(|c| c.type_ == STREAM_READY && c.reason == "BacklogFull");
+    if let (Some(why), false) = (&s.backlog_full, was_full) {
+        warn!(endpoint = %key(ep), %why, "backlog full: refusing new webhooks");
+        ctx.event(ep, EventType::Warning, "BacklogFull", why.clone())
+            .await;
+    }
+    match s.migration {
+        Some(Migration::Started) => {
+            info!(endpoint = %key(ep), "migrating to the work/history stream layout");
+            ctx.event(
+                ep,
+                EventType::Normal,
+                "Migrating",
+                format!(
+                    "moved intake to work stream {} (history: {}); stream {} drains what it holds, then is deleted",
+                    s_names(ep).stream(),
+                    s_names(ep).history_stream(),
+                    s_names(ep).legacy_stream()
+                ),
+            )
+            .await;
+            return;
+        }
+        Some(Migration::Finished) => {
+            info!(endpoint = %key(ep), "migration finished");
+            ctx.event(
+                ep,
+                EventType::Normal,
+                "Migrated",
+                format!(
+                    "stream {} delivered and copied to the history; deleted",
+                    s_names(ep).legacy_stream()
+                ),
+            )
+            .await;
+        }
+        None => {}
+    }
     if !s.created.is_empty() {
         let streams = s.created.join(" and ");
         if was_ready {
@@ -745,6 +793,10 @@ async fn report_created(
         )
         .await;
     }
+}
+
+fn s_names(ep: &WebhookEndpoint) -> EndpointNames {
+    EndpointNames::new(&ep.namespace().unwrap_or_default(), &ep.name_any())
 }
 
 /// Largest headers the gateway adds to a body (original headers kept under
@@ -928,8 +980,15 @@ async fn processor(
         )
     };
 
-    let want =
-        render::deployment(ep, names, timings, &ctx.settings, replicas).map_err(Error::Render)?;
+    let want = render::deployment(
+        ep,
+        names,
+        timings,
+        &ctx.settings,
+        replicas,
+        synced.map_or(&[][..], |s| &s.legacy_consumers[..]),
+    )
+    .map_err(Error::Render)?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     if current.is_none()
         && let Some(existing) = find_deployment(&deployments, &dname).await?
@@ -1069,8 +1128,9 @@ fn leftovers(names: &EndpointNames, policy: DeletionPolicy) -> String {
     match policy {
         DeletionPolicy::Retain => format!("consumers of stream {}", names.stream()),
         DeletionPolicy::Delete => format!(
-            "streams {}, {} and {} and their consumers",
+            "streams {}, {}, {} and {} and their consumers",
             names.stream(),
+            names.history_stream(),
             names.dead_letter_stream(),
             names.retry_stream()
         ),
@@ -1094,7 +1154,13 @@ async fn nats_cleanup(
                 done.push(format!("consumer {stream}/{c}"));
             }
         }
-        for s in [stream, names.dead_letter_stream(), names.retry_stream()] {
+        for s in [
+            stream,
+            names.history_stream(),
+            names.legacy_stream(),
+            names.dead_letter_stream(),
+            names.retry_stream(),
+        ] {
             if js.delete_stream(&s).await? {
                 done.push(format!("stream {s}"));
             }

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use spillway_api::names::EndpointNames;
 use spillway_api::validate::Timings;
-use spillway_api::{DiscardPolicy, StorageType, WebhookEndpointSpec};
+use spillway_api::{StorageType, WebhookEndpointSpec};
 
 /// Room for message headers on top of the largest accepted body.
 pub const HEADER_HEADROOM: u64 = 64 * 1024;
@@ -43,7 +43,13 @@ impl NatsError {
     }
 }
 
-/// The main stream's desired configuration.
+/// The work stream's desired configuration: interest retention (a webhook
+/// leaves once every consumer, including the history stream's source, has
+/// settled it), so only undelivered webhooks fill it; `discard: new` at
+/// `stream.maxBytes` / `stream.maxMessages` (the gateway answers 503 and
+/// providers retry: nothing stored is dropped); no age limit (a webhook
+/// older than `stream.maxAge` is dead-lettered by the processor with reason
+/// `expired`, never removed silently).
 pub fn stream_config(
     names: &EndpointNames,
     spec: &WebhookEndpointSpec,
@@ -54,21 +60,120 @@ pub fn stream_config(
         name: names.stream(),
         // Intake partitions, and retries whose wait is over.
         subjects: vec![names.stream_subjects(), names.due_subjects()],
-        retention: stream::RetentionPolicy::Limits,
-        max_age: t.stream_max_age,
+        retention: stream::RetentionPolicy::Interest,
+        // Every accepted webhook is copied to the history as it is stored
+        // (not sourced: a source would be one more consumer whose interest
+        // holds webhooks in the work stream).
+        republish: Some(stream::Republish {
+            source: names.stream_subjects(),
+            destination: names.history_subjects().replace('*', "{{wildcard(1)}}"),
+            headers_only: false,
+        }),
         max_bytes: s.max_bytes,
         max_messages: s.max_messages,
         num_replicas: usize::from(s.replicas),
         storage: storage(s.storage),
-        discard: match s.discard {
-            DiscardPolicy::Old => stream::DiscardPolicy::Old,
-            DiscardPolicy::New => stream::DiscardPolicy::New,
-        },
+        discard: stream::DiscardPolicy::New,
         duplicate_window: t.dedup_window,
         max_message_size: msg_size(spec.ingress.max_body_bytes + HEADER_HEADROOM),
-        description: Some(format!("Spillway webhooks for {}", endpoint_id(names))),
+        description: Some(format!(
+            "Spillway webhooks waiting for delivery, {}",
+            endpoint_id(names)
+        )),
         ..Default::default()
     }
+}
+
+/// The history stream's desired configuration: every accepted webhook, as
+/// the work stream republishes it (and, while an endpoint is migrated, what
+/// its legacy stream holds, sourced), for `replay`; `discard: old` within
+/// `stream.maxAge` and `stream.historyMaxBytes`, so it never blocks intake.
+/// Republishing is at most once: a history that is unavailable when a
+/// webhook arrives misses that copy (the webhook itself is unaffected).
+pub fn history_config(
+    names: &EndpointNames,
+    spec: &WebhookEndpointSpec,
+    t: &Timings,
+    with_legacy: bool,
+) -> stream::Config {
+    let s = &spec.stream;
+    stream::Config {
+        name: names.history_stream(),
+        subjects: vec![names.history_subjects()],
+        sources: with_legacy.then(|| {
+            vec![stream::Source {
+                name: names.legacy_stream(),
+                ..Default::default()
+            }]
+        }),
+        retention: stream::RetentionPolicy::Limits,
+        max_age: t.stream_max_age,
+        max_bytes: s.history_max_bytes,
+        max_messages: -1,
+        num_replicas: usize::from(s.replicas),
+        storage: storage(s.storage),
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: Duration::from_secs(120).min(t.stream_max_age),
+        max_message_size: msg_size(spec.ingress.max_body_bytes + HEADER_HEADROOM),
+        description: Some(format!("Spillway webhook history, {}", endpoint_id(names))),
+        ..Default::default()
+    }
+}
+
+/// What a stream holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Bytes stored.
+    pub bytes: u64,
+    /// Messages stored.
+    pub messages: u64,
+}
+
+impl From<&stream::State> for Stored {
+    fn from(s: &stream::State) -> Self {
+        Self {
+            bytes: s.bytes,
+            messages: s.messages,
+        }
+    }
+}
+
+/// Whether applying `want`'s limits to a stream in state `have` would make
+/// JetStream delete stored messages (it enforces lowered limits at once);
+/// the reason when it would.
+pub fn limits_would_drop(have: &Stored, want: &stream::Config) -> Option<String> {
+    if want.max_bytes > 0 && have.bytes > want.max_bytes as u64 {
+        return Some(format!(
+            "stream.maxBytes {} is below the {} bytes of undelivered webhooks stored now; JetStream would delete them",
+            want.max_bytes, have.bytes
+        ));
+    }
+    if want.max_messages > 0 && have.messages > want.max_messages as u64 {
+        return Some(format!(
+            "stream.maxMessages {} is below the {} undelivered webhooks stored now; JetStream would delete them",
+            want.max_messages, have.messages
+        ));
+    }
+    None
+}
+
+/// Why the work stream refuses new webhooks now, if it does: it holds
+/// `maxBytes` (less room than the largest body) or `maxMessages`.
+pub fn backlog_full(have: &Stored, want: &stream::Config) -> Option<String> {
+    let room = u64::try_from(want.max_message_size.max(0)).unwrap_or(0);
+    if want.max_bytes > 0 && have.bytes.saturating_add(room) > want.max_bytes as u64 {
+        return Some(format!(
+            "{} bytes of undelivered webhooks of stream.maxBytes {}: the gateway may answer 503 until the backlog drains",
+            have.bytes, want.max_bytes
+        ));
+    }
+    if want.max_messages > 0 && have.messages >= want.max_messages as u64 {
+        return Some(format!(
+            "{} undelivered webhooks, stream.maxMessages {}: the gateway answers 503 until the backlog drains",
+            have.messages, want.max_messages
+        ));
+    }
+    None
 }
 
 /// The dead-letter stream's desired configuration.
@@ -129,6 +234,13 @@ pub fn retry_stream_config(
         description: Some(format!("Spillway retries for {}", endpoint_id(names))),
         ..Default::default()
     }
+}
+
+/// `pause_until` of the work stream's consumers while a legacy stream
+/// drains (2100-01-01; unpaused as soon as it has drained).
+pub fn paused_until() -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(4_102_444_800)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 /// Most parked retries one parking consumer holds at once; more wait in
@@ -302,12 +414,25 @@ pub fn diff_stream(have: &stream::Config, want: &stream::Config) -> StreamDiff {
         && have.discard == want.discard
         && have.duplicate_window == want.duplicate_window
         && have.max_message_size == want.max_message_size
-        && have.description == want.description;
+        && have.description == want.description
+        && source_names(have) == source_names(want)
+        && have.republish == want.republish;
     if same {
         StreamDiff::Same
     } else {
         StreamDiff::Update
     }
+}
+
+fn source_names(c: &stream::Config) -> Vec<&str> {
+    let mut v: Vec<&str> = c
+        .sources
+        .iter()
+        .flatten()
+        .map(|s| s.name.as_str())
+        .collect();
+    v.sort_unstable();
+    v
 }
 
 /// The existing configuration with the managed fields set as desired
@@ -323,6 +448,8 @@ pub fn updated_stream(have: &stream::Config, want: &stream::Config) -> stream::C
         duplicate_window: want.duplicate_window,
         max_message_size: want.max_message_size,
         description: want.description.clone(),
+        sources: want.sources.clone(),
+        republish: want.republish.clone(),
         ..have.clone()
     }
 }
@@ -362,6 +489,24 @@ pub struct Synced {
     pub created: Vec<String>,
     /// Streams or consumers updated in place (names).
     pub updated: Vec<String>,
+    /// Why the work stream refuses new webhooks now (full), if it does.
+    pub backlog_full: Option<String>,
+    /// Consumers still draining the legacy stream of an endpoint being
+    /// migrated (the processor serves them until they are settled).
+    pub legacy_consumers: Vec<String>,
+    /// The migration from the legacy stream began or ended in this sync.
+    pub migration: Option<Migration>,
+}
+
+/// A step of the migration from the one-stream layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migration {
+    /// The intake subjects moved to the work stream; the legacy stream's
+    /// consumers drain what it holds.
+    Started,
+    /// Everything the legacy stream held is delivered and copied to the
+    /// history stream; it was deleted.
+    Finished,
 }
 
 /// Why a sync could not finish.
@@ -380,6 +525,9 @@ pub enum SyncError {
     /// JetStream refused a create or update.
     #[error("{0}")]
     Rejected(String),
+    /// Lowered limits would make JetStream delete undelivered webhooks.
+    #[error("{0}")]
+    WouldDrop(String),
 }
 
 impl SyncError {
@@ -399,6 +547,7 @@ impl SyncError {
             SyncError::Immutable(_) => "StreamConfigImmutable",
             SyncError::WouldStrand(_) => "PartitionsWouldStrandWebhooks",
             SyncError::Rejected(_) => "StreamRejected",
+            SyncError::WouldDrop(_) => "LimitsWouldDropWebhooks",
         }
     }
 }
@@ -485,6 +634,32 @@ impl Js {
             }),
             Err(e) => Err(NatsError::Unavailable(e.to_string())),
         }
+    }
+
+    /// Pause a consumer until `until`, or resume it (`None`).
+    pub async fn pause_consumer(
+        &self,
+        stream: &str,
+        name: &str,
+        until: Option<time::OffsetDateTime>,
+    ) -> Result<(), NatsError> {
+        #[derive(Serialize)]
+        struct Pause {
+            #[serde(
+                with = "time::serde::rfc3339::option",
+                skip_serializing_if = "Option::is_none"
+            )]
+            pause_until: Option<time::OffsetDateTime>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Paused {}
+        let _: Paused = self
+            .api(
+                format!("CONSUMER.PAUSE.{stream}.{name}"),
+                &Pause { pause_until: until },
+            )
+            .await?;
+        Ok(())
     }
 
     /// Stream info, `None` when it does not exist.
@@ -825,12 +1000,60 @@ impl Js {
         t: &Timings,
     ) -> Result<Synced, SyncError> {
         let mut out = Synced::default();
-        let main = stream_config(names, spec, t);
+        let mut main = stream_config(names, spec, t);
+        let intake = main.subjects.clone();
+        let legacy = self
+            .stream_info(&names.legacy_stream())
+            .await
+            .map_err(|e| SyncError::from_nats(e, "reading the legacy stream"))?;
+        // The older layout's stream still takes the intake subjects: the
+        // work stream starts without them (JetStream then gives it its own
+        // name as subject) and takes them over below, once its consumers
+        // and the history stream exist.
+        let legacy_owns = legacy
+            .as_ref()
+            .is_some_and(|l| l.config.subjects.iter().any(|s| intake.contains(s)));
+        if legacy_owns {
+            main.subjects = vec![main.name.clone()];
+        }
+        if let Some(have) = self
+            .stream_info(&main.name)
+            .await
+            .map_err(|e| SyncError::from_nats(e, "reading the work stream"))?
+            && let Some(why) = limits_would_drop(&(&have.state).into(), &main)
+        {
+            return Err(SyncError::WouldDrop(format!(
+                "{why}; raise the limit again, or lower it once the backlog has drained (nothing was changed)"
+            )));
+        }
+        // The history first: the work stream republishes to it from its
+        // first webhook on (and it copies the legacy stream, if any).
+        self.ensure_stream(&history_config(names, spec, t, legacy.is_some()), &mut out)
+            .await?;
         let last_seq = self
             .ensure_stream(&main, &mut out)
             .await?
             .state
             .last_sequence;
+        // The legacy stream's consumers that still have work.
+        let mut draining = Vec::new();
+        if let Some(l) = &legacy {
+            for name in self
+                .consumer_names(&l.config.name)
+                .await
+                .map_err(|e| SyncError::from_nats(e, "listing legacy consumers"))?
+                .into_iter()
+                .filter(|n| is_managed_consumer(n))
+            {
+                if let Some(info) = self
+                    .consumer_info(&l.config.name, &name)
+                    .await
+                    .map_err(|e| SyncError::from_nats(e, "reading a legacy consumer"))?
+                {
+                    draining.push(info);
+                }
+            }
+        }
         if spec.processor.dead_letter.enabled {
             let dlq = self
                 .ensure_stream(&dead_letter_config(names, spec, t), &mut out)
@@ -846,6 +1069,13 @@ impl Js {
         }
 
         let wanted = consumer_configs(names, spec, t);
+        // While the legacy stream's consumers deliver what it holds, the work
+        // stream's consumers wait (paused): the two together must not exceed
+        // the cap, and older webhooks go first.
+        let legacy_busy = draining
+            .iter()
+            .any(|i| i.num_pending > 0 || i.num_ack_pending > 0);
+
         let wanted_names: BTreeSet<&str> = wanted
             .iter()
             .filter_map(|c| c.durable_name.as_deref())
@@ -914,11 +1144,77 @@ impl Js {
                     info
                 }
             };
+            if info.config.pause_until.is_some() != legacy_busy {
+                self.pause_consumer(&main.name, name, legacy_busy.then(paused_until))
+                    .await
+                    .map_err(|e| SyncError::from_nats(e, "pausing or resuming a consumer"))?;
+                out.updated.push(name.to_owned());
+            }
             out.backlog.pending += info.num_pending;
             out.backlog.ack_pending += info.num_ack_pending as u64;
             out.backlog.redelivered += info.num_redelivered as u64;
         }
         self.sync_retries(names, spec, t, &mut out).await?;
+        // Move the intake subjects from the legacy stream to the work
+        // stream (publishes in between get no answer and a 503: providers
+        // retry).
+        if legacy_owns && let Some(l) = &legacy {
+            let mut moved = l.config.clone();
+            moved.subjects = vec![names.legacy_parked_subject()];
+            let _: stream::Info = self
+                .api(format!("STREAM.UPDATE.{}", moved.name), &moved)
+                .await
+                .map_err(|e| {
+                    SyncError::from_nats(e, "moving the intake subjects off the legacy stream")
+                })?;
+            main.subjects = intake;
+            self.ensure_stream(&main, &mut out).await?;
+            out.migration = Some(Migration::Started);
+        }
+        // Drain the legacy stream: settled consumers go; when none is left
+        // and the history has copied it, the legacy stream goes too.
+        if let Some(l) = &legacy {
+            for info in &draining {
+                if info.num_pending == 0 && info.num_ack_pending == 0 {
+                    self.delete_consumer(&l.config.name, &info.name)
+                        .await
+                        .map_err(|e| {
+                            SyncError::from_nats(e, "deleting a drained legacy consumer")
+                        })?;
+                } else {
+                    out.legacy_consumers.push(info.name.clone());
+                    out.backlog.pending += info.num_pending;
+                    out.backlog.ack_pending += info.num_ack_pending as u64;
+                    out.backlog.redelivered += info.num_redelivered as u64;
+                }
+            }
+            if out.legacy_consumers.is_empty() && !legacy_owns {
+                let history = self
+                    .stream_info(&names.history_stream())
+                    .await
+                    .map_err(|e| SyncError::from_nats(e, "reading the history stream"))?;
+                let copied = history.as_ref().is_some_and(|h| {
+                    h.sources.iter().any(|src| {
+                        src.name == l.config.name && src.lag == 0 && src.active.is_some()
+                    })
+                });
+                if copied {
+                    self.delete_stream(&l.config.name).await.map_err(|e| {
+                        SyncError::from_nats(e, "deleting the drained legacy stream")
+                    })?;
+                    self.ensure_stream(&history_config(names, spec, t, false), &mut out)
+                        .await?;
+                    out.migration = Some(Migration::Finished);
+                }
+            }
+        }
+        if let Some(work) = self
+            .stream_info(&main.name)
+            .await
+            .map_err(|e| SyncError::from_nats(e, "reading the work stream"))?
+        {
+            out.backlog_full = backlog_full(&(&work.state).into(), &main);
+        }
         // Only once their successors exist: a sync that fails half way
         // must not leave a stream without consumers (the next one would
         // start the new consumers at the beginning of the history).
@@ -957,7 +1253,7 @@ ingress: {maxBodyBytes: 1000}
         let t = check(&s).unwrap();
         let n = EndpointNames::new("ns", "gh");
         let c = stream_config(&n, &s, &t);
-        assert_eq!(c.name, "spillway_ns_gh");
+        assert_eq!(c.name, "spillway-work_ns_gh");
         assert_eq!(
             c.subjects,
             vec![
@@ -965,10 +1261,29 @@ ingress: {maxBodyBytes: 1000}
                 "spillway.due.ns_gh.*".to_owned()
             ]
         );
-        assert_eq!(c.max_age, Duration::from_secs(3600));
+        // Only undelivered webhooks: interest retention, refuse when full
+        // (the spec's `discard: old` is ignored), never aged out.
+        assert_eq!(c.retention, stream::RetentionPolicy::Interest);
+        assert_eq!(c.discard, stream::DiscardPolicy::New);
+        assert_eq!(c.max_age, Duration::ZERO);
+        assert_eq!(c.max_bytes, 1_000_000);
         assert_eq!(c.duplicate_window, Duration::from_secs(300));
         assert_eq!(c.storage, stream::StorageType::Memory);
-        assert_eq!(c.discard, stream::DiscardPolicy::Old);
+        // History: its own bounds, drops the oldest, copies the work stream
+        // (and the legacy stream while one is migrated).
+        let r = c.republish.as_ref().unwrap();
+        assert_eq!(r.source, "spillway.in.ns_gh.*");
+        assert_eq!(r.destination, "spillway.hist.ns_gh.{{wildcard(1)}}");
+        let h = history_config(&n, &s, &t, false);
+        assert_eq!(h.name, "spillway-history_ns_gh");
+        assert_eq!(h.subjects, ["spillway.hist.ns_gh.*"]);
+        assert_eq!(h.retention, stream::RetentionPolicy::Limits);
+        assert_eq!(h.discard, stream::DiscardPolicy::Old);
+        assert_eq!(h.max_age, Duration::from_secs(3600));
+        assert_eq!(h.max_bytes, s.stream.history_max_bytes);
+        assert!(source_names(&h).is_empty());
+        let h = history_config(&n, &s, &t, true);
+        assert_eq!(source_names(&h), ["spillway_ns_gh"]);
         assert_eq!(c.max_message_size as u64, 1000 + HEADER_HEADROOM);
         let d = dead_letter_config(&n, &s, &t);
         assert_eq!(d.subjects, vec![n.dead_letter_subject()]);
@@ -998,6 +1313,29 @@ ingress: {maxBodyBytes: 1000}
             dead_letter_config(&n, &long, &t).duplicate_window,
             Duration::from_secs(2 * 305 + 60)
         );
+    }
+
+    #[test]
+    fn limits_that_would_drop_or_refuse() {
+        let s = spec(BASE);
+        let t = check(&s).unwrap();
+        let c = stream_config(&EndpointNames::new("ns", "gh"), &s, &t);
+        let state = |bytes: u64, messages: u64| Stored { bytes, messages };
+        assert_eq!(limits_would_drop(&state(999_999, 5), &c), None);
+        assert!(
+            limits_would_drop(&state(1_000_001, 5), &c).is_some_and(|m| m.contains("maxBytes"))
+        );
+        let mut few = c.clone();
+        few.max_messages = 3;
+        assert!(limits_would_drop(&state(10, 4), &few).is_some_and(|m| m.contains("maxMessages")));
+        let mut unlimited = c.clone();
+        unlimited.max_bytes = -1;
+        assert_eq!(limits_would_drop(&state(u64::MAX, 5), &unlimited), None);
+        // Full when the largest webhook no longer fits.
+        let room = 1000 + HEADER_HEADROOM;
+        assert_eq!(backlog_full(&state(1_000_000 - room, 1), &c), None);
+        assert!(backlog_full(&state(1_000_000 - room + 1, 1), &c).is_some());
+        assert!(backlog_full(&state(0, 3), &few).is_some());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use spillway_api::names::{BUILTIN_LISTENER, EndpointNames, fnv1a64};
 use spillway_api::validate::Timings;
-use spillway_api::wire::{PROCESSOR_CONFIG_ENV, ProcessorConfig, RetryConfig};
+use spillway_api::wire::{DrainConfig, PROCESSOR_CONFIG_ENV, ProcessorConfig, RetryConfig};
 use spillway_api::{ProcessorSpec, UrlScheme, WebhookEndpoint, duration};
 
 use crate::settings::Settings;
@@ -191,6 +191,8 @@ pub fn processor_config(
         timeout: duration::format(t.delivery_timeout),
         max_attempts: p.retry.max_attempts,
         backoff: t.backoff.iter().map(|d| duration::format(*d)).collect(),
+        drain: None,
+        expire_after: Some(duration::format(t.stream_max_age)),
         rate_limit_per_second: p.rate_limit.as_ref().map(|r| r.per_second),
         paused: p.paused,
         signing_secret_file: p
@@ -338,16 +340,25 @@ pub fn processor_nats_secrets(settings: &Settings) -> Vec<ProcessorSecret> {
 }
 
 /// Render the processor Deployment. `replicas` is `None` when someone else
-/// (KEDA) owns the replica count.
+/// (KEDA) owns the replica count; `legacy` names the consumers of the
+/// endpoint's legacy stream that still drain it (see
+/// [`EndpointNames::legacy_stream`]).
 pub fn deployment(
     ep: &WebhookEndpoint,
     names: &EndpointNames,
     t: &Timings,
     settings: &Settings,
     replicas: Option<i32>,
+    legacy: &[String],
 ) -> Result<Deployment, String> {
     let name = ep.name_any();
-    let config = processor_config(ep, names, t);
+    let mut config = processor_config(ep, names, t);
+    if !legacy.is_empty() {
+        config.drain = Some(DrainConfig {
+            stream: names.legacy_stream(),
+            consumers: legacy.to_vec(),
+        });
+    }
     let config_json = serde_json::to_string(&config).map_err(|e| e.to_string())?;
     let user = user_template(ep)?.unwrap_or_default();
 
@@ -683,7 +694,7 @@ spec:
         let t = check(&ep.spec).unwrap();
         let mut s = Settings::defaults();
         s.processor_image = "proc:1".into();
-        deployment(ep, &names, &t, &s, replicas).unwrap()
+        deployment(ep, &names, &t, &s, replicas, &[]).unwrap()
     }
 
     #[test]
@@ -699,7 +710,8 @@ spec:
         assert_eq!(c.concurrency_per_replica, 10);
         assert_eq!(c.max_replicas, 4);
         let r = c.retry.expect("unordered endpoints park their retries");
-        assert_eq!(r.stream, "spillway_team_gh_retry");
+        assert_eq!(r.stream, "spillway-retry_team_gh");
+        assert_eq!(c.expire_after.as_deref(), Some("72h"));
         assert_eq!(r.consumer, "retry-processor");
         assert_eq!(r.due_subject, "spillway.due.team_gh.processor");
         // Ordered: the per-pod share, and retries wait on the partition.
@@ -741,7 +753,7 @@ spec:
         let env = ours.env.as_ref().unwrap();
         let cfg = env.iter().find(|e| e.name == PROCESSOR_CONFIG_ENV).unwrap();
         let parsed: ProcessorConfig = serde_json::from_str(cfg.value.as_ref().unwrap()).unwrap();
-        assert_eq!(parsed.stream, "spillway_team_gh");
+        assert_eq!(parsed.stream, "spillway-work_team_gh");
         let meta = spec.template.metadata.as_ref().unwrap();
         assert_eq!(meta.labels.as_ref().unwrap()["team"], "a");
         assert_eq!(
@@ -805,7 +817,7 @@ spec:
         let names = EndpointNames::new("team", "gh");
         let t = check(&ep.spec).unwrap();
         let mut s = Settings::defaults();
-        let plain = deployment(&ep, &names, &t, &s, Some(1)).unwrap();
+        let plain = deployment(&ep, &names, &t, &s, Some(1), &[]).unwrap();
         let env_of = |d: &Deployment| {
             d.spec.template.spec.as_ref().unwrap().containers[0]
                 .env
@@ -814,7 +826,7 @@ spec:
         };
         assert!(!env_of(&plain).iter().any(|e| e.name == NATS_CREDS_ENV));
         s.processor_nats_creds_secret = Some("nats-creds".into());
-        let d = deployment(&ep, &names, &t, &s, Some(1)).unwrap();
+        let d = deployment(&ep, &names, &t, &s, Some(1), &[]).unwrap();
         let creds = env_of(&d)
             .into_iter()
             .find(|e| e.name == NATS_CREDS_ENV)
@@ -847,7 +859,7 @@ spec:
         let ep = endpoint(EP);
         let names = EndpointNames::new("team", "gh");
         let t = check(&ep.spec).unwrap();
-        let render = |s: &Settings| deployment(&ep, &names, &t, s, Some(1)).unwrap();
+        let render = |s: &Settings| deployment(&ep, &names, &t, s, Some(1), &[]).unwrap();
         let pod = |d: &Deployment| d.spec.template.spec.clone().unwrap();
         let env = |d: &Deployment| -> BTreeMap<String, String> {
             pod(d).containers[0]

@@ -36,8 +36,8 @@ use spillway_api::names::EndpointNames;
 use spillway_api::validate;
 use spillway_api::wire::{self, PROCESSOR_CONFIG_ENV};
 use spillway_operator::jetstream::{
-    consumer_configs, dead_letter_config, retry_consumer_configs, retry_stream_config,
-    stream_config,
+    consumer_configs, dead_letter_config, history_config, retry_consumer_configs,
+    retry_stream_config, stream_config,
 };
 use spillway_operator::render::processor_config;
 use spillway_tests::{NatsServer, eventually, free_port, watchdog};
@@ -382,6 +382,8 @@ async fn scenario(
         .await?;
     js.create_stream(dead_letter_config(&names, &ep.spec, &timings))
         .await?;
+    js.create_stream(history_config(&names, &ep.spec, &timings, false))
+        .await?;
     for c in consumer_configs(&names, &ep.spec, &timings) {
         stream.create_consumer(c).await?;
     }
@@ -510,6 +512,7 @@ async fn scenario(
     js.delete_stream(names.stream()).await?;
     js.delete_stream(names.dead_letter_stream()).await?;
     js.delete_stream(names.retry_stream()).await?;
+    js.delete_stream(names.history_stream()).await?;
 
     let mut probe_us = sink.probe_us.lock().expect("probe lock").clone();
     probe_us.sort_unstable();
@@ -747,8 +750,8 @@ benchmark process that waits a fixed time before answering. Sink, processor and 
 machine, so the figures are a floor for what one processor replica does on dedicated cores, not a capacity \
 promise.\n\n\
 Each scenario is its own endpoint, set up with the operator's own functions (`stream_config`, \
-`dead_letter_config`, `consumer_configs`, `retry_stream_config`, `retry_consumer_configs`, \
-`processor_config`: file streams, dead letters on, one durable consumer with `maxAckPending` = concurrency, \
+`history_config`, `dead_letter_config`, `consumer_configs`, `retry_stream_config`, \
+`retry_consumer_configs`, `processor_config`: file streams, dead letters on, one durable consumer with `maxAckPending` = concurrency, \
 `replicas: {min: 1, max: 1}`, default timeout and retries: backoff 1s, 5s, …). The backlog is published \
 first, with the gateway's headers and a unique `Nats-Msg-Id` per message; then the processor starts and \
 drains it. In a scenario with failures the sink answers 503 to the first attempt of that share of the \

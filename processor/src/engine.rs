@@ -157,6 +157,22 @@ pub fn pod_name() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// How long ago the gateway accepted a message (its `Spillway-Received-At`,
+/// else when JetStream stored this copy).
+fn age_of(msg: &Message) -> Option<Duration> {
+    let received = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(wire::RECEIVED_AT))
+        .and_then(|v| v.as_str().parse::<jiff::Timestamp>().ok())
+        .or_else(|| {
+            let t = msg.info().ok()?.published;
+            jiff::Timestamp::from_second(t.unix_timestamp()).ok()
+        })?;
+    let age = jiff::Timestamp::now().duration_since(received);
+    Duration::try_from(age).ok()
+}
+
 /// Milliseconds since the Unix epoch.
 fn now_millis() -> u64 {
     std::time::SystemTime::now()
@@ -321,6 +337,26 @@ impl Processor {
                 source,
             })?;
         let mut out = Vec::new();
+        if let Some(d) = &s.drain {
+            // A legacy stream being drained: its consumers first (the work
+            // stream's are paused by the operator until they are done).
+            match self.js.get_stream(&d.stream).await {
+                Ok(legacy) => {
+                    for name in &d.consumers {
+                        match legacy.get_consumer(name).await {
+                            Ok(c) => out.push((format!("{}/{name}", d.stream), c)),
+                            Err(e) => {
+                                tracing::info!(stream = %d.stream, consumer = %name, error = %e,
+                                "legacy consumer gone (drained); not serving it")
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(stream = %d.stream, error = %e, "legacy stream gone (drained)")
+                }
+            }
+        }
         for name in &s.consumers {
             let consumer =
                 stream
@@ -677,6 +713,20 @@ impl Processor {
                 "delivered {attempt} times; earlier attempts did not complete"
             ));
             self.dead_letter(&msg, DeadReason::MaxAttempts, attempt, seq, &result)
+                .await;
+            return;
+        }
+
+        if let Some(max) = s.expire_after
+            && let Some(age) = age_of(&msg)
+            && age > max
+        {
+            let result = AttemptResult::Transport(format!(
+                "received {}s ago, longer than stream.maxAge ({}s); not delivered",
+                age.as_secs(),
+                max.as_secs()
+            ));
+            self.dead_letter(&msg, DeadReason::Expired, attempt, seq, &result)
                 .await;
             return;
         }

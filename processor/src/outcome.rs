@@ -81,6 +81,8 @@ pub enum DeadReason {
     ClientError,
     /// The sink answered 410 Gone: it no longer exists.
     Gone,
+    /// Received longer ago than `stream.maxAge`: not delivered any more.
+    Expired,
 }
 
 impl DeadReason {
@@ -90,6 +92,7 @@ impl DeadReason {
             DeadReason::MaxAttempts => "max_attempts",
             DeadReason::ClientError => "client_error",
             DeadReason::Gone => "gone",
+            DeadReason::Expired => "expired",
         }
     }
 }

@@ -4,7 +4,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use spillway_api::duration;
-use spillway_api::wire::{ProcessorConfig, RetryConfig};
+use spillway_api::wire::{DrainConfig, ProcessorConfig, RetryConfig};
 
 /// A [`ProcessorConfig`] that cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +67,10 @@ pub struct Settings {
     /// Where failed deliveries wait out their delay, off the cap; `None`:
     /// on their own consumer (ordered endpoints).
     pub retry: Option<RetryConfig>,
+    /// Consumers of a legacy stream to serve as well.
+    pub drain: Option<DrainConfig>,
+    /// Webhooks received longer ago are dead-lettered (`expired`).
+    pub expire_after: Option<Duration>,
 }
 
 impl Settings {
@@ -109,6 +113,13 @@ impl Settings {
             .iter()
             .map(|b| duration::parse(b).map_err(|e| field("backoff", e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
+        let expire_after = match c.expire_after.as_deref() {
+            None | Some("") => None,
+            Some(v) => {
+                let d = duration::parse(v).map_err(|e| field("expireAfter", e.to_string()))?;
+                (!d.is_zero()).then_some(d)
+            }
+        };
         let rate_share = match c.rate_limit_per_second {
             None => None,
             Some(0) => return Err(field("rateLimitPerSecond", "must be at least 1 when set")),
@@ -143,6 +154,10 @@ impl Settings {
             paused: c.paused,
             signing_secret_file: c.signing_secret_file.filter(|s| !s.is_empty()),
             retry: c.retry,
+            drain: c
+                .drain
+                .filter(|d| !d.stream.is_empty() && !d.consumers.is_empty()),
+            expire_after,
         })
     }
 
@@ -203,6 +218,8 @@ mod tests {
             concurrency_per_replica: 4,
             max_replicas: 0,
             retry: None,
+            drain: None,
+            expire_after: Some("72h".into()),
             timeout: "30s".into(),
             max_attempts: 5,
             backoff: vec!["1s".into(), "5s".into(), "30s".into()],

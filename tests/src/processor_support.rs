@@ -27,8 +27,8 @@ use spillway_api::names::{BUILTIN_LISTENER, EndpointNames, partition_of};
 use spillway_api::validate::{Timings, check};
 use spillway_api::wire::{self, ProcessorConfig};
 use spillway_operator::jetstream::{
-    consumer_configs, dead_letter_config, retry_consumer_configs, retry_stream_config,
-    stream_config,
+    consumer_configs, dead_letter_config, history_config, retry_consumer_configs,
+    retry_stream_config, stream_config,
 };
 use spillway_tests::{bin_path, eventually, free_port, watchdog};
 
@@ -54,6 +54,10 @@ pub struct Setup {
     pub ack_wait: Option<Duration>,
     /// Consumer max deliver; defaults to the operator's (unlimited).
     pub max_deliver: Option<i64>,
+    /// `stream.maxAge` (undelivered webhooks older are dead-lettered).
+    pub max_age: String,
+    /// `stream.maxBytes` (undelivered capacity).
+    pub max_bytes: i64,
 }
 
 impl Default for Setup {
@@ -73,6 +77,8 @@ impl Default for Setup {
             signing_secret_file: None,
             ack_wait: None,
             max_deliver: None,
+            max_age: "1h".into(),
+            max_bytes: 1 << 30,
         }
     }
 }
@@ -99,6 +105,7 @@ impl Endpoint {
         // The streams exactly as the operator configures them.
         for cfg in [
             stream_config(&names, &spec, &t),
+            history_config(&names, &spec, &t, false),
             dead_letter_config(&names, &spec, &t),
             retry_stream_config(&names, &spec, &t),
         ] {
@@ -144,6 +151,7 @@ impl Endpoint {
                 "timeout": s.timeout,
                 "retry": {"maxAttempts": s.max_attempts, "backoff": s.backoff},
             },
+            "stream": {"maxAge": s.max_age, "maxBytes": s.max_bytes},
         });
         if let Some(n) = s.partitions {
             spec["ordering"] = serde_json::json!({"keyHeader": "X-Key", "partitions": n});
@@ -183,6 +191,8 @@ impl Endpoint {
             timeout: s.timeout.clone(),
             max_attempts: s.max_attempts,
             backoff: s.backoff.clone(),
+            drain: None,
+            expire_after: Some(s.max_age.clone()),
             rate_limit_per_second: s.rate,
             paused: s.paused,
             signing_secret_file: s.signing_secret_file.clone(),
@@ -213,7 +223,10 @@ impl Endpoint {
             wire::ENDPOINT,
             format!("{}/{}", self.setup.namespace, self.setup.name).as_str(),
         );
-        h.insert(wire::RECEIVED_AT, "2026-01-01T00:00:00.000Z");
+        h.insert(
+            wire::RECEIVED_AT,
+            format!("{:.3}", jiff::Timestamp::now()).as_str(),
+        );
         h.insert("Spillway-Orig-X-Test-Event", "ping");
         if let Some(k) = key {
             h.insert(wire::ORDERING_KEY, k);

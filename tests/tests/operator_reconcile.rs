@@ -249,7 +249,18 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
         info.config.subjects,
         vec![names.stream_subjects(), names.due_subjects()]
     );
-    assert_eq!(info.config.max_age, Duration::from_secs(3600));
+    // The work stream holds undelivered webhooks with no age limit; the
+    // history keeps them for maxAge.
+    assert_eq!(info.config.max_age, Duration::ZERO);
+    assert_eq!(
+        info.config.retention,
+        async_nats::jetstream::stream::RetentionPolicy::Interest
+    );
+    let mut history = js.get_stream(names.history_stream()).await?;
+    assert_eq!(
+        history.info().await?.config.max_age,
+        Duration::from_secs(3600)
+    );
     assert_eq!(info.config.duplicate_window, Duration::from_secs(300));
     assert_eq!(
         info.config.storage,
@@ -354,7 +365,12 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
     })
     .await?;
     assert_eq!(
-        stream.info().await?.config.max_age,
+        js.get_stream(names.history_stream())
+            .await?
+            .info()
+            .await?
+            .config
+            .max_age,
         Duration::from_secs(7200)
     );
     eventually(WAIT, "replicas 2", || async {
@@ -723,10 +739,10 @@ async fn backlog_scales_up_and_drains_to_zero_after_cooldown() -> Result<()> {
     )
     .await?;
     // Idle endpoint with min 0: zero replicas and Ready.
-    let ep = env
-        .wait_condition("gh", "ProcessorReady", "True", Some("ScaledToZero"))
+    env.wait_condition("gh", "ProcessorReady", "True", Some("ScaledToZero"))
         .await?;
-    assert_eq!(condition(&ep, "Ready").unwrap().0, "True");
+    // (A first sync may time out on a loaded machine; Ready follows.)
+    env.wait_condition("gh", "Ready", "True", None).await?;
     assert_eq!(env.replicas("gh").await, Some(0));
 
     // 12 stored webhooks: ceil(12/5) = 3 replicas.
@@ -1115,6 +1131,235 @@ async fn the_first_webhook_wakes_an_endpoint_at_zero_without_waiting_for_a_resyn
     })
     .await?;
     println!("woken {:?} after the webhook", sent.elapsed());
+    env.stop().await;
+    Ok(())
+}
+
+/// Publish `n` webhooks of about 1 KiB to the endpoint's intake subject as
+/// the gateway would (PubAck awaited); the first refusal ends it.
+async fn fill(
+    js: &async_nats::jetstream::Context,
+    names: &EndpointNames,
+    from: usize,
+    n: usize,
+) -> Result<usize, String> {
+    let pad = "x".repeat(1000);
+    for i in from..from + n {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", format!("w{i}").as_str());
+        let sent = js
+            .publish_with_headers(
+                names.subject(0),
+                h,
+                format!("{{\"n\":{i},\"pad\":\"{pad}\"}}").into(),
+            )
+            .await;
+        match sent {
+            Ok(ack) => {
+                if let Err(e) = ack.await {
+                    return Err(format!("refused after {} ({e})", i - from));
+                }
+            }
+            Err(e) => return Err(format!("refused after {} ({e})", i - from)),
+        }
+    }
+    Ok(n)
+}
+
+/// Acknowledge up to `n` messages on the work stream's consumer, as a
+/// processor would after delivering them.
+async fn deliver(js: &async_nats::jetstream::Context, stream: &str, n: usize) -> Result<usize> {
+    let consumer: PullConsumer = js
+        .get_stream(stream)
+        .await?
+        .get_consumer("processor")
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut msgs = consumer
+        .fetch()
+        .max_messages(n)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut acked = 0;
+    while let Some(m) = msgs.next().await {
+        m.map_err(|e| anyhow::anyhow!(e))?
+            .double_ack()
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        acked += 1;
+    }
+    Ok(acked)
+}
+
+#[tokio::test]
+async fn only_undelivered_webhooks_fill_an_endpoint() -> Result<()> {
+    let env = Env::new("op-store").await?;
+    env.secret("gh", "secret").await?;
+    // 200 KiB of undelivered capacity (bodies up to 1 KiB), 100 KiB of
+    // history.
+    env.create(
+        "gh",
+        spec(json!({
+            "ingress": {"maxBodyBytes": 1024},
+            "stream": {"maxBytes": 204800, "historyMaxBytes": 102400},
+        })),
+    )
+    .await?;
+    env.wait_condition("gh", "StreamReady", "True", None)
+        .await?;
+    let names = env.names("gh");
+    let js = env.nats.jetstream().await?;
+
+    // Delivered history far beyond maxBytes never refuses intake: 600
+    // webhooks (~600 KiB), each delivered before the next batch.
+    for round in 0..6 {
+        fill(&js, &names, round * 100, 100)
+            .await
+            .map_err(|e| anyhow::anyhow!("round {round}: {e}"))?;
+        assert_eq!(deliver(&js, &names.stream(), 100).await?, 100);
+    }
+    let mut work = js.get_stream(names.stream()).await?;
+    eventually(WAIT, "work stream empty once delivered", || {
+        let mut work = work.clone();
+        async move { work.info().await.is_ok_and(|i| i.state.messages == 0) }
+    })
+    .await?;
+    let mut history = js.get_stream(names.history_stream()).await?;
+    let h = history.info().await?.state.clone();
+    assert!(h.bytes <= 102_400, "history over its bound: {h:?}");
+    assert!(
+        h.messages > 0 && h.last_sequence >= 600,
+        "history kept the newest: {h:?}"
+    );
+
+    // Undelivered webhooks fill it: refused, condition BacklogFull.
+    let refused = fill(&js, &names, 10_000, 1000).await;
+    let why = refused.expect_err("a full backlog must refuse");
+    assert!(why.contains("refused after"), "{why}");
+    let ep = env
+        .wait_condition("gh", "StreamReady", "False", Some("BacklogFull"))
+        .await?;
+    let (_, _, message) = condition(&ep, "StreamReady").unwrap();
+    assert!(message.contains("undelivered"), "{message}");
+    let held = work.info().await?.state.messages;
+    assert!(held > 100, "{held} undelivered");
+
+    // Lowering the limit below the backlog is refused, nothing deleted.
+    env.patch_spec("gh", json!({"stream": {"maxBytes": 65536}}))
+        .await?;
+    let ep = env
+        .wait_condition(
+            "gh",
+            "StreamReady",
+            "False",
+            Some("LimitsWouldDropWebhooks"),
+        )
+        .await?;
+    assert!(
+        condition(&ep, "StreamReady")
+            .unwrap()
+            .2
+            .contains("nothing was changed")
+    );
+    assert_eq!(work.info().await?.state.messages, held, "nothing deleted");
+    assert_eq!(work.info().await?.config.max_bytes, 204_800);
+    env.patch_spec("gh", json!({"stream": {"maxBytes": 204800}}))
+        .await?;
+
+    // Drained: accepted again, and the condition clears.
+    while deliver(&js, &names.stream(), 500).await? > 0 {}
+    fill(&js, &names, 20_000, 10)
+        .await
+        .map_err(|e| anyhow::anyhow!("after draining: {e}"))?;
+    env.wait_condition("gh", "StreamReady", "True", None)
+        .await?;
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_endpoint_on_the_one_stream_layout_is_migrated_without_loss() -> Result<()> {
+    let env = Env::new("op-migrate").await?;
+    env.secret("gh", "secret").await?;
+    let names = env.names("gh");
+    let js = env.nats.jetstream().await?;
+    // The older layout, as the previous operator made it: one limits
+    // stream with the intake subjects and a consumer that has delivered
+    // 4 of 10 webhooks.
+    let legacy = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: names.legacy_stream(),
+            subjects: vec![names.stream_subjects()],
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        })
+        .await?;
+    legacy
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("processor".into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    fill(&js, &names, 0, 10)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    assert_eq!(deliver(&js, &names.legacy_stream(), 4).await?, 4);
+
+    env.create("gh", spec(json!({}))).await?;
+    env.wait_condition("gh", "StreamReady", "True", None)
+        .await?;
+    // Intake now goes to the work stream; the processor drains the legacy
+    // consumer first (the work stream's consumer is paused meanwhile).
+    fill(&js, &names, 100, 3)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut work = js.get_stream(names.stream()).await?;
+    assert_eq!(work.info().await?.state.messages, 3);
+    eventually(
+        WAIT,
+        "processor config drains the legacy consumer",
+        || async {
+            env.deployment("gh").await.is_ok_and(|d| {
+                config_of(&d).ok().and_then(|c| c.drain).is_some_and(|d| {
+                    d.stream == names.legacy_stream() && d.consumers == ["processor"]
+                })
+            })
+        },
+    )
+    .await?;
+    let paused = work.consumer_info("processor").await?.config.pause_until;
+    assert!(
+        paused.is_some(),
+        "work consumer paused while the legacy drains"
+    );
+    assert_eq!(deliver(&js, &names.legacy_stream(), 10).await?, 6);
+
+    // Drained: the legacy stream goes, the work consumer resumes, the
+    // history holds all 13.
+    eventually(WAIT, "legacy stream deleted", || async {
+        js.get_stream(names.legacy_stream()).await.is_err()
+    })
+    .await?;
+    eventually(WAIT, "work consumer unpaused", || {
+        let work = work.clone();
+        async move {
+            work.consumer_info("processor")
+                .await
+                .is_ok_and(|i| i.config.pause_until.is_none())
+        }
+    })
+    .await?;
+    eventually(WAIT, "processor config without drain", || async {
+        env.deployment("gh")
+            .await
+            .is_ok_and(|d| config_of(&d).is_ok_and(|c| c.drain.is_none()))
+    })
+    .await?;
+    assert_eq!(deliver(&js, &names.stream(), 10).await?, 3);
+    let mut history = js.get_stream(names.history_stream()).await?;
+    assert_eq!(history.info().await?.state.messages, 13);
     env.stop().await;
     Ok(())
 }

@@ -293,3 +293,54 @@ async fn a_pod_killed_while_a_retry_waits_loses_and_duplicates_nothing() -> Resu
     assert_eq!(stream_len(&ep.js, &ep.names.retry_stream()).await?, 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_older_than_max_age_is_dead_lettered_as_expired() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    let ep = Endpoint::create(
+        nats.jetstream().await?,
+        Setup {
+            max_age: "2m".into(),
+            ..Setup::default()
+        },
+    )
+    .await?;
+    // Accepted 5 minutes ago and never delivered (the processor was down).
+    let mut h = ep.gateway_headers("old", None);
+    let then = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(300);
+    h.insert(
+        spillway_api::wire::RECEIVED_AT,
+        format!("{then:.3}").as_str(),
+    );
+    ep.js
+        .publish_with_headers(ep.subject_for(None), h, "{}".into())
+        .await?
+        .await?;
+    ep.publish("fresh", None, "{}").await?;
+    let _p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    eventually(
+        Duration::from_secs(10),
+        "expired one dead-lettered",
+        || async { ep.dead_letters().await.is_ok_and(|d| d.len() == 1) },
+    )
+    .await?;
+    eventually(Duration::from_secs(10), "fresh one delivered", || async {
+        sink.delivered_ids().contains("fresh")
+    })
+    .await?;
+    let dead = ep.dead_letters().await?;
+    assert_eq!(
+        header(&dead[0].headers, "Spillway-Delivery-Id").as_deref(),
+        Some("old")
+    );
+    assert_eq!(
+        header(&dead[0].headers, "Spillway-Dlq-Reason").as_deref(),
+        Some("expired")
+    );
+    assert!(
+        sink.attempts("old").is_empty(),
+        "an expired webhook is not delivered"
+    );
+    Ok(())
+}
