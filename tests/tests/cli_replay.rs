@@ -77,7 +77,7 @@ async fn replay_delivers_the_range_again_exactly_once() -> Result<()> {
         let want = if (2..=6).contains(&i) { 2 } else { 1 };
         assert_eq!(c.get(id).copied(), Some(want), "{id}: {c:?}");
     }
-    assert_eq!(stream_len(&ep.js, &ep.names.stream()).await?, 15);
+    assert_eq!(stream_len(&ep.js, &ep.names.history_stream()).await?, 15);
 
     // --since with an end, repeated with the same replay id: once only.
     let args = [
@@ -99,7 +99,7 @@ async fn replay_delivers_the_range_again_exactly_once() -> Result<()> {
         "{}",
         again.stdout
     );
-    assert_eq!(stream_len(&ep.js, &ep.names.stream()).await?, 17);
+    assert_eq!(stream_len(&ep.js, &ep.names.history_stream()).await?, 17);
     eventually(Duration::from_secs(10), "r0 and r1 again", || async {
         let c = counts(&sink);
         c.get("r0") == Some(&2) && c.get("r1") == Some(&2)
