@@ -176,9 +176,40 @@ impl NatsAuth {
     }
 }
 
+/// The servers of a `--nats-url` value: one URL, or several separated by
+/// commas (seeds of a cluster; the client learns the others from the
+/// servers). Every component parses it with this.
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse().map_err(|e| format!("{e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                Err("no NATS server URL given".to_owned())
+            } else {
+                Ok(v)
+            }
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_lists_split_on_commas() {
+        assert_eq!(server_addrs("nats://a:4222").unwrap().len(), 1);
+        assert_eq!(
+            server_addrs("nats://a:4222, nats://b:4222,nats://c:4222")
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(server_addrs("").is_err());
+        assert!(server_addrs("nats://a:notaport").is_err());
+    }
 
     /// A CA certificate, a client certificate it signed with its key, and
     /// a second key, all PEM.

@@ -264,10 +264,12 @@ impl Global {
         if let (Some(u), Some(p)) = (&self.nats_user, &self.nats_password) {
             opts = opts.user_and_password(u.clone(), p.clone());
         }
+        let servers = spillway_api::nats::server_addrs(&self.nats_url)
+            .map_err(|e| anyhow::anyhow!("--nats-url: {e}"))?;
         let client = opts
             .name("spillway-cli")
             .connection_timeout(Duration::from_secs(5))
-            .connect(self.nats_url.as_str())
+            .connect(servers)
             .await
             .with_context(|| {
                 format!(

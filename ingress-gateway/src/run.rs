@@ -28,6 +28,9 @@ pub enum StartError {
     /// A NATS credentials or TLS file is missing or unusable.
     #[error(transparent)]
     NatsFile(#[from] crate::nats::NatsFileError),
+    /// The NATS URL list does not parse.
+    #[error("NATS URL: {0}")]
+    NatsUrl(String),
     /// No Kubernetes client could be configured.
     #[error("configuring the Kubernetes client: {0}")]
     Kube(#[from] kube::Error),
@@ -76,8 +79,10 @@ pub async fn start(
     config: &Config,
     kube_client: Option<kube::Client>,
 ) -> Result<Running, StartError> {
+    let servers =
+        spillway_api::nats::server_addrs(&config.nats_url).map_err(StartError::NatsUrl)?;
     let nats = crate::nats::connect_options(config)?
-        .connect(config.nats_url.as_str())
+        .connect(servers)
         .await?;
     let router = Arc::new(Router::default());
     let metrics = Arc::new(Metrics::new());

@@ -97,11 +97,7 @@ pub async fn connect_nats(settings: &Settings) -> Result<async_nats::Client, Err
         .reconnect_delay_callback(|n| {
             Duration::from_millis(100u64.saturating_mul(1 << n.min(5))).min(Duration::from_secs(2))
         });
-    let urls: Vec<async_nats::ServerAddr> = settings
-        .nats_url
-        .split(',')
-        .map(|u| u.trim().parse())
-        .collect::<Result<_, _>>()
+    let urls = spillway_api::nats::server_addrs(&settings.nats_url)
         .map_err(|e| Error::NatsConfig(format!("--nats-url: {e}")))?;
     opts.connect(urls)
         .await

@@ -137,7 +137,9 @@ async fn connect(args: &Args) -> Result<async_nats::Client> {
             other => tracing::debug!(event = %other, "NATS connection event"),
         }
     });
-    opts.connect(args.nats_url.as_str())
+    let servers = spillway_api::nats::server_addrs(&args.nats_url)
+        .map_err(|e| anyhow::anyhow!("--nats-url: {e}"))?;
+    opts.connect(servers)
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats_url))
 }

@@ -528,3 +528,166 @@ impl Drop for ControlPlane {
         kill(&mut self.etcd);
     }
 }
+
+/// Connect to the first reachable of comma-separated NATS URLs.
+pub async fn connect_any(urls: &str) -> Result<async_nats::Client> {
+    let servers = urls
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(async_nats::connect(servers).await?)
+}
+
+/// A cluster of real nats-servers with JetStream on loopback (the pinned
+/// binary), for streams and consumers with replicas. Nodes can be killed
+/// (SIGKILL) and restarted on the same ports and stores.
+pub struct NatsCluster {
+    /// `nats://127.0.0.1:P1,nats://127.0.0.1:P2,…`: clients fail over.
+    pub url: String,
+    dir: TempDir,
+    ports: Vec<(u16, u16)>,
+    children: Vec<Option<Child>>,
+}
+
+impl NatsCluster {
+    /// Start `n` nodes named `n0`…, routed to each other, and wait until
+    /// JetStream has a meta leader.
+    pub async fn start(n: usize) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("spillway-natsc-")
+            .tempdir()?;
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let url = ports
+            .iter()
+            .map(|(p, _)| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Self {
+            url,
+            dir,
+            children: (0..n).map(|_| None).collect(),
+            ports,
+        };
+        for i in 0..n {
+            c.spawn(i)?;
+        }
+        let url = c.url.clone();
+        let last = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let seen = last.clone();
+        eventually(Duration::from_secs(30), "JetStream cluster ready", || {
+            let (url, last) = (url.clone(), last.clone());
+            async move {
+                let client = match connect_any(&url).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        *last.lock().unwrap() = e.to_string();
+                        return false;
+                    }
+                };
+                match async_nats::jetstream::new(client).query_account().await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        *last.lock().unwrap() = e.to_string();
+                        false
+                    }
+                }
+            }
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "cluster did not form ({}):\n{}",
+                seen.lock().unwrap(),
+                c.log(0)
+            )
+        })?;
+        Ok(c)
+    }
+
+    /// The server name of node `i`.
+    pub fn name(i: usize) -> String {
+        format!("n{i}")
+    }
+
+    /// Node `i`'s log so far.
+    pub fn log(&self, i: usize) -> String {
+        tail(&self.dir.path().join(format!("n{i}.log")))
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let (port, cport) = self.ports[i];
+        let routes = self
+            .ports
+            .iter()
+            .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // One node: a plain server (a cluster block would wait for peers).
+        let cluster = if self.ports.len() > 1 {
+            format!("cluster {{ name: spillway, listen: 127.0.0.1:{cport}, routes: [{routes}] }}\n")
+        } else {
+            String::new()
+        };
+        let conf = self.dir.path().join(format!("n{i}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{port}\nmax_payload: 9MB\n\
+                 jetstream {{ store_dir: {:?}, max_file_store: 1T }}\n{cluster}",
+                self.dir.path().join(format!("js{i}")),
+            ),
+        )?;
+        let mut cmd = Command::new(tool("nats-server"));
+        cmd.arg("-c").arg(&conf);
+        self.children[i] = Some(spawn_logged(
+            cmd,
+            &self.dir.path().join(format!("n{i}.log")),
+        )?);
+        Ok(())
+    }
+
+    /// SIGKILL node `i` (its store stays).
+    pub fn kill(&mut self, i: usize) {
+        kill(&mut self.children[i]);
+    }
+
+    /// Start node `i` again on its ports and store, and wait until it
+    /// accepts clients.
+    pub async fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i);
+        self.spawn(i)?;
+        let url = format!("nats://127.0.0.1:{}", self.ports[i].0);
+        eventually(Duration::from_secs(15), "restarted node accepts", || {
+            let url = url.clone();
+            async move { async_nats::connect(url).await.is_ok() }
+        })
+        .await
+    }
+
+    /// The index of the node that leads stream `name` now.
+    pub async fn leader_of(&self, name: &str) -> Result<usize> {
+        let js = async_nats::jetstream::new(connect_any(&self.url).await?);
+        let mut s = js.get_stream(name).await?;
+        let info = s.info().await?;
+        if self.ports.len() == 1 {
+            return Ok(0);
+        }
+        let leader = info
+            .cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .context("stream has no leader")?;
+        leader
+            .strip_prefix('n')
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("unknown leader {leader}"))
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            kill(c);
+        }
+    }
+}
