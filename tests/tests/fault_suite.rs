@@ -78,6 +78,7 @@ struct Row {
     sent: usize,
     acknowledged: usize,
     stored: usize,
+    history_missing: usize,
     stored_twice: usize,
     delivered: usize,
     duplicates: usize,
@@ -341,6 +342,28 @@ async fn scenario(cp: &ControlPlane, fault: Fault, n: usize) -> Result<Row> {
     }
     let names = EndpointNames::new(&ns, NAME);
 
+    // Every copy the work stream stores is republished to the history
+    // subjects: counting them per delivery id shows a webhook stored twice
+    // (the history stream itself would deduplicate it).
+    let stores: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let watcher = {
+        let mut sub = connect_any(&nats)
+            .await?
+            .subscribe(names.history_subjects())
+            .await?;
+        let stores = stores.clone();
+        tokio::spawn(async move {
+            while let Some(m) = futures::StreamExt::next(&mut sub).await {
+                if let Some(id) = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| header(h, "Spillway-Delivery-Id"))
+                {
+                    *stores.lock().unwrap().entry(id).or_default() += 1;
+                }
+            }
+        })
+    };
     let acked = Arc::new(Mutex::new(HashSet::new()));
     let sender = tokio::spawn(send_all(addrs, n, acked.clone()));
     let deadline = Instant::now() + Duration::from_secs(240);
@@ -420,28 +443,36 @@ async fn scenario(cp: &ControlPlane, fault: Fault, n: usize) -> Result<Row> {
             .await
             .unwrap_or_default(),
     );
-    let mut first_attempts: HashMap<String, usize> = HashMap::new();
-    let mut ok_answers = 0;
-    for r in sink.received() {
-        if r.attempt == 1 {
-            *first_attempts.entry(r.id.clone()).or_default() += 1;
-        }
-        if r.answered && (200..300).contains(&r.status) {
-            ok_answers += 1;
-        }
-    }
+    let ok_answers = sink
+        .received()
+        .iter()
+        .filter(|r| r.answered && (200..300).contains(&r.status))
+        .count();
+    watcher.abort();
+    let stores = stores.lock().unwrap().clone();
     let history = stream_messages(&js, &names.history_stream())
         .await
         .unwrap_or_default();
-    let stored: HashSet<String> = history
+    let in_history: HashSet<String> = history
         .iter()
         .filter_map(|m| header(&m.headers, "Spillway-Delivery-Id"))
+        .collect();
+    let stored: HashSet<String> = in_history
+        .iter()
+        .cloned()
+        .chain(stores.keys().cloned())
         .collect();
     let row = Row {
         sent,
         acknowledged: acked.len(),
-        stored: acked.iter().filter(|id| stored.contains(*id)).count(),
-        stored_twice: first_attempts.values().filter(|c| **c > 1).count(),
+        // Delivered or dead-lettered implies stored; the history and the
+        // republish watcher see the rest.
+        stored: acked
+            .iter()
+            .filter(|id| stored.contains(*id) || delivered.contains(*id) || dlq.contains(*id))
+            .count(),
+        history_missing: acked.iter().filter(|id| !in_history.contains(*id)).count(),
+        stored_twice: stores.values().filter(|c| **c > 1).count(),
         delivered: acked.iter().filter(|id| delivered.contains(*id)).count(),
         duplicates: ok_answers - delivered.len(),
         dead_lettered: acked.iter().filter(|id| dlq.contains(*id)).count(),
@@ -478,7 +509,7 @@ async fn acknowledged_webhooks_survive_every_fault() -> Result<()> {
     let per = (total / faults.len()).max(50);
     let cp = ControlPlane::shared().await;
     let mut table = String::from(
-        "| fault | sent | acknowledged (2xx) | in history | stored twice | delivered | duplicates at the sink | dead-lettered | lost | seconds |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| fault | sent | acknowledged (2xx) | stored | stored twice | delivered | duplicates at the sink | dead-lettered | lost | history copy missing | seconds |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut failures = Vec::new();
     for f in faults {
@@ -487,7 +518,7 @@ async fn acknowledged_webhooks_survive_every_fault() -> Result<()> {
             .with_context(|| format!("scenario {f:?}"))?;
         println!("{f:?}: {row:?}");
         table += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
             f.describe(),
             row.sent,
             row.acknowledged,
@@ -497,6 +528,7 @@ async fn acknowledged_webhooks_survive_every_fault() -> Result<()> {
             row.duplicates,
             row.dead_lettered,
             row.lost,
+            row.history_missing,
             row.secs
         );
         if row.lost > 0 || row.stored_twice > 0 || row.acknowledged == 0 {
