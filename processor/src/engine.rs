@@ -510,14 +510,7 @@ impl Processor {
             wire::NATS_MSG_ID,
             wire::due_msg_id(&r.stream, parked_seq).as_str(),
         );
-        let published = match self
-            .js
-            .publish_with_headers(r.due_subject.clone(), out, msg.payload.clone())
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let published = self.publish_acked(r.due_subject.clone(), out, &msg).await;
         match published {
             Ok(()) => {
                 self.metrics.retries_moved.inc();
@@ -532,6 +525,24 @@ impl Processor {
                 tracing::warn!(parked_seq, error = %e, "cannot move a due retry back yet; keeping it");
                 let _ = msg.ack_with(AckKind::Nak(Some(MOVE_RETRY))).await;
             }
+        }
+    }
+
+    /// Publish a copy of `msg`'s body and wait for JetStream's
+    /// acknowledgement.
+    async fn publish_acked(
+        &self,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        msg: &Message,
+    ) -> Result<(), String> {
+        match self
+            .js
+            .publish_with_headers(subject, headers, msg.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -556,14 +567,7 @@ impl Processor {
             wire::NATS_MSG_ID,
             wire::park_msg_id(&self.settings.stream, seq).as_str(),
         );
-        let published = match self
-            .js
-            .publish_with_headers(r.subject.clone(), out, msg.payload.clone())
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let published = self.publish_acked(r.subject.clone(), out, msg).await;
         match published {
             Ok(()) => {
                 if let Err(e) = msg.double_ack().await {
@@ -842,14 +846,7 @@ impl Processor {
                 failed_at: &failed_at,
             },
         );
-        let published = match self
-            .js
-            .publish_with_headers(subject.clone(), headers, msg.payload.clone())
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let published = self.publish_acked(subject.clone(), headers, msg).await;
         match published {
             Ok(()) => {
                 self.metrics.delivery("dead_lettered", class);

@@ -298,6 +298,8 @@ pub struct ControlPlane {
     dir: TempDir,
     etcd: Option<Child>,
     apiserver: Option<Child>,
+    /// The kube-apiserver's arguments, to start it again.
+    api_args: Vec<std::ffi::OsString>,
 }
 
 static SHARED: OnceCell<ControlPlane> = OnceCell::const_new();
@@ -389,6 +391,7 @@ impl ControlPlane {
                 "--endpoint-reconciler-type=none",
                 "--enable-priority-and-fairness=false",
             ]);
+        let api_args = api.get_args().map(ToOwned::to_owned).collect();
         let apiserver = spawn_logged(api, &d.join("apiserver.log"))?;
 
         let server = format!("https://127.0.0.1:{api_port}");
@@ -405,6 +408,7 @@ impl ControlPlane {
             dir,
             etcd: Some(etcd),
             apiserver: Some(apiserver),
+            api_args,
         };
         let start = Instant::now();
         loop {
@@ -435,6 +439,33 @@ impl ControlPlane {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Ok(cp)
+    }
+
+    /// SIGKILL the kube-apiserver (etcd keeps the data).
+    pub fn kill_apiserver(&mut self) {
+        kill(&mut self.apiserver);
+    }
+
+    /// Start the kube-apiserver again with the same arguments and wait for
+    /// `/readyz`.
+    pub async fn restart_apiserver(&mut self) -> Result<()> {
+        kill(&mut self.apiserver);
+        let mut api = Command::new(tool("kube-apiserver"));
+        api.args(&self.api_args);
+        self.apiserver = Some(spawn_logged(
+            api,
+            &self.dir.path().join("apiserver-restarted.log"),
+        )?);
+        let this = &*self;
+        eventually(
+            Duration::from_secs(90),
+            "kube-apiserver ready again",
+            || async move {
+                this.kubectl_output(&["get", "--raw", "/readyz"])
+                    .is_ok_and(|o| o.trim() == "ok")
+            },
+        )
+        .await
     }
 
     /// A kubectl command using this control plane.

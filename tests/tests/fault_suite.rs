@@ -54,6 +54,7 @@ enum Fault {
     Gateway,
     Processor,
     Operator,
+    ApiServer,
     Sink5xx,
     SingleServer,
 }
@@ -66,6 +67,7 @@ impl Fault {
             Fault::Gateway => "SIGKILL of one of two gateways, then restart",
             Fault::Processor => "SIGKILL of the processor while the sink is slow, then restart",
             Fault::Operator => "SIGKILL of the operator, then restart",
+            Fault::ApiServer => "SIGKILL of the kube-apiserver, then restart",
             Fault::Sink5xx => "sink answers 503 for a while, then recovers",
             Fault::SingleServer => "R1: SIGKILL of the only NATS server, restart on its store",
         }
@@ -278,7 +280,7 @@ async fn processor_for(cp: &ControlPlane, ns: &str, nats: &str) -> Result<Proces
     ProcessorProc::start(&config.context("config")?, nats).await
 }
 
-async fn scenario(cp: &ControlPlane, fault: Fault, n: usize) -> Result<Row> {
+async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> {
     let started = Instant::now();
     let replicas = if fault == Fault::SingleServer { 1 } else { 3 };
     let mut cluster = NatsCluster::start(replicas).await?;
@@ -383,6 +385,7 @@ async fn scenario(cp: &ControlPlane, fault: Fault, n: usize) -> Result<Row> {
         Fault::Gateway => gw[0].proc.kill(),
         Fault::Processor => proc.sigkill(),
         Fault::Operator => op.kill(),
+        Fault::ApiServer => cp.kill_apiserver(),
         Fault::Sink5xx => sink.set_default(Reply::status(503)),
     }
     if let Some(i) = killed {
@@ -404,6 +407,7 @@ async fn scenario(cp: &ControlPlane, fault: Fault, n: usize) -> Result<Row> {
             proc = processor_for(cp, &ns, &nats).await?;
         }
         Fault::Operator => op = operator(cp, &ns, &nats)?,
+        Fault::ApiServer => cp.restart_apiserver().await?,
         Fault::Sink5xx => sink.set_default(Reply::status(200)),
     }
     let sent = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), sender)
@@ -503,17 +507,20 @@ async fn acknowledged_webhooks_survive_every_fault() -> Result<()> {
         Fault::Gateway,
         Fault::Processor,
         Fault::Operator,
+        Fault::ApiServer,
         Fault::Sink5xx,
         Fault::SingleServer,
     ];
     let per = (total / faults.len()).max(50);
-    let cp = ControlPlane::shared().await;
+    // Its own control plane: one scenario kills its kube-apiserver.
+    let mut cp = ControlPlane::start().await?;
+    cp.install_crd().await?;
     let mut table = String::from(
         "| fault | sent | acknowledged (2xx) | stored | stored twice | delivered | duplicates at the sink | dead-lettered | lost | history copy missing | seconds |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut failures = Vec::new();
     for f in faults {
-        let row = scenario(cp, f, per)
+        let row = scenario(&mut cp, f, per)
             .await
             .with_context(|| format!("scenario {f:?}"))?;
         println!("{f:?}: {row:?}");
