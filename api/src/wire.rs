@@ -48,6 +48,11 @@ pub const DLQ_FAILED_AT: &str = "Spillway-Dlq-Failed-At";
 /// first copy). The attempt number of a delivery is this plus JetStream's
 /// delivery count of the copy in hand.
 pub const ATTEMPTS_SPENT: &str = "Spillway-Attempts-Spent";
+/// When a copy was put back by `spillway dlq redrive` or `spillway
+/// replay` (RFC 3339 UTC): a webhook's age for `stream.maxAge` counts from
+/// the later of this and [`RECEIVED_AT`], so an old dead letter redriven on
+/// purpose is not expired at once.
+pub const REQUEUED_AT: &str = "Spillway-Requeued-At";
 /// When a parked retry is due, Unix milliseconds.
 pub const RETRY_AT: &str = "Spillway-Retry-At";
 /// On a retried copy in the main stream: the stream sequence of the message

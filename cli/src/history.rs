@@ -156,6 +156,11 @@ impl Reader {
 pub fn republish_headers(original: &HeaderMap, msg_id: &str) -> HeaderMap {
     let mut out = wire::carried_headers(original);
     out.insert(wire::NATS_MSG_ID, msg_id);
+    // Its age for stream.maxAge starts again now.
+    out.insert(
+        wire::REQUEUED_AT,
+        format!("{:.3}", jiff::Timestamp::now()).as_str(),
+    );
     out
 }
 

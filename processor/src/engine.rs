@@ -158,17 +158,20 @@ pub fn pod_name() -> String {
 }
 
 /// How long ago the gateway accepted a message (its `Spillway-Received-At`,
-/// else when JetStream stored this copy).
+/// else when JetStream stored this copy), or a redrive or replay put it
+/// back (`Spillway-Requeued-At`), whichever is later.
 fn age_of(msg: &Message) -> Option<Duration> {
-    let received = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(wire::RECEIVED_AT))
-        .and_then(|v| v.as_str().parse::<jiff::Timestamp>().ok())
-        .or_else(|| {
-            let t = msg.info().ok()?.published;
-            jiff::Timestamp::from_second(t.unix_timestamp()).ok()
-        })?;
+    let stamp = |name: &str| {
+        msg.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .and_then(|v| v.as_str().parse::<jiff::Timestamp>().ok())
+    };
+    let received = stamp(wire::RECEIVED_AT).or_else(|| {
+        let t = msg.info().ok()?.published;
+        jiff::Timestamp::from_second(t.unix_timestamp()).ok()
+    })?;
+    let received = stamp(wire::REQUEUED_AT).map_or(received, |r| r.max(received));
     let age = jiff::Timestamp::now().duration_since(received);
     Duration::try_from(age).ok()
 }

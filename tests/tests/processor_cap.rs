@@ -318,6 +318,21 @@ async fn a_webhook_older_than_max_age_is_dead_lettered_as_expired() -> Result<()
         .await?
         .await?;
     ep.publish("fresh", None, "{}").await?;
+    // As old, but put back on purpose just now (a redrive or replay): its
+    // age counts from then.
+    let mut h = ep.gateway_headers("redriven", None);
+    h.insert(
+        spillway_api::wire::RECEIVED_AT,
+        format!("{then:.3}").as_str(),
+    );
+    h.insert(
+        spillway_api::wire::REQUEUED_AT,
+        format!("{:.3}", jiff::Timestamp::now()).as_str(),
+    );
+    ep.js
+        .publish_with_headers(ep.subject_for(None), h, "{}".into())
+        .await?
+        .await?;
     let _p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
     eventually(
         Duration::from_secs(10),
@@ -325,9 +340,14 @@ async fn a_webhook_older_than_max_age_is_dead_lettered_as_expired() -> Result<()
         || async { ep.dead_letters().await.is_ok_and(|d| d.len() == 1) },
     )
     .await?;
-    eventually(Duration::from_secs(10), "fresh one delivered", || async {
-        sink.delivered_ids().contains("fresh")
-    })
+    eventually(
+        Duration::from_secs(10),
+        "fresh and redriven delivered",
+        || async {
+            let d = sink.delivered_ids();
+            d.contains("fresh") && d.contains("redriven")
+        },
+    )
     .await?;
     let dead = ep.dead_letters().await?;
     assert_eq!(
