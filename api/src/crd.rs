@@ -194,11 +194,17 @@ impl Scheme {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
-    /// Name of the Secret.
-    #[schemars(length(min = 1, max = 253))]
+    /// Name of the Secret (a DNS subdomain, as Kubernetes requires of
+    /// Secret names: a name that cannot exist is refused here instead of
+    /// leaving a watch that can never sync).
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub name: String,
-    /// Key inside the Secret's data whose value is the secret.
-    #[schemars(length(min = 1, max = 253))]
+    /// Key inside the Secret's data whose value is the secret (letters,
+    /// digits, `-`, `_`, `.`, as Kubernetes requires of data keys).
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
 

@@ -168,6 +168,22 @@ async fn nonsense_is_rejected_with_a_clear_message() -> Result<()> {
             "scheme twitch needs handshake type twitchCallbackVerification",
         ),
         (
+            "a Secret name that cannot exist",
+            vec![(
+                "verification/secretRefs",
+                json!([{"name": "a=b", "key": "secret"}]),
+            )],
+            "spec.verification.secretRefs[0].name in body should match",
+        ),
+        (
+            "a Secret key that cannot exist",
+            vec![(
+                "verification/secretRefs",
+                json!([{"name": "gh", "key": "a/b"}]),
+            )],
+            "spec.verification.secretRefs[0].key in body should match",
+        ),
+        (
             "unknown scheme",
             vec![("verification/scheme", json!("paypal"))],
             "Unsupported value: \"paypal\"",
