@@ -14,6 +14,10 @@
 //! SPILLWAY_FAULT_MESSAGES=100000 SPILLWAY_FAULT_REPORT=docs/reliability-run.md \
 //!   cargo test -p spillway-tests --test fault_suite -- --nocapture
 //! ```
+//!
+//! `SPILLWAY_FAULTS=NatsLeader,Gateway` runs only those scenarios;
+//! `SPILLWAY_FAULT_DEBUG=1` prints the work and history streams' state and
+//! leaders at the end of each.
 
 #[path = "../src/operator_support.rs"]
 mod operator_support;
@@ -457,6 +461,15 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
     let history = stream_messages(&js, &names.history_stream())
         .await
         .unwrap_or_default();
+    if std::env::var("SPILLWAY_FAULT_DEBUG").is_ok() {
+        for s in [names.stream(), names.history_stream()] {
+            if let Ok(mut st) = js.get_stream(&s).await
+                && let Ok(i) = st.info().await
+            {
+                println!("{s}: state {:?} cluster {:?}", i.state, i.cluster);
+            }
+        }
+    }
     let in_history: HashSet<String> = history
         .iter()
         .filter_map(|m| header(&m.headers, "Spillway-Delivery-Id"))
@@ -519,7 +532,11 @@ async fn acknowledged_webhooks_survive_every_fault() -> Result<()> {
         "| fault | sent | acknowledged (2xx) | stored | stored twice | delivered | duplicates at the sink | dead-lettered | lost | history copy missing | seconds |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut failures = Vec::new();
+    let only = std::env::var("SPILLWAY_FAULTS").unwrap_or_default();
     for f in faults {
+        if !only.is_empty() && !only.split(',').any(|o| o == format!("{f:?}")) {
+            continue;
+        }
         let row = scenario(&mut cp, f, per)
             .await
             .with_context(|| format!("scenario {f:?}"))?;
