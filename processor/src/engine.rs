@@ -402,20 +402,8 @@ impl Processor {
                     Err(_) => break,
                 }
             }
-            let batch = consumer
-                .batch()
-                .max_messages(slots.len())
-                .expires(PULL_WAIT)
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    drop(slots);
-                    tracing::warn!(error = %e, "pull request failed; retrying");
-                    self.pause(Duration::from_secs(1)).await;
-                    continue;
-                }
+            let Some(mut batch) = self.pull(&consumer, slots.len(), "pull request").await else {
+                continue;
             };
             // Messages as they arrive, each with a slot; the request ends
             // when it has them all or expires.
@@ -442,6 +430,31 @@ impl Processor {
         while running.join_next().await.is_some() {}
     }
 
+    /// Ask `consumer` for up to `n` messages (the request ends when it has
+    /// them or after [`PULL_WAIT`]); `None`, after a pause, when the request
+    /// failed.
+    async fn pull(
+        &self,
+        consumer: &jetstream::consumer::PullConsumer,
+        n: usize,
+        what: &str,
+    ) -> Option<jetstream::consumer::pull::Batch> {
+        match consumer
+            .batch()
+            .max_messages(n)
+            .expires(PULL_WAIT)
+            .messages()
+            .await
+        {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed; retrying");
+                self.pause(Duration::from_secs(1)).await;
+                None
+            }
+        }
+    }
+
     /// Move parked retries back to the main stream when they are due: one
     /// not yet due is handed back to JetStream with a delayed NAK for the
     /// time left (the timer is the server's, so a pod that dies loses
@@ -449,19 +462,11 @@ impl Processor {
     /// JetStream has it, acknowledged here.
     async fn parker(self: Arc<Self>, consumer: jetstream::consumer::PullConsumer) {
         while !self.stopping() {
-            let batch = consumer
-                .batch()
-                .max_messages(PARK_BATCH)
-                .expires(PULL_WAIT)
-                .messages()
-                .await;
-            let batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pulling parked retries failed; retrying");
-                    self.pause(Duration::from_secs(1)).await;
-                    continue;
-                }
+            let Some(batch) = self
+                .pull(&consumer, PARK_BATCH, "pulling parked retries")
+                .await
+            else {
+                continue;
             };
             batch
                 .for_each_concurrent(PARK_CONCURRENCY, |m| {
@@ -590,19 +595,8 @@ impl Processor {
 
     async fn worker(self: Arc<Self>, consumer: jetstream::consumer::PullConsumer, every: Duration) {
         while !self.stopping() {
-            let batch = consumer
-                .batch()
-                .max_messages(1)
-                .expires(PULL_WAIT)
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pull request failed; retrying");
-                    self.pause(Duration::from_secs(1)).await;
-                    continue;
-                }
+            let Some(mut batch) = self.pull(&consumer, 1, "pull request").await else {
+                continue;
             };
             // At most one message; the batch ends when it expires.
             while let Some(m) = batch.next().await {
