@@ -348,13 +348,17 @@ async fn file_gateway(
         None,
     )
     .await?;
-    let router = gw.gateway.router.clone();
+    let gateway = gw.gateway.clone();
     let path = format!("/in/{name}");
-    eventually(Duration::from_secs(15), "endpoint routed", || {
-        let ok = router
-            .table()
-            .get(&path)
-            .is_some_and(|r| r.verifier.is_ok());
+    // Routed and ready: the NATS connection is made in the background
+    // (retry on initial connect), and a webhook before it gets a 503.
+    eventually(Duration::from_secs(15), "endpoint routed, gateway ready", || {
+        let ok = gateway.ready()
+            && gateway
+                .router
+                .table()
+                .get(&path)
+                .is_some_and(|r| r.verifier.is_ok());
         async move { ok }
     })
     .await?;

@@ -211,12 +211,18 @@ impl World {
         Ok(stream.info().await?.state.messages)
     }
 
-    /// Wait until `path` is routed with its secrets loaded.
+    /// Wait until `path` is routed with its secrets loaded and the gateway
+    /// is ready (its NATS connection is made in the background).
     async fn routed(&self, path: &str) -> Result<()> {
-        let router = self.gw.gateway.router.clone();
+        let gateway = self.gw.gateway.clone();
         let p = path.to_owned();
         eventually(Duration::from_secs(15), &format!("{path} routed"), || {
-            let ok = router.table().get(&p).is_some_and(|r| r.verifier.is_ok());
+            let ok = gateway.ready()
+                && gateway
+                    .router
+                    .table()
+                    .get(&p)
+                    .is_some_and(|r| r.verifier.is_ok());
             async move { ok }
         })
         .await
