@@ -58,23 +58,35 @@ impl EndpointNames {
         format!("spillway-work_{}", self.key)
     }
 
-    /// The history stream: a copy of every accepted webhook (the work
-    /// stream republishes each one it stores to the history subjects),
-    /// bounded by its own limits, for `replay` and `events`. Never blocks
-    /// intake.
+    /// The history stream: a copy of every accepted webhook (sourced from
+    /// the work stream through the durable consumer
+    /// [`history_consumer`](Self::history_consumer), so no copy is missed
+    /// when a node fails), bounded by its own limits, for `replay`. Never
+    /// blocks intake.
     pub fn history_stream(&self) -> String {
         format!("spillway-history_{}", self.key)
     }
 
-    /// Subject the work stream republishes an accepted webhook of partition
-    /// `p` to, for the history stream.
-    pub fn history_subject(&self, partition: u16) -> String {
-        format!("spillway.hist.{}.{partition}", self.key)
-    }
-
-    /// Subjects of the history stream.
+    /// Subjects of the history stream. Sourced copies keep their intake
+    /// subject (`spillway.in.<key>.<p>`); these are not published to, and
+    /// only keep a history stream's own subject list stable.
     pub fn history_subjects(&self) -> String {
         format!("spillway.hist.{}.*", self.key)
+    }
+
+    /// Durable consumer on the work stream (intake subjects only) through
+    /// which the history stream sources every accepted webhook. It is
+    /// acknowledged by JetStream's flow control once the history stored the
+    /// copies, so the work stream keeps a webhook until the history has it.
+    pub fn history_consumer(&self) -> String {
+        "history".to_owned()
+    }
+
+    /// Deliver subject of [`history_consumer`](Self::history_consumer)
+    /// (JetStream's internal subscription of the history stream; nothing
+    /// else reads it).
+    pub fn history_feed_subject(&self) -> String {
+        format!("spillway.feed.{}", self.key)
     }
 
     /// The stream of the older layout, which held work and history in one
@@ -248,6 +260,8 @@ mod tests {
         );
         assert_eq!(n.retry_stream(), "spillway-retry_default_gh");
         assert!(!n.retry_subject("processor").starts_with("spillway.due."));
+        assert_eq!(n.history_feed_subject(), "spillway.feed.default_gh");
+        assert_ne!(n.history_consumer(), n.consumer(None));
     }
 
     #[test]

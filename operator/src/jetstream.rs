@@ -44,8 +44,9 @@ impl NatsError {
 }
 
 /// The work stream's desired configuration: interest retention (a webhook
-/// leaves once every consumer, including the history stream's source, has
-/// settled it), so only undelivered webhooks fill it; `discard: new` at
+/// leaves once every consumer has settled it: the processor's, and the
+/// history's source, which JetStream's flow control acknowledges as soon
+/// as the history stored the copy), so only undelivered webhooks fill it; `discard: new` at
 /// `stream.maxBytes` / `stream.maxMessages` (the gateway answers 503 and
 /// providers retry: nothing stored is dropped); no age limit (a webhook
 /// older than `stream.maxAge` is dead-lettered by the processor with reason
@@ -61,14 +62,6 @@ pub fn stream_config(
         // Intake partitions, and retries whose wait is over.
         subjects: vec![names.stream_subjects(), names.due_subjects()],
         retention: stream::RetentionPolicy::Interest,
-        // Every accepted webhook is copied to the history as it is stored
-        // (not sourced: a source would be one more consumer whose interest
-        // holds webhooks in the work stream).
-        republish: Some(stream::Republish {
-            source: names.stream_subjects(),
-            destination: names.history_subjects().replace('*', "{{wildcard(1)}}"),
-            headers_only: false,
-        }),
         max_bytes: s.max_bytes,
         max_messages: s.max_messages,
         num_replicas: usize::from(s.replicas),
@@ -84,12 +77,14 @@ pub fn stream_config(
     }
 }
 
-/// The history stream's desired configuration: every accepted webhook, as
-/// the work stream republishes it (and, while an endpoint is migrated, what
-/// its legacy stream holds, sourced), for `replay`; `discard: old` within
+/// The history stream's desired configuration: every accepted webhook,
+/// sourced from the work stream through the durable consumer
+/// [`history_consumer_config`] (and, while an endpoint is migrated, what
+/// its legacy stream holds), for `replay`; `discard: old` within
 /// `stream.maxAge` and `stream.historyMaxBytes`, so it never blocks intake.
-/// Republishing is at most once: a history that is unavailable when a
-/// webhook arrives misses that copy (the webhook itself is unaffected).
+/// The durable consumer makes the copy at least once: while the history is
+/// unavailable (its leader's node down) the work stream keeps what the
+/// history has not stored yet, and the history catches up.
 pub fn history_config(
     names: &EndpointNames,
     spec: &WebhookEndpointSpec,
@@ -100,12 +95,21 @@ pub fn history_config(
     stream::Config {
         name: names.history_stream(),
         subjects: vec![names.history_subjects()],
-        sources: with_legacy.then(|| {
-            vec![stream::Source {
+        sources: Some(
+            std::iter::once(stream::Source {
+                name: names.stream(),
+                consumer: Some(stream::StreamConsumerSource::new(
+                    names.history_consumer(),
+                    names.history_feed_subject(),
+                )),
+                ..Default::default()
+            })
+            .chain(with_legacy.then(|| stream::Source {
                 name: names.legacy_stream(),
                 ..Default::default()
-            }]
-        }),
+            }))
+            .collect(),
+        ),
         retention: stream::RetentionPolicy::Limits,
         max_age: t.stream_max_age,
         max_bytes: s.history_max_bytes,
@@ -118,6 +122,42 @@ pub fn history_config(
         description: Some(format!("Spillway webhook history, {}", endpoint_id(names))),
         ..Default::default()
     }
+}
+
+/// Most copies the history's source may have in flight before JetStream's
+/// flow control must confirm them (which acknowledges them in the work
+/// stream).
+pub const HISTORY_MAX_ACK_PENDING: i64 = 1_000;
+
+/// The durable consumer on the work stream that the history stream sources
+/// through (ADR-58's pre-created sourcing consumer): a push consumer on the
+/// intake subjects only (retries' `due` copies are not history), from the
+/// first message, acknowledged by the history's flow-control replies
+/// (`ack_policy: flow_control`, heartbeat 1 s, no ack wait, no delivery
+/// limit), with the work stream's replicas.
+pub fn history_consumer_config(names: &EndpointNames) -> consumer::Config {
+    consumer::Config {
+        durable_name: Some(names.history_consumer()),
+        description: Some("Spillway history source".into()),
+        deliver_subject: Some(names.history_feed_subject()),
+        filter_subject: names.stream_subjects(),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::FlowControl,
+        flow_control: true,
+        idle_heartbeat: Duration::from_secs(1),
+        max_ack_pending: HISTORY_MAX_ACK_PENDING,
+        max_deliver: -1,
+        ..Default::default()
+    }
+}
+
+/// Whether the existing history consumer needs `want` applied.
+pub fn history_consumer_differs(have: &consumer::Config, want: &consumer::Config) -> bool {
+    have.deliver_subject != want.deliver_subject
+        || have.filter_subject != want.filter_subject
+        || have.ack_policy != want.ack_policy
+        || have.max_ack_pending != want.max_ack_pending
+        || have.description != want.description
 }
 
 /// What a stream holds now.
@@ -424,12 +464,18 @@ pub fn diff_stream(have: &stream::Config, want: &stream::Config) -> StreamDiff {
     }
 }
 
-fn source_names(c: &stream::Config) -> Vec<&str> {
-    let mut v: Vec<&str> = c
+/// Each source's stream and sourcing consumer (none: ephemeral), sorted.
+fn source_names(c: &stream::Config) -> Vec<(&str, Option<&str>)> {
+    let mut v: Vec<(&str, Option<&str>)> = c
         .sources
         .iter()
         .flatten()
-        .map(|s| s.name.as_str())
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.consumer.as_ref().map(|c| c.name.as_str()),
+            )
+        })
         .collect();
     v.sort_unstable();
     v
@@ -560,9 +606,9 @@ struct Empty {}
 const EMPTY: Empty = Empty {};
 
 #[derive(Serialize)]
-struct CreateConsumer<'a> {
+struct CreateConsumer<'a, C> {
     stream_name: &'a str,
-    config: &'a pull::Config,
+    config: &'a C,
 }
 
 #[derive(Deserialize)]
@@ -933,6 +979,43 @@ impl Js {
         )))
     }
 
+    /// Create the history's source consumer on the work stream, or bring
+    /// it to the desired configuration (where it starts is kept).
+    async fn ensure_history_consumer(
+        &self,
+        names: &EndpointNames,
+        work: &str,
+    ) -> Result<(), SyncError> {
+        let want = history_consumer_config(names);
+        let name = names.history_consumer();
+        let have = self
+            .consumer_info(work, &name)
+            .await
+            .map_err(|e| SyncError::from_nats(e, "reading the history consumer"))?;
+        let mut cfg = want.clone();
+        match &have {
+            Some(i) if !history_consumer_differs(&i.config, &want) => return Ok(()),
+            Some(i) => cfg.deliver_policy = i.config.deliver_policy,
+            None => {}
+        }
+        let _: consumer::Info = self
+            .api(
+                format!("CONSUMER.CREATE.{work}.{name}"),
+                &CreateConsumer {
+                    stream_name: work,
+                    config: &cfg,
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                NatsError::Unavailable(_) => SyncError::Unavailable(e),
+                NatsError::Api { message, .. } => SyncError::Rejected(format!(
+                    "JetStream rejected consumer {work}/{name}: {message}"
+                )),
+            })?;
+        Ok(())
+    }
+
     /// The retry stream and its parking consumers (unordered endpoints; an
     /// existing one is kept and read when ordering is switched on, so what
     /// it holds is still reported).
@@ -1006,35 +1089,43 @@ impl Js {
             .stream_info(&names.legacy_stream())
             .await
             .map_err(|e| SyncError::from_nats(e, "reading the legacy stream"))?;
-        // The older layout's stream still takes the intake subjects: the
-        // work stream starts without them (JetStream then gives it its own
-        // name as subject) and takes them over below, once its consumers
-        // and the history stream exist.
+        // The older layout's stream still takes the intake subjects.
         let legacy_owns = legacy
             .as_ref()
             .is_some_and(|l| l.config.subjects.iter().any(|s| intake.contains(s)));
-        if legacy_owns {
-            main.subjects = vec![main.name.clone()];
-        }
-        if let Some(have) = self
+        let have_work = self
             .stream_info(&main.name)
             .await
-            .map_err(|e| SyncError::from_nats(e, "reading the work stream"))?
+            .map_err(|e| SyncError::from_nats(e, "reading the work stream"))?;
+        if let Some(have) = &have_work
             && let Some(why) = limits_would_drop(&(&have.state).into(), &main)
         {
             return Err(SyncError::WouldDrop(format!(
                 "{why}; raise the limit again, or lower it once the backlog has drained (nothing was changed)"
             )));
         }
-        // The history first: the work stream republishes to it from its
-        // first webhook on (and it copies the legacy stream, if any).
-        self.ensure_stream(&history_config(names, spec, t, legacy.is_some()), &mut out)
-            .await?;
+        // A webhook stored in an interest stream that has no consumer yet
+        // is dropped at once: the work stream starts without the intake
+        // subjects (JetStream then gives it its own name as subject) and
+        // takes them below, once the history's source and the processor's
+        // consumers exist (and, when migrating, off the legacy stream).
+        let hold_subjects = legacy_owns
+            || have_work
+                .as_ref()
+                .is_none_or(|w| !intake.iter().all(|s| w.config.subjects.contains(s)));
+        if hold_subjects {
+            main.subjects = vec![main.name.clone()];
+        }
         let last_seq = self
             .ensure_stream(&main, &mut out)
             .await?
             .state
             .last_sequence;
+        // The history's source consumer, then the history stream (which
+        // also copies the legacy stream, if any).
+        self.ensure_history_consumer(names, &main.name).await?;
+        self.ensure_stream(&history_config(names, spec, t, legacy.is_some()), &mut out)
+            .await?;
         // The legacy stream's consumers that still have work.
         let mut draining = Vec::new();
         if let Some(l) = &legacy {
@@ -1155,21 +1246,26 @@ impl Js {
             out.backlog.redelivered += info.num_redelivered as u64;
         }
         self.sync_retries(names, spec, t, &mut out).await?;
-        // Move the intake subjects from the legacy stream to the work
-        // stream (publishes in between get no answer and a 503: providers
-        // retry).
-        if legacy_owns && let Some(l) = &legacy {
-            let mut moved = l.config.clone();
-            moved.subjects = vec![names.legacy_parked_subject()];
-            let _: stream::Info = self
-                .api(format!("STREAM.UPDATE.{}", moved.name), &moved)
-                .await
-                .map_err(|e| {
-                    SyncError::from_nats(e, "moving the intake subjects off the legacy stream")
-                })?;
+        // Give the work stream its intake subjects, moving them from the
+        // legacy stream when migrating (publishes in between get no answer
+        // and a 503: providers retry).
+        if hold_subjects {
+            if legacy_owns && let Some(l) = &legacy {
+                let mut moved = l.config.clone();
+                moved.subjects = vec![names.legacy_parked_subject()];
+                let _: stream::Info = self
+                    .api(format!("STREAM.UPDATE.{}", moved.name), &moved)
+                    .await
+                    .map_err(|e| {
+                        SyncError::from_nats(e, "moving the intake subjects off the legacy stream")
+                    })?;
+                out.migration = Some(Migration::Started);
+            }
             main.subjects = intake;
             self.ensure_stream(&main, &mut out).await?;
-            out.migration = Some(Migration::Started);
+            // Created in two steps is still "created".
+            let created = out.created.clone();
+            out.updated.retain(|n| !created.contains(n));
         }
         // Drain the legacy stream: settled consumers go; when none is left
         // and the history has copied it, the legacy stream goes too.
@@ -1270,10 +1366,9 @@ ingress: {maxBodyBytes: 1000}
         assert_eq!(c.duplicate_window, Duration::from_secs(300));
         assert_eq!(c.storage, stream::StorageType::Memory);
         // History: its own bounds, drops the oldest, copies the work stream
-        // (and the legacy stream while one is migrated).
-        let r = c.republish.as_ref().unwrap();
-        assert_eq!(r.source, "spillway.in.ns_gh.*");
-        assert_eq!(r.destination, "spillway.hist.ns_gh.{{wildcard(1)}}");
+        // through a durable consumer (and the legacy stream while one is
+        // migrated).
+        assert!(c.republish.is_none());
         let h = history_config(&n, &s, &t, false);
         assert_eq!(h.name, "spillway-history_ns_gh");
         assert_eq!(h.subjects, ["spillway.hist.ns_gh.*"]);
@@ -1281,9 +1376,29 @@ ingress: {maxBodyBytes: 1000}
         assert_eq!(h.discard, stream::DiscardPolicy::Old);
         assert_eq!(h.max_age, Duration::from_secs(3600));
         assert_eq!(h.max_bytes, s.stream.history_max_bytes);
-        assert!(source_names(&h).is_empty());
+        assert_eq!(source_names(&h), [("spillway-work_ns_gh", Some("history"))]);
         let h = history_config(&n, &s, &t, true);
-        assert_eq!(source_names(&h), ["spillway_ns_gh"]);
+        assert_eq!(
+            source_names(&h),
+            [
+                ("spillway-work_ns_gh", Some("history")),
+                ("spillway_ns_gh", None)
+            ]
+        );
+        let hc = history_consumer_config(&n);
+        assert_eq!(hc.filter_subject, "spillway.in.ns_gh.*", "no retries");
+        assert_eq!(
+            hc.deliver_subject.as_deref(),
+            Some("spillway.feed.ns_gh"),
+            "the source's deliver subject"
+        );
+        assert_eq!(hc.ack_policy, AckPolicy::FlowControl);
+        assert_eq!(hc.max_deliver, -1);
+        assert!(!history_consumer_differs(&hc, &hc));
+        assert!(
+            !is_managed_consumer(&n.history_consumer()),
+            "never deleted as stale"
+        );
         assert_eq!(c.max_message_size as u64, 1000 + HEADER_HEADROOM);
         let d = dead_letter_config(&n, &s, &t);
         assert_eq!(d.subjects, vec![n.dead_letter_subject()]);

@@ -352,15 +352,19 @@ async fn file_gateway(
     let path = format!("/in/{name}");
     // Routed and ready: the NATS connection is made in the background
     // (retry on initial connect), and a webhook before it gets a 503.
-    eventually(Duration::from_secs(15), "endpoint routed, gateway ready", || {
-        let ok = gateway.ready()
-            && gateway
-                .router
-                .table()
-                .get(&path)
-                .is_some_and(|r| r.verifier.is_ok());
-        async move { ok }
-    })
+    eventually(
+        Duration::from_secs(15),
+        "endpoint routed, gateway ready",
+        || {
+            let ok = gateway.ready()
+                && gateway
+                    .router
+                    .table()
+                    .get(&path)
+                    .is_some_and(|r| r.verifier.is_ok());
+            async move { ok }
+        },
+    )
     .await?;
     Ok((nats, dir, gw, base, stream))
 }

@@ -90,6 +90,9 @@ struct Row {
     duplicates: usize,
     dead_lettered: usize,
     lost: usize,
+    /// Messages the work stream still held once everything had settled
+    /// (anything but 0 would be settled webhooks taking capacity).
+    held: u64,
     secs: f64,
 }
 
@@ -348,25 +351,46 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
     }
     let names = EndpointNames::new(&ns, NAME);
 
-    // Every copy the work stream stores is republished to the history
-    // subjects: counting them per delivery id shows a webhook stored twice
-    // (the history stream itself would deduplicate it).
-    let stores: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    // Every copy the work stream stores, seen by a push consumer of the
+    // test's own (no acknowledgements: it holds nothing back): the distinct
+    // stream sequences per delivery id show a webhook stored twice (the
+    // history stream would deduplicate it).
+    let stores: Arc<Mutex<HashMap<String, HashSet<u64>>>> = Arc::default();
     let watcher = {
-        let mut sub = connect_any(&nats)
+        let js = async_nats::jetstream::new(connect_any(&nats).await?);
+        let mut messages = js
+            .get_stream(names.stream())
             .await?
-            .subscribe(names.history_subjects())
+            // Replicated like the stream (an interest stream's consumers
+            // must be), so it outlives a node's failure.
+            .create_consumer(async_nats::jetstream::consumer::push::Config {
+                deliver_subject: format!("_INBOX.fault-watch.{}", names.key()),
+                filter_subject: names.stream_subjects(),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(600),
+                ..Default::default()
+            })
+            .await?
+            .messages()
             .await?;
         let stores = stores.clone();
         tokio::spawn(async move {
-            while let Some(m) = futures::StreamExt::next(&mut sub).await {
-                if let Some(id) = m
-                    .headers
-                    .as_ref()
-                    .and_then(|h| header(h, "Spillway-Delivery-Id"))
-                {
-                    *stores.lock().unwrap().entry(id).or_default() += 1;
-                }
+            while let Some(m) = futures::StreamExt::next(&mut messages).await {
+                let Ok(m) = m else { continue };
+                let (Some(id), Ok(info)) = (
+                    m.headers
+                        .as_ref()
+                        .and_then(|h| header(h, "Spillway-Delivery-Id")),
+                    m.info(),
+                ) else {
+                    continue;
+                };
+                stores
+                    .lock()
+                    .unwrap()
+                    .entry(id)
+                    .or_default()
+                    .insert(info.stream_sequence);
             }
         })
     };
@@ -420,7 +444,7 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
     let acked: HashSet<String> = acked.lock().unwrap().clone();
 
     // The reader: wait until every acknowledged webhook was delivered or
-    // dead-lettered, then compare.
+    // dead-lettered and the history holds as many, then compare.
     let js = async_nats::jetstream::new(connect_any(&nats).await?);
     let dead = |msgs: &[async_nats::jetstream::message::StreamMessage]| -> HashSet<String> {
         msgs.iter()
@@ -438,9 +462,15 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
                     .await
                     .map(|m| dead(&m))
                     .unwrap_or_default();
-                acked
-                    .iter()
-                    .all(|id| delivered.contains(id) || dlq.contains(id))
+                // The history catches up too (its source is at least once).
+                let history = match js.get_stream(names.history_stream()).await {
+                    Ok(mut h) => h.info().await.map(|i| i.state.messages).unwrap_or(0),
+                    Err(_) => 0,
+                };
+                history >= acked.len() as u64
+                    && acked
+                        .iter()
+                        .all(|id| delivered.contains(id) || dlq.contains(id))
             }
         },
     )
@@ -461,13 +491,59 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
     let history = stream_messages(&js, &names.history_stream())
         .await
         .unwrap_or_default();
+    // Settled everywhere, the work stream empties (the history's source
+    // confirms its copies within a heartbeat).
+    let held = {
+        let js = js.clone();
+        let stream = names.stream();
+        let left = move || {
+            let (js, stream) = (js.clone(), stream.clone());
+            async move {
+                match js.get_stream(&stream).await {
+                    Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(u64::MAX),
+                    Err(_) => u64::MAX,
+                }
+            }
+        };
+        let _ = eventually(Duration::from_secs(30), "work stream empty", || {
+            let left = left();
+            async move { left.await == 0 }
+        })
+        .await;
+        left().await
+    };
     if std::env::var("SPILLWAY_FAULT_DEBUG").is_ok() {
         for s in [names.stream(), names.history_stream()] {
             if let Ok(mut st) = js.get_stream(&s).await
                 && let Ok(i) = st.info().await
             {
-                println!("{s}: state {:?} cluster {:?}", i.state, i.cluster);
+                println!(
+                    "{s}: state {:?} cluster {:?} sources {:?}",
+                    i.state, i.cluster, i.sources
+                );
+                if s == names.stream()
+                    && let Ok(mut c) = st
+                        .get_consumer::<async_nats::jetstream::consumer::push::Config>(
+                            &names.history_consumer(),
+                        )
+                        .await
+                    && let Ok(ci) = c.info().await
+                {
+                    println!("history consumer: {ci:?}");
+                }
             }
+        }
+        let in_history: HashSet<String> = history
+            .iter()
+            .filter_map(|m| header(&m.headers, "Spillway-Delivery-Id"))
+            .collect();
+        let missing: Vec<&String> = acked
+            .iter()
+            .filter(|id| !in_history.contains(*id))
+            .collect();
+        println!("missing from the history: {missing:?}");
+        if !missing.is_empty() {
+            println!("node 0 log:\n{}", cluster.log(0));
         }
     }
     let in_history: HashSet<String> = history
@@ -483,13 +559,13 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
         sent,
         acknowledged: acked.len(),
         // Delivered or dead-lettered implies stored; the history and the
-        // republish watcher see the rest.
+        // watcher see the rest.
         stored: acked
             .iter()
             .filter(|id| stored.contains(*id) || delivered.contains(*id) || dlq.contains(*id))
             .count(),
         history_missing: acked.iter().filter(|id| !in_history.contains(*id)).count(),
-        stored_twice: stores.values().filter(|c| **c > 1).count(),
+        stored_twice: stores.values().filter(|seqs| seqs.len() > 1).count(),
         delivered: acked.iter().filter(|id| delivered.contains(*id)).count(),
         duplicates: ok_answers - delivered.len(),
         dead_lettered: acked.iter().filter(|id| dlq.contains(*id)).count(),
@@ -497,6 +573,7 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
             .iter()
             .filter(|id| !delivered.contains(*id) && !dlq.contains(*id))
             .count(),
+        held,
         secs: started.elapsed().as_secs_f64(),
     };
     drop(gw);
@@ -555,7 +632,12 @@ async fn acknowledged_webhooks_survive_every_fault() -> Result<()> {
             row.history_missing,
             row.secs
         );
-        if row.lost > 0 || row.stored_twice > 0 || row.acknowledged == 0 {
+        if row.lost > 0
+            || row.stored_twice > 0
+            || row.history_missing > 0
+            || row.held > 0
+            || row.acknowledged == 0
+        {
             failures.push(format!("{f:?}: {row:?}"));
         }
     }
@@ -565,7 +647,7 @@ async fn acknowledged_webhooks_survive_every_fault() -> Result<()> {
     }
     if !failures.is_empty() {
         bail!(
-            "acknowledged webhooks lost or stored twice:\n{}",
+            "acknowledged webhooks lost, stored twice or missing from the history:\n{}",
             failures.join("\n")
         );
     }

@@ -1212,19 +1212,21 @@ async fn only_undelivered_webhooks_fill_an_endpoint() -> Result<()> {
     let js = env.nats.jetstream().await?;
 
     // Delivered history far beyond maxBytes never refuses intake: 600
-    // webhooks (~600 KiB), each delivered before the next batch.
+    // webhooks (~600 KiB), each batch delivered before the next. A
+    // delivered webhook leaves the work stream once the history's source
+    // has confirmed its copy too (flow control: within a heartbeat, 1 s).
+    let mut work = js.get_stream(names.stream()).await?;
     for round in 0..6 {
         fill(&js, &names, round * 100, 100)
             .await
             .map_err(|e| anyhow::anyhow!("round {round}: {e}"))?;
         assert_eq!(deliver(&js, &names.stream(), 100).await?, 100);
+        eventually(WAIT, "work stream empty once delivered", || {
+            let mut work = work.clone();
+            async move { work.info().await.is_ok_and(|i| i.state.messages == 0) }
+        })
+        .await?;
     }
-    let mut work = js.get_stream(names.stream()).await?;
-    eventually(WAIT, "work stream empty once delivered", || {
-        let mut work = work.clone();
-        async move { work.info().await.is_ok_and(|i| i.state.messages == 0) }
-    })
-    .await?;
     let mut history = js.get_stream(names.history_stream()).await?;
     let h = history.info().await?.state.clone();
     assert!(h.bytes <= 102_400, "history over its bound: {h:?}");
