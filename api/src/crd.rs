@@ -136,8 +136,10 @@ pub struct Verification {
     pub tolerance_seconds: u32,
 
     /// For `twilio`: the public URL Twilio posts to (it is part of what
-    /// Twilio signs). Defaults to the gateway's configured public base URL
-    /// followed by the endpoint's path.
+    /// Twilio signs), as configured in Twilio, with or without its query
+    /// (the query Twilio signs is the one the request carries). Defaults to
+    /// the gateway's configured public base URL followed by the endpoint's
+    /// path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
     pub public_url: Option<String>,

@@ -13,6 +13,7 @@ pub mod names;
 pub mod nats;
 pub mod reference;
 mod schema;
+pub mod secret;
 pub mod validate;
 pub mod wire;
 

@@ -194,9 +194,48 @@ pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
         })
 }
 
+/// A `--nats-url` value fit for logs: each URL's user, password or token
+/// (`nats://user:pass@host`) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| {
+            let u = u.trim();
+            let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
+            let host_start = rest.find('/').unwrap_or(rest.len());
+            match rest[..host_start].rfind('@') {
+                Some(at) => {
+                    let sep = if scheme.is_empty() { "" } else { "://" };
+                    format!("{scheme}{sep}***@{}", &rest[at + 1..])
+                }
+                None => u.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether a `--nats-url` value carries credentials (user, password or
+/// token) in one of its URLs.
+pub fn url_has_credentials(url: &str) -> bool {
+    redact_url(url).contains("***@")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(redact_url("nats://a:4222"), "nats://a:4222");
+        assert_eq!(
+            redact_url("nats://user:s3cret@a:4222, tls://tok@b:4222"),
+            "nats://***@a:4222,tls://***@b:4222"
+        );
+        assert_eq!(redact_url("u:p@a:4222"), "***@a:4222");
+        assert!(!redact_url("nats://user:s3cret@a:4222").contains("s3cret"));
+        assert!(url_has_credentials("nats://a:1,nats://t@b:1"));
+        assert!(!url_has_credentials("nats://a:1,nats://b:1"));
+    }
 
     #[test]
     fn server_lists_split_on_commas() {

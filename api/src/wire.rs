@@ -60,6 +60,58 @@ pub const RETRY_AT: &str = "Spillway-Retry-At";
 /// `replay` skips copies that carry it: the original is replayed instead.
 pub const RETRY_OF: &str = "Spillway-Retry-Of";
 
+/// Where the gateway took a webhook's deduplication id from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSource {
+    /// The provider's delivery id (header or body field of the scheme).
+    Provider,
+    /// SHA-256 of the body.
+    Body,
+    /// The header named in `deduplication.header`.
+    Header,
+}
+
+/// `Nats-Msg-Id` of a webhook the gateway stores. Deduplication ids live in
+/// disjoint namespaces: the gateway's start with `provider:`, `body:` or
+/// `header:`, Spillway's own (parked and due retries, dead letters,
+/// redrives, replays) with `spillway:`, so no request, whatever delivery id
+/// it carries, can make its id equal an internal one (a forged
+/// `redrive-…` id once made a later redrive believe its copy existed and
+/// delete the dead letter).
+pub fn intake_msg_id(source: IdSource, id: &str) -> String {
+    let kind = match source {
+        IdSource::Provider => "provider",
+        IdSource::Body => "body",
+        IdSource::Header => "header",
+    };
+    format!("{kind}:{id}")
+}
+
+/// `Nats-Msg-Id` of the dead letter of the message at `seq` of `stream`,
+/// published at `published_unix_nanos` (its JetStream timestamp): the same
+/// for the same stored message, so a dead-letter publish repeated after a
+/// lost acknowledgement is deduplicated, and different for the message at
+/// the same sequence of a recreated stream.
+pub fn dead_letter_msg_id(stream: &str, seq: u64, published_unix_nanos: i128) -> String {
+    format!("spillway:dlq:{stream}:{seq}:{published_unix_nanos}")
+}
+
+/// `Nats-Msg-Id` a dead letter at `seq` of `dead_letter_stream` is
+/// redriven with: new relative to the original (not deduplicated against
+/// it), the same for the same dead letter, so a redrive interrupted between
+/// publish and delete and run again is deduplicated instead of delivered
+/// twice.
+pub fn redrive_msg_id(dead_letter_stream: &str, seq: u64) -> String {
+    format!("spillway:redrive:{dead_letter_stream}:{seq}")
+}
+
+/// `Nats-Msg-Id` of a replayed copy: unique per replay run and original
+/// sequence, so a run repeated with the same `--replay-id` publishes
+/// nothing twice within the stream's duplicate window.
+pub fn replay_msg_id(run: &str, seq: u64) -> String {
+    format!("spillway:replay:{run}:{seq}")
+}
+
 /// `Nats-Msg-Id` of the parked copy of the message at `seq` of `stream`:
 /// a pod that dies after parking and before acknowledging delivers the
 /// message again and parks it again, which JetStream then deduplicates.
@@ -262,6 +314,39 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn intake_ids_never_equal_internal_ids() {
+        // Whatever id a request carries, the gateway's msg id has a prefix
+        // no internal id has.
+        for forged in [
+            "spillway:redrive:spillway_a_b_dlq:4",
+            "redrive-spillway_a_b_dlq-4",
+            "spillway:dlq:x:1:2",
+        ] {
+            for src in [IdSource::Provider, IdSource::Body, IdSource::Header] {
+                let id = intake_msg_id(src, forged);
+                assert!(!id.starts_with("spillway:"), "{id}");
+                assert_ne!(id, redrive_msg_id("spillway_a_b_dlq", 4));
+            }
+        }
+        assert_ne!(
+            intake_msg_id(IdSource::Provider, "x"),
+            intake_msg_id(IdSource::Header, "x")
+        );
+        for internal in [
+            redrive_msg_id("s", 1),
+            replay_msg_id("r", 1),
+            dead_letter_msg_id("s", 1, 5),
+            park_msg_id("s", 1),
+            due_msg_id("s", 1),
+        ] {
+            assert!(internal.starts_with("spillway:"), "{internal}");
+        }
+        // A recreated stream's message at the same sequence has another
+        // dead-letter id.
+        assert_ne!(dead_letter_msg_id("s", 1, 5), dead_letter_msg_id("s", 1, 6));
+    }
 
     #[test]
     fn redacted_urls_keep_only_scheme_host_and_path() {

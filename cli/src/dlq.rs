@@ -198,13 +198,7 @@ impl Selection {
     }
 }
 
-/// The message id a dead letter is redriven with: new relative to the
-/// original (so it is not deduplicated against it), but the same for the
-/// same dead letter, so a redrive interrupted between publish and delete and
-/// run again is deduplicated by JetStream instead of delivered twice.
-pub fn redrive_msg_id(dead_letter_stream: &str, seq: u64) -> String {
-    format!("redrive-{dead_letter_stream}-{seq}")
-}
+pub use spillway_api::wire::redrive_msg_id;
 
 /// Result of a redrive.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

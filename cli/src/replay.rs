@@ -20,13 +20,7 @@ pub struct Range {
     pub to: Option<u64>,
 }
 
-/// The message id of a replayed copy: unique per replay run and original
-/// sequence, so a run that is repeated with the same `--replay-id` (after an
-/// interruption) does not publish anything twice within the stream's
-/// duplicate window.
-pub fn replay_msg_id(run: &str, seq: u64) -> String {
-    format!("replay-{run}-{seq}")
-}
+pub use spillway_api::wire::replay_msg_id;
 
 /// A new replay run id (time-based, unique enough for one user).
 pub fn new_run_id() -> String {

@@ -94,6 +94,9 @@ pub fn headers(
 ) -> Result<Vec<(String, String)>, String> {
     let ts = req.now.to_string();
     let h = |k: &str, v: String| (k.to_owned(), v);
+    // The one rule for Secret values (spillway_api::secret), as the gateway
+    // applies it: surrounding whitespace is not part of the secret.
+    let secret = spillway_api::secret::value(secret);
     Ok(match scheme {
         Scheme::Github => vec![
             h(
@@ -125,12 +128,7 @@ pub fn headers(
             ]
         }
         Scheme::StandardWebhooks => {
-            let key = match secret.strip_prefix(b"whsec_") {
-                Some(b64) => BASE64.decode(b64.trim_ascii()).map_err(|_| {
-                    "the secret starts with whsec_ but is not valid base64".to_owned()
-                })?,
-                None => secret.to_vec(),
-            };
+            let key = spillway_api::secret::key(secret, true).map_err(|e| e.to_string())?;
             let sig = mac(
                 hmac::HMAC_SHA256,
                 &key,

@@ -2,6 +2,7 @@
 //! `deduplication` settings.
 
 use axum::http::HeaderMap;
+use spillway_api::wire::{self, IdSource};
 use spillway_api::{DedupSource, Deduplication, Scheme};
 
 use crate::verify::header;
@@ -14,7 +15,8 @@ const MAX_ID_LEN: usize = 256;
 pub struct Ids {
     /// The provider's delivery id, or the body hash when it has none.
     pub delivery_id: String,
-    /// JetStream's `Nats-Msg-Id`; `None` when deduplication is off.
+    /// JetStream's `Nats-Msg-Id` (namespaced: see
+    /// [`wire::intake_msg_id`]); `None` when deduplication is off.
     pub msg_id: Option<String>,
 }
 
@@ -64,17 +66,21 @@ pub fn provider_id(scheme: Scheme, headers: &HeaderMap, body: &[u8]) -> Option<S
 pub fn ids(dedup: &Deduplication, scheme: Scheme, headers: &HeaderMap, body: &[u8]) -> Ids {
     let provider = provider_id(scheme, headers, body);
     let delivery_id = provider.clone().unwrap_or_else(|| body_hash(body));
+    let from_body = || wire::intake_msg_id(IdSource::Body, &body_hash(body));
     let msg_id = match dedup.source {
         DedupSource::None => None,
-        DedupSource::Provider => Some(delivery_id.clone()),
-        DedupSource::BodyHash => Some(body_hash(body)),
+        DedupSource::Provider => Some(match &provider {
+            Some(id) => wire::intake_msg_id(IdSource::Provider, id),
+            None => from_body(),
+        }),
+        DedupSource::BodyHash => Some(from_body()),
         DedupSource::Header => Some(
             dedup
                 .header
                 .as_deref()
                 .and_then(|h| header(headers, h))
                 .and_then(clean)
-                .unwrap_or_else(|| body_hash(body)),
+                .map_or_else(from_body, |v| wire::intake_msg_id(IdSource::Header, &v)),
         ),
     };
     Ids {
@@ -188,28 +194,35 @@ mod tests {
             ids(&d, Scheme::Github, &headers, body),
             Ids {
                 delivery_id: "d-1".into(),
-                msg_id: Some("d-1".into())
+                msg_id: Some("provider:d-1".into())
             }
         );
+        let by_hash = format!("body:{hash}");
         assert_eq!(
             ids(&d, Scheme::Hmac, &headers, body).msg_id.as_deref(),
-            Some(hash.as_str())
+            Some(by_hash.as_str())
         );
         d.source = DedupSource::BodyHash;
         let got = ids(&d, Scheme::Github, &headers, body);
         assert_eq!(got.delivery_id, "d-1");
-        assert_eq!(got.msg_id.as_deref(), Some(hash.as_str()));
+        assert_eq!(got.msg_id.as_deref(), Some(by_hash.as_str()));
         d.source = DedupSource::Header;
         d.header = Some("x-custom".into());
         assert_eq!(
             ids(&d, Scheme::Github, &headers, body).msg_id.as_deref(),
-            Some("c-1")
+            Some("header:c-1")
         );
         d.header = Some("x-absent".into());
         assert_eq!(
             ids(&d, Scheme::Github, &headers, body).msg_id.as_deref(),
-            Some(hash.as_str())
+            Some(by_hash.as_str())
         );
+        // A forged delivery id that looks like an internal one stays in the
+        // gateway's namespace.
+        d.source = DedupSource::Provider;
+        let forged = h(&[("X-GitHub-Delivery", "redrive-spillway_a_b_dlq-4")]);
+        let got = ids(&d, Scheme::Github, &forged, body).msg_id.unwrap();
+        assert_eq!(got, "provider:redrive-spillway_a_b_dlq-4");
         d.source = DedupSource::None;
         assert_eq!(ids(&d, Scheme::Github, &headers, body).msg_id, None);
     }

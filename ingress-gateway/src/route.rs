@@ -204,8 +204,9 @@ fn resolve(
 ) -> Route {
     let spec = &def.spec;
     let v = &spec.verification;
-    // Empty values are dropped (and logged by Secret and key, never by
-    // value): an empty key or token would let anyone pass verification.
+    // Empty values (once trimmed) are dropped (and logged by Secret and
+    // key, never by value): an empty key or token would let anyone pass
+    // verification.
     let usable = |r: &SecretKeyRef, scheme: Scheme| {
         let value = secrets.secret(&def.namespace, r)?;
         if is_empty_secret(scheme, &value) {
@@ -217,7 +218,9 @@ fn resolve(
             );
             return None;
         }
-        Some(value)
+        // One rule for every value (spillway_api::secret): surrounding
+        // whitespace is not part of it, in Kubernetes and file mode alike.
+        Some(spillway_api::secret::value(&value).to_vec())
     };
     let values: Vec<Vec<u8>> = v
         .secret_refs

@@ -238,14 +238,9 @@ impl FileSource {
     pub fn secret(&self, namespace: &str, r: &SecretKeyRef) -> Option<Vec<u8>> {
         lookup(&self.secrets, namespace, r).or_else(|| {
             let dir = self.secrets_dir.as_ref()?;
-            let mut v = std::fs::read(dir.join(&r.name).join(&r.key)).ok()?;
-            if v.last() == Some(&b'\n') {
-                v.pop();
-                if v.last() == Some(&b'\r') {
-                    v.pop();
-                }
-            }
-            Some(v)
+            // Raw, as from a Kubernetes Secret: whitespace is handled by
+            // the one rule of spillway_api::secret where values are used.
+            std::fs::read(dir.join(&r.name).join(&r.key)).ok()
         })
     }
 
@@ -653,7 +648,12 @@ mod tests {
             name: "gh".into(),
             key: "secret".into(),
         };
-        let value = |w: &FileWatch| w.source().secret("default", &r);
+        // Raw file contents; the one whitespace rule applies where used.
+        let value = |w: &FileWatch| {
+            w.source()
+                .secret("default", &r)
+                .map(|v| spillway_api::secret::value(&v).to_vec())
+        };
         assert!(!w.pending());
         assert!(matches!(w.reload(), Reload::Unchanged));
 
@@ -752,8 +752,12 @@ spec:
             src.secret("other", &r("b64", "k")).as_deref(),
             Some(&b"hello"[..])
         );
+        // Files are read raw (a trailing newline kept); the one whitespace
+        // rule of spillway_api::secret applies where values are used.
         assert_eq!(
-            src.secret("team", &r("gl", "token")).as_deref(),
+            src.secret("team", &r("gl", "token"))
+                .as_deref()
+                .map(spillway_api::secret::value),
             Some(&b"gl-token"[..])
         );
         assert_eq!(src.secret("team", &r("gl", "nope")), None);

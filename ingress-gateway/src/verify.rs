@@ -10,7 +10,7 @@ use axum::http::HeaderMap;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ring::hmac;
-use spillway_api::{GenericHmac, HmacAlgorithm, Scheme, SignatureEncoding};
+use spillway_api::{GenericHmac, HmacAlgorithm, Scheme, SignatureEncoding, secret};
 use subtle::ConstantTimeEq;
 
 /// The HMAC primitives used here, for callers that sign (tests, tools).
@@ -149,25 +149,13 @@ fn parse_template(t: &str) -> Vec<Part> {
     parts
 }
 
-/// Decode a Standard Webhooks secret: `whsec_<base64>` is base64, anything
-/// else is used as raw bytes.
-pub fn standard_webhooks_secret(raw: &[u8]) -> Result<Vec<u8>, ConfigError> {
-    match raw.strip_prefix(b"whsec_") {
-        Some(b64) => BASE64
-            .decode(b64.trim_ascii())
-            .map_err(|_| ConfigError::BadWhsecSecret),
-        None => Ok(raw.to_vec()),
-    }
-}
-
-/// Whether a secret value is empty as `scheme` uses it: an empty value, or a
-/// Standard Webhooks `whsec_` secret that decodes to nothing. An empty key
-/// would make every signature computable by anyone (and an empty GitLab
-/// token would match an empty header), so such values are never used.
+/// Whether a secret value gives no key as `scheme` uses it (see
+/// [`spillway_api::secret`]: empty once trimmed, or a Standard Webhooks
+/// `whsec_` secret that decodes to nothing). An empty key would make every
+/// signature computable by anyone (and an empty GitLab token would match an
+/// empty header), so such values are never used.
 pub fn is_empty_secret(scheme: Scheme, raw: &[u8]) -> bool {
-    raw.is_empty()
-        || (scheme == Scheme::StandardWebhooks
-            && standard_webhooks_secret(raw).is_ok_and(|k| k.is_empty()))
+    secret::key(raw, scheme == Scheme::StandardWebhooks) == Err(secret::KeyError::Empty)
 }
 
 impl Verifier {
@@ -182,21 +170,20 @@ impl Verifier {
         public_url: Option<String>,
         generic: Option<&GenericHmac>,
     ) -> Result<Self, ConfigError> {
-        let secrets: Vec<Vec<u8>> = secrets
-            .into_iter()
-            .filter(|s| !is_empty_secret(scheme, s))
-            .collect();
+        // One rule for every Secret value (spillway_api::secret): trimmed,
+        // `whsec_` decoded for Standard Webhooks, empty ones skipped.
+        let mut keys = Vec::new();
+        for raw in &secrets {
+            match secret::key(raw, scheme == Scheme::StandardWebhooks) {
+                Ok(k) => keys.push(k),
+                Err(secret::KeyError::Empty) => {}
+                Err(secret::KeyError::Whsec) => return Err(ConfigError::BadWhsecSecret),
+            }
+        }
+        let secrets = keys;
         if scheme != Scheme::None && secrets.is_empty() {
             return Err(ConfigError::NoSecret(scheme.as_str()));
         }
-        let secrets = if scheme == Scheme::StandardWebhooks {
-            secrets
-                .iter()
-                .map(|s| standard_webhooks_secret(s))
-                .collect::<Result<_, _>>()?
-        } else {
-            secrets
-        };
         let generic = if scheme == Scheme::Hmac {
             let g = generic.ok_or(ConfigError::MissingHmacSettings)?;
             let template = parse_template(&g.signed_content);
@@ -379,12 +366,18 @@ impl Verifier {
     fn twilio(&self, req: &Inbound<'_>) -> Result<(), Failure> {
         let h = header(req.headers, "x-twilio-signature").ok_or(Failure::MissingSignature)?;
         let sig = BASE64.decode(h.trim()).map_err(|_| Failure::BadSignature)?;
-        let base = self.twilio_url.as_deref().unwrap_or_default();
-        let mut url = base.to_owned();
-        if let Some(q) = req.query.filter(|q| !q.is_empty()) {
-            url.push(if base.contains('?') { '&' } else { '?' });
-            url.push_str(q);
-        }
+        // Twilio signs the URL it requested: the public URL's scheme, host
+        // and path, with the query the request carries (a query written in
+        // `publicUrl` is the one Twilio was given, so it arrives with the
+        // request and is not added twice).
+        let configured = self.twilio_url.as_deref().unwrap_or_default();
+        let url = match req.query.filter(|q| !q.is_empty()) {
+            Some(q) => {
+                let path = configured.split_once('?').map_or(configured, |(p, _)| p);
+                format!("{path}?{q}")
+            }
+            None => configured.to_owned(),
+        };
         let is_form = header(req.headers, "content-type")
             .map(|ct| {
                 ct.split(';')
@@ -730,6 +723,23 @@ mod tests {
             run(&h, b"CallSid=CA1234567890ABCDE", query),
             Err(Failure::BadSignature)
         );
+        // A publicUrl written with its query (as given to Twilio) verifies
+        // the same request: the query is not appended twice.
+        let with_query = Verifier::new(
+            Scheme::Twilio,
+            vec![b"12345".to_vec()],
+            300,
+            Some(url.into()),
+            None,
+        )
+        .unwrap();
+        let inbound = Inbound {
+            headers: &h,
+            body: body.as_bytes(),
+            query: Some(query),
+            now_unix: NOW,
+        };
+        assert_eq!(with_query.verify(&inbound), Ok(()));
 
         // JSON variant: URL carries bodySHA256 of the body.
         let json = br#"{"property": "value", "boolean": true}"#;
@@ -988,7 +998,7 @@ mod tests {
             Err(Failure::BadSignature)
         );
         // A whsec_ secret that decodes to nothing.
-        for raw in ["whsec_", "whsec_  "] {
+        for raw in ["whsec_", "whsec_  ", " \n"] {
             assert!(is_empty_secret(Scheme::StandardWebhooks, raw.as_bytes()));
             assert_eq!(
                 Verifier::new(
@@ -1004,6 +1014,17 @@ mod tests {
         }
         assert!(!is_empty_secret(Scheme::Github, b"whsec_"));
         assert!(!is_empty_secret(Scheme::StandardWebhooks, b"whsec_aGk="));
+        // Surrounding whitespace is not part of a value, in every scheme.
+        let sig = format!("sha256={}", hex_sig("real", &[body]));
+        let h = headers(&[("X-Hub-Signature-256", &sig)]);
+        assert_eq!(
+            check(&v(Scheme::Github, &["real\n"]), &h, body, NOW),
+            Ok(())
+        );
+        assert_eq!(
+            check(&v(Scheme::Github, &[" real "]), &h, body, NOW),
+            Ok(())
+        );
     }
 
     #[test]

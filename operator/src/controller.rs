@@ -307,18 +307,6 @@ pub fn secret_refs(ep: &WebhookEndpoint) -> Vec<(String, &SecretKeyRef)> {
     out
 }
 
-/// Whether a Secret value is no secret at all: empty, or (for Standard
-/// Webhooks secrets, `whsec` true) a `whsec_` prefix with nothing after it.
-/// The gateway ignores such values (an empty HMAC key makes every signature
-/// computable by anyone).
-pub fn secret_value_is_empty(value: &[u8], whsec: bool) -> bool {
-    value.is_empty()
-        || (whsec
-            && value
-                .strip_prefix(b"whsec_")
-                .is_some_and(|rest| rest.trim_ascii().is_empty()))
-}
-
 /// Why processor pods cannot start for want of a NATS Secret of the
 /// operator's settings (`found`: that Secret in namespace `ns`, if it
 /// exists): a `ProcessorReady` reason and message, or `None` when it is
@@ -436,16 +424,32 @@ async fn accept(ep: &WebhookEndpoint, ctx: &Context) -> Result<Result<Timings, R
                 let whsec = field == "processor.signing.secretRef"
                     || (field.starts_with("verification.")
                         && ep.spec.verification.scheme == Scheme::StandardWebhooks);
-                if secret_value_is_empty(value, whsec) {
-                    return Ok(Err(Rejection {
-                        reason: "SecretKeyEmpty",
-                        message: format!(
-                            "Secret {ns}/{} key {:?} (referenced by {field}) is empty; \
-                             the gateway does not use it (requests are answered 503 while no \
-                             secret of the endpoint has a value); put the secret in it",
-                            r.name, r.key
-                        ),
-                    }));
+                // The same parse as the gateway's and the processor's.
+                match spillway_api::secret::key(value, whsec) {
+                    Ok(_) => {}
+                    Err(spillway_api::secret::KeyError::Empty) => {
+                        return Ok(Err(Rejection {
+                            reason: "SecretKeyEmpty",
+                            message: format!(
+                                "Secret {ns}/{} key {:?} (referenced by {field}) is empty; \
+                                 the gateway does not use it (requests are answered 503 while no \
+                                 secret of the endpoint has a value); put the secret in it",
+                                r.name, r.key
+                            ),
+                        }));
+                    }
+                    Err(spillway_api::secret::KeyError::Whsec) => {
+                        return Ok(Err(Rejection {
+                            reason: "SecretKeyInvalid",
+                            message: format!(
+                                "Secret {ns}/{} key {:?} (referenced by {field}) starts with \
+                                 whsec_ but the rest is not valid base64; the gateway cannot \
+                                 use it (requests are answered 503); put the key as the \
+                                 provider shows it, whsec_ followed by base64",
+                                r.name, r.key
+                            ),
+                        }));
+                    }
                 }
             }
         }
@@ -1293,17 +1297,6 @@ async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn empty_secret_values_are_no_secrets() {
-        assert!(secret_value_is_empty(b"", false));
-        assert!(secret_value_is_empty(b"", true));
-        assert!(!secret_value_is_empty(b"whsec_", false), "a literal token");
-        assert!(secret_value_is_empty(b"whsec_", true));
-        assert!(secret_value_is_empty(b"whsec_ \n", true));
-        assert!(!secret_value_is_empty(b"whsec_MfKQ9r8G", true));
-        assert!(!secret_value_is_empty(b"x", false));
-    }
 
     #[test]
     fn processor_nats_secrets_are_judged_by_name_and_keys() {

@@ -20,6 +20,10 @@ pub struct Failure<'a> {
     pub stream: &'a str,
     /// Stream sequence of the original.
     pub seq: u64,
+    /// When JetStream stored the original (Unix nanoseconds): with the
+    /// stream and sequence, it tells the same stored message from the one at
+    /// the same sequence of a recreated stream.
+    pub published_unix_nanos: i128,
     /// Subject of the original.
     pub subject: &'a str,
     /// When it failed, RFC 3339.
@@ -43,7 +47,10 @@ pub fn headers(original: Option<&HeaderMap>, f: &Failure<'_>) -> HeaderMap {
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(MAX_DETAIL)
         .collect();
-    out.insert(wire::NATS_MSG_ID, msg_id(f.stream, f.seq).as_str());
+    out.insert(
+        wire::NATS_MSG_ID,
+        wire::dead_letter_msg_id(f.stream, f.seq, f.published_unix_nanos).as_str(),
+    );
     out.insert(wire::DLQ_REASON, f.reason.as_str());
     out.insert(wire::DLQ_DETAIL, detail.as_str());
     out.insert(wire::DLQ_ATTEMPTS, f.attempts.to_string().as_str());
@@ -54,11 +61,6 @@ pub fn headers(original: Option<&HeaderMap>, f: &Failure<'_>) -> HeaderMap {
     out.insert(wire::DLQ_ORIGINAL_SUBJECT, f.subject);
     out.insert(wire::DLQ_FAILED_AT, f.failed_at);
     out
-}
-
-/// The dead letter's message id for stream message `seq`.
-pub fn msg_id(stream: &str, seq: u64) -> String {
-    format!("dlq-{stream}-{seq}")
 }
 
 #[cfg(test)]
@@ -79,6 +81,7 @@ mod tests {
             last_status: Some(400),
             stream: "spillway_default_gh",
             seq: 42,
+            published_unix_nanos: 7,
             subject: "spillway.in.default_gh.0",
             failed_at: "2026-01-01T00:00:00Z",
         };
@@ -88,7 +91,7 @@ mod tests {
         assert_eq!(get("Spillway-Orig-X-GitHub-Event").as_deref(), Some("push"));
         assert_eq!(
             get(wire::NATS_MSG_ID).as_deref(),
-            Some("dlq-spillway_default_gh-42")
+            Some("spillway:dlq:spillway_default_gh:42:7")
         );
         assert_eq!(get(wire::DLQ_REASON).as_deref(), Some("client_error"));
         assert_eq!(get(wire::DLQ_ATTEMPTS).as_deref(), Some("1"));
@@ -108,6 +111,7 @@ mod tests {
             &Failure {
                 stream: "s",
                 seq: 1,
+                published_unix_nanos: 0,
                 reason: DeadReason::MaxAttempts,
                 detail: "connect error:\r\nX-Injected: 1\tend",
                 attempts: 2,
@@ -132,6 +136,7 @@ mod tests {
             last_status: None,
             stream: "s",
             seq: 1,
+            published_unix_nanos: 0,
             subject: "a.b",
             failed_at: "t",
         };

@@ -518,7 +518,10 @@ impl Processor {
             wire::NATS_MSG_ID,
             wire::due_msg_id(&r.stream, parked_seq).as_str(),
         );
-        let published = self.publish_acked(r.due_subject.clone(), out, &msg).await;
+        let published = self
+            .publish_acked(r.due_subject.clone(), out, &msg)
+            .await
+            .map(|_| ());
         match published {
             Ok(()) => {
                 self.metrics.retries_moved.inc();
@@ -543,14 +546,50 @@ impl Processor {
         subject: String,
         headers: async_nats::HeaderMap,
         msg: &Message,
-    ) -> Result<(), String> {
+    ) -> Result<async_nats::jetstream::publish::PublishAck, String> {
         match self
             .js
             .publish_with_headers(subject, headers, msg.payload.clone())
             .await
         {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A dead-letter publish answered "duplicate": JetStream saw this id
+    /// within its window. That is only a success if the dead-letter stream
+    /// still holds the message under that id (a publish repeated after a
+    /// lost acknowledgement); otherwise terminating the original would lose
+    /// it.
+    async fn dead_letter_held(
+        &self,
+        subject: &str,
+        ack: &async_nats::jetstream::publish::PublishAck,
+        id: &str,
+    ) -> Result<(), String> {
+        let name = self
+            .js
+            .stream_by_subject(subject)
+            .await
+            .map_err(|e| format!("finding the dead-letter stream: {e}"))?;
+        let stream = self
+            .js
+            .get_stream_no_info(&name)
+            .await
+            .map_err(|e| format!("opening the dead-letter stream: {e}"))?;
+        let held = stream
+            .get_raw_message(ack.sequence)
+            .await
+            .map_err(|e| format!("the dead-letter stream does not hold it: {e}"))?;
+        let held_id = held
+            .headers
+            .get(wire::NATS_MSG_ID)
+            .map(|v| v.as_str().to_owned());
+        if held_id.as_deref() == Some(id) {
+            Ok(())
+        } else {
+            Err("the dead-letter stream answered duplicate but holds another message there".into())
         }
     }
 
@@ -575,7 +614,10 @@ impl Processor {
             wire::NATS_MSG_ID,
             wire::park_msg_id(&self.settings.stream, seq).as_str(),
         );
-        let published = self.publish_acked(r.subject.clone(), out, msg).await;
+        let published = self
+            .publish_acked(r.subject.clone(), out, msg)
+            .await
+            .map(|_| ());
         match published {
             Ok(()) => {
                 if let Err(e) = msg.double_ack().await {
@@ -839,11 +881,23 @@ impl Processor {
                 last_status: result.status(),
                 stream: &s.stream,
                 seq,
+                published_unix_nanos: msg
+                    .info()
+                    .map(|i| i.published.unix_timestamp_nanos())
+                    .unwrap_or_default(),
                 subject: msg.subject.as_str(),
                 failed_at: &failed_at,
             },
         );
-        let published = self.publish_acked(subject.clone(), headers, msg).await;
+        let id = headers
+            .get(wire::NATS_MSG_ID)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let published = match self.publish_acked(subject.clone(), headers, msg).await {
+            Ok(ack) if ack.duplicate => self.dead_letter_held(subject, &ack, &id).await,
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
         match published {
             Ok(()) => {
                 self.metrics.delivery("dead_lettered", class);

@@ -40,24 +40,14 @@ pub enum SecretError {
     Empty,
 }
 
-/// The key bytes of a secret: `whsec_<base64>` is decoded, anything else is
-/// used as raw bytes. Surrounding whitespace (a trailing newline from `echo`)
-/// is ignored.
+/// The key bytes of a secret, by the one rule of [`spillway_api::secret`]:
+/// surrounding whitespace ignored, `whsec_<base64>` decoded, anything else
+/// used as raw bytes.
 pub fn parse_secret(raw: &[u8]) -> Result<Vec<u8>, SecretError> {
-    let trimmed = raw.trim_ascii();
-    if trimmed.is_empty() {
-        return Err(SecretError::Empty);
-    }
-    match trimmed.strip_prefix(b"whsec_") {
-        Some(b64) => {
-            let key = STANDARD.decode(b64).map_err(|_| SecretError::Base64)?;
-            if key.is_empty() {
-                return Err(SecretError::Empty);
-            }
-            Ok(key)
-        }
-        None => Ok(trimmed.to_vec()),
-    }
+    spillway_api::secret::key(raw, true).map_err(|e| match e {
+        spillway_api::secret::KeyError::Empty => SecretError::Empty,
+        spillway_api::secret::KeyError::Whsec => SecretError::Base64,
+    })
 }
 
 /// Signs deliveries with one key.

@@ -27,8 +27,8 @@ use spillway_api::names::{BUILTIN_LISTENER, EndpointNames, partition_of};
 use spillway_api::validate::{Timings, check};
 use spillway_api::wire::{self, ProcessorConfig};
 use spillway_operator::jetstream::{
-    consumer_configs, dead_letter_config, history_config, retry_consumer_configs,
-    retry_stream_config, stream_config,
+    consumer_configs, dead_letter_config, history_config, history_consumer_config,
+    retry_consumer_configs, retry_stream_config, stream_config,
 };
 use spillway_tests::{bin_path, eventually, free_port, watchdog};
 
@@ -102,9 +102,16 @@ impl Endpoint {
             js: js.clone(),
         };
         let (spec, t) = (probe.spec()?, probe.timings()?);
-        // The streams exactly as the operator configures them.
+        // The streams exactly as the operator configures them, the
+        // history's source consumer before the history stream.
+        let work = js
+            .create_stream(stream_config(&names, &spec, &t))
+            .await
+            .context("creating the work stream")?;
+        work.create_consumer(history_consumer_config(&names))
+            .await
+            .context("creating the history source consumer")?;
         for cfg in [
-            stream_config(&names, &spec, &t),
             history_config(&names, &spec, &t, false),
             dead_letter_config(&names, &spec, &t),
             retry_stream_config(&names, &spec, &t),
@@ -281,6 +288,23 @@ impl Endpoint {
     /// Every message in the dead-letter stream.
     pub async fn dead_letters(&self) -> Result<Vec<jetstream::message::StreamMessage>> {
         stream_messages(&self.js, &self.names.dead_letter_stream()).await
+    }
+
+    /// Wait until the history stream holds `n` messages (its source copies
+    /// from the work stream within a moment, not at once).
+    pub async fn history_holds(&self, n: u64) -> Result<()> {
+        let js = self.js.clone();
+        let name = self.names.history_stream();
+        eventually(Duration::from_secs(10), "history copies", || {
+            let (js, name) = (js.clone(), name.clone());
+            async move {
+                match js.get_stream(&name).await {
+                    Ok(mut s) => s.info().await.is_ok_and(|i| i.state.messages >= n),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await
     }
 
     /// Info of consumer `name`.

@@ -196,7 +196,7 @@ async fn an_interrupted_redrive_run_again_does_not_duplicate() -> Result<()> {
     let mut h = ep.gateway_headers("x1", None);
     h.insert(
         wire::NATS_MSG_ID,
-        format!("redrive-{}-{}", ep.names.dead_letter_stream(), seqs[0]).as_str(),
+        wire::redrive_msg_id(&ep.names.dead_letter_stream(), seqs[0]).as_str(),
     );
     js.publish_with_headers(ep.names.subject(0), h, "{}".into())
         .await?

@@ -32,6 +32,7 @@ async fn replay_delivers_the_range_again_exactly_once() -> Result<()> {
     let _p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
     let ids: Vec<String> = (0..10).map(|i| format!("r{i}")).collect();
     ep.publish_many(&ids).await?; // sequences 1..=10
+    ep.history_holds(10).await?;
     eventually(Duration::from_secs(10), "first delivery", || async {
         sink.delivered_ids().len() == 10
     })
@@ -146,6 +147,7 @@ async fn an_interrupted_replay_says_how_to_resume_and_shows_progress_on_a_termin
     let ep = Endpoint::create(nats.jetstream().await?, Setup::default()).await?;
     let ids: Vec<String> = (0..10).map(|i| format!("i{i}")).collect();
     ep.publish_many(&ids).await?;
+    ep.history_holds(10).await?;
     let stream_name = ep.names.stream();
 
     let url = nats.url.clone();

@@ -617,9 +617,38 @@ async fn missing_secret_and_path_conflict_are_reported() -> Result<()> {
         msg.contains("is empty") && msg.contains("\"secret\""),
         "{msg}"
     );
+    // Whitespace only is empty too: surrounding whitespace is not part of
+    // a value (spillway_api::secret, the gateway's and processor's rule).
+    set("x").await?;
+    env.wait_condition("a", "Accepted", "True", None).await?;
+    set(" \n").await?;
+    env.wait_condition("a", "Accepted", "False", Some("SecretKeyEmpty"))
+        .await?;
     set("x").await?;
     env.wait_condition("a", "Accepted", "True", None).await?;
     env.wait_condition("a", "StreamReady", "True", None).await?;
+
+    // An invalid whsec_ key is refused where a Standard Webhooks key is
+    // expected (the gateway could not use it), and is a literal token for
+    // other schemes; the value is never shown.
+    env.create(
+        "sw",
+        spec(json!({"path": "/sw", "verification": {"scheme": "standardWebhooks"}})),
+    )
+    .await?;
+    env.wait_condition("sw", "Accepted", "True", None).await?;
+    set("whsec_not base64!").await?;
+    let ep = env
+        .wait_condition("sw", "Accepted", "False", Some("SecretKeyInvalid"))
+        .await?;
+    let msg = condition(&ep, "Accepted").unwrap().2;
+    assert!(
+        msg.contains("whsec_") && !msg.contains("not base64!"),
+        "{msg}"
+    );
+    env.wait_condition("a", "Accepted", "True", None).await?;
+    set("x").await?;
+    env.wait_condition("sw", "Accepted", "True", None).await?;
 
     // A newer endpoint on the same path is refused …
     env.create("b", spec(json!({"path": "/shared"}))).await?;

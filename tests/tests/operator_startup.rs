@@ -100,6 +100,22 @@ async fn refuses_without_crd_then_elects_one_leader_and_fails_over() -> Result<(
         Ok(_) => bail!("started without the CRD"),
     }
 
+    // Credentials in the processors' NATS URL are refused before anything
+    // is rendered, and the refusal does not repeat them.
+    let mut with_creds = settings(&nats.url, "default", "x");
+    with_creds.processor_nats_url = Some("nats://proc:s3cret@nats:4222".into());
+    match spillway_operator::start(with_creds, client.clone()).await {
+        Err(e @ Error::NatsConfig(_)) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("carries credentials") && !msg.contains("s3cret"),
+                "{msg}"
+            );
+        }
+        Err(e) => bail!("unexpected error {e}"),
+        Ok(_) => bail!("started with credentials in the processors' URL"),
+    }
+
     // The binary says so and exits non-zero (built by `make test`).
     let out = std::process::Command::new(spillway_tests::bin_path("spillway-operator"))
         .env("KUBECONFIG", &cp.kubeconfig)

@@ -258,3 +258,108 @@ async fn with_dead_letters_disabled_a_failure_is_dropped_and_counted() -> Result
     assert!(ep.dead_letters().await?.is_empty());
     Ok(())
 }
+
+/// A dead letter's id names the stored message, not just its sequence: the
+/// message at the same sequence of a recreated work stream is a new dead
+/// letter, not a "duplicate" that is silently terminated (it was lost when
+/// ids were `dlq-<stream>-<seq>`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_stream_gets_new_dead_letter_ids() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    let js = nats.jetstream().await?;
+    let setup = Setup {
+        max_attempts: 1,
+        ..Setup::default()
+    };
+    let ep = Endpoint::create(js.clone(), setup.clone()).await?;
+    sink.set_default(Reply::status(400));
+    let mut p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    assert_eq!(ep.publish("first", None, "{\"n\":1}").await?, 1);
+    eventually(Duration::from_secs(10), "first dead letter", || async {
+        ep.dead_letters().await.is_ok_and(|d| d.len() == 1)
+    })
+    .await?;
+    p.sigkill();
+
+    // The work stream deleted and made again (its sequences restart).
+    js.delete_stream(ep.names.stream()).await?;
+    js.delete_stream(ep.names.history_stream()).await?;
+    let ep = Endpoint::create(js.clone(), setup).await?;
+    assert_eq!(ep.publish("second", None, "{\"n\":2}").await?, 1);
+    let p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    eventually(Duration::from_secs(10), "second dead letter", || async {
+        ep.dead_letters().await.is_ok_and(|d| d.len() == 2)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", p.log_text()))?;
+    let ids: Vec<String> = ep
+        .dead_letters()
+        .await?
+        .iter()
+        .filter_map(|m| header(&m.headers, wire::DELIVERY_ID))
+        .collect();
+    assert_eq!(ids, ["first", "second"]);
+    Ok(())
+}
+
+/// A dead-letter publish answered "duplicate" counts only if the
+/// dead-letter stream still holds that message: otherwise the original is
+/// kept (and retried), never terminated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_answer_for_a_dead_letter_not_held_keeps_the_original() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    let js = nats.jetstream().await?;
+    let ep = Endpoint::create(
+        js.clone(),
+        Setup {
+            max_attempts: 1,
+            backoff: vec!["200ms".into()],
+            ..Setup::default()
+        },
+    )
+    .await?;
+    let seq = ep.publish("keep", None, "{\"keep\":true}").await?;
+    // The dead-letter stream has seen this message's dead-letter id (its
+    // window remembers it) but no longer holds it.
+    let stored = js
+        .get_stream(ep.names.stream())
+        .await?
+        .get_raw_message(seq)
+        .await?;
+    let id = wire::dead_letter_msg_id(&ep.names.stream(), seq, stored.time.unix_timestamp_nanos());
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(wire::NATS_MSG_ID, id.as_str());
+    let decoy = js
+        .publish_with_headers(ep.names.dead_letter_subject(), h, "decoy".into())
+        .await?
+        .await?;
+    js.get_stream(ep.names.dead_letter_stream())
+        .await?
+        .delete_message(decoy.sequence)
+        .await?;
+
+    sink.set_default(Reply::status(400));
+    let p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    eventually(
+        Duration::from_secs(10),
+        "the duplicate answer refused",
+        || async {
+            p.metric("spillway_processor_dead_letter_publish_failures_total")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", p.log_text()))?;
+    let info = ep.consumer_info(&ep.names.consumer(None)).await?;
+    assert_eq!(
+        info.num_ack_pending as u64 + info.num_pending,
+        1,
+        "the original is still held"
+    );
+    assert!(ep.dead_letters().await?.is_empty());
+    Ok(())
+}
