@@ -463,11 +463,17 @@ struct SecretCache {
     data: SecretData,
     /// Secrets whose watch has listed at least once.
     synced: HashSet<(String, String)>,
+    /// Secrets whose watch failed (Forbidden, say) before listing: their
+    /// endpoints stay without a secret (503 `not_ready`), but they do not
+    /// keep the gateway unready for every other endpoint.
+    failed: HashSet<(String, String)>,
 }
 
 /// Watch WebhookEndpoints (all namespaces, or `namespace`) and the Secrets
 /// they reference, keeping `router` current. `synced` becomes true once the
-/// endpoints and every Secret referenced at that time have been listed.
+/// endpoints and every Secret referenced at that time have been listed (or
+/// their watch has failed: that endpoint answers 503 `not_ready`, the
+/// others are served).
 /// Runs until aborted.
 pub async fn run_kubernetes(
     client: Client,
@@ -523,6 +529,7 @@ pub async fn run_kubernetes(
             let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
             c.data.retain(|k, _| wanted.contains(k));
             c.synced.retain(|k| wanted.contains(k));
+            c.failed.retain(|k| wanted.contains(k));
         }
         for key in &wanted {
             if !secret_watches.contains_key(key) {
@@ -542,7 +549,11 @@ pub async fn run_kubernetes(
             for loser in router.rebuild(&defs, &lookup, public_base_url.as_deref()) {
                 warn!(endpoint = %loser, "path already served by an older endpoint; not routed");
             }
-            wanted.iter().all(|k| c.synced.contains(k))
+            // Every referenced Secret listed, or known to be unreadable:
+            // one endpoint's Secret never holds every endpoint back.
+            wanted
+                .iter()
+                .all(|k| c.synced.contains(k) || c.failed.contains(k))
         };
         metrics
             .routes
@@ -587,6 +598,14 @@ async fn watch_secret(
             Ok(e) => e,
             Err(e) => {
                 warn!(namespace = %key.0, secret = %key.1, error = %e, "watching Secret failed; retrying");
+                let first = cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .failed
+                    .insert(key.clone());
+                if first {
+                    changed.notify_one();
+                }
                 continue;
             }
         };
@@ -611,6 +630,7 @@ async fn watch_secret(
                     c.data.remove(&key);
                 }
                 c.synced.insert(key.clone());
+                c.failed.remove(&key);
             }
         }
         drop(c);

@@ -520,6 +520,37 @@ async fn serve_with_chart_rbac(
     )?);
 
     let admin = cp.client().await?;
+    // With rbac.namespaces, an endpoint in a namespace the gateway may not
+    // read Secrets in (applied before the gateway starts): its Secret watch
+    // is Forbidden forever. It must only make that endpoint answer 503,
+    // never keep the gateway unready for everyone else.
+    let listed_only = !watch && set.iter().any(|s| s.starts_with("rbac.namespaces="));
+    let outside = if listed_only {
+        let ns = cp.namespace(&format!("{release}-outside")).await?;
+        cp.kubectl_stdin(
+            &["apply", "-f", "-"],
+            &format!(
+                r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: gh, namespace: {ns}}}
+stringData: {{secret: other}}
+---
+apiVersion: spillway.dev/v1alpha1
+kind: WebhookEndpoint
+metadata: {{name: out, namespace: {ns}}}
+spec:
+  verification: {{scheme: github, secretRefs: [{{name: gh, key: secret}}]}}
+  processor:
+    sink: {{url: "http://sink.example:8080/"}}
+    replicas: {{min: 0, max: 1}}
+"#
+            ),
+        )?;
+        Some(ns)
+    } else {
+        None
+    };
     let lease_name = format!("{release}-spillway-operator");
     let mut args = vec![
         "spillway-operator".to_owned(),
@@ -652,6 +683,32 @@ spec:
         }
     })
     .await?;
+    if let Some(ns) = &outside {
+        // The unreadable endpoint is routed but has no secret: 503
+        // not_ready for it alone.
+        let route = gw.router.table().get(&format!("/{ns}/out"));
+        assert!(
+            route.as_ref().is_some_and(|r| r.verifier.is_err()),
+            "the outside endpoint is routed without a secret"
+        );
+        let answer = {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut c = tokio::net::TcpStream::connect(gateway.addr).await?;
+            c.write_all(
+                format!("POST /{ns}/out HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}")
+                    .as_bytes(),
+            )
+            .await?;
+            let mut out = String::new();
+            c.read_to_string(&mut out).await?;
+            out
+        };
+        assert!(
+            answer.starts_with("HTTP/1.0 503") && answer.ends_with(r#"{"error":"not_ready"}"#),
+            "{answer}"
+        );
+        cp.kubectl_output(&["delete", "whe", "out", "-n", ns, "--wait=false"])?;
+    }
 
     // Cleanup: Deployment delete, NATS cleanup, finalizer removal.
     cp.kubectl_output(&["delete", "whe", "gh", "kd", "-n", team, "--wait=false"])?;
