@@ -313,8 +313,14 @@ pub struct IngressSpec {
     #[serde(default = "defaults::max_body_bytes")]
     #[schemars(range(min = 1, max = 8388608))]
     pub max_body_bytes: u64,
-    /// Token-bucket limit on requests accepted for this endpoint; beyond it
-    /// the gateway answers 429 with Retry-After. Unset: no per-endpoint limit.
+    /// Token-bucket limit on verified requests for this endpoint (requests
+    /// that fail verification are answered 401 and spend nothing); beyond
+    /// it the gateway answers 429 with Retry-After. Enforced by each gateway
+    /// pod on its share: the limit divided by the gateway's
+    /// `rateLimitReplicas` (the chart sets its replica count, or
+    /// `autoscaling.minReplicas`), so the total holds with an even spread of
+    /// requests and is exceeded by at most the ratio of running pods to that
+    /// count. Unset: no per-endpoint limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<IngressRateLimit>,
     /// HTTP status answered once a webhook is stored: 200, 202 or 204.

@@ -104,6 +104,11 @@ pub struct Cli {
     /// more are answered 503 before their body is read [default 256].
     #[arg(long, env = "SPILLWAY_GATEWAY_MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
+    /// Gateway replicas that share each endpoint's `ingress.rateLimit`:
+    /// each one enforces 1/N of it (the chart sets its replica count)
+    /// [default 1].
+    #[arg(long, env = "SPILLWAY_GATEWAY_RATE_LIMIT_REPLICAS")]
+    pub rate_limit_replicas: Option<u32>,
     /// Retry-After on 503 [default 5s].
     #[arg(long, env = "SPILLWAY_GATEWAY_RETRY_AFTER")]
     pub retry_after: Option<String>,
@@ -155,6 +160,7 @@ struct FileConfig {
     max_header_bytes: Option<usize>,
     max_in_flight_publishes: Option<usize>,
     max_concurrent_requests: Option<usize>,
+    rate_limit_replicas: Option<u32>,
     retry_after: Option<String>,
     shutdown_grace: Option<String>,
     drain_delay: Option<String>,
@@ -220,6 +226,8 @@ pub struct Config {
     pub max_in_flight_publishes: usize,
     /// Webhook requests handled at once.
     pub max_concurrent_requests: usize,
+    /// Gateway replicas sharing each endpoint's rate limit.
+    pub rate_limit_replicas: u32,
     /// Retry-After on 503.
     pub retry_after: Duration,
     /// Shutdown grace period.
@@ -255,6 +263,7 @@ impl Default for Config {
             max_header_bytes: 64 * 1024,
             max_in_flight_publishes: 4096,
             max_concurrent_requests: 256,
+            rate_limit_replicas: 1,
             retry_after: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(25),
             drain_delay: Duration::from_secs(5),
@@ -360,6 +369,10 @@ impl Config {
                 .max_concurrent_requests
                 .or(file.max_concurrent_requests)
                 .unwrap_or(d.max_concurrent_requests),
+            rate_limit_replicas: cli
+                .rate_limit_replicas
+                .or(file.rate_limit_replicas)
+                .unwrap_or(d.rate_limit_replicas),
             retry_after: dur(
                 "retryAfter",
                 cli.retry_after.or(file.retry_after),
@@ -389,6 +402,9 @@ impl Config {
         }
         if c.max_concurrent_requests == 0 {
             problems.push("maxConcurrentRequests must be at least 1".into());
+        }
+        if c.rate_limit_replicas == 0 {
+            problems.push("rateLimitReplicas must be at least 1".into());
         }
         if c.nats_url.trim().is_empty() {
             problems.push("natsUrl must not be empty".into());

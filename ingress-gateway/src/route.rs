@@ -122,14 +122,33 @@ type KeptLimiter = ((u32, u32), Arc<DefaultDirectRateLimiter>);
 
 /// The live routing table, swapped as a whole when the source changes. Rate
 /// limiters survive rebuilds while an endpoint's limit is unchanged.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Router {
     table: RwLock<Arc<Table>>,
     limiters: Mutex<HashMap<String, KeptLimiter>>,
     conflicts: RwLock<Vec<String>>,
+    /// Gateway replicas sharing each endpoint's rate limit (≥ 1).
+    rate_limit_replicas: u32,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new(1)
+    }
 }
 
 impl Router {
+    /// An empty router whose endpoints' rate limits are shared by
+    /// `rate_limit_replicas` gateway pods: each enforces its share.
+    pub fn new(rate_limit_replicas: u32) -> Self {
+        Self {
+            table: RwLock::default(),
+            limiters: Mutex::default(),
+            conflicts: RwLock::default(),
+            rate_limit_replicas: rate_limit_replicas.max(1),
+        }
+    }
+
     /// The current table.
     pub fn table(&self) -> Arc<Table> {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -170,7 +189,7 @@ impl Router {
                 continue;
             }
             let limiter = def.spec.ingress.rate_limit.as_ref().map(|rl| {
-                let key = (rl.requests_per_second, rl.burst);
+                let key = pod_share(rl.requests_per_second, rl.burst, self.rate_limit_replicas);
                 let l = match limiters.remove(&endpoint) {
                     Some((k, l)) if k == key => l,
                     _ => Arc::new(limiter(key.0, key.1)),
@@ -186,6 +205,13 @@ impl Router {
         conflicts.clone_into(&mut self.conflicts.write().unwrap_or_else(|e| e.into_inner()));
         conflicts
     }
+}
+
+/// This pod's share of an endpoint's `(requestsPerSecond, burst)` when
+/// `replicas` gateway pods serve it: each rounded up, never below 1.
+pub fn pod_share(rps: u32, burst: u32, replicas: u32) -> (u32, u32) {
+    let n = replicas.max(1);
+    (rps.div_ceil(n).max(1), burst.div_ceil(n).max(1))
 }
 
 fn limiter(rps: u32, burst: u32) -> DefaultDirectRateLimiter {
@@ -270,6 +296,14 @@ fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_pod_enforces_its_share_of_the_rate_limit() {
+        assert_eq!(pod_share(100, 200, 1), (100, 200));
+        assert_eq!(pod_share(100, 200, 3), (34, 67));
+        assert_eq!(pod_share(1, 1, 4), (1, 1), "never below one");
+        assert_eq!(pod_share(10, 20, 0), (10, 20), "0 replicas counts as 1");
+    }
 
     fn def(ns: &str, name: &str, created: Option<i64>, yaml: &str) -> EndpointDef {
         EndpointDef {

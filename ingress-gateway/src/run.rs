@@ -84,7 +84,7 @@ pub async fn start(
     let nats = crate::nats::connect_options(config)?
         .connect(servers)
         .await?;
-    let router = Arc::new(Router::default());
+    let router = Arc::new(Router::new(config.rate_limit_replicas));
     let metrics = Arc::new(Metrics::new());
     let synced = Arc::new(AtomicBool::new(false));
     let source_task: JoinHandle<()> = match config.source {

@@ -337,14 +337,6 @@ async fn handle_route(gw: &Gateway, route: &Route, req: Request) -> Result<Respo
             retry_after: gw.limits.retry_after_secs,
         });
     }
-    if let Some(l) = &route.limiter
-        && let Err(not_until) = l.check()
-    {
-        let wait = not_until.wait_time_from(gw.clock.now());
-        return Err(ApiError::RateLimited {
-            retry_after: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
-        });
-    }
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -376,6 +368,17 @@ async fn handle_route(gw: &Gateway, route: &Route, req: Request) -> Result<Respo
             now_unix,
         })
         .map_err(ApiError::Unauthorized)?;
+    // Only verified requests spend the endpoint's rate limit: unsigned
+    // junk is refused above (401) without taking a provider's tokens; the
+    // global request cap bounds it before the body is read.
+    if let Some(l) = &route.limiter
+        && let Err(not_until) = l.check()
+    {
+        let wait = not_until.wait_time_from(gw.clock.now());
+        return Err(ApiError::RateLimited {
+            retry_after: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+        });
+    }
     if let Some(h) = &route.handshake
         && let Some(r) =
             handshake::after_verify(h.kind, &parts.headers, &body, h.zoom_secret.as_deref())

@@ -1078,6 +1078,19 @@ async fn limits_dedup_ordering_and_nats_outage() -> Result<()> {
         "three deliveries of dup-1 stored once"
     );
 
+    // Unsigned junk is refused (401) without spending the endpoint's rate
+    // limit: only verified requests count.
+    for i in 0..10 {
+        let b = format!("{{\"junk\":{i}}}").into_bytes();
+        let r = post(
+            addr,
+            "/l/rated",
+            &github_headers("not the secret", &b, &format!("j{i}")),
+            &b,
+        )
+        .await?;
+        assert_eq!(r.status, 401, "junk {i}");
+    }
     // 429 with Retry-After once the burst is used.
     let mut statuses = Vec::new();
     for i in 0..4 {
