@@ -865,16 +865,22 @@ pub fn scaled_object(
     let triggers: Vec<serde_json::Value> = render::consumer_names(ep, names)
         .iter()
         .map(|c| {
-            json!({
+            let mut trigger = json!({
                 "type": "nats-jetstream",
                 "metadata": {
                     "natsServerMonitoringEndpoint": settings.nats_monitoring_endpoint,
-                    "account": "$G",
+                    "account": settings.keda_nats_account,
                     "stream": names.stream(),
                     "consumer": c,
                     "lagThreshold": r.target_backlog_per_replica.to_string(),
+                    "useHttps": settings.keda_nats_use_https.to_string(),
                 }
-            })
+            });
+            if let Some(auth) = &settings.keda_cluster_trigger_authentication {
+                trigger["authenticationRef"] =
+                    json!({"name": auth, "kind": "ClusterTriggerAuthentication"});
+            }
+            trigger
         })
         .collect();
     let mut annotations = serde_json::Map::new();
@@ -1352,6 +1358,29 @@ spec:
         e.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
         e.spec.path = path.map(String::from);
         Arc::new(e)
+    }
+
+    #[test]
+    fn keda_triggers_use_the_configured_account_and_authentication() {
+        let e = ep("team", "gh", 1, None);
+        let names = EndpointNames::new("team", "gh");
+        let mut settings = Settings::defaults();
+        let so = scaled_object(&e, &names, &settings);
+        let t = &so["spec"]["triggers"][0];
+        assert_eq!(t["metadata"]["account"], "$G");
+        assert_eq!(t["metadata"]["useHttps"], "false");
+        assert!(t.get("authenticationRef").is_none());
+        settings.keda_nats_account = "ACCOUNT_A".into();
+        settings.keda_nats_use_https = true;
+        settings.keda_cluster_trigger_authentication = Some("nats-monitoring".into());
+        let so = scaled_object(&e, &names, &settings);
+        let t = &so["spec"]["triggers"][0];
+        assert_eq!(t["metadata"]["account"], "ACCOUNT_A");
+        assert_eq!(t["metadata"]["useHttps"], "true");
+        assert_eq!(
+            t["authenticationRef"],
+            json!({"name": "nats-monitoring", "kind": "ClusterTriggerAuthentication"})
+        );
     }
 
     #[test]

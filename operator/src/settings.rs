@@ -57,6 +57,18 @@ pub struct Settings {
         default_value = "nats:8222"
     )]
     pub nats_monitoring_endpoint: String,
+    /// NATS account the KEDA scaler reads consumer lag in (`$G` is the
+    /// global account of a server without accounts; with JWT or
+    /// multi-account NATS, the account the streams live in).
+    #[arg(long, env = "SPILLWAY_KEDA_NATS_ACCOUNT", default_value = "$G")]
+    pub keda_nats_account: String,
+    /// KEDA's scaler reads the monitoring endpoint over HTTPS.
+    #[arg(long, env = "SPILLWAY_KEDA_NATS_USE_HTTPS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub keda_nats_use_https: bool,
+    /// A KEDA ClusterTriggerAuthentication (CA and client certificate of a
+    /// secured monitoring endpoint) every ScaledObject refers to.
+    #[arg(long, env = "SPILLWAY_KEDA_CLUSTER_TRIGGER_AUTHENTICATION")]
+    pub keda_cluster_trigger_authentication: Option<String>,
     /// NATS URL the processor pods connect to (defaults to --nats-url).
     #[arg(long, env = "SPILLWAY_PROCESSOR_NATS_URL")]
     pub processor_nats_url: Option<String>,
