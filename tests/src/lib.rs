@@ -169,9 +169,36 @@ pub struct NatsServer {
     child: Option<Child>,
     /// Extra configuration appended to the generated file.
     extra: Option<String>,
+    /// JetStream store encryption key (`cipher: chachapoly`), if any.
+    cipher_key: Option<String>,
 }
 
 impl NatsServer {
+    /// Start a server whose JetStream store is encrypted at rest
+    /// (`cipher: chachapoly` with `key`).
+    pub async fn start_encrypted(key: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("spillway-nats-")
+            .tempdir()?;
+        let port = free_port();
+        let mut s = Self {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            dir,
+            child: None,
+            extra: None,
+            cipher_key: Some(key.to_owned()),
+        };
+        s.spawn().await?;
+        Ok(s)
+    }
+
+    /// The JetStream store directory (its files, for tests that look at
+    /// what is on disk).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("js")
+    }
+
     /// Start a server and wait until it accepts connections.
     pub async fn start() -> Result<Self> {
         Self::start_inner(None).await
@@ -198,6 +225,7 @@ impl NatsServer {
             dir,
             child: None,
             extra,
+            cipher_key: None,
         };
         s.spawn().await?;
         Ok(s)
@@ -219,9 +247,13 @@ impl NatsServer {
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:{}\nmax_payload: 9MB\njetstream {{ store_dir: {:?}, max_file_store: 1T }}\n{}\n",
+                "listen: 127.0.0.1:{}\nmax_payload: 9MB\njetstream {{ store_dir: {:?}, max_file_store: 1T{} }}\n{}\n",
                 self.port,
                 self.dir.path().join("js"),
+                self.cipher_key
+                    .as_deref()
+                    .map(|k| format!(", cipher: chachapoly, key: {k:?}"))
+                    .unwrap_or_default(),
                 self.extra.as_deref().unwrap_or_default()
             ),
         )?;
