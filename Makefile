@@ -4,7 +4,7 @@
 #   make test   everything CI checks: fmt, clippy, CRD sync, all tests
 CRD_FILES := crds/webhookendpoints.spillway.dev.yaml charts/spillway/crds/webhookendpoints.spillway.dev.yaml docs/reference.md
 
-.PHONY: tools crds check-crds fmt lint build test run
+.PHONY: tools crds check-crds fmt lint build test run fuzz
 
 tools:
 	hack/install-tools.sh
@@ -26,6 +26,12 @@ build:
 
 test: tools fmt lint check-crds build
 	cargo test --workspace
+
+# The long fuzz run (tests/tests/fuzz.rs); `make test` runs 256 cases of
+# each property. FUZZ_CASES sets the count.
+FUZZ_CASES ?= 200000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) cargo test -p spillway-tests --test fuzz -- --nocapture
 
 run: tools build
 	"$${CARGO_TARGET_DIR:-target}/debug/spillway-local"

@@ -9,6 +9,10 @@ use std::time::Duration;
 #[error("invalid duration {0:?}: expected a Go-style duration such as 500ms, 30s, 2m or 1h30m")]
 pub struct DurationError(pub String);
 
+/// The longest duration Go (and so the API server's CEL) can hold: an
+/// int64 of nanoseconds, about 292 years.
+const GO_MAX: Duration = Duration::from_nanos(i64::MAX as u64);
+
 /// Parse a Go-style duration made of `<digits><unit>` parts.
 pub fn parse(s: &str) -> Result<Duration, DurationError> {
     let err = || DurationError(s.to_owned());
@@ -24,22 +28,23 @@ pub fn parse(s: &str) -> Result<Duration, DurationError> {
         }
         let n: u64 = rest[..digits].parse().map_err(|_| err())?;
         rest = &rest[digits..];
-        let (unit, len) = if rest.starts_with("ms") {
-            (Duration::from_millis(1), 2)
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1u64, 2)
         } else if rest.starts_with('s') {
-            (Duration::from_secs(1), 1)
+            (1000, 1)
         } else if rest.starts_with('m') {
-            (Duration::from_secs(60), 1)
+            (60_000, 1)
         } else if rest.starts_with('h') {
-            (Duration::from_secs(3600), 1)
+            (3_600_000, 1)
         } else {
             return Err(err());
         };
         rest = &rest[len..];
-        let part = unit
-            .checked_mul(u32::try_from(n).map_err(|_| err())?)
+        let part = n.checked_mul(unit_ms).ok_or_else(err)?;
+        total = total
+            .checked_add(Duration::from_millis(part))
+            .filter(|t| *t <= GO_MAX)
             .ok_or_else(err)?;
-        total = total.checked_add(part).ok_or_else(err)?;
     }
     Ok(total)
 }
@@ -61,6 +66,24 @@ pub fn format(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_format_prints_parses_back() {
+        // Found by tests/tests/fuzz.rs: counts of 2^32 and more were
+        // refused (a u32 multiplier), though `format` prints them.
+        for d in [
+            Duration::from_millis(4_294_967_296),
+            Duration::from_secs(4_294_967_296),
+            Duration::from_millis(1),
+            Duration::ZERO,
+        ] {
+            assert_eq!(parse(&format(d)), Ok(d), "{}", format(d));
+        }
+        assert!(
+            parse("99999999999999999999h").is_err(),
+            "overflow is an error"
+        );
+    }
 
     #[test]
     fn parses_units_and_sequences() {
