@@ -327,6 +327,16 @@ pub struct IngressSpec {
     #[serde(default = "defaults::response_status")]
     #[schemars(extend("enum" = [200, 202, 204]))]
     pub response_status: u16,
+    /// Request headers that are never stored (credentials a sender puts in
+    /// `Authorization`, `Cookie`, an API-key header): the gateway verifies
+    /// with them, then drops them, so they reach no stream, sink, replay or
+    /// dead letter. Names, case-insensitive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 32),
+        inner(regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$"))
+    )]
+    pub redact_headers: Vec<String>,
 }
 
 impl Default for IngressSpec {
@@ -335,6 +345,7 @@ impl Default for IngressSpec {
             max_body_bytes: defaults::max_body_bytes(),
             rate_limit: None,
             response_status: defaults::response_status(),
+            redact_headers: Vec::new(),
         }
     }
 }

@@ -65,6 +65,8 @@ pub struct Route {
     pub handshake: Option<HandshakeCfg>,
     /// Largest accepted body.
     pub max_body_bytes: u64,
+    /// Request headers never stored (lowercase).
+    pub redact_headers: Vec<String>,
     /// Status answered once stored.
     pub response_status: StatusCode,
     /// Deduplication settings.
@@ -283,6 +285,12 @@ fn resolve(
         verifier,
         handshake,
         max_body_bytes: spec.ingress.max_body_bytes,
+        redact_headers: spec
+            .ingress
+            .redact_headers
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
         response_status: StatusCode::from_u16(spec.ingress.response_status)
             .ok()
             .filter(|s| s.is_success())

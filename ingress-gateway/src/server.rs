@@ -526,7 +526,7 @@ pub fn message_headers(
     }
     for (name, value) in headers {
         let n = name.as_str();
-        if DROPPED_HEADERS.contains(&n) {
+        if DROPPED_HEADERS.contains(&n) || route.redact_headers.iter().any(|r| r == n) {
             continue;
         }
         if let Ok(v) = value.to_str() {

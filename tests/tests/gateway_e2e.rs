@@ -1011,7 +1011,7 @@ async fn limits_dedup_ordering_and_nats_outage() -> Result<()> {
         "small",
         "/l/small",
         gh,
-        "  ingress: {maxBodyBytes: 1024, responseStatus: 202}\n",
+        "  ingress: {maxBodyBytes: 1024, responseStatus: 202, redactHeaders: [Authorization, x-api-key]}\n",
     );
     y += &endpoint(
         "rated",
@@ -1056,9 +1056,34 @@ async fn limits_dedup_ordering_and_nats_outage() -> Result<()> {
     assert_eq!(r.status, 413);
     // At the limit it is accepted, with the endpoint's responseStatus.
     let ok = vec![b'y'; 1024];
-    let r = post(addr, "/l/small", &github_headers(secret, &ok, "fits"), &ok).await?;
+    let mut with_credentials = github_headers(secret, &ok, "fits");
+    with_credentials.extend(h(&[
+        ("Authorization", "Bearer sender-credential"),
+        ("X-Api-Key", "another-credential"),
+        ("X-Custom", "kept"),
+    ]));
+    let r = post(addr, "/l/small", &with_credentials, &ok).await?;
     assert_eq!(r.status, 202, "{r:?}");
     assert_eq!(w.count("small").await?, 1);
+    // Redacted headers are never stored; the others are.
+    let stored = &w.messages("small").await?[0];
+    let names: Vec<String> = stored
+        .headers
+        .iter()
+        .map(|(k, _)| k.to_string().to_ascii_lowercase())
+        .collect();
+    assert!(
+        names.contains(&"spillway-orig-x-custom".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("authorization") || n.contains("api-key")),
+        "{names:?}"
+    );
+    let raw = format!("{:?}", stored.headers);
+    assert!(!raw.contains("credential"), "{raw}");
 
     // Duplicate delivery id: both answered 2xx, one stored.
     let body = br#"{"dup":true}"#;
