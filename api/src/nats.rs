@@ -26,6 +26,13 @@ pub struct NatsAuth {
     pub tls_key_file: Option<PathBuf>,
     /// Refuse plaintext connections.
     pub tls_required: bool,
+    /// File holding a token (a mounted Secret key; never a flag's value or
+    /// a URL, which would show in `ps`, logs or pod specs).
+    pub token_file: Option<PathBuf>,
+    /// File holding a user name; needs `password_file`.
+    pub user_file: Option<PathBuf>,
+    /// File holding that user's password; needs `user_file`.
+    pub password_file: Option<PathBuf>,
 }
 
 /// How a component spells the settings of [`NatsAuth`] in its errors.
@@ -39,6 +46,12 @@ pub struct SettingNames {
     pub tls_cert_file: &'static str,
     /// [`NatsAuth::tls_key_file`].
     pub tls_key_file: &'static str,
+    /// [`NatsAuth::token_file`].
+    pub token_file: &'static str,
+    /// [`NatsAuth::user_file`].
+    pub user_file: &'static str,
+    /// [`NatsAuth::password_file`].
+    pub password_file: &'static str,
 }
 
 impl SettingNames {
@@ -48,6 +61,9 @@ impl SettingNames {
         tls_ca_file: "natsTlsCaFile",
         tls_cert_file: "natsTlsCertFile",
         tls_key_file: "natsTlsKeyFile",
+        token_file: "natsTokenFile",
+        user_file: "natsUserFile",
+        password_file: "natsPasswordFile",
     };
     /// As spelled on the command line (`--nats-creds-file`, ...).
     pub const FLAGS: Self = Self {
@@ -55,6 +71,9 @@ impl SettingNames {
         tls_ca_file: "--nats-tls-ca-file",
         tls_cert_file: "--nats-tls-cert-file",
         tls_key_file: "--nats-tls-key-file",
+        token_file: "--nats-token-file",
+        user_file: "--nats-user-file",
+        password_file: "--nats-password-file",
     };
 }
 
@@ -124,6 +143,42 @@ impl NatsAuth {
             opts = opts
                 .credentials(&text)
                 .map_err(|e| file_error(setting, path, e.to_string()))?;
+        }
+        // Secret values: the one rule of crate::secret (surrounding
+        // whitespace is not part of them).
+        let secret_text = |setting: &'static str, path: &Path| {
+            let bytes = read(setting, path)?;
+            let v = crate::secret::value(&bytes);
+            if v.is_empty() {
+                return Err(file_error(setting, path, "is empty"));
+            }
+            String::from_utf8(v.to_vec()).map_err(|_| file_error(setting, path, "is not UTF-8"))
+        };
+        if let Some(path) = &self.token_file {
+            opts = opts.token(secret_text(names.token_file, path)?);
+        }
+        match (&self.user_file, &self.password_file) {
+            (Some(user), Some(password)) => {
+                opts = opts.user_and_password(
+                    secret_text(names.user_file, user)?,
+                    secret_text(names.password_file, password)?,
+                );
+            }
+            (Some(user), None) => {
+                return Err(file_error(
+                    names.user_file,
+                    user,
+                    format!("needs {}", names.password_file),
+                ));
+            }
+            (None, Some(password)) => {
+                return Err(file_error(
+                    names.password_file,
+                    password,
+                    format!("needs {}", names.user_file),
+                ));
+            }
+            (None, None) => {}
         }
         if let Some(path) = &self.tls_ca_file {
             certificates(names.tls_ca_file, path)?;
@@ -225,6 +280,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn token_and_user_password_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            Some(p)
+        };
+        let ok = NatsAuth {
+            token_file: file("token", "s3cret-token\n"),
+            ..NatsAuth::default()
+        };
+        ok.connect_options(SettingNames::FLAGS).unwrap();
+        let ok = NatsAuth {
+            user_file: file("user", "gateway"),
+            password_file: file("password", "pw\n"),
+            ..NatsAuth::default()
+        };
+        ok.connect_options(SettingNames::FLAGS).unwrap();
+        let e = NatsAuth {
+            user_file: file("user", "gateway"),
+            ..NatsAuth::default()
+        }
+        .connect_options(SettingNames::FLAGS)
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--nats-user-file") && e.contains("needs --nats-password-file"),
+            "{e}"
+        );
+        let e = NatsAuth {
+            token_file: file("empty", " \n"),
+            ..NatsAuth::default()
+        }
+        .connect_options(SettingNames::CONFIG_FILE)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("natsTokenFile") && e.contains("is empty"), "{e}");
+    }
+
+    #[test]
     fn credentials_in_urls_are_redacted() {
         assert_eq!(redact_url("nats://a:4222"), "nats://a:4222");
         assert_eq!(
@@ -318,6 +413,7 @@ mod tests {
             tls_cert_file: f.path("client.pem"),
             tls_key_file: f.path("client-key.pem"),
             tls_required: true,
+            ..NatsAuth::default()
         };
         assert!(!auth.is_empty());
         auth.connect_options(SettingNames::CONFIG_FILE).unwrap();

@@ -258,6 +258,7 @@ impl Global {
             tls_cert_file: self.nats_tls_cert_file.clone(),
             tls_key_file: self.nats_tls_key_file.clone(),
             tls_required: self.nats_tls_required,
+            ..NatsAuth::default()
         };
         // The same checks as the gateway's, operator's and processor's.
         let mut opts = auth.connect_options(SettingNames::FLAGS)?;

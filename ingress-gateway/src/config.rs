@@ -44,6 +44,15 @@ pub struct Cli {
     /// NATS credentials file (user JWT + NKey seed, `.creds`).
     #[arg(long, env = "SPILLWAY_NATS_CREDS_FILE")]
     pub nats_creds_file: Option<PathBuf>,
+    /// File holding a NATS token (a mounted Secret key).
+    #[arg(long, env = "SPILLWAY_NATS_TOKEN_FILE")]
+    pub nats_token_file: Option<PathBuf>,
+    /// File holding a NATS user name; needs the password file.
+    #[arg(long, env = "SPILLWAY_NATS_USER_FILE")]
+    pub nats_user_file: Option<PathBuf>,
+    /// File holding that NATS user's password.
+    #[arg(long, env = "SPILLWAY_NATS_PASSWORD_FILE")]
+    pub nats_password_file: Option<PathBuf>,
     /// PEM file of CA certificates to verify the NATS server with (instead
     /// of the system roots).
     #[arg(long, env = "SPILLWAY_NATS_TLS_CA_FILE")]
@@ -143,6 +152,9 @@ struct FileConfig {
     admin_listen: Option<SocketAddr>,
     nats_url: Option<String>,
     nats_creds_file: Option<PathBuf>,
+    nats_token_file: Option<PathBuf>,
+    nats_user_file: Option<PathBuf>,
+    nats_password_file: Option<PathBuf>,
     nats_tls_ca_file: Option<PathBuf>,
     nats_tls_cert_file: Option<PathBuf>,
     nats_tls_key_file: Option<PathBuf>,
@@ -192,6 +204,12 @@ pub struct Config {
     pub nats_url: String,
     /// NATS credentials file (`.creds`).
     pub nats_creds_file: Option<PathBuf>,
+    /// File holding a NATS token.
+    pub nats_token_file: Option<PathBuf>,
+    /// File holding a NATS user name.
+    pub nats_user_file: Option<PathBuf>,
+    /// File holding that user's password.
+    pub nats_password_file: Option<PathBuf>,
     /// CA certificates to verify the NATS server with.
     pub nats_tls_ca_file: Option<PathBuf>,
     /// Client certificate for NATS mutual TLS.
@@ -246,6 +264,9 @@ impl Default for Config {
             admin_listen: ([0, 0, 0, 0], 9090).into(),
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_creds_file: None,
+            nats_token_file: None,
+            nats_user_file: None,
+            nats_password_file: None,
             nats_tls_ca_file: None,
             nats_tls_cert_file: None,
             nats_tls_key_file: None,
@@ -320,6 +341,9 @@ impl Config {
                 .unwrap_or(d.admin_listen),
             nats_url: cli.nats_url.or(file.nats_url).unwrap_or(d.nats_url),
             nats_creds_file: cli.nats_creds_file.or(file.nats_creds_file),
+            nats_token_file: cli.nats_token_file.or(file.nats_token_file),
+            nats_user_file: cli.nats_user_file.or(file.nats_user_file),
+            nats_password_file: cli.nats_password_file.or(file.nats_password_file),
             nats_tls_ca_file: cli.nats_tls_ca_file.or(file.nats_tls_ca_file),
             nats_tls_cert_file: cli.nats_tls_cert_file.or(file.nats_tls_cert_file),
             nats_tls_key_file: cli.nats_tls_key_file.or(file.nats_tls_key_file),

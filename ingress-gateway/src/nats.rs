@@ -19,6 +19,9 @@ pub fn auth(config: &Config) -> NatsAuth {
         tls_cert_file: config.nats_tls_cert_file.clone(),
         tls_key_file: config.nats_tls_key_file.clone(),
         tls_required: config.nats_tls_required,
+        token_file: config.nats_token_file.clone(),
+        user_file: config.nats_user_file.clone(),
+        password_file: config.nats_password_file.clone(),
     }
 }
 

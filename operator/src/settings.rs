@@ -25,6 +25,15 @@ pub struct Settings {
     /// NATS credentials file (JWT + NKey seed) for the operator.
     #[arg(long, env = "SPILLWAY_NATS_CREDS_FILE")]
     pub nats_creds_file: Option<PathBuf>,
+    /// File holding a NATS token for the operator (a mounted Secret key).
+    #[arg(long, env = "SPILLWAY_NATS_TOKEN_FILE")]
+    pub nats_token_file: Option<PathBuf>,
+    /// File holding the operator's NATS user name; needs the password file.
+    #[arg(long, env = "SPILLWAY_NATS_USER_FILE")]
+    pub nats_user_file: Option<PathBuf>,
+    /// File holding that NATS user's password.
+    #[arg(long, env = "SPILLWAY_NATS_PASSWORD_FILE")]
+    pub nats_password_file: Option<PathBuf>,
     /// PEM file of CA certificates to verify the NATS server with.
     #[arg(long, env = "SPILLWAY_NATS_TLS_CA_FILE")]
     pub nats_tls_ca_file: Option<PathBuf>,
@@ -202,6 +211,9 @@ impl Settings {
             tls_cert_file: self.nats_tls_cert_file.clone(),
             tls_key_file: self.nats_tls_key_file.clone(),
             tls_required: self.nats_tls_required,
+            token_file: self.nats_token_file.clone(),
+            user_file: self.nats_user_file.clone(),
+            password_file: self.nats_password_file.clone(),
         }
     }
 

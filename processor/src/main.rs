@@ -117,6 +117,7 @@ fn nats_auth(args: &Args) -> NatsAuth {
         tls_cert_file: args.nats_tls_cert_file.clone(),
         tls_key_file: args.nats_tls_key_file.clone(),
         tls_required: args.nats_tls_required,
+        ..NatsAuth::default()
     }
 }
 

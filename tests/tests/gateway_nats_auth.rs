@@ -368,6 +368,90 @@ async fn creds_file_gets_a_publish_only_user_in_and_nothing_else_does() -> Resul
     Ok(())
 }
 
+/// User and password, or a token, from files (mounted Secret keys, with
+/// the one whitespace rule), never from a URL or a flag's value: the right
+/// ones get the gateway in, wrong ones are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_password_and_token_come_from_files() -> Result<()> {
+    let site = site()?;
+    let file = |name: &str, text: &str| -> Result<PathBuf> {
+        let p = site.path().join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    };
+    let nats = NatsServer::start_with(
+        r#"authorization { users = [ {user: admin, password: admin-pw}, {user: gateway, password: "gw pw"} ] }"#,
+    )
+    .await?;
+    let admin =
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), "admin-pw".into())
+            .connect(&nats.url)
+            .await?;
+    let mut users = stream(admin).await?;
+    stores_one(
+        &Config {
+            nats_user_file: Some(file(
+                "user", "gateway
+",
+            )?),
+            nats_password_file: Some(file(
+                "password", "gw pw
+",
+            )?),
+            ..config(site.path(), &nats.url)
+        },
+        &mut users,
+        "with-password",
+    )
+    .await?;
+    refused(
+        &nats,
+        "authentication error",
+        &Config {
+            nats_user_file: Some(file("user", "gateway")?),
+            nats_password_file: Some(file("wrong", "not it")?),
+            ..config(site.path(), &nats.url)
+        },
+    )
+    .await?;
+
+    let nats = NatsServer::start_with(r#"authorization { token: "t0ken-value" }"#).await?;
+    let admin = async_nats::ConnectOptions::with_token("t0ken-value".into())
+        .connect(&nats.url)
+        .await?;
+    let mut tokens = stream(admin).await?;
+    stores_one(
+        &Config {
+            nats_token_file: Some(file(
+                "token",
+                "t0ken-value
+",
+            )?),
+            ..config(site.path(), &nats.url)
+        },
+        &mut tokens,
+        "with-token",
+    )
+    .await?;
+    // A user file without its password stops the gateway at start, naming
+    // the settings.
+    let e = start_error(
+        start(
+            &Config {
+                nats_user_file: Some(file("user", "gateway")?),
+                ..config(site.path(), &nats.url)
+            },
+            None,
+        )
+        .await,
+    );
+    assert!(
+        e.contains("natsUserFile") && e.contains("natsPasswordFile"),
+        "{e}"
+    );
+    Ok(())
+}
+
 /// nats-server's NKey users (`authorization { users = [{nkey: U...}] }`)
 /// expect the public key in CONNECT; a `.creds` file makes async-nats send
 /// the user JWT instead, so such a server refuses it even with the matching
