@@ -177,20 +177,7 @@ impl NatsServer {
     /// Start a server whose JetStream store is encrypted at rest
     /// (`cipher: chachapoly` with `key`).
     pub async fn start_encrypted(key: &str) -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("spillway-nats-")
-            .tempdir()?;
-        let port = free_port();
-        let mut s = Self {
-            url: format!("nats://127.0.0.1:{port}"),
-            port,
-            dir,
-            child: None,
-            extra: None,
-            cipher_key: Some(key.to_owned()),
-        };
-        s.spawn().await?;
-        Ok(s)
+        Self::start_inner(None, Some(key.to_owned())).await
     }
 
     /// The JetStream store directory (its files, for tests that look at
@@ -201,7 +188,7 @@ impl NatsServer {
 
     /// Start a server and wait until it accepts connections.
     pub async fn start() -> Result<Self> {
-        Self::start_inner(None).await
+        Self::start_inner(None, None).await
     }
 
     /// Start a server whose configuration file also holds `extra` (e.g. an
@@ -211,10 +198,10 @@ impl NatsServer {
     /// [`jetstream`](Self::jetstream) connect without credentials, so they
     /// only work when `extra` lets such clients in.
     pub async fn start_with(extra: &str) -> Result<Self> {
-        Self::start_inner(Some(extra.to_owned())).await
+        Self::start_inner(Some(extra.to_owned()), None).await
     }
 
-    async fn start_inner(extra: Option<String>) -> Result<Self> {
+    async fn start_inner(extra: Option<String>, cipher_key: Option<String>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("spillway-nats-")
             .tempdir()?;
@@ -225,7 +212,7 @@ impl NatsServer {
             dir,
             child: None,
             extra,
-            cipher_key: None,
+            cipher_key,
         };
         s.spawn().await?;
         Ok(s)
