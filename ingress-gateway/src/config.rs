@@ -118,6 +118,16 @@ pub struct Cli {
     /// [default 1].
     #[arg(long, env = "SPILLWAY_GATEWAY_RATE_LIMIT_REPLICAS")]
     pub rate_limit_replicas: Option<u32>,
+    /// Memory, in bytes, that bodies of requests not yet verified may hold
+    /// at once, across all requests; keep it well below the pod's memory
+    /// limit. A quarter is kept for small bodies (≤ 64 KiB, what providers
+    /// send) [default 67108864].
+    #[arg(long, env = "SPILLWAY_GATEWAY_BODY_BUDGET_BYTES")]
+    pub body_budget_bytes: Option<u64>,
+    /// Slowest accepted body upload, bytes per second, after a 2 s grace;
+    /// slower senders get 408 [default 16384].
+    #[arg(long, env = "SPILLWAY_GATEWAY_MIN_BODY_BYTES_PER_SECOND")]
+    pub min_body_bytes_per_second: Option<u64>,
     /// Retry-After on 503 [default 5s].
     #[arg(long, env = "SPILLWAY_GATEWAY_RETRY_AFTER")]
     pub retry_after: Option<String>,
@@ -173,6 +183,8 @@ struct FileConfig {
     max_in_flight_publishes: Option<usize>,
     max_concurrent_requests: Option<usize>,
     rate_limit_replicas: Option<u32>,
+    body_budget_bytes: Option<u64>,
+    min_body_bytes_per_second: Option<u64>,
     retry_after: Option<String>,
     shutdown_grace: Option<String>,
     drain_delay: Option<String>,
@@ -246,6 +258,10 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// Gateway replicas sharing each endpoint's rate limit.
     pub rate_limit_replicas: u32,
+    /// Bytes that unverified bodies may hold at once.
+    pub body_budget_bytes: u64,
+    /// Slowest accepted body upload after the grace, bytes per second.
+    pub min_body_bytes_per_second: u64,
     /// Retry-After on 503.
     pub retry_after: Duration,
     /// Shutdown grace period.
@@ -285,6 +301,8 @@ impl Default for Config {
             max_in_flight_publishes: 4096,
             max_concurrent_requests: 256,
             rate_limit_replicas: 1,
+            body_budget_bytes: 64 * 1024 * 1024,
+            min_body_bytes_per_second: 16 * 1024,
             retry_after: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(25),
             drain_delay: Duration::from_secs(5),
@@ -397,6 +415,14 @@ impl Config {
                 .rate_limit_replicas
                 .or(file.rate_limit_replicas)
                 .unwrap_or(d.rate_limit_replicas),
+            body_budget_bytes: cli
+                .body_budget_bytes
+                .or(file.body_budget_bytes)
+                .unwrap_or(d.body_budget_bytes),
+            min_body_bytes_per_second: cli
+                .min_body_bytes_per_second
+                .or(file.min_body_bytes_per_second)
+                .unwrap_or(d.min_body_bytes_per_second),
             retry_after: dur(
                 "retryAfter",
                 cli.retry_after.or(file.retry_after),
@@ -429,6 +455,9 @@ impl Config {
         }
         if c.rate_limit_replicas == 0 {
             problems.push("rateLimitReplicas must be at least 1".into());
+        }
+        if c.body_budget_bytes < 1024 * 1024 {
+            problems.push("bodyBudgetBytes must be at least 1 MiB".into());
         }
         if c.nats_url.trim().is_empty() {
             problems.push("natsUrl must not be empty".into());

@@ -125,6 +125,8 @@ pub async fn start(
         retry_after_secs: config.retry_after.as_secs().max(1),
         max_in_flight_publishes: config.max_in_flight_publishes,
         max_concurrent_requests: config.max_concurrent_requests,
+        body_budget_bytes: config.body_budget_bytes,
+        min_body_bytes_per_second: config.min_body_bytes_per_second,
     };
     let gateway = Arc::new(Gateway::new(nats, router, metrics, synced, limits));
     let listener = TcpListener::bind(config.listen)

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use governor::clock::{Clock, DefaultClock};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -49,7 +49,22 @@ pub struct Limits {
     /// answered 503 before its body is read, which bounds the memory held by
     /// bodies of requests that are not yet authenticated.
     pub max_concurrent_requests: usize,
+    /// Bytes the bodies of requests not yet verified may hold at once,
+    /// across all requests (reserved as buffers grow, before they grow).
+    /// Three quarters may go to large bodies (declared over
+    /// [`SMALL_BODY`] or of unknown length), a quarter is kept for small
+    /// ones, which is what providers send.
+    pub body_budget_bytes: u64,
+    /// Slowest accepted body upload after [`BODY_RATE_GRACE`], bytes per
+    /// second (0: no minimum); slower senders get 408.
+    pub min_body_bytes_per_second: u64,
 }
+
+/// A body up to this size (declared) is "small": it draws on the budget
+/// kept for small bodies and may use every request slot.
+pub const SMALL_BODY: u64 = 64 * 1024;
+/// Time a sender has before the minimum body rate applies.
+pub const BODY_RATE_GRACE: Duration = Duration::from_secs(2);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -59,6 +74,8 @@ impl Default for Limits {
             retry_after_secs: 5,
             max_in_flight_publishes: 4096,
             max_concurrent_requests: 256,
+            body_budget_bytes: 64 * 1024 * 1024,
+            min_body_bytes_per_second: 16 * 1024,
         }
     }
 }
@@ -78,6 +95,11 @@ pub struct Gateway {
     js: jetstream::Context,
     permits: Semaphore,
     requests: Semaphore,
+    /// Slots large-body requests may hold (half of `requests`).
+    large_requests: Semaphore,
+    /// Body budget, in KiB, for small and for large bodies.
+    small_budget: Semaphore,
+    large_budget: Semaphore,
     draining: AtomicBool,
     clock: DefaultClock,
 }
@@ -97,6 +119,11 @@ impl Gateway {
         Self {
             permits: Semaphore::new(limits.max_in_flight_publishes.max(1)),
             requests: Semaphore::new(limits.max_concurrent_requests.max(1)),
+            large_requests: Semaphore::new((limits.max_concurrent_requests / 2).max(1)),
+            small_budget: Semaphore::new(kib(limits.body_budget_bytes / 4)),
+            large_budget: Semaphore::new(kib(
+                limits.body_budget_bytes - limits.body_budget_bytes / 4
+            )),
             draining: AtomicBool::new(false),
             router,
             metrics,
@@ -346,15 +373,27 @@ async fn handle_route(gw: &Gateway, route: &Route, req: Request) -> Result<Respo
         return Err(ApiError::PayloadTooLarge);
     }
     // Taken before the body is buffered and held until the answer: bodies
-    // of unauthenticated requests cannot pile up past the global cap.
-    let _request_permit = gw
-        .requests
-        .try_acquire()
-        .map_err(|_| ApiError::Unavailable {
-            reason: "overloaded",
-            retry_after: gw.limits.retry_after_secs,
-        })?;
-    let body = read_body(body, route.max_body_bytes, gw.limits.body_timeout).await?;
+    // of unauthenticated requests cannot pile up past the global cap, large
+    // ones not past half of it (small ones, what providers send, always
+    // find a slot the large ones cannot take).
+    let overloaded = || ApiError::Unavailable {
+        reason: "overloaded",
+        retry_after: gw.limits.retry_after_secs,
+    };
+    let _request_permit = gw.requests.try_acquire().map_err(|_| overloaded())?;
+    let small = declared.is_some_and(|n| n <= SMALL_BODY);
+    let _large_permit = if small {
+        None
+    } else {
+        Some(gw.large_requests.try_acquire().map_err(|_| overloaded())?)
+    };
+    let budget = if small {
+        &gw.small_budget
+    } else {
+        &gw.large_budget
+    };
+    let (body, _budget_permit) =
+        read_body(body, route.max_body_bytes, declared, &gw.limits, budget).await?;
     let verifier = route.verifier.as_ref().map_err(|_| ApiError::Unavailable {
         reason: "not_ready",
         retry_after: gw.limits.retry_after_secs,
@@ -389,17 +428,79 @@ async fn handle_route(gw: &Gateway, route: &Route, req: Request) -> Result<Respo
     Ok(route.response_status.into_response())
 }
 
-async fn read_body(body: Body, max: u64, deadline: Duration) -> Result<Bytes, ApiError> {
-    let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(ApiError::RequestTimeout),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::PayloadTooLarge)
+/// KiB permits for `bytes` (rounded up), as the budgets count.
+fn kib(bytes: u64) -> usize {
+    usize::try_from(bytes.div_ceil(1024)).unwrap_or(usize::MAX)
+}
+
+/// Read a body of at most `max` bytes. Memory is reserved from `budget`
+/// before the buffer grows (the declared length at once, else as it
+/// doubles), so unverified bodies never hold more than the budget: none
+/// left is 503 `overloaded`. A sender slower than the minimum rate (after
+/// the grace) or past the body timeout gets 408.
+async fn read_body<'a>(
+    mut body: Body,
+    max: u64,
+    declared: Option<u64>,
+    limits: &Limits,
+    budget: &'a Semaphore,
+) -> Result<(Bytes, Option<tokio::sync::SemaphorePermit<'a>>), ApiError> {
+    let overloaded = || ApiError::Unavailable {
+        reason: "overloaded",
+        retry_after: limits.retry_after_secs,
+    };
+    let mut held: Option<tokio::sync::SemaphorePermit<'a>> = None;
+    let mut held_kib = 0usize;
+    let mut reserve = |want_bytes: u64| -> Result<(), ApiError> {
+        let want = kib(want_bytes);
+        if want > held_kib {
+            let n = u32::try_from(want - held_kib).map_err(|_| overloaded())?;
+            let p = budget.try_acquire_many(n).map_err(|_| overloaded())?;
+            match &mut held {
+                Some(h) => h.merge(p),
+                None => held = Some(p),
+            }
+            held_kib = want;
         }
-        // The client went away or sent a malformed body.
-        Ok(Err(_)) => Err(ApiError::BadRequest),
+        Ok(())
+    };
+    let first = declared.unwrap_or(0).min(max);
+    reserve(first)?;
+    let mut buf: Vec<u8> = Vec::with_capacity(usize::try_from(first).unwrap_or(0));
+    let start = tokio::time::Instant::now();
+    let hard = start + limits.body_timeout;
+    let rate = limits.min_body_bytes_per_second;
+    loop {
+        // The next frame must come before the body timeout and, after the
+        // grace, before the minimum rate is missed with what has arrived.
+        let deadline = if rate == 0 {
+            hard
+        } else {
+            let earned = Duration::from_secs_f64(buf.len() as f64 / rate as f64);
+            hard.min(start + BODY_RATE_GRACE + earned)
+        };
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ApiError::RequestTimeout),
+            Ok(None) => break,
+            // The client went away or sent a malformed body.
+            Ok(Some(Err(_))) => return Err(ApiError::BadRequest),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let len = (buf.len() + data.len()) as u64;
+        if len > max {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        if len as usize > buf.capacity() {
+            let grown = (len.max(2 * buf.capacity() as u64)).min(max);
+            reserve(grown)?;
+            buf.reserve_exact(usize::try_from(grown).unwrap_or(usize::MAX) - buf.len());
+        }
+        buf.extend_from_slice(&data);
     }
+    Ok((Bytes::from(buf), held))
 }
 
 /// Headers never copied into the stored message.

@@ -1961,3 +1961,140 @@ async fn twilio_json_is_checked_through_the_signed_body_sha256() -> Result<()> {
     w.gw.shutdown().await;
     Ok(())
 }
+
+/// Slow-body exhaustion: 256 senders, each declaring a 1 MiB body, sending
+/// all of it but the last byte and then stalling. The gateway binary's
+/// memory grows by no more than its body budget (plus fixed overhead), and
+/// a signed provider request sent in the middle of the attack is accepted:
+/// large bodies may hold only half of the request slots and three quarters
+/// of the budget. (Before: every slot and ~256 MiB were theirs, and the
+/// provider got 503.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_large_bodies_cannot_exhaust_the_gateway() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BUDGET: u64 = 32 * 1024 * 1024;
+    const BODY: usize = 1024 * 1024;
+    let secret = "It's a Secret to Everybody";
+    let nats = NatsServer::start().await?;
+    let mut gw = FileModeGateway::start(
+        &nats,
+        secret,
+        &format!("bodyBudgetBytes: {BUDGET}\nmaxConcurrentRequests: 256\nbodyTimeout: 15s\n"),
+    )
+    .await?;
+    let pid = gw.child.0.id();
+    let kib = |field: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = kib("VmRSS:");
+    let addr = gw.addr;
+    let attackers: Vec<_> = (0..256)
+        .map(|_| {
+            tokio::spawn(async move {
+                let Ok(mut c) = tokio::net::TcpStream::connect(addr).await else {
+                    return;
+                };
+                let head = format!(
+                    "POST /gh HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {BODY}\r\n\r\n"
+                );
+                if c.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut sent = 0;
+                while sent < BODY - 1 {
+                    let n = chunk.len().min(BODY - 1 - sent);
+                    if c.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    sent += n;
+                }
+                // Stall with the last byte unsent, until answered or 8 s.
+                let mut answer = [0u8; 256];
+                let _ = tokio::time::timeout(Duration::from_secs(8), c.read(&mut answer)).await;
+            })
+        })
+        .collect();
+    // The attack in place, a provider's webhook arrives.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let body = br#"{"zen":"Responsive is better than fast."}"#;
+    let r = post(
+        addr,
+        "/gh",
+        &github_headers(secret, body, "during-attack"),
+        body,
+    )
+    .await?;
+    assert_eq!(
+        r.status, 200,
+        "the provider is served during the attack: {r:?}"
+    );
+    for a in attackers {
+        let _ = a.await;
+    }
+    let peak = kib("VmHWM:");
+    let grown = peak.saturating_sub(before) * 1024;
+    assert!(
+        grown < BUDGET + 32 * 1024 * 1024,
+        "memory grew by {} MiB (budget {} MiB, before {} MiB)",
+        grown / (1024 * 1024),
+        BUDGET / (1024 * 1024),
+        before / 1024
+    );
+    assert_eq!(
+        gw.stream.info().await?.state.messages,
+        1,
+        "only the provider's"
+    );
+    Ok(())
+}
+
+/// A body trickling in slower than the minimum rate is cut off soon after
+/// the 2 s grace with 408, long before the body timeout (10 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_slower_than_the_minimum_rate_get_408_after_the_grace() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = NatsServer::start().await?;
+    let gw = FileModeGateway::start(
+        &nats,
+        "It's a Secret to Everybody",
+        "bodyTimeout: 10s\nminBodyBytesPerSecond: 4096\n",
+    )
+    .await?;
+    let mut c = tokio::net::TcpStream::connect(gw.addr).await?;
+    c.write_all(b"POST /gh HTTP/1.1\r\nHost: x\r\nContent-Length: 10240\r\n\r\n")
+        .await?;
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        tokio::select! {
+            n = c.read(&mut buf) => {
+                let n = n.unwrap_or(0);
+                if n == 0 { break; }
+                answer.extend_from_slice(&buf[..n]);
+                if answer.windows(4).any(|w| w == b"\r\n\r\n") { break; }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                // One byte every 250 ms: 4 B/s, far below 4 KiB/s.
+                if c.write_all(b"x").await.is_err() { break; }
+            }
+        }
+        if started.elapsed() > Duration::from_secs(9) {
+            bail!("no answer within 9 s");
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "cut off after {took:?}"
+    );
+    Ok(())
+}
