@@ -584,7 +584,6 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                 "spec, Secrets and path are valid",
             );
             // JetStream.
-            let mut hold_deployment = false;
             let (stream_cond, synced) = match ctx.js.sync(&names, spec, &timings).await {
                 Ok(s) => (
                     match &s.backlog_full {
@@ -603,10 +602,6 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                     Some(s),
                 ),
                 Err(e) => {
-                    // A refused consumer layout: the processors keep the
-                    // consumers that exist (the new spec's would not).
-                    hold_deployment =
-                        matches!(e, SyncError::WouldReorder(_) | SyncError::WouldStrand(_));
                     if matches!(e, SyncError::Unavailable(_)) {
                         let n = ctx.failures(&format!("nats:{k}"), true);
                         requeue = requeue.min(backoff(n, resync));
@@ -634,15 +629,8 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                 status.dead_letters = s.dead_letters;
             }
             // Processor.
-            let (proc_cond, replicas, scale_due) = processor(
-                &ep,
-                &ctx,
-                &names,
-                &timings,
-                synced.as_ref(),
-                hold_deployment,
-            )
-            .await?;
+            let (proc_cond, replicas, scale_due) =
+                processor(&ep, &ctx, &names, &timings, synced.as_ref()).await?;
             if let Some(due) = scale_due {
                 requeue = requeue.min(due + Duration::from_millis(200));
             }
@@ -928,7 +916,6 @@ async fn processor(
     names: &EndpointNames,
     timings: &Timings,
     synced: Option<&Synced>,
-    hold: bool,
 ) -> Result<(Desired, ReplicaStatus, Option<Duration>), Error> {
     let ns = ep.namespace().unwrap_or_default();
     let dname = deployment_name(&ep.name_any());
@@ -1070,19 +1057,6 @@ async fn processor(
     }
     let applied = match &current {
         Some(have) if render::up_to_date(have, &want) => have.clone(),
-        // Held (a refused consumer layout): only the replica count follows.
-        Some(have) if hold => match replicas {
-            Some(r) if have.spec.replicas != Some(r) => Arc::new(
-                deployments
-                    .patch(
-                        &dname,
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"spec": {"replicas": r}})),
-                    )
-                    .await?,
-            ),
-            _ => have.clone(),
-        },
         _ => {
             let created = current.is_none();
             let d = deployments

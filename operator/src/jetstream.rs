@@ -388,64 +388,6 @@ pub fn consumer_configs(
     }
 }
 
-/// How an endpoint's processor consumers are laid out: one shared
-/// consumer (`None`), or `Some(n)` partitions, n being one more than the
-/// highest `processor-pN` (so a partition consumer deleted behind the
-/// operator's back is not a layout change).
-fn consumer_layout<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Option<u16>> {
-    let mut any = false;
-    let mut top: Option<u16> = None;
-    for n in names {
-        any = true;
-        if n == "processor" {
-            return Some(None);
-        }
-        if let Some(p) = n
-            .strip_prefix("processor-p")
-            .and_then(|p| p.parse::<u16>().ok())
-        {
-            top = Some(top.map_or(p, |t| t.max(p)));
-        }
-    }
-    any.then(|| top.map(|t| t + 1))
-}
-
-/// Refuse a change of the consumer layout (ordering on or off, more or
-/// fewer partitions) while any existing consumer has webhooks waiting
-/// (`existing`: name and backlog): keys would move to other partitions and
-/// overtake what waits on the old ones, and the new consumers would deliver
-/// again what the old ones delivered after a waiting webhook. `None` when
-/// the layout is unchanged, new, or nothing waits.
-pub fn reorder_refusal(existing: &[(String, u64)], wanted: &[String]) -> Option<String> {
-    let have = consumer_layout(existing.iter().map(|(n, _)| n.as_str()))?;
-    let want = consumer_layout(wanted.iter().map(String::as_str));
-    if want == Some(have) {
-        return None;
-    }
-    let waiting: Vec<String> = existing
-        .iter()
-        .filter(|(_, b)| *b > 0)
-        .map(|(n, b)| format!("{n}: {b}"))
-        .collect();
-    if waiting.is_empty() {
-        return None;
-    }
-    let layout = |l: Option<Option<u16>>| match l.flatten() {
-        None => "ordering off".to_owned(),
-        Some(n) => format!("{n} partitions"),
-    };
-    let total: u64 = existing.iter().map(|(_, b)| b).sum();
-    Some(format!(
-        "ordering cannot change from {} to {} while {total} webhook(s) wait ({}): keys \
-         would move to other partitions and overtake what waits, and webhooks delivered after a \
-         waiting one would be delivered again; let the backlog drain (fix the sink if it is \
-         failing), then the change applies by itself (nothing was changed)",
-        layout(Some(have)),
-        layout(want),
-        waiting.join(", ")
-    ))
-}
-
 /// Whether a consumer name is one the operator manages.
 pub fn is_managed_consumer(name: &str) -> bool {
     name == "processor"
@@ -626,12 +568,6 @@ pub enum SyncError {
     /// waiting on: they would be on subjects no consumer reads.
     #[error("{0}")]
     WouldStrand(String),
-    /// Ordering switched on or off, or its partitions changed, while
-    /// webhooks wait: keys would move to other partitions (out of order)
-    /// and what was delivered after a waiting webhook would be delivered
-    /// again.
-    #[error("{0}")]
-    WouldReorder(String),
     /// JetStream refused a create or update.
     #[error("{0}")]
     Rejected(String),
@@ -656,7 +592,6 @@ impl SyncError {
             SyncError::Unavailable(_) => "NatsUnavailable",
             SyncError::Immutable(_) => "StreamConfigImmutable",
             SyncError::WouldStrand(_) => "PartitionsWouldStrandWebhooks",
-            SyncError::WouldReorder(_) => "OrderingChangeWouldReorder",
             SyncError::Rejected(_) => "StreamRejected",
             SyncError::WouldDrop(_) => "LimitsWouldDropWebhooks",
         }
@@ -1256,14 +1191,6 @@ impl Js {
             self.check_not_stranded(&main.name, names, &existing, o.partitions)
                 .await?;
         }
-        let backlogs: Vec<(String, u64)> = existing
-            .iter()
-            .map(|i| (i.name.clone(), i.num_pending + i.num_ack_pending as u64))
-            .collect();
-        let wanted_list: Vec<String> = wanted_names.iter().map(|n| (*n).to_owned()).collect();
-        if let Some(why) = reorder_refusal(&backlogs, &wanted_list) {
-            return Err(SyncError::WouldReorder(why));
-        }
         let mut positions: Option<Vec<Position>> = None;
         for want in &wanted {
             let name = want.durable_name.as_deref().unwrap_or_default();
@@ -1593,56 +1520,6 @@ ingress: {maxBodyBytes: 1000}
         assert_eq!(resume_point(&parts[2..], ""), Some(101));
         // A partition added: its subject has no history to skip.
         assert_eq!(resume_point(&parts, "in.3"), None);
-    }
-
-    #[test]
-    fn layout_changes_wait_for_the_backlog() {
-        let c = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
-            v.iter().map(|(n, b)| ((*n).to_owned(), *b)).collect()
-        };
-        let w = |v: &[&str]| -> Vec<String> { v.iter().map(|n| (*n).to_owned()).collect() };
-        let three = w(&["processor-p0", "processor-p1", "processor-p2"]);
-        let four = w(&[
-            "processor-p0",
-            "processor-p1",
-            "processor-p2",
-            "processor-p3",
-        ]);
-        let shared = w(&["processor"]);
-        let busy3 = c(&[
-            ("processor-p0", 1),
-            ("processor-p1", 0),
-            ("processor-p2", 0),
-        ]);
-        let idle3 = c(&[
-            ("processor-p0", 0),
-            ("processor-p1", 0),
-            ("processor-p2", 0),
-        ]);
-        // New endpoint, unchanged layout: nothing to refuse.
-        assert_eq!(reorder_refusal(&[], &four), None);
-        assert_eq!(reorder_refusal(&busy3, &three), None);
-        // A partition consumer deleted behind the operator's back is
-        // recreated, not a layout change.
-        assert_eq!(
-            reorder_refusal(&c(&[("processor-p0", 5), ("processor-p2", 0)]), &three),
-            None
-        );
-        // Growing, shrinking, switching off or on while one waits: refused.
-        let why = reorder_refusal(&busy3, &four).unwrap();
-        assert!(
-            why.contains("3 partitions to 4 partitions") && why.contains("processor-p0: 1"),
-            "{why}"
-        );
-        assert!(
-            reorder_refusal(&busy3, &shared)
-                .unwrap()
-                .contains("to ordering off")
-        );
-        assert!(reorder_refusal(&c(&[("processor", 2)]), &three).is_some());
-        // Nothing waiting: the change goes through.
-        assert_eq!(reorder_refusal(&idle3, &four), None);
-        assert_eq!(reorder_refusal(&c(&[("processor", 0)]), &three), None);
     }
 
     #[test]

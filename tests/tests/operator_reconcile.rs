@@ -1020,78 +1020,39 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
             .await?
             .await?;
     }
-    let settle = |consumer: String, n: usize| {
-        let stream = stream.clone();
-        async move {
-            let c: PullConsumer = stream
-                .get_consumer(&consumer)
+    for (p, n) in [(0u16, 4), (1, 1)] {
+        let c: PullConsumer = stream
+            .get_consumer(&names.consumer(Some(p)))
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let mut msgs = c.fetch().max_messages(n).messages().await?;
+        while let Some(m) = msgs.next().await {
+            m.map_err(|e| anyhow::anyhow!(e))?
+                .double_ack()
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?;
-            let mut msgs = c.fetch().max_messages(n).messages().await?;
-            while let Some(m) = msgs.next().await {
-                m.map_err(|e| anyhow::anyhow!(e))?
-                    .double_ack()
-                    .await
-                    .map_err(|e| anyhow::anyhow!(e))?;
-            }
-            anyhow::Ok(())
         }
-    };
-    settle(names.consumer(Some(0)), 4).await?;
-    settle(names.consumer(Some(1)), 1).await?;
+    }
 
-    // More partitions while seq 6 waits on partition 0: its key could move
-    // to the new partition and overtake it. Refused, nothing changed, the
-    // processors keep their three consumers.
+    // More partitions: the new one has no history to skip.
     env.patch_spec("ord", json!({"ordering": {"partitions": 4}}))
         .await?;
-    let ep = env
-        .wait_condition(
-            "ord",
-            "StreamReady",
-            "False",
-            Some("OrderingChangeWouldReorder"),
-        )
-        .await?;
-    let msg = condition(&ep, "StreamReady").unwrap().2;
-    assert!(
-        msg.contains("3 partitions to 4 partitions") && msg.contains("processor-p0: 1"),
-        "{msg}"
-    );
-    assert!(stream.consumer_info(names.consumer(Some(3))).await.is_err());
-    assert_eq!(config_of(&env.deployment("ord").await?)?.consumers.len(), 3);
-    // Once it is delivered, the change applies by itself; the new
-    // partition has no history to skip.
-    settle(names.consumer(Some(0)), 1).await?;
-    env.wait_condition("ord", "StreamReady", "True", None)
-        .await?;
-    let p3 = stream.consumer_info(names.consumer(Some(3))).await?;
-    assert_eq!(p3.config.deliver_policy, DeliverPolicy::All);
-    eventually(WAIT, "processors get four consumers", || async {
-        env.deployment("ord")
-            .await
-            .ok()
-            .and_then(|d| config_of(&d).ok())
-            .is_some_and(|c| c.consumers.len() == 4)
+    eventually(WAIT, "processor-p3 created", || async {
+        stream.consumer_info(names.consumer(Some(3))).await.is_ok()
     })
     .await?;
-
-    // Seq 7 waits on partition 3: ordering off is refused the same way.
+    let p3 = stream.consumer_info(names.consumer(Some(3))).await?;
+    assert_eq!(p3.config.deliver_policy, DeliverPolicy::All);
+    // Seq 7 lands on the new partition 3 (and stays undelivered).
     js.publish(names.subject(3), "{\"n\":7}".into())
         .await?
         .await?;
+
+    // Ordering off: the shared consumer replaces the partitions and starts
+    // at the earliest message they had not settled (6, on partition 0; 5
+    // was settled on partition 1, 7 waits on partition 3), not at the
+    // start of the history.
     env.patch_spec("ord", json!({"ordering": null})).await?;
-    env.wait_condition(
-        "ord",
-        "StreamReady",
-        "False",
-        Some("OrderingChangeWouldReorder"),
-    )
-    .await?;
-    assert!(stream.consumer_info("processor").await.is_err());
-    // Delivered: the shared consumer replaces the partitions and starts
-    // after everything they settled, not at the start of the history.
-    settle(names.consumer(Some(3)), 1).await?;
     eventually(WAIT, "shared consumer, partitions gone", || async {
         stream.consumer_info("processor").await.is_ok()
             && stream.consumer_info(names.consumer(Some(0))).await.is_err()
@@ -1100,16 +1061,12 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
     let shared = stream.consumer_info("processor").await?;
     assert_eq!(
         shared.config.deliver_policy,
-        DeliverPolicy::ByStartSequence { start_sequence: 8 }
+        DeliverPolicy::ByStartSequence { start_sequence: 6 }
     );
-    assert_eq!(shared.num_pending, 0, "nothing delivered twice");
+    assert_eq!(shared.num_pending, 2, "seqs 6 and 7 only");
 
-    // Seq 8, stored on partition 3's subject, waits on the shared consumer.
-    // Ordering on with 2 partitions would leave it to no consumer: refused
-    // with how many are needed; with 4 it still waits for the backlog.
-    js.publish(names.subject(3), "{\"n\":8}".into())
-        .await?
-        .await?;
+    // Ordering on again with 2 partitions would leave seq 7 (partition 3)
+    // to no consumer: refused, nothing changed.
     env.patch_spec(
         "ord",
         json!({"ordering": {"keyHeader": "X-Key", "partitions": 2}}),
@@ -1127,20 +1084,13 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
     assert!(msg.contains("at least 4"), "{msg}");
     assert!(stream.consumer_info("processor").await.is_ok(), "kept");
     assert!(stream.consumer_info(names.consumer(Some(0))).await.is_err());
+    // With enough partitions it goes through, after the shared floor.
     env.patch_spec("ord", json!({"ordering": {"partitions": 4}}))
         .await?;
-    env.wait_condition(
-        "ord",
-        "StreamReady",
-        "False",
-        Some("OrderingChangeWouldReorder"),
-    )
-    .await?;
-    settle("processor".to_owned(), 1).await?;
     env.wait_condition("ord", "StreamReady", "True", None)
         .await?;
     let p3 = stream.consumer_info(names.consumer(Some(3))).await?;
-    assert_eq!(p3.num_pending, 0, "seq 8 is not delivered again");
+    assert_eq!(p3.num_pending, 1, "seq 7 waits on partition 3");
     assert!(stream.consumer_info("processor").await.is_err(), "replaced");
 
     // Storage cannot change in place: reported, stream untouched.
