@@ -456,8 +456,9 @@ impl Config {
         if c.rate_limit_replicas == 0 {
             problems.push("rateLimitReplicas must be at least 1".into());
         }
-        if c.body_budget_bytes < 1024 * 1024 {
-            problems.push("bodyBudgetBytes must be at least 1 MiB".into());
+        if c.body_budget_bytes < 16 * 1024 * 1024 {
+            // Three quarters of it must hold the largest body (8 MiB).
+            problems.push("bodyBudgetBytes must be at least 16 MiB".into());
         }
         if c.nats_url.trim().is_empty() {
             problems.push("natsUrl must not be empty".into());

@@ -493,6 +493,10 @@ async fn read_body<'a>(
         if len > max {
             return Err(ApiError::PayloadTooLarge);
         }
+        // More than declared: it drew on the budget its declaration chose.
+        if declared.is_some_and(|d| len > d) {
+            return Err(ApiError::BadRequest);
+        }
         if len as usize > buf.capacity() {
             let grown = (len.max(2 * buf.capacity() as u64)).min(max);
             reserve(grown)?;
@@ -1140,7 +1144,8 @@ mod tests {
         let r = app.clone().oneshot(signed("/capped", b"{}")).await.unwrap();
         assert_eq!(body_text(r).await, r#"{"error":"store_unavailable"}"#);
         let mut bad = signed("/capped", b"{}");
-        *bad.body_mut() = Body::from("{ }");
+        // Another body of the declared length.
+        *bad.body_mut() = Body::from("[]");
         let r = app.clone().oneshot(bad).await.unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(
