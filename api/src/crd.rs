@@ -794,6 +794,13 @@ pub struct WebhookEndpointStatus {
     /// Processor replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<ReplicaStatus>,
+    /// Ordered endpoints: the partitions whose consumers are in place. The
+    /// gateway spreads keys over at most this many, so when
+    /// `ordering.partitions` grows it uses the new partitions only once
+    /// their consumers exist (a webhook on a partition no consumer reads
+    /// would leave the work stream undelivered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u16>,
 }
 
 /// Consumer backlog.

@@ -27,6 +27,9 @@ pub struct EndpointDef {
     pub created: Option<i64>,
     /// The spec.
     pub spec: WebhookEndpointSpec,
+    /// `status.partitions`: partitions whose consumers exist (`None`:
+    /// unknown, e.g. standalone mode, where the spec's count is used).
+    pub partitions_ready: Option<u16>,
 }
 
 /// Handshake settings with their secrets resolved.
@@ -296,7 +299,13 @@ fn resolve(
             .filter(|s| s.is_success())
             .unwrap_or(StatusCode::OK),
         dedup: spec.deduplication.clone(),
-        ordering: spec.ordering.clone(),
+        // Never a partition whose consumer does not exist yet.
+        ordering: spec.ordering.clone().map(|mut o| {
+            if let Some(ready) = def.partitions_ready.filter(|r| *r > 0) {
+                o.partitions = o.partitions.min(ready);
+            }
+            o
+        }),
         limiter,
     }
 }
@@ -319,7 +328,36 @@ mod tests {
             name: name.into(),
             created,
             spec: serde_yaml_ng::from_str(yaml).unwrap(),
+            partitions_ready: None,
         }
+    }
+
+    #[test]
+    fn keys_use_only_partitions_whose_consumers_exist() {
+        let yaml = format!("{GH}ordering: {{keyHeader: X-Key, partitions: 8}}\n");
+        let router = Router::default();
+        let mut d = def("ns", "o", Some(1), &yaml);
+        let no_secrets = |_: &str, _: &SecretKeyRef| None;
+        // Standalone (no status): the spec's count.
+        router.rebuild(std::slice::from_ref(&d), &no_secrets, None);
+        let parts = |r: &Router| {
+            r.table()
+                .get("/gh")
+                .unwrap()
+                .ordering
+                .as_ref()
+                .unwrap()
+                .partitions
+        };
+        assert_eq!(parts(&router), 8);
+        // Grown to 8 while the operator has 4 consumers in place: 4 until
+        // it has made the others.
+        d.partitions_ready = Some(4);
+        router.rebuild(std::slice::from_ref(&d), &no_secrets, None);
+        assert_eq!(parts(&router), 4);
+        d.partitions_ready = Some(8);
+        router.rebuild(std::slice::from_ref(&d), &no_secrets, None);
+        assert_eq!(parts(&router), 8);
     }
 
     const GH: &str = r#"

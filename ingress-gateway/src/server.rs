@@ -902,6 +902,7 @@ mod tests {
             name: name.into(),
             created: Some(1),
             spec: serde_yaml_ng::from_str(&yaml).expect("spec"),
+            partitions_ready: None,
         }
     }
 

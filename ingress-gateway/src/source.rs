@@ -204,6 +204,7 @@ impl FileSource {
                         name: m.metadata.name,
                         created: Some(i64::try_from(i).unwrap_or(i64::MAX)),
                         spec,
+                        partitions_ready: None,
                     });
                 }
                 "Secret" => {
@@ -578,6 +579,7 @@ fn endpoint_defs(reader: &Store<WebhookEndpoint>) -> Vec<EndpointDef> {
                 .as_ref()
                 .map(|t| t.0.as_second()),
             spec: e.spec.clone(),
+            partitions_ready: e.status.as_ref().and_then(|s| s.partitions),
         })
         .collect()
 }

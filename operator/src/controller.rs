@@ -555,6 +555,7 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
         backlog: old.backlog.clone(),
         dead_letters: old.dead_letters,
         replicas: old.replicas.clone(),
+        partitions: old.partitions,
     };
 
     let parts = match accept(&ep, &ctx).await? {
@@ -627,6 +628,9 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                     retrying: s.backlog.retrying,
                 });
                 status.dead_letters = s.dead_letters;
+                // The partition consumers now exist: the gateway may use
+                // them all.
+                status.partitions = spec.ordering.as_ref().map(|o| o.partitions);
             }
             // Processor.
             let (proc_cond, replicas, scale_due) =

@@ -1043,6 +1043,14 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
     .await?;
     let p3 = stream.consumer_info(names.consumer(Some(3))).await?;
     assert_eq!(p3.config.deliver_policy, DeliverPolicy::All);
+    // The gateway may use the new partition once its consumer exists.
+    eventually(WAIT, "status.partitions 4", || async {
+        env.endpoints()
+            .get("ord")
+            .await
+            .is_ok_and(|e| e.status.and_then(|s| s.partitions) == Some(4))
+    })
+    .await?;
     // Seq 7 lands on the new partition 3 (and stays undelivered).
     js.publish(names.subject(3), "{\"n\":7}".into())
         .await?
