@@ -14,6 +14,7 @@ pub mod nats;
 pub mod reference;
 mod schema;
 pub mod secret;
+pub mod tenancy;
 pub mod validate;
 pub mod wire;
 

@@ -6,6 +6,14 @@
 //! separates the namespace, so the mapping is collision-free, and the key is a
 //! valid JetStream stream name and NATS subject token. Keys that would be too
 //! long are shortened with a hash of the full identity.
+//!
+//! Subjects put the namespace in a token of its own
+//! (`spillway.<kind>.<namespace>.<name>.…`, the name's dots written as
+//! `_`), so one NATS permission such as `spillway.*.<namespace>.>` covers a
+//! tenant's subjects and nothing else. Streams created before kept
+//! `<namespace>_<name>` as one token (`legacy_*` below): the operator adds
+//! the scoped subjects to those streams in place, and consumers read both
+//! forms, so messages stored under the old subjects are still delivered.
 
 /// Longest key before it is shortened (JetStream names may be 255 bytes; the
 /// key gets prefixes and suffixes).
@@ -17,18 +25,12 @@ const NOTICE_PREFIX: &str = "spillway.notice.";
 /// Wildcard covering every endpoint's notice subject.
 pub const NOTICE_SUBJECTS: &str = "spillway.notice.>";
 
-/// The endpoint key of a notice subject (`spillway.notice.<key>`), if it is
-/// one.
-pub fn notice_key(subject: &str) -> Option<&str> {
-    subject
-        .strip_prefix(NOTICE_PREFIX)
-        .filter(|k| !k.is_empty() && !k.contains(['.', '*', '>']))
-}
-
 /// Identity of one endpoint's NATS objects.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EndpointNames {
     key: String,
+    /// `<namespace>.<name>` (dots of the name as `_`): two subject tokens.
+    scope: String,
 }
 
 impl EndpointNames {
@@ -41,7 +43,14 @@ impl EndpointNames {
             let digest = fnv1a64(format!("{namespace}/{name}").as_bytes());
             format!("{}_{digest:016x}", &full[..MAX_KEY - 17])
         };
-        Self { key }
+        let scope = format!("{namespace}.{}", name.replace('.', "_"));
+        Self { key, scope }
+    }
+
+    /// The two subject tokens `<namespace>.<name>` of this endpoint's
+    /// subjects.
+    pub fn scope(&self) -> &str {
+        &self.scope
     }
 
     /// The collision-free key itself.
@@ -110,36 +119,41 @@ impl EndpointNames {
 
     /// Subject the gateway publishes partition `p` to (0 when unordered).
     pub fn subject(&self, partition: u16) -> String {
-        format!("spillway.in.{}.{partition}", self.key)
+        format!("spillway.in.{}.{partition}", self.scope)
     }
 
-    /// Subjects of the main stream.
+    /// Wildcard of the intake subjects (all partitions).
     pub fn stream_subjects(&self) -> String {
-        format!("spillway.in.{}.*", self.key)
+        format!("spillway.in.{}.*", self.scope)
     }
 
-    /// Subject of the dead-letter stream.
+    /// Subject `listener`'s dead letters are published to.
     pub fn dead_letter_subject(&self) -> String {
-        format!("spillway.dlq.{}", self.key)
+        format!("spillway.dlq.{}.{BUILTIN_LISTENER}", self.scope)
+    }
+
+    /// Wildcard of the dead-letter stream's subjects (every listener).
+    pub fn dead_letter_subjects(&self) -> String {
+        format!("spillway.dlq.{}.*", self.scope)
     }
 
     /// Core NATS subject the processor reports its sink's state on (see
     /// [`SinkNotice`](crate::wire::SinkNotice)); the operator subscribes to
     /// [`NOTICE_SUBJECTS`].
     pub fn notice_subject(&self) -> String {
-        format!("{NOTICE_PREFIX}{}", self.key)
+        format!("{NOTICE_PREFIX}{}", self.scope)
     }
 
-    /// Subject a retry whose wait is over is published to, in the main
-    /// stream, for `listener` only (the main consumer of an unordered
-    /// endpoint reads every subject of the stream).
+    /// Subject a retry whose wait is over is published to, in the work
+    /// stream, for `listener` only (the unordered consumer reads every
+    /// subject of the stream).
     pub fn due_subject(&self, listener: &str) -> String {
-        format!("spillway.due.{}.{listener}", self.key)
+        format!("spillway.due.{}.{listener}", self.scope)
     }
 
-    /// Wildcard of the main stream's `due` subjects.
+    /// Wildcard of the work stream's `due` subjects.
     pub fn due_subjects(&self) -> String {
-        format!("spillway.due.{}.*", self.key)
+        format!("spillway.due.{}.*", self.scope)
     }
 
     /// Stream holding retries while they wait out their delay (work-queue
@@ -150,12 +164,57 @@ impl EndpointNames {
 
     /// Subject a failed delivery of `listener` is parked on.
     pub fn retry_subject(&self, listener: &str) -> String {
-        format!("spillway.retry.{}.{listener}", self.key)
+        format!("spillway.retry.{}.{listener}", self.scope)
     }
 
     /// Wildcard of the retry stream's subjects.
     pub fn retry_subjects(&self) -> String {
+        format!("spillway.retry.{}.*", self.scope)
+    }
+
+    /// Intake subject of partition `p` before subjects were scoped
+    /// (`spillway.in.<key>.<p>`): messages stored under it are still read.
+    pub fn legacy_subject(&self, partition: u16) -> String {
+        format!("spillway.in.{}.{partition}", self.key)
+    }
+
+    /// Wildcard of [`legacy_subject`](Self::legacy_subject).
+    pub fn legacy_stream_subjects(&self) -> String {
+        format!("spillway.in.{}.*", self.key)
+    }
+
+    /// `due` subjects before subjects were scoped.
+    pub fn legacy_due_subjects(&self) -> String {
+        format!("spillway.due.{}.*", self.key)
+    }
+
+    /// Retry subject of `listener` before subjects were scoped.
+    pub fn legacy_retry_subject(&self, listener: &str) -> String {
+        format!("spillway.retry.{}.{listener}", self.key)
+    }
+
+    /// Wildcard of the retry subjects before subjects were scoped.
+    pub fn legacy_retry_subjects(&self) -> String {
         format!("spillway.retry.{}.*", self.key)
+    }
+
+    /// Dead-letter subject before subjects were scoped.
+    pub fn legacy_dead_letter_subject(&self) -> String {
+        format!("spillway.dlq.{}", self.key)
+    }
+
+    /// Notice subject before subjects were scoped (processors of the
+    /// previous release still send it during an upgrade).
+    pub fn legacy_notice_subject(&self) -> String {
+        format!("{NOTICE_PREFIX}{}", self.key)
+    }
+
+    /// Whether `subject` is this endpoint's intake subject of partition
+    /// `p`, scoped or legacy; `p` when it is.
+    pub fn partition_of_subject(&self, subject: &str) -> Option<u16> {
+        let (_, p) = subject.rsplit_once('.')?;
+        let p: u16 = p.parse().ok()?;
+        (self.subject(p) == subject || self.legacy_subject(p) == subject).then_some(p)
     }
 
     /// Durable consumer on the retry stream that holds `listener`'s parked
@@ -176,6 +235,15 @@ impl EndpointNames {
 
 /// The listener every endpoint has: `spec.processor`.
 pub const BUILTIN_LISTENER: &str = "processor";
+
+/// Inbox prefix of the processors of `namespace`: their replies (fetched
+/// messages, PubAcks, API answers) arrive under it, so a per-namespace NATS
+/// user subscribes to `<prefix>.>` instead of every client's `_INBOX.>`.
+/// (A default inbox's second token is a 22-character NUID, never
+/// `spillway`.)
+pub fn inbox_prefix(namespace: &str) -> String {
+    format!("_INBOX.spillway.{namespace}")
+}
 
 /// FNV-1a, 64 bit: stable across releases and platforms (unlike std's hasher).
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -247,33 +315,68 @@ mod tests {
     #[test]
     fn subjects_do_not_overlap() {
         let n = EndpointNames::new("default", "gh");
-        assert_eq!(n.subject(0), "spillway.in.default_gh.0");
-        assert_eq!(n.stream_subjects(), "spillway.in.default_gh.*");
+        assert_eq!(n.subject(0), "spillway.in.default.gh.0");
+        assert_eq!(n.stream_subjects(), "spillway.in.default.gh.*");
         assert!(!n.dead_letter_subject().starts_with("spillway.in."));
         assert_eq!(
             n.due_subject("processor"),
-            "spillway.due.default_gh.processor"
+            "spillway.due.default.gh.processor"
         );
         assert_eq!(
             n.retry_subject("processor"),
-            "spillway.retry.default_gh.processor"
+            "spillway.retry.default.gh.processor"
         );
+        assert_eq!(n.dead_letter_subject(), "spillway.dlq.default.gh.processor");
         assert_eq!(n.retry_stream(), "spillway-retry_default_gh");
         assert!(!n.retry_subject("processor").starts_with("spillway.due."));
         assert_eq!(n.history_feed_subject(), "spillway.feed.default_gh");
         assert_ne!(n.history_consumer(), n.consumer(None));
+        // Legacy (one-token) and scoped subjects never match each other's
+        // wildcards: they differ in the number of tokens.
+        assert_eq!(n.legacy_subject(3), "spillway.in.default_gh.3");
+        let tokens = |s: String| s.split('.').count();
+        assert_ne!(
+            tokens(n.stream_subjects()),
+            tokens(n.legacy_stream_subjects())
+        );
+        assert_ne!(
+            tokens(n.retry_subjects()),
+            tokens(n.legacy_retry_subjects())
+        );
+        assert_ne!(tokens(n.due_subjects()), tokens(n.legacy_due_subjects()));
     }
 
     #[test]
-    fn notice_subjects_map_back_to_the_key() {
-        let n = EndpointNames::new("team-a", "gh.v2");
-        assert_eq!(n.notice_subject(), "spillway.notice.team-a_gh_v2");
-        assert_eq!(notice_key(&n.notice_subject()), Some(n.key()));
-        assert!(!n.notice_subject().starts_with("spillway.in."));
-        assert!(!n.notice_subject().starts_with("spillway.dlq."));
-        assert_eq!(notice_key("spillway.notice."), None);
-        assert_eq!(notice_key("spillway.notice.a.b"), None);
-        assert_eq!(notice_key("spillway.dlq.a_b"), None);
+    fn the_namespace_is_a_token_of_its_own() {
+        // A permission `spillway.*.team-a.>` covers team-a's subjects only.
+        let a = EndpointNames::new("team-a", "gh.v2");
+        let b = EndpointNames::new("team-ab", "gh");
+        for s in [
+            a.subject(0),
+            a.due_subject("processor"),
+            a.retry_subject("processor"),
+            a.dead_letter_subject(),
+            a.notice_subject(),
+        ] {
+            let t: Vec<&str> = s.split('.').collect();
+            assert_eq!(t[2], "team-a", "{s}");
+            assert_eq!(t[3], "gh_v2", "{s}");
+        }
+        assert_eq!(b.subject(0).split('.').nth(2), Some("team-ab"));
+        assert_eq!(a.scope(), "team-a.gh_v2");
+    }
+
+    #[test]
+    fn partitions_are_read_from_either_subject_form() {
+        let n = EndpointNames::new("team", "gh");
+        assert_eq!(n.partition_of_subject("spillway.in.team.gh.7"), Some(7));
+        assert_eq!(n.partition_of_subject("spillway.in.team_gh.7"), Some(7));
+        assert_eq!(n.partition_of_subject("spillway.in.team.other.7"), None);
+        assert_eq!(
+            n.partition_of_subject("spillway.due.team.gh.processor"),
+            None
+        );
+        assert_eq!(n.partition_of_subject("spillway.in.team.gh.x"), None);
     }
 
     #[test]

@@ -40,25 +40,16 @@ impl EndpointRef {
         EndpointNames::new(&self.namespace, &self.name)
     }
 
-    /// Whether `subject` is one of this endpoint's stream subjects.
-    pub fn owns_subject(&self, subject: &str) -> bool {
-        let prefix = self.names().stream_subjects();
-        let prefix = prefix.trim_end_matches('*');
-        subject
-            .strip_prefix(prefix)
-            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-    }
-
     /// Where a webhook read from the history is published when replayed:
-    /// its intake subject (the history keeps it under
-    /// `spillway.hist.<key>.<p>`, or under the intake subject itself when
-    /// it was copied from a legacy stream). `None` for anything else (retry
-    /// copies, other endpoints).
+    /// its partition's intake subject (the history keeps it under the
+    /// subject it was accepted on, scoped or legacy, or under
+    /// `spillway.hist.<key>.<p>`). `None` for anything else (retry copies,
+    /// other endpoints).
     pub fn replay_subject(&self, stored: &str) -> Option<String> {
-        if self.owns_subject(stored) {
-            return Some(stored.to_owned());
-        }
         let names = self.names();
+        if let Some(p) = names.partition_of_subject(stored) {
+            return Some(names.subject(p));
+        }
         let hist = names.history_subjects();
         let p = stored.strip_prefix(hist.trim_end_matches('*'))?;
         let p: u16 = p
@@ -68,21 +59,23 @@ impl EndpointRef {
         Some(names.subject(p))
     }
 
-    /// Where a dead letter goes back to when redriven: its original intake
-    /// subject, or for a retried copy (which sat on a listener's `due`
-    /// subject) the unordered intake subject. `None` for a subject of
+    /// Where a dead letter goes back to when redriven: its partition's
+    /// intake subject, or for a retried copy (which sat on a listener's
+    /// `due` subject) the unordered intake subject. `None` for a subject of
     /// another endpoint or of no endpoint.
     pub fn redrive_subject(&self, original: &str) -> Option<String> {
         let names = self.names();
-        if self.owns_subject(original) {
-            return Some(original.to_owned());
+        if let Some(p) = names.partition_of_subject(original) {
+            return Some(names.subject(p));
         }
-        let due = names.due_subjects();
-        let prefix = due.trim_end_matches('*');
-        original
-            .strip_prefix(prefix)
-            .filter(|l| !l.is_empty() && !l.contains(['.', '*', '>']))
-            .map(|_| names.subject(0))
+        [names.due_subjects(), names.legacy_due_subjects()]
+            .iter()
+            .any(|due| {
+                original
+                    .strip_prefix(due.trim_end_matches('*'))
+                    .is_some_and(|l| !l.is_empty() && !l.contains(['.', '*', '>']))
+            })
+            .then(|| names.subject(0))
     }
 }
 
@@ -100,25 +93,39 @@ mod tests {
     fn redrive_goes_back_to_the_intake_subject() {
         let ep = EndpointRef::parse("a/b", "default").unwrap();
         assert_eq!(
-            ep.redrive_subject("spillway.in.a_b.3").as_deref(),
-            Some("spillway.in.a_b.3")
+            ep.redrive_subject("spillway.in.a.b.3").as_deref(),
+            Some("spillway.in.a.b.3")
         );
+        // Dead letters of the previous release name the one-token subject:
+        // they go back to the scoped one.
         assert_eq!(
-            ep.redrive_subject("spillway.due.a_b.processor").as_deref(),
-            Some("spillway.in.a_b.0")
+            ep.redrive_subject("spillway.in.a_b.3").as_deref(),
+            Some("spillway.in.a.b.3")
         );
+        for due in ["spillway.due.a.b.processor", "spillway.due.a_b.processor"] {
+            assert_eq!(
+                ep.redrive_subject(due).as_deref(),
+                Some("spillway.in.a.b.0"),
+                "{due}"
+            );
+        }
+        assert_eq!(ep.redrive_subject("spillway.due.a.c.processor"), None);
         assert_eq!(ep.redrive_subject("spillway.due.a_c.processor"), None);
-        assert_eq!(ep.redrive_subject("spillway.due.a_b.x.y"), None);
-        assert_eq!(ep.redrive_subject("spillway.in.a_b.x"), None);
+        assert_eq!(ep.redrive_subject("spillway.due.a.b.x.y"), None);
+        assert_eq!(ep.redrive_subject("spillway.in.a.b.x"), None);
         assert_eq!(
             ep.replay_subject("spillway.hist.a_b.2").as_deref(),
-            Some("spillway.in.a_b.2")
+            Some("spillway.in.a.b.2")
         );
         assert_eq!(
             ep.replay_subject("spillway.in.a_b.0").as_deref(),
-            Some("spillway.in.a_b.0")
+            Some("spillway.in.a.b.0")
         );
-        assert_eq!(ep.replay_subject("spillway.due.a_b.processor"), None);
+        assert_eq!(
+            ep.replay_subject("spillway.in.a.b.0").as_deref(),
+            Some("spillway.in.a.b.0")
+        );
+        assert_eq!(ep.replay_subject("spillway.due.a.b.processor"), None);
         assert_eq!(ep.replay_subject("spillway.hist.a_c.0"), None);
         assert_eq!(ep.replay_subject("spillway.hist.a_b.x"), None);
     }
@@ -143,12 +150,15 @@ mod tests {
 
     #[test]
     fn owns_only_its_partition_subjects() {
-        let e = EndpointRef::parse("ns/gh", "default").unwrap();
-        assert!(e.owns_subject("spillway.in.ns_gh.0"));
-        assert!(e.owns_subject("spillway.in.ns_gh.17"));
-        assert!(!e.owns_subject("spillway.in.ns_gh."));
-        assert!(!e.owns_subject("spillway.in.ns_gh.x"));
-        assert!(!e.owns_subject("spillway.in.ns_ghx.0"));
-        assert!(!e.owns_subject("spillway.dlq.ns_gh"));
+        let e = EndpointRef::parse("ns/gh", "default").unwrap().names();
+        let owns = |s: &str| e.partition_of_subject(s).is_some();
+        assert!(owns("spillway.in.ns.gh.0"));
+        assert!(owns("spillway.in.ns_gh.0"));
+        assert!(owns("spillway.in.ns.gh.17"));
+        assert!(!owns("spillway.in.ns.ghx.0"));
+        assert!(!owns("spillway.in.ns_gh."));
+        assert!(!owns("spillway.in.ns_gh.x"));
+        assert!(!owns("spillway.in.ns_ghx.0"));
+        assert!(!owns("spillway.dlq.ns_gh"));
     }
 }

@@ -108,6 +108,15 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: output::Format,
     },
+    /// Print the NATS permissions of a per-namespace user for the
+    /// namespace's processors (a nats-server `permissions` block): their
+    /// own streams and subjects, nothing of another namespace's. Run again
+    /// when endpoints are added.
+    NatsPermissions {
+        /// Endpoint names in the namespace (default: every WebhookEndpoint
+        /// in it, read from the cluster).
+        endpoints: Vec<String>,
+    },
     /// Dead letters.
     Dlq {
         #[command(subcommand)]
@@ -342,6 +351,37 @@ async fn main() -> Result<()> {
                 Some(g.namespace.clone().unwrap_or(ctx_ns))
             };
             status::run(client, js.as_ref(), ns.as_deref(), one.as_ref(), output).await?;
+        }
+        Cmd::NatsPermissions { mut endpoints } => {
+            let ns = if endpoints.is_empty() {
+                let (client, ctx_ns) = g.kube().await?;
+                let ns = g.namespace.clone().unwrap_or(ctx_ns);
+                let api: Api<WebhookEndpoint> = Api::namespaced(client, &ns);
+                endpoints = api
+                    .list(&Default::default())
+                    .await
+                    .with_context(|| format!("listing WebhookEndpoints in {ns}"))?
+                    .items
+                    .into_iter()
+                    .filter_map(|e| e.metadata.name)
+                    .collect();
+                ns
+            } else {
+                g.default_namespace().await
+            };
+            let endpoints = endpoints
+                .iter()
+                .map(|e| match EndpointRef::parse(e, &ns) {
+                    Ok(r) if r.namespace == ns => Ok(r.name),
+                    Ok(r) => bail!("{r} is not in namespace {ns}: one namespace at a time"),
+                    Err(e) => Err(anyhow::Error::msg(e)),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            print!(
+                "# NATS permissions for the processors of namespace {ns} ({} endpoint(s))\n{}",
+                endpoints.len(),
+                spillway_api::tenancy::processor_permissions(&ns, &endpoints).to_server_config()
+            );
         }
         Cmd::Dlq {
             cmd:

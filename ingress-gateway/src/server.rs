@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use async_nats::jetstream::context::PublishErrorKind;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -684,12 +685,29 @@ async fn store(
             .acquire()
             .await
             .map_err(|_| "closed".to_owned())?;
-        let ack = gw
+        let first = match gw
             .js
-            .publish_with_headers(subject, nats_headers, body)
+            .publish_with_headers(subject, nats_headers.clone(), body.clone())
             .await
-            .map_err(|e| e.to_string())?;
-        ack.await.map_err(|e| e.to_string())
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match first {
+            // No stream takes the scoped subject yet: an operator of the
+            // previous release still runs (an upgrade in progress), whose
+            // stream takes the one-token subject.
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                debug!("no stream for the scoped subject; trying the previous release's");
+                gw.js
+                    .publish_with_headers(route.names.legacy_subject(partition), nats_headers, body)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            other => other.map_err(|e| e.to_string()),
+        }
     })
     .await;
     match result {

@@ -59,8 +59,9 @@ pub fn stream_config(
     let s = &spec.stream;
     stream::Config {
         name: names.stream(),
-        // Intake partitions, and retries whose wait is over.
-        subjects: vec![names.stream_subjects(), names.due_subjects()],
+        // Intake partitions, and retries whose wait is over; scoped and,
+        // for publishers of the previous release during an upgrade, legacy.
+        subjects: work_subjects(names),
         retention: stream::RetentionPolicy::Interest,
         max_bytes: s.max_bytes,
         max_messages: s.max_messages,
@@ -75,6 +76,26 @@ pub fn stream_config(
         )),
         ..Default::default()
     }
+}
+
+/// The work stream's subjects: intake and `due`, scoped
+/// (`spillway.in.<ns>.<name>.*`) and legacy (`spillway.in.<ns>_<name>.*`).
+/// The two forms have different numbers of tokens, so neither matches the
+/// other's wildcards or another endpoint's. The legacy forms are kept for
+/// this release so that gateways and processors of the previous one keep
+/// working while an upgrade rolls out.
+pub fn work_subjects(names: &EndpointNames) -> Vec<String> {
+    vec![
+        names.stream_subjects(),
+        names.due_subjects(),
+        names.legacy_stream_subjects(),
+        names.legacy_due_subjects(),
+    ]
+}
+
+/// Intake subjects of the work stream, both forms (what the history copies).
+pub fn intake_filters(names: &EndpointNames) -> Vec<String> {
+    vec![names.stream_subjects(), names.legacy_stream_subjects()]
 }
 
 /// The history stream's desired configuration: every accepted webhook,
@@ -140,7 +161,7 @@ pub fn history_consumer_config(names: &EndpointNames) -> consumer::Config {
         durable_name: Some(names.history_consumer()),
         description: Some("Spillway history source".into()),
         deliver_subject: Some(names.history_feed_subject()),
-        filter_subject: names.stream_subjects(),
+        filter_subjects: intake_filters(names),
         deliver_policy: DeliverPolicy::All,
         ack_policy: AckPolicy::FlowControl,
         flow_control: true,
@@ -155,6 +176,7 @@ pub fn history_consumer_config(names: &EndpointNames) -> consumer::Config {
 pub fn history_consumer_differs(have: &consumer::Config, want: &consumer::Config) -> bool {
     have.deliver_subject != want.deliver_subject
         || have.filter_subject != want.filter_subject
+        || have.filter_subjects != want.filter_subjects
         || have.ack_policy != want.ack_policy
         || have.max_ack_pending != want.max_ack_pending
         || have.description != want.description
@@ -225,7 +247,10 @@ pub fn dead_letter_config(
     let s = &spec.stream;
     stream::Config {
         name: names.dead_letter_stream(),
-        subjects: vec![names.dead_letter_subject()],
+        subjects: vec![
+            names.dead_letter_subjects(),
+            names.legacy_dead_letter_subject(),
+        ],
         retention: stream::RetentionPolicy::Limits,
         max_age: t.dead_letter_max_age,
         max_bytes: s.max_bytes,
@@ -260,7 +285,7 @@ pub fn retry_stream_config(
     let s = &spec.stream;
     stream::Config {
         name: names.retry_stream(),
-        subjects: vec![names.retry_subjects()],
+        subjects: vec![names.retry_subjects(), names.legacy_retry_subjects()],
         retention: stream::RetentionPolicy::WorkQueue,
         max_bytes: s.max_bytes,
         max_messages: s.max_messages,
@@ -303,7 +328,10 @@ pub fn retry_consumer_configs(
     let listener = spillway_api::names::BUILTIN_LISTENER;
     vec![pull::Config {
         durable_name: Some(names.retry_consumer(listener)),
-        filter_subject: names.retry_subject(listener),
+        filter_subjects: vec![
+            names.retry_subject(listener),
+            names.legacy_retry_subject(listener),
+        ],
         ack_policy: AckPolicy::Explicit,
         deliver_policy: DeliverPolicy::All,
         replay_policy: ReplayPolicy::Instant,
@@ -379,12 +407,23 @@ pub fn consumer_configs(
         Some(o) => (0..o.partitions.max(1))
             .map(|i| pull::Config {
                 durable_name: Some(names.consumer(Some(i))),
-                filter_subject: names.subject(i),
+                filter_subjects: vec![names.subject(i), names.legacy_subject(i)],
                 max_ack_pending: 1,
                 description: Some(format!("Spillway processor, partition {i}")),
                 ..base.clone()
             })
             .collect(),
+    }
+}
+
+/// A consumer's subject filters (one or many; empty: every subject).
+pub fn filters_of(c: &consumer::Config) -> Vec<String> {
+    if !c.filter_subjects.is_empty() {
+        c.filter_subjects.clone()
+    } else if !c.filter_subject.is_empty() {
+        vec![c.filter_subject.clone()]
+    } else {
+        Vec::new()
     }
 }
 
@@ -396,18 +435,18 @@ pub fn is_managed_consumer(name: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// How far an existing consumer has got: its subject filter (empty: all)
+/// How far an existing consumer has got: its subject filters (empty: all)
 /// and the stream sequence of the first message on it that it has not
 /// settled (the stream's last sequence + 1 when it has settled everything).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
-    /// The consumer's subject filter.
-    pub filter: String,
+    /// The consumer's subject filters.
+    pub filters: Vec<String>,
     /// First unsettled stream sequence.
     pub next: u64,
 }
 
-/// Where a new consumer with subject filter `filter` (empty: all) starts:
+/// Where a new consumer with subject filters `filters` (empty: all) starts:
 /// at the earliest unsettled message of the existing consumers whose
 /// filters overlap it (ordering switched on or off), so what they
 /// acknowledged is not delivered again and what they had not is not
@@ -415,10 +454,14 @@ pub struct Position {
 /// endpoint, a new partition's subject, or consumers deleted behind the
 /// operator's back, whose progress is unknown (delivering twice beats
 /// losing).
-pub fn resume_point(existing: &[Position], filter: &str) -> Option<u64> {
+pub fn resume_point(existing: &[Position], filters: &[String]) -> Option<u64> {
     existing
         .iter()
-        .filter(|p| p.filter.is_empty() || filter.is_empty() || p.filter == filter)
+        .filter(|p| {
+            p.filters.is_empty()
+                || filters.is_empty()
+                || p.filters.iter().any(|f| filters.contains(f))
+        })
         .map(|p| p.next)
         .min()
 }
@@ -508,6 +551,7 @@ pub fn consumer_differs(have: &consumer::Config, want: &pull::Config) -> bool {
         || have.backoff != want.backoff
         || have.max_ack_pending != want.max_ack_pending
         || have.filter_subject != want.filter_subject
+        || have.filter_subjects != want.filter_subjects
         || have.description != want.description
 }
 
@@ -893,20 +937,27 @@ impl Js {
     ) -> Result<Vec<Position>, SyncError> {
         let mut out = Vec::new();
         for i in existing {
-            let filter = i.config.filter_subject.clone();
+            let filters = filters_of(&i.config);
             let next = if i.num_pending == 0 && i.num_ack_pending == 0 {
                 last_seq + 1
             } else {
-                let subject = if filter.is_empty() {
-                    names.stream_subjects()
+                let subjects = if filters.is_empty() {
+                    intake_filters(names)
                 } else {
-                    filter.clone()
+                    filters.clone()
                 };
-                self.next_on_subject(stream, i.ack_floor.stream_sequence + 1, &subject)
-                    .await?
-                    .unwrap_or(last_seq + 1)
+                let mut next = last_seq + 1;
+                for subject in &subjects {
+                    if let Some(seq) = self
+                        .next_on_subject(stream, i.ack_floor.stream_sequence + 1, subject)
+                        .await?
+                    {
+                        next = next.min(seq);
+                    }
+                }
+                next
             };
-            out.push(Position { filter, next });
+            out.push(Position { filters, next });
         }
         Ok(out)
     }
@@ -923,7 +974,7 @@ impl Js {
         partitions: u16,
     ) -> Result<(), SyncError> {
         let Some(shared) = existing.iter().find(|i| {
-            i.config.filter_subject.is_empty() && (i.num_pending > 0 || i.num_ack_pending > 0)
+            filters_of(&i.config).is_empty() && (i.num_pending > 0 || i.num_ack_pending > 0)
         }) else {
             return Ok(());
         };
@@ -941,29 +992,25 @@ impl Js {
             #[serde(default)]
             subjects: std::collections::HashMap<String, u64>,
         }
-        let info: Info = self
-            .api(
-                format!("STREAM.INFO.{stream}"),
-                &SubjectsFilter {
-                    subjects_filter: names.stream_subjects(),
-                },
-            )
-            .await
-            .map_err(|e| SyncError::from_nats(e, "listing the stream's subjects"))?;
         let mut stranded = Vec::new();
-        for subject in info.state.subjects.keys() {
-            let Some(p) = subject
-                .rsplit_once('.')
-                .and_then(|(_, n)| n.parse::<u16>().ok())
-                .filter(|p| names.subject(*p) == *subject)
-            else {
-                continue;
-            };
-            if p < partitions {
-                continue;
-            }
-            if self.next_on_subject(stream, from, subject).await?.is_some() {
-                stranded.push(p);
+        for subjects_filter in intake_filters(names) {
+            let info: Info = self
+                .api(
+                    format!("STREAM.INFO.{stream}"),
+                    &SubjectsFilter { subjects_filter },
+                )
+                .await
+                .map_err(|e| SyncError::from_nats(e, "listing the stream's subjects"))?;
+            for subject in info.state.subjects.keys() {
+                let Some(p) = names.partition_of_subject(subject) else {
+                    continue;
+                };
+                if p < partitions || stranded.contains(&p) {
+                    continue;
+                }
+                if self.next_on_subject(stream, from, subject).await?.is_some() {
+                    stranded.push(p);
+                }
             }
         }
         if stranded.is_empty() {
@@ -1114,7 +1161,15 @@ impl Js {
                 .as_ref()
                 .is_none_or(|w| !intake.iter().all(|s| w.config.subjects.contains(s)));
         if hold_subjects {
-            main.subjects = vec![main.name.clone()];
+            // An existing stream keeps what it has meanwhile (the subjects
+            // of the previous release while it gains the scoped ones: its
+            // consumers already read those), a new one gets a placeholder.
+            main.subjects = match &have_work {
+                Some(w) if !legacy_owns && !w.config.subjects.is_empty() => {
+                    w.config.subjects.clone()
+                }
+                _ => vec![main.name.clone()],
+            };
         }
         let last_seq = self
             .ensure_stream(&main, &mut out)
@@ -1213,7 +1268,7 @@ impl Js {
                                 );
                             }
                             let known = positions.as_deref().unwrap_or_default();
-                            if let Some(seq) = resume_point(known, &want.filter_subject) {
+                            if let Some(seq) = resume_point(known, &want.filter_subjects) {
                                 cfg.deliver_policy = DeliverPolicy::ByStartSequence {
                                     start_sequence: seq,
                                 };
@@ -1386,7 +1441,11 @@ ingress: {maxBodyBytes: 1000}
             ]
         );
         let hc = history_consumer_config(&n);
-        assert_eq!(hc.filter_subject, "spillway.in.ns_gh.*", "no retries");
+        assert_eq!(
+            hc.filter_subjects,
+            ["spillway.in.ns.gh.*", "spillway.in.ns_gh.*"],
+            "no retries"
+        );
         assert_eq!(
             hc.deliver_subject.as_deref(),
             Some("spillway.feed.ns_gh"),
@@ -1401,21 +1460,34 @@ ingress: {maxBodyBytes: 1000}
         );
         assert_eq!(c.max_message_size as u64, 1000 + HEADER_HEADROOM);
         let d = dead_letter_config(&n, &s, &t);
-        assert_eq!(d.subjects, vec![n.dead_letter_subject()]);
+        assert_eq!(
+            d.subjects,
+            ["spillway.dlq.ns.gh.*", "spillway.dlq.ns_gh"],
+            "scoped, and the previous release's"
+        );
         assert_eq!(d.max_age, Duration::from_secs(336 * 3600));
         // timeout 10s: 2 x (10s + 5s) + 60s, above the 2 min floor.
         assert_eq!(d.duplicate_window, Duration::from_secs(120));
         // Retries: never aged out, refused rather than dropped when full,
         // gone once moved back.
         let r = retry_stream_config(&n, &s, &t);
-        assert_eq!(r.subjects, vec![n.retry_subjects()]);
+        assert_eq!(
+            r.subjects,
+            vec![n.retry_subjects(), n.legacy_retry_subjects()]
+        );
         assert_eq!(r.retention, stream::RetentionPolicy::WorkQueue);
         assert_eq!(r.discard, stream::DiscardPolicy::New);
         assert_eq!(r.max_age, Duration::ZERO);
         assert_eq!(r.max_bytes, 1_000_000);
         let rc = retry_consumer_configs(&n, &s);
         assert_eq!(rc.len(), 1);
-        assert_eq!(rc[0].filter_subject, n.retry_subject("processor"));
+        assert_eq!(
+            rc[0].filter_subjects,
+            [
+                n.retry_subject("processor"),
+                n.legacy_retry_subject("processor")
+            ]
+        );
         assert_eq!(rc[0].durable_name.as_deref(), Some("retry-processor"));
         let mut ordered = s.clone();
         ordered.ordering =
@@ -1473,7 +1545,7 @@ ingress: {maxBodyBytes: 1000}
         let c = consumer_configs(&n, &s, &t);
         assert_eq!(c.len(), 3);
         assert_eq!(c[2].durable_name.as_deref(), Some("processor-p2"));
-        assert_eq!(c[2].filter_subject, n.subject(2));
+        assert_eq!(c[2].filter_subjects, [n.subject(2), n.legacy_subject(2)]);
         assert!(c.iter().all(|c| c.max_ack_pending == 1));
     }
 
@@ -1496,30 +1568,65 @@ ingress: {maxBodyBytes: 1000}
         );
     }
 
-    fn at(filter: &str, next: u64) -> Position {
+    fn at(filters: &[&str], next: u64) -> Position {
         Position {
-            filter: filter.into(),
+            filters: filters.iter().map(|f| f.to_string()).collect(),
             next,
         }
+    }
+
+    fn f(filters: &[&str]) -> Vec<String> {
+        filters.iter().map(|f| f.to_string()).collect()
     }
 
     #[test]
     fn new_consumers_resume_after_the_consumers_they_replace() {
         // Nothing before: everything stored is delivered.
-        assert_eq!(resume_point(&[], ""), None);
-        assert_eq!(resume_point(&[], "in.0"), None);
+        assert_eq!(resume_point(&[], &[]), None);
+        assert_eq!(resume_point(&[], &f(&["in.0"])), None);
         // Ordering switched on: every partition starts at the shared
         // consumer's first unsettled message.
-        let shared = [at("", 42)];
-        assert_eq!(resume_point(&shared, "in.0"), Some(42));
-        assert_eq!(resume_point(&shared, "in.3"), Some(42));
+        let shared = [at(&[], 42)];
+        assert_eq!(resume_point(&shared, &f(&["in.0", "old.0"])), Some(42));
+        assert_eq!(resume_point(&shared, &f(&["in.3"])), Some(42));
         // Ordering switched off: the shared consumer starts at the earliest
         // unsettled message of any partition.
-        let parts = [at("in.0", 91), at("in.1", 13), at("in.2", 101)];
-        assert_eq!(resume_point(&parts, ""), Some(13));
-        assert_eq!(resume_point(&parts[2..], ""), Some(101));
+        let parts = [at(&["in.0"], 91), at(&["in.1"], 13), at(&["in.2"], 101)];
+        assert_eq!(resume_point(&parts, &[]), Some(13));
+        assert_eq!(resume_point(&parts[2..], &[]), Some(101));
         // A partition added: its subject has no history to skip.
-        assert_eq!(resume_point(&parts, "in.3"), None);
+        assert_eq!(resume_point(&parts, &f(&["in.3", "old.3"])), None);
+        // A consumer of the previous release (legacy filter only) is
+        // replaced by one reading both forms: it resumes where it was.
+        let before = [at(&["old.1"], 77)];
+        assert_eq!(resume_point(&before, &f(&["in.1", "old.1"])), Some(77));
+    }
+
+    #[test]
+    fn consumers_read_both_subject_forms() {
+        let n = EndpointNames::new("ns", "gh");
+        let h = history_consumer_config(&n);
+        assert_eq!(h.filter_subjects, intake_filters(&n));
+        let s = spec(BASE);
+        let t = check(&s).unwrap();
+        let w = stream_config(&n, &s, &t);
+        for want in [
+            "spillway.in.ns.gh.*",
+            "spillway.in.ns_gh.*",
+            "spillway.due.ns.gh.*",
+            "spillway.due.ns_gh.*",
+        ] {
+            assert!(w.subjects.iter().any(|s| s == want), "{want}");
+        }
+        // A consumer of the previous release (one filter, legacy form)
+        // is brought to both forms.
+        let mut old = consumer::Config {
+            filter_subject: n.legacy_stream_subjects(),
+            ..h.clone()
+        };
+        old.filter_subjects.clear();
+        assert!(history_consumer_differs(&old, &h));
+        assert_eq!(filters_of(&old), [n.legacy_stream_subjects()]);
     }
 
     #[test]

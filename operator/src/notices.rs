@@ -1,6 +1,6 @@
 //! Sink notices: processors (which have no Kubernetes API access) report on
 //! core NATS when their sink answers 410 Gone and when it recovers
-//! ([`SinkNotice`] on `spillway.notice.<key>`). The leader keeps the latest
+//! ([`SinkNotice`] on `spillway.notice.<namespace>.<name>`). The leader keeps the latest
 //! state per endpoint in memory, reconciles the endpoint when it changes,
 //! and the reconcile turns it into the `SinkAvailable` condition.
 //!
@@ -21,7 +21,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::{ObjectRef, Store};
 use spillway_api::WebhookEndpoint;
 use spillway_api::condition::SINK_AVAILABLE;
-use spillway_api::names::{EndpointNames, NOTICE_SUBJECTS, notice_key};
+use spillway_api::names::{EndpointNames, NOTICE_SUBJECTS};
 use spillway_api::wire::{NoticeKind, SinkNotice};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -237,9 +237,11 @@ impl SinkNotices {
 /// notice's `endpoint` agree (so a publisher allowed only on its own
 /// endpoint's subject cannot speak for another).
 pub fn endpoint_of(subject: &str, notice: &SinkNotice) -> Option<(String, String)> {
-    let key = notice_key(subject)?;
     let (ns, name) = notice.endpoint.split_once('/')?;
-    (EndpointNames::new(ns, name).key() == key).then(|| (ns.to_owned(), name.to_owned()))
+    let names = EndpointNames::new(ns, name);
+    // Processors of the previous release send the one-token subject.
+    (names.notice_subject() == subject || names.legacy_notice_subject() == subject)
+        .then(|| (ns.to_owned(), name.to_owned()))
 }
 
 /// Subscribe to every endpoint's notices and feed them into `notices`,
@@ -432,6 +434,11 @@ mod tests {
         let other = EndpointNames::new("team", "other").notice_subject();
         assert_eq!(endpoint_of(&other, &n), None);
         assert_eq!(endpoint_of("spillway.dlq.team_gh", &n), None);
+        // The previous release's one-token subject is still understood.
+        assert_eq!(
+            endpoint_of("spillway.notice.team_gh", &n),
+            Some(("team".into(), "gh".into()))
+        );
         let mut bad = n.clone();
         bad.endpoint = "no-slash".into();
         assert_eq!(endpoint_of(&subject, &bad), None);

@@ -121,7 +121,7 @@ fn nats_auth(args: &Args) -> NatsAuth {
     }
 }
 
-async fn connect(args: &Args) -> Result<async_nats::Client> {
+async fn connect(args: &Args, endpoint: &str) -> Result<async_nats::Client> {
     let mut opts = nats_auth(args).connect_options(SettingNames::FLAGS)?;
     if let (Some(u), Some(p)) = (&args.nats_user, &args.nats_password) {
         opts = opts.user_and_password(u.clone(), p.clone());
@@ -130,6 +130,11 @@ async fn connect(args: &Args) -> Result<async_nats::Client> {
         opts = opts.token(t.clone());
     }
     opts = opts.name("spillway-processor");
+    // Replies (fetched messages, PubAcks) come to inboxes under the
+    // namespace, so a per-namespace NATS user needs no `_INBOX.>` (which
+    // would let it read every other client's replies).
+    let namespace = endpoint.split_once('/').map_or(endpoint, |(ns, _)| ns);
+    opts = opts.custom_inbox_prefix(spillway_api::names::inbox_prefix(namespace));
     // Server errors (e.g. a permission violation for the sink-notice
     // subscription) would otherwise only show at debug level.
     opts = opts.event_callback(|event| async move {
@@ -167,7 +172,7 @@ async fn main() -> Result<()> {
         per_replica = settings.concurrency_per_replica,
         "starting"
     );
-    let nats = connect(&args).await?;
+    let nats = connect(&args, &settings.endpoint).await?;
     let js = async_nats::jetstream::new(nats.clone());
 
     let mut registry = Registry::default();

@@ -1180,13 +1180,23 @@ async fn fill(
     from: usize,
     n: usize,
 ) -> Result<usize, String> {
+    fill_on(js, &names.subject(0), from, n).await
+}
+
+/// Like [`fill`], on `subject`.
+async fn fill_on(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    from: usize,
+    n: usize,
+) -> Result<usize, String> {
     let pad = "x".repeat(1000);
     for i in from..from + n {
         let mut h = async_nats::HeaderMap::new();
         h.insert("Nats-Msg-Id", format!("w{i}").as_str());
         let sent = js
             .publish_with_headers(
-                names.subject(0),
+                subject.to_owned(),
                 h,
                 format!("{{\"n\":{i},\"pad\":\"{pad}\"}}").into(),
             )
@@ -1329,7 +1339,7 @@ async fn an_endpoint_on_the_one_stream_layout_is_migrated_without_loss() -> Resu
     let legacy = js
         .create_stream(async_nats::jetstream::stream::Config {
             name: names.legacy_stream(),
-            subjects: vec![names.stream_subjects()],
+            subjects: vec![names.legacy_stream_subjects()],
             storage: async_nats::jetstream::stream::StorageType::Memory,
             ..Default::default()
         })
@@ -1341,7 +1351,7 @@ async fn an_endpoint_on_the_one_stream_layout_is_migrated_without_loss() -> Resu
             ..Default::default()
         })
         .await?;
-    fill(&js, &names, 0, 10)
+    fill_on(&js, &names.legacy_subject(0), 0, 10)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     assert_eq!(deliver(&js, &names.legacy_stream(), 4).await?, 4);
@@ -1399,6 +1409,155 @@ async fn an_endpoint_on_the_one_stream_layout_is_migrated_without_loss() -> Resu
     assert_eq!(deliver(&js, &names.stream(), 10).await?, 3);
     let mut history = js.get_stream(names.history_stream()).await?;
     assert_eq!(history.info().await?.state.messages, 13);
+    env.stop().await;
+    Ok(())
+}
+
+/// Fetch up to `n` from consumer `name` of `stream`, acknowledge them, and
+/// return their `n` fields in order.
+async fn take(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    name: &str,
+    n: usize,
+) -> Result<Vec<u64>> {
+    let consumer: PullConsumer = js
+        .get_stream(stream)
+        .await?
+        .get_consumer(name)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut msgs = consumer
+        .fetch()
+        .max_messages(n)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut got = Vec::new();
+    while let Some(m) = msgs.next().await {
+        let m = m.map_err(|e| anyhow::anyhow!(e))?;
+        let v: Value = serde_json::from_slice(&m.payload)?;
+        got.push(v["n"].as_u64().unwrap_or(u64::MAX));
+        m.double_ack().await.map_err(|e| anyhow::anyhow!(e))?;
+    }
+    Ok(got)
+}
+
+/// Issue 15.11: an endpoint whose streams use the previous release's
+/// one-token subjects (`spillway.in.<ns>_<name>.<p>`) gains the scoped
+/// ones in place; what was stored under the old subjects is still
+/// delivered, in order, before what comes after, and copied to the history.
+#[tokio::test]
+async fn scoped_subjects_are_added_in_place_without_loss() -> Result<()> {
+    use spillway_operator::jetstream::{
+        consumer_configs, dead_letter_config, history_config, history_consumer_config,
+        stream_config, work_subjects,
+    };
+    let env = Env::new("op-subjects").await?;
+    env.secret("gh", "secret").await?;
+    let names = env.names("gh");
+    let js = env.nats.jetstream().await?;
+    let want = spec(json!({"ordering": {"keyHeader": "X-Key", "partitions": 2}}));
+    let typed: spillway_api::WebhookEndpointSpec = serde_json::from_value(want.clone())?;
+    let t = spillway_api::validate::check(&typed).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // The previous release's layout: the same streams and consumers, on
+    // the one-token subjects.
+    let mut work = stream_config(&names, &typed, &t);
+    work.subjects = vec![names.legacy_stream_subjects(), names.legacy_due_subjects()];
+    let work = js.create_stream(work).await?;
+    let mut hc = history_consumer_config(&names);
+    hc.filter_subjects.clear();
+    hc.filter_subject = names.legacy_stream_subjects();
+    work.create_consumer(hc).await?;
+    let mut dlq = dead_letter_config(&names, &typed, &t);
+    dlq.subjects = vec![names.legacy_dead_letter_subject()];
+    for cfg in [history_config(&names, &typed, &t, false), dlq] {
+        js.create_stream(cfg).await?;
+    }
+    for (i, mut c) in consumer_configs(&names, &typed, &t).into_iter().enumerate() {
+        c.filter_subjects.clear();
+        c.filter_subject = names.legacy_subject(i as u16);
+        work.create_consumer(c).await?;
+    }
+    fill_on(&js, &names.legacy_subject(0), 0, 3)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    fill_on(&js, &names.legacy_subject(1), 10, 2)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+
+    env.create("gh", want).await?;
+    env.wait_condition("gh", "StreamReady", "True", None)
+        .await?;
+    eventually(WAIT, "scoped subjects on the work stream", || {
+        let js = js.clone();
+        let names = names.clone();
+        async move {
+            match js.get_stream(names.stream()).await {
+                Ok(mut s) => s
+                    .info()
+                    .await
+                    .is_ok_and(|i| i.config.subjects == work_subjects(&names)),
+                Err(_) => false,
+            }
+        }
+    })
+    .await?;
+    let mut work = js.get_stream(names.stream()).await?;
+    for p in 0..2u16 {
+        let c = work.consumer_info(format!("processor-p{p}")).await?;
+        assert_eq!(
+            c.config.filter_subjects,
+            [names.subject(p), names.legacy_subject(p)]
+        );
+    }
+    let h = work.consumer_info("history").await?;
+    assert_eq!(
+        h.config.filter_subjects,
+        [names.stream_subjects(), names.legacy_stream_subjects()]
+    );
+    let dlq = js
+        .get_stream(names.dead_letter_stream())
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
+    assert!(
+        dlq.subjects.contains(&names.dead_letter_subjects()),
+        "{:?}",
+        dlq.subjects
+    );
+    assert_eq!(work.info().await?.state.messages, 5, "nothing lost");
+    // The new gateway's subject, and still the old one (a gateway of the
+    // previous release during the upgrade).
+    fill_on(&js, &names.subject(0), 3, 1)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    fill_on(&js, &names.legacy_subject(0), 4, 1)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    // Partition 0: the old webhooks first, then the new, in order.
+    assert_eq!(
+        take(&js, &names.stream(), "processor-p0", 10).await?,
+        [0, 1, 2, 3, 4]
+    );
+    assert_eq!(
+        take(&js, &names.stream(), "processor-p1", 10).await?,
+        [10, 11]
+    );
+    let history = js.get_stream(names.history_stream()).await?;
+    eventually(WAIT, "the history holds all 7", || {
+        let mut history = history.clone();
+        async move { history.info().await.is_ok_and(|i| i.state.messages == 7) }
+    })
+    .await?;
+    eventually(WAIT, "the work stream is empty", || {
+        let mut work = work.clone();
+        async move { work.info().await.is_ok_and(|i| i.state.messages == 0) }
+    })
+    .await?;
     env.stop().await;
     Ok(())
 }
