@@ -76,6 +76,18 @@ impl Permissions {
     }
 }
 
+impl Permissions {
+    /// The same permissions as `nsc` flags, for a user JWT in JWT mode:
+    /// `nsc add user <name> <flags>` (or `nsc edit user`).
+    pub fn to_nsc_flags(&self) -> String {
+        format!(
+            "--allow-pub '{}' --allow-sub '{}'",
+            self.publish.join(","),
+            self.subscribe.join(",")
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +167,14 @@ mod tests {
         assert!(c.starts_with("permissions: {\n  publish: {"), "{c}");
         assert!(c.contains("\"spillway.retry.team-a.>\""), "{c}");
         assert!(c.contains("\"_INBOX.spillway.team-a.>\""), "{c}");
+        let n = processor_permissions("team-a", &["gh".into()]).to_nsc_flags();
+        assert!(
+            n.starts_with("--allow-pub 'spillway.retry.team-a.>,spillway.due.team-a.>,"),
+            "{n}"
+        );
+        assert!(
+            n.ends_with("--allow-sub '_INBOX.spillway.team-a.>,spillway.notice.team-a.>'"),
+            "{n}"
+        );
     }
 }

@@ -116,6 +116,10 @@ enum Cmd {
         /// Endpoint names in the namespace (default: every WebhookEndpoint
         /// in it, read from the cluster).
         endpoints: Vec<String>,
+        /// `conf`: a nats-server `permissions` block (users in the server
+        /// configuration); `nsc`: flags for `nsc add user` (JWT mode).
+        #[arg(long, value_parser = ["conf", "nsc"], default_value = "conf")]
+        format: String,
     },
     /// Dead letters.
     Dlq {
@@ -352,7 +356,10 @@ async fn main() -> Result<()> {
             };
             status::run(client, js.as_ref(), ns.as_deref(), one.as_ref(), output).await?;
         }
-        Cmd::NatsPermissions { mut endpoints } => {
+        Cmd::NatsPermissions {
+            mut endpoints,
+            format,
+        } => {
             let ns = if endpoints.is_empty() {
                 let (client, ctx_ns) = g.kube().await?;
                 let ns = g.namespace.clone().unwrap_or(ctx_ns);
@@ -377,11 +384,16 @@ async fn main() -> Result<()> {
                     Err(e) => Err(anyhow::Error::msg(e)),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            print!(
-                "# NATS permissions for the processors of namespace {ns} ({} endpoint(s))\n{}",
-                endpoints.len(),
-                spillway_api::tenancy::processor_permissions(&ns, &endpoints).to_server_config()
-            );
+            let perms = spillway_api::tenancy::processor_permissions(&ns, &endpoints);
+            if format == "nsc" {
+                println!("{}", perms.to_nsc_flags());
+            } else {
+                print!(
+                    "# NATS permissions for the processors of namespace {ns} ({} endpoint(s))\n{}",
+                    endpoints.len(),
+                    perms.to_server_config()
+                );
+            }
         }
         Cmd::Dlq {
             cmd:

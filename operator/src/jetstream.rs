@@ -1408,6 +1408,8 @@ ingress: {maxBodyBytes: 1000}
         assert_eq!(
             c.subjects,
             vec![
+                "spillway.in.ns.gh.*".to_owned(),
+                "spillway.due.ns.gh.*".to_owned(),
                 "spillway.in.ns_gh.*".to_owned(),
                 "spillway.due.ns_gh.*".to_owned()
             ]

@@ -713,7 +713,7 @@ spec:
         assert_eq!(r.stream, "spillway-retry_team_gh");
         assert_eq!(c.expire_after.as_deref(), Some("72h"));
         assert_eq!(r.consumer, "retry-processor");
-        assert_eq!(r.due_subject, "spillway.due.team_gh.processor");
+        assert_eq!(r.due_subject, "spillway.due.team.gh.processor");
         // Ordered: the per-pod share, and retries wait on the partition.
         let mut ordered = ep.clone();
         ordered.spec.ordering = serde_yaml_ng::from_str("{partitions: 4}").unwrap();

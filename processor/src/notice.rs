@@ -381,7 +381,7 @@ mod tests {
             "gh-processor-1".into(),
             Arc::new(Metrics::new(&mut reg)),
         );
-        assert_eq!(n.subject, "spillway.notice.team_gh_v2");
+        assert_eq!(n.subject, "spillway.notice.team.gh_v2");
         assert!(n.notice_for(Some(500)).is_none());
         let notice = n.notice_for(Some(410)).unwrap();
         assert_eq!(notice.kind, NoticeKind::SinkGone);
