@@ -128,6 +128,14 @@ pub struct Cli {
     /// slower senders get 408 [default 16384].
     #[arg(long, env = "SPILLWAY_GATEWAY_MIN_BODY_BYTES_PER_SECOND")]
     pub min_body_bytes_per_second: Option<u64>,
+    /// Webhook requests one client address may have in progress at once
+    /// (0: no limit); more get 429. Only useful where the gateway sees
+    /// the clients' addresses, not a load balancer's [default 0].
+    #[arg(long, env = "SPILLWAY_GATEWAY_MAX_REQUESTS_PER_CLIENT")]
+    pub max_requests_per_client: Option<usize>,
+    /// HTTP/2 streams one connection may have open at once [default 64].
+    #[arg(long, env = "SPILLWAY_GATEWAY_MAX_STREAMS_PER_CONNECTION")]
+    pub max_streams_per_connection: Option<u32>,
     /// Retry-After on 503 [default 5s].
     #[arg(long, env = "SPILLWAY_GATEWAY_RETRY_AFTER")]
     pub retry_after: Option<String>,
@@ -185,6 +193,8 @@ struct FileConfig {
     rate_limit_replicas: Option<u32>,
     body_budget_bytes: Option<u64>,
     min_body_bytes_per_second: Option<u64>,
+    max_requests_per_client: Option<usize>,
+    max_streams_per_connection: Option<u32>,
     retry_after: Option<String>,
     shutdown_grace: Option<String>,
     drain_delay: Option<String>,
@@ -262,6 +272,10 @@ pub struct Config {
     pub body_budget_bytes: u64,
     /// Slowest accepted body upload after the grace, bytes per second.
     pub min_body_bytes_per_second: u64,
+    /// Requests in progress per client address (0: no limit).
+    pub max_requests_per_client: usize,
+    /// HTTP/2 streams open per connection.
+    pub max_streams_per_connection: u32,
     /// Retry-After on 503.
     pub retry_after: Duration,
     /// Shutdown grace period.
@@ -303,6 +317,8 @@ impl Default for Config {
             rate_limit_replicas: 1,
             body_budget_bytes: 64 * 1024 * 1024,
             min_body_bytes_per_second: 16 * 1024,
+            max_requests_per_client: 0,
+            max_streams_per_connection: 64,
             retry_after: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(25),
             drain_delay: Duration::from_secs(5),
@@ -423,6 +439,15 @@ impl Config {
                 .min_body_bytes_per_second
                 .or(file.min_body_bytes_per_second)
                 .unwrap_or(d.min_body_bytes_per_second),
+            max_requests_per_client: cli
+                .max_requests_per_client
+                .or(file.max_requests_per_client)
+                .unwrap_or(d.max_requests_per_client),
+            max_streams_per_connection: cli
+                .max_streams_per_connection
+                .or(file.max_streams_per_connection)
+                .unwrap_or(d.max_streams_per_connection)
+                .max(1),
             retry_after: dur(
                 "retryAfter",
                 cli.retry_after.or(file.retry_after),

@@ -127,6 +127,7 @@ pub async fn start(
         max_concurrent_requests: config.max_concurrent_requests,
         body_budget_bytes: config.body_budget_bytes,
         min_body_bytes_per_second: config.min_body_bytes_per_second,
+        max_requests_per_client: config.max_requests_per_client,
     };
     let gateway = Arc::new(Gateway::new(nats, router, metrics, synced, limits));
     let listener = TcpListener::bind(config.listen)
@@ -146,6 +147,7 @@ pub async fn start(
         max_header_bytes: config.max_header_bytes,
         idle_timeout: config.idle_timeout,
         shutdown_grace: config.shutdown_grace,
+        max_streams_per_connection: config.max_streams_per_connection,
     };
     // `tx`: shutdown requested; `close_tx`: stop accepting, after the
     // drain delay.

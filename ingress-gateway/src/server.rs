@@ -59,6 +59,12 @@ pub struct Limits {
     /// Slowest accepted body upload after [`BODY_RATE_GRACE`], bytes per
     /// second (0: no minimum); slower senders get 408.
     pub min_body_bytes_per_second: u64,
+    /// Webhook requests one client address may have past routing at once
+    /// (0: no limit); more get 429 before their body is read, so one
+    /// client cannot take every slot. Only meaningful where the gateway
+    /// sees client addresses (behind a load balancer every request comes
+    /// from it).
+    pub max_requests_per_client: usize,
 }
 
 /// A body up to this size (declared) is "small": it draws on the budget
@@ -77,6 +83,75 @@ impl Default for Limits {
             max_concurrent_requests: 256,
             body_budget_bytes: 64 * 1024 * 1024,
             min_body_bytes_per_second: 16 * 1024,
+            max_requests_per_client: 0,
+        }
+    }
+}
+
+/// The address a request's connection comes from (set per connection by
+/// [`serve`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
+/// Requests in progress per client address, capped.
+#[derive(Debug, Default)]
+pub struct ClientSlots {
+    max: usize,
+    used: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One request's slot of its client; given back on drop.
+#[derive(Debug)]
+pub struct ClientSlot<'a> {
+    slots: &'a ClientSlots,
+    /// `None` when there is no limit (nothing to give back).
+    addr: Option<std::net::IpAddr>,
+}
+
+impl ClientSlots {
+    /// At most `max` requests per address (0: no limit).
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            used: Default::default(),
+        }
+    }
+
+    /// A slot for `addr`, unless it holds `max` already (`None`).
+    pub fn take(&self, addr: std::net::IpAddr) -> Option<ClientSlot<'_>> {
+        if self.max == 0 {
+            return Some(ClientSlot {
+                slots: self,
+                addr: None,
+            });
+        }
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let n = used.entry(addr).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            slots: self,
+            addr: Some(addr),
+        })
+    }
+
+    /// Addresses holding slots now.
+    pub fn clients(&self) -> usize {
+        self.used.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let Some(addr) = self.addr else { return };
+        let mut used = self.slots.used.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = used.get_mut(&addr) {
+            *n -= 1;
+            if *n == 0 {
+                used.remove(&addr);
+            }
         }
     }
 }
@@ -96,6 +171,7 @@ pub struct Gateway {
     js: jetstream::Context,
     permits: Semaphore,
     requests: Semaphore,
+    clients: ClientSlots,
     /// Slots large-body requests may hold (half of `requests`).
     large_requests: Semaphore,
     /// Body budget, in KiB, for small and for large bodies.
@@ -120,6 +196,7 @@ impl Gateway {
         Self {
             permits: Semaphore::new(limits.max_in_flight_publishes.max(1)),
             requests: Semaphore::new(limits.max_concurrent_requests.max(1)),
+            clients: ClientSlots::new(limits.max_requests_per_client),
             large_requests: Semaphore::new((limits.max_concurrent_requests / 2).max(1)),
             small_budget: Semaphore::new(kib(limits.body_budget_bytes / 4)),
             large_budget: Semaphore::new(kib(
@@ -190,6 +267,12 @@ pub enum ApiError {
     /// The body could not be read (malformed framing, client went away).
     #[error("bad request")]
     BadRequest,
+    /// The client address has its share of request slots in use.
+    #[error("client busy")]
+    ClientBusy {
+        /// Seconds to wait.
+        retry_after: u64,
+    },
     /// Token bucket empty.
     #[error("rate limited")]
     RateLimited {
@@ -232,6 +315,10 @@ impl IntoResponse for ApiError {
             }
             ApiError::RequestTimeout => json_error(StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::BadRequest => json_error(StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::ClientBusy { retry_after } => with_retry_after(
+                json_error(StatusCode::TOO_MANY_REQUESTS, "client_busy"),
+                retry_after,
+            ),
             ApiError::RateLimited { retry_after } => with_retry_after(
                 json_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
                 retry_after,
@@ -380,6 +467,13 @@ async fn handle_route(gw: &Gateway, route: &Route, req: Request) -> Result<Respo
     let overloaded = || ApiError::Unavailable {
         reason: "overloaded",
         retry_after: gw.limits.retry_after_secs,
+    };
+    // One client's share first: it cannot take every slot.
+    let _client_slot = match parts.extensions.get::<ClientAddr>() {
+        Some(c) => Some(gw.clients.take(c.0).ok_or(ApiError::ClientBusy {
+            retry_after: gw.limits.retry_after_secs,
+        })?),
+        None => None,
     };
     let _request_permit = gw.requests.try_acquire().map_err(|_| overloaded())?;
     let small = declared.is_some_and(|n| n <= SMALL_BODY);
@@ -747,6 +841,8 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for ServeOptions {
@@ -756,6 +852,7 @@ impl Default for ServeOptions {
             max_header_bytes: 64 * 1024,
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(25),
+            max_streams_per_connection: 64,
         }
     }
 }
@@ -831,12 +928,13 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(opts.max_streams_per_connection.max(1));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -856,7 +954,8 @@ pub async fn serve(
             epoch,
             last_read_ms: last_read_ms.clone(),
         };
-        let service = TowerToHyperService::new(router.clone());
+        let service =
+            TowerToHyperService::new(router.clone().layer(axum::Extension(ClientAddr(peer.ip()))));
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
@@ -908,6 +1007,25 @@ mod tests {
     use crate::route::EndpointDef;
     use spillway_api::SecretKeyRef;
     use tower::ServiceExt;
+
+    #[test]
+    fn each_client_address_gets_its_share() {
+        let slots = ClientSlots::new(2);
+        let a = std::net::Ipv4Addr::new(10, 0, 0, 1).into();
+        let b = std::net::Ipv4Addr::new(10, 0, 0, 2).into();
+        let a1 = slots.take(a).expect("first");
+        let a2 = slots.take(a).expect("second");
+        assert!(slots.take(a).is_none(), "a third is refused");
+        let _b1 = slots.take(b).expect("another address is not affected");
+        drop(a1);
+        let _a3 = slots.take(a).expect("a slot given back is free again");
+        drop(a2);
+        assert_eq!(slots.clients(), 2);
+        let none = ClientSlots::new(0);
+        let held: Vec<_> = (0..1000).map(|_| none.take(a)).collect();
+        assert!(held.iter().all(Option::is_some), "0: no limit");
+        assert_eq!(none.clients(), 0);
+    }
 
     const SECRET: &[u8] = b"It's a Secret to Everybody";
 

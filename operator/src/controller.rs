@@ -593,12 +593,20 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                         Some(why) => {
                             Desired::new(STREAM_READY, Status::False, "BacklogFull", why.clone())
                         }
-                        None => Desired::new(
-                            STREAM_READY,
-                            Status::True,
-                            "StreamReady",
-                            format!("stream {} and its consumers are in place", names.stream()),
-                        ),
+                        None => match &s.partitions_waiting {
+                            Some(why) => Desired::new(
+                                STREAM_READY,
+                                Status::True,
+                                "PartitionsChangeWaiting",
+                                why.clone(),
+                            ),
+                            None => Desired::new(
+                                STREAM_READY,
+                                Status::True,
+                                "StreamReady",
+                                format!("stream {} and its consumers are in place", names.stream()),
+                            ),
+                        },
                     },
                     Some(s),
                 ),
@@ -628,13 +636,15 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                     retrying: s.backlog.retrying,
                 });
                 status.dead_letters = s.dead_letters;
-                // The partition consumers now exist: the gateway may use
-                // them all.
-                status.partitions = spec.ordering.as_ref().map(|o| o.partitions);
+                // The partition consumers that exist: the gateway uses
+                // these.
+                status.partitions = s.partitions;
             }
-            // Processor.
+            // Processor: for the partitions that exist (a larger
+            // ordering.partitions may wait, or its sync may have failed).
+            let serve = serving(&ep, status.partitions);
             let (proc_cond, replicas, scale_due) =
-                processor(&ep, &ctx, &names, &timings, synced.as_ref()).await?;
+                processor(&serve, &ctx, &names, &timings, synced.as_ref()).await?;
             if let Some(due) = scale_due {
                 requeue = requeue.min(due + Duration::from_millis(200));
             }
@@ -914,6 +924,22 @@ pub fn scaled_object(
 /// Scale, render and apply the processor Deployment. Returns the
 /// ProcessorReady condition, the replica status and, when a scale-down is
 /// pending, how long until it is due.
+/// The endpoint as its processor serves it: an ordered endpoint with the
+/// partitions whose consumers exist (`partitions`, from the sync or the
+/// last status), when fewer than the spec asks for.
+fn serving(ep: &WebhookEndpoint, partitions: Option<u16>) -> std::borrow::Cow<'_, WebhookEndpoint> {
+    match (&ep.spec.ordering, partitions) {
+        (Some(o), Some(n)) if n > 0 && n < o.partitions => {
+            let mut e = ep.clone();
+            if let Some(o) = e.spec.ordering.as_mut() {
+                o.partitions = n;
+            }
+            std::borrow::Cow::Owned(e)
+        }
+        _ => std::borrow::Cow::Borrowed(ep),
+    }
+}
+
 async fn processor(
     ep: &WebhookEndpoint,
     ctx: &Context,

@@ -586,6 +586,44 @@ pub struct Synced {
     pub legacy_consumers: Vec<String>,
     /// The migration from the legacy stream began or ended in this sync.
     pub migration: Option<Migration>,
+    /// Ordered endpoints: the partitions whose consumers are in place (the
+    /// gateway routes over these, the processor serves these).
+    pub partitions: Option<u16>,
+    /// Why a larger `ordering.partitions` is not applied yet (see
+    /// [`partitions_to_apply`]).
+    pub partitions_waiting: Option<String>,
+}
+
+/// Partition consumers of an ordered endpoint that exist now: their count
+/// (`processor-p0` … `processor-p{n-1}`), and how many webhooks they hold
+/// (not yet delivered or not yet acknowledged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionState {
+    /// Partition consumers in place.
+    pub partitions: u16,
+    /// Webhooks pending or in flight on them.
+    pub waiting: u64,
+}
+
+/// How many partitions to run when the spec asks for `wanted` and
+/// `existing` describes what runs: growing is applied only while no
+/// partition holds a webhook, since a key that moves to another partition
+/// would otherwise overtake its older webhooks still waiting on its old
+/// one. `Err` carries the count to keep and the reason.
+pub fn partitions_to_apply(
+    wanted: u16,
+    existing: Option<PartitionState>,
+) -> Result<u16, (u16, String)> {
+    match existing {
+        Some(e) if e.partitions > 0 && e.partitions < wanted && e.waiting > 0 => Err((
+            e.partitions,
+            format!(
+                "ordering.partitions {} → {wanted} waits until the {} webhook(s) on the current partitions are delivered (keys that move would overtake them); the endpoint keeps {} partitions meanwhile",
+                e.partitions, e.waiting, e.partitions
+            ),
+        )),
+        _ => Ok(wanted),
+    }
 }
 
 /// A step of the migration from the one-stream layout.
@@ -1214,18 +1252,7 @@ impl Js {
             out.dead_letters = Some(dlq.state.messages);
         }
 
-        let wanted = consumer_configs(names, spec, t);
-        // While the legacy stream's consumers deliver what it holds, the work
-        // stream's consumers wait (paused): the two together must not exceed
-        // the cap, and older webhooks go first.
-        let legacy_busy = draining
-            .iter()
-            .any(|i| i.num_pending > 0 || i.num_ack_pending > 0);
-
-        let wanted_names: BTreeSet<&str> = wanted
-            .iter()
-            .filter_map(|c| c.durable_name.as_deref())
-            .collect();
+        // Existing consumers, before deciding what is wanted.
         let mut existing = Vec::new();
         for name in self
             .consumer_names(&main.name)
@@ -1242,6 +1269,49 @@ impl Js {
                 existing.push(info);
             }
         }
+        // A larger ordering.partitions waits while partitions hold webhooks.
+        let mut applied;
+        let spec = match &spec.ordering {
+            Some(o) => {
+                let running: Vec<&consumer::Info> = existing
+                    .iter()
+                    .filter(|i| i.name.starts_with("processor-p"))
+                    .collect();
+                let state = (!running.is_empty()).then(|| PartitionState {
+                    partitions: u16::try_from(running.len()).unwrap_or(u16::MAX),
+                    waiting: running
+                        .iter()
+                        .map(|i| i.num_pending + i.num_ack_pending as u64)
+                        .sum(),
+                });
+                let n = match partitions_to_apply(o.partitions, state) {
+                    Ok(n) => n,
+                    Err((n, why)) => {
+                        out.partitions_waiting = Some(why);
+                        n
+                    }
+                };
+                out.partitions = Some(n);
+                applied = spec.clone();
+                if let Some(o) = applied.ordering.as_mut() {
+                    o.partitions = n;
+                }
+                &applied
+            }
+            None => spec,
+        };
+        let wanted = consumer_configs(names, spec, t);
+        // While the legacy stream's consumers deliver what it holds, the work
+        // stream's consumers wait (paused): the two together must not exceed
+        // the cap, and older webhooks go first.
+        let legacy_busy = draining
+            .iter()
+            .any(|i| i.num_pending > 0 || i.num_ack_pending > 0);
+
+        let wanted_names: BTreeSet<&str> = wanted
+            .iter()
+            .filter_map(|c| c.durable_name.as_deref())
+            .collect();
         if let Some(o) = &spec.ordering {
             self.check_not_stranded(&main.name, names, &existing, o.partitions)
                 .await?;
@@ -1629,6 +1699,25 @@ ingress: {maxBodyBytes: 1000}
         old.filter_subjects.clear();
         assert!(history_consumer_differs(&old, &h));
         assert_eq!(filters_of(&old), [n.legacy_stream_subjects()]);
+    }
+
+    #[test]
+    fn partitions_grow_only_while_none_holds_a_webhook() {
+        let running = |partitions, waiting| {
+            Some(PartitionState {
+                partitions,
+                waiting,
+            })
+        };
+        // New endpoint, ordering switched on, or nothing waiting: applied.
+        assert_eq!(partitions_to_apply(4, None), Ok(4));
+        assert_eq!(partitions_to_apply(4, running(2, 0)), Ok(4));
+        // Same count (a resync), or shrinking (refused by the CRD): as is.
+        assert_eq!(partitions_to_apply(4, running(4, 9)), Ok(4));
+        // Growing while webhooks wait: the current count is kept.
+        let (keep, why) = partitions_to_apply(8, running(4, 3)).unwrap_err();
+        assert_eq!(keep, 4);
+        assert!(why.contains("4 → 8") && why.contains("3 webhook"), "{why}");
     }
 
     #[test]

@@ -69,7 +69,32 @@ async fn http_raw(
     body: &[u8],
     send_body: bool,
 ) -> Result<Resp> {
-    let mut s = TcpStream::connect(addr).await?;
+    let s = TcpStream::connect(addr).await?;
+    http_on(s, method, target, headers, body, send_body).await
+}
+
+/// A POST from the source address `from` (any 127.0.0.0/8 address).
+async fn post_from(
+    from: std::net::IpAddr,
+    addr: std::net::SocketAddr,
+    target: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Result<Resp> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(from, 0))?;
+    let s = socket.connect(addr).await?;
+    http_on(s, "POST", target, headers, body, true).await
+}
+
+async fn http_on(
+    mut s: TcpStream,
+    method: &str,
+    target: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    send_body: bool,
+) -> Result<Resp> {
     let mut head = format!(
         "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -2096,5 +2121,67 @@ async fn bodies_slower_than_the_minimum_rate_get_408_after_the_grace() -> Result
         took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
         "cut off after {took:?}"
     );
+    Ok(())
+}
+
+/// One client address cannot take every request slot (issue 15.2): with
+/// `maxRequestsPerClient: 4`, a fifth request from an address whose four
+/// stall gets 429 `client_busy` before its body is read, and a provider's
+/// signed webhook from another address is stored meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_address_gets_its_share_of_slots() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let secret = "It's a Secret to Everybody";
+    let nats = NatsServer::start().await?;
+    let mut gw = FileModeGateway::start(
+        &nats,
+        secret,
+        "maxRequestsPerClient: 4\nmaxConcurrentRequests: 8\nbodyTimeout: 10s\nminBodyBytesPerSecond: 0\n",
+    )
+    .await?;
+    let addr = gw.addr;
+    // Four requests from 127.0.0.1 that declare a body and never send it.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(addr).await?;
+        c.write_all(b"POST /gh HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            .await?;
+        stalled.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = br#"{"zen":"Keep it logically awesome."}"#;
+    let fifth = post(addr, "/gh", &github_headers(secret, body, "fifth"), body).await?;
+    assert_eq!(fifth.status, 429, "{fifth:?}");
+    assert!(fifth.body.contains("client_busy"), "{fifth:?}");
+    assert!(
+        fifth
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("retry-after")),
+        "{fifth:?}"
+    );
+    // Another address still finds a slot.
+    let other = post_from(
+        "127.0.0.2".parse()?,
+        addr,
+        "/gh",
+        &github_headers(secret, body, "provider"),
+        body,
+    )
+    .await?;
+    assert_eq!(other.status, 200, "{other:?}");
+    // The stalled ones give their slots back: 127.0.0.1 is served again.
+    drop(stalled);
+    let mut again = None;
+    for _ in 0..50 {
+        let r = post(addr, "/gh", &github_headers(secret, body, "later"), body).await?;
+        if r.status == 200 {
+            again = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again.is_some(), "slots given back");
+    assert_eq!(gw.stream.info().await?.state.messages, 2);
     Ok(())
 }

@@ -247,7 +247,12 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
     let info = stream.info().await?.clone();
     assert_eq!(
         info.config.subjects,
-        vec![names.stream_subjects(), names.due_subjects()]
+        vec![
+            names.stream_subjects(),
+            names.due_subjects(),
+            names.legacy_stream_subjects(),
+            names.legacy_due_subjects()
+        ]
     );
     // The work stream holds undelivered webhooks with no age limit; the
     // history keeps them for maxAge.
@@ -280,7 +285,13 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
     );
     let mut dlq = js.get_stream(names.dead_letter_stream()).await?;
     let dlq_info = dlq.info().await?;
-    assert_eq!(dlq_info.config.subjects, vec![names.dead_letter_subject()]);
+    assert_eq!(
+        dlq_info.config.subjects,
+        vec![
+            names.dead_letter_subjects(),
+            names.legacy_dead_letter_subject()
+        ]
+    );
     assert_eq!(dlq_info.config.max_age, Duration::from_secs(336 * 3600));
 
     // The Deployment.
@@ -998,7 +1009,10 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
     let stream = js.get_stream(names.stream()).await?;
     for p in 0..3u16 {
         let c = stream.consumer_info(names.consumer(Some(p))).await?;
-        assert_eq!(c.config.filter_subject, names.subject(p));
+        assert_eq!(
+            c.config.filter_subjects,
+            [names.subject(p), names.legacy_subject(p)]
+        );
         assert_eq!(c.config.max_ack_pending, 1);
     }
     assert!(stream.consumer_info("processor").await.is_err());
@@ -1034,9 +1048,38 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
         }
     }
 
-    // More partitions: the new one has no history to skip.
+    // More partitions while seq 6 waits on partition 0: a key moving to
+    // another partition would overtake it, so the change waits (issue
+    // 15.7); the endpoint keeps 3 partitions, and says why.
     env.patch_spec("ord", json!({"ordering": {"partitions": 4}}))
         .await?;
+    let ep = env
+        .wait_condition(
+            "ord",
+            "StreamReady",
+            "True",
+            Some("PartitionsChangeWaiting"),
+        )
+        .await?;
+    let msg = condition(&ep, "StreamReady").unwrap().2;
+    assert!(msg.contains("3 → 4") && msg.contains("1 webhook"), "{msg}");
+    assert_eq!(ep.status.as_ref().and_then(|s| s.partitions), Some(3));
+    assert!(stream.consumer_info(names.consumer(Some(3))).await.is_err());
+    let cfg = config_of(&env.deployment("ord").await?)?;
+    assert_eq!(cfg.consumers.len(), 3, "the processor serves what exists");
+    // Seq 6 delivered: the change goes through; the new partition has no
+    // history to skip.
+    let c: PullConsumer = stream
+        .get_consumer(&names.consumer(Some(0)))
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut msgs = c.fetch().max_messages(1).messages().await?;
+    while let Some(m) = msgs.next().await {
+        m.map_err(|e| anyhow::anyhow!(e))?
+            .double_ack()
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+    }
     eventually(WAIT, "processor-p3 created", || async {
         stream.consumer_info(names.consumer(Some(3))).await.is_ok()
     })
@@ -1057,9 +1100,8 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
         .await?;
 
     // Ordering off: the shared consumer replaces the partitions and starts
-    // at the earliest message they had not settled (6, on partition 0; 5
-    // was settled on partition 1, 7 waits on partition 3), not at the
-    // start of the history.
+    // at the earliest message they had not settled (7, on partition 3;
+    // everything before was settled), not at the start of the history.
     env.patch_spec("ord", json!({"ordering": null})).await?;
     eventually(WAIT, "shared consumer, partitions gone", || async {
         stream.consumer_info("processor").await.is_ok()
@@ -1069,9 +1111,9 @@ async fn ordering_partitions_and_immutable_changes() -> Result<()> {
     let shared = stream.consumer_info("processor").await?;
     assert_eq!(
         shared.config.deliver_policy,
-        DeliverPolicy::ByStartSequence { start_sequence: 6 }
+        DeliverPolicy::ByStartSequence { start_sequence: 7 }
     );
-    assert_eq!(shared.num_pending, 2, "seqs 6 and 7 only");
+    assert_eq!(shared.num_pending, 1, "seq 7 only");
 
     // Ordering on again with 2 partitions would leave seq 7 (partition 3)
     // to no consumer: refused, nothing changed.
