@@ -22,6 +22,8 @@ use spillway_api::{ProcessorSpec, UrlScheme, WebhookEndpoint, duration};
 
 use crate::settings::Settings;
 
+pub mod keda;
+
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "spillway-operator";
 /// Name of the processor container.

@@ -1,0 +1,521 @@
+//! The WebhookEndpoint reconciler. `reconcile` runs [`accept`] (spec,
+//! Secrets, path), [`streams`] (the JetStream sync's report), [`processor`]
+//! (Deployment, scaling, KEDA) and [`status`] (conditions and the patch);
+//! [`cleanup`] runs when an endpoint is deleted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use spillway_api::condition::{ACCEPTED, PROCESSOR_READY, SINK_AVAILABLE, STREAM_READY};
+use spillway_api::names::{EndpointNames, default_path, path_precedence};
+use spillway_api::validate::{Timings, check};
+use spillway_api::wire::redact_url;
+use spillway_api::{
+    Autoscaler, Backlog, DeletionPolicy, ReplicaStatus, Scheme, SecretKeyRef, WebhookEndpoint,
+    WebhookEndpointStatus,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::conditions::{self, Desired, Status};
+use crate::jetstream::{Js, Migration, NatsError, SyncError, Synced, is_managed_consumer};
+use crate::metrics::Metrics;
+use crate::notices::SinkNotices;
+use crate::render::{self, FIELD_MANAGER, deployment_name};
+use crate::scaling;
+use crate::settings::Settings;
+
+mod accept;
+mod cleanup;
+mod processor;
+mod status;
+mod streams;
+
+use accept::*;
+pub use accept::{Rejection, effective_path, path_holder, processor_secret_problem, secret_refs};
+use cleanup::*;
+use processor::*;
+use status::*;
+pub use status::{all_conditions, processor_condition};
+pub use streams::payload_fits;
+use streams::*;
+
+/// The finalizer that holds a deleted endpoint until its NATS objects are
+/// cleaned up.
+pub const FINALIZER: &str = "spillway.dev/cleanup";
+/// Longest a reconcile waits for the caches' initial listing.
+const STORE_WAIT: Duration = Duration::from_secs(10);
+/// KEDA's ScaledObject CRD.
+pub const KEDA_CRD: &str = "scaledobjects.keda.sh";
+
+/// Shared state of the reconciler.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// JetStream access.
+    pub js: Js,
+    /// Operator configuration.
+    pub settings: Settings,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// All WebhookEndpoints (for path conflicts).
+    pub endpoints: Store<WebhookEndpoint>,
+    /// Processor Deployments managed by the operator.
+    pub deployments: Store<Deployment>,
+    scale: Mutex<HashMap<String, scaling::State>>,
+    failures: Mutex<HashMap<String, u32>>,
+    /// The status last written per endpoint uid. The operator is the only
+    /// writer of status, so this is at least as new as the cached object,
+    /// which can lag behind our own write when another trigger (e.g. the
+    /// Deployment) fires first; comparing against it avoids writing the same
+    /// status twice.
+    written: Mutex<HashMap<String, WebhookEndpointStatus>>,
+    retrigger: mpsc::UnboundedSender<ObjectRef<WebhookEndpoint>>,
+    /// What processors reported about the sinks (for `SinkAvailable`).
+    pub sink_notices: Arc<SinkNotices>,
+    /// Subscriptions that wake endpoints at zero replicas.
+    pub wakers: crate::wake::Wakers,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// Assemble the context; `retrigger` asks the controller to reconcile
+    /// an endpoint again (used when a path is freed).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        client: Client,
+        js: Js,
+        settings: Settings,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        endpoints: Store<WebhookEndpoint>,
+        deployments: Store<Deployment>,
+        retrigger: mpsc::UnboundedSender<ObjectRef<WebhookEndpoint>>,
+    ) -> Self {
+        Self {
+            client,
+            js,
+            sink_notices: Arc::new(SinkNotices::new(settings.sink_gone_quiet_period)),
+            settings,
+            recorder,
+            metrics,
+            endpoints,
+            deployments,
+            scale: Mutex::default(),
+            failures: Mutex::default(),
+            written: Mutex::default(),
+            retrigger,
+            wakers: crate::wake::Wakers::default(),
+        }
+    }
+
+    fn failures(&self, key: &str, bump: bool) -> u32 {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if bump {
+            let n = f.entry(key.to_owned()).or_default();
+            *n += 1;
+            *n
+        } else {
+            f.remove(key);
+            0
+        }
+    }
+
+    async fn event(&self, ep: &WebhookEndpoint, type_: EventType, reason: &str, note: String) {
+        let ev = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(truncate(note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &ep.object_ref(&())).await {
+            warn!(endpoint = %key(ep), error = %e, "could not publish event");
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+fn key(ep: &WebhookEndpoint) -> String {
+    format!("{}/{}", ep.namespace().unwrap_or_default(), ep.name_any())
+}
+
+/// Errors that end a reconcile (and requeue it with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Adding or removing the finalizer, or the wrapped step, failed.
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// NATS cleanup of a deleted endpoint has to wait for NATS.
+    #[error("cleanup of {endpoint} waits for NATS: {source}")]
+    CleanupPending {
+        /// `namespace/name`.
+        endpoint: String,
+        /// Why.
+        source: NatsError,
+    },
+    /// The Deployment could not be rendered.
+    #[error("rendering the processor Deployment: {0}")]
+    Render(String),
+}
+
+impl Error {
+    /// Short reason for metrics and Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubernetesApiError",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reason(),
+                _ => "FinalizerError",
+            },
+            Error::CleanupPending { .. } => "CleanupPending",
+            Error::Render(_) => "RenderError",
+        }
+    }
+}
+
+/// Reconcile one endpoint (entry point for the Controller).
+pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    let ns = ep.namespace().unwrap_or_default();
+    let api: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    let k = key(&ep);
+    let result = finalizer(&api, FINALIZER, ep, |event| async {
+        match event {
+            Finalizer::Apply(ep) => apply(ep, ctx.clone()).await,
+            Finalizer::Cleanup(ep) => cleanup(ep, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(result.is_ok(), start.elapsed());
+    if result.is_ok() {
+        ctx.failures(&k, false);
+    }
+    result
+}
+
+/// Exponential backoff for the `n`th consecutive failure: 1 s, 2 s, 4 s …
+/// capped at `cap`.
+pub fn backoff(n: u32, cap: Duration) -> Duration {
+    let secs = 1u64 << n.saturating_sub(1).min(16);
+    Duration::from_secs(secs).min(cap)
+}
+
+/// On error: log a warning, count it, publish a Warning Event, and requeue
+/// with per-endpoint exponential backoff.
+pub fn error_policy(ep: Arc<WebhookEndpoint>, err: &Error, ctx: Arc<Context>) -> Action {
+    let k = key(&ep);
+    let n = ctx.failures(&k, true);
+    let reason = err.reason();
+    warn!(endpoint = %k, reason, error = %err, attempt = n, "reconcile failed");
+    ctx.metrics.error(reason);
+    let note = err.to_string();
+    let ctx2 = ctx.clone();
+    tokio::spawn(async move {
+        ctx2.event(&ep, EventType::Warning, reason, note).await;
+    });
+    Action::requeue(backoff(n, Duration::from_secs(300)))
+}
+
+async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = ep.namespace().unwrap_or_default();
+    let name = ep.name_any();
+    let k = key(&ep);
+    let names = EndpointNames::new(&ns, &name);
+    let spec = &ep.spec;
+    let uid = ep.uid().unwrap_or_default();
+    let old = ctx
+        .written
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&uid)
+        .cloned()
+        .or_else(|| ep.status.clone())
+        .unwrap_or_default();
+    let resync = ctx.settings.resync_interval;
+    let mut requeue = resync;
+
+    let mut status = WebhookEndpointStatus {
+        observed_generation: ep.metadata.generation,
+        conditions: Vec::new(),
+        path: Some(effective_path(&ep)),
+        stream: Some(names.stream()),
+        dead_letter_stream: spec
+            .processor
+            .dead_letter
+            .enabled
+            .then(|| names.dead_letter_stream()),
+        backlog: old.backlog.clone(),
+        dead_letters: old.dead_letters,
+        replicas: old.replicas.clone(),
+        partitions: old.partitions,
+    };
+
+    let parts = match accept(&ep, &ctx).await? {
+        Err(rej) => {
+            requeue = resync.min(Duration::from_secs(10));
+            vec![
+                Desired::new(ACCEPTED, Status::False, rej.reason, rej.message),
+                Desired::new(
+                    STREAM_READY,
+                    Status::Unknown,
+                    "NotAccepted",
+                    "waiting for the endpoint to be accepted",
+                ),
+                Desired::new(
+                    PROCESSOR_READY,
+                    Status::Unknown,
+                    "NotAccepted",
+                    "waiting for the endpoint to be accepted",
+                ),
+            ]
+        }
+        Ok(timings) => {
+            let accepted = Desired::new(
+                ACCEPTED,
+                Status::True,
+                "Accepted",
+                "spec, Secrets and path are valid",
+            );
+            // JetStream.
+            let (stream_cond, synced) = match ctx.js.sync(&names, spec, &timings).await {
+                Ok(s) => (
+                    match &s.backlog_full {
+                        // Full of undelivered webhooks: the gateway answers
+                        // 503 until the backlog drains.
+                        Some(why) => {
+                            Desired::new(STREAM_READY, Status::False, "BacklogFull", why.clone())
+                        }
+                        None => match &s.partitions_waiting {
+                            Some(why) => Desired::new(
+                                STREAM_READY,
+                                Status::True,
+                                "PartitionsChangeWaiting",
+                                why.clone(),
+                            ),
+                            None => Desired::new(
+                                STREAM_READY,
+                                Status::True,
+                                "StreamReady",
+                                format!("stream {} and its consumers are in place", names.stream()),
+                            ),
+                        },
+                    },
+                    Some(s),
+                ),
+                Err(e) => {
+                    if matches!(e, SyncError::Unavailable(_)) {
+                        let n = ctx.failures(&format!("nats:{k}"), true);
+                        requeue = requeue.min(backoff(n, resync));
+                    }
+                    ctx.metrics.error(e.reason());
+                    (
+                        Desired::new(STREAM_READY, Status::False, e.reason(), e.to_string()),
+                        None,
+                    )
+                }
+            };
+            if let Some(s) = &synced {
+                ctx.failures(&format!("nats:{k}"), false);
+                report_created(&ep, &ctx, &old, s).await;
+                // Once per generation (not per resync: no idle writes).
+                if old.observed_generation != ep.metadata.generation {
+                    warn_payload(&ep, &ctx).await;
+                }
+                status.backlog = Some(Backlog {
+                    pending: s.backlog.pending,
+                    ack_pending: s.backlog.ack_pending,
+                    redelivered: s.backlog.redelivered,
+                    retrying: s.backlog.retrying,
+                });
+                status.dead_letters = s.dead_letters;
+                // The partition consumers that exist: the gateway uses
+                // these.
+                status.partitions = s.partitions;
+            }
+            // Processor: for the partitions that exist (a larger
+            // ordering.partitions may wait, or its sync may have failed).
+            let serve = serving(&ep, status.partitions);
+            let (proc_cond, replicas, scale_due) =
+                processor(&serve, &ctx, &names, &timings, synced.as_ref()).await?;
+            if let Some(due) = scale_due {
+                requeue = requeue.min(due + Duration::from_millis(200));
+            }
+            status.replicas = Some(replicas);
+            vec![accepted, stream_cond, proc_cond]
+        }
+    };
+
+    let mut desired = all_conditions(parts, spec.suspend, spec.processor.paused);
+    // Reported by the processors through NATS; not part of Ready.
+    let (sink_cond, recheck) = ctx.sink_notices.condition(
+        &k,
+        &render::sink_url(&ep)
+            .map(|u| redact_url(&u))
+            .unwrap_or_default(),
+        spec.processor.dead_letter.enabled,
+        old.conditions.iter().find(|c| c.type_ == SINK_AVAILABLE),
+        Timestamp::now(),
+    );
+    if let Some(r) = recheck {
+        requeue = requeue.min(r + Duration::from_secs(1));
+    }
+    desired.push(sink_cond);
+    let now = Time(Timestamp::now());
+    status.conditions = conditions::merge(&old.conditions, &desired, ep.metadata.generation, &now);
+    ctx.metrics.set_conditions(
+        &k,
+        Some(
+            status
+                .conditions
+                .iter()
+                .map(|c| (c.type_.clone(), c.status.clone()))
+                .collect(),
+        ),
+    );
+
+    if status != old {
+        write_status(&ep, &ctx, &old, status).await?;
+    }
+    Ok(Action::requeue(requeue))
+}
+
+/// Endpoints for unit tests, built through the real types.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    pub(crate) fn ep(
+        ns: &str,
+        name: &str,
+        created: i64,
+        path: Option<&str>,
+    ) -> Arc<WebhookEndpoint> {
+        let mut e: WebhookEndpoint = serde_yaml_ng::from_str(&format!(
+            r#"
+apiVersion: spillway.dev/v1alpha1
+kind: WebhookEndpoint
+metadata: {{name: {name}, namespace: {ns}, uid: {ns}-{name}}}
+spec:
+  verification: {{scheme: none}}
+  processor: {{sink: {{url: "http://x/"}}}}
+"#
+        ))
+        .unwrap();
+        e.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
+        e.spec.path = path.map(String::from);
+        Arc::new(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::fixtures::ep;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let cap = Duration::from_secs(30);
+        assert_eq!(backoff(1, cap), Duration::from_secs(1));
+        assert_eq!(backoff(3, cap), Duration::from_secs(4));
+        assert_eq!(backoff(50, cap), cap);
+    }
+
+    /// API server unavailable (nothing listens on the port): the reconcile
+    /// fails with a typed error, nothing panics, and the error policy backs
+    /// off 1 s, 2 s, 4 s … per endpoint.
+    #[tokio::test]
+    async fn api_server_down_fails_softly_with_backoff() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cfg = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
+        cfg.connect_timeout = Some(Duration::from_millis(500));
+        let client = Client::try_from(cfg).unwrap();
+        let mut settings = Settings::defaults();
+        settings.nats_url = format!("nats://127.0.0.1:{port}");
+        let nats = crate::connect_nats(&settings).await.unwrap();
+        let js = Js::new(nats, Duration::from_millis(200));
+        let recorder = Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "test".into(),
+                instance: None,
+            },
+        );
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let ctx = Arc::new(Context::new(
+            client,
+            js,
+            settings,
+            recorder,
+            Arc::new(Metrics::new()),
+            kube::runtime::reflector::store().0,
+            kube::runtime::reflector::store().0,
+            tx,
+        ));
+        // With the finalizer present the reconcile goes on to read Secrets.
+        let mut e = (*ep("ns", "x", 1, None)).clone();
+        e.spec.verification =
+            serde_yaml_ng::from_str("{scheme: github, secretRefs: [{name: gh, key: secret}]}")
+                .unwrap();
+        e.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        let e = Arc::new(e);
+        let err = reconcile(e.clone(), ctx.clone()).await.unwrap_err();
+        assert_eq!(err.reason(), "KubernetesApiError", "{err}");
+        let actions: Vec<Action> = (0..4)
+            .map(|_| error_policy(e.clone(), &err, ctx.clone()))
+            .collect();
+        assert_eq!(
+            actions,
+            [1, 2, 4, 8].map(|s| Action::requeue(Duration::from_secs(s)))
+        );
+        assert!(
+            ctx.metrics
+                .render()
+                .contains(r#"reason="KubernetesApiError""#)
+        );
+        // Without the finalizer, adding it fails the same soft way.
+        let err = reconcile(ep("ns", "y", 1, None), ctx.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "FinalizerError", "{err}");
+    }
+}

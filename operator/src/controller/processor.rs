@@ -1,0 +1,297 @@
+//! The processor Deployment: scaling (builtin or KEDA), rendering and
+//! applying it, and the `ProcessorReady` condition's inputs.
+
+use super::*;
+
+/// The first processor NATS Secret missing (or lacking a key) in `ns`.
+/// Errors reading a Secret skip the check: it only explains pods that are
+/// not ready.
+pub(super) async fn missing_processor_secret(
+    ns: &str,
+    ctx: &Context,
+) -> Option<(&'static str, String)> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    for wanted in render::processor_nats_secrets(&ctx.settings) {
+        match secrets.get_opt(&wanted.name).await {
+            Ok(found) => {
+                if let Some(p) = processor_secret_problem(ns, &wanted, found.as_ref()) {
+                    return Some(p);
+                }
+            }
+            Err(e) => {
+                debug!(namespace = %ns, secret = %wanted.name, error = %e, "cannot check a processor NATS Secret");
+            }
+        }
+    }
+    None
+}
+
+/// Whether KEDA's CRD exists. Not being allowed to look (the Helm chart
+/// grants it only with `operator.keda.enabled`) counts as not installed.
+pub(super) async fn keda_installed(ctx: &Context) -> Result<bool, Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    match crds.get_opt(KEDA_CRD).await {
+        Ok(found) => Ok(found.is_some()),
+        Err(kube::Error::Api(s)) if s.code == 403 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A Deployment by name, through `list` (the operator's RBAC has list and
+/// watch on Deployments, not get).
+pub(super) async fn find_deployment(
+    api: &Api<Deployment>,
+    name: &str,
+) -> Result<Option<Deployment>, Error> {
+    let lp = ListParams::default().fields(&format!("metadata.name={name}"));
+    Ok(api.list(&lp).await?.items.into_iter().next())
+}
+
+/// The endpoint as its processor serves it: an ordered endpoint with the
+/// partitions whose consumers exist (`partitions`, from the sync or the
+/// last status), when fewer than the spec asks for.
+pub(super) fn serving(
+    ep: &WebhookEndpoint,
+    partitions: Option<u16>,
+) -> std::borrow::Cow<'_, WebhookEndpoint> {
+    match (&ep.spec.ordering, partitions) {
+        (Some(o), Some(n)) if n > 0 && n < o.partitions => {
+            let mut e = ep.clone();
+            if let Some(o) = e.spec.ordering.as_mut() {
+                o.partitions = n;
+            }
+            std::borrow::Cow::Owned(e)
+        }
+        _ => std::borrow::Cow::Borrowed(ep),
+    }
+}
+
+/// Scale, render and apply the processor Deployment. Returns the
+/// ProcessorReady condition, the replica status and, when a scale-down is
+/// pending, how long until it is due.
+pub(super) async fn processor(
+    ep: &WebhookEndpoint,
+    ctx: &Context,
+    names: &EndpointNames,
+    timings: &Timings,
+    synced: Option<&Synced>,
+) -> Result<(Desired, ReplicaStatus, Option<Duration>), Error> {
+    let ns = ep.namespace().unwrap_or_default();
+    let dname = deployment_name(&ep.name_any());
+    let uid = ep.uid().unwrap_or_default();
+    let p = &ep.spec.processor;
+    // The current replica count matters after a restart: wait for the cache.
+    let _ = tokio::time::timeout(STORE_WAIT, ctx.deployments.wait_until_ready()).await;
+    let current = ctx
+        .deployments
+        .get(&ObjectRef::new(&dname).within(&ns))
+        .filter(|d| {
+            d.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.uid == uid)
+        });
+
+    let mut keda_missing = false;
+    let use_keda = p.replicas.autoscaler == Autoscaler::Keda && {
+        let ok = keda_installed(ctx).await?;
+        keda_missing = !ok;
+        ok
+    };
+
+    let (replicas, due) = if use_keda {
+        ctx.wakers.disarm(&uid);
+        // KEDA scales now: builtin scaling starts afresh if it comes back.
+        ctx.scale
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&uid);
+        (None, None)
+    } else {
+        let (min, max) = render::replica_bounds(p);
+        let input = scaling::Input {
+            min,
+            max,
+            target_backlog_per_replica: p.replicas.target_backlog_per_replica,
+            paused: p.paused,
+            // Waiting retries need a pod to move them back when due, but
+            // not more pods: they count as one.
+            backlog: synced
+                .map(|s| s.backlog.pending + s.backlog.ack_pending + s.backlog.retrying.min(1)),
+        };
+        let fallback = current.as_ref().and_then(|d| d.spec.replicas);
+        let now = Instant::now();
+        let cooldown = ctx.settings.scale_down_cooldown;
+        let mut states = ctx.scale.lock().unwrap_or_else(|e| e.into_inner());
+        let state = states.get(&uid).copied().unwrap_or_default();
+        let (desired, next) = scaling::decide(&input, state, fallback, now, cooldown);
+        if Some(desired) != fallback && fallback.is_some() {
+            info!(endpoint = %key(ep), from = ?fallback, to = desired, backlog = ?input.backlog, "scaling processor");
+        }
+        states.insert(uid.clone(), next);
+        drop(states);
+        // At zero, the first webhook wakes it at once (not at the resync).
+        if desired == 0 && !p.paused {
+            ctx.wakers.arm(
+                &uid,
+                ctx.js.client(),
+                names.stream_subjects(),
+                ObjectRef::from_obj(ep),
+                ctx.retrigger.clone(),
+            );
+        } else {
+            ctx.wakers.disarm(&uid);
+        }
+        (
+            Some(desired),
+            scaling::scale_down_due_in(&next, now, cooldown),
+        )
+    };
+
+    let want = render::deployment(
+        ep,
+        names,
+        timings,
+        &ctx.settings,
+        replicas,
+        synced.map_or(&[][..], |s| &s.legacy_consumers[..]),
+    )
+    .map_err(Error::Render)?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    if current.is_none()
+        && let Some(existing) = find_deployment(&deployments, &dname).await?
+        && !is_ours(&existing)
+    {
+        // Never take over a Deployment someone else made.
+        return Ok((
+            Desired::new(
+                PROCESSOR_READY,
+                Status::False,
+                "DeploymentConflict",
+                format!(
+                    "Deployment {ns}/{dname} exists and is not managed by Spillway; delete or rename it"
+                ),
+            ),
+            ReplicaStatus::default(),
+            None,
+        ));
+    }
+    let was_keda = current.as_deref().is_some_and(render::scaled_by_keda);
+    let scaled_objects = || {
+        Api::<DynamicObject>::namespaced_with(
+            ctx.client.clone(),
+            &ns,
+            &render::keda::scaled_object_resource(),
+        )
+    };
+    if was_keda && !use_keda {
+        // Back to builtin scaling: KEDA's HPA must not scale against it.
+        // Before the Deployment loses its `keda` mark, so a failed delete
+        // is tried again by the next reconcile.
+        match scaled_objects()
+            .delete(&dname, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => info!(endpoint = %key(ep), "deleted the KEDA ScaledObject (builtin scaling)"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if use_keda
+        && !was_keda
+        && let Some(r) = current.as_ref().and_then(|d| d.spec.replicas)
+    {
+        // Handing replicas over to KEDA: an apply that leaves out a field
+        // the operator owns would remove it (back to 1 replica until the
+        // HPA acts). Another manager holds the current count meanwhile.
+        deployments
+            .patch(
+                &dname,
+                &PatchParams::apply(render::HANDOVER_FIELD_MANAGER).force(),
+                &Patch::Apply(json!({
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": {"name": dname},
+                    "spec": {"replicas": r},
+                })),
+            )
+            .await?;
+    }
+    let applied = match &current {
+        Some(have) if render::up_to_date(have, &want) => have.clone(),
+        _ => {
+            let created = current.is_none();
+            let d = deployments
+                .patch(
+                    &dname,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&want),
+                )
+                .await?;
+            if created {
+                ctx.event(
+                    ep,
+                    EventType::Normal,
+                    "DeploymentCreated",
+                    format!("created Deployment {dname}"),
+                )
+                .await;
+            }
+            Arc::new(d)
+        }
+    };
+    if use_keda {
+        scaled_objects()
+            .patch(
+                &dname,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(render::keda::scaled_object(ep, names, &ctx.settings)),
+            )
+            .await?;
+    }
+
+    let ready = applied
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let spec_replicas = applied.spec.replicas;
+    let desired = replicas.or(spec_replicas);
+    let mut cond = processor_condition(p.paused, desired, ready);
+    // Pods that are not ready may lack a NATS Secret the operator mounts
+    // (the kubelet reports that only as a pod event): say so.
+    if cond.status == Status::False
+        && let Some((reason, message)) = missing_processor_secret(&ns, ctx).await
+    {
+        cond = Desired::new(PROCESSOR_READY, Status::False, reason, message);
+    }
+    if keda_missing {
+        cond = Desired::new(
+            PROCESSOR_READY,
+            Status::False,
+            "KedaNotInstalled",
+            format!(
+                "autoscaler keda was requested but KEDA's CRD {KEDA_CRD} is not installed (or the operator may not read it: Helm value operator.keda.enabled); install KEDA or set processor.replicas.autoscaler to builtin (scaling builtin meanwhile)"
+            ),
+        );
+    }
+    Ok((
+        cond,
+        ReplicaStatus {
+            desired: desired.unwrap_or(0),
+            ready,
+        },
+        due,
+    ))
+}
+
+/// Whether a Deployment was made by the operator (possibly for an earlier
+/// endpoint of the same name, which may be taken over).
+pub(super) fn is_ours(d: &Deployment) -> bool {
+    d.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+        .is_some_and(|v| v == "spillway-operator")
+}
