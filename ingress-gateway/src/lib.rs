@@ -4,7 +4,10 @@
 
 pub mod config;
 pub mod delivery;
+pub mod error;
 pub mod handshake;
+pub mod listener;
+pub mod message;
 pub mod metrics;
 pub mod nats;
 pub mod route;

@@ -11,9 +11,10 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::{Config, SourceKind};
+use crate::listener::{ServeOptions, serve};
 use crate::metrics::Metrics;
 use crate::route::Router;
-use crate::server::{self, Gateway, Limits, ServeOptions};
+use crate::server::{self, Gateway, Limits};
 use crate::source::{self, FileWatch, SourceError};
 
 /// The gateway could not start.
@@ -156,7 +157,7 @@ pub async fn start(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let admin_task = tokio::spawn(server::serve(
+    let admin_task = tokio::spawn(serve(
         admin,
         server::admin_app(gateway.clone()),
         ServeOptions {
@@ -179,7 +180,7 @@ pub async fn start(
             let _ = close_tx.send(true);
         };
         tokio::join!(
-            server::serve(listener, server::app(gw.clone()), opts, stopped(close_rx)),
+            serve(listener, server::app(gw.clone()), opts, stopped(close_rx)),
             drain
         );
         gw.flush().await;

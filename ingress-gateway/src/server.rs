@@ -1,38 +1,35 @@
-//! The HTTP side: the webhook handler, the admin endpoints and a server loop
-//! with header limits, timeouts and graceful shutdown.
+//! The webhook handler and the admin endpoints: routing, the request
+//! slots and body budget, verification, the rate limit and the publish
+//! (answered 2xx only after JetStream's PubAck). Errors are in
+//! [`crate::error`], the stored message in [`crate::message`], the accept
+//! loop in [`crate::listener`].
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::jetstream::context::PublishErrorKind;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use governor::clock::{Clock, DefaultClock};
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use spillway_api::names::partition_of;
-use spillway_api::wire;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::delivery;
+pub use crate::error::ApiError;
 use crate::handshake::{self, Reply};
+use crate::listener::ClientAddr;
+use crate::listener::ClientSlots;
+use crate::message::{message_headers, ordering_key};
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels, VerifyLabels};
 use crate::route::{self, Route};
-use crate::verify::{Failure, Inbound};
+use crate::verify::Inbound;
 
 /// Tunables of request handling.
 #[derive(Debug, Clone)]
@@ -84,74 +81,6 @@ impl Default for Limits {
             body_budget_bytes: 64 * 1024 * 1024,
             min_body_bytes_per_second: 16 * 1024,
             max_requests_per_client: 0,
-        }
-    }
-}
-
-/// The address a request's connection comes from (set per connection by
-/// [`serve`]).
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub std::net::IpAddr);
-
-/// Requests in progress per client address, capped.
-#[derive(Debug, Default)]
-pub struct ClientSlots {
-    max: usize,
-    used: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-/// One request's slot of its client; given back on drop.
-#[derive(Debug)]
-pub struct ClientSlot<'a> {
-    slots: &'a ClientSlots,
-    /// `None` when there is no limit (nothing to give back).
-    addr: Option<std::net::IpAddr>,
-}
-
-impl ClientSlots {
-    /// At most `max` requests per address (0: no limit).
-    pub fn new(max: usize) -> Self {
-        Self {
-            max,
-            used: Default::default(),
-        }
-    }
-
-    /// A slot for `addr`, unless it holds `max` already (`None`).
-    pub fn take(&self, addr: std::net::IpAddr) -> Option<ClientSlot<'_>> {
-        if self.max == 0 {
-            return Some(ClientSlot {
-                slots: self,
-                addr: None,
-            });
-        }
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        let n = used.entry(addr).or_insert(0);
-        if *n >= self.max {
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot {
-            slots: self,
-            addr: Some(addr),
-        })
-    }
-
-    /// Addresses holding slots now.
-    pub fn clients(&self) -> usize {
-        self.used.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-}
-
-impl Drop for ClientSlot<'_> {
-    fn drop(&mut self) {
-        let Some(addr) = self.addr else { return };
-        let mut used = self.slots.used.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = used.get_mut(&addr) {
-            *n -= 1;
-            if *n == 0 {
-                used.remove(&addr);
-            }
         }
     }
 }
@@ -239,98 +168,6 @@ impl Gateway {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "flushing NATS on shutdown failed"),
             Err(_) => warn!("flushing NATS on shutdown timed out"),
-        }
-    }
-}
-
-/// Everything that ends a request without storing it.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// No route for the path.
-    #[error("not found")]
-    NotFound,
-    /// Method not accepted.
-    #[error("method not allowed")]
-    MethodNotAllowed,
-    /// Verification failed.
-    #[error("unauthorized: {0}")]
-    Unauthorized(Failure),
-    /// A handshake's verify token did not match.
-    #[error("forbidden")]
-    Forbidden,
-    /// Body over the endpoint's limit.
-    #[error("payload too large")]
-    PayloadTooLarge,
-    /// The body did not arrive in time.
-    #[error("request timeout")]
-    RequestTimeout,
-    /// The body could not be read (malformed framing, client went away).
-    #[error("bad request")]
-    BadRequest,
-    /// The client address has its share of request slots in use.
-    #[error("client busy")]
-    ClientBusy {
-        /// Seconds to wait.
-        retry_after: u64,
-    },
-    /// Token bucket empty.
-    #[error("rate limited")]
-    RateLimited {
-        /// Seconds until a token is available.
-        retry_after: u64,
-    },
-    /// Not storing right now (suspended, secrets not loaded, JetStream
-    /// unavailable); the provider should retry.
-    #[error("unavailable: {reason}")]
-    Unavailable {
-        /// Short machine-readable reason.
-        reason: &'static str,
-        /// Seconds to wait.
-        retry_after: u64,
-    },
-    /// Anything else; answered without detail.
-    #[error("internal error")]
-    Internal,
-}
-
-fn json_error(status: StatusCode, reason: &str) -> Response {
-    (status, Json(serde_json::json!({ "error": reason }))).into_response()
-}
-
-fn with_retry_after(mut r: Response, secs: u64) -> Response {
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-    r
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        match self {
-            ApiError::NotFound => StatusCode::NOT_FOUND.into_response(),
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED.into_response(),
-            ApiError::Unauthorized(f) => json_error(StatusCode::UNAUTHORIZED, f.reason()),
-            ApiError::Forbidden => json_error(StatusCode::FORBIDDEN, "bad_verify_token"),
-            ApiError::PayloadTooLarge => {
-                json_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
-            }
-            ApiError::RequestTimeout => json_error(StatusCode::REQUEST_TIMEOUT, "timeout"),
-            ApiError::BadRequest => json_error(StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::ClientBusy { retry_after } => with_retry_after(
-                json_error(StatusCode::TOO_MANY_REQUESTS, "client_busy"),
-                retry_after,
-            ),
-            ApiError::RateLimited { retry_after } => with_retry_after(
-                json_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-                retry_after,
-            ),
-            ApiError::Unavailable {
-                reason,
-                retry_after,
-            } => with_retry_after(
-                json_error(StatusCode::SERVICE_UNAVAILABLE, reason),
-                retry_after,
-            ),
-            ApiError::Internal => json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 }
@@ -602,143 +439,6 @@ async fn read_body<'a>(
     Ok((Bytes::from(buf), held))
 }
 
-/// Headers never copied into the stored message.
-const DROPPED_HEADERS: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-    "content-type",
-    "cookie",
-    "set-cookie",
-    "authorization",
-    "traceparent",
-    "tracestate",
-    // GitLab sends the shared secret itself.
-    "x-gitlab-token",
-];
-
-/// `x-github-event` → `X-Github-Event`.
-fn title_case(name: &str) -> String {
-    name.split('-')
-        .map(|seg| {
-            let mut c = seg.chars();
-            match c.next() {
-                Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
-                None => String::new(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("-")
-}
-
-fn traceparent(headers: &HeaderMap) -> String {
-    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
-        let parts: Vec<&str> = tp.split('-').collect();
-        if parts.len() == 4
-            && parts[0].len() == 2
-            && parts[1].len() == 32
-            && parts[2].len() == 16
-            && parts[3].len() == 2
-            && tp.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
-        {
-            return tp.to_owned();
-        }
-    }
-    let mut id = [0u8; 24];
-    // The system RNG does not fail on supported platforms; an all-zero id is
-    // only a poorer trace id.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
-    format!(
-        "00-{}-{}-01",
-        hex::encode(&id[..16]),
-        hex::encode(&id[16..])
-    )
-}
-
-/// Longest ordering key stored (and partitioned on) as it is.
-pub const MAX_ORDERING_KEY_BYTES: usize = 256;
-
-/// The ordering key as stored in `Spillway-Ordering-Key` and partitioned on.
-/// A key with control characters (which cannot be a NATS header value) or
-/// longer than [`MAX_ORDERING_KEY_BYTES`] is replaced by `sha256:<hex>` of
-/// its bytes: equal keys still land on the same partition, and the header
-/// stays small and valid.
-pub fn safe_ordering_key(key: String) -> String {
-    if key.len() <= MAX_ORDERING_KEY_BYTES && !key.chars().any(char::is_control) {
-        key
-    } else {
-        format!("sha256:{}", delivery::body_hash(key.as_bytes()))
-    }
-}
-
-fn ordering_key(route: &Route, headers: &HeaderMap, body: &[u8]) -> Option<(String, u16)> {
-    let o = route.ordering.as_ref()?;
-    let key = if let Some(h) = &o.key_header {
-        headers.get(h.as_str())?.to_str().ok()?.to_owned()
-    } else {
-        let p = o.key_json_pointer.as_deref()?;
-        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-        match v.pointer(p)? {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Null => return None,
-            other => other.to_string(),
-        }
-    };
-    let key = safe_ordering_key(key);
-    let p = partition_of(key.as_bytes(), o.partitions);
-    Some((key, p))
-}
-
-/// Build the NATS headers of a stored webhook.
-pub fn message_headers(
-    route: &Route,
-    headers: &HeaderMap,
-    ids: &delivery::Ids,
-    ordering: Option<&str>,
-) -> async_nats::HeaderMap {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(wire::ENDPOINT, route.endpoint.as_str());
-    h.insert(wire::DELIVERY_ID, ids.delivery_id.as_str());
-    if let Some(id) = &ids.msg_id {
-        h.insert(wire::NATS_MSG_ID, id.as_str());
-    }
-    let received = jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
-        .to_string();
-    h.insert(wire::RECEIVED_AT, received);
-    if let Some(ct) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    {
-        h.insert(wire::CONTENT_TYPE, ct);
-    }
-    h.insert(wire::TRACEPARENT, traceparent(headers));
-    if let Some(k) = ordering {
-        h.insert(wire::ORDERING_KEY, k);
-    }
-    for (name, value) in headers {
-        let n = name.as_str();
-        if DROPPED_HEADERS.contains(&n) || route.redact_headers.iter().any(|r| r == n) {
-            continue;
-        }
-        if let Ok(v) = value.to_str() {
-            h.append(
-                format!("{}{}", wire::ORIGINAL_HEADER_PREFIX, title_case(n)),
-                v,
-            );
-        }
-    }
-    h
-}
-
 async fn store(
     gw: &Gateway,
     route: &Route,
@@ -759,6 +459,7 @@ async fn store(
         headers,
         &ids,
         ordering.as_ref().map(|(k, _)| k.as_str()),
+        jiff::Timestamp::now(),
     );
     let unavailable = ApiError::Unavailable {
         reason: "store_unavailable",
@@ -829,203 +530,16 @@ async fn store(
     }
 }
 
-/// Connection-level limits of the HTTP server.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    /// Time allowed to send the request head.
-    pub header_read_timeout: Duration,
-    /// Largest request head (HTTP/1 read buffer; HTTP/2 header list).
-    pub max_header_bytes: usize,
-    /// A connection that sends nothing for this long is closed (after any
-    /// request in progress is answered).
-    pub idle_timeout: Duration,
-    /// How long shutdown waits for in-flight requests.
-    pub shutdown_grace: Duration,
-    /// HTTP/2 streams one connection may have open at once.
-    pub max_streams_per_connection: u32,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(10),
-            max_header_bytes: 64 * 1024,
-            idle_timeout: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(25),
-            max_streams_per_connection: 64,
-        }
-    }
-}
-
-/// A TCP stream that remembers when it last received bytes.
-struct Tracked {
-    inner: tokio::net::TcpStream,
-    epoch: Instant,
-    last_read_ms: Arc<AtomicU64>,
-}
-
-impl tokio::io::AsyncRead for Tracked {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.last_read_ms.store(now, AtomicOrdering::Relaxed);
-        }
-        r
-    }
-}
-
-impl tokio::io::AsyncWrite for Tracked {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-/// Serve `router` on `listener` until `shutdown` resolves, then stop
-/// accepting and wait (up to the grace period) for in-flight requests, and so
-/// their publishes, to finish. Idle connections are closed.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    opts: ServeOptions,
-    shutdown: impl Future<Output = ()>,
-) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout)
-        .max_buf_size(opts.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(opts.max_streams_per_connection.max(1));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut conns = tokio::task::JoinSet::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (stream, peer): (_, SocketAddr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        while conns.try_join_next().is_some() {}
-        let _ = stream.set_nodelay(true);
-        let epoch = Instant::now();
-        let last_read_ms = Arc::new(AtomicU64::new(0));
-        let io = Tracked {
-            inner: stream,
-            epoch,
-            last_read_ms: last_read_ms.clone(),
-        };
-        let service =
-            TowerToHyperService::new(router.clone().layer(axum::Extension(ClientAddr(peer.ip()))));
-        let conn = builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        let mut stop = stop_rx.clone();
-        let idle = opts.idle_timeout;
-        conns.spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            let mut closing = false;
-            let check = (idle / 2).max(Duration::from_millis(100));
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            debug!(error = %e, "connection ended with an error");
-                        }
-                        return;
-                    }
-                    _ = stop.wait_for(|v| *v), if !closing => {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                    () = tokio::time::sleep(check), if !closing => {
-                        let last = Duration::from_millis(last_read_ms.load(AtomicOrdering::Relaxed));
-                        if epoch.elapsed().saturating_sub(last) >= idle {
-                            conn.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
-                    }
-                }
-            }
-        });
-    }
-    drop(listener);
-    info!("shutting down: draining in-flight requests");
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(opts.shutdown_grace, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        warn!("grace period over with requests still in flight");
-        conns.abort_all();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::{MAX_ORDERING_KEY_BYTES, safe_ordering_key};
     use crate::route::EndpointDef;
+    use axum::http::HeaderValue;
     use spillway_api::SecretKeyRef;
+    use spillway_api::names::partition_of;
+    use spillway_api::wire;
     use tower::ServiceExt;
-
-    #[test]
-    fn each_client_address_gets_its_share() {
-        let slots = ClientSlots::new(2);
-        let a = std::net::Ipv4Addr::new(10, 0, 0, 1).into();
-        let b = std::net::Ipv4Addr::new(10, 0, 0, 2).into();
-        let a1 = slots.take(a).expect("first");
-        let a2 = slots.take(a).expect("second");
-        assert!(slots.take(a).is_none(), "a third is refused");
-        let _b1 = slots.take(b).expect("another address is not affected");
-        drop(a1);
-        let _a3 = slots.take(a).expect("a slot given back is free again");
-        drop(a2);
-        assert_eq!(slots.clients(), 2);
-        let none = ClientSlots::new(0);
-        let held: Vec<_> = (0..1000).map(|_| none.take(a)).collect();
-        assert!(held.iter().all(Option::is_some), "0: no limit");
-        assert_eq!(none.clients(), 0);
-    }
 
     const SECRET: &[u8] = b"It's a Secret to Everybody";
 
@@ -1338,7 +852,13 @@ mod tests {
             delivery_id: "d".into(),
             msg_id: None,
         };
-        let h = message_headers(&r, &HeaderMap::new(), &ids, Some(&key));
+        let h = message_headers(
+            &r,
+            &HeaderMap::new(),
+            &ids,
+            Some(&key),
+            jiff::Timestamp::now(),
+        );
         assert_eq!(
             h.get(wire::ORDERING_KEY).map(|v| v.as_str()),
             Some(key.as_str())
@@ -1346,30 +866,23 @@ mod tests {
     }
 
     #[test]
-    fn header_names_are_title_cased() {
-        assert_eq!(title_case("x-github-event"), "X-Github-Event");
-        assert_eq!(title_case("webhook-id"), "Webhook-Id");
-    }
-
-    #[test]
-    fn traceparent_is_kept_or_made() {
-        let mut h = HeaderMap::new();
-        let made = traceparent(&h);
-        assert_eq!(made.len(), 55);
-        assert!(made.starts_with("00-") && made.ends_with("-01"));
-        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        h.insert("traceparent", HeaderValue::from_static(tp));
-        assert_eq!(traceparent(&h), tp);
-        h.insert("traceparent", HeaderValue::from_static("garbage"));
-        assert_ne!(traceparent(&h), "garbage");
-    }
-
-    #[test]
-    fn received_at_format() {
-        let s = jiff::Timestamp::from_millisecond(1_700_000_000_123)
-            .unwrap()
-            .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
-            .to_string();
-        assert_eq!(s, "2023-11-14T22:13:20.123Z");
+    fn received_at_is_the_given_time_in_milliseconds() {
+        let router = route::Router::default();
+        router.rebuild(
+            &[def("o", "")],
+            &|_: &str, _: &SecretKeyRef| Some(SECRET.to_vec()),
+            None,
+        );
+        let r = router.table().get("/o").expect("route");
+        let ids = delivery::Ids {
+            delivery_id: "d".into(),
+            msg_id: None,
+        };
+        let now = jiff::Timestamp::from_millisecond(1_700_000_000_123).unwrap();
+        let h = message_headers(&r, &HeaderMap::new(), &ids, None, now);
+        assert_eq!(
+            h.get(wire::RECEIVED_AT).map(|v| v.as_str()),
+            Some("2023-11-14T22:13:20.123Z")
+        );
     }
 }

@@ -1,0 +1,175 @@
+//! The stored message: which request headers are kept (and under which
+//! names), the trace context, the ordering key, and the NATS headers of a
+//! stored webhook.
+
+use axum::http::{HeaderMap, header};
+use spillway_api::names::partition_of;
+use spillway_api::wire;
+
+use crate::delivery;
+use crate::route::Route;
+
+/// Headers never copied into the stored message.
+const DROPPED_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "content-type",
+    "cookie",
+    "set-cookie",
+    "authorization",
+    "traceparent",
+    "tracestate",
+    // GitLab sends the shared secret itself.
+    "x-gitlab-token",
+];
+
+/// `x-github-event` → `X-Github-Event`.
+fn title_case(name: &str) -> String {
+    name.split('-')
+        .map(|seg| {
+            let mut c = seg.chars();
+            match c.next() {
+                Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
+                None => String::new(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+fn traceparent(headers: &HeaderMap) -> String {
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let parts: Vec<&str> = tp.split('-').collect();
+        if parts.len() == 4
+            && parts[0].len() == 2
+            && parts[1].len() == 32
+            && parts[2].len() == 16
+            && parts[3].len() == 2
+            && tp.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
+        {
+            return tp.to_owned();
+        }
+    }
+    let mut id = [0u8; 24];
+    // The system RNG does not fail on supported platforms; an all-zero id is
+    // only a poorer trace id.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+    format!(
+        "00-{}-{}-01",
+        hex::encode(&id[..16]),
+        hex::encode(&id[16..])
+    )
+}
+
+/// Longest ordering key stored (and partitioned on) as it is.
+pub const MAX_ORDERING_KEY_BYTES: usize = 256;
+
+/// The ordering key as stored in `Spillway-Ordering-Key` and partitioned on.
+/// A key with control characters (which cannot be a NATS header value) or
+/// longer than [`MAX_ORDERING_KEY_BYTES`] is replaced by `sha256:<hex>` of
+/// its bytes: equal keys still land on the same partition, and the header
+/// stays small and valid.
+pub fn safe_ordering_key(key: String) -> String {
+    if key.len() <= MAX_ORDERING_KEY_BYTES && !key.chars().any(char::is_control) {
+        key
+    } else {
+        format!("sha256:{}", delivery::body_hash(key.as_bytes()))
+    }
+}
+
+pub(crate) fn ordering_key(
+    route: &Route,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Option<(String, u16)> {
+    let o = route.ordering.as_ref()?;
+    let key = if let Some(h) = &o.key_header {
+        headers.get(h.as_str())?.to_str().ok()?.to_owned()
+    } else {
+        let p = o.key_json_pointer.as_deref()?;
+        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+        match v.pointer(p)? {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => return None,
+            other => other.to_string(),
+        }
+    };
+    let key = safe_ordering_key(key);
+    let p = partition_of(key.as_bytes(), o.partitions);
+    Some((key, p))
+}
+
+/// Build the NATS headers of a stored webhook.
+pub fn message_headers(
+    route: &Route,
+    headers: &HeaderMap,
+    ids: &delivery::Ids,
+    ordering: Option<&str>,
+    now: jiff::Timestamp,
+) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(wire::ENDPOINT, route.endpoint.as_str());
+    h.insert(wire::DELIVERY_ID, ids.delivery_id.as_str());
+    if let Some(id) = &ids.msg_id {
+        h.insert(wire::NATS_MSG_ID, id.as_str());
+    }
+    let received = now.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+    h.insert(wire::RECEIVED_AT, received);
+    if let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        h.insert(wire::CONTENT_TYPE, ct);
+    }
+    h.insert(wire::TRACEPARENT, traceparent(headers));
+    if let Some(k) = ordering {
+        h.insert(wire::ORDERING_KEY, k);
+    }
+    for (name, value) in headers {
+        let n = name.as_str();
+        if DROPPED_HEADERS.contains(&n) || route.redact_headers.iter().any(|r| r == n) {
+            continue;
+        }
+        if let Ok(v) = value.to_str() {
+            h.append(
+                format!("{}{}", wire::ORIGINAL_HEADER_PREFIX, title_case(n)),
+                v,
+            );
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn header_names_are_title_cased() {
+        assert_eq!(title_case("x-github-event"), "X-Github-Event");
+        assert_eq!(title_case("webhook-id"), "Webhook-Id");
+    }
+
+    #[test]
+    fn traceparent_is_kept_or_made() {
+        let mut h = HeaderMap::new();
+        let made = traceparent(&h);
+        assert_eq!(made.len(), 55);
+        assert!(made.starts_with("00-") && made.ends_with("-01"));
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert("traceparent", HeaderValue::from_static(tp));
+        assert_eq!(traceparent(&h), tp);
+        h.insert("traceparent", HeaderValue::from_static("garbage"));
+        assert_ne!(traceparent(&h), "garbage");
+    }
+}
