@@ -830,17 +830,6 @@ pub struct ReplicaStatus {
     pub ready: i32,
 }
 
-/// Condition types and reasons used in `status.conditions`.
-pub mod condition {
-    pub const READY: &str = "Ready";
-    pub const ACCEPTED: &str = "Accepted";
-    pub const STREAM_READY: &str = "StreamReady";
-    pub const PROCESSOR_READY: &str = "ProcessorReady";
-    /// False (reason `SinkGone`) while processors report that the sink
-    /// answers 410 Gone; not part of `Ready`.
-    pub const SINK_AVAILABLE: &str = "SinkAvailable";
-}
-
 pub(crate) mod defaults {
     pub fn tolerance_seconds() -> u32 {
         300

@@ -6,6 +6,7 @@
 //! written for users, not for Rust readers.
 #![forbid(unsafe_code)]
 
+pub mod condition;
 mod crd;
 pub mod duration;
 pub mod names;

@@ -21,6 +21,11 @@ pub fn markdown() -> Result<String, serde_json::Error> {
     }
     out.push_str("\n## Validation rules (CEL)\n\n| on | rule | message |\n| --- | --- | --- |\n");
     rules(&schema["properties"]["spec"], "spec", &mut out);
+    out.push_str(
+        "\n## Condition reasons\n\nEvery reason the operator writes into `status.conditions` \
+         (`spillway_api::condition::Reason`):\n\n",
+    );
+    out.push_str(&crate::condition::reasons_markdown());
     Ok(out)
 }
 

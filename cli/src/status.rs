@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use async_nats::jetstream;
 use kube::api::{Api, ListParams};
 use serde::Serialize;
-use spillway_api::{ReplicaStatus, WebhookEndpoint, condition};
+use spillway_api::condition::{self, Status};
+use spillway_api::{ReplicaStatus, WebhookEndpoint};
 
 use crate::endpoint::EndpointRef;
 use crate::output::{self, Format};
@@ -114,7 +115,7 @@ impl Line {
     pub fn problems(&self) -> Vec<String> {
         self.conditions
             .iter()
-            .filter(|c| c.status != "True")
+            .filter(|c| Status::parse(&c.status) != Status::True)
             .map(|c| format!("{}: {} — {}", c.type_, c.reason, c.message))
             .collect()
     }
@@ -175,7 +176,7 @@ fn line(we: &WebhookEndpoint, live_nats: Option<Live>) -> Line {
             .map(|c| c.status.clone())
             .unwrap_or_else(|| "Unknown".into()),
         ready_reason: ready_cond
-            .filter(|c| c.status != "True")
+            .filter(|c| Status::of(c) != Status::True)
             .map(|c| c.reason.clone()),
         live,
         source,

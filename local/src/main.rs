@@ -263,9 +263,7 @@ async fn wait_ready(api: &Api<WebhookEndpoint>, n: usize, timeout: Duration) -> 
 
 fn is_true(e: &WebhookEndpoint, ty: &str) -> bool {
     e.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == ty && c.status == "True")
+        spillway_api::condition::is(&s.conditions, ty, spillway_api::condition::Status::True)
     })
 }
 

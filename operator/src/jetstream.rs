@@ -9,6 +9,7 @@ use async_nats::jetstream::response::Response;
 use async_nats::jetstream::{self, ErrorCode, consumer, stream};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use spillway_api::condition::Reason;
 use spillway_api::names::EndpointNames;
 use spillway_api::validate::Timings;
 use spillway_api::{StorageType, WebhookEndpointSpec};
@@ -669,13 +670,13 @@ impl SyncError {
     }
 
     /// Condition reason for StreamReady=False.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            SyncError::Unavailable(_) => "NatsUnavailable",
-            SyncError::Immutable(_) => "StreamConfigImmutable",
-            SyncError::WouldStrand(_) => "PartitionsWouldStrandWebhooks",
-            SyncError::Rejected(_) => "StreamRejected",
-            SyncError::WouldDrop(_) => "LimitsWouldDropWebhooks",
+            SyncError::Unavailable(_) => Reason::NatsUnavailable,
+            SyncError::Immutable(_) => Reason::StreamConfigImmutable,
+            SyncError::WouldStrand(_) => Reason::PartitionsWouldStrandWebhooks,
+            SyncError::Rejected(_) => Reason::StreamRejected,
+            SyncError::WouldDrop(_) => Reason::LimitsWouldDropWebhooks,
         }
     }
 }

@@ -8,7 +8,6 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod conditions;
 pub mod controller;
 pub mod jetstream;
 pub mod leader;

@@ -26,7 +26,7 @@ use spillway_api::wire::{NoticeKind, SinkNotice};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::conditions::{Desired, Status};
+use spillway_api::condition::{Desired, Reason, Status};
 
 /// Reason while the sink answers 410 Gone.
 pub const SINK_GONE: &str = "SinkGone";
@@ -75,7 +75,7 @@ pub fn sink_condition(
     now: Timestamp,
     quiet: Duration,
 ) -> (Desired, Option<Duration>) {
-    let d = |status, reason: &str, message: String| {
+    let d = |status, reason: Reason, message: String| {
         Desired::new(SINK_AVAILABLE, status, reason, message)
     };
     let quiet_text = spillway_api::duration::format(quiet);
@@ -94,7 +94,7 @@ pub fn sink_condition(
                 return (
                     d(
                         Status::False,
-                        SINK_GONE,
+                        Reason::SinkGone,
                         format!(
                             "the sink {sink} answers 410 Gone: it says it no longer exists. Webhooks are still accepted and stored, but {fate}. Clears on the next successful delivery, after {quiet_text} without 410, or when processor.sink changes"
                         ),
@@ -105,7 +105,7 @@ pub fn sink_condition(
             (
                 d(
                     Status::True,
-                    "GoneNotRepeated",
+                    Reason::GoneNotRepeated,
                     format!("no 410 Gone from the sink {sink} for {quiet_text}"),
                 ),
                 None,
@@ -114,28 +114,35 @@ pub fn sink_condition(
         Some((g, true)) if g.sink == sink => (
             d(
                 Status::True,
-                "SinkRecovered",
+                Reason::SinkRecovered,
                 format!("the sink {sink} accepted a delivery again after answering 410 Gone"),
             ),
             None,
         ),
         // A 410 from another sink than the one in the spec now: the spec
         // changed (or a processor of the old spec is still rolling out).
-        Some(_) if old.is_some_and(|c| c.status == "False") => (
+        Some(_) if old.is_some_and(|c| Status::of(c) == Status::False) => (
             d(
                 Status::True,
-                "SinkChanged",
+                Reason::SinkChanged,
                 format!("processor.sink changed to {sink} since the old sink answered 410 Gone"),
             ),
             None,
         ),
         _ => match old {
             // Nothing new: keep what is there (no write after a restart).
-            Some(c) if c.status == "True" => (d(Status::True, &c.reason, c.message.clone()), None),
+            Some(c) if Status::of(c) == Status::True => (
+                d(
+                    Status::True,
+                    Reason::parse(&c.reason).unwrap_or(Reason::NoGoneReported),
+                    c.message.clone(),
+                ),
+                None,
+            ),
             _ => (
                 d(
                     Status::True,
-                    "NoGoneReported",
+                    Reason::NoGoneReported,
                     "no processor has reported 410 Gone from the sink".to_owned(),
                 ),
                 None,
@@ -202,7 +209,7 @@ impl SinkNotices {
     ) -> (Desired, Option<Duration>) {
         let mut map = self.lock();
         if !map.contains_key(endpoint)
-            && old.is_some_and(|c| c.status == "False" && c.reason == SINK_GONE)
+            && old.is_some_and(|c| Status::of(c) == Status::False && c.reason == SINK_GONE)
         {
             map.insert(
                 endpoint.to_owned(),
@@ -328,7 +335,7 @@ mod tests {
         }
     }
 
-    fn reason(n: &SinkNotices, old: Option<&Condition>, now: i64) -> (Status, String) {
+    fn reason(n: &SinkNotices, old: Option<&Condition>, now: i64) -> (Status, Reason) {
         let (d, _) = n.condition("team/gh", SINK, true, old, t(now));
         (d.status, d.reason)
     }
@@ -336,10 +343,10 @@ mod tests {
     #[test]
     fn gone_until_ok() {
         let n = SinkNotices::new(QUIET);
-        assert_eq!(reason(&n, None, 0), (Status::True, "NoGoneReported".into()));
+        assert_eq!(reason(&n, None, 0), (Status::True, Reason::NoGoneReported));
         assert!(n.record("team/gh", &notice(NoticeKind::SinkGone, SINK), t(1)));
         let (d, recheck) = n.condition("team/gh", SINK, true, None, t(61));
-        assert_eq!((d.status, d.reason.as_str()), (Status::False, SINK_GONE));
+        assert_eq!((d.status, d.reason), (Status::False, Reason::SinkGone));
         assert_eq!(recheck, Some(QUIET - Duration::from_secs(60)));
         assert!(d.message.contains("410 Gone"), "{}", d.message);
         assert!(d.message.contains(SINK), "{}", d.message);
@@ -354,7 +361,7 @@ mod tests {
         // The first ok clears it; a second ok is no news.
         assert!(n.record("team/gh", &notice(NoticeKind::SinkOk, SINK), t(90)));
         assert!(!n.record("team/gh", &notice(NoticeKind::SinkOk, SINK), t(91)));
-        assert_eq!(reason(&n, None, 92), (Status::True, "SinkRecovered".into()));
+        assert_eq!(reason(&n, None, 92), (Status::True, Reason::SinkRecovered));
         // Gone again.
         assert!(n.record("team/gh", &notice(NoticeKind::SinkGone, SINK), t(100)));
         assert_eq!(reason(&n, None, 101).0, Status::False);
@@ -364,7 +371,7 @@ mod tests {
     fn ok_without_gone_is_no_news() {
         let n = SinkNotices::new(QUIET);
         assert!(!n.record("team/gh", &notice(NoticeKind::SinkOk, SINK), t(0)));
-        assert_eq!(reason(&n, None, 1), (Status::True, "NoGoneReported".into()));
+        assert_eq!(reason(&n, None, 1), (Status::True, Reason::NoGoneReported));
     }
 
     #[test]
@@ -374,7 +381,7 @@ mod tests {
         assert_eq!(reason(&n, None, 599).0, Status::False);
         assert_eq!(
             reason(&n, None, 600),
-            (Status::True, "GoneNotRepeated".into())
+            (Status::True, Reason::GoneNotRepeated)
         );
         // A gone after the quiet period is news again.
         assert!(n.record("team/gh", &notice(NoticeKind::SinkGone, SINK), t(700)));
@@ -386,14 +393,14 @@ mod tests {
         n.record("team/gh", &notice(NoticeKind::SinkGone, SINK), t(0));
         let gone = cond("False", SINK_GONE);
         let (d, recheck) = n.condition("team/gh", "http://new/hooks", true, Some(&gone), t(5));
-        assert_eq!((d.status, d.reason.as_str()), (Status::True, "SinkChanged"));
+        assert_eq!((d.status, d.reason), (Status::True, Reason::SinkChanged));
         assert!(d.message.contains("http://new/hooks"));
         assert_eq!(recheck, None);
         // A late 410 from a pod of the old spec does not flip it back.
         n.record("team/gh", &notice(NoticeKind::SinkGone, SINK), t(6));
-        let now_true = cond("True", "SinkChanged");
+        let now_true = cond("True", Reason::SinkChanged.as_str());
         let (d, _) = n.condition("team/gh", "http://new/hooks", true, Some(&now_true), t(7));
-        assert_eq!((d.status, d.reason.as_str()), (Status::True, "SinkChanged"));
+        assert_eq!((d.status, d.reason), (Status::True, Reason::SinkChanged));
     }
 
     #[test]
@@ -405,12 +412,9 @@ mod tests {
         assert_eq!(reason(&n, Some(&gone), 1600).0, Status::True);
         // A True condition is kept as it is (no write after a restart).
         let n = SinkNotices::new(QUIET);
-        let ok = cond("True", "SinkRecovered");
+        let ok = cond("True", Reason::SinkRecovered.as_str());
         let (d, _) = n.condition("team/gh", SINK, true, Some(&ok), t(0));
-        assert_eq!(
-            (d.reason.as_str(), d.message.as_str()),
-            ("SinkRecovered", "m")
-        );
+        assert_eq!((d.reason, d.message.as_str()), (Reason::SinkRecovered, "m"));
         n.forget("team/gh");
     }
 

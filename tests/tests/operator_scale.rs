@@ -161,9 +161,11 @@ async fn thousand_endpoints() -> Result<()> {
             .iter()
             .filter(|e| {
                 e.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                    spillway_api::condition::is(
+                        &s.conditions,
+                        spillway_api::condition::READY,
+                        spillway_api::condition::Status::True,
+                    )
                 })
             })
             .count();

@@ -7,7 +7,7 @@ use super::*;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     /// `PathConflict`, `SecretNotFound`, `SecretKeyMissing` or `InvalidSpec`.
-    pub reason: &'static str,
+    pub reason: Reason,
     /// What to do about it.
     pub message: String,
 }
@@ -81,10 +81,10 @@ pub fn processor_secret_problem(
     ns: &str,
     wanted: &render::ProcessorSecret,
     found: Option<&Secret>,
-) -> Option<(&'static str, String)> {
+) -> Option<(Reason, String)> {
     let Some(s) = found else {
         return Some((
-            "NatsSecretNotFound",
+            Reason::NatsSecretNotFound,
             format!(
                 "Secret {ns}/{} (operator setting {}) does not exist: processor pods cannot start until it does",
                 wanted.name, wanted.flag
@@ -102,7 +102,7 @@ pub fn processor_secret_problem(
         .collect();
     (!missing.is_empty()).then(|| {
         (
-            "NatsSecretKeyMissing",
+            Reason::NatsSecretKeyMissing,
             format!(
                 "Secret {ns}/{} (operator setting {}) has no key {}: processor pods cannot start until it does",
                 wanted.name,
@@ -121,14 +121,14 @@ pub(super) async fn accept(
         Ok(t) => t,
         Err(problems) => {
             return Ok(Err(Rejection {
-                reason: "InvalidSpec",
+                reason: Reason::InvalidSpec,
                 message: problems.join("; "),
             }));
         }
     };
     if let Err(message) = render::user_template(ep) {
         return Ok(Err(Rejection {
-            reason: "InvalidSpec",
+            reason: Reason::InvalidSpec,
             message,
         }));
     }
@@ -142,7 +142,7 @@ pub(super) async fn accept(
         match &fetched[&r.name] {
             None => {
                 return Ok(Err(Rejection {
-                    reason: "SecretNotFound",
+                    reason: Reason::SecretNotFound,
                     message: format!(
                         "Secret {ns}/{} (referenced by {field}) does not exist",
                         r.name
@@ -163,7 +163,7 @@ pub(super) async fn accept(
                     });
                 let Some(value) = value else {
                     return Ok(Err(Rejection {
-                        reason: "SecretKeyMissing",
+                        reason: Reason::SecretKeyMissing,
                         message: format!(
                             "Secret {ns}/{} has no key {:?} (referenced by {field})",
                             r.name, r.key
@@ -178,7 +178,7 @@ pub(super) async fn accept(
                     Ok(_) => {}
                     Err(spillway_api::secret::KeyError::Empty) => {
                         return Ok(Err(Rejection {
-                            reason: "SecretKeyEmpty",
+                            reason: Reason::SecretKeyEmpty,
                             message: format!(
                                 "Secret {ns}/{} key {:?} (referenced by {field}) is empty; \
                                  the gateway does not use it (requests are answered 503 while no \
@@ -189,7 +189,7 @@ pub(super) async fn accept(
                     }
                     Err(spillway_api::secret::KeyError::Whsec) => {
                         return Ok(Err(Rejection {
-                            reason: "SecretKeyInvalid",
+                            reason: Reason::SecretKeyInvalid,
                             message: format!(
                                 "Secret {ns}/{} key {:?} (referenced by {field}) starts with \
                                  whsec_ but the rest is not valid base64; the gateway cannot \
@@ -207,7 +207,7 @@ pub(super) async fn accept(
     let _ = tokio::time::timeout(STORE_WAIT, ctx.endpoints.wait_until_ready()).await;
     if let Some(holder) = path_holder(ep, &ctx.endpoints.state()) {
         return Ok(Err(Rejection {
-            reason: "PathConflict",
+            reason: Reason::PathConflict,
             message: format!(
                 "path {} is already served by the older endpoint {}; set a different spec.path",
                 effective_path(ep),
@@ -242,7 +242,7 @@ mod tests {
             .unwrap()
         };
         let (reason, msg) = processor_secret_problem("team", &wanted[0], None).unwrap();
-        assert_eq!(reason, "NatsSecretNotFound");
+        assert_eq!(reason, Reason::NatsSecretNotFound);
         assert!(msg.contains("team/ca"), "{msg}");
         assert!(msg.contains("--processor-nats-tls-ca-secret"), "{msg}");
         assert_eq!(
@@ -251,7 +251,7 @@ mod tests {
         );
         let (reason, msg) =
             processor_secret_problem("team", &wanted[1], Some(&secret(&["tls.crt"]))).unwrap();
-        assert_eq!(reason, "NatsSecretKeyMissing");
+        assert_eq!(reason, Reason::NatsSecretKeyMissing);
         assert!(
             msg.contains("tls.key") && !msg.contains("c2VjcmV0"),
             "{msg}"

@@ -30,13 +30,13 @@ use spillway_api::{
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::conditions::{self, Desired, Status};
 use crate::jetstream::{Js, Migration, NatsError, SyncError, Synced, is_managed_consumer};
 use crate::metrics::Metrics;
 use crate::notices::SinkNotices;
 use crate::render::{self, FIELD_MANAGER, deployment_name};
 use crate::scaling;
 use crate::settings::Settings;
+use spillway_api::condition::{self as conditions, Desired, Reason, Status};
 
 mod accept;
 mod cleanup;
@@ -294,13 +294,13 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                 Desired::new(
                     STREAM_READY,
                     Status::Unknown,
-                    "NotAccepted",
+                    Reason::NotAccepted,
                     "waiting for the endpoint to be accepted",
                 ),
                 Desired::new(
                     PROCESSOR_READY,
                     Status::Unknown,
-                    "NotAccepted",
+                    Reason::NotAccepted,
                     "waiting for the endpoint to be accepted",
                 ),
             ]
@@ -309,7 +309,7 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
             let accepted = Desired::new(
                 ACCEPTED,
                 Status::True,
-                "Accepted",
+                Reason::Accepted,
                 "spec, Secrets and path are valid",
             );
             // JetStream.
@@ -318,20 +318,23 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                     match &s.backlog_full {
                         // Full of undelivered webhooks: the gateway answers
                         // 503 until the backlog drains.
-                        Some(why) => {
-                            Desired::new(STREAM_READY, Status::False, "BacklogFull", why.clone())
-                        }
+                        Some(why) => Desired::new(
+                            STREAM_READY,
+                            Status::False,
+                            Reason::BacklogFull,
+                            why.clone(),
+                        ),
                         None => match &s.partitions_waiting {
                             Some(why) => Desired::new(
                                 STREAM_READY,
                                 Status::True,
-                                "PartitionsChangeWaiting",
+                                Reason::PartitionsChangeWaiting,
                                 why.clone(),
                             ),
                             None => Desired::new(
                                 STREAM_READY,
                                 Status::True,
-                                "StreamReady",
+                                Reason::StreamReady,
                                 format!("stream {} and its consumers are in place", names.stream()),
                             ),
                         },
@@ -343,7 +346,7 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                         let n = ctx.failures(&format!("nats:{k}"), true);
                         requeue = requeue.min(backoff(n, resync));
                     }
-                    ctx.metrics.error(e.reason());
+                    ctx.metrics.error(e.reason().as_str());
                     (
                         Desired::new(STREAM_READY, Status::False, e.reason(), e.to_string()),
                         None,

@@ -6,10 +6,7 @@ use super::*;
 /// The first processor NATS Secret missing (or lacking a key) in `ns`.
 /// Errors reading a Secret skip the check: it only explains pods that are
 /// not ready.
-pub(super) async fn missing_processor_secret(
-    ns: &str,
-    ctx: &Context,
-) -> Option<(&'static str, String)> {
+pub(super) async fn missing_processor_secret(ns: &str, ctx: &Context) -> Option<(Reason, String)> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     for wanted in render::processor_nats_secrets(&ctx.settings) {
         match secrets.get_opt(&wanted.name).await {
@@ -168,7 +165,7 @@ pub(super) async fn processor(
             Desired::new(
                 PROCESSOR_READY,
                 Status::False,
-                "DeploymentConflict",
+                Reason::DeploymentConflict,
                 format!(
                     "Deployment {ns}/{dname} exists and is not managed by Spillway; delete or rename it"
                 ),
@@ -270,7 +267,7 @@ pub(super) async fn processor(
         cond = Desired::new(
             PROCESSOR_READY,
             Status::False,
-            "KedaNotInstalled",
+            Reason::KedaNotInstalled,
             format!(
                 "autoscaler keda was requested but KEDA's CRD {KEDA_CRD} is not installed (or the operator may not read it: Helm value operator.keda.enabled); install KEDA or set processor.replicas.autoscaler to builtin (scaling builtin meanwhile)"
             ),

@@ -4,38 +4,38 @@ use super::*;
 
 /// ProcessorReady from the desired and ready replica counts.
 pub fn processor_condition(paused: bool, desired: Option<i32>, ready: i32) -> Desired {
-    let d = |s, r: &str, m: String| Desired::new(PROCESSOR_READY, s, r, m);
+    let d = |s, r: Reason, m: String| Desired::new(PROCESSOR_READY, s, r, m);
     if paused {
         return d(
             Status::True,
-            "Paused",
+            Reason::Paused,
             "processor paused: webhooks are stored and delivered once resumed".into(),
         );
     }
     match desired {
         Some(0) => d(
             Status::True,
-            "ScaledToZero",
+            Reason::ScaledToZero,
             "no backlog: scaled to zero replicas".into(),
         ),
         Some(n) if ready >= 1 => d(
             Status::True,
-            "Available",
+            Reason::Available,
             format!("{ready}/{n} processor replicas ready"),
         ),
         Some(n) => d(
             Status::False,
-            "PodsNotReady",
+            Reason::PodsNotReady,
             format!("0/{n} processor replicas ready"),
         ),
         None if ready >= 1 => d(
             Status::True,
-            "Available",
+            Reason::Available,
             format!("{ready} processor replicas ready"),
         ),
         None => d(
             Status::False,
-            "PodsNotReady",
+            Reason::PodsNotReady,
             "no processor replica is ready".into(),
         ),
     }
@@ -46,10 +46,10 @@ pub fn processor_condition(paused: bool, desired: Option<i32>, ready: i32) -> De
 pub fn all_conditions(parts: Vec<Desired>, suspended: bool, paused: bool) -> Vec<Desired> {
     let mut ready = conditions::ready(&parts);
     if ready.status == Status::True && suspended {
-        ready.reason = "Suspended".into();
+        ready.reason = Reason::Suspended;
         ready.message = "suspended: the gateway answers 503 with Retry-After; stored webhooks are still delivered".into();
     } else if ready.status == Status::True && paused {
-        ready.reason = "Paused".into();
+        ready.reason = Reason::Paused;
         ready.message = "delivery paused: webhooks are accepted and stored".into();
     }
     let mut all = vec![ready];
@@ -74,7 +74,7 @@ pub(super) async fn write_status(
     for (type_, from, to) in conditions::transitions(&old.conditions, &status.conditions) {
         // A first status is not a transition unless it is a failure:
         // saves four Events per new endpoint.
-        if from.is_none() && to != "False" {
+        if from.is_none() && to != Status::False {
             continue;
         }
         let c = status
@@ -82,7 +82,7 @@ pub(super) async fn write_status(
             .iter()
             .find(|c| c.type_ == type_)
             .expect("from the list");
-        let et = if to == "False" {
+        let et = if to == Status::False {
             EventType::Warning
         } else {
             EventType::Normal
@@ -117,7 +117,7 @@ mod tests {
 
     #[test]
     fn processor_ready_rules() {
-        assert_eq!(processor_condition(true, Some(0), 0).reason, "Paused");
+        assert_eq!(processor_condition(true, Some(0), 0).reason, Reason::Paused);
         assert_eq!(processor_condition(false, Some(0), 0).status, Status::True);
         assert_eq!(processor_condition(false, Some(2), 0).status, Status::False);
         let c = processor_condition(false, Some(2), 1);
@@ -130,16 +130,16 @@ mod tests {
     #[test]
     fn suspended_is_ready_with_a_reason() {
         let parts = vec![
-            Desired::new(ACCEPTED, Status::True, "Accepted", ""),
-            Desired::new(STREAM_READY, Status::True, "StreamReady", ""),
-            Desired::new(PROCESSOR_READY, Status::True, "Available", ""),
+            Desired::new(ACCEPTED, Status::True, Reason::Accepted, ""),
+            Desired::new(STREAM_READY, Status::True, Reason::StreamReady, ""),
+            Desired::new(PROCESSOR_READY, Status::True, Reason::Available, ""),
         ];
         let all = all_conditions(parts.clone(), true, false);
         assert_eq!(all.len(), 4);
         assert_eq!(
-            (all[0].status, all[0].reason.as_str()),
-            (Status::True, "Suspended")
+            (all[0].status, all[0].reason),
+            (Status::True, Reason::Suspended)
         );
-        assert_eq!(all_conditions(parts, false, false)[0].reason, "Ready");
+        assert_eq!(all_conditions(parts, false, false)[0].reason, Reason::Ready);
     }
 }

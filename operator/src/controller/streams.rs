@@ -9,18 +9,20 @@ pub(super) async fn report_created(
     old: &WebhookEndpointStatus,
     s: &Synced,
 ) {
-    let was_ready = old
-        .conditions
-        .iter()
-        .any(|c| c.type_ == STREAM_READY && c.status == "True");
+    let was_ready = conditions::is(&old.conditions, STREAM_READY, Status::True);
     let was_full = old
         .conditions
         .iter()
-        .any(|c| c.type_ == STREAM_READY && c.reason == "BacklogFull");
+        .any(|c| c.type_ == STREAM_READY && c.reason == Reason::BacklogFull.as_str());
     if let (Some(why), false) = (&s.backlog_full, was_full) {
         warn!(endpoint = %key(ep), %why, "backlog full: refusing new webhooks");
-        ctx.event(ep, EventType::Warning, "BacklogFull", why.clone())
-            .await;
+        ctx.event(
+            ep,
+            EventType::Warning,
+            Reason::BacklogFull.as_str(),
+            why.clone(),
+        )
+        .await;
     }
     match s.migration {
         Some(Migration::Started) => {
