@@ -830,6 +830,67 @@ pub struct ReplicaStatus {
     pub ready: i32,
 }
 
+impl WebhookEndpointSpec {
+    /// The path the gateway serves this endpoint on: `spec.path`, or
+    /// `/<namespace>/<name>`.
+    pub fn effective_path(&self, namespace: &str, name: &str) -> String {
+        self.path
+            .clone()
+            .unwrap_or_else(|| crate::names::default_path(namespace, name))
+    }
+
+    /// Every Secret reference of the spec, with the field that holds it
+    /// (`verification.secretRefs[0]`, `handshake.secretRef`, …): what the
+    /// operator checks and, except `processor.*`, what the gateway loads.
+    pub fn secret_refs(&self) -> Vec<(String, &SecretKeyRef)> {
+        let mut out: Vec<(String, &SecretKeyRef)> = self
+            .verification
+            .secret_refs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("verification.secretRefs[{i}]"), r))
+            .collect();
+        if let Some(h) = &self.handshake {
+            if let Some(r) = &h.verify_token_secret_ref {
+                out.push(("handshake.verifyTokenSecretRef".into(), r));
+            }
+            if let Some(r) = &h.secret_ref {
+                out.push(("handshake.secretRef".into(), r));
+            }
+        }
+        if let Some(sig) = &self.processor.signing {
+            out.push(("processor.signing.secretRef".into(), &sig.secret_ref));
+        }
+        out
+    }
+
+    /// The Secret references the gateway needs (verification and
+    /// handshake, not the processor's signing secret).
+    pub fn gateway_secret_refs(&self) -> impl Iterator<Item = &SecretKeyRef> {
+        self.secret_refs()
+            .into_iter()
+            .filter(|(field, _)| !field.starts_with("processor."))
+            .map(|(_, r)| r)
+    }
+
+    /// The processor's durable consumers (see
+    /// [`EndpointNames::consumers`](crate::names::EndpointNames::consumers)).
+    pub fn consumers(&self, names: &crate::names::EndpointNames) -> Vec<String> {
+        names.consumers(self.ordering.as_ref().map(|o| o.partitions))
+    }
+}
+
+impl WebhookEndpoint {
+    /// [`WebhookEndpointSpec::effective_path`] with this object's namespace
+    /// and name.
+    pub fn effective_path(&self) -> String {
+        self.spec.effective_path(
+            self.metadata.namespace.as_deref().unwrap_or_default(),
+            self.metadata.name.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
 pub(crate) mod defaults {
     pub fn tolerance_seconds() -> u32 {
         300

@@ -223,6 +223,15 @@ impl EndpointNames {
         format!("retry-{listener}")
     }
 
+    /// The durable consumers the processor pulls from: the shared one, or
+    /// one per partition when the endpoint is ordered with `partitions`.
+    pub fn consumers(&self, partitions: Option<u16>) -> Vec<String> {
+        match partitions {
+            None => vec![self.consumer(None)],
+            Some(n) => (0..n.max(1)).map(|i| self.consumer(Some(i))).collect(),
+        }
+    }
+
     /// Durable consumer for partition `p` of an ordered endpoint, or the one
     /// shared consumer (`None`).
     pub fn consumer(&self, partition: Option<u16>) -> String {
@@ -231,6 +240,16 @@ impl EndpointNames {
             Some(p) => format!("processor-p{p}"),
         }
     }
+}
+
+/// Whether a consumer name on the work stream is one of the processor's
+/// (`processor`, `processor-p<N>`), which the operator creates, replaces
+/// and deletes; others (the history's source, anyone's own) are left alone.
+pub fn is_managed_consumer(name: &str) -> bool {
+    name == "processor"
+        || name
+            .strip_prefix("processor-p")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The listener every endpoint has: `spec.processor`.
@@ -386,5 +405,24 @@ mod tests {
             assert!(partition_of(&k.to_be_bytes(), 7) < 7);
         }
         assert_eq!(partition_of(b"x", 0), 0);
+    }
+    #[test]
+    fn managed_consumer_names() {
+        assert!(is_managed_consumer("processor"));
+        assert!(is_managed_consumer("processor-p12"));
+        assert!(!is_managed_consumer("processor-p"));
+        assert!(!is_managed_consumer("replay-1"));
+    }
+
+    #[test]
+    fn consumers_are_one_shared_or_one_per_partition() {
+        let n = EndpointNames::new("ns", "gh");
+        assert_eq!(n.consumers(None), ["processor"]);
+        assert_eq!(
+            n.consumers(Some(3)),
+            ["processor-p0", "processor-p1", "processor-p2"]
+        );
+        assert!(n.consumers(Some(3)).iter().all(|c| is_managed_consumer(c)));
+        assert!(!is_managed_consumer(&n.history_consumer()));
     }
 }

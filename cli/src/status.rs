@@ -123,13 +123,7 @@ impl Line {
 
 /// Consumers of an endpoint (one per partition when ordered).
 pub fn consumers(we: &WebhookEndpoint, ep: &EndpointRef) -> Vec<String> {
-    let n = ep.names();
-    match &we.spec.ordering {
-        Some(o) => (0..o.partitions.max(1))
-            .map(|p| n.consumer(Some(p)))
-            .collect(),
-        None => vec![n.consumer(None)],
-    }
+    we.spec.consumers(&ep.names())
 }
 
 async fn live(js: &jetstream::Context, we: &WebhookEndpoint, ep: &EndpointRef) -> Result<Live> {

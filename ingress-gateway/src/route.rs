@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use axum::http::StatusCode;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use spillway_api::names::{EndpointNames, default_path, path_precedence};
+use spillway_api::names::{EndpointNames, path_precedence};
 use spillway_api::{Deduplication, HandshakeType, Ordering, SecretKeyRef, WebhookEndpointSpec};
 
 use spillway_api::Scheme;
@@ -183,11 +183,7 @@ impl Router {
         let mut routes = HashMap::new();
         let mut conflicts = Vec::new();
         for def in sorted {
-            let path = def
-                .spec
-                .path
-                .clone()
-                .unwrap_or_else(|| default_path(&def.namespace, &def.name));
+            let path = def.spec.effective_path(&def.namespace, &def.name);
             let endpoint = format!("{}/{}", def.namespace, def.name);
             if routes.contains_key(&path) {
                 conflicts.push(endpoint);

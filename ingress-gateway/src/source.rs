@@ -55,12 +55,7 @@ fn lookup(data: &SecretData, namespace: &str, r: &SecretKeyRef) -> Option<Vec<u8
 }
 
 fn referenced(spec: &WebhookEndpointSpec) -> impl Iterator<Item = &SecretKeyRef> {
-    let h = spec.handshake.as_ref();
-    spec.verification
-        .secret_refs
-        .iter()
-        .chain(h.and_then(|h| h.verify_token_secret_ref.as_ref()))
-        .chain(h.and_then(|h| h.secret_ref.as_ref()))
+    spec.gateway_secret_refs()
 }
 
 // ---------------------------------------------------------------- file mode

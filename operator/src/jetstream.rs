@@ -428,13 +428,7 @@ pub fn filters_of(c: &consumer::Config) -> Vec<String> {
     }
 }
 
-/// Whether a consumer name is one the operator manages.
-pub fn is_managed_consumer(name: &str) -> bool {
-    name == "processor"
-        || name
-            .strip_prefix("processor-p")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-}
+pub use spillway_api::names::is_managed_consumer;
 
 /// How far an existing consumer has got: its subject filters (empty: all)
 /// and the stream sequence of the first message on it that it has not
@@ -1719,13 +1713,5 @@ ingress: {maxBodyBytes: 1000}
         let (keep, why) = partitions_to_apply(8, running(4, 3)).unwrap_err();
         assert_eq!(keep, 4);
         assert!(why.contains("4 → 8") && why.contains("3 webhook"), "{why}");
-    }
-
-    #[test]
-    fn managed_consumer_names() {
-        assert!(is_managed_consumer("processor"));
-        assert!(is_managed_consumer("processor-p12"));
-        assert!(!is_managed_consumer("processor-p"));
-        assert!(!is_managed_consumer("replay-1"));
     }
 }

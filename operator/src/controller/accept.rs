@@ -12,12 +12,10 @@ pub struct Rejection {
     pub message: String,
 }
 
-/// The effective path of an endpoint.
+/// The effective path of an endpoint (one rule with the gateway:
+/// [`WebhookEndpoint::effective_path`]).
 pub fn effective_path(ep: &WebhookEndpoint) -> String {
-    ep.spec
-        .path
-        .clone()
-        .unwrap_or_else(|| default_path(&ep.namespace().unwrap_or_default(), &ep.name_any()))
+    ep.effective_path()
 }
 
 /// The older of two endpoints keeps a contested path (ranked by
@@ -49,28 +47,10 @@ pub(super) fn precedence(e: &WebhookEndpoint) -> (i64, &str, &str) {
     )
 }
 
-/// Every Secret reference of the spec, with where it is referenced.
+/// Every Secret reference of the spec, with where it is referenced (one
+/// list with the gateway: [`WebhookEndpointSpec::secret_refs`]).
 pub fn secret_refs(ep: &WebhookEndpoint) -> Vec<(String, &SecretKeyRef)> {
-    let s = &ep.spec;
-    let mut out: Vec<(String, &SecretKeyRef)> = s
-        .verification
-        .secret_refs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (format!("verification.secretRefs[{i}]"), r))
-        .collect();
-    if let Some(h) = &s.handshake {
-        if let Some(r) = &h.verify_token_secret_ref {
-            out.push(("handshake.verifyTokenSecretRef".into(), r));
-        }
-        if let Some(r) = &h.secret_ref {
-            out.push(("handshake.secretRef".into(), r));
-        }
-    }
-    if let Some(sig) = &s.processor.signing {
-        out.push(("processor.signing.secretRef".into(), &sig.secret_ref));
-    }
-    out
+    ep.spec.secret_refs()
 }
 
 /// Why processor pods cannot start for want of a NATS Secret of the

@@ -20,7 +20,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use spillway_api::condition::{ACCEPTED, PROCESSOR_READY, SINK_AVAILABLE, STREAM_READY};
-use spillway_api::names::{EndpointNames, default_path, path_precedence};
+use spillway_api::names::{EndpointNames, path_precedence};
 use spillway_api::validate::{Timings, check};
 use spillway_api::wire::redact_url;
 use spillway_api::{

@@ -157,15 +157,10 @@ pub fn slots_per_pod(ep: &WebhookEndpoint) -> u32 {
     }
 }
 
-/// The durable consumers the processor pulls from: the shared one, or one
-/// per partition when the endpoint is ordered.
+/// The durable consumers the processor pulls from (one rule:
+/// [`EndpointNames::consumers`]).
 pub fn consumer_names(ep: &WebhookEndpoint, names: &EndpointNames) -> Vec<String> {
-    match &ep.spec.ordering {
-        None => vec![names.consumer(None)],
-        Some(o) => (0..o.partitions.max(1))
-            .map(|i| names.consumer(Some(i)))
-            .collect(),
-    }
+    ep.spec.consumers(names)
 }
 
 /// The processor's configuration for endpoint `ep`.
