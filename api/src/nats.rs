@@ -35,6 +35,127 @@ pub struct NatsAuth {
     pub password_file: Option<PathBuf>,
 }
 
+/// The environment variables of the NATS settings: one spelling for every
+/// component (the operator renders them into processor pods).
+pub mod env {
+    /// [`NatsArgs::url`](super::NatsArgs::url).
+    pub const URL: &str = "SPILLWAY_NATS_URL";
+    /// [`NatsArgs::creds_file`](super::NatsArgs::creds_file).
+    pub const CREDS_FILE: &str = "SPILLWAY_NATS_CREDS_FILE";
+    /// [`NatsArgs::token_file`](super::NatsArgs::token_file).
+    pub const TOKEN_FILE: &str = "SPILLWAY_NATS_TOKEN_FILE";
+    /// [`NatsArgs::user_file`](super::NatsArgs::user_file).
+    pub const USER_FILE: &str = "SPILLWAY_NATS_USER_FILE";
+    /// [`NatsArgs::password_file`](super::NatsArgs::password_file).
+    pub const PASSWORD_FILE: &str = "SPILLWAY_NATS_PASSWORD_FILE";
+    /// [`NatsArgs::tls_ca_file`](super::NatsArgs::tls_ca_file).
+    pub const TLS_CA_FILE: &str = "SPILLWAY_NATS_TLS_CA_FILE";
+    /// [`NatsArgs::tls_cert_file`](super::NatsArgs::tls_cert_file).
+    pub const TLS_CERT_FILE: &str = "SPILLWAY_NATS_TLS_CERT_FILE";
+    /// [`NatsArgs::tls_key_file`](super::NatsArgs::tls_key_file).
+    pub const TLS_KEY_FILE: &str = "SPILLWAY_NATS_TLS_KEY_FILE";
+    /// [`NatsArgs::tls_required`](super::NatsArgs::tls_required).
+    pub const TLS_REQUIRED: &str = "SPILLWAY_NATS_TLS_REQUIRED";
+}
+
+/// The NATS connection flags every component takes, declared once
+/// (`#[command(flatten)]` into the operator's, gateway's, processor's and
+/// CLI's arguments). Each component picks its own default URL
+/// ([`url_or`](Self::url_or)). The flags are `global`, so the CLI takes
+/// them after a subcommand too.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+#[command(next_help_heading = "NATS")]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long = "nats-url", id = "nats_url", env = env::URL, global = true)]
+    pub url: Option<String>,
+    /// NATS credentials file (user JWT + NKey seed, `.creds`); `--nats-creds`
+    /// is the older spelling.
+    #[arg(
+        long = "nats-creds-file",
+        id = "nats_creds_file",
+        alias = "nats-creds",
+        env = env::CREDS_FILE,
+        global = true
+    )]
+    pub creds_file: Option<PathBuf>,
+    /// File holding a NATS token (a mounted Secret key).
+    #[arg(long = "nats-token-file", id = "nats_token_file", env = env::TOKEN_FILE, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// File holding a NATS user name; needs the password file.
+    #[arg(
+        long = "nats-user-file",
+        id = "nats_user_file",
+        env = env::USER_FILE,
+        requires = "nats_password_file",
+        global = true
+    )]
+    pub user_file: Option<PathBuf>,
+    /// File holding that NATS user's password.
+    #[arg(
+        long = "nats-password-file",
+        id = "nats_password_file",
+        env = env::PASSWORD_FILE,
+        requires = "nats_user_file",
+        global = true
+    )]
+    pub password_file: Option<PathBuf>,
+    /// PEM file of CA certificates to verify the NATS server with (instead
+    /// of the system roots).
+    #[arg(long = "nats-tls-ca-file", id = "nats_tls_ca_file", env = env::TLS_CA_FILE, global = true)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS mutual TLS; needs the key too.
+    #[arg(
+        long = "nats-tls-cert-file",
+        id = "nats_tls_cert_file",
+        env = env::TLS_CERT_FILE,
+        requires = "nats_tls_key_file",
+        global = true
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for NATS mutual TLS.
+    #[arg(
+        long = "nats-tls-key-file",
+        id = "nats_tls_key_file",
+        env = env::TLS_KEY_FILE,
+        requires = "nats_tls_cert_file",
+        global = true
+    )]
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to NATS without TLS (`--nats-tls-required` alone
+    /// means true; `=false` overrides a configuration file).
+    #[arg(
+        long = "nats-tls-required",
+        id = "nats_tls_required",
+        env = env::TLS_REQUIRED,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        global = true
+    )]
+    pub tls_required: Option<bool>,
+}
+
+impl NatsArgs {
+    /// The URL, or `default` when none was given.
+    pub fn url_or(&self, default: &str) -> String {
+        self.url.clone().unwrap_or_else(|| default.to_owned())
+    }
+
+    /// The credentials and TLS files to connect with.
+    pub fn auth(&self) -> NatsAuth {
+        NatsAuth {
+            creds_file: self.creds_file.clone(),
+            tls_ca_file: self.tls_ca_file.clone(),
+            tls_cert_file: self.tls_cert_file.clone(),
+            tls_key_file: self.tls_key_file.clone(),
+            tls_required: self.tls_required.unwrap_or(false),
+            token_file: self.token_file.clone(),
+            user_file: self.user_file.clone(),
+            password_file: self.password_file.clone(),
+        }
+    }
+}
+
 /// How a component spells the settings of [`NatsAuth`] in its errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SettingNames {

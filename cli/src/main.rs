@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use kube::api::Api;
 use spillway_api::WebhookEndpoint;
-use spillway_api::nats::{NatsAuth, SettingNames};
+use spillway_api::nats::{NatsArgs, SettingNames};
 
 use crate::endpoint::EndpointRef;
 use spillway_cli::sign;
@@ -47,46 +47,10 @@ struct Global {
     /// Namespace of ENDPOINT given as a bare name (default: the context's).
     #[arg(short, long, global = true)]
     namespace: Option<String>,
-    /// NATS server URL.
-    #[arg(
-        long,
-        global = true,
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    nats_url: String,
-    /// NATS credentials file (user JWT + NKey seed, `.creds`); NATS_CREDS
-    /// and the older `--nats-creds` are read too.
-    #[arg(
-        long,
-        global = true,
-        alias = "nats-creds",
-        env = "SPILLWAY_NATS_CREDS_FILE"
-    )]
-    nats_creds_file: Option<PathBuf>,
-    /// PEM file of CA certificates to verify the NATS server with (instead
-    /// of the system roots).
-    #[arg(long, global = true, env = "SPILLWAY_NATS_TLS_CA_FILE")]
-    nats_tls_ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) for NATS mutual TLS; needs the key too.
-    #[arg(
-        long,
-        global = true,
-        env = "SPILLWAY_NATS_TLS_CERT_FILE",
-        requires = "nats_tls_key_file"
-    )]
-    nats_tls_cert_file: Option<PathBuf>,
-    /// Client key (PEM) for NATS mutual TLS.
-    #[arg(
-        long,
-        global = true,
-        env = "SPILLWAY_NATS_TLS_KEY_FILE",
-        requires = "nats_tls_cert_file"
-    )]
-    nats_tls_key_file: Option<PathBuf>,
-    /// Refuse to talk to NATS without TLS.
-    #[arg(long, global = true, env = "SPILLWAY_NATS_TLS_REQUIRED")]
-    nats_tls_required: bool,
+    /// NATS connection (URL default `nats://127.0.0.1:4222`; NATS_URL and
+    /// NATS_CREDS are read too), the same flags as the other components'.
+    #[command(flatten)]
+    nats: NatsArgs,
     /// NATS user (with --nats-password).
     #[arg(long, global = true, env = "NATS_USER")]
     nats_user: Option<String>,
@@ -262,23 +226,22 @@ impl Global {
     }
 
     async fn nats(&self) -> Result<async_nats::jetstream::Context> {
-        let auth = NatsAuth {
-            creds_file: self
-                .nats_creds_file
-                .clone()
-                .or_else(|| std::env::var_os("NATS_CREDS").map(PathBuf::from)),
-            tls_ca_file: self.nats_tls_ca_file.clone(),
-            tls_cert_file: self.nats_tls_cert_file.clone(),
-            tls_key_file: self.nats_tls_key_file.clone(),
-            tls_required: self.nats_tls_required,
-            ..NatsAuth::default()
-        };
+        let mut auth = self.nats.auth();
+        if auth.creds_file.is_none() {
+            auth.creds_file = std::env::var_os("NATS_CREDS").map(PathBuf::from);
+        }
+        let url = self
+            .nats
+            .url
+            .clone()
+            .or_else(|| std::env::var("NATS_URL").ok())
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
         // The same checks as the gateway's, operator's and processor's.
         let mut opts = auth.connect_options(SettingNames::FLAGS)?;
         if let (Some(u), Some(p)) = (&self.nats_user, &self.nats_password) {
             opts = opts.user_and_password(u.clone(), p.clone());
         }
-        let servers = spillway_api::nats::server_addrs(&self.nats_url)
+        let servers = spillway_api::nats::server_addrs(&url)
             .map_err(|e| anyhow::anyhow!("--nats-url: {e}"))?;
         let client = opts
             .name("spillway-cli")
@@ -288,7 +251,7 @@ impl Global {
             .with_context(|| {
                 format!(
                     "connecting to NATS at {} (pass --nats-url / NATS_URL, e.g. after `kubectl port-forward svc/nats 4222`)",
-                    self.nats_url
+                    spillway_api::nats::redact_url(&url)
                 )
             })?;
         Ok(async_nats::jetstream::new(client))

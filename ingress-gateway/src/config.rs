@@ -38,39 +38,11 @@ pub struct Cli {
     /// Address of /healthz, /readyz and /metrics [default 0.0.0.0:9090].
     #[arg(long, env = "SPILLWAY_GATEWAY_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
-    /// NATS server URL(s), comma-separated [default nats://127.0.0.1:4222].
-    #[arg(long, env = "SPILLWAY_NATS_URL")]
-    pub nats_url: Option<String>,
-    /// NATS credentials file (user JWT + NKey seed, `.creds`).
-    #[arg(long, env = "SPILLWAY_NATS_CREDS_FILE")]
-    pub nats_creds_file: Option<PathBuf>,
-    /// File holding a NATS token (a mounted Secret key).
-    #[arg(long, env = "SPILLWAY_NATS_TOKEN_FILE")]
-    pub nats_token_file: Option<PathBuf>,
-    /// File holding a NATS user name; needs the password file.
-    #[arg(long, env = "SPILLWAY_NATS_USER_FILE")]
-    pub nats_user_file: Option<PathBuf>,
-    /// File holding that NATS user's password.
-    #[arg(long, env = "SPILLWAY_NATS_PASSWORD_FILE")]
-    pub nats_password_file: Option<PathBuf>,
-    /// PEM file of CA certificates to verify the NATS server with (instead
-    /// of the system roots).
-    #[arg(long, env = "SPILLWAY_NATS_TLS_CA_FILE")]
-    pub nats_tls_ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) for NATS mutual TLS; needs the key too.
-    #[arg(long, env = "SPILLWAY_NATS_TLS_CERT_FILE")]
-    pub nats_tls_cert_file: Option<PathBuf>,
-    /// Client key (PEM) for NATS mutual TLS.
-    #[arg(long, env = "SPILLWAY_NATS_TLS_KEY_FILE")]
-    pub nats_tls_key_file: Option<PathBuf>,
-    /// Refuse to talk to NATS without TLS [default false].
-    #[arg(
-        long,
-        env = "SPILLWAY_NATS_TLS_REQUIRED",
-        num_args = 0..=1,
-        default_missing_value = "true"
-    )]
-    pub nats_tls_required: Option<bool>,
+    /// NATS connection [default URL nats://127.0.0.1:4222]: the same flags
+    /// as the operator's, processor's and CLI's; each set flag overrides
+    /// the config file's `nats*` setting.
+    #[command(flatten)]
+    pub nats: spillway_api::nats::NatsArgs,
     /// Endpoint source [default kubernetes].
     #[arg(long, env = "SPILLWAY_GATEWAY_SOURCE")]
     pub source: Option<SourceKind>,
@@ -373,16 +345,17 @@ impl Config {
                 .admin_listen
                 .or(file.admin_listen)
                 .unwrap_or(d.admin_listen),
-            nats_url: cli.nats_url.or(file.nats_url).unwrap_or(d.nats_url),
-            nats_creds_file: cli.nats_creds_file.or(file.nats_creds_file),
-            nats_token_file: cli.nats_token_file.or(file.nats_token_file),
-            nats_user_file: cli.nats_user_file.or(file.nats_user_file),
-            nats_password_file: cli.nats_password_file.or(file.nats_password_file),
-            nats_tls_ca_file: cli.nats_tls_ca_file.or(file.nats_tls_ca_file),
-            nats_tls_cert_file: cli.nats_tls_cert_file.or(file.nats_tls_cert_file),
-            nats_tls_key_file: cli.nats_tls_key_file.or(file.nats_tls_key_file),
+            nats_url: cli.nats.url.or(file.nats_url).unwrap_or(d.nats_url),
+            nats_creds_file: cli.nats.creds_file.or(file.nats_creds_file),
+            nats_token_file: cli.nats.token_file.or(file.nats_token_file),
+            nats_user_file: cli.nats.user_file.or(file.nats_user_file),
+            nats_password_file: cli.nats.password_file.or(file.nats_password_file),
+            nats_tls_ca_file: cli.nats.tls_ca_file.or(file.nats_tls_ca_file),
+            nats_tls_cert_file: cli.nats.tls_cert_file.or(file.nats_tls_cert_file),
+            nats_tls_key_file: cli.nats.tls_key_file.or(file.nats_tls_key_file),
             nats_tls_required: cli
-                .nats_tls_required
+                .nats
+                .tls_required
                 .or(file.nats_tls_required)
                 .unwrap_or(d.nats_tls_required),
             source: cli.source.or(file.source).unwrap_or(d.source),
@@ -587,13 +560,19 @@ mod tests {
             Err(e) => e.to_string(),
         };
         let e = check(Cli {
-            nats_tls_cert_file: Some(creds.clone()),
+            nats: spillway_api::nats::NatsArgs {
+                tls_cert_file: Some(creds.clone()),
+                ..Default::default()
+            },
             ..Cli::default()
         });
         assert!(e.starts_with("natsTlsCertFile "), "{e}");
         assert!(e.ends_with("needs natsTlsKeyFile"), "{e}");
         let e = check(Cli {
-            nats_tls_ca_file: Some(dir.join("missing-ca.pem")),
+            nats: spillway_api::nats::NatsArgs {
+                tls_ca_file: Some(dir.join("missing-ca.pem")),
+                ..Default::default()
+            },
             ..Cli::default()
         });
         assert!(e.starts_with("natsTlsCaFile "), "{e}");

@@ -193,7 +193,7 @@ async fn spawn_processor(
         .flatten()
         .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
         .collect();
-    env.insert("SPILLWAY_NATS_URL".into(), nats_url.into());
+    env.insert(spillway_api::nats::env::URL.into(), nats_url.into());
     env.insert(
         "SPILLWAY_ADMIN_ADDR".into(),
         format!("127.0.0.1:{}", spillway_tests::free_port()),

@@ -96,7 +96,7 @@ pub async fn connect_nats(settings: &Settings) -> Result<async_nats::Client, Err
         .reconnect_delay_callback(|n| {
             Duration::from_millis(100u64.saturating_mul(1 << n.min(5))).min(Duration::from_secs(2))
         });
-    let urls = spillway_api::nats::server_addrs(&settings.nats_url)
+    let urls = spillway_api::nats::server_addrs(&settings.nats_url())
         .map_err(|e| Error::NatsConfig(format!("--nats-url: {e}")))?;
     opts.connect(urls)
         .await
@@ -150,14 +150,14 @@ impl Running {
 /// Check the CRD, connect to NATS, serve the admin endpoints and run the
 /// controller (under leader election when enabled).
 pub async fn start(settings: Settings, client: Client) -> Result<Running, Error> {
-    if spillway_api::nats::url_has_credentials(settings.processor_nats_url()) {
+    if spillway_api::nats::url_has_credentials(&settings.processor_nats_url()) {
         // The URL goes into every processor Deployment's env, in every
         // tenant namespace, in plain text.
         return Err(Error::NatsConfig(format!(
             "the processors' NATS URL ({}) carries credentials, which would be written in plain \
              text into every processor Deployment; set --processor-nats-url without them and give \
              processors credentials through --processor-nats-creds-secret",
-            spillway_api::nats::redact_url(settings.processor_nats_url())
+            spillway_api::nats::redact_url(&settings.processor_nats_url())
         )));
     }
     check_crd(&client).await?;
@@ -172,7 +172,7 @@ pub async fn start(settings: Settings, client: Client) -> Result<Running, Error>
             source,
         })?;
     health.ready.store(true, Ordering::SeqCst);
-    info!(%admin_addr, nats = %spillway_api::nats::redact_url(&settings.nats_url), "spillway-operator started");
+    info!(%admin_addr, nats = %spillway_api::nats::redact_url(&settings.nats_url()), "spillway-operator started");
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(lead(
         settings,

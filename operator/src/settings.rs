@@ -1,7 +1,6 @@
 //! Operator configuration from flags and environment variables.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -18,42 +17,10 @@ fn duration(s: &str) -> Result<Duration, String> {
     about = "Reconciles WebhookEndpoints into JetStream streams, consumers and processor Deployments."
 )]
 pub struct Settings {
-    /// NATS server URL(s) the operator manages JetStream through (comma
-    /// separated).
-    #[arg(long, env = "SPILLWAY_NATS_URL", default_value = "nats://nats:4222")]
-    pub nats_url: String,
-    /// NATS credentials file (JWT + NKey seed) for the operator.
-    #[arg(long, env = "SPILLWAY_NATS_CREDS_FILE")]
-    pub nats_creds_file: Option<PathBuf>,
-    /// File holding a NATS token for the operator (a mounted Secret key).
-    #[arg(long, env = "SPILLWAY_NATS_TOKEN_FILE")]
-    pub nats_token_file: Option<PathBuf>,
-    /// File holding the operator's NATS user name; needs the password file.
-    #[arg(long, env = "SPILLWAY_NATS_USER_FILE")]
-    pub nats_user_file: Option<PathBuf>,
-    /// File holding that NATS user's password.
-    #[arg(long, env = "SPILLWAY_NATS_PASSWORD_FILE")]
-    pub nats_password_file: Option<PathBuf>,
-    /// PEM file of CA certificates to verify the NATS server with.
-    #[arg(long, env = "SPILLWAY_NATS_TLS_CA_FILE")]
-    pub nats_tls_ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) for NATS mutual TLS; needs the key too.
-    #[arg(
-        long,
-        env = "SPILLWAY_NATS_TLS_CERT_FILE",
-        requires = "nats_tls_key_file"
-    )]
-    pub nats_tls_cert_file: Option<PathBuf>,
-    /// Client key (PEM) for NATS mutual TLS.
-    #[arg(
-        long,
-        env = "SPILLWAY_NATS_TLS_KEY_FILE",
-        requires = "nats_tls_cert_file"
-    )]
-    pub nats_tls_key_file: Option<PathBuf>,
-    /// Require TLS to NATS.
-    #[arg(long, env = "SPILLWAY_NATS_TLS_REQUIRED", default_value_t = false)]
-    pub nats_tls_required: bool,
+    /// NATS connection (URL default `nats://nats:4222`, credentials, TLS):
+    /// the same flags as the gateway's, processor's and CLI's.
+    #[command(flatten)]
+    pub nats: spillway_api::nats::NatsArgs,
     /// Timeout of one JetStream API request.
     #[arg(long, env = "SPILLWAY_NATS_REQUEST_TIMEOUT", value_parser = duration, default_value = "5s")]
     pub nats_request_timeout: Duration,
@@ -197,6 +164,10 @@ pub struct Settings {
     pub concurrency: u16,
 }
 
+/// Where the operator finds NATS unless told otherwise (the chart's
+/// in-cluster service).
+pub const DEFAULT_NATS_URL: &str = "nats://nats:4222";
+
 impl Settings {
     /// The settings with every default, for tests and embedding.
     pub fn defaults() -> Self {
@@ -205,27 +176,25 @@ impl Settings {
 
     /// The operator's own NATS credentials and TLS files.
     pub fn nats_auth(&self) -> spillway_api::nats::NatsAuth {
-        spillway_api::nats::NatsAuth {
-            creds_file: self.nats_creds_file.clone(),
-            tls_ca_file: self.nats_tls_ca_file.clone(),
-            tls_cert_file: self.nats_tls_cert_file.clone(),
-            tls_key_file: self.nats_tls_key_file.clone(),
-            tls_required: self.nats_tls_required,
-            token_file: self.nats_token_file.clone(),
-            user_file: self.nats_user_file.clone(),
-            password_file: self.nats_password_file.clone(),
-        }
+        self.nats.auth()
+    }
+
+    /// The NATS URL(s) the operator connects to.
+    pub fn nats_url(&self) -> String {
+        self.nats.url_or(DEFAULT_NATS_URL)
     }
 
     /// Whether processors require TLS to NATS.
     pub fn processor_nats_tls_required(&self) -> bool {
         self.processor_nats_tls_required
-            .unwrap_or(self.nats_tls_required)
+            .unwrap_or(self.nats.tls_required.unwrap_or(false))
     }
 
     /// The NATS URL processors use.
-    pub fn processor_nats_url(&self) -> &str {
-        self.processor_nats_url.as_deref().unwrap_or(&self.nats_url)
+    pub fn processor_nats_url(&self) -> String {
+        self.processor_nats_url
+            .clone()
+            .unwrap_or_else(|| self.nats_url())
     }
 }
 

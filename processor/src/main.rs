@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use prometheus_client::registry::Registry;
-use spillway_api::nats::{NatsAuth, SettingNames};
+use spillway_api::nats::{NatsArgs, NatsAuth, SettingNames};
 use spillway_api::wire::PROCESSOR_CONFIG_ENV;
 use spillway_processor::admin::{self, AdminState};
 use spillway_processor::engine::{Processor, ShutdownHandle};
@@ -25,38 +25,10 @@ struct Args {
     /// SPILLWAY_PROCESSOR_CONFIG environment variable).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "SPILLWAY_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    nats_url: String,
-    /// NATS credentials file (user JWT + NKey seed, `.creds`). The older
-    /// `--nats-creds` and SPILLWAY_NATS_CREDS are read too.
-    #[arg(long, alias = "nats-creds", env = "SPILLWAY_NATS_CREDS_FILE")]
-    nats_creds_file: Option<PathBuf>,
-    /// PEM file of CA certificates to verify the NATS server with (instead
-    /// of the system roots).
-    #[arg(long, env = "SPILLWAY_NATS_TLS_CA_FILE")]
-    nats_tls_ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) for NATS mutual TLS; needs the key too.
-    #[arg(
-        long,
-        env = "SPILLWAY_NATS_TLS_CERT_FILE",
-        requires = "nats_tls_key_file"
-    )]
-    nats_tls_cert_file: Option<PathBuf>,
-    /// Client key (PEM) for NATS mutual TLS.
-    #[arg(
-        long,
-        env = "SPILLWAY_NATS_TLS_KEY_FILE",
-        requires = "nats_tls_cert_file"
-    )]
-    nats_tls_key_file: Option<PathBuf>,
-    /// Refuse to talk to NATS without TLS.
-    #[arg(long, env = "SPILLWAY_NATS_TLS_REQUIRED", default_value_t = false)]
-    nats_tls_required: bool,
+    /// NATS connection (URL default `nats://127.0.0.1:4222`), the same
+    /// flags as the operator's, gateway's and CLI's.
+    #[command(flatten)]
+    nats: NatsArgs,
     /// NATS user (with --nats-password).
     #[arg(long, env = "SPILLWAY_NATS_USER")]
     nats_user: Option<String>,
@@ -108,18 +80,15 @@ const LEGACY_CREDS_ENV: &str = "SPILLWAY_NATS_CREDS";
 /// The NATS credentials and TLS files, checked by the same code as the
 /// gateway's and the operator's.
 fn nats_auth(args: &Args) -> NatsAuth {
-    NatsAuth {
-        creds_file: args
-            .nats_creds_file
-            .clone()
-            .or_else(|| std::env::var_os(LEGACY_CREDS_ENV).map(PathBuf::from)),
-        tls_ca_file: args.nats_tls_ca_file.clone(),
-        tls_cert_file: args.nats_tls_cert_file.clone(),
-        tls_key_file: args.nats_tls_key_file.clone(),
-        tls_required: args.nats_tls_required,
-        ..NatsAuth::default()
+    let mut auth = args.nats.auth();
+    if auth.creds_file.is_none() {
+        auth.creds_file = std::env::var_os(LEGACY_CREDS_ENV).map(PathBuf::from);
     }
+    auth
 }
+
+/// Where the processor finds NATS unless told otherwise.
+const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
 async fn connect(args: &Args, endpoint: &str) -> Result<async_nats::Client> {
     let mut opts = nats_auth(args).connect_options(SettingNames::FLAGS)?;
@@ -143,11 +112,15 @@ async fn connect(args: &Args, endpoint: &str) -> Result<async_nats::Client> {
             other => tracing::debug!(event = %other, "NATS connection event"),
         }
     });
-    let servers = spillway_api::nats::server_addrs(&args.nats_url)
-        .map_err(|e| anyhow::anyhow!("--nats-url: {e}"))?;
-    opts.connect(servers)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", args.nats_url))
+    let url = args.nats.url_or(DEFAULT_NATS_URL);
+    let servers =
+        spillway_api::nats::server_addrs(&url).map_err(|e| anyhow::anyhow!("--nats-url: {e}"))?;
+    opts.connect(servers).await.with_context(|| {
+        format!(
+            "connecting to NATS at {}",
+            spillway_api::nats::redact_url(&url)
+        )
+    })
 }
 
 #[tokio::main]

@@ -473,7 +473,7 @@ mod tests {
         cfg.connect_timeout = Some(Duration::from_millis(500));
         let client = Client::try_from(cfg).unwrap();
         let mut settings = Settings::defaults();
-        settings.nats_url = format!("nats://127.0.0.1:{port}");
+        settings.nats.url = Some(format!("nats://127.0.0.1:{port}"));
         let nats = crate::connect_nats(&settings).await.unwrap();
         let js = Js::new(nats, Duration::from_millis(200));
         let recorder = Recorder::new(

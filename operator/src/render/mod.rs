@@ -47,22 +47,22 @@ pub const HANDOVER_FIELD_MANAGER: &str = "spillway-operator-handover";
 /// Label naming the owning endpoint (`instance` may be shortened).
 pub const ENDPOINT_LABEL: &str = "spillway.dev/endpoint";
 /// Environment variable with the NATS URL for the processor.
-pub const NATS_URL_ENV: &str = "SPILLWAY_NATS_URL";
+pub const NATS_URL_ENV: &str = spillway_api::nats::env::URL;
 /// Port of the processor's /healthz, /readyz and /metrics (its default).
 pub const ADMIN_PORT: i32 = 9090;
 /// Environment variable with the processor's NATS credentials file (the
 /// processor still reads the older `SPILLWAY_NATS_CREDS` too).
-pub const NATS_CREDS_ENV: &str = "SPILLWAY_NATS_CREDS_FILE";
+pub const NATS_CREDS_ENV: &str = spillway_api::nats::env::CREDS_FILE;
 /// Where the processor's NATS credentials are mounted.
 pub const NATS_CREDS_DIR: &str = "/var/run/spillway/nats";
 /// Environment variable with the CA file processors verify NATS with.
-pub const NATS_TLS_CA_ENV: &str = "SPILLWAY_NATS_TLS_CA_FILE";
+pub const NATS_TLS_CA_ENV: &str = spillway_api::nats::env::TLS_CA_FILE;
 /// Environment variable with the processor's NATS client certificate.
-pub const NATS_TLS_CERT_ENV: &str = "SPILLWAY_NATS_TLS_CERT_FILE";
+pub const NATS_TLS_CERT_ENV: &str = spillway_api::nats::env::TLS_CERT_FILE;
 /// Environment variable with the processor's NATS client key.
-pub const NATS_TLS_KEY_ENV: &str = "SPILLWAY_NATS_TLS_KEY_FILE";
+pub const NATS_TLS_KEY_ENV: &str = spillway_api::nats::env::TLS_KEY_FILE;
 /// Environment variable making the processor refuse plaintext NATS.
-pub const NATS_TLS_REQUIRED_ENV: &str = "SPILLWAY_NATS_TLS_REQUIRED";
+pub const NATS_TLS_REQUIRED_ENV: &str = spillway_api::nats::env::TLS_REQUIRED;
 /// Where the CA Secret for NATS is mounted in processor pods.
 pub const NATS_TLS_CA_DIR: &str = "/var/run/spillway/nats-ca";
 /// Where the `kubernetes.io/tls` client Secret for NATS is mounted in
@@ -367,7 +367,7 @@ pub fn deployment(
         },
         EnvVar {
             name: NATS_URL_ENV.into(),
-            value: Some(settings.processor_nats_url().to_owned()),
+            value: Some(settings.processor_nats_url()),
             ..Default::default()
         },
     ];
@@ -955,7 +955,7 @@ spec:
 
         // Unset, "required" follows the operator's own setting.
         let mut s = Settings::defaults();
-        s.nats_tls_required = true;
+        s.nats.tls_required = Some(true);
         assert_eq!(env(&render(&s))[NATS_TLS_REQUIRED_ENV], "true");
     }
 
