@@ -613,9 +613,23 @@ impl ProcessorProc {
 
     /// The value of one metric line (exact series text, e.g.
     /// `spillway_processor_retries_total`).
+    /// Fails when the series is absent (a misspelt name must not read as 0).
     pub async fn metric(&self, series: &str) -> Result<f64> {
         let text = self.metrics().await?;
-        Ok(metric_value(&text, series).unwrap_or(0.0))
+        match metric_value(&text, series) {
+            Some(v) => Ok(v),
+            None => {
+                let family = series.split('{').next().unwrap_or(series);
+                let near: Vec<&str> = text.lines().filter(|l| l.starts_with(family)).collect();
+                bail!("no series {series} (present: {near:?})")
+            }
+        }
+    }
+
+    /// The value of a series that may not exist yet (a labelled counter
+    /// appears on its first increment): `None` when it does not.
+    pub async fn metric_opt(&self, series: &str) -> Result<Option<f64>> {
+        Ok(metric_value(&self.metrics().await?, series))
     }
 
     /// The process log so far.

@@ -150,14 +150,7 @@ pub(super) async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Resu
 
     ctx.metrics.set_conditions(&k, None);
     ctx.sink_notices.forget(&k);
-    ctx.failures(&format!("nats:{k}"), false);
-    ctx.written
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&ep.uid().unwrap_or_default());
-    if let Ok(mut s) = ctx.scale.lock() {
-        s.remove(&ep.uid().unwrap_or_default());
-    }
+    ctx.forget(&ep.uid().unwrap_or_default());
     // Endpoints waiting for this path may take it now.
     let path = effective_path(&ep);
     let waiting: Vec<ObjectRef<WebhookEndpoint>> = ctx

@@ -77,19 +77,30 @@ pub struct Context {
     pub endpoints: Store<WebhookEndpoint>,
     /// Processor Deployments managed by the operator.
     pub deployments: Store<Deployment>,
-    scale: Mutex<HashMap<String, scaling::State>>,
-    failures: Mutex<HashMap<String, u32>>,
-    /// The status last written per endpoint uid. The operator is the only
-    /// writer of status, so this is at least as new as the cached object,
-    /// which can lag behind our own write when another trigger (e.g. the
-    /// Deployment) fires first; comparing against it avoids writing the same
-    /// status twice.
-    written: Mutex<HashMap<String, WebhookEndpointStatus>>,
+    /// What the operator remembers per endpoint, by uid (forgotten when
+    /// it is cleaned up).
+    state: Mutex<HashMap<String, EndpointState>>,
     retrigger: mpsc::UnboundedSender<ObjectRef<WebhookEndpoint>>,
     /// What processors reported about the sinks (for `SinkAvailable`).
     pub sink_notices: Arc<SinkNotices>,
     /// Subscriptions that wake endpoints at zero replicas.
     pub wakers: crate::wake::Wakers,
+}
+
+/// What the operator remembers about one endpoint between reconciles.
+#[derive(Debug, Default)]
+struct EndpointState {
+    /// Consecutive failed reconciles (the error policy's backoff).
+    reconcile_failures: u32,
+    /// Consecutive syncs that found NATS unavailable (the requeue backoff).
+    nats_failures: u32,
+    /// Builtin scaling's memory (cooldown).
+    scale: scaling::State,
+    /// The status last written. The operator is the only writer of status,
+    /// so this is at least as new as the cached object, which can lag behind
+    /// our own write when another trigger (e.g. the Deployment) fires first;
+    /// comparing against it avoids writing the same status twice.
+    written: Option<WebhookEndpointStatus>,
 }
 
 impl std::fmt::Debug for Context {
@@ -121,24 +132,32 @@ impl Context {
             metrics,
             endpoints,
             deployments,
-            scale: Mutex::default(),
-            failures: Mutex::default(),
-            written: Mutex::default(),
+            state: Mutex::default(),
             retrigger,
             wakers: crate::wake::Wakers::default(),
         }
     }
 
-    fn failures(&self, key: &str, bump: bool) -> u32 {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if bump {
-            let n = f.entry(key.to_owned()).or_default();
-            *n += 1;
-            *n
-        } else {
-            f.remove(key);
-            0
+    /// Read or change what is remembered about the endpoint `uid`.
+    fn with_state<R>(&self, uid: &str, f: impl FnOnce(&mut EndpointState) -> R) -> R {
+        let mut all = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(all.entry(uid.to_owned()).or_default())
+    }
+
+    /// Change what is remembered about `uid`, only if anything is.
+    fn if_known(&self, uid: &str, f: impl FnOnce(&mut EndpointState)) {
+        let mut all = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = all.get_mut(uid) {
+            f(s);
         }
+    }
+
+    /// Forget the endpoint `uid` (deleted).
+    fn forget(&self, uid: &str) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
     }
 
     async fn event(&self, ep: &WebhookEndpoint, type_: EventType, reason: &str, note: String) {
@@ -213,7 +232,7 @@ pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Ac
     let start = Instant::now();
     let ns = ep.namespace().unwrap_or_default();
     let api: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
-    let k = key(&ep);
+    let uid = ep.uid().unwrap_or_default();
     let result = finalizer(&api, FINALIZER, ep, |event| async {
         match event {
             Finalizer::Apply(ep) => apply(ep, ctx.clone()).await,
@@ -224,7 +243,7 @@ pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Ac
     .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.metrics.reconciled(result.is_ok(), start.elapsed());
     if result.is_ok() {
-        ctx.failures(&k, false);
+        ctx.if_known(&uid, |s| s.reconcile_failures = 0);
     }
     result
 }
@@ -240,7 +259,10 @@ pub fn backoff(n: u32, cap: Duration) -> Duration {
 /// with per-endpoint exponential backoff.
 pub fn error_policy(ep: Arc<WebhookEndpoint>, err: &Error, ctx: Arc<Context>) -> Action {
     let k = key(&ep);
-    let n = ctx.failures(&k, true);
+    let n = ctx.with_state(&ep.uid().unwrap_or_default(), |s| {
+        s.reconcile_failures += 1;
+        s.reconcile_failures
+    });
     let reason = err.reason();
     warn!(endpoint = %k, reason, error = %err, attempt = n, "reconcile failed");
     ctx.metrics.error(reason);
@@ -260,11 +282,7 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
     let spec = &ep.spec;
     let uid = ep.uid().unwrap_or_default();
     let old = ctx
-        .written
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&uid)
-        .cloned()
+        .with_state(&uid, |s| s.written.clone())
         .or_else(|| ep.status.clone())
         .unwrap_or_default();
     let resync = ctx.settings.resync_interval;
@@ -343,7 +361,10 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                 ),
                 Err(e) => {
                     if matches!(e, SyncError::Unavailable(_)) {
-                        let n = ctx.failures(&format!("nats:{k}"), true);
+                        let n = ctx.with_state(&uid, |s| {
+                            s.nats_failures += 1;
+                            s.nats_failures
+                        });
                         requeue = requeue.min(backoff(n, resync));
                     }
                     ctx.metrics.error(e.reason().as_str());
@@ -354,7 +375,7 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
                 }
             };
             if let Some(s) = &synced {
-                ctx.failures(&format!("nats:{k}"), false);
+                ctx.with_state(&uid, |s| s.nats_failures = 0);
                 report_created(&ep, &ctx, &old, s).await;
                 // Once per generation (not per resync: no idle writes).
                 if old.observed_generation != ep.metadata.generation {

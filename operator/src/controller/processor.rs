@@ -100,10 +100,7 @@ pub(super) async fn processor(
     let (replicas, due) = if use_keda {
         ctx.wakers.disarm(&uid);
         // KEDA scales now: builtin scaling starts afresh if it comes back.
-        ctx.scale
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&uid);
+        ctx.with_state(&uid, |s| s.scale = scaling::State::default());
         (None, None)
     } else {
         let (min, max) = render::replica_bounds(p);
@@ -120,14 +117,12 @@ pub(super) async fn processor(
         let fallback = current.as_ref().and_then(|d| d.spec.replicas);
         let now = Instant::now();
         let cooldown = ctx.settings.scale_down_cooldown;
-        let mut states = ctx.scale.lock().unwrap_or_else(|e| e.into_inner());
-        let state = states.get(&uid).copied().unwrap_or_default();
+        let state = ctx.with_state(&uid, |s| s.scale);
         let (desired, next) = scaling::decide(&input, state, fallback, now, cooldown);
         if Some(desired) != fallback && fallback.is_some() {
             info!(endpoint = %key(ep), from = ?fallback, to = desired, backlog = ?input.backlog, "scaling processor");
         }
-        states.insert(uid.clone(), next);
-        drop(states);
+        ctx.with_state(&uid, |s| s.scale = next);
         // At zero, the first webhook wakes it at once (not at the resync).
         if desired == 0 && !p.paused {
             ctx.wakers.arm(

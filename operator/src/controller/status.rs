@@ -104,10 +104,7 @@ pub(super) async fn write_status(
     )
     .await?;
     ctx.metrics.status_written();
-    ctx.written
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(uid, status);
+    ctx.with_state(&uid, |s| s.written = Some(status));
     Ok(())
 }
 
