@@ -10,6 +10,7 @@ pub mod http;
 pub mod metrics;
 pub mod notice;
 pub mod outcome;
+pub mod run;
 pub mod settings;
 pub mod signing;
 pub mod trace;

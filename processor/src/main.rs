@@ -3,18 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use prometheus_client::registry::Registry;
 use spillway_api::nats::{NatsArgs, NatsAuth, SettingNames};
 use spillway_api::wire::PROCESSOR_CONFIG_ENV;
-use spillway_processor::admin::{self, AdminState};
-use spillway_processor::engine::{Processor, ShutdownHandle};
-use spillway_processor::metrics::Metrics;
+use spillway_processor::run;
 use spillway_processor::settings::Settings;
 
 /// Deliver a WebhookEndpoint's stored webhooks to its sink.
@@ -146,35 +141,7 @@ async fn main() -> Result<()> {
         "starting"
     );
     let nats = connect(&args, &settings.endpoint).await?;
-    let js = async_nats::jetstream::new(nats.clone());
-
-    let mut registry = Registry::default();
-    let metrics = Arc::new(Metrics::new(&mut registry));
-    let ready = Arc::new(AtomicBool::new(false));
-    let listener = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin address {}", args.admin_addr))?;
-    let app = admin::router(AdminState {
-        registry: Arc::new(registry),
-        ready: ready.clone(),
-        nats: nats.clone(),
-    });
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "admin server stopped");
-        }
-    });
-
-    let (handle, shutdown) = ShutdownHandle::new();
-    let processor = Arc::new(Processor::new(
-        settings,
-        js,
-        metrics,
-        shutdown,
-        ready.clone(),
-    )?);
-    let mut run = tokio::spawn(processor.run());
-
+    let mut running = run::start(settings, nats, args.admin_addr).await?;
     let signal = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -183,33 +150,13 @@ async fn main() -> Result<()> {
         }
         std::io::Result::Ok(())
     };
-    let result = tokio::select! {
-        r = &mut run => Some(r),
-        s = signal => { s.context("installing signal handlers")?; None }
-    };
-    let result = match result {
-        Some(r) => r,
-        None => {
-            tracing::info!("shutting down: no new pulls, finishing in-flight deliveries");
-            ready.store(false, Ordering::SeqCst);
-            handle.stop();
-            match tokio::time::timeout(args.shutdown_timeout, &mut run).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!(
-                        "in-flight deliveries did not finish in time; handing them back"
-                    );
-                    handle.abort();
-                    tokio::time::timeout(Duration::from_secs(5), &mut run)
-                        .await
-                        .context("workers did not stop after abort")?
-                }
-            }
+    tokio::select! {
+        r = running.wait() => r?,
+        s = signal => {
+            s.context("installing signal handlers")?;
+            running.shutdown(args.shutdown_timeout).await?;
         }
-    };
-    // Acks and naks are buffered: make sure they reach the server.
-    let _ = tokio::time::timeout(Duration::from_secs(5), nats.flush()).await;
-    result.context("processor task panicked")??;
+    }
     tracing::info!("stopped");
     Ok(())
 }

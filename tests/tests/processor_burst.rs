@@ -114,3 +114,39 @@ async fn rate_limit_caps_deliveries_per_second() -> Result<()> {
     );
     Ok(())
 }
+
+/// The processor runs in-process too (`spillway_processor::run`): it
+/// delivers, reports ready, and a graceful shutdown finishes in-flight
+/// deliveries before returning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_runs_in_process_and_stops_gracefully() -> Result<()> {
+    use spillway_processor::run;
+    use spillway_processor::settings::Settings;
+    let nats = NatsServer::start().await?;
+    let ep = Endpoint::create(nats.jetstream().await?, Setup::default()).await?;
+    let sink = Sink::start().await?;
+    sink.script("slow", vec![Reply::slow(200, Duration::from_millis(800))]);
+    let settings = Settings::from_config(ep.config(&sink.url))?;
+    let running = run::start(settings, nats.client().await?, "127.0.0.1:0".parse()?).await?;
+    let admin = running.admin_addr;
+    eventually(Duration::from_secs(10), "ready", || async {
+        http_get(admin, "/readyz")
+            .await
+            .is_ok_and(|(s, _)| s == 200)
+    })
+    .await?;
+    for i in 0..5 {
+        ep.publish(&format!("d-{i}"), None, "{}").await?;
+    }
+    ep.publish("slow", None, "{}").await?;
+    eventually(Duration::from_secs(10), "delivered", || async {
+        sink.delivered_ids().len() >= 5 && sink.in_flight() == 1
+    })
+    .await?;
+    // The slow one is in flight: shutdown waits for it and acknowledges it.
+    running.shutdown(Duration::from_secs(5)).await?;
+    assert_eq!(sink.in_flight(), 0);
+    let info = ep.consumer_info("processor").await?;
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "{info:?}");
+    Ok(())
+}
