@@ -15,6 +15,8 @@ pub mod nats;
 pub mod reference;
 mod schema;
 pub mod secret;
+#[cfg(feature = "signature")]
+pub mod signature;
 pub mod tenancy;
 pub mod validate;
 pub mod wire;

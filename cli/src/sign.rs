@@ -1,10 +1,8 @@
 //! Sign a test webhook the way each provider does, so `spillway send`
 //! exercises the gateway's verification for real.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use ring::hmac;
-use spillway_api::{GenericHmac, HmacAlgorithm, Scheme, SignatureEncoding};
+use spillway_api::signature;
+use spillway_api::{GenericHmac, Scheme};
 
 /// What is signed and where it goes.
 #[derive(Debug, Clone)]
@@ -66,7 +64,7 @@ pub fn target(
 
 /// Lowercase hex SHA-256 of `body`, as Twilio's `bodySHA256` carries it.
 pub fn body_sha256(body: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, body))
+    signature::twilio::body_sha256(body)
 }
 
 /// `url` with `query` appended to its query string.
@@ -75,16 +73,8 @@ fn with_query(url: &str, query: &str) -> String {
     format!("{url}{sep}{query}")
 }
 
-fn mac(alg: hmac::Algorithm, secret: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-    let key = hmac::Key::new(alg, secret);
-    let mut ctx = hmac::Context::with_key(&key);
-    for p in parts {
-        ctx.update(p);
-    }
-    ctx.sign().as_ref().to_vec()
-}
-
-/// The headers a provider using `scheme` would send with `req`.
+/// The headers a provider using `scheme` would send with `req`, signed by
+/// [`spillway_api::signature`] (the gateway verifies with the same code).
 /// `generic` is the endpoint's `verification.hmac` (required for `hmac`).
 pub fn headers(
     scheme: Scheme,
@@ -92,150 +82,40 @@ pub fn headers(
     req: &Request<'_>,
     generic: Option<&GenericHmac>,
 ) -> Result<Vec<(String, String)>, String> {
-    let ts = req.now.to_string();
-    let h = |k: &str, v: String| (k.to_owned(), v);
     // The one rule for Secret values (spillway_api::secret), as the gateway
     // applies it: surrounding whitespace is not part of the secret.
     let secret = spillway_api::secret::value(secret);
-    Ok(match scheme {
-        Scheme::Github => vec![
-            h(
-                "X-Hub-Signature-256",
-                format!(
-                    "sha256={}",
-                    hex::encode(mac(hmac::HMAC_SHA256, secret, &[req.body]))
-                ),
-            ),
-            h("X-GitHub-Event", "ping".into()),
-            h("X-GitHub-Delivery", req.id.into()),
-        ],
-        Scheme::Stripe => {
-            let sig = mac(hmac::HMAC_SHA256, secret, &[ts.as_bytes(), b".", req.body]);
-            vec![h(
-                "Stripe-Signature",
-                format!("t={ts},v1={}", hex::encode(sig)),
-            )]
-        }
-        Scheme::Slack => {
-            let sig = mac(
-                hmac::HMAC_SHA256,
-                secret,
-                &[b"v0:", ts.as_bytes(), b":", req.body],
-            );
-            vec![
-                h("X-Slack-Request-Timestamp", ts.clone()),
-                h("X-Slack-Signature", format!("v0={}", hex::encode(sig))),
-            ]
-        }
+    let out = signature::Outbound {
+        body: req.body,
+        content_type: req.content_type,
+        now: req.now,
+        id: req.id,
+        url: req.url,
+    };
+    match scheme {
+        Scheme::Github => signature::github::sign(secret, &out),
+        Scheme::Stripe => signature::stripe::sign(secret, &out),
+        Scheme::Slack => signature::slack::sign(secret, &out),
         Scheme::StandardWebhooks => {
             let key = spillway_api::secret::key(secret, true).map_err(|e| e.to_string())?;
-            let sig = mac(
-                hmac::HMAC_SHA256,
-                &key,
-                &[req.id.as_bytes(), b".", ts.as_bytes(), b".", req.body],
-            );
-            vec![
-                h("webhook-id", req.id.into()),
-                h("webhook-timestamp", ts.clone()),
-                h("webhook-signature", format!("v1,{}", BASE64.encode(sig))),
-            ]
+            signature::standard_webhooks::sign(&key, &out)
         }
-        Scheme::Shopify => vec![
-            h(
-                "X-Shopify-Hmac-Sha256",
-                BASE64.encode(mac(hmac::HMAC_SHA256, secret, &[req.body])),
-            ),
-            h("X-Shopify-Webhook-Id", req.id.into()),
-        ],
-        Scheme::Gitlab => vec![
-            h(
-                "X-Gitlab-Token",
-                String::from_utf8(secret.to_vec())
-                    .map_err(|_| "a GitLab token must be text".to_owned())?,
-            ),
-            h("X-Gitlab-Event", "System Hook".into()),
-        ],
-        Scheme::Twilio => {
-            let mut data = req.url.as_bytes().to_vec();
-            if is_form(req.content_type) {
-                let mut params: Vec<(String, String)> = form_urlencoded::parse(req.body)
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect();
-                params.sort();
-                for (k, v) in params {
-                    data.extend_from_slice(k.as_bytes());
-                    data.extend_from_slice(v.as_bytes());
-                }
-            }
-            let sig = mac(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret, &[&data]);
-            vec![h("X-Twilio-Signature", BASE64.encode(sig))]
-        }
-        Scheme::Twitch => {
-            // RFC 3339 in UTC, as Twitch sends it (Twitch adds nanoseconds;
-            // whole seconds are as valid and are what `now` carries).
-            let ts = time::OffsetDateTime::from_unix_timestamp(req.now)
-                .ok()
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .ok_or_else(|| format!("time {} cannot be written as RFC 3339", req.now))?;
-            let sig = mac(
-                hmac::HMAC_SHA256,
-                secret,
-                &[req.id.as_bytes(), ts.as_bytes(), req.body],
-            );
-            vec![
-                h("Twitch-Eventsub-Message-Id", req.id.into()),
-                h("Twitch-Eventsub-Message-Retry", "0".into()),
-                h("Twitch-Eventsub-Message-Type", "notification".into()),
-                h(
-                    "Twitch-Eventsub-Message-Signature",
-                    format!("sha256={}", hex::encode(sig)),
-                ),
-                h("Twitch-Eventsub-Message-Timestamp", ts),
-            ]
-        }
+        Scheme::Shopify => signature::shopify::sign(secret, &out),
+        Scheme::Gitlab => signature::gitlab::sign(secret, &out),
+        Scheme::Twilio => signature::twilio::sign(secret, &out),
+        Scheme::Twitch => signature::twitch::sign(secret, &out),
         Scheme::Hmac => {
             let g = generic.ok_or("scheme hmac needs the endpoint's verification.hmac settings")?;
-            let alg = match g.algorithm {
-                HmacAlgorithm::Sha1 => hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
-                HmacAlgorithm::Sha256 => hmac::HMAC_SHA256,
-                HmacAlgorithm::Sha512 => hmac::HMAC_SHA512,
-            };
-            let content = g.signed_content.replace("{timestamp}", &ts);
-            let mut parts: Vec<&[u8]> = Vec::new();
-            let mut rest = content.as_str();
-            while let Some(i) = rest.find("{body}") {
-                parts.push(&rest.as_bytes()[..i]);
-                parts.push(req.body);
-                rest = &rest[i + "{body}".len()..];
-            }
-            parts.push(rest.as_bytes());
-            let sig = mac(alg, secret, &parts);
-            let encoded = match g.encoding {
-                SignatureEncoding::Hex => hex::encode(sig),
-                SignatureEncoding::Base64 => BASE64.encode(sig),
-            };
-            let mut out = vec![h(
-                &g.header,
-                format!("{}{encoded}", g.prefix.as_deref().unwrap_or_default()),
-            )];
-            if let Some(th) = &g.timestamp_header {
-                out.push(h(th, ts.clone()));
-            }
-            out
+            signature::generic::Generic::new(g)
+                .map_err(|e| e.to_string())?
+                .sign(secret, &out)
         }
-        Scheme::None => vec![],
-    })
+        Scheme::None => Ok(vec![]),
+    }
 }
 
 fn is_form(ct: &str) -> bool {
-    ct.split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+    signature::is_form(ct)
 }
 
 /// Parse a scheme name as written in the CRD (`github`, `standardWebhooks`, ...).
@@ -250,6 +130,11 @@ pub fn parse_scheme(s: &str) -> Result<Scheme, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use ring::hmac;
+    use spillway_api::signature::mac;
+    use spillway_api::{HmacAlgorithm, SignatureEncoding};
 
     fn req<'a>(body: &'a [u8], now: i64, id: &'a str) -> Request<'a> {
         Request {

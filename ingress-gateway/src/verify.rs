@@ -1,47 +1,20 @@
-//! Request authentication for every supported signature scheme.
-//!
-//! Everything here is pure: a [`Verifier`] is built once per endpoint from its
-//! spec and secrets, then checks a request's raw body and headers. Signatures
-//! are compared in constant time and every configured secret is tried, so a
-//! secret can be rotated by adding the new one before removing the old.
-//! Nothing in this module logs; failures carry only a machine-readable reason.
+//! Request authentication for every supported signature scheme: the
+//! per-endpoint [`Verifier`], built once from the spec and its secrets,
+//! dispatching to [`spillway_api::signature`] (one file per scheme, shared
+//! with `spillway send` and the processor's signing, so what is signed and
+//! what is verified cannot drift apart). Signatures are compared in constant
+//! time and every configured secret is tried, so a secret can be rotated by
+//! adding the new one before removing the old. Nothing in this module logs;
+//! failures carry only a machine-readable reason.
 
 use axum::http::HeaderMap;
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use ring::hmac;
-use spillway_api::{GenericHmac, HmacAlgorithm, Scheme, SignatureEncoding, secret};
-use subtle::ConstantTimeEq;
+use spillway_api::signature::{self as sig, generic::Generic};
+use spillway_api::{GenericHmac, Scheme, secret};
 
 /// The HMAC primitives used here, for callers that sign (tests, tools).
 pub use ring::hmac as ring_hmac;
-
-/// Why a request was not authenticated. The reason is safe to return to the
-/// caller and to use as a metrics label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
-pub enum Failure {
-    /// A header the scheme needs is absent.
-    #[error("missing_signature")]
-    MissingSignature,
-    /// The signature is malformed or matches none of the secrets.
-    #[error("bad_signature")]
-    BadSignature,
-    /// The signed timestamp is too far from the gateway's clock (or not a
-    /// number).
-    #[error("timestamp_out_of_tolerance")]
-    TimestampOutOfTolerance,
-}
-
-impl Failure {
-    /// The reason as sent in the 401 body and used in metrics.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Failure::MissingSignature => "missing_signature",
-            Failure::BadSignature => "bad_signature",
-            Failure::TimestampOutOfTolerance => "timestamp_out_of_tolerance",
-        }
-    }
-}
+pub use spillway_api::signature::Failure;
 
 /// A verifier could not be built from the endpoint's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,53 +75,6 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Generic {
-    header: String,
-    algorithm: hmac::Algorithm,
-    encoding: SignatureEncoding,
-    prefix: String,
-    template: Vec<Part>,
-    timestamp_header: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(Vec<u8>),
-    Body,
-    Timestamp,
-}
-
-fn parse_template(t: &str) -> Vec<Part> {
-    let mut parts = Vec::new();
-    let mut lit = Vec::new();
-    let mut rest = t;
-    while !rest.is_empty() {
-        if let Some(r) = rest.strip_prefix("{body}") {
-            if !lit.is_empty() {
-                parts.push(Part::Literal(std::mem::take(&mut lit)));
-            }
-            parts.push(Part::Body);
-            rest = r;
-        } else if let Some(r) = rest.strip_prefix("{timestamp}") {
-            if !lit.is_empty() {
-                parts.push(Part::Literal(std::mem::take(&mut lit)));
-            }
-            parts.push(Part::Timestamp);
-            rest = r;
-        } else {
-            let c = rest.chars().next().unwrap_or_default();
-            let mut buf = [0u8; 4];
-            lit.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-            rest = &rest[c.len_utf8()..];
-        }
-    }
-    if !lit.is_empty() {
-        parts.push(Part::Literal(lit));
-    }
-    parts
-}
-
 /// Whether a secret value gives no key as `scheme` uses it (see
 /// [`spillway_api::secret`]: empty once trimmed, or a Standard Webhooks
 /// `whsec_` secret that decodes to nothing). An empty key would make every
@@ -186,22 +112,7 @@ impl Verifier {
         }
         let generic = if scheme == Scheme::Hmac {
             let g = generic.ok_or(ConfigError::MissingHmacSettings)?;
-            let template = parse_template(&g.signed_content);
-            if g.timestamp_header.is_some() != template.contains(&Part::Timestamp) {
-                return Err(ConfigError::TimestampNotSigned);
-            }
-            Some(Generic {
-                header: g.header.clone(),
-                algorithm: match g.algorithm {
-                    HmacAlgorithm::Sha1 => hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
-                    HmacAlgorithm::Sha256 => hmac::HMAC_SHA256,
-                    HmacAlgorithm::Sha512 => hmac::HMAC_SHA512,
-                },
-                encoding: g.encoding,
-                prefix: g.prefix.clone().unwrap_or_default(),
-                template,
-                timestamp_header: g.timestamp_header.clone(),
-            })
+            Some(Generic::new(g).map_err(|_| ConfigError::TimestampNotSigned)?)
         } else {
             None
         };
@@ -225,261 +136,35 @@ impl Verifier {
     /// Check a request. `Ok` means it verified against at least one secret
     /// (and its timestamp, if any, is within tolerance).
     pub fn verify(&self, req: &Inbound<'_>) -> Result<(), Failure> {
+        let r = sig::Inbound {
+            headers: req.headers,
+            body: req.body,
+            query: req.query,
+            now_unix: req.now_unix,
+            tolerance: self.tolerance,
+        };
+        let keys = &self.secrets;
         match self.scheme {
             Scheme::None => Ok(()),
-            Scheme::Github => self.github(req),
-            Scheme::Stripe => self.stripe(req),
-            Scheme::Slack => self.slack(req),
-            Scheme::StandardWebhooks => self.standard_webhooks(req),
-            Scheme::Shopify => self.shopify(req),
-            Scheme::Gitlab => self.gitlab(req),
-            Scheme::Twilio => self.twilio(req),
-            Scheme::Twitch => self.twitch(req),
-            Scheme::Hmac => self.generic(req),
-        }
-    }
-
-    fn check_timestamp(&self, ts: &str, now: i64) -> Result<(), Failure> {
-        let t: i64 = ts
-            .trim()
-            .parse()
-            .map_err(|_| Failure::TimestampOutOfTolerance)?;
-        if now.abs_diff(t) > self.tolerance.unsigned_abs() {
-            return Err(Failure::TimestampOutOfTolerance);
-        }
-        Ok(())
-    }
-
-    /// An RFC 3339 timestamp (Twitch sends fractional seconds) within
-    /// tolerance of `now`, in either direction.
-    fn check_rfc3339(&self, ts: &str, now: i64) -> Result<(), Failure> {
-        let t: jiff::Timestamp = ts
-            .trim()
-            .parse()
-            .map_err(|_| Failure::TimestampOutOfTolerance)?;
-        if now.abs_diff(t.as_second()) > self.tolerance.unsigned_abs() {
-            return Err(Failure::TimestampOutOfTolerance);
-        }
-        Ok(())
-    }
-
-    /// True when HMAC(secret, concat(parts)) equals any candidate, for any
-    /// secret. Each comparison is constant-time.
-    fn any_match(&self, alg: hmac::Algorithm, parts: &[&[u8]], candidates: &[Vec<u8>]) -> bool {
-        let mut ok = false;
-        for secret in &self.secrets {
-            let tag = sign(alg, secret, parts);
-            for c in candidates {
-                ok |= bool::from(tag.as_ref().ct_eq(c.as_slice()));
+            Scheme::Github => sig::github::verify(keys, &r),
+            Scheme::Stripe => sig::stripe::verify(keys, &r),
+            Scheme::Slack => sig::slack::verify(keys, &r),
+            Scheme::StandardWebhooks => sig::standard_webhooks::verify(keys, &r),
+            Scheme::Shopify => sig::shopify::verify(keys, &r),
+            Scheme::Gitlab => sig::gitlab::verify(keys, &r),
+            Scheme::Twilio => {
+                sig::twilio::verify(keys, &r, self.twilio_url.as_deref().unwrap_or_default())
             }
-        }
-        ok
-    }
-
-    fn github(&self, req: &Inbound<'_>) -> Result<(), Failure> {
-        let h = header(req.headers, "x-hub-signature-256").ok_or(Failure::MissingSignature)?;
-        let sig = h
-            .strip_prefix("sha256=")
-            .and_then(|x| hex::decode(x.trim()).ok())
-            .ok_or(Failure::BadSignature)?;
-        self.require(self.any_match(hmac::HMAC_SHA256, &[req.body], &[sig]))
-    }
-
-    fn stripe(&self, req: &Inbound<'_>) -> Result<(), Failure> {
-        let h = header(req.headers, "stripe-signature").ok_or(Failure::MissingSignature)?;
-        let mut t = None;
-        let mut v1 = Vec::new();
-        for item in h.split(',') {
-            match item.trim().split_once('=') {
-                Some(("t", v)) => t = Some(v),
-                Some(("v1", v)) => {
-                    if let Ok(sig) = hex::decode(v) {
-                        v1.push(sig);
-                    }
-                }
-                _ => {}
-            }
-        }
-        let t = t.ok_or(Failure::BadSignature)?;
-        if v1.is_empty() {
-            return Err(Failure::BadSignature);
-        }
-        self.require(self.any_match(hmac::HMAC_SHA256, &[t.as_bytes(), b".", req.body], &v1))?;
-        self.check_timestamp(t, req.now_unix)
-    }
-
-    fn slack(&self, req: &Inbound<'_>) -> Result<(), Failure> {
-        let sig = header(req.headers, "x-slack-signature").ok_or(Failure::MissingSignature)?;
-        let ts =
-            header(req.headers, "x-slack-request-timestamp").ok_or(Failure::MissingSignature)?;
-        let sig = sig
-            .strip_prefix("v0=")
-            .and_then(|x| hex::decode(x.trim()).ok())
-            .ok_or(Failure::BadSignature)?;
-        self.require(self.any_match(
-            hmac::HMAC_SHA256,
-            &[b"v0:", ts.as_bytes(), b":", req.body],
-            &[sig],
-        ))?;
-        self.check_timestamp(ts, req.now_unix)
-    }
-
-    fn standard_webhooks(&self, req: &Inbound<'_>) -> Result<(), Failure> {
-        let id = header(req.headers, "webhook-id").ok_or(Failure::MissingSignature)?;
-        let ts = header(req.headers, "webhook-timestamp").ok_or(Failure::MissingSignature)?;
-        let sigs = header(req.headers, "webhook-signature").ok_or(Failure::MissingSignature)?;
-        let candidates: Vec<Vec<u8>> = sigs
-            .split_ascii_whitespace()
-            .filter_map(|s| s.strip_prefix("v1,"))
-            .filter_map(|s| BASE64.decode(s).ok())
-            .collect();
-        if candidates.is_empty() {
-            return Err(Failure::BadSignature);
-        }
-        self.require(self.any_match(
-            hmac::HMAC_SHA256,
-            &[id.as_bytes(), b".", ts.as_bytes(), b".", req.body],
-            &candidates,
-        ))?;
-        self.check_timestamp(ts, req.now_unix)
-    }
-
-    fn shopify(&self, req: &Inbound<'_>) -> Result<(), Failure> {
-        let h = header(req.headers, "x-shopify-hmac-sha256").ok_or(Failure::MissingSignature)?;
-        let sig = BASE64.decode(h.trim()).map_err(|_| Failure::BadSignature)?;
-        self.require(self.any_match(hmac::HMAC_SHA256, &[req.body], &[sig]))
-    }
-
-    fn gitlab(&self, req: &Inbound<'_>) -> Result<(), Failure> {
-        let token = req
-            .headers
-            .get("x-gitlab-token")
-            .ok_or(Failure::MissingSignature)?
-            .as_bytes();
-        let mut ok = false;
-        for s in &self.secrets {
-            ok |= bool::from(token.ct_eq(s.as_slice()));
-        }
-        self.require(ok)
-    }
-
-    fn twilio(&self, req: &Inbound<'_>) -> Result<(), Failure> {
-        let h = header(req.headers, "x-twilio-signature").ok_or(Failure::MissingSignature)?;
-        let sig = BASE64.decode(h.trim()).map_err(|_| Failure::BadSignature)?;
-        // Twilio signs the URL it requested: the public URL's scheme, host
-        // and path, with the query the request carries (a query written in
-        // `publicUrl` is the one Twilio was given, so it arrives with the
-        // request and is not added twice).
-        let configured = self.twilio_url.as_deref().unwrap_or_default();
-        let url = match req.query.filter(|q| !q.is_empty()) {
-            Some(q) => {
-                let path = configured.split_once('?').map_or(configured, |(p, _)| p);
-                format!("{path}?{q}")
-            }
-            None => configured.to_owned(),
-        };
-        let is_form = header(req.headers, "content-type")
-            .map(|ct| {
-                ct.split(';')
-                    .next()
-                    .unwrap_or_default()
-                    .trim()
-                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-            })
-            .unwrap_or(false);
-        let mut data = url.into_bytes();
-        if is_form {
-            let mut params: Vec<(String, String)> = form_urlencoded::parse(req.body)
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-            params.sort();
-            for (k, v) in params {
-                data.extend_from_slice(k.as_bytes());
-                data.extend_from_slice(v.as_bytes());
-            }
-        } else if let Some(want) = req.query.and_then(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "bodySHA256")
-                .map(|(_, v)| v.into_owned())
-        }) {
-            // The JSON variant: the URL (with bodySHA256) is signed, and the
-            // body must hash to the signed value.
-            let got = hex::encode(ring::digest::digest(&ring::digest::SHA256, req.body));
-            if !bool::from(got.as_bytes().ct_eq(want.to_ascii_lowercase().as_bytes())) {
-                return Err(Failure::BadSignature);
-            }
-        } else if !req.body.is_empty() {
-            // Neither form parameters nor a signed bodySHA256: only the URL
-            // is signed, so a body would be accepted unverified.
-            return Err(Failure::BadSignature);
-        }
-        self.require(self.any_match(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &[&data], &[sig]))
-    }
-
-    /// Twitch EventSub: `sha256=` + hex HMAC-SHA256 of message id, timestamp
-    /// and raw body, concatenated without separators.
-    fn twitch(&self, req: &Inbound<'_>) -> Result<(), Failure> {
-        let id =
-            header(req.headers, "twitch-eventsub-message-id").ok_or(Failure::MissingSignature)?;
-        let ts = header(req.headers, "twitch-eventsub-message-timestamp")
-            .ok_or(Failure::MissingSignature)?;
-        let sig = header(req.headers, "twitch-eventsub-message-signature")
-            .ok_or(Failure::MissingSignature)?;
-        let sig = sig
-            .strip_prefix("sha256=")
-            .and_then(|x| hex::decode(x.trim()).ok())
-            .ok_or(Failure::BadSignature)?;
-        self.require(self.any_match(
-            hmac::HMAC_SHA256,
-            &[id.as_bytes(), ts.as_bytes(), req.body],
-            &[sig],
-        ))?;
-        self.check_rfc3339(ts, req.now_unix)
-    }
-
-    fn generic(&self, req: &Inbound<'_>) -> Result<(), Failure> {
-        let Some(g) = &self.generic else {
-            return Err(Failure::BadSignature);
-        };
-        let h = header(req.headers, &g.header).ok_or(Failure::MissingSignature)?;
-        let ts = match &g.timestamp_header {
-            Some(name) => Some(header(req.headers, name).ok_or(Failure::MissingSignature)?),
-            None => None,
-        };
-        let encoded = h
-            .strip_prefix(g.prefix.as_str())
-            .ok_or(Failure::BadSignature)?;
-        let sig = match g.encoding {
-            SignatureEncoding::Hex => hex::decode(encoded.trim()).ok(),
-            SignatureEncoding::Base64 => BASE64.decode(encoded.trim()).ok(),
-        }
-        .ok_or(Failure::BadSignature)?;
-        let parts: Vec<&[u8]> = g
-            .template
-            .iter()
-            .map(|p| match p {
-                Part::Literal(l) => l.as_slice(),
-                Part::Body => req.body,
-                Part::Timestamp => ts.unwrap_or_default().as_bytes(),
-            })
-            .collect();
-        self.require(self.any_match(g.algorithm, &parts, &[sig]))?;
-        match ts {
-            Some(ts) => self.check_timestamp(ts, req.now_unix),
-            None => Ok(()),
-        }
-    }
-
-    fn require(&self, ok: bool) -> Result<(), Failure> {
-        if ok {
-            Ok(())
-        } else {
-            Err(Failure::BadSignature)
+            Scheme::Twitch => sig::twitch::verify(keys, &r),
+            Scheme::Hmac => match &self.generic {
+                Some(g) => g.verify(keys, &r),
+                None => Err(Failure::BadSignature),
+            },
         }
     }
 }
 
-/// HMAC of the concatenation of `parts`.
+/// HMAC of the concatenation of `parts` (for tests and tools that sign).
 pub fn sign(alg: hmac::Algorithm, secret: &[u8], parts: &[&[u8]]) -> hmac::Tag {
     let key = hmac::Key::new(alg, secret);
     let mut ctx = hmac::Context::with_key(&key);
@@ -491,13 +176,16 @@ pub fn sign(alg: hmac::Algorithm, secret: &[u8], parts: &[&[u8]]) -> hmac::Tag {
 
 /// A header's value as text, if present and visible ASCII.
 pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
+    sig::header(headers, name)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use spillway_api::{HmacAlgorithm, SignatureEncoding};
 
     const NOW: i64 = 1_700_000_000;
 
@@ -954,21 +642,6 @@ mod tests {
                 ConfigError::TimestampNotSigned
             );
         }
-    }
-
-    #[test]
-    fn template_parsing() {
-        assert_eq!(parse_template("{body}"), vec![Part::Body]);
-        assert_eq!(
-            parse_template("v0:{timestamp}:{body}{x}"),
-            vec![
-                Part::Literal(b"v0:".to_vec()),
-                Part::Timestamp,
-                Part::Literal(b":".to_vec()),
-                Part::Body,
-                Part::Literal(b"{x}".to_vec()),
-            ]
-        );
     }
 
     #[test]

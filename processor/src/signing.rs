@@ -6,16 +6,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
-use ring::hmac;
-
-/// Header carrying the message id.
-pub const WEBHOOK_ID: &str = "webhook-id";
-/// Header carrying the Unix timestamp (seconds) that was signed.
-pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
-/// Header carrying the signatures.
-pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+use spillway_api::signature::standard_webhooks;
+pub use spillway_api::signature::standard_webhooks::{
+    WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
+};
 
 /// How often the secret file is re-read (Kubernetes updates mounted Secrets
 /// in place, so a rotated secret is picked up without a restart).
@@ -50,9 +44,11 @@ pub fn parse_secret(raw: &[u8]) -> Result<Vec<u8>, SecretError> {
     })
 }
 
-/// Signs deliveries with one key.
+/// Signs deliveries with one key (by the scheme's one implementation,
+/// [`spillway_api::signature::standard_webhooks`], which the gateway
+/// verifies with).
 pub struct Signer {
-    key: hmac::Key,
+    key: Vec<u8>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -64,20 +60,12 @@ impl std::fmt::Debug for Signer {
 impl Signer {
     /// A signer for the key bytes (see [`parse_secret`]).
     pub fn new(key: &[u8]) -> Self {
-        Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, key),
-        }
+        Self { key: key.to_vec() }
     }
 
     /// The `webhook-signature` value for `id`, `timestamp` and `body`.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
-        let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(id.as_bytes());
-        ctx.update(b".");
-        ctx.update(timestamp.to_string().as_bytes());
-        ctx.update(b".");
-        ctx.update(body);
-        format!("v1,{}", STANDARD.encode(ctx.sign().as_ref()))
+        standard_webhooks::signature(&self.key, id, timestamp, body)
     }
 }
 
