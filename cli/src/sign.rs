@@ -4,20 +4,8 @@
 use spillway_api::signature;
 use spillway_api::{GenericHmac, Scheme};
 
-/// What is signed and where it goes.
-#[derive(Debug, Clone)]
-pub struct Request<'a> {
-    /// The raw body.
-    pub body: &'a [u8],
-    /// The body's content type.
-    pub content_type: &'a str,
-    /// Unix time, seconds.
-    pub now: i64,
-    /// A delivery/message id for schemes that carry one.
-    pub id: &'a str,
-    /// The URL the provider signs (Twilio): [`Target::signed`].
-    pub url: &'a str,
-}
+/// What is signed and where it goes (the URL is [`Target::signed`]).
+pub use signature::Outbound as Request;
 
 /// Where a test webhook is posted, and the URL that goes into its signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,30 +73,23 @@ pub fn headers(
     // The one rule for Secret values (spillway_api::secret), as the gateway
     // applies it: surrounding whitespace is not part of the secret.
     let secret = spillway_api::secret::value(secret);
-    let out = signature::Outbound {
-        body: req.body,
-        content_type: req.content_type,
-        now: req.now,
-        id: req.id,
-        url: req.url,
-    };
     match scheme {
-        Scheme::Github => signature::github::sign(secret, &out),
-        Scheme::Stripe => signature::stripe::sign(secret, &out),
-        Scheme::Slack => signature::slack::sign(secret, &out),
+        Scheme::Github => signature::github::sign(secret, req),
+        Scheme::Stripe => signature::stripe::sign(secret, req),
+        Scheme::Slack => signature::slack::sign(secret, req),
         Scheme::StandardWebhooks => {
             let key = spillway_api::secret::key(secret, true).map_err(|e| e.to_string())?;
-            signature::standard_webhooks::sign(&key, &out)
+            signature::standard_webhooks::sign(&key, req)
         }
-        Scheme::Shopify => signature::shopify::sign(secret, &out),
-        Scheme::Gitlab => signature::gitlab::sign(secret, &out),
-        Scheme::Twilio => signature::twilio::sign(secret, &out),
-        Scheme::Twitch => signature::twitch::sign(secret, &out),
+        Scheme::Shopify => signature::shopify::sign(secret, req),
+        Scheme::Gitlab => signature::gitlab::sign(secret, req),
+        Scheme::Twilio => signature::twilio::sign(secret, req),
+        Scheme::Twitch => signature::twitch::sign(secret, req),
         Scheme::Hmac => {
             let g = generic.ok_or("scheme hmac needs the endpoint's verification.hmac settings")?;
             signature::generic::Generic::new(g)
                 .map_err(|e| e.to_string())?
-                .sign(secret, &out)
+                .sign(secret, req)
         }
         Scheme::None => Ok(vec![]),
     }
