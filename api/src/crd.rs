@@ -3,6 +3,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::duration::GoDuration;
 use crate::schema;
 
 /// A public HTTPS entry point for one webhook provider, and the capped,
@@ -376,8 +377,7 @@ pub struct Deduplication {
     /// How long a delivery id is remembered (JetStream's duplicate window).
     /// A Go-style duration such as `2m` or `24h`.
     #[serde(default = "defaults::dedup_window")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
-    pub window: String,
+    pub window: GoDuration,
     /// Where the delivery id comes from: `provider` (the scheme's own id:
     /// X-GitHub-Delivery, the Stripe event id, webhook-id,
     /// X-Shopify-Webhook-Id, the Slack event_id,
@@ -455,8 +455,7 @@ pub struct StreamSpec {
     /// being delivered (never dropped silently). A Go-style duration such as
     /// `72h`.
     #[serde(default = "defaults::stream_max_age")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
-    pub max_age: String,
+    pub max_age: GoDuration,
     /// Most bytes of undelivered webhooks (the work stream); -1 for no
     /// limit other than the server's. Delivered webhooks do not count. When
     /// reached, the gateway answers 503 with Retry-After (providers retry)
@@ -568,8 +567,7 @@ pub struct ProcessorSpec {
     /// Longest a single delivery may take before it counts as failed (also
     /// the JetStream ack wait). A Go-style duration such as `30s`.
     #[serde(default = "defaults::timeout")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
-    pub timeout: String,
+    pub timeout: GoDuration,
     /// Retries of failed deliveries.
     #[serde(default)]
     pub retry: RetrySpec,
@@ -703,11 +701,8 @@ pub struct RetrySpec {
     /// no concurrency slot (unordered endpoints); once it is over the
     /// webhook queues again behind what is already waiting.
     #[serde(default = "defaults::backoff")]
-    #[schemars(
-        length(min = 1, max = 100),
-        inner(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))
-    )]
-    pub backoff: Vec<String>,
+    #[schemars(length(min = 1, max = 100))]
+    pub backoff: Vec<GoDuration>,
 }
 
 impl Default for RetrySpec {
@@ -741,8 +736,7 @@ pub struct DeadLetterSpec {
     pub enabled: bool,
     /// How long dead letters are kept. A Go-style duration such as `336h`.
     #[serde(default = "defaults::dead_letter_max_age")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
-    pub max_age: String,
+    pub max_age: GoDuration,
 }
 
 impl Default for DeadLetterSpec {
@@ -892,6 +886,8 @@ impl WebhookEndpoint {
 }
 
 pub(crate) mod defaults {
+    use crate::duration::GoDuration;
+
     pub fn tolerance_seconds() -> u32 {
         300
     }
@@ -904,14 +900,14 @@ pub(crate) mod defaults {
     pub fn response_status() -> u16 {
         200
     }
-    pub fn dedup_window() -> String {
-        "2m".into()
+    pub fn dedup_window() -> GoDuration {
+        GoDuration::from_secs(120)
     }
     pub fn partitions() -> u16 {
         8
     }
-    pub fn stream_max_age() -> String {
-        "72h".into()
+    pub fn stream_max_age() -> GoDuration {
+        GoDuration::from_secs(72 * 3600)
     }
     pub fn stream_max_bytes() -> i64 {
         1024 * 1024 * 1024
@@ -925,8 +921,8 @@ pub(crate) mod defaults {
     pub fn concurrency() -> u32 {
         10
     }
-    pub fn timeout() -> String {
-        "30s".into()
+    pub fn timeout() -> GoDuration {
+        GoDuration::from_secs(30)
     }
     pub fn slash() -> String {
         "/".into()
@@ -943,16 +939,16 @@ pub(crate) mod defaults {
     pub fn max_attempts() -> u32 {
         10
     }
-    pub fn backoff() -> Vec<String> {
-        ["1s", "5s", "30s", "2m", "10m"]
+    pub fn backoff() -> Vec<GoDuration> {
+        [1, 5, 30, 120, 600]
             .into_iter()
-            .map(String::from)
+            .map(GoDuration::from_secs)
             .collect()
     }
     pub fn yes() -> bool {
         true
     }
-    pub fn dead_letter_max_age() -> String {
-        "336h".into()
+    pub fn dead_letter_max_age() -> GoDuration {
+        GoDuration::from_secs(336 * 3600)
     }
 }

@@ -63,6 +63,104 @@ pub fn format(d: Duration) -> String {
     }
 }
 
+/// What the CRD schema admits for a duration: the grammar [`parse`] reads.
+/// The CRD's CEL rules add each field's range (and refuse what overflows
+/// Go's `time.Duration`, as [`parse`] does), so every value the API server
+/// stores deserializes.
+pub const PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
+
+/// Longest duration string the CRD schema admits.
+pub const MAX_LEN: u32 = 32;
+
+/// A duration that travels as a Go-style string (`"30s"`, `"1h30m"`) and is
+/// a [`Duration`] in code: the CRD types and [`crate::wire`] use it, so no
+/// component formats a duration only for another to parse it again.
+///
+/// Deserializing refuses what [`parse`] refuses. The CRD schema has refused
+/// the same strings since its first version ([`PATTERN`], [`MAX_LEN`] and
+/// the CEL range rules), so a stored WebhookEndpoint always deserializes;
+/// a file-mode configuration with a bad duration fails with the field's
+/// path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GoDuration(Duration);
+
+impl GoDuration {
+    /// `secs` seconds.
+    pub const fn from_secs(secs: u64) -> Self {
+        Self(Duration::from_secs(secs))
+    }
+
+    /// `ms` milliseconds.
+    pub const fn from_millis(ms: u64) -> Self {
+        Self(Duration::from_millis(ms))
+    }
+
+    /// The duration.
+    pub const fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl From<Duration> for GoDuration {
+    /// Whole milliseconds: finer parts cannot be written in the Go-style
+    /// form this type travels as.
+    fn from(d: Duration) -> Self {
+        Self(Duration::from_millis(
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        ))
+    }
+}
+
+impl From<GoDuration> for Duration {
+    fn from(d: GoDuration) -> Self {
+        d.0
+    }
+}
+
+impl std::str::FromStr for GoDuration {
+    type Err = DurationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse(s).map(Self)
+    }
+}
+
+impl std::fmt::Display for GoDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format(self.0))
+    }
+}
+
+impl serde::Serialize for GoDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(self.0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for GoDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl schemars::JsonSchema for GoDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "GoDuration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "maxLength": MAX_LEN,
+            "pattern": PATTERN,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +176,9 @@ mod tests {
             Duration::ZERO,
         ] {
             assert_eq!(parse(&format(d)), Ok(d), "{}", format(d));
+            let typed = GoDuration::from(d);
+            let json = serde_json::to_string(&typed).unwrap();
+            assert_eq!(serde_json::from_str::<GoDuration>(&json).unwrap(), typed);
         }
         assert!(
             parse("99999999999999999999h").is_err(),
@@ -118,5 +219,34 @@ mod tests {
             assert_eq!(format(parse(s).unwrap()), s);
         }
         assert_eq!(format(Duration::from_secs(90)), "90s");
+    }
+
+    #[test]
+    fn typed_durations_travel_as_go_strings_and_refuse_bad_ones() {
+        let d: GoDuration = serde_json::from_str("\"1h30m\"").unwrap();
+        assert_eq!(d.get(), Duration::from_secs(5400));
+        assert_eq!(serde_json::to_string(&d).unwrap(), "\"90m\"");
+        for bad in [
+            "\"30\"",
+            "\"1.5h\"",
+            "\"\"",
+            "\"99999999999999999999h\"",
+            "30",
+        ] {
+            let e = serde_json::from_str::<GoDuration>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(!e.is_empty(), "{bad} must be refused");
+        }
+        let e = serde_json::from_str::<GoDuration>("\"2 minutes\"").unwrap_err();
+        assert!(e.to_string().contains("Go-style duration"), "{e}");
+    }
+
+    #[test]
+    fn the_schema_is_the_parsers_grammar() {
+        let schema = serde_json::to_value(schemars::schema_for!(GoDuration)).unwrap();
+        assert_eq!(schema["pattern"], PATTERN);
+        assert_eq!(schema["maxLength"], MAX_LEN);
+        assert_eq!(schema["type"], "string");
     }
 }

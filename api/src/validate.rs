@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::{WebhookEndpointSpec, duration};
+use crate::WebhookEndpointSpec;
 
 /// A spec's durations, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,29 +28,13 @@ pub const TWITCH_HANDSHAKE_PROBLEM: &str = "scheme twitch needs handshake type t
 /// not just the first.
 pub fn check(spec: &WebhookEndpointSpec) -> Result<Timings, Vec<String>> {
     let mut problems = Vec::new();
-    let mut dur = |field: &str, value: &str| match duration::parse(value) {
-        Ok(d) => d,
-        Err(e) => {
-            problems.push(format!("{field}: {e}"));
-            Duration::ZERO
-        }
-    };
+    let p = &spec.processor;
     let t = Timings {
-        dedup_window: dur("deduplication.window", &spec.deduplication.window),
-        stream_max_age: dur("stream.maxAge", &spec.stream.max_age),
-        delivery_timeout: dur("processor.timeout", &spec.processor.timeout),
-        backoff: spec
-            .processor
-            .retry
-            .backoff
-            .iter()
-            .enumerate()
-            .map(|(i, b)| dur(&format!("processor.retry.backoff[{i}]"), b))
-            .collect(),
-        dead_letter_max_age: dur(
-            "processor.deadLetter.maxAge",
-            &spec.processor.dead_letter.max_age,
-        ),
+        dedup_window: spec.deduplication.window.get(),
+        stream_max_age: spec.stream.max_age.get(),
+        delivery_timeout: p.timeout.get(),
+        backoff: p.retry.backoff.iter().map(|d| d.get()).collect(),
+        dead_letter_max_age: p.dead_letter.max_age.get(),
     };
     if t.dedup_window > t.stream_max_age {
         problems.push("deduplication.window must not be longer than stream.maxAge".into());
@@ -98,6 +82,7 @@ pub fn check(spec: &WebhookEndpointSpec) -> Result<Timings, Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::duration::GoDuration;
 
     fn spec(yaml: &str) -> WebhookEndpointSpec {
         serde_yaml_ng::from_str(yaml).expect("test spec parses")
@@ -122,14 +107,25 @@ processor: {sink: {url: "http://sink:8080/hook"}}
     #[test]
     fn reports_every_problem() {
         let mut s = spec(MINIMAL);
-        s.deduplication.window = "100h".into();
+        s.deduplication.window = GoDuration::from_secs(100 * 3600);
         s.processor.replicas.min = 5;
         s.processor.retry.max_attempts = 2;
-        s.processor.timeout = "soon".into();
         let problems = check(&s).unwrap_err();
-        assert_eq!(problems.len(), 4, "{problems:?}");
-        assert!(problems.iter().any(|p| p.contains("processor.timeout")));
+        assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("deduplication.window")));
+    }
+
+    #[test]
+    fn a_bad_duration_is_refused_with_its_field() {
+        let e = serde_yaml_ng::from_str::<WebhookEndpointSpec>(
+            "verification: {scheme: none}\nprocessor: {sink: {url: \"http://s\"}, timeout: soon}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("processor") && e.contains("Go-style duration"),
+            "{e}"
+        );
     }
 
     #[test]

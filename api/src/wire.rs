@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::duration::GoDuration;
+
 /// JetStream's deduplication header (set from the delivery id).
 pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
 /// `namespace/name` of the WebhookEndpoint.
@@ -206,13 +208,13 @@ pub struct ProcessorConfig {
     /// A webhook received longer ago than this (Go-style duration) is
     /// dead-lettered with reason `expired` instead of delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expire_after: Option<String>,
+    pub expire_after: Option<GoDuration>,
     /// Per-delivery timeout, Go-style duration.
-    pub timeout: String,
+    pub timeout: GoDuration,
     /// Attempts before dead-lettering.
     pub max_attempts: u32,
     /// Retry delays, Go-style durations; the last repeats.
-    pub backoff: Vec<String>,
+    pub backoff: Vec<GoDuration>,
     /// Deliveries per second across all replicas, if limited.
     pub rate_limit_per_second: Option<u32>,
     /// Stop pulling while true.

@@ -1449,6 +1449,7 @@ impl Js {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use spillway_api::duration::GoDuration;
     use spillway_api::validate::check;
 
     fn spec(yaml: &str) -> WebhookEndpointSpec {
@@ -1561,7 +1562,7 @@ ingress: {maxBodyBytes: 1000}
             Some(serde_yaml_ng::from_str("{keyHeader: X-Key, partitions: 3}").unwrap());
         assert!(retry_consumer_configs(&n, &ordered).is_empty());
         let mut long = s.clone();
-        long.processor.timeout = "5m".into();
+        long.processor.timeout = GoDuration::from_secs(300);
         let t = check(&long).unwrap();
         assert_eq!(
             dead_letter_config(&n, &long, &t).duplicate_window,

@@ -3,7 +3,6 @@
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use spillway_api::duration;
 use spillway_api::wire::{DrainConfig, ProcessorConfig, RetryConfig};
 
 /// A [`ProcessorConfig`] that cannot be served.
@@ -104,22 +103,12 @@ impl Settings {
         if c.max_attempts == 0 {
             return Err(field("maxAttempts", "must be at least 1"));
         }
-        let timeout = duration::parse(&c.timeout).map_err(|e| field("timeout", e.to_string()))?;
+        let timeout = c.timeout.get();
         if timeout.is_zero() {
             return Err(field("timeout", "must be positive"));
         }
-        let backoff = c
-            .backoff
-            .iter()
-            .map(|b| duration::parse(b).map_err(|e| field("backoff", e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
-        let expire_after = match c.expire_after.as_deref() {
-            None | Some("") => None,
-            Some(v) => {
-                let d = duration::parse(v).map_err(|e| field("expireAfter", e.to_string()))?;
-                (!d.is_zero()).then_some(d)
-            }
-        };
+        let backoff: Vec<_> = c.backoff.iter().map(|b| b.get()).collect();
+        let expire_after = c.expire_after.map(|d| d.get()).filter(|d| !d.is_zero());
         let rate_share = match c.rate_limit_per_second {
             None => None,
             Some(0) => return Err(field("rateLimitPerSecond", "must be at least 1 when set")),
@@ -206,6 +195,7 @@ pub fn split_rate(rate: u32, per_replica: u32, concurrency: u32) -> RateShare {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use spillway_api::duration::GoDuration;
 
     fn config() -> ProcessorConfig {
         ProcessorConfig {
@@ -219,10 +209,10 @@ mod tests {
             max_replicas: 0,
             retry: None,
             drain: None,
-            expire_after: Some("72h".into()),
-            timeout: "30s".into(),
+            expire_after: Some(GoDuration::from_secs(72 * 3600)),
+            timeout: GoDuration::from_secs(30),
             max_attempts: 5,
-            backoff: vec!["1s".into(), "5s".into(), "30s".into()],
+            backoff: [1, 5, 30].map(GoDuration::from_secs).to_vec(),
             rate_limit_per_second: None,
             paused: false,
             signing_secret_file: None,
@@ -261,9 +251,18 @@ mod tests {
     #[test]
     fn rejects_bad_fields_by_name() {
         let mut c = config();
-        c.timeout = "soon".into();
+        c.timeout = GoDuration::default();
         let e = Settings::from_config(c).unwrap_err().to_string();
         assert!(e.contains("timeout"), "{e}");
+        let mut json = serde_json::to_value(config()).unwrap();
+        json["timeout"] = "soon".into();
+        let e = Settings::from_json(&json.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("timeout") && e.contains("Go-style duration"),
+            "{e}"
+        );
         let mut c = config();
         c.sink_url = "/relative".into();
         assert!(

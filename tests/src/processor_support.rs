@@ -23,7 +23,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap as HttpHeaders, StatusCode};
 use axum::response::{IntoResponse, Response};
 use spillway_api::WebhookEndpointSpec;
-use spillway_api::names::{BUILTIN_LISTENER, EndpointNames, partition_of};
+use spillway_api::names::{EndpointNames, partition_of};
 use spillway_api::validate::{Timings, check};
 use spillway_api::wire::{self, ProcessorConfig};
 use spillway_operator::jetstream::{
@@ -157,9 +157,14 @@ impl Endpoint {
                 "concurrency": s.concurrency,
                 "timeout": s.timeout,
                 "retry": {"maxAttempts": s.max_attempts, "backoff": s.backoff},
+                "deadLetter": {"enabled": s.dead_letter},
+                "paused": s.paused,
             },
             "stream": {"maxAge": s.max_age, "maxBytes": s.max_bytes},
         });
+        if let Some(r) = s.rate {
+            spec["processor"]["rateLimit"] = serde_json::json!({"perSecond": r});
+        }
         if let Some(n) = s.partitions {
             spec["ordering"] = serde_json::json!({"keyHeader": "X-Key", "partitions": n});
         }
@@ -177,33 +182,18 @@ impl Endpoint {
         }
     }
 
-    /// The config the operator would render for the processor.
+    /// The config the operator renders for this endpoint (its own
+    /// function, not a copy), pointed at `sink_url`, with the test's knobs
+    /// that are not in the spec on top: the slots of one process
+    /// (`per_replica`, no replica split) and the signing secret's file.
     pub fn config(&self, sink_url: &str) -> ProcessorConfig {
-        let s = &self.setup;
-        ProcessorConfig {
-            endpoint: format!("{}/{}", s.namespace, s.name),
-            stream: self.names.stream(),
-            consumers: self.consumer_names(),
-            dead_letter_subject: s.dead_letter.then(|| self.names.dead_letter_subject()),
-            sink_url: sink_url.into(),
-            concurrency: s.concurrency,
-            concurrency_per_replica: s.per_replica,
-            max_replicas: 0,
-            retry: s.partitions.is_none().then(|| wire::RetryConfig {
-                stream: self.names.retry_stream(),
-                subject: self.names.retry_subject(BUILTIN_LISTENER),
-                consumer: self.names.retry_consumer(BUILTIN_LISTENER),
-                due_subject: self.names.due_subject(BUILTIN_LISTENER),
-            }),
-            timeout: s.timeout.clone(),
-            max_attempts: s.max_attempts,
-            backoff: s.backoff.clone(),
-            drain: None,
-            expire_after: Some(s.max_age.clone()),
-            rate_limit_per_second: s.rate,
-            paused: s.paused,
-            signing_secret_file: s.signing_secret_file.clone(),
-        }
+        let mut c = self
+            .operator_config(sink_url, 1)
+            .expect("a Setup is a valid spec");
+        c.concurrency_per_replica = self.setup.per_replica;
+        c.max_replicas = 0;
+        c.signing_secret_file = self.setup.signing_secret_file.clone();
+        c
     }
 
     /// The config the operator renders for this endpoint with

@@ -214,6 +214,14 @@ async fn nonsense_is_rejected_with_a_clear_message() -> Result<()> {
             "spec.processor.timeout in body should match",
         ),
         (
+            // Past Go's time.Duration: spillway_api::duration::parse refuses
+            // it, so the API server must too (a stored endpoint always
+            // deserializes into the typed GoDuration).
+            "duration beyond Go's range",
+            vec![("stream/maxAge", json!("99999999999999999999h"))],
+            "type conversion error from 'string' to 'google.protobuf.Duration' evaluating rule: stream.maxAge must be at least 1m",
+        ),
+        (
             "timeout too long",
             vec![("processor/timeout", json!("1h"))],
             "processor.timeout must be between 1s and 15m",

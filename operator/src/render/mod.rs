@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use spillway_api::names::{BUILTIN_LISTENER, EndpointNames, fnv1a64};
 use spillway_api::validate::Timings;
 use spillway_api::wire::{DrainConfig, PROCESSOR_CONFIG_ENV, ProcessorConfig, RetryConfig};
-use spillway_api::{ProcessorSpec, UrlScheme, WebhookEndpoint, duration};
+use spillway_api::{ProcessorSpec, UrlScheme, WebhookEndpoint};
 
 use crate::settings::Settings;
 
@@ -185,11 +185,11 @@ pub fn processor_config(
             consumer: names.retry_consumer(BUILTIN_LISTENER),
             due_subject: names.due_subject(BUILTIN_LISTENER),
         }),
-        timeout: duration::format(t.delivery_timeout),
+        timeout: t.delivery_timeout.into(),
         max_attempts: p.retry.max_attempts,
-        backoff: t.backoff.iter().map(|d| duration::format(*d)).collect(),
+        backoff: t.backoff.iter().map(|d| (*d).into()).collect(),
         drain: None,
-        expire_after: Some(duration::format(t.stream_max_age)),
+        expire_after: Some(t.stream_max_age.into()),
         rate_limit_per_second: p.rate_limit.as_ref().map(|r| r.per_second),
         paused: p.paused,
         signing_secret_file: p
@@ -617,6 +617,7 @@ pub fn up_to_date(have: &Deployment, want: &Deployment) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use spillway_api::duration::GoDuration;
     use spillway_api::validate::check;
 
     #[test]
@@ -708,7 +709,7 @@ spec:
         assert_eq!(c.max_replicas, 4);
         let r = c.retry.expect("unordered endpoints park their retries");
         assert_eq!(r.stream, "spillway-retry_team_gh");
-        assert_eq!(c.expire_after.as_deref(), Some("72h"));
+        assert_eq!(c.expire_after, Some(GoDuration::from_secs(72 * 3600)));
         assert_eq!(r.consumer, "retry-processor");
         assert_eq!(r.due_subject, "spillway.due.team.gh.processor");
         // Ordered: the per-pod share, and retries wait on the partition.
@@ -721,7 +722,7 @@ spec:
             c.signing_secret_file.as_deref(),
             Some("/var/run/spillway/signing/key")
         );
-        assert_eq!(c.timeout, "30s");
+        assert_eq!(c.timeout.to_string(), "30s");
     }
 
     #[test]
