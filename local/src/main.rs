@@ -144,12 +144,14 @@ async fn main() -> Result<()> {
     let sink_task = tokio::spawn(sink.clone().serve(sink_listener));
 
     step(&format!("applying examples/ in namespace {NAMESPACE:?}"));
-    cp.kubectl_output(&["create", "namespace", NAMESPACE])?;
+    cp.kubectl_output(&["create", "namespace", NAMESPACE])
+        .await?;
     let dir = args.examples.unwrap_or_else(|| root().join("examples"));
     let examples = demo::load_examples(&dir, NAMESPACE, &sink_url)?;
     for ex in &examples {
         for doc in &ex.docs {
             cp.kubectl_stdin(&["apply", "-n", NAMESPACE, "-f", "-"], &doc.to_string())
+                .await
                 .with_context(|| format!("applying example {}", ex.name))?;
         }
     }

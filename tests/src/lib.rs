@@ -377,12 +377,13 @@ impl ControlPlane {
             format!("{TOKEN},admin,admin,system:masters\n"),
         )?;
         let sa_key = d.join("sa.key");
-        let st = Command::new("openssl")
+        let st = tokio::process::Command::new("openssl")
             .args(["genrsa", "-out"])
             .arg(&sa_key)
             .arg("2048")
             .stderr(Stdio::null())
             .status()
+            .await
             .context("openssl genrsa (is openssl installed?)")?;
         if !st.success() {
             bail!("openssl genrsa failed");
@@ -433,6 +434,7 @@ impl ControlPlane {
         loop {
             let ready = cp
                 .kubectl_output(&["get", "--raw", "/readyz"])
+                .await
                 .is_ok_and(|o| o.trim() == "ok");
             if ready {
                 break;
@@ -481,32 +483,40 @@ impl ControlPlane {
             "kube-apiserver ready again",
             || async move {
                 this.kubectl_output(&["get", "--raw", "/readyz"])
+                    .await
                     .is_ok_and(|o| o.trim() == "ok")
             },
         )
         .await
     }
 
-    /// A kubectl command using this control plane.
-    pub fn kubectl(&self) -> Command {
-        let mut c = Command::new(tool("kubectl"));
-        c.env("KUBECONFIG", &self.kubeconfig);
+    /// A kubectl command using this control plane (async: tests run on
+    /// tokio, whose threads a blocking wait would hold).
+    pub fn kubectl(&self) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(tool("kubectl"));
+        c.env("KUBECONFIG", &self.kubeconfig).kill_on_drop(true);
         c
     }
 
     /// A helm command using this control plane.
-    pub fn helm(&self) -> Command {
-        let mut c = Command::new(tool("helm"));
+    pub fn helm(&self) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(tool("helm"));
         c.env("KUBECONFIG", &self.kubeconfig)
             .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
             .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
-            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"));
+            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"))
+            .kill_on_drop(true);
         c
     }
 
     /// Run kubectl with `args`; stdout on success, stderr as the error.
-    pub fn kubectl_output(&self, args: &[&str]) -> Result<String> {
-        let out = self.kubectl().args(args).output()?;
+    pub async fn kubectl_output(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -515,8 +525,8 @@ impl ControlPlane {
     }
 
     /// Run kubectl with `args`, feeding `stdin`.
-    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
-        use std::io::Write;
+    pub async fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
+        use tokio::io::AsyncWriteExt;
         let mut child = self
             .kubectl()
             .args(args)
@@ -524,12 +534,10 @@ impl ControlPlane {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(stdin.as_bytes())?;
-        let out = child.wait_with_output()?;
+        let mut input = child.stdin.take().expect("piped stdin");
+        input.write_all(stdin.as_bytes()).await?;
+        drop(input);
+        let out = child.wait_with_output().await?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -547,13 +555,15 @@ impl ControlPlane {
     /// Install (or update) the generated CRD and wait until it is served.
     pub async fn install_crd(&self) -> Result<()> {
         let yaml = spillway_api::crd_yaml()?;
-        self.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &yaml)?;
+        self.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &yaml)
+            .await?;
         self.kubectl_output(&[
             "wait",
             "--for=condition=Established",
             "--timeout=60s",
             "crd/webhookendpoints.spillway.dev",
-        ])?;
+        ])
+        .await?;
         Ok(())
     }
 
@@ -566,7 +576,7 @@ impl ControlPlane {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
-        self.kubectl_output(&["create", "namespace", &name])?;
+        self.kubectl_output(&["create", "namespace", &name]).await?;
         Ok(name)
     }
 }

@@ -628,11 +628,12 @@ impl ProcessorProc {
     }
 
     /// Send SIGTERM.
-    pub fn sigterm(&self) -> Result<()> {
+    pub async fn sigterm(&self) -> Result<()> {
         let pid = self.child.as_ref().context("not running")?.id();
-        let st = Command::new("kill")
+        let st = tokio::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
-            .status()?;
+            .status()
+            .await?;
         if !st.success() {
             bail!("kill -TERM {pid} failed");
         }

@@ -45,6 +45,7 @@ async fn every_example_applies_and_reads_back_equal() -> Result<()> {
     for file in &files {
         let path = file.to_str().expect("utf-8 path");
         cp.kubectl_output(&["apply", "-n", &ns, "-f", path])
+            .await
             .with_context(|| format!("applying {path}"))?;
         let local = endpoints_in(file)?;
         assert!(!local.is_empty(), "{path} has a WebhookEndpoint");
@@ -71,7 +72,7 @@ async fn every_example_applies_and_reads_back_equal() -> Result<()> {
         assert!(schemes.contains(s), "no example for scheme {s}");
     }
     // Printer columns.
-    let table = cp.kubectl_output(&["get", "whe", "-n", &ns])?;
+    let table = cp.kubectl_output(&["get", "whe", "-n", &ns]).await?;
     let header = table.lines().next().unwrap_or_default();
     for col in ["PATH", "SCHEME", "READY", "BACKLOG", "AGE"] {
         assert!(header.contains(col), "column {col} missing in {header:?}");
@@ -305,10 +306,12 @@ async fn nonsense_is_rejected_with_a_clear_message() -> Result<()> {
         for (path, value) in edits {
             set(&mut doc, path, value.clone());
         }
-        let res = cp.kubectl_stdin(
-            &["create", "--dry-run=server", "-n", &ns, "-f", "-"],
-            &doc.to_string(),
-        );
+        let res = cp
+            .kubectl_stdin(
+                &["create", "--dry-run=server", "-n", &ns, "-f", "-"],
+                &doc.to_string(),
+            )
+            .await;
         match res {
             Ok(out) => failures.push(format!("{what}: accepted ({})", out.trim())),
             Err(e) if e.to_string().contains(want) => {}
@@ -320,6 +323,7 @@ async fn nonsense_is_rejected_with_a_clear_message() -> Result<()> {
         &["create", "--dry-run=server", "-n", &ns, "-f", "-"],
         &base().to_string(),
     )
+    .await
     .context("the base manifest must be valid")?;
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
     Ok(())
@@ -330,19 +334,24 @@ async fn kubectl_explain_shows_the_doc_comments() -> Result<()> {
     let cp = ControlPlane::shared().await;
     // kubectl reads the OpenAPI document, published a moment after the CRD
     // is Established.
-    let mut out = String::new();
-    spillway_tests::eventually(Duration::from_secs(30), "the CRD's OpenAPI", || {
-        let r = cp.kubectl_output(&["explain", "webhookendpoint.spec.processor.concurrency"]);
+    let out = std::sync::Mutex::new(String::new());
+    spillway_tests::eventually(Duration::from_secs(30), "the CRD's OpenAPI", || async {
+        let r = cp
+            .kubectl_output(&["explain", "webhookendpoint.spec.processor.concurrency"])
+            .await;
         let ok = r.is_ok();
-        out = r.unwrap_or_default();
-        async move { ok }
+        *out.lock().unwrap() = r.unwrap_or_default();
+        ok
     })
     .await?;
+    let out = out.into_inner().unwrap();
     assert!(
         out.contains("Hard cap on deliveries in flight to the sink, across all"),
         "{out}"
     );
-    let out = cp.kubectl_output(&["explain", "whe.spec.verification.secretRefs"])?;
+    let out = cp
+        .kubectl_output(&["explain", "whe.spec.verification.secretRefs"])
+        .await?;
     assert!(out.contains("rotated"), "{out}");
     Ok(())
 }

@@ -26,12 +26,13 @@ fn chart() -> PathBuf {
 }
 
 /// Run helm; stdout on success, stderr as the error.
-fn helm(cp: &ControlPlane, args: &[&str]) -> Result<String> {
+async fn helm(cp: &ControlPlane, args: &[&str]) -> Result<String> {
     let out = cp
         .helm()
         .args(args)
         .stdin(Stdio::null())
         .output()
+        .await
         .context("running helm")?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -41,7 +42,7 @@ fn helm(cp: &ControlPlane, args: &[&str]) -> Result<String> {
 }
 
 /// `helm template` of the chart as release `spillway` in `ns`.
-fn render(cp: &ControlPlane, ns: &str, extra: &[&str]) -> Result<String> {
+async fn render(cp: &ControlPlane, ns: &str, extra: &[&str]) -> Result<String> {
     let chart = chart();
     let mut args = vec![
         "template",
@@ -51,7 +52,7 @@ fn render(cp: &ControlPlane, ns: &str, extra: &[&str]) -> Result<String> {
         ns,
     ];
     args.extend_from_slice(extra);
-    helm(cp, &args)
+    helm(cp, &args).await
 }
 
 fn kinds(objs: &[Value]) -> Vec<String> {
@@ -67,20 +68,21 @@ fn app_version() -> String {
 }
 
 /// Create namespaces (idempotent).
-fn ensure_namespaces(cp: &ControlPlane, names: &[&str]) -> Result<()> {
+async fn ensure_namespaces(cp: &ControlPlane, names: &[&str]) -> Result<()> {
     let yaml: String = names
         .iter()
         .map(|n| format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {n}}}\n"))
         .collect();
-    cp.kubectl_stdin(&["apply", "-f", "-"], &yaml)?;
+    cp.kubectl_stdin(&["apply", "-f", "-"], &yaml).await?;
     Ok(())
 }
 
 /// `kubectl apply --dry-run=server` the rendered chart; returns kubectl's
 /// per-object lines.
-fn dry_run_apply(cp: &ControlPlane, yaml: &str) -> Result<Vec<String>> {
+async fn dry_run_apply(cp: &ControlPlane, yaml: &str) -> Result<Vec<String>> {
     let out = cp
         .kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], yaml)
+        .await
         .context("kubectl apply --dry-run=server of the rendered chart")?;
     Ok(out.lines().map(str::to_owned).collect())
 }
@@ -206,7 +208,7 @@ async fn lint_passes_with_default_and_full_values() -> Result<()> {
     let cp = ControlPlane::shared().await;
     let chart = chart();
     let chart = chart.to_str().expect("utf-8 path");
-    let out = helm(cp, &["lint", "--strict", chart])?;
+    let out = helm(cp, &["lint", "--strict", chart]).await?;
     assert!(out.contains("0 chart(s) failed"), "{out}");
     let full = root().join("charts/spillway/ci/full-values.yaml");
     let out = helm(
@@ -218,7 +220,8 @@ async fn lint_passes_with_default_and_full_values() -> Result<()> {
             "-f",
             full.to_str().expect("utf-8"),
         ],
-    )?;
+    )
+    .await?;
     assert!(out.contains("0 chart(s) failed"), "{out}");
     Ok(())
 }
@@ -227,7 +230,7 @@ async fn lint_passes_with_default_and_full_values() -> Result<()> {
 async fn default_values_render_and_apply_on_the_api_server() -> Result<()> {
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("chart-default").await?;
-    let yaml = render(cp, &ns, &[])?;
+    let yaml = render(cp, &ns, &[]).await?;
     let objs = yaml_documents(&yaml)?;
     let got: BTreeSet<String> = kinds(&objs).into_iter().collect();
     let want: BTreeSet<String> = [
@@ -289,7 +292,7 @@ async fn default_values_render_and_apply_on_the_api_server() -> Result<()> {
         }
     }
 
-    let lines = dry_run_apply(cp, &yaml)?;
+    let lines = dry_run_apply(cp, &yaml).await?;
     assert_eq!(lines.len(), objs.len(), "one line per object: {lines:#?}");
     assert!(
         lines.iter().all(|l| l.ends_with("(server dry run)")),
@@ -302,7 +305,7 @@ async fn default_values_render_and_apply_on_the_api_server() -> Result<()> {
 async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
     let cp = ControlPlane::shared().await;
     let crds = std::fs::read_to_string(root().join("tests/fixtures/chart-test-crds.yaml"))?;
-    cp.kubectl_stdin(&["apply", "-f", "-"], &crds)?;
+    cp.kubectl_stdin(&["apply", "-f", "-"], &crds).await?;
     for crd in [
         "servicemonitors.monitoring.coreos.com",
         "podmonitors.monitoring.coreos.com",
@@ -313,13 +316,14 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
             "--for=condition=Established",
             "--timeout=60s",
             &format!("crd/{crd}"),
-        ])?;
+        ])
+        .await?;
     }
     let ns = cp.namespace("chart-full").await?;
     // rbac.namespaces and grafanaDashboard.namespace of the values file.
-    ensure_namespaces(cp, &["payments", "ci", "monitoring"])?;
+    ensure_namespaces(cp, &["payments", "ci", "monitoring"]).await?;
     let full = root().join("charts/spillway/ci/full-values.yaml");
-    let yaml = render(cp, &ns, &["-f", full.to_str().expect("utf-8")])?;
+    let yaml = render(cp, &ns, &["-f", full.to_str().expect("utf-8")]).await?;
     let objs = yaml_documents(&yaml)?;
     let ks = kinds(&objs);
     let count = |k: &str| ks.iter().filter(|x| *x == k).count();
@@ -453,7 +457,7 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
     let d: Value = serde_json::from_str(dash["data"]["spillway.json"].as_str().unwrap_or(""))?;
     assert!(d["panels"].as_array().is_some_and(|p| p.len() >= 8));
 
-    let lines = dry_run_apply(cp, &yaml)?;
+    let lines = dry_run_apply(cp, &yaml).await?;
     assert_eq!(lines.len(), objs.len(), "{lines:#?}");
     assert!(
         lines.iter().all(|l| l.ends_with("(server dry run)")),
@@ -550,7 +554,7 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
         ),
     ];
     for (set, want) in cases {
-        let err = match render(cp, "spillway-system", &["--set", set]) {
+        let err = match render(cp, "spillway-system", &["--set", set]).await {
             Ok(_) => bail!("--set {set} was accepted"),
             Err(e) => e.to_string(),
         };
@@ -574,10 +578,12 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
             "gateway.service.port=70000",
         ],
     )
+    .await
     .expect_err("port 70000 is refused");
     assert!(err.to_string().contains("/gateway/service/port"), "{err}");
     assert!(
-        cp.kubectl_output(&["get", "deploy", "-n", &ns, "-o", "name"])?
+        cp.kubectl_output(&["get", "deploy", "-n", &ns, "-o", "name"])
+            .await?
             .trim()
             .is_empty(),
         "nothing was installed"
@@ -614,7 +620,7 @@ async fn network_policy_dns_egress_follows_the_values() -> Result<()> {
     let ns = cp.namespace("chart-dns").await?;
     let on = ["--set", "networkPolicy.enabled=true"];
     // Default: the kube-dns pods of any namespace, UDP and TCP 53.
-    let objs = yaml_documents(&render(cp, &ns, &on)?)?;
+    let objs = yaml_documents(&render(cp, &ns, &on).await?)?;
     let kube_dns = serde_json::json!([{
         "namespaceSelector": {},
         "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
@@ -646,7 +652,8 @@ async fn network_policy_dns_egress_follows_the_values() -> Result<()> {
             "--set",
             "networkPolicy.dnsPorts={5353}",
         ],
-    )?;
+    )
+    .await?;
     let objs = yaml_documents(&yaml)?;
     for rule in dns_egress(&objs, &[53, 5353]) {
         assert_eq!(
@@ -663,26 +670,27 @@ async fn network_policy_dns_egress_follows_the_values() -> Result<()> {
         .filter(|o| o["kind"] == "NetworkPolicy")
         .map(|o| format!("---\n{}", serde_yaml_ng::to_string(o).expect("YAML")))
         .collect();
-    let lines = dry_run_apply(cp, &policies)?;
+    let lines = dry_run_apply(cp, &policies).await?;
     assert_eq!(lines.len(), 2, "{lines:#?}");
     // Empty: port 53 to anywhere (no `to`), e.g. NodeLocal DNSCache
     // without knowing its address.
-    let objs = yaml_documents(&render(
-        cp,
-        &ns,
-        &[on[0], on[1], "--set-json", "networkPolicy.dnsTo=[]"],
-    )?)?;
+    let objs = yaml_documents(
+        &render(
+            cp,
+            &ns,
+            &[on[0], on[1], "--set-json", "networkPolicy.dnsTo=[]"],
+        )
+        .await?,
+    )?;
     for rule in dns_egress(&objs, &[53]) {
         let (ports, to) = rule.context("a DNS rule")?;
         assert_eq!(ports, ["53/UDP", "53/TCP"]);
         assert!(to.is_null(), "no peers: {to}");
     }
     // dns: false: no DNS rule at all.
-    let objs = yaml_documents(&render(
-        cp,
-        &ns,
-        &[on[0], on[1], "--set", "networkPolicy.dns=false"],
-    )?)?;
+    let objs = yaml_documents(
+        &render(cp, &ns, &[on[0], on[1], "--set", "networkPolicy.dns=false"]).await?,
+    )?;
     assert_eq!(dns_egress(&objs, &[53]), vec![None, None]);
     Ok(())
 }
@@ -772,7 +780,7 @@ async fn gateway_drain_settings_and_grace_period_follow_the_values() -> Result<(
 
     // Defaults: the gateway's own defaults, written out; 5s + 25s + 5s of
     // shutdown and 5s of slack.
-    let defaults = gateway_shutdown(&yaml_documents(&render(cp, ns, &[])?)?)?;
+    let defaults = gateway_shutdown(&yaml_documents(&render(cp, ns, &[]).await?)?)?;
     assert_eq!(defaults.config.drain_delay, Duration::from_secs(5));
     assert_eq!(defaults.config.max_concurrent_requests, 256);
     assert_eq!(defaults.shutdown(), Duration::from_secs(35));
@@ -789,15 +797,18 @@ async fn gateway_drain_settings_and_grace_period_follow_the_values() -> Result<(
     // Custom values: carried into the config file, a new config hash (so
     // pods roll), and a grace period computed from them (107.5s rounded up,
     // plus 5s).
-    let custom = gateway_shutdown(&yaml_documents(&render(
-        cp,
-        ns,
-        &[
-            "--set",
-            "gateway.config.drainDelay=45s,gateway.config.maxConcurrentRequests=7,\
+    let custom = gateway_shutdown(&yaml_documents(
+        &render(
+            cp,
+            ns,
+            &[
+                "--set",
+                "gateway.config.drainDelay=45s,gateway.config.maxConcurrentRequests=7,\
              gateway.config.shutdownGrace=1m,gateway.config.publishTimeout=2500ms",
-        ],
-    )?)?)?;
+            ],
+        )
+        .await?,
+    )?)?;
     assert_eq!(custom.config.drain_delay, Duration::from_secs(45));
     assert_eq!(custom.config.max_concurrent_requests, 7);
     assert_eq!(custom.config.shutdown_grace, Duration::from_secs(60));
@@ -809,34 +820,38 @@ async fn gateway_drain_settings_and_grace_period_follow_the_values() -> Result<(
 
     // No drain delay; unset keys fall back to the gateway's defaults in the
     // computation too.
-    let unset = gateway_shutdown(&yaml_documents(&render(
-        cp,
-        ns,
-        &[
-            "--set",
-            "gateway.config.drainDelay=0s,gateway.config.shutdownGrace=null",
-        ],
-    )?)?)?;
+    let unset = gateway_shutdown(&yaml_documents(
+        &render(
+            cp,
+            ns,
+            &[
+                "--set",
+                "gateway.config.drainDelay=0s,gateway.config.shutdownGrace=null",
+            ],
+        )
+        .await?,
+    )?)?;
     assert_eq!(unset.config.drain_delay, Duration::ZERO);
     assert_eq!(unset.config.shutdown_grace, Duration::from_secs(25));
     assert_eq!(unset.grace_seconds, 35);
 
     // A configured grace period is kept when it exceeds the shutdown
     // (bad ones are refused: bad_values_fail_with_a_message_naming_the_value).
-    let explicit = gateway_shutdown(&yaml_documents(&render(
-        cp,
-        ns,
-        &["--set", "gateway.terminationGracePeriodSeconds=36"],
-    )?)?)?;
+    let explicit = gateway_shutdown(&yaml_documents(
+        &render(
+            cp,
+            ns,
+            &["--set", "gateway.terminationGracePeriodSeconds=36"],
+        )
+        .await?,
+    )?)?;
     assert_eq!(explicit.grace_seconds, 36);
 
     // The every-feature values file sets its own, large enough.
     let full = root().join("charts/spillway/ci/full-values.yaml");
-    let full = gateway_shutdown(&yaml_documents(&render(
-        cp,
-        ns,
-        &["-f", full.to_str().expect("utf-8")],
-    )?)?)?;
+    let full = gateway_shutdown(&yaml_documents(
+        &render(cp, ns, &["-f", full.to_str().expect("utf-8")]).await?,
+    )?)?;
     assert_eq!(full.config.drain_delay, Duration::from_secs(8));
     assert_eq!(full.config.max_concurrent_requests, 512);
     assert!(Duration::from_secs(full.grace_seconds) > full.shutdown());
@@ -862,7 +877,8 @@ async fn helm_install_prints_how_to_start_and_uninstalls() -> Result<()> {
             "--set",
             &format!("watchNamespace={ns}"),
         ],
-    )?;
+    )
+    .await?;
     for want in [
         "kubectl -n demo wait --for=condition=Ready whe/github",
         "kubectl -n demo apply -f examples/github.yaml",
@@ -872,7 +888,9 @@ async fn helm_install_prints_how_to_start_and_uninstalls() -> Result<()> {
     ] {
         assert!(out.contains(want), "NOTES lack {want:?}:\n{out}");
     }
-    let deployments = cp.kubectl_output(&["get", "deploy", "-n", &ns, "-o", "name"])?;
+    let deployments = cp
+        .kubectl_output(&["get", "deploy", "-n", &ns, "-o", "name"])
+        .await?;
     assert_eq!(
         deployments.lines().collect::<BTreeSet<_>>(),
         BTreeSet::from([
@@ -880,15 +898,17 @@ async fn helm_install_prints_how_to_start_and_uninstalls() -> Result<()> {
             "deployment.apps/spw-spillway-operator"
         ])
     );
-    helm(cp, &["uninstall", "spw", "-n", &ns, "--wait"])?;
+    helm(cp, &["uninstall", "spw", "-n", &ns, "--wait"]).await?;
     assert!(
-        cp.kubectl_output(&["get", "deploy,role,sa", "-n", &ns, "-o", "name"])?
+        cp.kubectl_output(&["get", "deploy,role,sa", "-n", &ns, "-o", "name"])
+            .await?
             .lines()
             .all(|l| l.ends_with("/default")),
         "uninstall removes what install created"
     );
     assert!(
         cp.kubectl_output(&["get", "crd", "webhookendpoints.spillway.dev", "-o", "name"])
+            .await
             .is_ok(),
         "the CRD stays"
     );

@@ -23,7 +23,7 @@ const POLICY: &str = "pp-spillway-endpoint-path";
 const EFFECTIVE: Duration = Duration::from_secs(30);
 
 /// `helm template` of the chart as `release` in `spillway-system`.
-fn render(cp: &ControlPlane, release: &str, set: &[&str]) -> Result<String> {
+async fn render(cp: &ControlPlane, release: &str, set: &[&str]) -> Result<String> {
     let mut cmd = cp.helm();
     cmd.args(["template", release])
         .arg(root().join("charts/spillway"))
@@ -32,7 +32,7 @@ fn render(cp: &ControlPlane, release: &str, set: &[&str]) -> Result<String> {
     for s in set {
         cmd.args(["--set", s]);
     }
-    let out = cmd.output().context("running helm")?;
+    let out = cmd.output().await.context("running helm")?;
     if !out.status.success() {
         bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -64,8 +64,8 @@ struct Outcome {
     stderr: String,
 }
 
-fn kubectl(cp: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Result<Outcome> {
-    use std::io::Write;
+async fn kubectl(cp: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Result<Outcome> {
+    use tokio::io::AsyncWriteExt;
     let mut child = cp
         .kubectl()
         .args(args)
@@ -83,9 +83,10 @@ fn kubectl(cp: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Result<Outc
             .stdin
             .take()
             .expect("piped stdin")
-            .write_all(input.as_bytes())?;
+            .write_all(input.as_bytes())
+            .await?;
     }
-    let out = child.wait_with_output()?;
+    let out = child.wait_with_output().await?;
     Ok(Outcome {
         ok: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -102,7 +103,7 @@ fn endpoint(ns: &str, name: &str, path: Option<&str>) -> String {
 }
 
 /// `kubectl create` an endpoint (optionally as a server-side dry run).
-fn create(
+async fn create(
     cp: &ControlPlane,
     ns: &str,
     name: &str,
@@ -113,7 +114,7 @@ fn create(
     if dry_run {
         args.push("--dry-run=server");
     }
-    kubectl(cp, &args, Some(&endpoint(ns, name, path)))
+    kubectl(cp, &args, Some(&endpoint(ns, name, path))).await
 }
 
 /// Whether kubectl's stderr carries the policy's denial of `path` in `ns`
@@ -126,10 +127,10 @@ fn denied(stderr: &str, ns: &str, path: &str) -> bool {
 
 /// Poll (bounded) until `f` holds; a new or changed policy takes a moment
 /// to be enforced.
-async fn until(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+async fn until(what: &str, mut f: impl AsyncFnMut() -> Result<bool>) -> Result<()> {
     let start = Instant::now();
     loop {
-        if f()? {
+        if f().await? {
             return Ok(());
         }
         if start.elapsed() > EFFECTIVE {
@@ -139,8 +140,12 @@ async fn until(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     }
 }
 
-fn exists(cp: &ControlPlane, ns: &str, name: &str) -> Result<bool> {
-    Ok(kubectl(cp, &["get", "whe", name, "-n", ns, "-o", "name"], None)?.ok)
+async fn exists(cp: &ControlPlane, ns: &str, name: &str) -> Result<bool> {
+    Ok(
+        kubectl(cp, &["get", "whe", name, "-n", ns, "-o", "name"], None)
+            .await?
+            .ok,
+    )
 }
 
 /// The WebhookEndpoint paths a YAML file sets (`None`: left unset).
@@ -159,12 +164,14 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
     // The API server must serve the v1 policy API (GA and on by default
     // since Kubernetes 1.30; tests/src/lib.rs sets no --runtime-config or
     // admission plugin flags that would turn it off).
-    let served = cp.kubectl_output(&[
-        "api-resources",
-        "--api-group=admissionregistration.k8s.io",
-        "-o",
-        "name",
-    ])?;
+    let served = cp
+        .kubectl_output(&[
+            "api-resources",
+            "--api-group=admissionregistration.k8s.io",
+            "-o",
+            "name",
+        ])
+        .await?;
     for r in [
         "validatingadmissionpolicies.admissionregistration.k8s.io",
         "validatingadmissionpolicybindings.admissionregistration.k8s.io",
@@ -181,7 +188,7 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
 
     // Created before the policy: a foreign path the policy would refuse.
     let legacy_path = format!("/{a}/legacy");
-    let out = create(cp, &b, "legacy", Some(&legacy_path), false)?;
+    let out = create(cp, &b, "legacy", Some(&legacy_path), false).await?;
     assert!(out.ok, "before the policy: {}", out.stderr);
 
     // Render with the policy on and one exempt namespace; apply only the
@@ -191,7 +198,8 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
         cp,
         RELEASE,
         &["pathPolicy.requireNamespacePrefix=true", &exempt],
-    )?;
+    )
+    .await?;
     let policy = admission_objects(&yaml)?;
     let kinds: Vec<&str> = policy
         .iter()
@@ -224,13 +232,14 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
     );
     let manifest = to_yaml(&policy);
     cp.kubectl_stdin(&["apply", "-f", "-"], &manifest)
+        .await
         .context("applying the policy objects")?;
 
     // Enforced once the API server has loaded it (server-side dry runs, so
     // nothing is created while it is not yet).
     let foreign = format!("/{a}/hook");
-    until("the policy to refuse a foreign path", || {
-        let out = create(cp, &b, "probe", Some(&foreign), true)?;
+    until("the policy to refuse a foreign path", async || {
+        let out = create(cp, &b, "probe", Some(&foreign), true).await?;
         Ok(!out.ok && denied(&out.stderr, &b, &foreign))
     })
     .await?;
@@ -243,7 +252,7 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
         ("lookalike", format!("/{b}x/hook")),
         ("global", "/stripe".to_owned()),
     ] {
-        let out = create(cp, &b, name, Some(&path), false)?;
+        let out = create(cp, &b, name, Some(&path), false).await?;
         assert!(!out.ok, "{path} was accepted in {b}");
         assert!(denied(&out.stderr, &b, &path), "{path}: {}", out.stderr);
         for want in [
@@ -256,7 +265,7 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
                 out.stderr
             );
         }
-        assert!(!exists(cp, &b, name)?, "{name} was not created");
+        assert!(!exists(cp, &b, name).await?, "{name} was not created");
     }
 
     // Accepted: own-namespace paths and the default path.
@@ -266,9 +275,9 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
         ("nested", Some(format!("/{b}/github/acme"))),
         ("default", None),
     ] {
-        let out = create(cp, &b, name, path.as_deref(), false)?;
+        let out = create(cp, &b, name, path.as_deref(), false).await?;
         assert!(out.ok, "{path:?} refused in {b}: {}", out.stderr);
-        assert!(exists(cp, &b, name)?);
+        assert!(exists(cp, &b, name).await?);
     }
 
     // Updates: moving an endpoint to a foreign path is refused.
@@ -286,11 +295,13 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
             &to_foreign,
         ],
         None,
-    )?;
+    )
+    .await?;
     assert!(!out.ok, "own moved to {foreign}");
     assert!(denied(&out.stderr, &b, &foreign), "{}", out.stderr);
-    let path =
-        cp.kubectl_output(&["get", "whe", "own", "-n", &b, "-o", "jsonpath={.spec.path}"])?;
+    let path = cp
+        .kubectl_output(&["get", "whe", "own", "-n", &b, "-o", "jsonpath={.spec.path}"])
+        .await?;
     assert_eq!(path, own);
 
     // The endpoint from before the policy keeps its path: an update that
@@ -300,7 +311,8 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
         cp,
         &["label", "whe", "legacy", "-n", &b, "audit=pending"],
         None,
-    )?;
+    )
+    .await?;
     assert!(out.ok, "labelling legacy: {}", out.stderr);
     let elsewhere = format!("/{a}/elsewhere");
     let out = kubectl(
@@ -316,17 +328,19 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
             &format!(r#"{{"spec":{{"path":"{elsewhere}"}}}}"#),
         ],
         None,
-    )?;
+    )
+    .await?;
     assert!(!out.ok, "legacy moved to {elsewhere}");
     assert!(denied(&out.stderr, &b, &elsewhere), "{}", out.stderr);
-    cp.kubectl_output(&["delete", "whe", "legacy", "-n", &b])?;
+    cp.kubectl_output(&["delete", "whe", "legacy", "-n", &b])
+        .await?;
 
     // The exempt namespace may use any path.
     for (name, path) in [
         ("platform-a", foreign.clone()),
         ("stripe", "/stripe".into()),
     ] {
-        let out = create(cp, &platform, name, Some(&path), false)?;
+        let out = create(cp, &platform, name, Some(&path), false).await?;
         assert!(
             out.ok,
             "{path} refused in exempt {platform}: {}",
@@ -354,7 +368,8 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
             cp,
             &["create", "--dry-run=server", "-n", &b, "-f", "-"],
             Some(&text),
-        )?;
+        )
+        .await?;
         let what = file.file_name().unwrap_or_default().to_string_lossy();
         match bad {
             Some(p) => {
@@ -380,14 +395,15 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
             &exempt,
             "pathPolicy.validationActions={Warn}",
         ],
-    )?;
+    )
+    .await?;
     let warn = to_yaml(&admission_objects(&yaml)?);
-    cp.kubectl_stdin(&["apply", "-f", "-"], &warn)?;
-    until("the Warn binding to be enforced", || {
-        Ok(create(cp, &b, "probe", Some(&foreign), true)?.ok)
+    cp.kubectl_stdin(&["apply", "-f", "-"], &warn).await?;
+    until("the Warn binding to be enforced", async || {
+        Ok(create(cp, &b, "probe", Some(&foreign), true).await?.ok)
     })
     .await?;
-    let out = create(cp, &b, "warned", Some(&foreign), false)?;
+    let out = create(cp, &b, "warned", Some(&foreign), false).await?;
     assert!(out.ok, "Warn refused: {}", out.stderr);
     assert!(
         out.stderr.contains("Warning:") && denied(&out.stderr, &b, &foreign),
@@ -396,7 +412,7 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
     );
     assert!(out.stdout.contains("warned"), "{}", out.stdout);
 
-    cp.kubectl_stdin(&["delete", "-f", "-"], &manifest)?;
+    cp.kubectl_stdin(&["delete", "-f", "-"], &manifest).await?;
     Ok(())
 }
 
@@ -404,15 +420,13 @@ async fn namespace_prefix_policy_on_the_api_server() -> Result<()> {
 async fn policy_is_off_by_default_and_its_values_are_checked() -> Result<()> {
     let cp = ControlPlane::shared().await;
     assert!(
-        admission_objects(&render(cp, "spillway", &[])?)?.is_empty(),
+        admission_objects(&render(cp, "spillway", &[]).await?)?.is_empty(),
         "no admission objects with default values"
     );
     assert!(
-        admission_objects(&render(
-            cp,
-            "spillway",
-            &["pathPolicy.exemptNamespaces={platform}"]
-        )?)?
+        admission_objects(
+            &render(cp, "spillway", &["pathPolicy.exemptNamespaces={platform}"]).await?
+        )?
         .is_empty(),
         "exemptNamespaces alone does not turn the policy on"
     );
@@ -426,7 +440,8 @@ async fn policy_is_off_by_default_and_its_values_are_checked() -> Result<()> {
             "watchNamespace=team",
             "pathPolicy.exemptNamespaces={platform,ops}",
         ],
-    )?;
+    )
+    .await?;
     let objs = admission_objects(&yaml)?;
     assert_eq!(objs.len(), 2);
     assert_eq!(
@@ -437,11 +452,9 @@ async fn policy_is_off_by_default_and_its_values_are_checked() -> Result<()> {
         ])
     );
     // Without exemptions or watchNamespace the binding matches everything.
-    let objs = admission_objects(&render(
-        cp,
-        "spillway",
-        &["pathPolicy.requireNamespacePrefix=true"],
-    )?)?;
+    let objs = admission_objects(
+        &render(cp, "spillway", &["pathPolicy.requireNamespacePrefix=true"]).await?,
+    )?;
     assert!(objs[1]["spec"]["matchResources"].is_null(), "{}", objs[1]);
 
     // Bad values fail before anything is rendered, naming the value.
@@ -464,7 +477,7 @@ async fn policy_is_off_by_default_and_its_values_are_checked() -> Result<()> {
         ),
         ("pathPolicy.prefix=/x", "'prefix' not allowed"),
     ] {
-        match render(cp, "spillway", &[set]) {
+        match render(cp, "spillway", &[set]).await {
             Ok(_) => bail!("--set {set} was accepted"),
             Err(e) => assert!(e.to_string().contains(want), "--set {set}: {e}"),
         }

@@ -162,7 +162,12 @@ impl Scenario {
     }
 }
 
-fn helm_template(cp: &ControlPlane, release: &str, ns: &str, set: &[String]) -> Result<String> {
+async fn helm_template(
+    cp: &ControlPlane,
+    release: &str,
+    ns: &str,
+    set: &[String],
+) -> Result<String> {
     let chart = root().join("charts/spillway");
     let mut cmd = cp.helm();
     cmd.args(["template", release])
@@ -172,7 +177,7 @@ fn helm_template(cp: &ControlPlane, release: &str, ns: &str, set: &[String]) -> 
     for s in set {
         cmd.args(["--set", s]);
     }
-    let out = cmd.output()?;
+    let out = cmd.output().await?;
     if !out.status.success() {
         bail!("helm template: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -333,7 +338,7 @@ async fn rendered_rbac_is_exactly_the_documented_table() -> Result<()> {
         },
     ];
     for s in &scenarios {
-        let yaml = helm_template(cp, "spillway", &s.release_ns, &s.set)?;
+        let yaml = helm_template(cp, "spillway", &s.release_ns, &s.set).await?;
         let got = rendered(&yaml_documents(&yaml)?, "spillway", &s.release_ns)?;
         let want = s.documented(&rows);
         assert!(got == want, "scenario {:?}:\n{}", s.set, diff(&want, &got));
@@ -358,13 +363,14 @@ async fn client_as(cp: &ControlPlane, ns: &str, sa: &str) -> Result<Client> {
 }
 
 /// `kubectl auth can-i` as a ServiceAccount.
-fn can_i(cp: &ControlPlane, ns: &str, sa: &str, args: &[&str]) -> Result<bool> {
+async fn can_i(cp: &ControlPlane, ns: &str, sa: &str, args: &[&str]) -> Result<bool> {
     let out = cp
         .kubectl()
         .args(["auth", "can-i"])
         .args(args)
         .arg(format!("--as=system:serviceaccount:{ns}:{sa}"))
-        .output()?;
+        .output()
+        .await?;
     let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     match answer.as_str() {
         "yes" => Ok(true),
@@ -393,8 +399,10 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// How often `DeploymentCreated` was recorded for endpoint `name` (an
 /// Event repeated by the operator's recorder carries a series count).
-fn deployment_created_count(cp: &ControlPlane, ns: &str, name: &str) -> Result<u64> {
-    let out = cp.kubectl_output(&["get", "events.events.k8s.io", "-n", ns, "-o", "json"])?;
+async fn deployment_created_count(cp: &ControlPlane, ns: &str, name: &str) -> Result<u64> {
+    let out = cp
+        .kubectl_output(&["get", "events.events.k8s.io", "-n", ns, "-o", "json"])
+        .await?;
     let list: Value = serde_json::from_str(&out)?;
     Ok(list["items"]
         .as_array()
@@ -432,7 +440,7 @@ async fn serve_with_chart_rbac(
     watch: bool,
 ) -> Result<()> {
     let release_ns = cp.namespace(&format!("{release}-sys")).await?;
-    let yaml = helm_template(cp, release, &release_ns, set)?;
+    let yaml = helm_template(cp, release, &release_ns, set).await?;
     let rbac: Vec<Value> = yaml_documents(&yaml)?
         .into_iter()
         .filter(|o| {
@@ -446,7 +454,7 @@ async fn serve_with_chart_rbac(
         .iter()
         .map(|o| format!("---\n{}", serde_yaml_ng::to_string(o).expect("YAML")))
         .collect();
-    cp.kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
+    cp.kubectl_stdin(&["apply", "-f", "-"], &manifest).await?;
 
     let op_sa = format!("{release}-spillway-operator");
     let gw_sa = format!("{release}-spillway-gateway");
@@ -478,14 +486,12 @@ async fn serve_with_chart_rbac(
         ),
         (&gw_sa, vec!["create", "secrets", "-n", team]),
     ] {
-        assert!(!can_i(cp, &release_ns, sa, &args)?, "{sa} may {args:?}");
+        assert!(
+            !can_i(cp, &release_ns, sa, &args).await?,
+            "{sa} may {args:?}"
+        );
     }
-    assert!(can_i(
-        cp,
-        &release_ns,
-        &op_sa,
-        &["get", "secrets", "-n", team]
-    )?);
+    assert!(can_i(cp, &release_ns, &op_sa, &["get", "secrets", "-n", team]).await?);
     // The operator's Deployment cache watches where endpoints are watched
     // (every namespace without watchNamespace), read-only; writes stay in
     // the workload namespaces.
@@ -495,7 +501,8 @@ async fn serve_with_chart_rbac(
             &release_ns,
             &op_sa,
             &["watch", "deployments.apps", "--all-namespaces"]
-        )?,
+        )
+        .await?,
         !watch,
         "{set:?}: cluster-wide watch of Deployments"
     );
@@ -507,17 +514,13 @@ async fn serve_with_chart_rbac(
                 &release_ns,
                 &op_sa,
                 &[verb, "deployments.apps", "-n", "kube-system"]
-            )?,
+            )
+            .await?,
             !confined,
             "{set:?}: {verb} Deployments in kube-system"
         );
     }
-    assert!(can_i(
-        cp,
-        &release_ns,
-        &gw_sa,
-        &["watch", "secrets", "-n", team]
-    )?);
+    assert!(can_i(cp, &release_ns, &gw_sa, &["watch", "secrets", "-n", team]).await?);
 
     let admin = cp.client().await?;
     // With rbac.namespaces, an endpoint in a namespace the gateway may not
@@ -546,7 +549,8 @@ spec:
     replicas: {{min: 0, max: 1}}
 "#
             ),
-        )?;
+        )
+        .await?;
         Some(ns)
     } else {
         None
@@ -610,7 +614,7 @@ spec:
     replicas: {{min: 0, max: 2, autoscaler: keda}}
 "#
     );
-    cp.kubectl_stdin(&["apply", "-f", "-"], &endpoints)?;
+    cp.kubectl_stdin(&["apply", "-f", "-"], &endpoints).await?;
     let api: Api<WebhookEndpoint> = Api::namespaced(admin.clone(), team);
 
     // Secret get, finalizer patch, stream, Deployment apply, status patch.
@@ -631,14 +635,16 @@ spec:
     })
     .await?;
     // Events were written.
-    let events = cp.kubectl_output(&[
-        "get",
-        "events.events.k8s.io",
-        "-n",
-        team,
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ])?;
+    let events = cp
+        .kubectl_output(&[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            team,
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ])
+        .await?;
     assert!(events.contains("DeploymentCreated"), "events: {events}");
     // The operator's Deployment cache works: over the next reconciles (a
     // resync every 2 s) it finds gh's Deployment up to date and neither
@@ -646,7 +652,7 @@ spec:
     // Deployments wherever the operator watches (cluster-wide here unless
     // watchNamespace), its cache never fills and every reconcile waits for
     // it, re-applies and counts another DeploymentCreated.
-    let created = deployment_created_count(cp, team, "gh")?;
+    let created = deployment_created_count(cp, team, "gh").await?;
     assert!(created >= 1, "gh's DeploymentCreated event");
     let reconciled = reconciles(&operator);
     eventually(WAIT, "four more reconciles", || async {
@@ -654,7 +660,7 @@ spec:
     })
     .await?;
     assert_eq!(
-        deployment_created_count(cp, team, "gh")?,
+        deployment_created_count(cp, team, "gh").await?,
         created,
         "{set:?}: the operator created gh's Deployment again: its Deployment cache is empty"
     );
@@ -707,11 +713,13 @@ spec:
             answer.starts_with("HTTP/1.0 503") && answer.ends_with(r#"{"error":"not_ready"}"#),
             "{answer}"
         );
-        cp.kubectl_output(&["delete", "whe", "out", "-n", ns, "--wait=false"])?;
+        cp.kubectl_output(&["delete", "whe", "out", "-n", ns, "--wait=false"])
+            .await?;
     }
 
     // Cleanup: Deployment delete, NATS cleanup, finalizer removal.
-    cp.kubectl_output(&["delete", "whe", "gh", "kd", "-n", team, "--wait=false"])?;
+    cp.kubectl_output(&["delete", "whe", "gh", "kd", "-n", team, "--wait=false"])
+        .await?;
     eventually(WAIT, "endpoints deleted", || async {
         api.list(&Default::default())
             .await

@@ -30,7 +30,8 @@ const STATUS_PATCH: &str = r#"{"status":{"path":"/team/hooks","replicas":{"desir
 /// with the status of [`STATUS_PATCH`].
 async fn endpoint_with_status(cp: &ControlPlane, prefix: &str) -> Result<String> {
     let ns = cp.namespace(prefix).await?;
-    cp.kubectl_stdin(&["apply", "-f", "-"], &endpoint_yaml(&ns))?;
+    cp.kubectl_stdin(&["apply", "-f", "-"], &endpoint_yaml(&ns))
+        .await?;
     cp.kubectl_output(&[
         "patch",
         "-n",
@@ -41,7 +42,8 @@ async fn endpoint_with_status(cp: &ControlPlane, prefix: &str) -> Result<String>
         "--type=merge",
         "-p",
         STATUS_PATCH,
-    ])?;
+    ])
+    .await?;
     Ok(ns)
 }
 
@@ -163,7 +165,8 @@ async fn send_takes_scheme_and_path_from_the_endpoint() -> Result<()> {
     use hmac::{Hmac, Mac};
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("cli-send").await?;
-    cp.kubectl_stdin(&["apply", "-f", "-"], &endpoint_yaml(&ns))?;
+    cp.kubectl_stdin(&["apply", "-f", "-"], &endpoint_yaml(&ns))
+        .await?;
     cp.kubectl_output(&[
         "patch",
         "-n",
@@ -174,7 +177,8 @@ async fn send_takes_scheme_and_path_from_the_endpoint() -> Result<()> {
         "--type=merge",
         "-p",
         r#"{"status":{"path":"/gh/acme"}}"#,
-    ])?;
+    ])
+    .await?;
     // A stand-in gateway that records what it gets.
     let gw = Sink::start().await?;
     let base = gw.url.trim_end_matches("/hook").to_owned();
@@ -247,15 +251,17 @@ async fn kubectl_spillway_is_the_cli_as_a_kubectl_plugin() -> Result<()> {
             .env("NATS_URL", "nats://127.0.0.1:1")
             .env_remove("NATS_CREDS")
             .args(args);
-        let out = c.output().expect("running kubectl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        async move {
+            let out = c.output().await.expect("running kubectl");
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
     };
 
-    let (ok, list, err) = kubectl(&["plugin", "list"]);
+    let (ok, list, err) = kubectl(&["plugin", "list"]).await;
     assert!(ok, "{list}{err}");
     assert!(
         list.contains(&plugin.display().to_string()),
@@ -263,7 +269,7 @@ async fn kubectl_spillway_is_the_cli_as_a_kubectl_plugin() -> Result<()> {
     );
 
     // KUBECONFIG reaches the plugin through the environment.
-    let (ok, out, err) = kubectl(&["spillway", "status", "hooks", "-n", &ns, "-o", "json"]);
+    let (ok, out, err) = kubectl(&["spillway", "status", "hooks", "-n", &ns, "-o", "json"]).await;
     assert!(ok, "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(v["namespace"], ns.as_str(), "{v}");
@@ -281,7 +287,7 @@ async fn kubectl_spillway_is_the_cli_as_a_kubectl_plugin() -> Result<()> {
         .env("PATH", bin.path())
         .env("NATS_URL", "nats://127.0.0.1:1")
         .args(["spillway", "--kubeconfig", &kubeconfig, "-n", &ns, "status"]);
-    let out = c.output()?;
+    let out = c.output().await?;
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -295,7 +301,7 @@ async fn kubectl_spillway_is_the_cli_as_a_kubectl_plugin() -> Result<()> {
     assert!(row.contains("/team/hooks"), "{row}");
 
     // Help speaks of `kubectl spillway`.
-    let (ok, help, err) = kubectl(&["spillway", "status", "--help"]);
+    let (ok, help, err) = kubectl(&["spillway", "status", "--help"]).await;
     assert!(ok, "{help}{err}");
     assert!(help.contains("Usage: kubectl spillway status"), "{help}");
     Ok(())

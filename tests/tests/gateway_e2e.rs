@@ -191,9 +191,10 @@ impl World {
         })
     }
 
-    fn apply(&self, yaml: &str) -> Result<()> {
+    async fn apply(&self, yaml: &str) -> Result<()> {
         self.cp
             .kubectl_stdin(&["apply", "-n", &self.ns, "-f", "-"], yaml)
+            .await
             .map(|_| ())
     }
 
@@ -263,7 +264,7 @@ impl World {
             "{scheme: github, secretRefs: [{name: keys, key: github}]}",
             "",
         );
-        self.apply(&y)?;
+        self.apply(&y).await?;
         self.stream(name, -1).await?;
         self.routed(path).await
     }
@@ -581,7 +582,7 @@ fn request(scheme: &str, n: u32, mode: Mode) -> (Vec<(String, String)>, Vec<u8>,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scheme_lands_exactly_once_and_bad_requests_are_401() -> Result<()> {
     let w = World::new("gw-schemes").await?;
-    w.apply(&all_endpoints())?;
+    w.apply(&all_endpoints()).await?;
     for s in SCHEMES {
         w.stream(s, -1).await?;
         w.routed(&format!("/e/{s}")).await?;
@@ -723,7 +724,8 @@ async fn secret_rotation_applies_live() -> Result<()> {
             "",
         )
     };
-    w.apply(&(secret("old-secret", "new-secret") + &ep("{name: gh, key: old}")))?;
+    w.apply(&(secret("old-secret", "new-secret") + &ep("{name: gh, key: old}")))
+        .await?;
     w.stream("rot", -1).await?;
     w.routed("/rot").await?;
     let send = |secret: &'static str, n: u32| {
@@ -744,7 +746,8 @@ async fn secret_rotation_applies_live() -> Result<()> {
     assert_eq!(send("new-secret", 2).await?, 401);
 
     // Add the new secret: both verify.
-    w.apply(&ep("{name: gh, key: old}, {name: gh, key: new}"))?;
+    w.apply(&ep("{name: gh, key: old}, {name: gh, key: new}"))
+        .await?;
     let mut n = 10;
     eventually(Duration::from_secs(10), "new secret accepted", || {
         n += 1;
@@ -755,7 +758,7 @@ async fn secret_rotation_applies_live() -> Result<()> {
     assert_eq!(send("old-secret", 3).await?, 200);
 
     // Remove the old one.
-    w.apply(&ep("{name: gh, key: new}"))?;
+    w.apply(&ep("{name: gh, key: new}")).await?;
     let mut m = 100;
     eventually(Duration::from_secs(10), "old secret refused", || {
         m += 1;
@@ -766,7 +769,7 @@ async fn secret_rotation_applies_live() -> Result<()> {
     assert_eq!(send("new-secret", 4).await?, 200);
 
     // Changing the Secret's value is picked up too.
-    w.apply(&secret("old-secret", "newer-secret"))?;
+    w.apply(&secret("old-secret", "newer-secret")).await?;
     let mut k = 200;
     eventually(Duration::from_secs(10), "changed value accepted", || {
         k += 1;
@@ -778,7 +781,8 @@ async fn secret_rotation_applies_live() -> Result<()> {
     // Suspend and resume live, then delete: 503, 200 again, then 404.
     w.apply(
         &ep("{name: gh, key: new}").replace("  path: /rot\n", "  path: /rot\n  suspend: true\n"),
-    )?;
+    )
+    .await?;
     let mut j = 300;
     eventually(Duration::from_secs(10), "suspended", || {
         j += 1;
@@ -786,14 +790,15 @@ async fn secret_rotation_applies_live() -> Result<()> {
         async move { f.await.is_ok_and(|s| s == 503) }
     })
     .await?;
-    w.apply(&ep("{name: gh, key: new}"))?;
+    w.apply(&ep("{name: gh, key: new}")).await?;
     eventually(Duration::from_secs(10), "resumed", || {
         j += 1;
         let f = send("newer-secret", j);
         async move { f.await.is_ok_and(|s| s == 200) }
     })
     .await?;
-    w.cp.kubectl_output(&["delete", "webhookendpoint", "rot", "-n", &w.ns])?;
+    w.cp.kubectl_output(&["delete", "webhookendpoint", "rot", "-n", &w.ns])
+        .await?;
     eventually(Duration::from_secs(10), "deleted endpoint unrouted", || {
         j += 1;
         let f = send("newer-secret", j);
@@ -845,7 +850,7 @@ async fn handshakes_are_answered_and_not_stored() -> Result<()> {
         &format!("{{scheme: twitch, secretRefs: [{}]}}", r("twitch")),
         "  handshake: {type: twitchCallbackVerification}\n",
     );
-    w.apply(&y)?;
+    w.apply(&y).await?;
     for s in ["slack", "meta", "zoom", "graph", "twitch"] {
         w.stream(s, -1).await?;
         w.routed(&format!("/h/{s}")).await?;
@@ -1053,7 +1058,7 @@ async fn limits_dedup_ordering_and_nats_outage() -> Result<()> {
     );
     y += &endpoint("full", "/l/full", gh, "");
     y += &endpoint("slow", "/l/slow", gh, "");
-    w.apply(&y)?;
+    w.apply(&y).await?;
     for s in ["small", "rated", "paused", "ordered"] {
         w.stream(s, -1).await?;
         w.routed(&format!("/l/{s}")).await?;
@@ -1304,8 +1309,10 @@ async fn concurrent_deliveries_are_all_stored() -> Result<()> {
     // A newer endpoint (creation times have one-second resolution) claiming
     // the same path does not take it over.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    w.apply(&endpoint("intruder", "/load", "{scheme: none}", ""))?;
-    w.cp.kubectl_output(&["get", "webhookendpoint", "intruder", "-n", &w.ns])?;
+    w.apply(&endpoint("intruder", "/load", "{scheme: none}", ""))
+        .await?;
+    w.cp.kubectl_output(&["get", "webhookendpoint", "intruder", "-n", &w.ns])
+        .await?;
     let router = w.gw.gateway.router.clone();
     let intruder = format!("{}/intruder", w.ns);
     eventually(Duration::from_secs(10), "conflict seen", || {
@@ -1482,7 +1489,7 @@ async fn empty_secret_values_never_verify() -> Result<()> {
         "{scheme: github, secretRefs: [{name: blank, key: github}]}",
         "",
     );
-    w.apply(&y)?;
+    w.apply(&y).await?;
     w.stream("gl", -1).await?;
     w.stream("gh", -1).await?;
     let gateway = w.gw.gateway.clone();
@@ -1506,7 +1513,7 @@ async fn empty_secret_values_never_verify() -> Result<()> {
     assert_eq!(r.status, 503, "{r:?}");
     assert_eq!(w.count("gl").await? + w.count("gh").await?, 0);
 
-    w.apply(&secret("now-set"))?;
+    w.apply(&secret("now-set")).await?;
     w.routed("/empty/gl").await?;
     w.routed("/empty/gh").await?;
     assert_eq!(
@@ -1729,9 +1736,10 @@ async fn binary_in_file_mode_serves_logs_json_and_stops_on_sigterm() -> Result<(
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(gw.stream.info().await?.state.messages, 1);
 
-    let st = std::process::Command::new("kill")
+    let st = tokio::process::Command::new("kill")
         .args(["-TERM", &gw.child.0.id().to_string()])
-        .status()?;
+        .status()
+        .await?;
     assert!(st.success());
     let mut exited = None;
     for _ in 0..100 {
@@ -1767,9 +1775,10 @@ async fn binary_on_sigterm_turns_unready_and_serves_through_the_drain_delay() ->
     let secret = "It's a Secret to Everybody";
     let mut gw = FileModeGateway::start(&nats, secret, "drainDelay: 8s\n").await?;
     let (addr, admin) = (gw.addr, gw.admin);
-    let st = std::process::Command::new("kill")
+    let st = tokio::process::Command::new("kill")
         .args(["-TERM", &gw.child.0.id().to_string()])
-        .status()?;
+        .status()
+        .await?;
     assert!(st.success());
     eventually(
         Duration::from_secs(5),
@@ -1903,7 +1912,7 @@ async fn twilio_json_is_checked_through_the_signed_body_sha256() -> Result<()> {
                 ),
                 "",
             )),
-    )?;
+    ).await?;
     w.stream("twilio-json", -1).await?;
     w.routed("/e/twilio-json").await?;
     let sign_url =

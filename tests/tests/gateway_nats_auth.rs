@@ -716,14 +716,15 @@ async fn unusable_files_stop_the_start_naming_the_setting_not_the_contents() -> 
     }
 
     // The binary: the same checks, exit code 1, message on stderr.
-    let out = std::process::Command::new(spillway_tests::bin_path("spillway-gateway"))
+    let out = tokio::process::Command::new(spillway_tests::bin_path("spillway-gateway"))
         .args(["--source", "file", "--log-format", "text"])
         .arg("--endpoints-file")
         .arg(site.path().join("endpoints.yaml"))
         .arg("--nats-url")
         .arg(url)
         .env("SPILLWAY_NATS_CREDS_FILE", site.path().join("bad.creds"))
-        .output()?;
+        .output()
+        .await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("natsCredsFile"), "{stderr}");

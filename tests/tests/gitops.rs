@@ -88,7 +88,9 @@ async fn examples_become_ready_and_a_second_apply_changes_nothing() -> Result<()
     let examples = root().join("examples");
     let examples = examples.to_str().context("utf-8 path")?;
 
-    let first = cp.kubectl_output(&["apply", "-n", &ns, "-f", examples])?;
+    let first = cp
+        .kubectl_output(&["apply", "-n", &ns, "-f", examples])
+        .await?;
     ensure!(first.contains("created"), "first apply: {first}");
 
     // `kubectl wait` on every endpoint, while a stand-in kubelet marks the
@@ -114,7 +116,7 @@ async fn examples_become_ready_and_a_second_apply_changes_nothing() -> Result<()
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
-    let out = waiter.wait_with_output()?;
+    let out = waiter.wait_with_output().await?;
     if !waited.success() {
         let whe: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ns);
         let mut conditions = String::new();
@@ -146,7 +148,9 @@ async fn examples_become_ready_and_a_second_apply_changes_nothing() -> Result<()
     // Settled: a second apply of the same files is a no-op for every object,
     // and nothing the user applied was changed by the operator.
     let before = versions(&client, &ns).await?;
-    let second = cp.kubectl_output(&["apply", "-n", &ns, "-f", examples])?;
+    let second = cp
+        .kubectl_output(&["apply", "-n", &ns, "-f", examples])
+        .await?;
     for line in second.lines() {
         // kubectl reports Secrets written with `stringData` as "configured"
         // on every apply (it cannot compare them); the resourceVersion check
@@ -159,7 +163,8 @@ async fn examples_become_ready_and_a_second_apply_changes_nothing() -> Result<()
     let diff = cp
         .kubectl()
         .args(["diff", "-n", &ns, "-f", examples])
-        .output()?;
+        .output()
+        .await?;
     ensure!(
         diff.status.success(),
         "kubectl diff found drift: {}{}",

@@ -34,8 +34,8 @@ fn rss_kib(pid: u32) -> (u64, u64) {
 }
 
 /// Mutating requests seen by the API server, by verb and resource.
-fn writes(cp: &ControlPlane) -> Result<BTreeMap<String, f64>> {
-    let text = cp.kubectl_output(&["get", "--raw", "/metrics"])?;
+async fn writes(cp: &ControlPlane) -> Result<BTreeMap<String, f64>> {
+    let text = cp.kubectl_output(&["get", "--raw", "/metrics"]).await?;
     let mut out = BTreeMap::new();
     for line in text
         .lines()
@@ -124,7 +124,7 @@ async fn thousand_endpoints() -> Result<()> {
     );
 
     let api: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ns);
-    let rollout_before = writes(cp)?;
+    let rollout_before = writes(cp).await?;
     let t0 = Instant::now();
     let created = futures::stream::iter(0..n)
         .map(|i| {
@@ -185,16 +185,16 @@ async fn thousand_endpoints() -> Result<()> {
     );
 
     println!("API writes from creation until all Ready (incl. the {n} creates):");
-    for (k, v) in diff(&rollout_before, &writes(cp)?) {
+    for (k, v) in diff(&rollout_before, &writes(cp).await?) {
         println!("  {k}: {v}");
     }
 
     // Let the last status writes and events settle, then measure idle.
     tokio::time::sleep(Duration::from_secs(35)).await;
-    let before = writes(cp)?;
+    let before = writes(cp).await?;
     let status_before = status_writes(admin).await?;
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-    let after = writes(cp)?;
+    let after = writes(cp).await?;
     let status_after = status_writes(admin).await?;
     let d = diff(&before, &after);
     let per_min = 60.0 / idle_secs as f64;

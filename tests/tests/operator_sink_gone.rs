@@ -250,7 +250,7 @@ async fn sink_gone_is_reported_on_the_endpoint_and_clears_on_success() -> Result
     // Another pod, which never saw a 410, delivers first: it heard pod a's
     // sink_gone (repeated here as pod a repeats it every 30 s while the
     // 410s go on), so it sends the sink_ok.
-    proc.sigterm()?;
+    proc.sigterm().await?;
     proc.wait_exit(WAIT).await?;
     let proc_b = ProcessorProc::spawn_with_env(&cfg, &nats.url, &pod("gh-processor-b"))?;
     proc_b.wait_ready().await?;

@@ -117,10 +117,11 @@ async fn refuses_without_crd_then_elects_one_leader_and_fails_over() -> Result<(
     }
 
     // The binary says so and exits non-zero (built by `make test`).
-    let out = std::process::Command::new(spillway_tests::bin_path("spillway-operator"))
+    let out = tokio::process::Command::new(spillway_tests::bin_path("spillway-operator"))
         .env("KUBECONFIG", &cp.kubeconfig)
         .args(["--nats-url", &nats.url, "--admin-addr", "127.0.0.1:0"])
-        .output()?;
+        .output()
+        .await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -254,13 +255,15 @@ spec:
     schema:
       openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
 "#;
-    cp.kubectl_stdin(&["apply", "--server-side", "-f", "-"], crd)?;
+    cp.kubectl_stdin(&["apply", "--server-side", "-f", "-"], crd)
+        .await?;
     cp.kubectl_output(&[
         "wait",
         "--for=condition=Established",
         "--timeout=30s",
         "crd/scaledobjects.keda.sh",
-    ])?;
+    ])
+    .await?;
     let ar = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("keda.sh", "v1alpha1", "ScaledObject"),
         "scaledobjects",
@@ -353,7 +356,8 @@ async fn runs_with_exactly_the_chart_rbac() -> Result<()> {
             "--set",
             "operator.leaderElection.leaseName=spillway-op-lease",
         ])
-        .output()?;
+        .output()
+        .await?;
     if !out.status.success() {
         bail!("helm template: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -374,23 +378,29 @@ async fn runs_with_exactly_the_chart_rbac() -> Result<()> {
             rbac.push_str(&serde_yaml_ng::to_string(&v)?);
         }
     }
-    cp.kubectl_stdin(&["apply", "-f", "-"], &rbac)?;
+    cp.kubectl_stdin(&["apply", "-f", "-"], &rbac).await?;
     // The RBAC authorizer works from a cache: wait until it sees the grants.
     let sa = format!("system:serviceaccount:{release_ns}:spillway-op");
     eventually(WAIT, "RBAC in effect", || async {
-        [
+        for (verb, res) in [
             ("get", "secrets"),
             ("list", "deployments"),
             ("patch", "webhookendpoints"),
-        ]
-        .iter()
-        .all(|(verb, res)| {
-            cp.kubectl_output(&["auth", "can-i", verb, res, "-n", &ns, "--as", &sa])
-                .is_ok_and(|o| o.trim() == "yes")
-        })
+        ] {
+            let yes = cp
+                .kubectl_output(&["auth", "can-i", verb, res, "-n", &ns, "--as", &sa])
+                .await
+                .is_ok_and(|o| o.trim() == "yes");
+            if !yes {
+                return false;
+            }
+        }
+        true
     })
     .await?;
-    let token = cp.kubectl_output(&["create", "token", "spillway-op", "-n", &release_ns])?;
+    let token = cp
+        .kubectl_output(&["create", "token", "spillway-op", "-n", &release_ns])
+        .await?;
     let mut cfg = kube::Config::new(cp.server.parse()?);
     cfg.accept_invalid_certs = true;
     cfg.auth_info.token = Some(token.trim().to_owned().into());

@@ -78,7 +78,7 @@ async fn sigterm_finishes_in_flight_and_stops_pulling() -> Result<()> {
         sink.in_flight() == 3
     })
     .await?;
-    p.sigterm()?;
+    p.sigterm().await?;
     let status = p.wait_exit(Duration::from_secs(15)).await?;
     assert!(status.success(), "exit status {status:?}\n{}", p.log_text());
 
@@ -126,7 +126,7 @@ async fn paused_does_not_pull_and_resumes_where_it_left_off() -> Result<()> {
     assert_eq!(sink.count(), 0, "delivered while paused");
     let info = ep.consumer_info(&ep.names.consumer(None)).await?;
     assert_eq!((info.num_pending, info.num_ack_pending), (2, 0));
-    p.sigterm()?;
+    p.sigterm().await?;
     assert!(p.wait_exit(Duration::from_secs(10)).await?.success());
 
     // Resumed (the operator rolls the pods with paused=false).
