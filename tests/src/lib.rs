@@ -51,7 +51,30 @@ pub fn bin_path(name: &str) -> PathBuf {
 }
 
 /// A free TCP port on 127.0.0.1 (bound then released).
+///
+/// Ports come from 20000–31999, below Linux's ephemeral range (32768 and
+/// up), so no outgoing connection of this or another process can take one
+/// between this check and the server's bind (a port from `bind(:0)` could:
+/// that made a kube-apiserver fail with "address already in use" in CI).
+/// Each process starts at its own offset and walks the range, so two
+/// suites on one machine rarely meet either.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const BASE: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (BASE + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
