@@ -27,11 +27,11 @@ build:
 test: tools fmt lint check-crds build
 	cargo test --workspace
 
-# The long fuzz run (tests/tests/fuzz.rs); `make test` runs 256 cases of
+# The long fuzz run (tests/it/fuzz.rs); `make test` runs 256 cases of
 # each property. FUZZ_CASES sets the count.
 FUZZ_CASES ?= 200000
 fuzz:
-	PROPTEST_CASES=$(FUZZ_CASES) cargo test -p spillway-tests --test fuzz -- --nocapture
+	PROPTEST_CASES=$(FUZZ_CASES) cargo test -p spillway-tests --test it fuzz:: -- --nocapture
 
 run: tools build
 	"$${CARGO_TARGET_DIR:-target}/debug/spillway-local"

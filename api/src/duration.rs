@@ -167,7 +167,7 @@ mod tests {
 
     #[test]
     fn what_format_prints_parses_back() {
-        // Found by tests/tests/fuzz.rs: counts of 2^32 and more were
+        // Found by tests/it/fuzz.rs: counts of 2^32 and more were
         // refused (a u32 multiplier), though `format` prints them.
         for d in [
             Duration::from_millis(4_294_967_296),

@@ -1,5 +1,5 @@
-//! Spillway's test harness: real servers, started per test (NATS) or per test
-//! binary (kube-apiserver + etcd), on random loopback ports, in temp dirs.
+//! Spillway's test harness: real servers, started per test (NATS) or once per
+//! test program (kube-apiserver + etcd), on random loopback ports, in temp dirs.
 //!
 //! The binaries come from `.tools/bin`, installed by `hack/install-tools.sh`.
 //! Every child process is also watched by a tiny shell watchdog that kills it
@@ -330,7 +330,7 @@ impl Drop for NatsServer {
 }
 
 /// A real kube-apiserver backed by a real etcd, with the Spillway CRD
-/// installed. One per test binary ([`ControlPlane::shared`]); tests isolate
+/// installed. One per test program ([`ControlPlane::shared`]); tests isolate
 /// themselves with their own namespaces.
 pub struct ControlPlane {
     /// Kubeconfig file for kubectl, helm and kube::Client.

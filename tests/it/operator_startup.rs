@@ -3,18 +3,15 @@
 //! CRD, leader election through a Lease with fail-over, the admin
 //! endpoints, and the KEDA path with and without KEDA's CRD.
 
-#[path = "../src/operator_support.rs"]
-mod operator_support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::operator_support::operator_settings;
 use anyhow::{Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use operator_support::operator_settings;
 use serde_json::json;
 use spillway_api::WebhookEndpoint;
 use spillway_operator::{Error, Running, Settings};

@@ -2,13 +2,10 @@
 //! the dead letter carries the original and the failure; the original is
 //! not delivered again.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::time::Duration;
 
+use crate::processor_support::*;
 use anyhow::Result;
-use processor_support::*;
 use spillway_api::wire;
 use spillway_tests::{NatsServer, eventually};
 

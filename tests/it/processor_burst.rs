@@ -1,13 +1,10 @@
 //! A burst far larger than the concurrency: the sink never sees more than
 //! `concurrency` requests at once, across replicas, and gets every message.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::time::Duration;
 
+use crate::processor_support::*;
 use anyhow::Result;
-use processor_support::*;
 use spillway_tests::{NatsServer, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

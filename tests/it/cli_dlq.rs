@@ -1,13 +1,10 @@
 //! `spillway dlq list|redrive` against a real nats-server, processor and
 //! sink: each dead letter is delivered again exactly once.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::time::Duration;
 
+use crate::processor_support::*;
 use anyhow::Result;
-use processor_support::*;
 use spillway_api::wire;
 use spillway_tests::{NatsServer, eventually};
 

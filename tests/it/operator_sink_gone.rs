@@ -7,21 +7,16 @@
 //! also when it is another pod, one that never saw a 410, that delivers
 //! first. Ready is not affected.
 
-#[path = "../src/operator_support.rs"]
-mod operator_support;
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::time::Duration;
 
+use crate::operator_support::{condition, config_of, operator_settings, wait_condition};
+use crate::processor_support::{ProcessorProc, Reply, Sink, stream_messages};
 use anyhow::{Context as _, Result};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use operator_support::{condition, config_of, operator_settings, wait_condition};
-use processor_support::{ProcessorProc, Reply, Sink, stream_messages};
 use serde_json::json;
 use spillway_api::WebhookEndpoint;
 use spillway_api::names::{EndpointNames, NOTICE_SUBJECTS};

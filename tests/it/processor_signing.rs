@@ -2,17 +2,14 @@
 //! written from the specification (RustCrypto HMAC, not the processor's
 //! ring); and the context headers a sink gets.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::processor_support::*;
 use anyhow::{Result, bail};
 use axum::http::HeaderMap;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
-use processor_support::*;
 use sha2::Sha256;
 use spillway_api::wire;
 use spillway_tests::{NatsServer, eventually};

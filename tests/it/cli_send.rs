@@ -1,16 +1,13 @@
 //! `spillway send` signs like the providers: checked by verifiers written
 //! here from each provider's documentation (RustCrypto, not the CLI's ring).
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::processor_support::*;
 use anyhow::Result;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
-use processor_support::*;
 use sha2::Sha256;
 use spillway_tests::eventually;
 

@@ -4,17 +4,14 @@
 //! status, a finalizer and nothing else of the user's objects), and
 //! `kubectl diff` sees no drift.
 
-#[path = "../src/operator_support.rs"]
-mod operator_support;
-
 use std::time::Duration;
 
+use crate::operator_support::operator_settings;
 use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
-use operator_support::operator_settings;
 use serde_json::json;
 use spillway_api::WebhookEndpoint;
 use spillway_tests::{ControlPlane, NatsServer, root};

@@ -1,13 +1,10 @@
 //! `spillway status` and `spillway send` reading WebhookEndpoints from a real
 //! kube-apiserver, with live numbers from a real nats-server.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::time::Duration;
 
+use crate::processor_support::*;
 use anyhow::Result;
-use processor_support::*;
 use spillway_tests::{ControlPlane, NatsServer, bin_path, eventually};
 
 fn endpoint_yaml(ns: &str) -> String {

@@ -1,12 +1,9 @@
 //! Ordered endpoints: per-key FIFO under retries, other keys keep flowing.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::time::Duration;
 
+use crate::processor_support::*;
 use anyhow::Result;
-use processor_support::*;
 use spillway_api::names::partition_of;
 use spillway_tests::{NatsServer, eventually};
 

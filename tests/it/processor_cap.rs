@@ -3,13 +3,10 @@
 //! the whole cap, several pods never exceed it together, and a pod killed
 //! while a retry waits loses nothing and duplicates nothing.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::time::{Duration, Instant};
 
+use crate::processor_support::*;
 use anyhow::Result;
-use processor_support::*;
 use spillway_tests::{NatsServer, eventually};
 
 const LATENCY: Duration = Duration::from_millis(30);

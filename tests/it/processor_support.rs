@@ -3,9 +3,8 @@
 //! concurrent requests, and the real `spillway-processor` binary as a child
 //! process.
 //!
-//! Included by the test files with `#[path]` (so `tests/src/lib.rs` stays the
-//! harness's own); not every test binary uses every helper.
-#![allow(dead_code)]
+//! A module of the one integration-test program (`tests/it/main.rs`), so
+//! `tests/src/lib.rs` stays the harness's own.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -173,13 +172,6 @@ impl Endpoint {
 
     fn timings(&self) -> Result<Timings> {
         check(&self.spec()?).map_err(|p| anyhow::anyhow!("invalid setup: {}", p.join("; ")))
-    }
-
-    fn consumer_names(&self) -> Vec<String> {
-        match self.setup.partitions {
-            None => vec![self.names.consumer(None)],
-            Some(n) => (0..n).map(|p| self.names.consumer(Some(p))).collect(),
-        }
     }
 
     /// The config the operator renders for this endpoint (its own

@@ -1,14 +1,11 @@
 //! `spillway replay`: stored webhooks are delivered again exactly once per
 //! replay, the live consumer goes on undisturbed.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::processor_support::*;
 use anyhow::Result;
-use processor_support::*;
 use spillway_tests::{NatsServer, eventually};
 
 fn counts(sink: &Sink) -> HashMap<String, usize> {

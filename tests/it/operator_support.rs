@@ -1,10 +1,9 @@
 //! Helpers for the tests that run the operator in-process: its settings,
 //! and reading what it wrote (conditions, the rendered processor config).
 //!
-//! Included by the test files with `#[path]` (so `tests/src/lib.rs` stays the
-//! harness's own and needs no dependency on the operator); not every test
-//! binary uses every helper.
-#![allow(dead_code)]
+//! A module of the one integration-test program (`tests/it/main.rs`), so
+//! `tests/src/lib.rs` stays the harness's own and needs no dependency on
+//! the operator.
 
 use std::time::{Duration, Instant};
 

@@ -1,13 +1,10 @@
 //! Retries: server errors and timeouts follow the backoff schedule,
 //! Retry-After is honoured, long deliveries are kept alive.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::time::Duration;
 
+use crate::processor_support::*;
 use anyhow::Result;
-use processor_support::*;
 use spillway_tests::{NatsServer, eventually};
 
 async fn start(setup: Setup) -> Result<(NatsServer, Sink, Endpoint, ProcessorProc)> {

@@ -3,12 +3,10 @@
 //! namespace). No kubelet runs, so tests set Deployment readiness through
 //! the status subresource where they need it.
 
-#[path = "../src/operator_support.rs"]
-mod operator_support;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::operator_support::{condition, config_of, operator_settings, wait_condition};
 use anyhow::Result;
 use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer};
 use futures::StreamExt;
@@ -17,7 +15,6 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use operator_support::{condition, config_of, operator_settings, wait_condition};
 use serde_json::{Value, json};
 use spillway_api::WebhookEndpoint;
 use spillway_api::names::EndpointNames;

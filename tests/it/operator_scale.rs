@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo build -p spillway-operator
-//! SPILLWAY_BENCH_ENDPOINTS=1000 cargo test -p spillway-tests --test operator_scale -- --ignored --nocapture
+//! SPILLWAY_BENCH_ENDPOINTS=1000 cargo test -p spillway-tests --test it operator_scale:: -- --ignored --nocapture
 //! ```
 
 use std::collections::BTreeMap;

@@ -12,17 +12,12 @@
 //!
 //! ```sh
 //! SPILLWAY_FAULT_MESSAGES=100000 SPILLWAY_FAULT_REPORT=docs/reliability-run.md \
-//!   cargo test -p spillway-tests --test fault_suite -- --nocapture
+//!   cargo test -p spillway-tests --test it fault_suite:: -- --nocapture
 //! ```
 //!
 //! `SPILLWAY_FAULTS=NatsLeader,Gateway` runs only those scenarios;
 //! `SPILLWAY_FAULT_DEBUG=1` prints the work and history streams' state and
 //! leaders at the end of each.
-
-#[path = "../src/operator_support.rs"]
-mod operator_support;
-#[path = "../src/processor_support.rs"]
-mod processor_support;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -31,14 +26,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::operator_support::{config_of, wait_condition};
+use crate::processor_support::{ProcessorProc, Reply, Sink, header, stream_messages};
 use anyhow::{Context, Result, bail};
 use hmac::{Hmac, Mac};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::PostParams;
-use operator_support::{config_of, wait_condition};
-use processor_support::{ProcessorProc, Reply, Sink, header, stream_messages};
 use serde_json::json;
 use sha2::Sha256;
 use spillway_api::WebhookEndpoint;

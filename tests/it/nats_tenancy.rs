@@ -3,15 +3,12 @@
 //! namespace's processors deliver, retry and dead-letter their own
 //! webhooks, and cannot read another namespace's streams.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::ffi::OsStr;
 use std::time::Duration;
 
+use crate::processor_support::*;
 use anyhow::{Context, Result};
 use async_nats::jetstream;
-use processor_support::*;
 use spillway_api::tenancy::processor_permissions;
 use spillway_tests::{NatsServer, eventually};
 

@@ -7,9 +7,6 @@
 //! The processor and CLI binaries, which share those checks
 //! (`spillway_api::nats`), connect over mutual TLS the same way.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -743,7 +740,7 @@ async fn unusable_files_stop_the_start_naming_the_setting_not_the_contents() -> 
 /// CLI connects with the same variables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processor_delivers_over_mutual_tls() -> Result<()> {
-    use processor_support::{Endpoint, ProcessorProc, Setup, Sink};
+    use crate::processor_support::{Endpoint, ProcessorProc, Setup, Sink};
     use std::ffi::OsStr;
 
     let site = site()?;
@@ -788,10 +785,10 @@ async fn processor_delivers_over_mutual_tls() -> Result<()> {
         .collect::<Result<_>>()?;
     let args = ["dlq", "list", "default/hooks", "-o", "json", "--nats-url"];
     let args: Vec<&str> = args.into_iter().chain([nats.url.as_str()]).collect();
-    let list = processor_support::spillway_ok(&args, &cli_env).await?;
+    let list = crate::processor_support::spillway_ok(&args, &cli_env).await?;
     let v: serde_json::Value = serde_json::from_str(&list.stdout)?;
     assert_eq!(v["total"], 0, "{}", list.stdout);
-    let out = processor_support::spillway(&args, &cli_env[..1]).await?;
+    let out = crate::processor_support::spillway(&args, &cli_env[..1]).await?;
     assert!(!out.success, "{}", out.stdout);
     assert!(out.stderr.contains("connecting to NATS"), "{}", out.stderr);
 

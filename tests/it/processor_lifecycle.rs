@@ -1,12 +1,9 @@
 //! Crashes, graceful shutdown and pause: nothing is lost.
 
-#[path = "../src/processor_support.rs"]
-mod processor_support;
-
 use std::time::Duration;
 
+use crate::processor_support::*;
 use anyhow::Result;
-use processor_support::*;
 use spillway_tests::{NatsServer, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
