@@ -38,18 +38,9 @@ pub enum ConfigError {
     MissingPublicUrl,
 }
 
-/// The parts of a request that verification looks at.
-#[derive(Debug, Clone, Copy)]
-pub struct Inbound<'a> {
-    /// Request headers.
-    pub headers: &'a HeaderMap,
-    /// Raw request body, exactly as received.
-    pub body: &'a [u8],
-    /// Raw query string without `?` (Twilio signs it as part of the URL).
-    pub query: Option<&'a str>,
-    /// The gateway's clock, Unix seconds.
-    pub now_unix: i64,
-}
+/// The parts of a request that verification looks at (the one shape,
+/// [`spillway_api::signature::Inbound`]).
+pub use spillway_api::signature::Inbound;
 
 /// One endpoint's verification settings and secrets, ready to check
 /// requests.
@@ -136,28 +127,21 @@ impl Verifier {
     /// Check a request. `Ok` means it verified against at least one secret
     /// (and its timestamp, if any, is within tolerance).
     pub fn verify(&self, req: &Inbound<'_>) -> Result<(), Failure> {
-        let r = sig::Inbound {
-            headers: req.headers,
-            body: req.body,
-            query: req.query,
-            now_unix: req.now_unix,
-            tolerance: self.tolerance,
-        };
-        let keys = &self.secrets;
+        let (keys, r, tolerance) = (&self.secrets, req, self.tolerance);
         match self.scheme {
             Scheme::None => Ok(()),
-            Scheme::Github => sig::github::verify(keys, &r),
-            Scheme::Stripe => sig::stripe::verify(keys, &r),
-            Scheme::Slack => sig::slack::verify(keys, &r),
-            Scheme::StandardWebhooks => sig::standard_webhooks::verify(keys, &r),
-            Scheme::Shopify => sig::shopify::verify(keys, &r),
-            Scheme::Gitlab => sig::gitlab::verify(keys, &r),
+            Scheme::Github => sig::github::verify(keys, r),
+            Scheme::Stripe => sig::stripe::verify(keys, r, tolerance),
+            Scheme::Slack => sig::slack::verify(keys, r, tolerance),
+            Scheme::StandardWebhooks => sig::standard_webhooks::verify(keys, r, tolerance),
+            Scheme::Shopify => sig::shopify::verify(keys, r),
+            Scheme::Gitlab => sig::gitlab::verify(keys, r),
             Scheme::Twilio => {
-                sig::twilio::verify(keys, &r, self.twilio_url.as_deref().unwrap_or_default())
+                sig::twilio::verify(keys, r, self.twilio_url.as_deref().unwrap_or_default())
             }
-            Scheme::Twitch => sig::twitch::verify(keys, &r),
+            Scheme::Twitch => sig::twitch::verify(keys, r, tolerance),
             Scheme::Hmac => match &self.generic {
-                Some(g) => g.verify(keys, &r),
+                Some(g) => g.verify(keys, r, tolerance),
                 None => Err(Failure::BadSignature),
             },
         }

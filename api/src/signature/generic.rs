@@ -119,7 +119,14 @@ impl Generic {
     }
 
     /// Check a request against `keys`.
-    pub fn verify(&self, keys: &[Vec<u8>], req: &Inbound<'_>) -> Result<(), Failure> {
+    /// `tolerance`: the largest accepted distance, in seconds, between the
+    /// timestamp header (when one is configured) and `req.now_unix`.
+    pub fn verify(
+        &self,
+        keys: &[Vec<u8>],
+        req: &Inbound<'_>,
+        tolerance: i64,
+    ) -> Result<(), Failure> {
         let h = header(req.headers, &self.header).ok_or(Failure::MissingSignature)?;
         let ts = match &self.timestamp_header {
             Some(name) => Some(header(req.headers, name).ok_or(Failure::MissingSignature)?),
@@ -136,7 +143,7 @@ impl Generic {
         let parts = self.parts(req.body, ts.unwrap_or_default());
         require(any_match(keys, self.algorithm, &parts, &[sig]))?;
         match ts {
-            Some(ts) => check_timestamp(ts, req.now_unix, req.tolerance),
+            Some(ts) => check_timestamp(ts, req.now_unix, tolerance),
             None => Ok(()),
         }
     }

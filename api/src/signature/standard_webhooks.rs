@@ -42,7 +42,9 @@ pub fn sign(key: &[u8], out: &Outbound<'_>) -> Result<Headers, String> {
 }
 
 /// Check a request against `keys` (key bytes).
-pub fn verify(keys: &[Vec<u8>], req: &Inbound<'_>) -> Result<(), Failure> {
+/// `tolerance`: the largest accepted distance, in seconds, between the
+/// signed timestamp and `req.now_unix`.
+pub fn verify(keys: &[Vec<u8>], req: &Inbound<'_>, tolerance: i64) -> Result<(), Failure> {
     let id = header(req.headers, WEBHOOK_ID).ok_or(Failure::MissingSignature)?;
     let ts = header(req.headers, WEBHOOK_TIMESTAMP).ok_or(Failure::MissingSignature)?;
     let sigs = header(req.headers, WEBHOOK_SIGNATURE).ok_or(Failure::MissingSignature)?;
@@ -60,5 +62,5 @@ pub fn verify(keys: &[Vec<u8>], req: &Inbound<'_>) -> Result<(), Failure> {
         &signed(id, ts, req.body),
         &candidates,
     ))?;
-    check_timestamp(ts, req.now_unix, req.tolerance)
+    check_timestamp(ts, req.now_unix, tolerance)
 }
