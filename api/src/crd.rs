@@ -476,6 +476,13 @@ pub struct StreamSpec {
     #[serde(default = "defaults::stream_max_bytes")]
     #[schemars(range(min = -1))]
     pub history_max_bytes: i64,
+    /// Most bytes of attempt records (one per delivery attempt, shown by
+    /// `spillway attempts`) kept; the oldest are dropped to make room, and
+    /// recording never delays a delivery. Records are kept for `maxAge` at
+    /// most. -1 for no limit other than the server's.
+    #[serde(default = "defaults::attempts_max_bytes")]
+    #[schemars(range(min = -1))]
+    pub attempts_max_bytes: i64,
     /// Copies JetStream keeps (1, 3 or 5 are sensible; a cluster of that
     /// size is needed). With 1, an acknowledged webhook lives on one server.
     #[serde(default = "defaults::replicas")]
@@ -503,6 +510,7 @@ impl Default for StreamSpec {
             max_bytes: defaults::stream_max_bytes(),
             max_messages: defaults::unlimited(),
             history_max_bytes: defaults::stream_max_bytes(),
+            attempts_max_bytes: defaults::attempts_max_bytes(),
             replicas: defaults::replicas(),
             storage: StorageType::default(),
             discard: DiscardPolicy::default(),
@@ -587,6 +595,12 @@ pub struct ProcessorSpec {
     /// where it left off when set back to false.
     #[serde(default)]
     pub paused: bool,
+    /// Keep the first 256 bytes of the sink's answer in each attempt
+    /// record (`spillway attempts`). Set false for sinks that answer with
+    /// data nobody should keep; status, timing and errors are still
+    /// recorded.
+    #[serde(default = "defaults::yes")]
+    pub record_response_body: bool,
 }
 
 /// The delivery target. Exactly one of `url` or `service`.
@@ -911,6 +925,9 @@ pub(crate) mod defaults {
     }
     pub fn stream_max_bytes() -> i64 {
         1024 * 1024 * 1024
+    }
+    pub fn attempts_max_bytes() -> i64 {
+        256 * 1024 * 1024
     }
     pub fn unlimited() -> i64 {
         -1

@@ -172,6 +172,38 @@ impl EndpointNames {
         format!("spillway.retry.{}.*", self.scope)
     }
 
+    /// Stream of attempt records: one per delivery attempt of every
+    /// listener (limits retention, `discard: old`).
+    pub fn attempt_stream(&self) -> String {
+        format!("spillway-attempts_{}", self.key)
+    }
+
+    /// Subject `listener`'s attempts at delivering `delivery_id` are
+    /// recorded on. The last token is the id's hash, so every attempt at
+    /// one id is found by subject (an indexed lookup, whatever the id's
+    /// characters); records carry the full id, which readers compare.
+    pub fn attempt_subject(&self, listener: &str, delivery_id: &str) -> String {
+        format!(
+            "spillway.attempt.{}.{listener}.{}",
+            self.scope,
+            delivery_hash(delivery_id)
+        )
+    }
+
+    /// Every listener's attempts at `delivery_id`.
+    pub fn attempt_lookup_subject(&self, delivery_id: &str) -> String {
+        format!(
+            "spillway.attempt.{}.*.{}",
+            self.scope,
+            delivery_hash(delivery_id)
+        )
+    }
+
+    /// Wildcard of the attempt stream's subjects.
+    pub fn attempt_subjects(&self) -> String {
+        format!("spillway.attempt.{}.>", self.scope)
+    }
+
     /// Intake subject of partition `p` before subjects were scoped
     /// (`spillway.in.<key>.<p>`): messages stored under it are still read.
     pub fn legacy_subject(&self, partition: u16) -> String {
@@ -274,6 +306,12 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     h
 }
 
+/// The subject token standing for a delivery id in attempt subjects:
+/// 16 hex digits of its FNV-1a hash.
+pub fn delivery_hash(delivery_id: &str) -> String {
+    format!("{:016x}", fnv1a64(delivery_id.as_bytes()))
+}
+
 /// The partition an ordering key falls into.
 pub fn partition_of(key: &[u8], partitions: u16) -> u16 {
     (fnv1a64(key) % u64::from(partitions.max(1))) as u16
@@ -311,6 +349,26 @@ mod tests {
         assert_eq!(c.stream(), "spillway-work_a_b_c");
         assert_eq!(c.legacy_stream(), "spillway_a_b_c");
         assert_eq!(c.history_stream(), "spillway-history_a_b_c");
+        assert_eq!(c.attempt_stream(), "spillway-attempts_a_b_c");
+    }
+
+    #[test]
+    fn attempts_of_one_delivery_share_a_subject_per_listener() {
+        let n = EndpointNames::new("team", "gh");
+        let id = "provider:github:72d3162e-cc78.11e3 *>";
+        let a = n.attempt_subject("processor", id);
+        assert_eq!(
+            a,
+            format!("spillway.attempt.team.gh.processor.{}", delivery_hash(id))
+        );
+        assert_eq!(delivery_hash(id).len(), 16);
+        assert!(!delivery_hash(id).contains(['.', '*', '>']));
+        assert_ne!(a, n.attempt_subject("processor", "other"));
+        assert_eq!(
+            n.attempt_lookup_subject(id),
+            format!("spillway.attempt.team.gh.*.{}", delivery_hash(id))
+        );
+        assert!(a.starts_with(n.attempt_subjects().trim_end_matches('>')));
     }
 
     #[test]

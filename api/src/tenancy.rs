@@ -28,7 +28,7 @@ pub struct Permissions {
 /// notices, and receive replies on their namespace's inboxes. Regenerate
 /// it when endpoints are added (`spillway nats-permissions`).
 pub fn processor_permissions(namespace: &str, endpoints: &[String]) -> Permissions {
-    let mut publish: Vec<String> = ["retry", "due", "dlq", "notice"]
+    let mut publish: Vec<String> = ["retry", "due", "dlq", "notice", "attempt"]
         .iter()
         .map(|kind| format!("spillway.{kind}.{namespace}.>"))
         .collect();
@@ -115,7 +115,8 @@ mod tests {
         let a = processor_permissions("team-a", &["gh".into(), "stripe.v2".into()]);
         let own = EndpointNames::new("team-a", "gh");
         let other = EndpointNames::new("team-b", "gh");
-        // Its own work: fetch, ack, retries, dead letters, notices.
+        // Its own work: fetch, ack, retries, dead letters, notices and
+        // attempt records.
         for s in [
             format!("$JS.API.CONSUMER.MSG.NEXT.{}.processor", own.stream()),
             format!("$JS.API.CONSUMER.MSG.NEXT.{}.processor-p3", own.stream()),
@@ -128,6 +129,7 @@ mod tests {
             own.due_subject("processor"),
             own.dead_letter_subject(),
             own.notice_subject(),
+            own.attempt_subject("processor", "provider:github:1"),
         ] {
             assert!(allowed(&a.publish, &s), "{s}");
         }

@@ -221,6 +221,108 @@ pub struct ProcessorConfig {
     pub paused: bool,
     /// Path of a file holding the outbound signing secret, if signing is on.
     pub signing_secret_file: Option<String>,
+    /// Record every attempt in the endpoint's attempt stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<AttemptsConfig>,
+}
+
+/// Where a processor records its delivery attempts (absent in configs of
+/// an operator that predates attempt records: nothing is recorded).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptsConfig {
+    /// The listener's name (a token of the attempt subjects).
+    pub listener: String,
+    /// Keep the first bytes of the sink's answer in each record.
+    #[serde(default = "yes")]
+    pub record_response_body: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One delivery attempt, as recorded in the endpoint's attempt stream
+/// (`EndpointNames::attempt_subject`). JSON; carries no secrets: no request
+/// headers, the sink only as its listener's name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptRecord {
+    /// The webhook's delivery id (`Spillway-Delivery-Id`).
+    pub delivery_id: String,
+    /// Which listener made the attempt.
+    pub listener: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// The webhook's sequence in the work stream.
+    pub stream_sequence: u64,
+    /// When the request started (RFC 3339, UTC).
+    pub started_at: String,
+    /// How long it took until the answer (or the failure), milliseconds.
+    pub duration_ms: u64,
+    /// The sink's status code, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why there was no answer, when there was none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<AttemptError>,
+    /// The first 256 bytes of the answer's body, control characters
+    /// removed (absent with `recordResponseBody: false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
+    /// What followed: `delivered`, `retry` or `dead`.
+    pub decision: AttemptDecision,
+    /// The processor pod that made it.
+    pub pod: String,
+}
+
+/// Why an attempt got no answer.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum AttemptError {
+    /// No complete answer within the delivery timeout.
+    Timeout,
+    /// The connection could not be made (refused, DNS, unreachable).
+    Connect,
+    /// The TLS handshake failed (certificate, protocol).
+    Tls,
+    /// The connection failed after it was made (reset, protocol error).
+    Transport,
+}
+
+impl AttemptError {
+    /// The name used in records and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptError::Timeout => "timeout",
+            AttemptError::Connect => "connect",
+            AttemptError::Tls => "tls",
+            AttemptError::Transport => "transport",
+        }
+    }
+}
+
+/// What followed an attempt.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum AttemptDecision {
+    /// Acknowledged: the webhook is delivered.
+    Delivered,
+    /// Another attempt follows after a backoff.
+    Retry,
+    /// Dead-lettered (or dropped when dead letters are off).
+    Dead,
+}
+
+impl AttemptDecision {
+    /// The name used in records and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptDecision::Delivered => "delivered",
+            AttemptDecision::Retry => "retry",
+            AttemptDecision::Dead => "dead",
+        }
+    }
 }
 
 /// The retry stream a processor parks failed deliveries in.

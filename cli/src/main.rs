@@ -3,6 +3,7 @@
 //! it as `kubectl-spillway` on the PATH).
 #![forbid(unsafe_code)]
 
+mod attempts;
 mod dlq;
 mod endpoint;
 mod history;
@@ -84,6 +85,19 @@ enum Cmd {
         /// configuration); `nsc`: flags for `nsc add user` (JWT mode).
         #[arg(long, value_parser = ["conf", "nsc"], default_value = "conf")]
         format: String,
+    },
+    /// Every recorded delivery attempt at one webhook (each listener's),
+    /// with the status, error or answer it got, newest last.
+    Attempts {
+        /// `name` or `namespace/name`.
+        endpoint: String,
+        /// The webhook's delivery id (`Spillway-Delivery-Id`, also shown by
+        /// `dlq list`).
+        #[arg(long)]
+        id: String,
+        /// Output format (json and yaml: see docs/cli.md for the fields).
+        #[arg(short, long, value_enum, default_value_t)]
+        output: output::Format,
     },
     /// Dead letters.
     Dlq {
@@ -357,6 +371,14 @@ async fn main() -> Result<()> {
                     perms.to_server_config()
                 );
             }
+        }
+        Cmd::Attempts {
+            endpoint,
+            id,
+            output,
+        } => {
+            let ep = g.endpoint(&endpoint).await?;
+            attempts::show(&g.nats().await?, &ep, &id, output).await?;
         }
         Cmd::Dlq {
             cmd:

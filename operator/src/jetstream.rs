@@ -146,6 +146,40 @@ pub fn history_config(
     }
 }
 
+/// The attempt stream: one record per delivery attempt of every listener
+/// (`spillway attempts`). Limits retention and `discard: old`, at most
+/// `stream.maxAge` old and `stream.attemptsMaxBytes` big: recording never
+/// refuses, so it never delays a delivery. Direct gets serve lookups.
+pub fn attempts_config(
+    names: &EndpointNames,
+    spec: &WebhookEndpointSpec,
+    t: &Timings,
+) -> stream::Config {
+    let s = &spec.stream;
+    stream::Config {
+        name: names.attempt_stream(),
+        subjects: vec![names.attempt_subjects()],
+        retention: stream::RetentionPolicy::Limits,
+        max_age: t.stream_max_age,
+        max_bytes: s.attempts_max_bytes,
+        max_messages: -1,
+        num_replicas: usize::from(s.replicas),
+        storage: storage(s.storage),
+        discard: stream::DiscardPolicy::Old,
+        max_message_size: ATTEMPT_RECORD_MAX_BYTES,
+        allow_direct: true,
+        description: Some(format!(
+            "Spillway delivery attempts, {}",
+            endpoint_id(names)
+        )),
+        ..Default::default()
+    }
+}
+
+/// Largest attempt record (a 256-byte excerpt, a delivery id of at most a
+/// few hundred bytes and a pod name fit many times over).
+const ATTEMPT_RECORD_MAX_BYTES: i32 = 16 * 1024;
+
 /// Most copies the history's source may have in flight before JetStream's
 /// flow control must confirm them (which acknowledges them in the work
 /// stream).
@@ -1213,6 +1247,8 @@ impl Js {
         // also copies the legacy stream, if any).
         self.ensure_history_consumer(names, &main.name).await?;
         self.ensure_stream(&history_config(names, spec, t, legacy.is_some()), &mut out)
+            .await?;
+        self.ensure_stream(&attempts_config(names, spec, t), &mut out)
             .await?;
         // The legacy stream's consumers that still have work.
         let mut draining = Vec::new();

@@ -10,10 +10,11 @@ use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use ring::rand::SystemRandom;
-use spillway_api::wire;
+use spillway_api::wire::{self, AttemptDecision};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::attempts::{Attempt, Recorder};
 use crate::dead_letter::{self, Failure};
 use crate::http;
 use crate::metrics::{Metrics, ReasonLabels};
@@ -129,6 +130,7 @@ pub struct Processor {
     shutdown: Shutdown,
     ready: Arc<AtomicBool>,
     notifier: Notifier,
+    recorder: Option<Recorder>,
 }
 
 impl std::fmt::Debug for Processor {
@@ -223,7 +225,17 @@ impl Processor {
             pod_name(),
             metrics.clone(),
         );
+        let recorder = settings.attempts.clone().map(|c| {
+            Recorder::start(
+                js.clone(),
+                &settings.endpoint,
+                c,
+                pod_name(),
+                metrics.clone(),
+            )
+        });
         Ok(Self {
+            recorder,
             permits: Arc::new(Semaphore::new(pool)),
             settings,
             js,
@@ -791,6 +803,7 @@ impl Processor {
 
         self.metrics.in_flight.inc();
         let started = Instant::now();
+        let started_at = jiff::Timestamp::now();
         let result = self
             .keep_alive(
                 &msg,
@@ -810,7 +823,23 @@ impl Processor {
         let class = result.status_class();
         self.notifier.observe(result.status());
 
-        match decide(&result, attempt, s.max_attempts, &s.backoff) {
+        let decision = decide(&result, attempt, s.max_attempts, &s.backoff);
+        if let Some(r) = &self.recorder {
+            r.record(&Attempt {
+                delivery_id: &id,
+                attempt,
+                stream_sequence: seq,
+                started_at,
+                took: started.elapsed(),
+                result: &result,
+                decision: match decision {
+                    Decision::Ack => AttemptDecision::Delivered,
+                    Decision::Retry { .. } => AttemptDecision::Retry,
+                    Decision::DeadLetter { .. } => AttemptDecision::Dead,
+                },
+            });
+        }
+        match decision {
             Decision::Ack => {
                 self.metrics.delivery("acked", class);
                 if let Err(e) = msg.double_ack().await {

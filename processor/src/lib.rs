@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod attempts;
 pub mod dead_letter;
 pub mod engine;
 pub mod http;

@@ -30,6 +30,14 @@ pub struct NoticeLabels {
     pub kind: &'static str,
 }
 
+/// Labels of `spillway_processor_attempt_records_failed_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecordFailureLabels {
+    /// `queue_full` (deliveries outpaced recording) or `publish` (JetStream
+    /// did not confirm the record).
+    pub reason: &'static str,
+}
+
 /// Every metric the processor exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -59,6 +67,10 @@ pub struct Metrics {
     pub retries_moved: Counter,
     /// Due retries the main stream refused for now (kept, tried again).
     pub retry_move_failures: Counter,
+    /// Attempt records stored.
+    pub attempt_records: Counter,
+    /// Attempt records lost (the deliveries went on), by reason.
+    pub attempt_record_failures: Family<RecordFailureLabels, Counter>,
 }
 
 impl Metrics {
@@ -78,6 +90,8 @@ impl Metrics {
             park_failures: Counter::default(),
             retries_moved: Counter::default(),
             retry_move_failures: Counter::default(),
+            attempt_records: Counter::default(),
+            attempt_record_failures: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("spillway_processor");
         r.register(
@@ -144,6 +158,16 @@ impl Metrics {
             "retry_move_failures",
             "Due retries the main stream refused for now (kept and tried again)",
             m.retry_move_failures.clone(),
+        );
+        r.register(
+            "attempt_records",
+            "Delivery attempts recorded in the attempt stream",
+            m.attempt_records.clone(),
+        );
+        r.register(
+            "attempt_records_failed",
+            "Attempt records lost, by reason (deliveries never wait for records)",
+            m.attempt_record_failures.clone(),
         );
         m
     }

@@ -9,8 +9,8 @@ use spillway_api::wire::{DrainConfig, ProcessorConfig, RetryConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The JSON did not parse.
-    #[error("processor config is not valid JSON for ProcessorConfig")]
-    Json(#[from] serde_json::Error),
+    #[error("processor config is not valid JSON for ProcessorConfig: {0}")]
+    Json(#[from] serde_path_to_error::Error<serde_json::Error>),
     /// A field is out of range or malformed.
     #[error("processor config field {field}: {problem}")]
     Field {
@@ -63,6 +63,8 @@ pub struct Settings {
     pub paused: bool,
     /// File with the outbound signing secret.
     pub signing_secret_file: Option<String>,
+    /// Where attempts are recorded (none with an older operator's config).
+    pub attempts: Option<spillway_api::wire::AttemptsConfig>,
     /// Where failed deliveries wait out their delay, off the cap; `None`:
     /// on their own consumer (ordered endpoints).
     pub retry: Option<RetryConfig>,
@@ -75,7 +77,9 @@ pub struct Settings {
 impl Settings {
     /// Parse the JSON form (as in `SPILLWAY_PROCESSOR_CONFIG`).
     pub fn from_json(json: &str) -> Result<Self, ConfigError> {
-        Self::from_config(serde_json::from_str(json)?)
+        // The error names the field (`timeout: invalid duration ...`).
+        let de = &mut serde_json::Deserializer::from_str(json);
+        Self::from_config(serde_path_to_error::deserialize(de)?)
     }
 
     /// Check a config and parse its durations.
@@ -142,6 +146,7 @@ impl Settings {
             rate_share,
             paused: c.paused,
             signing_secret_file: c.signing_secret_file.filter(|s| !s.is_empty()),
+            attempts: c.attempts,
             retry: c.retry,
             drain: c
                 .drain
@@ -216,6 +221,7 @@ mod tests {
             rate_limit_per_second: None,
             paused: false,
             signing_secret_file: None,
+            attempts: None,
         }
     }
 

@@ -8,11 +8,12 @@ pub(super) fn leftovers(names: &EndpointNames, policy: DeletionPolicy) -> String
     match policy {
         DeletionPolicy::Retain => format!("consumers of stream {}", names.stream()),
         DeletionPolicy::Delete => format!(
-            "streams {}, {}, {} and {} and their consumers",
+            "streams {}, {}, {}, {} and {} and their consumers",
             names.stream(),
             names.history_stream(),
             names.dead_letter_stream(),
-            names.retry_stream()
+            names.retry_stream(),
+            names.attempt_stream()
         ),
     }
 }
@@ -40,6 +41,7 @@ pub(super) async fn nats_cleanup(
             names.legacy_stream(),
             names.dead_letter_stream(),
             names.retry_stream(),
+            names.attempt_stream(),
         ] {
             if js.delete_stream(&s).await? {
                 done.push(format!("stream {s}"));

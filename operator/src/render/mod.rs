@@ -17,7 +17,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use spillway_api::names::{BUILTIN_LISTENER, EndpointNames, fnv1a64};
 use spillway_api::validate::Timings;
-use spillway_api::wire::{DrainConfig, PROCESSOR_CONFIG_ENV, ProcessorConfig, RetryConfig};
+use spillway_api::wire::{
+    AttemptsConfig, DrainConfig, PROCESSOR_CONFIG_ENV, ProcessorConfig, RetryConfig,
+};
 use spillway_api::{ProcessorSpec, UrlScheme, WebhookEndpoint};
 
 use crate::settings::Settings;
@@ -196,6 +198,10 @@ pub fn processor_config(
             .signing
             .as_ref()
             .map(|s| format!("{SIGNING_DIR}/{}", s.secret_ref.key)),
+        attempts: Some(AttemptsConfig {
+            listener: BUILTIN_LISTENER.to_owned(),
+            record_response_body: p.record_response_body,
+        }),
     }
 }
 
