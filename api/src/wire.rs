@@ -254,7 +254,8 @@ pub struct AttemptRecord {
     pub listener: String,
     /// 1 for the first attempt.
     pub attempt: u32,
-    /// The webhook's sequence in the work stream.
+    /// The work-stream sequence of the copy delivered (a retry is a copy
+    /// put back after the original, with a later sequence).
     pub stream_sequence: u64,
     /// When the request started (RFC 3339, UTC).
     pub started_at: String,

@@ -39,7 +39,8 @@ pub struct Attempt<'a> {
     pub delivery_id: &'a str,
     /// 1 for the first attempt.
     pub attempt: u32,
-    /// The webhook's sequence in the work stream.
+    /// The work-stream sequence of the copy delivered (a retry is a copy
+    /// put back after the original, with a later sequence).
     pub stream_sequence: u64,
     /// When the request started.
     pub started_at: jiff::Timestamp,

@@ -12,6 +12,7 @@ mod operator_support;
 mod processor_support;
 
 mod api_crd;
+mod attempts;
 mod chart_argocd;
 mod chart_helm;
 mod chart_path_policy;

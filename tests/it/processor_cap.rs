@@ -37,15 +37,10 @@ async fn failing_first_attempts_do_not_slow_the_drain() -> Result<()> {
     let mut failing = 0;
     for (i, id) in ids.iter().enumerate() {
         let first = match i % 20 {
-            0 | 7 => Reply {
-                status: 503,
-                retry_after: None,
-                delay: LATENCY,
-            },
+            0 | 7 => Reply::slow(503, LATENCY),
             13 => Reply {
-                status: 429,
-                retry_after: Some("1".into()),
                 delay: LATENCY,
+                ..Reply::retry_after(429, "1")
             },
             _ => continue,
         };

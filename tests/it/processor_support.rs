@@ -26,7 +26,7 @@ use spillway_api::names::{EndpointNames, partition_of};
 use spillway_api::validate::{Timings, check};
 use spillway_api::wire::{self, ProcessorConfig};
 use spillway_operator::jetstream::{
-    consumer_configs, dead_letter_config, history_config, history_consumer_config,
+    attempts_config, consumer_configs, dead_letter_config, history_config, history_consumer_config,
     retry_consumer_configs, retry_stream_config, stream_config,
 };
 use spillway_tests::{bin_path, eventually, free_port, watchdog};
@@ -112,6 +112,7 @@ impl Endpoint {
             .context("creating the history source consumer")?;
         for cfg in [
             history_config(&names, &spec, &t, false),
+            attempts_config(&names, &spec, &t),
             dead_letter_config(&names, &spec, &t),
             retry_stream_config(&names, &spec, &t),
         ] {
@@ -334,6 +335,8 @@ pub struct Reply {
     pub status: u16,
     pub retry_after: Option<String>,
     pub delay: Duration,
+    /// The answer's body.
+    pub body: String,
 }
 
 impl Reply {
@@ -342,6 +345,13 @@ impl Reply {
             status,
             retry_after: None,
             delay: Duration::ZERO,
+            body: "scripted".into(),
+        }
+    }
+    pub fn body(status: u16, body: &str) -> Self {
+        Self {
+            body: body.into(),
+            ..Self::status(status)
         }
     }
     pub fn retry_after(status: u16, value: &str) -> Self {
@@ -442,8 +452,8 @@ async fn sink_handler(
     s.received.lock().unwrap()[index].answered = true;
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match reply.retry_after {
-        Some(ra) => (status, [("retry-after", ra)], "scripted").into_response(),
-        None => (status, "scripted").into_response(),
+        Some(ra) => (status, [("retry-after", ra)], reply.body).into_response(),
+        None => (status, reply.body).into_response(),
     }
 }
 

@@ -1,0 +1,162 @@
+//! Attempt records: every delivery attempt is recorded with the answer it
+//! got, `spillway attempts` finds them by delivery id, and recording never
+//! holds up a delivery.
+
+use std::time::Duration;
+
+use crate::processor_support::*;
+use anyhow::Result;
+use spillway_api::wire::{AttemptDecision, AttemptRecord};
+use spillway_tests::{NatsServer, eventually};
+
+/// The records `spillway attempts` prints for `id` (JSON).
+async fn attempts(nats: &NatsServer, id: &str) -> Result<Vec<AttemptRecord>> {
+    let out = spillway_ok(
+        &["attempts", "default/hooks", "--id", id, "-o", "json"],
+        &[("NATS_URL", nats.url.as_str())],
+    )
+    .await?;
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    assert_eq!(v["deliveryId"], id, "{v}");
+    Ok(serde_json::from_value(v["items"].clone())?)
+}
+
+/// Wait until `n` records of `id` are readable (records are written after
+/// the delivery, never before it is acknowledged).
+async fn wait_records(nats: &NatsServer, id: &str, n: usize) -> Result<Vec<AttemptRecord>> {
+    eventually(Duration::from_secs(15), "attempt records", || async {
+        attempts(nats, id).await.is_ok_and(|r| r.len() >= n)
+    })
+    .await?;
+    attempts(nats, id).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_attempt_is_recorded_with_the_answer_it_got() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    let ep = Endpoint::create(
+        nats.jetstream().await?,
+        Setup {
+            max_attempts: 3,
+            backoff: vec!["200ms".into()],
+            ..Setup::default()
+        },
+    )
+    .await?;
+    let p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    // A control character and a newline in the answer; and an answer far
+    // longer than what a record keeps.
+    sink.script(
+        "flaky.1",
+        vec![
+            Reply::body(503, "busy\u{7}\nretry later"),
+            Reply::status(200),
+        ],
+    );
+    sink.script("bad", vec![Reply::body(422, &"x".repeat(4096))]);
+    let seq = ep.publish("flaky.1", None, "{}").await?;
+    ep.publish("bad", None, "{}").await?;
+
+    let flaky = wait_records(&nats, "flaky.1", 2).await?;
+    assert_eq!(flaky.len(), 2, "{flaky:#?}");
+    assert_eq!(flaky.iter().map(|r| r.attempt).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(flaky[0].status, Some(503));
+    assert_eq!(flaky[0].response.as_deref(), Some("busy  retry later"));
+    assert_eq!(flaky[0].decision, AttemptDecision::Retry);
+    assert_eq!(flaky[1].status, Some(200));
+    assert_eq!(flaky[1].decision, AttemptDecision::Delivered);
+    for r in &flaky {
+        assert_eq!(r.listener, "processor");
+        assert_eq!(r.delivery_id, "flaky.1");
+        assert!(!r.pod.is_empty());
+        assert!(
+            r.started_at.parse::<jiff::Timestamp>().is_ok(),
+            "{}",
+            r.started_at
+        );
+    }
+    assert!(flaky[0].started_at < flaky[1].started_at);
+    // The first attempt's copy is the one published; a retry is a copy the
+    // processor put back, stored after it.
+    assert_eq!(flaky[0].stream_sequence, seq);
+    assert!(flaky[1].stream_sequence > seq);
+
+    let bad = wait_records(&nats, "bad", 1).await?;
+    assert_eq!(bad.len(), 1, "{bad:#?}");
+    assert_eq!(bad[0].status, Some(422));
+    assert_eq!(bad[0].decision, AttemptDecision::Dead);
+    assert_eq!(bad[0].response.as_deref().map(str::len), Some(256));
+
+    // An id nobody sent: nothing, said plainly.
+    let none = spillway_ok(
+        &["attempts", "default/hooks", "--id", "never-sent"],
+        &[("NATS_URL", nats.url.as_str())],
+    )
+    .await?;
+    assert!(
+        none.stdout
+            .starts_with("no attempts recorded for never-sent"),
+        "{}",
+        none.stdout
+    );
+    // The table.
+    let table = spillway_ok(
+        &["attempts", "default/hooks", "--id", "flaky.1"],
+        &[("NATS_URL", nats.url.as_str())],
+    )
+    .await?;
+    let lines: Vec<&str> = table.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", table.stdout);
+    assert!(
+        lines[1].contains("503") && lines[1].contains("retry"),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        lines[2].contains("200") && lines[2].contains("delivered"),
+        "{}",
+        table.stdout
+    );
+    assert!(p.metric("spillway_processor_attempt_records_total").await? >= 3.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_never_holds_up_a_delivery() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    let js = nats.jetstream().await?;
+    let ep = Endpoint::create(js.clone(), Setup::default()).await?;
+    // recordResponseBody: false keeps status and timing only.
+    let mut config = ep.config(&sink.url);
+    config
+        .attempts
+        .as_mut()
+        .expect("the operator's config records attempts")
+        .record_response_body = false;
+    let p = ProcessorProc::start(&config, &nats.url).await?;
+    sink.script("quiet", vec![Reply::body(200, "account 4711 balance 12")]);
+    ep.publish("quiet", None, "{}").await?;
+    let quiet = wait_records(&nats, "quiet", 1).await?;
+    assert_eq!(quiet[0].status, Some(200));
+    assert_eq!(quiet[0].response, None, "{quiet:#?}");
+
+    // Without the attempt stream every record fails, and every webhook is
+    // still delivered.
+    js.delete_stream(ep.names.attempt_stream()).await?;
+    let ids: Vec<String> = (0..20).map(|i| format!("n{i}")).collect();
+    ep.publish_many(&ids).await?;
+    eventually(Duration::from_secs(15), "all delivered", || async {
+        let d = sink.delivered_ids();
+        ids.iter().all(|id| d.contains(id))
+    })
+    .await?;
+    eventually(Duration::from_secs(15), "lost records counted", || async {
+        p.metric("spillway_processor_attempt_records_failed_total{reason=\"publish\"}")
+            .await
+            .is_ok_and(|v| v >= 20.0)
+    })
+    .await?;
+    Ok(())
+}
