@@ -160,3 +160,114 @@ async fn recording_never_holds_up_a_delivery() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// Benchmark (ignored; docs/benchmarks/attempts.md): look up one delivery
+/// id's attempts with `spillway attempts` among a million stored records.
+///
+/// ```sh
+/// cargo build -p spillway-cli
+/// SPILLWAY_BENCH_RECORDS=1000000 cargo test -p spillway-tests --test it \
+///   attempts::lookup_among_a_million_records -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run on purpose, see docs/benchmarks/attempts.md"]
+async fn lookup_among_a_million_records() -> Result<()> {
+    use std::time::Instant;
+
+    use futures::StreamExt as _;
+    use spillway_api::names::EndpointNames;
+    use spillway_api::wire::AttemptDecision;
+
+    let records: u64 = std::env::var("SPILLWAY_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let nats = NatsServer::start().await?;
+    let js = nats.jetstream().await?;
+    let names = EndpointNames::new("default", "hooks");
+    // The operator's stream, with room for every record.
+    let spec: spillway_api::WebhookEndpointSpec = serde_json::from_value(serde_json::json!({
+        "verification": {"scheme": "none"},
+        "processor": {"sink": {"url": "http://sink.invalid/"}},
+        "stream": {"attemptsMaxBytes": -1},
+    }))?;
+    let t = spillway_api::validate::check(&spec).map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    js.create_stream(spillway_operator::jetstream::attempts_config(
+        &names, &spec, &t,
+    ))
+    .await?;
+
+    // One record per delivery id, three listeners, as a processor writes
+    // them; 256 publishes awaiting their acknowledgement at a time.
+    let started = Instant::now();
+    let record = |i: u64| AttemptRecord {
+        delivery_id: format!("provider:github:{i:08x}-cc78-11e3-81ab-4c9367dc0958"),
+        listener: ["processor", "ci", "bot"][(i % 3) as usize].into(),
+        attempt: 1,
+        stream_sequence: i + 1,
+        started_at: "2026-12-05T10:00:00.123Z".into(),
+        duration_ms: 12,
+        status: Some(200),
+        error: None,
+        response: Some("ok".into()),
+        decision: AttemptDecision::Delivered,
+        pod: "hooks-processor-7d9f8c6b5-x2x4q".into(),
+    };
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for i in 0..records {
+        let r = record(i);
+        let payload = serde_json::to_vec(&r)?;
+        let ack = js
+            .publish(
+                names.attempt_subject(&r.listener, &r.delivery_id),
+                payload.into(),
+            )
+            .await?;
+        acks.push(ack.into_future());
+        while acks.len() >= 256 {
+            acks.next().await.expect("pending")?;
+        }
+    }
+    while let Some(a) = acks.next().await {
+        a?;
+    }
+    let fill = started.elapsed();
+    let mut stream = js.get_stream(names.attempt_stream()).await?;
+    let stored = stream.info().await?.state.clone();
+    assert_eq!(stored.messages, records);
+
+    // Look up ids at the start, middle and end, each with the real CLI
+    // (a process: start, connect, look up, print).
+    let env = [("NATS_URL", nats.url.as_str())];
+    let mut timings = Vec::new();
+    for i in [0, records / 2, records - 1, records / 3, records * 2 / 3] {
+        let id = record(i).delivery_id;
+        let t0 = Instant::now();
+        let out = spillway_ok(
+            &["attempts", "default/hooks", "--id", &id, "-o", "json"],
+            &env,
+        )
+        .await?;
+        timings.push(t0.elapsed());
+        let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
+        assert_eq!(v["items"].as_array().map(Vec::len), Some(1), "{v}");
+        assert_eq!(v["items"][0]["deliveryId"], id.as_str());
+    }
+    timings.sort();
+    println!(
+        "| records | stored MiB | fill | lookups (5, `spillway attempts` process, sorted) |\n|---:|---:|---:|---|\n| {records} | {:.0} | {:.1} s | {} |",
+        stored.bytes as f64 / 1048576.0,
+        fill.as_secs_f64(),
+        timings
+            .iter()
+            .map(|d| format!("{} ms", d.as_millis()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let worst = *timings.last().expect("five lookups");
+    assert!(
+        worst < Duration::from_millis(200),
+        "a lookup took {worst:?} among {records} records (target < 200 ms)"
+    );
+    Ok(())
+}
