@@ -114,6 +114,14 @@ pub fn replay_msg_id(run: &str, seq: u64) -> String {
     format!("spillway:replay:{run}:{seq}")
 }
 
+/// `Nats-Msg-Id` of a copy `spillway redeliver` makes of the webhook at
+/// `seq` of the history stream `stream`: unique per run, so each command
+/// makes one new delivery, and a publish retried within the run is
+/// deduplicated.
+pub fn redeliver_msg_id(stream: &str, seq: u64, run: &str) -> String {
+    format!("spillway:redeliver:{stream}:{seq}:{run}")
+}
+
 /// `Nats-Msg-Id` of the parked copy of the message at `seq` of `stream`:
 /// a pod that dies after parking and before acknowledging delivers the
 /// message again and parks it again, which JetStream then deduplicates.
@@ -254,6 +262,10 @@ pub struct AttemptRecord {
     pub listener: String,
     /// 1 for the first attempt.
     pub attempt: u32,
+    /// When the gateway accepted the webhook (`Spillway-Received-At`),
+    /// when known: where `spillway redeliver` starts looking in the history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<String>,
     /// The work-stream sequence of the copy delivered (a retry is a copy
     /// put back after the original, with a later sequence).
     pub stream_sequence: u64,

@@ -152,6 +152,7 @@ mod tests {
     fn record(attempt: u32, status: Option<u16>, error: Option<AttemptError>) -> AttemptRecord {
         AttemptRecord {
             delivery_id: "d-1".into(),
+            received_at: None,
             listener: "processor".into(),
             attempt,
             stream_sequence: 4,

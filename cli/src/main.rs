@@ -9,6 +9,7 @@ mod endpoint;
 mod history;
 mod output;
 mod progress;
+mod redeliver;
 mod replay;
 mod send;
 mod status;
@@ -129,6 +130,22 @@ enum Cmd {
         /// without duplicates (within the stream's duplicate window).
         #[arg(long)]
         replay_id: Option<String>,
+    },
+    /// Deliver one stored webhook again to one listener (one new request,
+    /// recorded like any other attempt; see `attempts`).
+    Redeliver {
+        /// `name` or `namespace/name`.
+        endpoint: String,
+        /// The webhook's delivery id.
+        id: String,
+        /// The listener to deliver it to.
+        #[arg(long, default_value = spillway_api::names::BUILTIN_LISTENER)]
+        listener: String,
+        /// Search the history from this long ago (e.g. `2h`) when the
+        /// webhook has no attempt records to start from (default: the whole
+        /// history).
+        #[arg(long)]
+        since: Option<String>,
     },
     /// Sign a test webhook like the provider would and POST it to the gateway.
     Send {
@@ -428,6 +445,36 @@ async fn main() -> Result<()> {
                 } else {
                     String::new()
                 }
+            );
+        }
+        Cmd::Redeliver {
+            endpoint,
+            id,
+            listener,
+            since,
+        } => {
+            let ep = g.endpoint(&endpoint).await?;
+            let since = match since {
+                Some(s) => {
+                    let d = spillway_api::duration::parse(&s).map_err(anyhow::Error::msg)?;
+                    Some(replay::since(d)?)
+                }
+                None => None,
+            };
+            let r = redeliver::redeliver(
+                &g.nats().await?,
+                &ep,
+                &id,
+                &listener,
+                since,
+                &replay::new_run_id(),
+            )
+            .await?;
+            println!(
+                "redelivering {id} of {ep} to listener {listener}: history sequence {} \
+                 (found after reading {}), queued as work-stream sequence {}; \
+                 `spillway attempts {ep} --id {id}` shows the new attempt",
+                r.history_seq, r.scanned, r.work_seq
             );
         }
         Cmd::Replay {

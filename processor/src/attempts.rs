@@ -37,6 +37,8 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Attempt<'a> {
     /// The webhook's delivery id.
     pub delivery_id: &'a str,
+    /// When the gateway accepted it (`Spillway-Received-At`), if known.
+    pub received_at: Option<&'a str>,
     /// 1 for the first attempt.
     pub attempt: u32,
     /// The work-stream sequence of the copy delivered (a retry is a copy
@@ -79,6 +81,7 @@ pub fn record_of(a: &Attempt<'_>, listener: &str, pod: &str, record_body: bool) 
     };
     AttemptRecord {
         delivery_id: a.delivery_id.to_owned(),
+        received_at: a.received_at.map(str::to_owned),
         listener: listener.to_owned(),
         attempt: a.attempt,
         stream_sequence: a.stream_sequence,
@@ -190,6 +193,7 @@ mod tests {
     fn attempt(result: &AttemptResult) -> Attempt<'_> {
         Attempt {
             delivery_id: "provider:github:1",
+            received_at: Some("2026-12-05T09:59:59.000Z"),
             attempt: 2,
             stream_sequence: 7,
             started_at: "2026-12-05T10:00:00.123456Z".parse().unwrap(),

@@ -827,6 +827,11 @@ impl Processor {
         if let Some(r) = &self.recorder {
             r.record(&Attempt {
                 delivery_id: &id,
+                received_at: msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(wire::RECEIVED_AT))
+                    .map(|v| v.as_str()),
                 attempt,
                 stream_sequence: seq,
                 started_at,

@@ -161,6 +161,69 @@ async fn recording_never_holds_up_a_delivery() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeliver_sends_one_stored_webhook_again() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let env = [("NATS_URL", nats.url.as_str())];
+    let sink = Sink::start().await?;
+    let ep = Endpoint::create(nats.jetstream().await?, Setup::default()).await?;
+    let _p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    for i in 0..5 {
+        ep.publish(&format!("other-{i}"), None, "{}").await?;
+    }
+    ep.publish("r1", None, r#"{"order":42}"#).await?;
+    wait_records(&nats, "r1", 1).await?;
+
+    let out = spillway_ok(&["redeliver", "default/hooks", "r1"], &env).await?;
+    assert!(out.stdout.contains("redelivering r1"), "{}", out.stdout);
+    eventually(Duration::from_secs(15), "r1 delivered again", || async {
+        sink.attempts("r1").len() == 2
+    })
+    .await?;
+    let got = sink.attempts("r1");
+    assert_eq!(got[1].body, got[0].body);
+    // The new request is an attempt like any other, numbered afresh.
+    let records = wait_records(&nats, "r1", 2).await?;
+    assert_eq!(
+        records
+            .iter()
+            .map(|r| (r.attempt, r.decision))
+            .collect::<Vec<_>>(),
+        [
+            (1, AttemptDecision::Delivered),
+            (1, AttemptDecision::Delivered)
+        ]
+    );
+    // One request per command: nothing else was sent again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.attempts("r1").len(), 2);
+    assert_eq!(sink.attempts("other-0").len(), 1);
+
+    let missing = spillway(
+        &["redeliver", "default/hooks", "nope", "--since", "1h"],
+        &env,
+    )
+    .await?;
+    assert!(!missing.success);
+    assert!(
+        missing.stderr.contains("nope is not in the history"),
+        "{}",
+        missing.stderr
+    );
+    let listener = spillway(
+        &["redeliver", "default/hooks", "r1", "--listener", "ci"],
+        &env,
+    )
+    .await?;
+    assert!(!listener.success);
+    assert!(
+        listener.stderr.contains("listener \"ci\" not found"),
+        "{}",
+        listener.stderr
+    );
+    Ok(())
+}
+
 /// Benchmark (ignored; docs/benchmarks/attempts.md): look up one delivery
 /// id's attempts with `spillway attempts` among a million stored records.
 ///
@@ -202,6 +265,7 @@ async fn lookup_among_a_million_records() -> Result<()> {
     let started = Instant::now();
     let record = |i: u64| AttemptRecord {
         delivery_id: format!("provider:github:{i:08x}-cc78-11e3-81ab-4c9367dc0958"),
+        received_at: Some("2026-12-05T10:00:00.001Z".into()),
         listener: ["processor", "ci", "bot"][(i % 3) as usize].into(),
         attempt: 1,
         stream_sequence: i + 1,
