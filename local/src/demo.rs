@@ -188,6 +188,10 @@ pub fn provider_headers(
     Some(headers)
 }
 
+/// The delivery id of the GitHub webhook the demo sends twice (the second
+/// is deduplicated); `make run`'s summary shows its attempts.
+pub const RETRIED_ID: &str = "demo-retry";
+
 /// The sample requests: one good webhook per example, a provider retry of
 /// one of them, and requests the gateway must refuse.
 pub fn samples(examples: &[Example]) -> Vec<Sample> {
@@ -217,7 +221,7 @@ pub fn samples(examples: &[Example]) -> Vec<Sample> {
     }
     if let Some(gh) = examples.iter().find(|e| e.scheme == "github") {
         let body = br#"{"zen":"Keep it logically awesome."}"#.to_vec();
-        let headers = provider_headers(gh, &body, ts, "demo-retry").unwrap_or_default();
+        let headers = provider_headers(gh, &body, ts, RETRIED_ID).unwrap_or_default();
         for case in ["provider retry (1st)", "provider retry (2nd, deduplicated)"] {
             out.push(Sample {
                 endpoint: gh.name.clone(),

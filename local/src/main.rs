@@ -72,6 +72,34 @@ fn spawn(bin: &str, env: &[(&str, String)], log: PathBuf) -> Result<Proc> {
     Ok(Proc(child))
 }
 
+/// What `spillway attempts` prints for `id` (the real CLI), once the
+/// records are there (they are written just after each attempt).
+async fn attempts(endpoint: &str, id: &str, nats_url: &str) -> String {
+    let mut text = String::new();
+    for _ in 0..25 {
+        let out = tokio::process::Command::new(bin_path("spillway"))
+            .args(["attempts", endpoint, "--id", id])
+            .env("NATS_URL", nats_url)
+            .env_remove("NATS_CREDS")
+            .stdin(Stdio::null())
+            .output()
+            .await;
+        text = match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+            Err(e) => format!("spillway attempts: {e}"),
+        };
+        if text.starts_with("LISTENER") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    text.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn step(msg: &str) {
     println!("==> {msg}");
 }
@@ -206,6 +234,14 @@ async fn main() -> Result<()> {
         samples.len() - wrong,
         samples.len()
     );
+    if let Some(gh) = examples.iter().find(|e| e.scheme == "github") {
+        let ep = format!("{NAMESPACE}/{}", gh.name);
+        step(&format!(
+            "the attempts of one webhook: spillway attempts {ep} --id {}",
+            demo::RETRIED_ID
+        ));
+        println!("{}", attempts(&ep, demo::RETRIED_ID, &nats.url).await);
+    }
     println!(
         "\nSpillway is running ({:.0}s to start).\n  gateway     http://{gateway_addr}/<path>   (paths: {})\n  kubectl     KUBECONFIG={kubeconfig} .tools/bin/kubectl get whe -A\n  NATS        {}\n  logs        {}\n",
         started.elapsed().as_secs_f64(),

@@ -26,6 +26,7 @@ fn local_spillway_runs_the_demo_end_to_end() {
         "webhook_callback_verification",
         "unknown path                              404",
         "Spillway is running",
+        "spillway attempts demo/",
     ] {
         assert!(stdout.contains(want), "missing {want:?} in\n{stdout}");
     }
@@ -41,4 +42,16 @@ fn local_spillway_runs_the_demo_end_to_end() {
         .expect("summary has counts");
     assert_eq!(delivered, expected, "{summary}");
     assert!(expected >= 9, "one webhook per example at least: {summary}");
+    // The summary shows the attempts of the webhook sent twice: one
+    // delivery, recorded with the sink's answer.
+    let table: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains("spillway attempts demo/"))
+        .skip(1)
+        .take(2)
+        .collect();
+    assert!(
+        table.len() == 2 && table[0].contains("LISTENER") && table[1].contains("delivered"),
+        "no attempts table in\n{stdout}"
+    );
 }
