@@ -9,6 +9,7 @@
 pub mod condition;
 mod crd;
 pub mod duration;
+pub mod event;
 pub mod names;
 #[cfg(feature = "nats")]
 pub mod nats;

@@ -6,6 +6,7 @@
 mod attempts;
 mod dlq;
 mod endpoint;
+mod events;
 mod history;
 mod output;
 mod progress;
@@ -100,6 +101,31 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: output::Format,
     },
+    /// Stored webhooks (from the history) with their delivery state per
+    /// listener; `events show ENDPOINT ID` for one in full.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Events {
+        #[command(subcommand)]
+        cmd: Option<EventsCmd>,
+        /// `name` or `namespace/name`.
+        #[arg(required = true)]
+        endpoint: Option<String>,
+        /// Webhooks received within this long ago (e.g. `1h`, `30m`).
+        #[arg(long, default_value = "1h")]
+        since: String,
+        /// Only webhooks in this state (for `--listener`, else for any).
+        #[arg(long, value_enum)]
+        state: Option<events::State>,
+        /// Only this listener's state.
+        #[arg(long)]
+        listener: Option<String>,
+        /// Show the newest this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Output format (json and yaml: see docs/cli.md for the fields).
+        #[arg(short, long, value_enum, default_value_t)]
+        output: output::Format,
+    },
     /// Dead letters.
     Dlq {
         #[command(subcommand)]
@@ -174,6 +200,28 @@ enum Cmd {
         id: Option<String>,
         /// The body (`-` for stdin).
         body: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EventsCmd {
+    /// One stored webhook: its headers (signatures and credentials
+    /// redacted), its body on request, and every attempt.
+    Show {
+        /// `name` or `namespace/name`.
+        endpoint: String,
+        /// The webhook's delivery id.
+        id: String,
+        /// Print the body too.
+        #[arg(long)]
+        body: bool,
+        /// Search the history from this long ago when the webhook has no
+        /// attempt records to start from (default: the whole history).
+        #[arg(long)]
+        since: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: output::Format,
     },
 }
 
@@ -447,6 +495,43 @@ async fn main() -> Result<()> {
                 }
             );
         }
+        Cmd::Events {
+            cmd:
+                Some(EventsCmd::Show {
+                    endpoint,
+                    id,
+                    body,
+                    since,
+                    output,
+                }),
+            ..
+        } => {
+            let ep = g.endpoint(&endpoint).await?;
+            let since = since.map(|s| ago(&s)).transpose()?;
+            let shown = events::show(&g.nats().await?, &ep, &id, since, body).await?;
+            events::render_shown(&mut std::io::stdout().lock(), &shown, output)?;
+        }
+        Cmd::Events {
+            cmd: None,
+            endpoint,
+            since,
+            state,
+            listener,
+            limit,
+            output,
+        } => {
+            let ep = g
+                .endpoint(&endpoint.context("ENDPOINT is required")?)
+                .await?;
+            let q = events::Query {
+                since: ago(&since)?,
+                state,
+                listener,
+                limit,
+            };
+            let listing = events::rows(&g.nats().await?, &ep, &q).await?;
+            events::render(&mut std::io::stdout().lock(), &listing, output)?;
+        }
         Cmd::Redeliver {
             endpoint,
             id,
@@ -454,13 +539,7 @@ async fn main() -> Result<()> {
             since,
         } => {
             let ep = g.endpoint(&endpoint).await?;
-            let since = match since {
-                Some(s) => {
-                    let d = spillway_api::duration::parse(&s).map_err(anyhow::Error::msg)?;
-                    Some(replay::since(d)?)
-                }
-                None => None,
-            };
+            let since = since.map(|s| ago(&s)).transpose()?;
             let r = redeliver::redeliver(
                 &g.nats().await?,
                 &ep,
@@ -572,6 +651,12 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The time `d` (a Go-style duration such as `2h`) ago.
+fn ago(d: &str) -> Result<time::OffsetDateTime> {
+    let d = spillway_api::duration::parse(d).map_err(anyhow::Error::msg)?;
+    replay::since(d)
 }
 
 #[cfg(test)]

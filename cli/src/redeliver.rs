@@ -15,7 +15,7 @@ use spillway_api::names::BUILTIN_LISTENER;
 use spillway_api::wire;
 
 use crate::endpoint::EndpointRef;
-use crate::history::{self, Reader, Start};
+use crate::history::{self, Reader, Start, Stored};
 
 /// Where the search starts when the attempt records say when the webhook
 /// was accepted: this much earlier (the history stores its copy after the
@@ -36,8 +36,7 @@ pub struct Redelivered {
 }
 
 /// Find `id` in the endpoint's history and publish one copy for
-/// `listener`. `since` bounds the search when there are no attempt records
-/// to start from.
+/// `listener` (see [`find`] for `since`).
 pub async fn redeliver(
     js: &jetstream::Context,
     ep: &EndpointRef,
@@ -54,43 +53,7 @@ pub async fn redeliver(
     }
     let names = ep.names();
     let history_name = names.history_stream();
-    let mut stream = js.get_stream(&history_name).await.with_context(|| {
-        format!(
-            "stream {history_name} not found (is the endpoint ready, and the NATS account right?)"
-        )
-    })?;
-    let state = stream.info().await?.state.clone();
-    if state.messages == 0 {
-        bail!("the history of {ep} is empty: nothing to redeliver");
-    }
-    let start = match since {
-        Some(t) => Start::Time(t),
-        None => match accepted_at(js, ep, id).await {
-            Some(t) => Start::Time(t - BEFORE_RECEIVED),
-            None => {
-                eprintln!(
-                    "no attempt records for {id}: searching the whole history of {ep} \
-                     ({} webhooks; --since narrows it)",
-                    state.messages
-                );
-                Start::First
-            }
-        },
-    };
-    let mut r = Reader::open(js, &history_name, start, state.last_sequence).await?;
-    let mut scanned = 0u64;
-    let found = loop {
-        let Some(m) = r.next().await? else {
-            bail!(
-                "{id} is not in the history of {ep} (not received, or older than what \
-                 stream.maxAge and stream.historyMaxBytes keep)"
-            );
-        };
-        scanned += 1;
-        if history::header(&m.headers, wire::DELIVERY_ID).as_deref() == Some(id) {
-            break m;
-        }
-    };
+    let (found, scanned) = find(js, ep, id, since).await?;
     let work = js
         .get_stream(names.stream())
         .await
@@ -122,6 +85,55 @@ pub async fn redeliver(
         work_seq: ack.sequence,
         scanned,
     })
+}
+
+/// Find `id` in the endpoint's history: from when its attempt records say
+/// it was accepted, else from `since`, else from the start. Returns the
+/// stored webhook and how many messages were read.
+pub async fn find(
+    js: &jetstream::Context,
+    ep: &EndpointRef,
+    id: &str,
+    since: Option<time::OffsetDateTime>,
+) -> Result<(Stored, u64)> {
+    let history_name = ep.names().history_stream();
+    let mut stream = js.get_stream(&history_name).await.with_context(|| {
+        format!(
+            "stream {history_name} not found (is the endpoint ready, and the NATS account right?)"
+        )
+    })?;
+    let state = stream.info().await?.state.clone();
+    if state.messages == 0 {
+        bail!("the history of {ep} is empty: {id} is not in it");
+    }
+    let start = match accepted_at(js, ep, id).await {
+        Some(t) => Start::Time(t - BEFORE_RECEIVED),
+        None => match since {
+            Some(t) => Start::Time(t),
+            None => {
+                eprintln!(
+                    "no attempt records for {id}: searching the whole history of {ep} \
+                     ({} webhooks; --since narrows it)",
+                    state.messages
+                );
+                Start::First
+            }
+        },
+    };
+    let mut r = Reader::open(js, &history_name, start, state.last_sequence).await?;
+    let mut scanned = 0u64;
+    loop {
+        let Some(m) = r.next().await? else {
+            bail!(
+                "{id} is not in the history of {ep} (not received, or older than what \
+                 stream.maxAge and stream.historyMaxBytes keep)"
+            );
+        };
+        scanned += 1;
+        if history::header(&m.headers, wire::DELIVERY_ID).as_deref() == Some(id) {
+            return Ok((m, scanned));
+        }
+    }
 }
 
 /// When the gateway accepted `id`, from its attempt records.

@@ -224,6 +224,91 @@ async fn redeliver_sends_one_stored_webhook_again() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_list_stored_webhooks_with_their_state() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let env = [("NATS_URL", nats.url.as_str())];
+    let sink = Sink::start().await?;
+    let ep = Endpoint::create(
+        nats.jetstream().await?,
+        Setup {
+            max_attempts: 3,
+            backoff: vec!["30s".into()],
+            ..Setup::default()
+        },
+    )
+    .await?;
+    let _p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    sink.script("bad", vec![Reply::status(422)]);
+    sink.script("later", vec![Reply::status(503)]);
+    // A GitHub push, with its signature header as the gateway stores it.
+    let mut h = ep.gateway_headers("push-1", None);
+    h.insert("Spillway-Orig-X-Github-Event", "push");
+    h.insert("Spillway-Orig-X-Hub-Signature-256", "sha256=0123abcd");
+    ep.js
+        .publish_with_headers(ep.names.subject(0), h, r#"{"ref":"main"}"#.into())
+        .await?
+        .await?;
+    for id in ["bad", "later"] {
+        ep.publish(id, None, r#"{"type":"invoice.paid"}"#).await?;
+    }
+    for id in ["push-1", "bad", "later"] {
+        wait_records(&nats, id, 1).await?;
+    }
+
+    let list = spillway_ok(&["events", "default/hooks", "-o", "json"], &env).await?;
+    let v: serde_json::Value = serde_json::from_str(&list.stdout)?;
+    let items = v["items"].as_array().expect("items");
+    let row = |id: &str| {
+        items
+            .iter()
+            .find(|i| i["deliveryId"] == id)
+            .unwrap_or_else(|| panic!("{id} not listed: {v}"))
+            .clone()
+    };
+    assert_eq!(items.len(), 3, "{v}");
+    assert_eq!(row("push-1")["eventType"], "push");
+    assert_eq!(row("push-1")["listeners"][0]["state"], "delivered");
+    assert_eq!(row("bad")["eventType"], "invoice.paid");
+    assert_eq!(row("bad")["listeners"][0]["state"], "dead");
+    assert_eq!(row("bad")["listeners"][0]["lastStatus"], 422);
+    assert_eq!(row("later")["listeners"][0]["state"], "failed");
+
+    let dead = spillway_ok(&["events", "default/hooks", "--state", "dead"], &env).await?;
+    let lines: Vec<&str> = dead.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", dead.stdout);
+    assert!(
+        lines[1].contains("bad") && lines[1].contains("processor=dead(1)"),
+        "{}",
+        dead.stdout
+    );
+
+    let shown = spillway_ok(&["events", "show", "default/hooks", "push-1"], &env).await?;
+    let text = &shown.stdout;
+    assert!(text.contains("Event type:   push"), "{text}");
+    assert!(
+        text.contains("Spillway-Orig-X-Hub-Signature-256: <redacted>"),
+        "{text}"
+    );
+    assert!(!text.contains("0123abcd"), "{text}");
+    assert!(
+        text.contains("--body prints it") && !text.contains("\"ref\""),
+        "{text}"
+    );
+    assert!(text.contains("delivered"), "{text}");
+    let with_body = spillway_ok(
+        &["events", "show", "default/hooks", "push-1", "--body"],
+        &env,
+    )
+    .await?;
+    assert!(
+        with_body.stdout.contains(r#"{"ref":"main"}"#),
+        "{}",
+        with_body.stdout
+    );
+    Ok(())
+}
+
 /// Benchmark (ignored; docs/benchmarks/attempts.md): look up one delivery
 /// id's attempts with `spillway attempts` among a million stored records.
 ///
