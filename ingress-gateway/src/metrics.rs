@@ -1,5 +1,8 @@
 //! Prometheus metrics of the gateway. Labels never carry secrets or request
-//! paths that are not configured (unknown paths count as `endpoint=""`).
+//! paths that are not configured (unknown paths count as
+//! `webhook_endpoint=""`). The label is not `endpoint`: Prometheus
+//! Operator sets its own `endpoint` target label (the port name), which
+//! would rename ours to `exported_endpoint`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,7 +15,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `namespace/name`, or empty for unknown paths.
-    pub endpoint: String,
+    pub webhook_endpoint: String,
     /// HTTP status answered.
     pub status: u16,
 }
@@ -21,7 +24,7 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerifyLabels {
     /// `namespace/name`.
-    pub endpoint: String,
+    pub webhook_endpoint: String,
     /// `missing_signature`, `bad_signature` or `timestamp_out_of_tolerance`.
     pub reason: String,
 }
@@ -30,7 +33,7 @@ pub struct VerifyLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     /// `namespace/name`.
-    pub endpoint: String,
+    pub webhook_endpoint: String,
 }
 
 /// Labels of the file-source reload counter.

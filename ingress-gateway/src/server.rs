@@ -238,7 +238,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
                     gw.metrics
                         .verify_failures
                         .get_or_create(&VerifyLabels {
-                            endpoint: endpoint.clone(),
+                            webhook_endpoint: endpoint.clone(),
                             reason: f.reason().to_owned(),
                         })
                         .inc();
@@ -251,7 +251,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     gw.metrics
         .requests
         .get_or_create(&RequestLabels {
-            endpoint,
+            webhook_endpoint: endpoint,
             status: response.status().as_u16(),
         })
         .inc();
@@ -466,7 +466,7 @@ async fn store(
         retry_after: gw.limits.retry_after_secs,
     };
     let labels = EndpointLabels {
-        endpoint: route.endpoint.clone(),
+        webhook_endpoint: route.endpoint.clone(),
     };
     if gw.nats.connection_state() != async_nats::connection::State::Connected {
         gw.metrics.publish_failures.get_or_create(&labels).inc();
@@ -718,16 +718,16 @@ mod tests {
         let m = gw.metrics.encode();
         assert!(
             m.contains(
-                r#"verify_failures_total{endpoint="ns/plain",reason="missing_signature"} 1"#
+                r#"verify_failures_total{webhook_endpoint="ns/plain",reason="missing_signature"} 1"#
             ),
             "{m}"
         );
         assert!(
-            m.contains(r#"requests_total{endpoint="",status="404"} 1"#),
+            m.contains(r#"requests_total{webhook_endpoint="",status="404"} 1"#),
             "{m}"
         );
         assert!(
-            m.contains(r#"requests_total{endpoint="ns/rated",status="429"} 1"#),
+            m.contains(r#"requests_total{webhook_endpoint="ns/rated",status="429"} 1"#),
             "{m}"
         );
         assert!(!gw.ready(), "not ready without NATS");

@@ -31,6 +31,17 @@ async fn wait_records(nats: &NatsServer, id: &str, n: usize) -> Result<Vec<Attem
     attempts(nats, id).await
 }
 
+/// Wait until the history holds `n` webhooks (it copies the work stream
+/// through JetStream's flow-controlled sourcing, a moment behind).
+async fn wait_history(ep: &Endpoint, n: u64) -> Result<()> {
+    eventually(Duration::from_secs(15), "history copies", || async {
+        stream_len(&ep.js, &ep.names.history_stream())
+            .await
+            .is_ok_and(|len| len >= n)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_attempt_is_recorded_with_the_answer_it_got() -> Result<()> {
     let nats = NatsServer::start().await?;
@@ -119,6 +130,7 @@ async fn every_attempt_is_recorded_with_the_answer_it_got() -> Result<()> {
         table.stdout
     );
     assert!(p.metric("spillway_processor_attempt_records_total").await? >= 3.0);
+    spillway_tests::check_metric_labels(&p.metrics().await?)?;
     Ok(())
 }
 
@@ -173,6 +185,7 @@ async fn redeliver_sends_one_stored_webhook_again() -> Result<()> {
     }
     ep.publish("r1", None, r#"{"order":42}"#).await?;
     wait_records(&nats, "r1", 1).await?;
+    wait_history(&ep, 6).await?;
 
     let out = spillway_ok(&["redeliver", "default/hooks", "r1"], &env).await?;
     assert!(out.stdout.contains("redelivering r1"), "{}", out.stdout);
@@ -255,6 +268,7 @@ async fn events_list_stored_webhooks_with_their_state() -> Result<()> {
     for id in ["push-1", "bad", "later"] {
         wait_records(&nats, id, 1).await?;
     }
+    wait_history(&ep, 3).await?;
 
     let list = spillway_ok(&["events", "default/hooks", "-o", "json"], &env).await?;
     let v: serde_json::Value = serde_json::from_str(&list.stdout)?;

@@ -684,12 +684,18 @@ async fn every_scheme_lands_exactly_once_and_bad_requests_are_401() -> Result<()
         .body;
     assert!(
         metrics.contains(&format!(
-            "spillway_gateway_verify_failures_total{{endpoint=\"{}/stripe\",reason=\"timestamp_out_of_tolerance\"}} 1",
+            "spillway_gateway_verify_failures_total{{webhook_endpoint=\"{}/stripe\",reason=\"timestamp_out_of_tolerance\"}} 1",
             w.ns
         )),
         "{metrics}"
     );
     assert!(metrics.contains("spillway_gateway_publish_duration_seconds_bucket"));
+    // Prometheus Operator's own target labels stay its own.
+    spillway_tests::check_metric_labels(&metrics)?;
+    assert!(
+        spillway_tests::check_metric_labels("x_total{endpoint=\"a/b\"} 1").is_err(),
+        "the check catches a reserved label"
+    );
     assert!(!metrics.contains("It's a Secret"), "no secrets in metrics");
     w.gw.shutdown().await;
     Ok(())

@@ -354,6 +354,7 @@ async fn create_update_pause_suspend_idle_and_delete() -> Result<()> {
         metrics.contains("spillway_operator_reconciles_total"),
         "{metrics}"
     );
+    spillway_tests::check_metric_labels(&metrics)?;
     assert!(
         metrics.contains(r#"spillway_operator_endpoints{condition="Ready",status="True"} 1"#),
         "{metrics}"

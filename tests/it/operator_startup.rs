@@ -161,11 +161,9 @@ async fn refuses_without_crd_then_elects_one_leader_and_fails_over() -> Result<(
             .await?
             .contains("ok (standby)")
     );
-    assert!(
-        get(leader.admin_addr, "/metrics")
-            .await?
-            .contains("spillway_operator_reconcile_duration_seconds")
-    );
+    let metrics = get(leader.admin_addr, "/metrics").await?;
+    assert!(metrics.contains("spillway_operator_reconcile_duration_seconds"));
+    spillway_tests::check_metric_labels(&metrics)?;
 
     // The leader reconciles.
     endpoint(&client, &ns, "one", json!({})).await?;

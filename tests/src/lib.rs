@@ -50,6 +50,41 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
+/// Target labels Prometheus Operator puts on every series it scrapes
+/// through a ServiceMonitor or PodMonitor. A metric's own label of the same
+/// name is renamed `exported_<name>` (unless `honorLabels`), which breaks
+/// dashboards and alerts written against it.
+pub const PROMETHEUS_OPERATOR_TARGET_LABELS: &[&str] = &[
+    "job",
+    "instance",
+    "namespace",
+    "service",
+    "pod",
+    "container",
+    "endpoint",
+];
+
+/// Fail when a series of the Prometheus text `exposition` has a label that
+/// Prometheus Operator reserves ([`PROMETHEUS_OPERATOR_TARGET_LABELS`]).
+pub fn check_metric_labels(exposition: &str) -> Result<()> {
+    for line in exposition.lines().filter(|l| !l.starts_with('#')) {
+        let Some(labels) = line
+            .split_once('{')
+            .and_then(|(_, rest)| rest.rsplit_once('}'))
+            .map(|(l, _)| l)
+        else {
+            continue;
+        };
+        for pair in labels.split(',') {
+            let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
+            if PROMETHEUS_OPERATOR_TARGET_LABELS.contains(&name) {
+                bail!("label {name:?} is one Prometheus Operator sets itself: {line}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released).
 ///
 /// Ports come from 20000–31999, below Linux's ephemeral range (32768 and
