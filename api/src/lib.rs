@@ -10,6 +10,8 @@ pub mod condition;
 mod crd;
 pub mod duration;
 pub mod event;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod names;
 #[cfg(feature = "nats")]
 pub mod nats;

@@ -123,16 +123,8 @@ pub struct Cli {
     pub log_format: Option<LogFormat>,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One JSON object per line.
-    #[default]
-    Json,
-    /// Human-readable.
-    Text,
-}
+/// Log output format (the one every Spillway process uses).
+pub use spillway_api::logging::LogFormat;
 
 /// The config file: the same options as [`Cli`], camelCase.
 #[derive(Debug, Default, Deserialize)]

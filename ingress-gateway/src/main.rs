@@ -1,21 +1,12 @@
 //! The `spillway-gateway` binary.
 use anyhow::Context;
 use clap::Parser;
-use spillway_gateway::config::{Cli, Config, LogFormat};
-use tracing_subscriber::EnvFilter;
+use spillway_gateway::config::{Cli, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load(Cli::parse()).context("loading configuration")?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match config.log_format {
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_current_span(true)
-            .with_env_filter(filter)
-            .init(),
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-    }
+    spillway_api::logging::init(config.log_format, "info");
     let running = spillway_gateway::run::start(&config, None)
         .await
         .context("starting the gateway")?;

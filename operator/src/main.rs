@@ -3,17 +3,11 @@
 use anyhow::Context as _;
 use clap::Parser;
 use spillway_operator::Settings;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .json()
-        .init();
     let settings = Settings::parse();
+    spillway_api::logging::init(settings.log_format, "info");
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes configuration (in-cluster or kubeconfig)")?;

@@ -86,6 +86,20 @@ pub struct Settings {
     /// `--nats-tls-required`.
     #[arg(long, env = "SPILLWAY_PROCESSOR_NATS_TLS_REQUIRED", action = clap::ArgAction::Set)]
     pub processor_nats_tls_required: Option<bool>,
+    /// Log format of the operator.
+    #[arg(long, env = spillway_api::logging::FORMAT_ENV, value_enum, default_value_t)]
+    pub log_format: spillway_api::logging::LogFormat,
+    /// Log format of the processor pods (`SPILLWAY_LOG_FORMAT` in them).
+    #[arg(
+        long,
+        env = "SPILLWAY_PROCESSOR_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub processor_log_format: spillway_api::logging::LogFormat,
+    /// Log filter of the processor pods (`RUST_LOG` in them).
+    #[arg(long, env = "SPILLWAY_PROCESSOR_LOG_LEVEL", default_value = "info")]
+    pub processor_log_level: String,
     /// Processor container image.
     #[arg(long, env = "SPILLWAY_PROCESSOR_IMAGE", default_value = concat!("ghcr.io/spillway-dev/spillway-processor:", env!("CARGO_PKG_VERSION")))]
     pub processor_image: String,

@@ -41,18 +41,11 @@ struct Args {
     #[arg(long, env = "SPILLWAY_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime_duration)]
     shutdown_timeout: Duration,
     /// Log format.
-    #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, env = spillway_api::logging::FORMAT_ENV, value_enum, default_value_t)]
     log_format: LogFormat,
 }
 
-/// How logs are written.
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+use spillway_api::logging::LogFormat;
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
     spillway_api::duration::parse(s).map_err(|e| e.to_string())
@@ -121,15 +114,7 @@ async fn connect(args: &Args, endpoint: &str) -> Result<async_nats::Client> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,async_nats=warn".into());
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-    }
+    spillway_api::logging::init(args.log_format, "info,async_nats=warn");
     let settings = load_settings(&args)?;
     tracing::info!(
         endpoint = %settings.endpoint,

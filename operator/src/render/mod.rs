@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
+use spillway_api::logging;
 use spillway_api::names::{BUILTIN_LISTENER, EndpointNames, fnv1a64};
 use spillway_api::validate::Timings;
 use spillway_api::wire::{
@@ -374,6 +375,16 @@ pub fn deployment(
         EnvVar {
             name: NATS_URL_ENV.into(),
             value: Some(settings.processor_nats_url()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: logging::FORMAT_ENV.into(),
+            value: Some(settings.processor_log_format.as_str().into()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: logging::LEVEL_ENV.into(),
+            value: Some(settings.processor_log_level.clone()),
             ..Default::default()
         },
     ];
@@ -887,6 +898,14 @@ spec:
         for name in tls_envs {
             assert!(!env(&plain).contains_key(name), "{name} without settings");
         }
+        // The processor logs as the operator was told processors log.
+        assert_eq!(env(&plain)[logging::FORMAT_ENV], "json");
+        assert_eq!(env(&plain)[logging::LEVEL_ENV], "info");
+        let mut text = Settings::defaults();
+        text.processor_log_format = logging::LogFormat::Text;
+        text.processor_log_level = "debug,async_nats=warn".into();
+        assert_eq!(env(&render(&text))[logging::FORMAT_ENV], "text");
+        assert_eq!(env(&render(&text))[logging::LEVEL_ENV], "debug,async_nats=warn");
         let plain_pod = pod(&plain);
         for name in tls_volumes {
             assert!(
