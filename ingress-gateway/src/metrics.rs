@@ -44,6 +44,17 @@ pub struct ReloadLabels {
     pub result: String,
 }
 
+/// `spillway_build_info{component, version}`, always 1.
+fn build_info(component: &str) -> Family<Vec<(String, String)>, Gauge> {
+    let f = Family::<Vec<(String, String)>, Gauge>::default();
+    f.get_or_create(&vec![
+        ("component".to_owned(), component.to_owned()),
+        ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+    ])
+    .set(1);
+    f
+}
+
 /// All gateway metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -75,7 +86,13 @@ impl Default for Metrics {
 impl Metrics {
     /// Create and register every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("spillway_gateway");
+        let mut root = Registry::default();
+        root.register(
+            "spillway_build_info",
+            "Spillway's version and component (value 1)",
+            build_info("gateway"),
+        );
+        let registry = root.sub_registry_with_prefix("spillway_gateway");
         let requests = Family::<RequestLabels, Counter>::default();
         let verify_failures = Family::<VerifyLabels, Counter>::default();
         let publish_seconds = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
@@ -123,7 +140,7 @@ impl Metrics {
             file_reloads.clone(),
         );
         Self {
-            registry,
+            registry: root,
             requests,
             verify_failures,
             publish_seconds,

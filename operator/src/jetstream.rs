@@ -621,6 +621,9 @@ pub struct Synced {
     /// Why a larger `ordering.partitions` is not applied yet (see
     /// [`partitions_to_apply`]).
     pub partitions_waiting: Option<String>,
+    /// When the oldest webhook the work stream holds was stored (none when
+    /// it holds none).
+    pub oldest: Option<time::OffsetDateTime>,
 }
 
 /// Partition consumers of an ordered endpoint that exist now: their count
@@ -1238,11 +1241,9 @@ impl Js {
                 _ => vec![main.name.clone()],
             };
         }
-        let last_seq = self
-            .ensure_stream(&main, &mut out)
-            .await?
-            .state
-            .last_sequence;
+        let main_state = self.ensure_stream(&main, &mut out).await?.state;
+        let last_seq = main_state.last_sequence;
+        out.oldest = (main_state.messages > 0).then_some(main_state.first_timestamp);
         // The history's source consumer, then the history stream (which
         // also copies the legacy stream, if any).
         self.ensure_history_consumer(names, &main.name).await?;

@@ -13,6 +13,42 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
 
+/// The per-endpoint gauges.
+#[derive(Default)]
+struct PerEndpoint {
+    ready: Family<Labels, Gauge>,
+    backlog: Family<Labels, Gauge>,
+    in_flight: Family<Labels, Gauge>,
+    retrying: Family<Labels, Gauge>,
+    dead_letters: Family<Labels, Gauge>,
+    oldest_seconds: Family<Labels, Gauge>,
+}
+
+/// One endpoint's state for the gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointState {
+    /// Ready=True.
+    pub ready: bool,
+    /// What the last successful JetStream sync read (kept as it was when
+    /// a sync fails).
+    pub synced: Option<SyncedCounts>,
+}
+
+/// Counts a JetStream sync read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncedCounts {
+    /// Not yet handed out.
+    pub backlog: u64,
+    /// Handed out, not acknowledged.
+    pub in_flight: u64,
+    /// Parked retries.
+    pub retrying: u64,
+    /// Dead letters.
+    pub dead_letters: u64,
+    /// Age of the oldest webhook held, seconds.
+    pub oldest_seconds: u64,
+}
+
 /// The operator's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
@@ -21,6 +57,9 @@ pub struct Metrics {
     duration: Histogram,
     endpoints: Family<Labels, Gauge>,
     status_writes: Counter,
+    /// Per endpoint (`webhook_endpoint="namespace/name"`): what the last
+    /// sync read from JetStream, and whether it is Ready.
+    per_endpoint: PerEndpoint,
     /// Last known condition statuses per endpoint (`namespace/name`).
     conditions: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
@@ -40,7 +79,8 @@ impl Default for Metrics {
 impl Metrics {
     /// Register every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("spillway_operator");
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("spillway_operator");
         let reconciles = Family::<Labels, Counter>::default();
         registry.register(
             "reconciles",
@@ -71,14 +111,97 @@ impl Metrics {
             "Status patches written",
             status_writes.clone(),
         );
+        let per_endpoint = PerEndpoint::default();
+        for (name, help, family) in [
+            (
+                "endpoint_ready",
+                "1 when the WebhookEndpoint is Ready, else 0",
+                &per_endpoint.ready,
+            ),
+            (
+                "endpoint_backlog",
+                "Webhooks stored and not yet handed to a processor",
+                &per_endpoint.backlog,
+            ),
+            (
+                "endpoint_in_flight",
+                "Webhooks handed to a processor and not yet acknowledged",
+                &per_endpoint.in_flight,
+            ),
+            (
+                "endpoint_retrying",
+                "Failed deliveries waiting out their retry delay",
+                &per_endpoint.retrying,
+            ),
+            (
+                "endpoint_dead_letters",
+                "Webhooks in the dead-letter stream",
+                &per_endpoint.dead_letters,
+            ),
+            (
+                "endpoint_oldest_undelivered_seconds",
+                "Age of the oldest webhook the work stream holds (0 when it holds none)",
+                &per_endpoint.oldest_seconds,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        let build_info = Family::<Labels, Gauge>::default();
+        build_info
+            .get_or_create(&vec![
+                ("component".into(), "operator".into()),
+                ("version".into(), env!("CARGO_PKG_VERSION").into()),
+            ])
+            .set(1);
+        root.register(
+            "spillway_build_info",
+            "Spillway's version and component (value 1)",
+            build_info,
+        );
         Self {
-            registry,
+            registry: root,
             reconciles,
             errors,
             duration,
             endpoints,
             status_writes,
+            per_endpoint,
             conditions: Mutex::default(),
+        }
+    }
+
+    /// Record what the last sync of `key` (`namespace/name`) read; `None`
+    /// removes the endpoint's series (it is gone).
+    pub fn set_endpoint(&self, key: &str, state: Option<EndpointState>) {
+        let labels = vec![("webhook_endpoint".to_owned(), key.to_owned())];
+        let p = &self.per_endpoint;
+        let families = [
+            &p.ready,
+            &p.backlog,
+            &p.in_flight,
+            &p.retrying,
+            &p.dead_letters,
+            &p.oldest_seconds,
+        ];
+        match state {
+            None => {
+                for f in families {
+                    f.remove(&labels);
+                }
+            }
+            Some(s) => {
+                p.ready.get_or_create(&labels).set(i64::from(s.ready));
+                if let Some(b) = s.synced {
+                    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    p.backlog.get_or_create(&labels).set(n(b.backlog));
+                    p.in_flight.get_or_create(&labels).set(n(b.in_flight));
+                    p.retrying.get_or_create(&labels).set(n(b.retrying));
+                    p.dead_letters.get_or_create(&labels).set(n(b.dead_letters));
+                    p.oldest_seconds
+                        .get_or_create(&labels)
+                        .set(n(b.oldest_seconds));
+                }
+            }
         }
     }
 
@@ -167,5 +290,50 @@ mod tests {
         );
         m.set_conditions("a/z", None);
         assert!(!m.render().contains(r#"status="False""#));
+    }
+
+    #[test]
+    fn each_endpoint_has_its_gauges_until_it_is_gone() {
+        let m = Metrics::new();
+        m.set_endpoint(
+            "team/gh",
+            Some(EndpointState {
+                ready: true,
+                synced: Some(SyncedCounts {
+                    backlog: 12,
+                    in_flight: 3,
+                    retrying: 2,
+                    dead_letters: 1,
+                    oldest_seconds: 95,
+                }),
+            }),
+        );
+        let text = m.render();
+        for want in [
+            r#"spillway_operator_endpoint_ready{webhook_endpoint="team/gh"} 1"#,
+            r#"spillway_operator_endpoint_backlog{webhook_endpoint="team/gh"} 12"#,
+            r#"spillway_operator_endpoint_in_flight{webhook_endpoint="team/gh"} 3"#,
+            r#"spillway_operator_endpoint_retrying{webhook_endpoint="team/gh"} 2"#,
+            r#"spillway_operator_endpoint_dead_letters{webhook_endpoint="team/gh"} 1"#,
+            r#"spillway_operator_endpoint_oldest_undelivered_seconds{webhook_endpoint="team/gh"} 95"#,
+            r#"spillway_build_info{component="operator",version=""#,
+        ] {
+            assert!(text.contains(want), "{want} missing in\n{text}");
+        }
+        // A failed sync keeps the last counts, updates readiness.
+        m.set_endpoint(
+            "team/gh",
+            Some(EndpointState {
+                ready: false,
+                synced: None,
+            }),
+        );
+        let text = m.render();
+        assert!(text.contains(r#"spillway_operator_endpoint_ready{webhook_endpoint="team/gh"} 0"#));
+        assert!(
+            text.contains(r#"spillway_operator_endpoint_backlog{webhook_endpoint="team/gh"} 12"#)
+        );
+        m.set_endpoint("team/gh", None);
+        assert!(!m.render().contains("team/gh"));
     }
 }

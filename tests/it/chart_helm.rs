@@ -309,6 +309,7 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
     for crd in [
         "servicemonitors.monitoring.coreos.com",
         "podmonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
         "httproutes.gateway.networking.k8s.io",
     ] {
         cp.kubectl_output(&[
@@ -335,10 +336,12 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
         ("NetworkPolicy", 2),
         ("ServiceMonitor", 2),
         ("PodMonitor", 1),
+        ("PrometheusRule", 1),
         ("ConfigMap", 2),
     ] {
         assert_eq!(count(kind), n, "{kind} objects with full values");
     }
+    check_alert_rules(&objs)?;
     assert_hardened(&objs);
     // The image digest wins over a tag.
     assert_eq!(
@@ -456,6 +459,32 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
     assert_eq!(dash["metadata"]["namespace"], "monitoring");
     let d: Value = serde_json::from_str(dash["data"]["spillway.json"].as_str().unwrap_or(""))?;
     assert!(d["panels"].as_array().is_some_and(|p| p.len() >= 8));
+    // Its queries parse as PromQL once Grafana's variables are filled in,
+    // and it can be narrowed to a namespace and an endpoint.
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert!(
+        vars.contains(&"namespace") && vars.contains(&"endpoint"),
+        "{vars:?}"
+    );
+    let mut backlog_panel = false;
+    for panel in d["panels"].as_array().into_iter().flatten() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            backlog_panel |= expr.contains("spillway_operator_endpoint_backlog");
+            let filled = expr
+                .replace("$__rate_interval", "5m")
+                .replace("$endpoint", ".*")
+                .replace("$namespace", ".*");
+            promql_parser::parser::parse(&filled)
+                .map_err(|e| anyhow::anyhow!("{}: {e}: {filled}", panel["title"]))?;
+        }
+    }
+    assert!(backlog_panel, "the dashboard shows the backlog");
 
     let lines = dry_run_apply(cp, &yaml).await?;
     assert_eq!(lines.len(), objs.len(), "{lines:#?}");
@@ -970,5 +999,46 @@ async fn one_logging_value_reaches_operator_gateway_and_processors() -> Result<(
             .contains("logFormat"),
         "{config}"
     );
+    Ok(())
+}
+
+/// Every rule of the rendered PrometheusRule parses as PromQL (promtool is
+/// not available here: `promql-parser`, the parser of GreptimeDB and
+/// others, checks the expressions), refers to metrics Spillway exports, and
+/// has a `for` and a severity.
+fn check_alert_rules(objs: &[Value]) -> Result<()> {
+    let rule = objs
+        .iter()
+        .find(|o| o["kind"] == "PrometheusRule")
+        .context("a PrometheusRule")?;
+    let mut alerts = Vec::new();
+    for group in rule["spec"]["groups"].as_array().context("groups")? {
+        for r in group["rules"].as_array().context("rules")? {
+            let expr = r["expr"].as_str().context("expr")?;
+            promql_parser::parser::parse(expr)
+                .map_err(|e| anyhow::anyhow!("{}: {e}: {expr}", r["alert"]))?;
+            assert!(expr.contains("spillway_"), "{expr}");
+            assert!(r["for"].is_string(), "{r}");
+            assert!(r["labels"]["severity"].is_string(), "{r}");
+            alerts.push(r["alert"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    for want in [
+        "SpillwayEndpointNotReady",
+        "SpillwayBacklogGrowing",
+        "SpillwayOldestUndeliveredTooOld",
+        "SpillwayDeadLetters",
+        "SpillwaySinkGone",
+        "SpillwayGatewayUnavailable",
+        "SpillwayReconcileErrors",
+        "SpillwayProcessorRetriesHigh",
+    ] {
+        assert!(
+            alerts.iter().any(|a| a == want),
+            "{want} missing: {alerts:?}"
+        );
+    }
+    // A broken expression is caught.
+    assert!(promql_parser::parser::parse("sum(rate(x[5m])").is_err());
     Ok(())
 }

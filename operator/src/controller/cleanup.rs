@@ -151,6 +151,7 @@ pub(super) async fn cleanup(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Resu
     }
 
     ctx.metrics.set_conditions(&k, None);
+    ctx.metrics.set_endpoint(&k, None);
     ctx.sink_notices.forget(&k);
     ctx.forget(&ep.uid().unwrap_or_default());
     // Endpoints waiting for this path may take it now.

@@ -19,7 +19,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
-use spillway_api::condition::{ACCEPTED, PROCESSOR_READY, SINK_AVAILABLE, STREAM_READY};
+use spillway_api::condition::{ACCEPTED, PROCESSOR_READY, READY, SINK_AVAILABLE, STREAM_READY};
 use spillway_api::names::{EndpointNames, path_precedence};
 use spillway_api::validate::{Timings, check};
 use spillway_api::wire::redact_url;
@@ -287,6 +287,8 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
         .unwrap_or_default();
     let resync = ctx.settings.resync_interval;
     let mut requeue = resync;
+    // What this reconcile's JetStream sync read, for the gauges.
+    let mut counts = None;
 
     let mut status = WebhookEndpointStatus {
         observed_generation: ep.metadata.generation,
@@ -376,6 +378,7 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
             };
             if let Some(s) = &synced {
                 ctx.with_state(&uid, |s| s.nats_failures = 0);
+                counts = Some(synced_counts(s, time::OffsetDateTime::now_utc()));
                 report_created(&ep, &ctx, &old, s).await;
                 // Once per generation (not per resync: no idle writes).
                 if old.observed_generation != ep.metadata.generation {
@@ -422,6 +425,16 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
     desired.push(sink_cond);
     let now = Time(Timestamp::now());
     status.conditions = conditions::merge(&old.conditions, &desired, ep.metadata.generation, &now);
+    ctx.metrics.set_endpoint(
+        &k,
+        Some(crate::metrics::EndpointState {
+            ready: status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == READY && c.status == "True"),
+            synced: counts,
+        }),
+    );
     ctx.metrics.set_conditions(
         &k,
         Some(
@@ -467,10 +480,57 @@ spec:
     }
 }
 
+/// The gauges' view of a sync at `now`: the oldest webhook's age counts
+/// only while some are undelivered.
+pub(crate) fn synced_counts(
+    s: &crate::jetstream::Synced,
+    now: time::OffsetDateTime,
+) -> crate::metrics::SyncedCounts {
+    let b = &s.backlog;
+    let undelivered = b.pending + b.ack_pending > 0;
+    crate::metrics::SyncedCounts {
+        backlog: b.pending,
+        in_flight: b.ack_pending,
+        retrying: b.retrying,
+        dead_letters: s.dead_letters.unwrap_or(0),
+        oldest_seconds: match s.oldest {
+            Some(t) if undelivered => u64::try_from((now - t).whole_seconds()).unwrap_or(0),
+            _ => 0,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::controller::fixtures::ep;
+
+    #[test]
+    fn the_oldest_age_counts_only_while_webhooks_wait() {
+        let now = time::OffsetDateTime::from_unix_timestamp(1_000_000).unwrap();
+        let synced =
+            |pending: u64, ack_pending: u64, oldest: Option<i64>| crate::jetstream::Synced {
+                backlog: crate::jetstream::Backlog {
+                    pending,
+                    ack_pending,
+                    ..Default::default()
+                },
+                dead_letters: Some(4),
+                oldest: oldest.map(|s| time::OffsetDateTime::from_unix_timestamp(s).unwrap()),
+                ..Default::default()
+            };
+        let c = synced_counts(&synced(3, 1, Some(999_880)), now);
+        assert_eq!(
+            (c.backlog, c.in_flight, c.dead_letters, c.oldest_seconds),
+            (3, 1, 4, 120)
+        );
+        // Held only until the history confirms its copies: nothing waits.
+        assert_eq!(
+            synced_counts(&synced(0, 0, Some(999_999)), now).oldest_seconds,
+            0
+        );
+        assert_eq!(synced_counts(&synced(2, 0, None), now).oldest_seconds, 0);
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

@@ -905,7 +905,10 @@ spec:
         text.processor_log_format = logging::LogFormat::Text;
         text.processor_log_level = "debug,async_nats=warn".into();
         assert_eq!(env(&render(&text))[logging::FORMAT_ENV], "text");
-        assert_eq!(env(&render(&text))[logging::LEVEL_ENV], "debug,async_nats=warn");
+        assert_eq!(
+            env(&render(&text))[logging::LEVEL_ENV],
+            "debug,async_nats=warn"
+        );
         let plain_pod = pod(&plain);
         for name in tls_volumes {
             assert!(
