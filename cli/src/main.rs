@@ -173,6 +173,12 @@ enum Cmd {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Print a shell completion script: `source <(spillway completion
+    /// bash)`, or save it where your shell loads completions from.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Sign a test webhook like the provider would and POST it to the gateway.
     Send {
         /// `name` or `namespace/name`.
@@ -371,6 +377,11 @@ async fn main() -> Result<()> {
     let cli = parse_args();
     let g = &cli.global;
     match cli.cmd {
+        Cmd::Completion { shell } => {
+            let mut cmd = Cli::command();
+            let name = cmd.get_name().to_owned();
+            clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+        }
         Cmd::Status {
             endpoint,
             all_namespaces,
@@ -678,5 +689,24 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completion_scripts_know_every_command() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "spillway", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for sub in ["attempts", "events", "redeliver", "dlq", "replay", "completion"] {
+                assert!(text.contains(sub), "{shell}: {sub} missing");
+            }
+        }
+        // The command line takes a shell and refuses others.
+        assert!(Cli::try_parse_from(["spillway", "completion", "fish"]).is_ok());
+        assert!(Cli::try_parse_from(["spillway", "completion", "cmd.exe"]).is_err());
     }
 }
