@@ -12,6 +12,8 @@ pub mod duration;
 pub mod event;
 #[cfg(feature = "logging")]
 pub mod logging;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod names;
 #[cfg(feature = "nats")]
 pub mod nats;

@@ -701,7 +701,14 @@ mod tests {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "spillway", &mut out);
             let text = String::from_utf8(out).unwrap();
-            for sub in ["attempts", "events", "redeliver", "dlq", "replay", "completion"] {
+            for sub in [
+                "attempts",
+                "events",
+                "redeliver",
+                "dlq",
+                "replay",
+                "completion",
+            ] {
                 assert!(text.contains(sub), "{shell}: {sub} missing");
             }
         }

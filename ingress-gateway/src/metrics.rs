@@ -44,17 +44,6 @@ pub struct ReloadLabels {
     pub result: String,
 }
 
-/// `spillway_build_info{component, version}`, always 1.
-fn build_info(component: &str) -> Family<Vec<(String, String)>, Gauge> {
-    let f = Family::<Vec<(String, String)>, Gauge>::default();
-    f.get_or_create(&vec![
-        ("component".to_owned(), component.to_owned()),
-        ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
-    ])
-    .set(1);
-    f
-}
-
 /// All gateway metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -87,11 +76,7 @@ impl Metrics {
     /// Create and register every metric.
     pub fn new() -> Self {
         let mut root = Registry::default();
-        root.register(
-            "spillway_build_info",
-            "Spillway's version and component (value 1)",
-            build_info("gateway"),
-        );
+        spillway_api::metrics::register_build_info(&mut root, "gateway");
         let registry = root.sub_registry_with_prefix("spillway_gateway");
         let requests = Family::<RequestLabels, Counter>::default();
         let verify_failures = Family::<VerifyLabels, Counter>::default();

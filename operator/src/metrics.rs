@@ -146,18 +146,7 @@ impl Metrics {
         ] {
             registry.register(name, help, family.clone());
         }
-        let build_info = Family::<Labels, Gauge>::default();
-        build_info
-            .get_or_create(&vec![
-                ("component".into(), "operator".into()),
-                ("version".into(), env!("CARGO_PKG_VERSION").into()),
-            ])
-            .set(1);
-        root.register(
-            "spillway_build_info",
-            "Spillway's version and component (value 1)",
-            build_info,
-        );
+        spillway_api::metrics::register_build_info(&mut root, "operator");
         Self {
             registry: root,
             reconciles,

@@ -93,17 +93,7 @@ impl Metrics {
             attempt_records: Counter::default(),
             attempt_record_failures: Family::default(),
         };
-        let info = Family::<Vec<(String, String)>, Gauge>::default();
-        info.get_or_create(&vec![
-            ("component".to_owned(), "processor".to_owned()),
-            ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
-        ])
-        .set(1);
-        registry.register(
-            "spillway_build_info",
-            "Spillway's version and component (value 1)",
-            info,
-        );
+        spillway_api::metrics::register_build_info(registry, "processor");
         let r = registry.sub_registry_with_prefix("spillway_processor");
         r.register(
             "deliveries",
