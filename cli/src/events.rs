@@ -40,6 +40,18 @@ pub enum State {
     Dead,
 }
 
+impl State {
+    /// The name used in tables, JSON and `--state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Delivered => "delivered",
+            State::Failed => "failed",
+            State::Dead => "dead",
+        }
+    }
+}
+
 /// The state `records` (one listener's, oldest first) describe.
 pub fn state_of(records: &[&AttemptRecord]) -> State {
     match records.last().map(|r| r.decision) {
@@ -238,13 +250,7 @@ pub fn render(out: &mut impl Write, listing: &Listing, format: Format) -> Result
         let states = e
             .listeners
             .iter()
-            .map(|l| {
-                let st = serde_json::to_value(l.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                format!("{}={st}({})", l.listener, l.attempts)
-            })
+            .map(|l| format!("{}={}({})", l.listener, l.state.as_str(), l.attempts))
             .collect::<Vec<_>>()
             .join(" ");
         writeln!(
@@ -306,8 +312,8 @@ pub async fn show(
     since: Option<time::OffsetDateTime>,
     body: bool,
 ) -> Result<Shown> {
-    let (m, _) = crate::redeliver::find(js, ep, id, since).await?;
     let records = attempts::rows(js, ep, id).await?.items;
+    let (m, _) = crate::redeliver::find(js, ep, id, &records, since).await?;
     let mut event = event_of(&m);
     event.listeners = listener_states(&records);
     let mut headers: Vec<(String, String)> = m

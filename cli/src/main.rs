@@ -577,10 +577,7 @@ async fn main() -> Result<()> {
         } => {
             let ep = g.endpoint(&endpoint).await?;
             let start = match (since, from_seq) {
-                (Some(s), None) => {
-                    let d = spillway_api::duration::parse(&s).map_err(anyhow::Error::msg)?;
-                    history::Start::Time(replay::since(d)?)
-                }
+                (Some(s), None) => history::Start::Time(ago(&s)?),
                 (None, Some(n)) => history::Start::Seq(n),
                 _ => bail!("pass exactly one of --since or --from-seq"),
             };

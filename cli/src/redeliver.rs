@@ -12,7 +12,7 @@
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream;
 use spillway_api::names::BUILTIN_LISTENER;
-use spillway_api::wire;
+use spillway_api::wire::{self, AttemptRecord};
 
 use crate::endpoint::EndpointRef;
 use crate::history::{self, Reader, Start, Stored};
@@ -53,7 +53,13 @@ pub async fn redeliver(
     }
     let names = ep.names();
     let history_name = names.history_stream();
-    let (found, scanned) = find(js, ep, id, since).await?;
+    // Without an attempt stream (an older operator) the search starts from
+    // `since` or the beginning.
+    let records = crate::attempts::rows(js, ep, id)
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    let (found, scanned) = find(js, ep, id, &records, since).await?;
     let work = js
         .get_stream(names.stream())
         .await
@@ -87,13 +93,14 @@ pub async fn redeliver(
     })
 }
 
-/// Find `id` in the endpoint's history: from when its attempt records say
-/// it was accepted, else from `since`, else from the start. Returns the
+/// Find `id` in the endpoint's history: from when its attempt `records`
+/// say it was accepted, else from `since`, else from the start. Returns the
 /// stored webhook and how many messages were read.
 pub async fn find(
     js: &jetstream::Context,
     ep: &EndpointRef,
     id: &str,
+    records: &[AttemptRecord],
     since: Option<time::OffsetDateTime>,
 ) -> Result<(Stored, u64)> {
     let history_name = ep.names().history_stream();
@@ -106,7 +113,7 @@ pub async fn find(
     if state.messages == 0 {
         bail!("the history of {ep} is empty: {id} is not in it");
     }
-    let start = match accepted_at(js, ep, id).await {
+    let start = match accepted_at(records) {
         Some(t) => Start::Time(t - BEFORE_RECEIVED),
         None => match since {
             Some(t) => Start::Time(t),
@@ -136,15 +143,9 @@ pub async fn find(
     }
 }
 
-/// When the gateway accepted `id`, from its attempt records.
-async fn accepted_at(
-    js: &jetstream::Context,
-    ep: &EndpointRef,
-    id: &str,
-) -> Option<time::OffsetDateTime> {
-    let listing = crate::attempts::rows(js, ep, id).await.ok()?;
-    listing
-        .items
+/// When the gateway accepted a webhook, from its attempt records.
+fn accepted_at(records: &[AttemptRecord]) -> Option<time::OffsetDateTime> {
+    records
         .iter()
         .filter_map(|r| r.received_at.as_deref())
         .filter_map(|t| {

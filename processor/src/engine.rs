@@ -827,9 +827,7 @@ impl Processor {
         if let Some(r) = &self.recorder {
             r.record(&Attempt {
                 delivery_id: &id,
-                received_at: msg
-                    .headers
-                    .as_ref()
+                received_at: headers
                     .and_then(|h| h.get(wire::RECEIVED_AT))
                     .map(|v| v.as_str()),
                 attempt,
