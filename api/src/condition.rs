@@ -165,6 +165,18 @@ reasons! {
     GoneNotRepeated,
     /// SinkAvailable=True: the sink changed since the 410 Gone.
     SinkChanged,
+    /// Accepted=False (listener): the WebhookEndpoint it names does not exist.
+    EndpointNotFound,
+    /// Accepted=False (listener): the endpoint's `allowedListeners` does not admit the listener's namespace.
+    NotAllowed,
+    /// Accepted=False (listener): `eventTypes` or `filter` does not compile.
+    FilterInvalid,
+    /// Accepted=False (listener): the endpoint is ordered; listeners serve unordered endpoints only.
+    OrderingUnsupported,
+    /// Accepted=False (listener): the listener's name in subjects is taken by another listener of the endpoint.
+    ListenerConflict,
+    /// StreamReady=False (listener): the endpoint's work stream does not exist yet.
+    StreamMissing,
 }
 
 impl fmt::Display for Reason {

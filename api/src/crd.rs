@@ -89,8 +89,14 @@ pub struct WebhookEndpointSpec {
     #[serde(default)]
     pub stream: StreamSpec,
 
-    /// The worker pool that delivers stored webhooks to your service.
+    /// The worker pool that delivers stored webhooks to your service (the
+    /// endpoint's built-in listener, named `processor`).
     pub processor: ProcessorSpec,
+
+    /// Which namespaces may attach WebhookListeners (more receivers of
+    /// these webhooks) to this endpoint. Default: only its own.
+    #[serde(default, skip_serializing_if = "crate::listener::AllowedListeners::is_default")]
+    pub allowed_listeners: crate::listener::AllowedListeners,
 }
 
 /// Request authentication.

@@ -127,9 +127,20 @@ impl EndpointNames {
         format!("spillway.in.{}.*", self.scope)
     }
 
-    /// Subject `listener`'s dead letters are published to.
+    /// Subject the built-in listener's dead letters are published to.
     pub fn dead_letter_subject(&self) -> String {
-        format!("spillway.dlq.{}.{BUILTIN_LISTENER}", self.scope)
+        self.listener_dead_letter_subject(BUILTIN_LISTENER)
+    }
+
+    /// Subject `listener`'s dead letters are published to.
+    pub fn listener_dead_letter_subject(&self, listener: &str) -> String {
+        format!("spillway.dlq.{}.{listener}", self.scope)
+    }
+
+    /// Durable consumer of the WebhookListener `listener` (its
+    /// [`listener_token`]) on the work stream.
+    pub fn listener_consumer(&self, listener: &str) -> String {
+        format!("{LISTENER_CONSUMER_PREFIX}{listener}")
     }
 
     /// Wildcard of the dead-letter stream's subjects (every listener).
@@ -287,6 +298,41 @@ pub fn is_managed_consumer(name: &str) -> bool {
 /// The listener every endpoint has: `spec.processor`.
 pub const BUILTIN_LISTENER: &str = "processor";
 
+/// Prefix of WebhookListeners' consumers on the work stream (the listener
+/// controller owns them; the endpoint's reconcile leaves them alone).
+pub const LISTENER_CONSUMER_PREFIX: &str = "listener_";
+
+/// Longest listener token before it is shortened.
+const MAX_LISTENER: usize = 100;
+
+/// The name the WebhookListener `namespace/name` has in subjects, consumer
+/// names and attempt records: `<namespace>_<name>` (dots as `_`), so it is
+/// one subject token, never `processor` (no `_`), and unique per cluster
+/// (the first `_` separates the namespace). Long ones are shortened with a
+/// hash of the full identity.
+pub fn listener_token(namespace: &str, name: &str) -> String {
+    let full = format!("{namespace}_{}", name.replace('.', "_"));
+    if full.len() <= MAX_LISTENER {
+        full
+    } else {
+        let digest = fnv1a64(format!("{namespace}/{name}").as_bytes());
+        format!("{}_{digest:016x}", &full[..MAX_LISTENER - 17])
+    }
+}
+
+/// What a user may call a listener (`--listener`): `processor`,
+/// `<name>` of a listener in `endpoint_namespace`, `<namespace>/<name>`, or
+/// its token as is. Returns the token.
+pub fn listener_arg(endpoint_namespace: &str, arg: &str) -> String {
+    if arg == BUILTIN_LISTENER || arg.contains('_') {
+        return arg.to_owned();
+    }
+    match arg.split_once('/') {
+        Some((ns, name)) => listener_token(ns, name),
+        None => listener_token(endpoint_namespace, arg),
+    }
+}
+
 /// Inbox prefix of the processors of `namespace`: their replies (fetched
 /// messages, PubAcks, API answers) arrive under it, so a per-namespace NATS
 /// user subscribes to `<prefix>.>` instead of every client's `_INBOX.>`.
@@ -337,6 +383,38 @@ pub fn default_path(namespace: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listener_tokens_are_single_distinct_tokens() {
+        let cases = [
+            (("team-a", "ci"), "team-a_ci"),
+            (("team", "a-ci"), "team_a-ci"),
+            (("ns", "bot.v2"), "ns_bot_v2"),
+        ];
+        for ((ns, name), want) in cases {
+            assert_eq!(listener_token(ns, name), want);
+        }
+        let long = listener_token("n", &"x".repeat(253));
+        assert_eq!(long.len(), 100);
+        assert_ne!(long, listener_token("n", &"x".repeat(252)));
+        assert!(!long.contains('.') && !long.contains('*'));
+        assert_ne!(listener_token("a", "processor"), BUILTIN_LISTENER);
+        let ep = EndpointNames::new("shop", "gh");
+        assert_eq!(ep.listener_consumer("shop_ci"), "listener_shop_ci");
+        assert!(!is_managed_consumer(&ep.listener_consumer("shop_ci")));
+        assert_eq!(
+            ep.listener_dead_letter_subject("shop_ci"),
+            "spillway.dlq.shop.gh.shop_ci"
+        );
+        for (arg, want) in [
+            ("processor", "processor"),
+            ("ci", "shop_ci"),
+            ("ops/ci", "ops_ci"),
+            ("ops_ci", "ops_ci"),
+        ] {
+            assert_eq!(listener_arg("shop", arg), want, "{arg}");
+        }
+    }
 
     #[test]
     fn names_are_distinct_where_dashes_could_collide() {

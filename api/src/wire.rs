@@ -232,6 +232,23 @@ pub struct ProcessorConfig {
     /// Record every attempt in the endpoint's attempt stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<AttemptsConfig>,
+    /// A WebhookListener's selection (`eventTypes`, `filter`); absent:
+    /// every webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<FilterConfig>,
+}
+
+/// A listener's selection, compiled by the processor with
+/// `spillway_api::filter::Filter` (the operator has compiled it before).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FilterConfig {
+    /// Event types received (`*` suffix: prefix match).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event_types: Vec<String>,
+    /// CEL expression over `headers`, `body` and `event`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expression: Option<String>,
 }
 
 /// Where a processor records its delivery attempts (absent in configs of

@@ -361,12 +361,16 @@ pub fn retry_consumer_configs(
         return Vec::new();
     }
     let listener = spillway_api::names::BUILTIN_LISTENER;
-    vec![pull::Config {
+    let mut c = retry_consumer_config(names, listener);
+    c.filter_subjects.push(names.legacy_retry_subject(listener));
+    vec![c]
+}
+
+/// The parking consumer of `listener` on the retry stream.
+pub fn retry_consumer_config(names: &EndpointNames, listener: &str) -> pull::Config {
+    pull::Config {
         durable_name: Some(names.retry_consumer(listener)),
-        filter_subjects: vec![
-            names.retry_subject(listener),
-            names.legacy_retry_subject(listener),
-        ],
+        filter_subjects: vec![names.retry_subject(listener)],
         ack_policy: AckPolicy::Explicit,
         deliver_policy: DeliverPolicy::All,
         replay_policy: ReplayPolicy::Instant,
@@ -375,7 +379,33 @@ pub fn retry_consumer_configs(
         max_ack_pending: RETRY_MAX_ACK_PENDING,
         description: Some("Spillway retries waiting for their time".into()),
         ..Default::default()
-    }]
+    }
+}
+
+/// A WebhookListener's consumer on the work stream (named by its token):
+/// every intake subject and its own `due` subject, `maxAckPending` = its
+/// `concurrency`; otherwise as the built-in listener's (see
+/// [`consumer_configs`]).
+pub fn listener_consumer_config(
+    names: &EndpointNames,
+    token: &str,
+    concurrency: u32,
+    t: &Timings,
+) -> pull::Config {
+    let mut filters = intake_filters(names);
+    filters.push(names.due_subject(token));
+    pull::Config {
+        durable_name: Some(names.listener_consumer(token)),
+        filter_subjects: filters,
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::All,
+        replay_policy: ReplayPolicy::Instant,
+        ack_wait: t.delivery_timeout + ACK_WAIT_MARGIN,
+        max_deliver: -1,
+        max_ack_pending: i64::from(concurrency),
+        description: Some(format!("Spillway listener {token}")),
+        ..Default::default()
+    }
 }
 
 /// The dead-letter stream's duplicate window: two ack waits (redelivery
@@ -433,8 +463,16 @@ pub fn consumer_configs(
         ..Default::default()
     };
     match &spec.ordering {
+        // Intake and its own `due` subjects: other listeners' retries are
+        // theirs.
         None => vec![pull::Config {
             durable_name: Some(names.consumer(None)),
+            filter_subjects: {
+                let mut f = intake_filters(names);
+                f.push(names.due_subject(spillway_api::names::BUILTIN_LISTENER));
+                f.push(names.legacy_due_subjects());
+                f
+            },
             max_ack_pending: i64::from(p.concurrency),
             description: Some("Spillway processor".into()),
             ..base
@@ -845,6 +883,41 @@ impl Js {
             Err(e) if e.is(ErrorCode::CONSUMER_NOT_FOUND) || e.is(ErrorCode::STREAM_NOT_FOUND) => {
                 Ok(None)
             }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Messages a stream holds on `subject` (0 when the stream does not
+    /// exist).
+    pub async fn subject_messages(&self, stream: &str, subject: &str) -> Result<u64, NatsError> {
+        #[derive(Serialize)]
+        struct Filter<'a> {
+            subjects_filter: &'a str,
+        }
+        #[derive(serde::Deserialize)]
+        struct Info {
+            state: State,
+        }
+        #[derive(serde::Deserialize)]
+        struct State {
+            #[serde(default)]
+            subjects: Option<std::collections::HashMap<String, u64>>,
+        }
+        match self
+            .api::<Info, _>(
+                format!("STREAM.INFO.{stream}"),
+                &Filter {
+                    subjects_filter: subject,
+                },
+            )
+            .await
+        {
+            Ok(i) => Ok(i
+                .state
+                .subjects
+                .and_then(|m| m.get(subject).copied())
+                .unwrap_or(0)),
+            Err(e) if e.is(ErrorCode::STREAM_NOT_FOUND) => Ok(0),
             Err(e) => Err(e),
         }
     }

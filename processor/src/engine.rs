@@ -736,10 +736,34 @@ impl Processor {
                 return;
             }
         };
+        let s = &self.settings;
+        // A listener's filter decides before a delivery slot is taken: what
+        // it does not select is settled for this listener at once (the
+        // other listeners' consumers still hold it) and counted.
+        if let Some(filter) = &s.filter {
+            let headers = http::provider_headers(msg.headers.as_ref());
+            let verdict = filter.check(
+                headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                &msg.payload,
+            );
+            if verdict != spillway_api::filter::Verdict::Match {
+                self.metrics
+                    .filtered
+                    .get_or_create(&crate::metrics::FilteredLabels {
+                        reason: verdict.as_str(),
+                    })
+                    .inc();
+                tracing::debug!(seq, reason = verdict.as_str(), "not selected by the listener's filter");
+                if let Err(e) = msg.double_ack().await {
+                    self.metrics.ack_failures.inc();
+                    tracing::warn!(seq, error = %e, "ack of a filtered webhook not confirmed; it is checked again");
+                }
+                return;
+            }
+        }
         // A message already in hand when shutdown begins is still delivered
         // (within the shutdown grace): handing it back unsent would spend
         // one of its attempts. Only an abort hands it back.
-        let s = &self.settings;
         // Wait for a delivery slot (and the rate limit), keeping the
         // message alive meanwhile.
         let slot = self

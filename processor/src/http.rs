@@ -105,6 +105,21 @@ fn lower(name: &str) -> &'static str {
     }
 }
 
+/// The provider's request headers as stored (`Spillway-Orig-<name>`), for
+/// a listener's filter: `(name, value)`, first value of each.
+pub fn provider_headers(stored: Option<&async_nats::HeaderMap>) -> Vec<(String, String)> {
+    let Some(stored) = stored else {
+        return Vec::new();
+    };
+    stored
+        .iter()
+        .filter_map(|(name, values)| {
+            let orig = strip_prefix_ci(name.as_ref(), wire::ORIGINAL_HEADER_PREFIX)?;
+            Some((orig.to_owned(), values.first()?.as_str().to_owned()))
+        })
+        .collect()
+}
+
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     let head = s.get(..prefix.len())?;
     head.eq_ignore_ascii_case(prefix)

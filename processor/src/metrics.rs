@@ -38,6 +38,14 @@ pub struct RecordFailureLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `spillway_processor_filtered_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FilteredLabels {
+    /// `event_type`, `expression` (false) or `error` (the expression
+    /// failed on the webhook).
+    pub reason: &'static str,
+}
+
 /// Every metric the processor exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -71,6 +79,9 @@ pub struct Metrics {
     pub attempt_records: Counter,
     /// Attempt records lost (the deliveries went on), by reason.
     pub attempt_record_failures: Family<RecordFailureLabels, Counter>,
+    /// Webhooks this listener's filter did not select (acknowledged, never
+    /// delivered), by reason.
+    pub filtered: Family<FilteredLabels, Counter>,
 }
 
 impl Metrics {
@@ -92,6 +103,7 @@ impl Metrics {
             retry_move_failures: Counter::default(),
             attempt_records: Counter::default(),
             attempt_record_failures: Family::default(),
+            filtered: Family::default(),
         };
         spillway_api::metrics::register_build_info(registry, "processor");
         let r = registry.sub_registry_with_prefix("spillway_processor");
@@ -169,6 +181,11 @@ impl Metrics {
             "attempt_records_failed",
             "Attempt records lost, by reason (deliveries never wait for records)",
             m.attempt_record_failures.clone(),
+        );
+        r.register(
+            "filtered",
+            "Webhooks the listener's eventTypes or filter did not select (acknowledged, not delivered), by reason",
+            m.filtered.clone(),
         );
         m
     }

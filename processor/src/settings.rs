@@ -72,6 +72,8 @@ pub struct Settings {
     pub drain: Option<DrainConfig>,
     /// Webhooks received longer ago are dead-lettered (`expired`).
     pub expire_after: Option<Duration>,
+    /// The listener's selection; `None`: every webhook.
+    pub filter: Option<spillway_api::filter::Filter>,
 }
 
 impl Settings {
@@ -131,7 +133,16 @@ impl Settings {
                 "stream, subject, consumer and dueSubject must be set",
             ));
         }
+        let filter = match &c.filter {
+            None => None,
+            Some(f) => Some(
+                spillway_api::filter::Filter::compile(&f.event_types, f.expression.as_deref())
+                    .map_err(|e| field("filter", e))?,
+            )
+            .filter(|f| !f.is_open()),
+        };
         Ok(Self {
+            filter,
             endpoint: c.endpoint,
             stream: c.stream,
             consumers: c.consumers,
@@ -222,7 +233,24 @@ mod tests {
             paused: false,
             signing_secret_file: None,
             attempts: None,
+            filter: None,
         }
+    }
+
+    #[test]
+    fn a_filter_that_does_not_compile_names_the_field() {
+        let mut c = config();
+        c.filter = Some(spillway_api::wire::FilterConfig {
+            event_types: vec!["push".into()],
+            expression: Some("body.ref ==".into()),
+        });
+        let err = Settings::from_config(c.clone()).unwrap_err().to_string();
+        assert!(err.contains("filter") && err.contains("does not compile"), "{err}");
+        c.filter = Some(spillway_api::wire::FilterConfig {
+            event_types: vec![],
+            expression: None,
+        });
+        assert!(Settings::from_config(c).unwrap().filter.is_none(), "an open filter is none");
     }
 
     #[test]

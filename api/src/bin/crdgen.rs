@@ -1,11 +1,12 @@
-//! Writes the WebhookEndpoint CRD to stdout; `--write FILE...` writes it (or,
-//! for a `.md` FILE, the generated API reference); `--check FILE...` fails
-//! when any FILE differs from what would be generated.
+//! Writes the CRDs to stdout; `--write FILE...` writes each FILE (a CRD
+//! named by its file name, e.g. `webhooklisteners.spillway.dev.yaml`, or for
+//! a `.md` FILE the generated API reference); `--check FILE...` fails when
+//! any FILE differs from what would be generated.
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let yaml = match spillway_api::crd_yaml() {
+    let crds = match spillway_api::crd_files() {
         Ok(y) => y,
         Err(e) => {
             eprintln!("crdgen: cannot render the CRD: {e}");
@@ -19,24 +20,30 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let content = |f: &str| {
+    let all = crds
+        .iter()
+        .map(|(_, y)| y.as_str())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let content = |f: &str| -> &str {
         if f.ends_with(".md") {
-            &reference
-        } else {
-            &yaml
+            return &reference;
         }
+        crds.iter()
+            .find(|(name, _)| f.ends_with(name))
+            .map_or(all.as_str(), |(_, y)| y.as_str())
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.split_first() {
         None => {
-            print!("{yaml}");
+            print!("{all}");
             ExitCode::SUCCESS
         }
         Some((flag, files)) if flag == "--check" && !files.is_empty() => {
             let mut ok = true;
             for f in files {
                 match std::fs::read_to_string(f) {
-                    Ok(s) if &s == content(f) => {}
+                    Ok(s) if s == content(f) => {}
                     Ok(_) => {
                         eprintln!("crdgen: {f} is out of date; run `make crds` and commit it");
                         ok = false;

@@ -19,9 +19,9 @@ use spillway_api::logging;
 use spillway_api::names::{BUILTIN_LISTENER, EndpointNames, fnv1a64};
 use spillway_api::validate::Timings;
 use spillway_api::wire::{
-    AttemptsConfig, DrainConfig, PROCESSOR_CONFIG_ENV, ProcessorConfig, RetryConfig,
+    AttemptsConfig, FilterConfig, DrainConfig, PROCESSOR_CONFIG_ENV, ProcessorConfig, RetryConfig,
 };
-use spillway_api::{ProcessorSpec, UrlScheme, WebhookEndpoint};
+use spillway_api::{ProcessorSpec, UrlScheme, WebhookEndpoint, WebhookListener};
 
 use crate::settings::Settings;
 
@@ -203,12 +203,66 @@ pub fn processor_config(
             listener: BUILTIN_LISTENER.to_owned(),
             record_response_body: p.record_response_body,
         }),
+        filter: None,
     }
+}
+
+/// The endpoint as a WebhookListener's processor sees it: the listener's
+/// processor settings (so [`spillway_api::validate::check`] gives its
+/// timings) and namespace (a `sink.service` is in the listener's
+/// namespace), the endpoint's stream settings.
+pub fn listener_view(l: &WebhookListener, ep: &WebhookEndpoint) -> WebhookEndpoint {
+    let mut view = ep.clone();
+    view.spec.processor = l.spec.processor.clone();
+    view.metadata.namespace = l.namespace();
+    view
+}
+
+/// The processor configuration of WebhookListener `l` (named `token` in
+/// subjects) on endpoint `ep`; `t` are the timings of
+/// [`listener_view`]'s spec.
+pub fn listener_config(
+    l: &WebhookListener,
+    ep: &WebhookEndpoint,
+    names: &EndpointNames,
+    token: &str,
+    t: &Timings,
+) -> ProcessorConfig {
+    let view = listener_view(l, ep);
+    let p = &l.spec.processor;
+    let mut c = processor_config(&view, names, t);
+    c.endpoint = format!("{}/{}", ep.namespace().unwrap_or_default(), ep.name_any());
+    c.consumers = vec![names.listener_consumer(token)];
+    c.dead_letter_subject = p
+        .dead_letter
+        .enabled
+        .then(|| names.listener_dead_letter_subject(token));
+    c.retry = Some(RetryConfig {
+        stream: names.retry_stream(),
+        subject: names.retry_subject(token),
+        consumer: names.retry_consumer(token),
+        due_subject: names.due_subject(token),
+    });
+    c.attempts = Some(AttemptsConfig {
+        listener: token.to_owned(),
+        record_response_body: p.record_response_body,
+    });
+    let f = &l.spec;
+    c.filter = (!f.event_types.is_empty() || f.filter.is_some()).then(|| FilterConfig {
+        event_types: f.event_types.clone(),
+        expression: f.filter.clone(),
+    });
+    c
 }
 
 /// Parse the user's pod template (`spec.processor.template`).
 pub fn user_template(ep: &WebhookEndpoint) -> Result<Option<PodTemplateSpec>, String> {
-    match &ep.spec.processor.template {
+    template_of(&ep.spec.processor)
+}
+
+/// Parse a listener's pod template (`template`).
+pub fn template_of(p: &ProcessorSpec) -> Result<Option<PodTemplateSpec>, String> {
+    match &p.template {
         None => Ok(None),
         Some(v) => serde_json::from_value(v.clone())
             .map(Some)
@@ -355,7 +409,6 @@ pub fn deployment(
     replicas: Option<i32>,
     legacy: &[String],
 ) -> Result<Deployment, String> {
-    let name = ep.name_any();
     let mut config = processor_config(ep, names, t);
     if !legacy.is_empty() {
         config.drain = Some(DrainConfig {
@@ -363,8 +416,48 @@ pub fn deployment(
             consumers: legacy.to_vec(),
         });
     }
-    let config_json = serde_json::to_string(&config).map_err(|e| e.to_string())?;
-    let user = user_template(ep)?.unwrap_or_default();
+    workload_deployment(
+        &Workload {
+            name: ep.name_any(),
+            namespace: ep.namespace().unwrap_or_default(),
+            owner: owner_ref(ep),
+            processor: &ep.spec.processor,
+            ordered: ep.spec.ordering.is_some(),
+            config,
+        },
+        settings,
+        replicas,
+    )
+}
+
+/// What a processor Deployment is rendered from: an endpoint's built-in
+/// listener or a WebhookListener.
+#[derive(Debug)]
+pub struct Workload<'a> {
+    /// Base of the Deployment's name and instance label (the endpoint's
+    /// name, or `<listener>-listener`).
+    pub name: String,
+    /// Namespace of the Deployment (its owner's).
+    pub namespace: String,
+    /// The owning resource (garbage-collects the Deployment).
+    pub owner: OwnerReference,
+    /// Pod template, signing, paused, … of the listener.
+    pub processor: &'a ProcessorSpec,
+    /// The endpoint is ordered (no surge during rollouts).
+    pub ordered: bool,
+    /// The processor's configuration.
+    pub config: ProcessorConfig,
+}
+
+/// Render a processor Deployment for `w`.
+pub fn workload_deployment(
+    w: &Workload<'_>,
+    settings: &Settings,
+    replicas: Option<i32>,
+) -> Result<Deployment, String> {
+    let name = w.name.clone();
+    let config_json = serde_json::to_string(&w.config).map_err(|e| e.to_string())?;
+    let user = template_of(w.processor)?.unwrap_or_default();
 
     let mut env = vec![
         EnvVar {
@@ -456,7 +549,7 @@ pub fn deployment(
             ..Default::default()
         });
     }
-    if let Some(signing) = &ep.spec.processor.signing {
+    if let Some(signing) = &w.processor.signing {
         mounts.push(VolumeMount {
             name: "spillway-signing".into(),
             mount_path: SIGNING_DIR.into(),
@@ -529,7 +622,7 @@ pub fn deployment(
     // them is set, so pods of operators without any keep their hash.
     let mut hashed = format!(
         "{config_json}\n{}\n{:?}",
-        settings.processor_image, ep.spec.processor.template
+        settings.processor_image, w.processor.template
     );
     if !nats_env.is_empty() {
         hashed.push_str(&format!(
@@ -547,9 +640,9 @@ pub fn deployment(
     let mut d = Deployment {
         metadata: ObjectMeta {
             name: Some(deployment_name(&name)),
-            namespace: ep.namespace(),
+            namespace: Some(w.namespace.clone()),
             labels: Some(labels(&name)),
-            owner_references: Some(vec![owner_ref(ep)]),
+            owner_references: Some(vec![w.owner.clone()]),
             ..Default::default()
         },
         spec: DeploymentSpec {
@@ -560,7 +653,7 @@ pub fn deployment(
             },
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
-                rolling_update: Some(if ep.spec.ordering.is_some() {
+                rolling_update: Some(if w.ordered {
                     // Ordered: JetStream caps in-flight per partition, not
                     // in total, so the per-pod shares are the cap: no extra
                     // pod during a rollout.
