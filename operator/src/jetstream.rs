@@ -887,6 +887,13 @@ impl Js {
         }
     }
 
+    /// Create a stream (an existing one with the same configuration is
+    /// fine).
+    pub async fn create_stream(&self, cfg: &stream::Config) -> Result<(), NatsError> {
+        let _: stream::Info = self.api(format!("STREAM.CREATE.{}", cfg.name), cfg).await?;
+        Ok(())
+    }
+
     /// Messages a stream holds on `subject` (0 when the stream does not
     /// exist).
     pub async fn subject_messages(&self, stream: &str, subject: &str) -> Result<u64, NatsError> {

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod controller;
 pub mod jetstream;
 pub mod leader;
+pub mod listener;
 pub mod metrics;
 pub mod notices;
 pub mod render;
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::ListParams;
 use kube::runtime::controller::Config as ControllerConfig;
@@ -31,7 +32,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
-use spillway_api::WebhookEndpoint;
+use spillway_api::{WebhookEndpoint, WebhookListener};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -388,7 +389,16 @@ pub async fn run_controller(
         ctx.sink_notices.clone(),
         notice_trigger,
     )));
-    controller
+    let shutdown = shutdown.shared();
+    let listeners = listener_controller(
+        settings,
+        ctx.client.clone(),
+        ctx.js.clone(),
+        ctx.metrics.clone(),
+        ctx.recorder.clone(),
+        shutdown.clone(),
+    );
+    let endpoints = controller
         .owns_stream(owned)
         .reconcile_on(retrigger)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
@@ -397,6 +407,61 @@ pub async fn run_controller(
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "controller event");
+            }
+        });
+    futures::join!(endpoints, listeners);
+}
+
+/// Run the WebhookListener controller until `shutdown` completes (at once
+/// when the WebhookListener CRD is not installed: endpoints work without
+/// it).
+async fn listener_controller(
+    settings: &Settings,
+    client: Client,
+    js: Js,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (listeners, deployments): (Api<WebhookListener>, Api<Deployment>) =
+        match &settings.watch_namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    match listeners.list_metadata(&ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            warn!("the WebhookListener CRD is not installed: listeners are not reconciled (apply crds/webhooklisteners.spillway.dev.yaml and restart)");
+            return;
+        }
+        _ => {}
+    }
+    let (store, writer) = reflector::store();
+    let trigger = reflector::reflector(
+        writer,
+        watcher(listeners, watcher::Config::default()).modify(|l: &mut WebhookListener| {
+            l.metadata.managed_fields = None;
+        }),
+    )
+    .default_backoff()
+    .touched_objects()
+    .predicate_filter(user_intent, Default::default());
+    let ctx = Arc::new(listener::ListenerContext::new(
+        client, js, settings.clone(), recorder, metrics,
+    ));
+    Controller::for_stream(trigger, store)
+        .owns(
+            deployments,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=spillway-operator"),
+        )
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(listener::reconcile, listener::error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "listener controller event");
             }
         })
         .await;
@@ -413,9 +478,9 @@ impl Drop for AbortOnDrop {
 
 /// What of a WebhookEndpoint starts a reconcile: its spec (generation),
 /// finalizers, deletion, labels and annotations; not its status.
-fn user_intent(e: &WebhookEndpoint) -> Option<u64> {
+fn user_intent<K: kube::Resource>(e: &K) -> Option<u64> {
     use std::hash::{Hash, Hasher};
-    let m = &e.metadata;
+    let m = e.meta();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     m.generation.hash(&mut h);
     m.finalizers.hash(&mut h);

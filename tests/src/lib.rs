@@ -610,18 +610,21 @@ impl ControlPlane {
         Ok(kube::Client::try_from(cfg)?)
     }
 
-    /// Install (or update) the generated CRD and wait until it is served.
+    /// Install (or update) the generated CRDs and wait until they are
+    /// served.
     pub async fn install_crd(&self) -> Result<()> {
-        let yaml = spillway_api::crd_yaml()?;
-        self.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &yaml)
+        for (file, yaml) in spillway_api::crd_files()? {
+            self.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &yaml)
+                .await?;
+            let name = file.trim_end_matches(".yaml");
+            self.kubectl_output(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                &format!("crd/{name}"),
+            ])
             .await?;
-        self.kubectl_output(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/webhookendpoints.spillway.dev",
-        ])
-        .await?;
+        }
         Ok(())
     }
 

@@ -18,6 +18,11 @@ chart grants exactly that table, no more, no less.
 - apiGroups: [spillway.dev]
   resources: [webhookendpoints]
   verbs: [list]
+# A WebhookListener in another namespace than its endpoint: the labels of
+# its namespace, for the endpoint's allowedListeners selector.
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [get]
 {{- if .Values.operator.keda.enabled }}
 # Is KEDA installed? Only this one CRD, only get.
 - apiGroups: [apiextensions.k8s.io]
@@ -32,14 +37,22 @@ chart grants exactly that table, no more, no less.
 - apiGroups: [spillway.dev]
   resources: [webhookendpoints]
   verbs: [list, watch, patch]
+# Watch listeners (and their finalizer, spillway.dev/listener-cleanup); read
+# the endpoint a listener names (get).
+- apiGroups: [spillway.dev]
+  resources: [webhooklisteners]
+  verbs: [list, watch, patch]
+- apiGroups: [spillway.dev]
+  resources: [webhookendpoints]
+  verbs: [get]
 # Write status (server-side apply).
 - apiGroups: [spillway.dev]
-  resources: [webhookendpoints/status]
+  resources: [webhookendpoints/status, webhooklisteners/status]
   verbs: [patch]
 # Owner references with blockOwnerDeletion on processor Deployments (needed
 # where the OwnerReferencesPermissionEnforcement admission plugin is on).
 - apiGroups: [spillway.dev]
-  resources: [webhookendpoints/finalizers]
+  resources: [webhookendpoints/finalizers, webhooklisteners/finalizers]
   verbs: [update]
 # The processor Deployment cache (label managed-by=spillway-operator), read-only;
 # watched wherever endpoints are, so cluster-wide unless watchNamespace.
