@@ -26,6 +26,7 @@ mod fuzz;
 mod gateway_e2e;
 mod gateway_nats_auth;
 mod gitops;
+mod listeners;
 mod local_run;
 mod nats_tenancy;
 mod operator_reconcile;
