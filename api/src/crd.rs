@@ -95,7 +95,10 @@ pub struct WebhookEndpointSpec {
 
     /// Which namespaces may attach WebhookListeners (more receivers of
     /// these webhooks) to this endpoint. Default: only its own.
-    #[serde(default, skip_serializing_if = "crate::listener::AllowedListeners::is_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "crate::listener::AllowedListeners::is_default"
+    )]
     pub allowed_listeners: crate::listener::AllowedListeners,
 }
 

@@ -80,8 +80,9 @@ impl Filter {
                 ));
             }
             Some(e) => {
-                let p = cel::Program::compile(e)
-                    .map_err(|err| format!("filter does not compile: {}", one_line(&err.to_string())))?;
+                let p = cel::Program::compile(e).map_err(|err| {
+                    format!("filter does not compile: {}", one_line(&err.to_string()))
+                })?;
                 let refs = p.references();
                 let mut unknown: Vec<&str> = refs
                     .variables()
@@ -123,7 +124,8 @@ impl Filter {
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
             .collect();
-        let event = crate::event::event_type(|n| headers.get(&n.to_ascii_lowercase()).cloned(), body);
+        let event =
+            crate::event::event_type(|n| headers.get(&n.to_ascii_lowercase()).cloned(), body);
         if !self.event_types.is_empty()
             && !event
                 .as_deref()
@@ -134,7 +136,8 @@ impl Filter {
         let Some(program) = &self.program else {
             return Verdict::Match;
         };
-        let body: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+        let body: serde_json::Value =
+            serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
         let mut ctx = cel::Context::default();
         let (Ok(h), Ok(b)) = (cel::to_value(&headers), cel::to_value(&body)) else {
             return Verdict::Error;
@@ -175,7 +178,8 @@ mod tests {
     fn verdicts() {
         let gh = |event: &'static str| vec![("X-GitHub-Event", event)];
         let push = br#"{"ref":"refs/heads/main","repository":{"name":"api"}}"#;
-        let cases: Vec<(Filter, Vec<(&str, &str)>, &[u8], Verdict)> = vec![
+        type Case<'a> = (Filter, Vec<(&'a str, &'a str)>, &'a [u8], Verdict);
+        let cases: Vec<Case> = vec![
             (f(&[], None), vec![], b"anything", Verdict::Match),
             (f(&["push"], None), gh("push"), push, Verdict::Match),
             (f(&["push"], None), gh("issues"), push, Verdict::EventType),
@@ -205,7 +209,10 @@ mod tests {
                 Verdict::Expression,
             ),
             (
-                f(&[], Some("headers['x-github-event'] == 'push' && event == 'push'")),
+                f(
+                    &[],
+                    Some("headers['x-github-event'] == 'push' && event == 'push'"),
+                ),
                 vec![("x-GitHub-event", "push")],
                 push,
                 Verdict::Match,
@@ -236,8 +243,16 @@ mod tests {
     #[test]
     fn compile_errors_are_clear() {
         let cases: Vec<(Vec<String>, Option<String>, &str)> = vec![
-            (vec![], Some("body.ref ==".into()), "filter does not compile"),
-            (vec![], Some("request.path == '/'".into()), "unknown variable(s) request"),
+            (
+                vec![],
+                Some("body.ref ==".into()),
+                "filter does not compile",
+            ),
+            (
+                vec![],
+                Some("request.path == '/'".into()),
+                "unknown variable(s) request",
+            ),
             (vec![" ".into()], None, "eventTypes has an empty entry"),
             (vec![], Some("a".repeat(MAX_EXPRESSION + 1)), "at most 4096"),
         ];

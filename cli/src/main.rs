@@ -116,7 +116,8 @@ enum Cmd {
         /// Only webhooks in this state (for `--listener`, else for any).
         #[arg(long, value_enum)]
         state: Option<events::State>,
-        /// Only this listener's state.
+        /// Only this listener's state (`processor`, a WebhookListener's
+        /// NAME or NAMESPACE/NAME).
         #[arg(long)]
         listener: Option<String>,
         /// Show the newest this many.
@@ -164,7 +165,9 @@ enum Cmd {
         endpoint: String,
         /// The webhook's delivery id.
         id: String,
-        /// The listener to deliver it to.
+        /// The listener to deliver it to: `processor` (the endpoint's
+        /// spec.processor), a WebhookListener's NAME (in the endpoint's
+        /// namespace) or NAMESPACE/NAME.
         #[arg(long, default_value = spillway_api::names::BUILTIN_LISTENER)]
         listener: String,
         /// Search the history from this long ago (e.g. `2h`) when the
@@ -537,7 +540,7 @@ async fn main() -> Result<()> {
             let q = events::Query {
                 since: ago(&since)?,
                 state,
-                listener,
+                listener: listener.map(|l| spillway_api::names::listener_arg(&ep.namespace, &l)),
                 limit,
             };
             let listing = events::rows(&g.nats().await?, &ep, &q).await?;

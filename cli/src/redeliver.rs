@@ -45,13 +45,26 @@ pub async fn redeliver(
     since: Option<time::OffsetDateTime>,
     run: &str,
 ) -> Result<Redelivered> {
-    if listener != BUILTIN_LISTENER {
-        bail!(
-            "listener {listener:?} not found: {ep} has one listener, {BUILTIN_LISTENER:?} \
-             (spec.processor)"
-        );
-    }
     let names = ep.names();
+    let asked = listener;
+    let listener = &spillway_api::names::listener_arg(&ep.namespace, listener);
+    if listener != BUILTIN_LISTENER {
+        let work = js
+            .get_stream(names.stream())
+            .await
+            .with_context(|| format!("work stream {} not found", names.stream()))?;
+        if work
+            .consumer_info(names.listener_consumer(listener))
+            .await
+            .is_err()
+        {
+            bail!(
+                "listener {asked:?} not found on {ep}: name {BUILTIN_LISTENER:?} (spec.processor), \
+                 a WebhookListener as NAME (in {}) or NAMESPACE/NAME",
+                ep.namespace
+            );
+        }
+    }
     let history_name = names.history_stream();
     // Without an attempt stream (an older operator) the search starts from
     // `since` or the beginning.

@@ -69,6 +69,8 @@ impl Sink {
 /// One example file's endpoint, its secrets and its manifests as applied.
 pub struct Example {
     pub name: String,
+    /// WebhookListeners of the endpoint in the same file.
+    pub listeners: Vec<String>,
     pub path: String,
     pub scheme: String,
     pub secret: Option<Vec<u8>>,
@@ -93,6 +95,16 @@ pub fn load_examples(dir: &std::path::Path, namespace: &str, sink: &str) -> Resu
         for d in serde_yaml_ng::Deserializer::from_str(&text) {
             let v = Value::deserialize(d).with_context(|| format!("parsing {}", f.display()))?;
             docs.push(v);
+        }
+        // Listeners deliver to the demo sink too, each under its own name.
+        let mut listeners = Vec::new();
+        for l in docs.iter_mut().filter(|d| d["kind"] == "WebhookListener") {
+            let lname = l["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            l["spec"]["sink"] = serde_json::json!({"url": format!("{sink}/{lname}")});
+            listeners.push(lname);
         }
         let Some(ep) = docs.iter_mut().find(|d| d["kind"] == "WebhookEndpoint") else {
             continue;
@@ -124,6 +136,7 @@ pub fn load_examples(dir: &std::path::Path, namespace: &str, sink: &str) -> Resu
         let hmac = serde_json::from_value(spec["verification"]["hmac"].clone()).ok();
         out.push(Example {
             name,
+            listeners,
             path,
             scheme,
             secret,
@@ -143,8 +156,8 @@ pub struct Sample {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub expect: u16,
-    /// Counts towards the deliveries the sink should see.
-    pub delivers: bool,
+    /// Deliveries the sink should see (one per listener that selects it).
+    pub delivers: usize,
 }
 
 fn now() -> u64 {
@@ -216,7 +229,7 @@ pub fn samples(examples: &[Example]) -> Vec<Sample> {
             headers,
             body,
             expect: 0,
-            delivers: true,
+            delivers: 1,
         });
     }
     if let Some(gh) = examples.iter().find(|e| e.scheme == "github") {
@@ -230,7 +243,45 @@ pub fn samples(examples: &[Example]) -> Vec<Sample> {
                 headers: headers.clone(),
                 body: body.clone(),
                 expect: 0,
-                delivers: case.ends_with("(1st)"),
+                delivers: usize::from(case.ends_with("(1st)")),
+            });
+        }
+        // The listeners of examples/github.yaml: `push` to CI, opened
+        // issues to the bot; a closed issue reaches only the endpoint's own
+        // processor.
+        let with_listeners = |n: usize| 1 + n * usize::from(!gh.listeners.is_empty());
+        for (case, event, body, listeners) in [
+            (
+                "push event (+ listener ci)",
+                "push",
+                r#"{"ref":"refs/heads/main"}"#,
+                1,
+            ),
+            (
+                "issue opened (+ listener bot)",
+                "issues",
+                r#"{"action":"opened"}"#,
+                1,
+            ),
+            (
+                "issue closed (filtered out)",
+                "issues",
+                r#"{"action":"closed"}"#,
+                0,
+            ),
+        ] {
+            let id = format!("demo-{event}-{listeners}");
+            let mut h = provider_headers(gh, body.as_bytes(), ts, &id).unwrap_or_default();
+            h.retain(|(k, _)| !k.eq_ignore_ascii_case("x-github-event"));
+            h.push(("x-github-event".into(), event.into()));
+            out.push(Sample {
+                endpoint: gh.name.clone(),
+                case,
+                path: gh.path.clone(),
+                headers: h,
+                body: body.as_bytes().to_vec(),
+                expect: 0,
+                delivers: with_listeners(listeners),
             });
         }
         let mut tampered = headers.clone();
@@ -243,7 +294,7 @@ pub fn samples(examples: &[Example]) -> Vec<Sample> {
             headers: tampered,
             body: br#"{"zen":"Give me all your money."}"#.to_vec(),
             expect: 401,
-            delivers: false,
+            delivers: 0,
         });
         out.push(Sample {
             endpoint: gh.name.clone(),
@@ -252,7 +303,7 @@ pub fn samples(examples: &[Example]) -> Vec<Sample> {
             headers: vec![("content-type".into(), "application/json".into())],
             body: body.clone(),
             expect: 401,
-            delivers: false,
+            delivers: 0,
         });
     }
     if let Some(st) = examples.iter().find(|e| e.scheme == "stripe") {
@@ -264,7 +315,7 @@ pub fn samples(examples: &[Example]) -> Vec<Sample> {
             headers: provider_headers(st, &body, ts - 3600, "evt_stale").unwrap_or_default(),
             body,
             expect: 401,
-            delivers: false,
+            delivers: 0,
         });
     }
     if let Some(sl) = examples.iter().find(|e| e.scheme == "slack") {
@@ -277,7 +328,7 @@ pub fn samples(examples: &[Example]) -> Vec<Sample> {
             headers: provider_headers(sl, &body, ts, "hs").unwrap_or_default(),
             body,
             expect: 200,
-            delivers: false,
+            delivers: 0,
         });
     }
     if let Some(tw) = examples.iter().find(|e| e.scheme == "twitch") {
@@ -298,7 +349,7 @@ pub fn samples(examples: &[Example]) -> Vec<Sample> {
             headers,
             body,
             expect: 200,
-            delivers: false,
+            delivers: 0,
         });
     }
     out.push(Sample {
@@ -308,7 +359,7 @@ pub fn samples(examples: &[Example]) -> Vec<Sample> {
         headers: vec![],
         body: b"{}".to_vec(),
         expect: 404,
-        delivers: false,
+        delivers: 0,
     });
     out
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use kube::{Api, ResourceExt};
-use spillway_api::WebhookEndpoint;
+use spillway_api::{WebhookEndpoint, WebhookListener};
 use spillway_tests::{ControlPlane, NatsServer, bin_path, free_port, root};
 
 #[derive(Parser)]
@@ -185,6 +185,9 @@ async fn main() -> Result<()> {
     }
     let api: Api<WebhookEndpoint> = Api::namespaced(client.clone(), NAMESPACE);
     wait_ready(&api, examples.len(), Duration::from_secs(120)).await?;
+    let listeners: Api<WebhookListener> = Api::namespaced(client.clone(), NAMESPACE);
+    let n = examples.iter().map(|e| e.listeners.len()).sum();
+    wait_listeners_ready(&listeners, n, Duration::from_secs(60)).await?;
     // The gateway watches the same objects; give it a moment to route them.
     wait_routed(gateway_addr, &examples).await;
 
@@ -216,7 +219,7 @@ async fn main() -> Result<()> {
         );
     }
 
-    let expected: usize = samples.iter().filter(|s| s.delivers).count();
+    let expected: usize = samples.iter().map(|s| s.delivers).sum();
     step(&format!(
         "waiting for {expected} deliveries at the demo sink (capped, retried processors)"
     ));
@@ -274,6 +277,42 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// Wait until `n` listeners report Ready=True.
+async fn wait_listeners_ready(
+    api: &Api<WebhookListener>,
+    n: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let all = api.list(&Default::default()).await?.items;
+        let ready = all
+            .iter()
+            .filter(|l| {
+                l.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            })
+            .count();
+        if ready >= n {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            for l in &all {
+                eprintln!(
+                    "  listener {}: {}",
+                    l.name_any(),
+                    serde_json::to_string(&l.status).unwrap_or_default()
+                );
+            }
+            bail!("{ready} of {n} listeners became Ready within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Wait until `n` endpoints report Ready=True; print their conditions if not.
 async fn wait_ready(api: &Api<WebhookEndpoint>, n: usize, timeout: Duration) -> Result<()> {
     let start = Instant::now();
@@ -318,7 +357,7 @@ async fn wait_routed(gateway: SocketAddr, examples: &[demo::Example]) {
             headers: vec![],
             body: b"{}".to_vec(),
             expect: 0,
-            delivers: false,
+            delivers: 0,
         };
         while Instant::now() < deadline {
             match demo::send(gateway, &probe).await {

@@ -527,10 +527,26 @@ pub fn resume_point(existing: &[Position], filters: &[String]) -> Option<u64> {
         .filter(|p| {
             p.filters.is_empty()
                 || filters.is_empty()
-                || p.filters.iter().any(|f| filters.contains(f))
+                || p.filters
+                    .iter()
+                    .any(|f| filters.iter().any(|g| subjects_overlap(f, g)))
         })
         .map(|p| p.next)
         .min()
+}
+
+/// Whether two subject filters can match a common subject (`*` is any one
+/// token, `>` the rest).
+pub fn subjects_overlap(a: &str, b: &str) -> bool {
+    let (mut x, mut y) = (a.split('.'), b.split('.'));
+    loop {
+        match (x.next(), y.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(p), Some(q)) if p == q || p == "*" || q == "*" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// How an existing stream compares with the desired configuration.
@@ -1124,7 +1140,7 @@ impl Js {
         partitions: u16,
     ) -> Result<(), SyncError> {
         let Some(shared) = existing.iter().find(|i| {
-            filters_of(&i.config).is_empty() && (i.num_pending > 0 || i.num_ack_pending > 0)
+            i.name == names.consumer(None) && (i.num_pending > 0 || i.num_ack_pending > 0)
         }) else {
             return Ok(());
         };
@@ -1767,6 +1783,17 @@ ingress: {maxBodyBytes: 1000}
     #[test]
     fn new_consumers_resume_after_the_consumers_they_replace() {
         // Nothing before: everything stored is delivered.
+        for (a, b, want) in [
+            ("spillway.in.ns.ep.3", "spillway.in.ns.ep.*", true),
+            ("spillway.in.ns.ep.*", "spillway.in.ns.ep.*", true),
+            ("spillway.in.ns.ep.3", "spillway.in.ns.ep.4", false),
+            ("spillway.in.ns_ep.3", "spillway.in.ns.ep.*", false),
+            ("spillway.due.ns.ep.processor", "spillway.>", true),
+            ("spillway.in.ns.ep", "spillway.in.ns.ep.*", false),
+        ] {
+            assert_eq!(subjects_overlap(a, b), want, "{a} {b}");
+            assert_eq!(subjects_overlap(b, a), want, "{b} {a}");
+        }
         assert_eq!(resume_point(&[], &[]), None);
         assert_eq!(resume_point(&[], &f(&["in.0"])), None);
         // Ordering switched on: every partition starts at the shared

@@ -431,9 +431,14 @@ async fn listener_controller(
             ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
-    match listeners.list_metadata(&ListParams::default().limit(1)).await {
+    match listeners
+        .list_metadata(&ListParams::default().limit(1))
+        .await
+    {
         Err(kube::Error::Api(s)) if s.code == 404 => {
-            warn!("the WebhookListener CRD is not installed: listeners are not reconciled (apply crds/webhooklisteners.spillway.dev.yaml and restart)");
+            warn!(
+                "the WebhookListener CRD is not installed: listeners are not reconciled (apply crds/webhooklisteners.spillway.dev.yaml and restart)"
+            );
             return;
         }
         _ => {}
@@ -449,7 +454,11 @@ async fn listener_controller(
     .touched_objects()
     .predicate_filter(user_intent, Default::default());
     let ctx = Arc::new(listener::ListenerContext::new(
-        client, js, settings.clone(), recorder, metrics,
+        client,
+        js,
+        settings.clone(),
+        recorder,
+        metrics,
     ));
     Controller::for_stream(trigger, store)
         .owns(

@@ -29,8 +29,7 @@ use spillway_api::filter::Filter;
 use spillway_api::names::{EndpointNames, listener_token};
 use spillway_api::validate::{Timings, check};
 use spillway_api::{
-    Backlog, FromNamespaces, ReplicaStatus, WebhookEndpoint, WebhookListener,
-    WebhookListenerStatus,
+    Backlog, FromNamespaces, ReplicaStatus, WebhookEndpoint, WebhookListener, WebhookListenerStatus,
 };
 use tracing::{info, warn};
 
@@ -144,14 +143,16 @@ pub fn admitted(
              set its allowedListeners.namespaces (from: All, or Selector with a selector matching {listener_ns})"
         )),
         FromNamespaces::Selector => {
-            let selector: Selector = n
-                .selector
-                .clone()
-                .unwrap_or_default()
-                .try_into()
-                .map_err(|e| {
-                    format!("WebhookEndpoint {who} has an invalid allowedListeners selector: {e}")
-                })?;
+            let selector: Selector =
+                n.selector
+                    .clone()
+                    .unwrap_or_default()
+                    .try_into()
+                    .map_err(|e| {
+                        format!(
+                            "WebhookEndpoint {who} has an invalid allowedListeners selector: {e}"
+                        )
+                    })?;
             let empty = Default::default();
             if selector.matches(ns_labels.unwrap_or(&empty)) {
                 Ok(())
@@ -346,7 +347,10 @@ async fn sync(
         .await
         .map_err(|e| nats_rejected("the listener's consumer", e))?;
     let retry = js
-        .put_consumer(&names.retry_stream(), &retry_consumer_config(&names, &token))
+        .put_consumer(
+            &names.retry_stream(),
+            &retry_consumer_config(&names, &token),
+        )
         .await
         .map_err(|e| nats_rejected("the listener's retry consumer", e))?;
     let dead_letters = if l.spec.processor.dead_letter.enabled {
@@ -452,9 +456,10 @@ async fn apply(l: &WebhookListener, ctx: &ListenerContext) -> Result<Action, Err
                     Desired::new(STREAM_READY, Status::False, *reason, message.clone())
                 }
             };
-            let backlog = synced.as_ref().ok().map(|s| {
-                s.backlog.pending + s.backlog.ack_pending + s.backlog.retrying.min(1)
-            });
+            let backlog = synced
+                .as_ref()
+                .ok()
+                .map(|s| s.backlog.pending + s.backlog.ack_pending + s.backlog.retrying.min(1));
             let (proc_cond, replicas, due) =
                 deployment(l, &ep, &names, &tok, &timings, backlog, ctx).await?;
             if let Some(due) = due {
@@ -543,7 +548,9 @@ async fn deployment(
                 PROCESSOR_READY,
                 Status::False,
                 Reason::DeploymentConflict,
-                format!("Deployment {ns}/{dname} exists and is not this listener's; delete or rename it"),
+                format!(
+                    "Deployment {ns}/{dname} exists and is not this listener's; delete or rename it"
+                ),
             ),
             ReplicaStatus::default(),
             None,
@@ -568,7 +575,9 @@ async fn deployment(
         &Workload {
             name: base,
             namespace: ns.clone(),
-            owner: l.controller_owner_ref(&()).expect("stored listeners have a uid"),
+            owner: l
+                .controller_owner_ref(&())
+                .expect("stored listeners have a uid"),
             processor: p,
             ordered: false,
             config,
@@ -689,7 +698,12 @@ spec:
         let cases = [
             ("", "shop", None, true),
             ("", "ci", Some(&team), false),
-            ("allowedListeners: {namespaces: {from: All}}", "ci", None, true),
+            (
+                "allowedListeners: {namespaces: {from: All}}",
+                "ci",
+                None,
+                true,
+            ),
             (selector, "ci", Some(&team), true),
             (selector, "web", Some(&other), false),
             (selector, "bare", None, false),

@@ -753,7 +753,11 @@ impl Processor {
                         reason: verdict.as_str(),
                     })
                     .inc();
-                tracing::debug!(seq, reason = verdict.as_str(), "not selected by the listener's filter");
+                tracing::debug!(
+                    seq,
+                    reason = verdict.as_str(),
+                    "not selected by the listener's filter"
+                );
                 if let Err(e) = msg.double_ack().await {
                     self.metrics.ack_failures.inc();
                     tracing::warn!(seq, error = %e, "ack of a filtered webhook not confirmed; it is checked again");

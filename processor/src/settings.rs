@@ -245,12 +245,18 @@ mod tests {
             expression: Some("body.ref ==".into()),
         });
         let err = Settings::from_config(c.clone()).unwrap_err().to_string();
-        assert!(err.contains("filter") && err.contains("does not compile"), "{err}");
+        assert!(
+            err.contains("filter") && err.contains("does not compile"),
+            "{err}"
+        );
         c.filter = Some(spillway_api::wire::FilterConfig {
             event_types: vec![],
             expression: None,
         });
-        assert!(Settings::from_config(c).unwrap().filter.is_none(), "an open filter is none");
+        assert!(
+            Settings::from_config(c).unwrap().filter.is_none(),
+            "an open filter is none"
+        );
     }
 
     #[test]

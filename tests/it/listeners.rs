@@ -84,7 +84,9 @@ impl Env {
             "metadata": {"name": name, "namespace": ns},
             "spec": spec,
         }))?;
-        self.listeners(ns).create(&PostParams::default(), &l).await?;
+        self.listeners(ns)
+            .create(&PostParams::default(), &l)
+            .await?;
         Ok(())
     }
 
@@ -146,7 +148,11 @@ impl Env {
 
     /// Publish webhooks like the gateway, with the provider's event header
     /// (`None`: a webhook that names no event type).
-    async fn publish(&self, endpoint: &str, hooks: &[(String, Option<&str>, String)]) -> Result<()> {
+    async fn publish(
+        &self,
+        endpoint: &str,
+        hooks: &[(String, Option<&str>, String)],
+    ) -> Result<()> {
         let js = self.nats.jetstream().await?;
         let names = EndpointNames::new(&self.ns, endpoint);
         let mut acks = Vec::new();
@@ -244,7 +250,10 @@ async fn two_listeners_select_cap_and_sign_on_their_own() -> Result<()> {
     env.wait_condition(&ns, "bot", "StreamReady", "True", None)
         .await?;
     let status = ci.status.clone().unwrap_or_default();
-    assert_eq!(status.endpoint.as_deref(), Some(format!("{ns}/gh").as_str()));
+    assert_eq!(
+        status.endpoint.as_deref(),
+        Some(format!("{ns}/gh").as_str())
+    );
     assert_eq!(status.listener, Some(listener_token(&ns, "ci")));
     let ci_proc = env.run_listener("ci", None).await?;
     let bot_proc = env.run_listener("bot", Some(bot_secret)).await?;
@@ -255,15 +264,27 @@ async fn two_listeners_select_cap_and_sign_on_their_own() -> Result<()> {
     for i in 0..12 {
         let id = format!("push-{i}");
         push.insert(id.clone());
-        hooks.push((id, Some("push"), format!(r#"{{"ref":"refs/heads/main","n":{i}}}"#)));
+        hooks.push((
+            id,
+            Some("push"),
+            format!(r#"{{"ref":"refs/heads/main","n":{i}}}"#),
+        ));
     }
     for i in 0..10 {
         let id = format!("opened-{i}");
         opened.insert(id.clone());
-        hooks.push((id, Some("issues"), format!(r#"{{"action":"opened","n":{i}}}"#)));
+        hooks.push((
+            id,
+            Some("issues"),
+            format!(r#"{{"action":"opened","n":{i}}}"#),
+        ));
     }
     for i in 0..4 {
-        hooks.push((format!("closed-{i}"), Some("issues"), r#"{"action":"closed"}"#.into()));
+        hooks.push((
+            format!("closed-{i}"),
+            Some("issues"),
+            r#"{"action":"closed"}"#.into(),
+        ));
     }
     for i in 0..3 {
         hooks.push((format!("plain-{i}"), None, r#"{"hello":"world"}"#.into()));
@@ -282,7 +303,10 @@ async fn two_listeners_select_cap_and_sign_on_their_own() -> Result<()> {
     assert_eq!(bot_sink.count(), 10, "once each");
     assert_eq!(ci_sink.max_in_flight(), 2, "ci's cap is 2, and used");
     let bot_peak = bot_sink.max_in_flight();
-    assert!((2..=5).contains(&bot_peak), "bot's cap is 5: peak {bot_peak}");
+    assert!(
+        (2..=5).contains(&bot_peak),
+        "bot's cap is 5: peak {bot_peak}"
+    );
     for r in bot_sink.received() {
         verify(bot_secret, &r.headers, &r.body, Duration::from_secs(300))
             .with_context(|| format!("bot delivery {} signed with bot's secret", r.id))?;
@@ -349,7 +373,10 @@ async fn two_listeners_select_cap_and_sign_on_their_own() -> Result<()> {
     })
     .await?;
     eventually(WAIT, "bot's listener gone", || async {
-        env.listeners(&ns).get_opt("bot").await.is_ok_and(|l| l.is_none())
+        env.listeners(&ns)
+            .get_opt("bot")
+            .await
+            .is_ok_and(|l| l.is_none())
     })
     .await?;
     for (stream, consumer) in [
@@ -390,7 +417,8 @@ async fn listener_acceptance_follows_the_endpoint() -> Result<()> {
         "endpointRef": {"name": "gh", "namespace": ep_ns},
         "sink": {"url": "http://127.0.0.1:9/ci"},
     });
-    env.create_listener(&listener_ns, "ci", spec.clone()).await?;
+    env.create_listener(&listener_ns, "ci", spec.clone())
+        .await?;
     let l = env
         .wait_condition(&listener_ns, "ci", "Accepted", "False", Some("NotAllowed"))
         .await?;
@@ -410,14 +438,26 @@ async fn listener_acceptance_follows_the_endpoint() -> Result<()> {
     env.wait_condition(&listener_ns, "ci", "Accepted", "True", None)
         .await?;
     // Nothing reconciles the endpoint's namespace here: no stream yet.
-    env.wait_condition(&listener_ns, "ci", "StreamReady", "False", Some("StreamMissing"))
-        .await?;
+    env.wait_condition(
+        &listener_ns,
+        "ci",
+        "StreamReady",
+        "False",
+        Some("StreamMissing"),
+    )
+    .await?;
 
     let mut bad = spec.clone();
     merge(&mut bad, json!({"filter": "body.ref =="}));
     env.create_listener(&listener_ns, "bad-filter", bad).await?;
     let l = env
-        .wait_condition(&listener_ns, "bad-filter", "Accepted", "False", Some("FilterInvalid"))
+        .wait_condition(
+            &listener_ns,
+            "bad-filter",
+            "Accepted",
+            "False",
+            Some("FilterInvalid"),
+        )
         .await?;
     let status = l.status.unwrap_or_default();
     let c = status
@@ -428,10 +468,19 @@ async fn listener_acceptance_follows_the_endpoint() -> Result<()> {
     assert!(c.message.contains("does not compile"), "{}", c.message);
 
     let mut missing = spec;
-    merge(&mut missing, json!({"endpointRef": {"name": "nope", "namespace": ep_ns}}));
+    merge(
+        &mut missing,
+        json!({"endpointRef": {"name": "nope", "namespace": ep_ns}}),
+    );
     env.create_listener(&listener_ns, "lost", missing).await?;
-    env.wait_condition(&listener_ns, "lost", "Accepted", "False", Some("EndpointNotFound"))
-        .await?;
+    env.wait_condition(
+        &listener_ns,
+        "lost",
+        "Accepted",
+        "False",
+        Some("EndpointNotFound"),
+    )
+    .await?;
     Ok(())
 }
 
@@ -449,7 +498,11 @@ async fn a_failing_listener_does_not_slow_a_healthy_one() -> Result<()> {
     env.create_endpoint(&ns, "gh", json!({})).await?;
     for (name, sink, retry) in [
         ("healthy", &healthy_sink, json!({})),
-        ("failing", &failing_sink, json!({"maxAttempts": 3, "backoff": ["1s"]})),
+        (
+            "failing",
+            &failing_sink,
+            json!({"maxAttempts": 3, "backoff": ["1s"]}),
+        ),
     ] {
         env.create_listener(
             &ns,
@@ -506,14 +559,18 @@ async fn a_failing_listener_does_not_slow_a_healthy_one() -> Result<()> {
     );
     // The failing listener dead-letters on its own subject, counted in its
     // status (3 attempts, 1 s apart).
-    eventually(Duration::from_secs(60), "failing listener's dead letters", || async {
-        env.listeners(&ns)
-            .get("failing")
-            .await
-            .ok()
-            .and_then(|l| l.status?.dead_letters)
-            == Some(200)
-    })
+    eventually(
+        Duration::from_secs(60),
+        "failing listener's dead letters",
+        || async {
+            env.listeners(&ns)
+                .get("failing")
+                .await
+                .ok()
+                .and_then(|l| l.status?.dead_letters)
+                == Some(200)
+        },
+    )
     .await?;
     assert_eq!(healthy_sink.count(), 400, "healthy got each webhook once");
     Ok(())

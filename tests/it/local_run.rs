@@ -41,6 +41,15 @@ fn local_spillway_runs_the_demo_end_to_end() {
         .map(|(a, b)| (a.parse::<u32>().unwrap(), b.parse::<u32>().unwrap()))
         .expect("summary has counts");
     assert_eq!(delivered, expected, "{summary}");
+    // examples/github.yaml's listeners: the push event to CI, the opened
+    // issue to the bot (the closed one filtered out).
+    for listener in ["github-ci", "github-bot"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(listener))
+            .unwrap_or_else(|| panic!("no deliveries row for {listener} in\n{stdout}"));
+        assert!(row.trim_end().ends_with(" 1"), "{listener}: {row}");
+    }
     assert!(expected >= 9, "one webhook per example at least: {summary}");
     // The summary shows the attempts of the webhook sent twice: one
     // delivery, recorded with the sink's answer.

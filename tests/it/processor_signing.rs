@@ -18,7 +18,12 @@ use spillway_tests::{NatsServer, eventually};
 /// `{webhook-id}.{webhook-timestamp}.{body}`; `webhook-signature` is a
 /// space-separated list of `v1,<base64 HMAC-SHA256>`; timestamp within
 /// `tolerance` of now.
-pub(crate) fn verify(secret: &str, headers: &HeaderMap, body: &[u8], tolerance: Duration) -> Result<()> {
+pub(crate) fn verify(
+    secret: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    tolerance: Duration,
+) -> Result<()> {
     let key = STANDARD.decode(secret.strip_prefix("whsec_").unwrap_or(secret))?;
     let get = |n: &str| -> Result<String> {
         Ok(headers

@@ -19,7 +19,7 @@ use spillway_api::logging;
 use spillway_api::names::{BUILTIN_LISTENER, EndpointNames, fnv1a64};
 use spillway_api::validate::Timings;
 use spillway_api::wire::{
-    AttemptsConfig, FilterConfig, DrainConfig, PROCESSOR_CONFIG_ENV, ProcessorConfig, RetryConfig,
+    AttemptsConfig, DrainConfig, FilterConfig, PROCESSOR_CONFIG_ENV, ProcessorConfig, RetryConfig,
 };
 use spillway_api::{ProcessorSpec, UrlScheme, WebhookEndpoint, WebhookListener};
 
