@@ -203,6 +203,111 @@ fn nats_volumes(objs: &[Value], deployment_suffix: &str) -> Vec<(String, String,
     out
 }
 
+/// The pod template of the Deployment whose name ends with `suffix`.
+fn pod_of<'a>(objs: &'a [Value], suffix: &str) -> Option<&'a Value> {
+    objs.iter()
+        .filter(|o| o["kind"] == "Deployment")
+        .find(|o| {
+            o["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with(suffix))
+        })
+        .map(|d| &d["spec"]["template"]["spec"])
+}
+
+/// A probe's timings, after checking that it asks `path` on the admin port.
+fn probe_timings(probe: &Value, path: &str) -> Value {
+    assert_eq!(probe["httpGet"]["path"], path, "{probe}");
+    assert_eq!(probe["httpGet"]["port"], "admin", "{probe}");
+    let mut t = probe.clone();
+    if let Some(m) = t.as_object_mut() {
+        m.remove("httpGet");
+    }
+    t
+}
+
+/// What ci/full-values.yaml sets of the chart's extension points: extra
+/// volumes and mounts, probe timings, HPA behavior, scrape timeout and
+/// relabelings, and extraObjects (both forms) rendered through tpl.
+fn check_extensibility(objs: &[Value], ns: &str) -> Result<()> {
+    for (suffix, readiness, liveness) in [
+        (
+            "-operator",
+            serde_json::json!({"periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 6}),
+            serde_json::json!({"initialDelaySeconds": 15, "periodSeconds": 20, "timeoutSeconds": 3, "failureThreshold": 5}),
+        ),
+        (
+            "-gateway",
+            serde_json::json!({"periodSeconds": 3, "timeoutSeconds": 1, "failureThreshold": 2}),
+            serde_json::json!({"initialDelaySeconds": 10, "periodSeconds": 15, "failureThreshold": 4}),
+        ),
+    ] {
+        let pod = pod_of(objs, suffix).context(suffix)?;
+        let c = &pod["containers"][0];
+        assert_eq!(probe_timings(&c["readinessProbe"], "/readyz"), readiness, "{suffix}");
+        assert_eq!(probe_timings(&c["livenessProbe"], "/healthz"), liveness, "{suffix}");
+        let volume = pod["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "extra-ca"))
+            .with_context(|| format!("{suffix}: extra volume"))?;
+        assert_eq!(volume["configMap"]["name"], "spillway-extra-ca");
+        let mount = c["volumeMounts"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == "extra-ca"))
+            .with_context(|| format!("{suffix}: extra mount"))?;
+        assert_eq!(mount["mountPath"], "/etc/spillway/extra-ca");
+        assert_eq!(mount["readOnly"], true);
+        // The chart's own mounts are still there.
+        assert!(
+            c["volumeMounts"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["name"] == "tmp")),
+            "{suffix}"
+        );
+    }
+    let hpa = objs
+        .iter()
+        .find(|o| o["kind"] == "HorizontalPodAutoscaler")
+        .context("HPA")?;
+    assert_eq!(
+        hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"],
+        600
+    );
+    assert_eq!(
+        hpa["spec"]["behavior"]["scaleUp"]["policies"][0]["type"],
+        "Percent"
+    );
+    for o in objs.iter().filter(|o| o["kind"] == "ServiceMonitor") {
+        let e = &o["spec"]["endpoints"][0];
+        assert_eq!(e["scrapeTimeout"], "10s", "{o}");
+        assert_eq!(e["relabelings"][0]["targetLabel"], "node", "{o}");
+        assert_eq!(e["metricRelabelings"][0]["action"], "drop", "{o}");
+    }
+    let pm = objs
+        .iter()
+        .find(|o| o["kind"] == "PodMonitor")
+        .context("PodMonitor")?;
+    let e = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(e["scrapeTimeout"], "15s");
+    assert_eq!(e["relabelings"][0]["targetLabel"], "endpoint_namespace");
+    assert_eq!(e["metricRelabelings"][0]["action"], "labeldrop");
+    // extraObjects: a YAML string and an object, both through tpl.
+    let cm = objs
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "spillway-extra-ca")
+        .context("the extraObjects ConfigMap")?;
+    assert_eq!(cm["metadata"]["namespace"], ns);
+    assert_eq!(cm["metadata"]["labels"]["team"], "platform", "commonLabels via include");
+    let secret = objs
+        .iter()
+        .find(|o| o["kind"] == "Secret")
+        .context("the extraObjects Secret")?;
+    assert_eq!(secret["metadata"]["name"], "spillway-extra");
+    assert_eq!(secret["metadata"]["namespace"], ns);
+    assert_eq!(secret["stringData"]["release"], "spillway");
+    Ok(())
+}
+
 #[tokio::test]
 async fn lint_passes_with_default_and_full_values() -> Result<()> {
     let cp = ControlPlane::shared().await;
@@ -292,6 +397,42 @@ async fn default_values_render_and_apply_on_the_api_server() -> Result<()> {
         }
     }
 
+    // Probe timings from values default to what the chart always set; no
+    // extra volumes; the chart's own IDs (the image's user and group).
+    for (suffix, readiness, liveness) in [
+        (
+            "-operator",
+            serde_json::json!({"periodSeconds": 5, "failureThreshold": 3}),
+            serde_json::json!({"initialDelaySeconds": 5, "periodSeconds": 10, "failureThreshold": 3}),
+        ),
+        (
+            "-gateway",
+            serde_json::json!({"periodSeconds": 2, "failureThreshold": 2}),
+            serde_json::json!({"initialDelaySeconds": 5, "periodSeconds": 10, "failureThreshold": 3}),
+        ),
+    ] {
+        let pod = pod_of(&objs, suffix).context(suffix)?;
+        let c = &pod["containers"][0];
+        assert_eq!(
+            probe_timings(&c["readinessProbe"], "/readyz"),
+            readiness,
+            "{suffix}"
+        );
+        assert_eq!(
+            probe_timings(&c["livenessProbe"], "/healthz"),
+            liveness,
+            "{suffix}"
+        );
+        assert!(
+            !c["volumeMounts"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["name"] == "extra-ca")),
+            "{suffix}"
+        );
+        assert_eq!(pod["securityContext"]["runAsUser"], 65532, "{suffix}");
+        assert_eq!(pod["securityContext"]["fsGroup"], 65532, "{suffix}");
+    }
+
     let lines = dry_run_apply(cp, &yaml).await?;
     assert_eq!(lines.len(), objs.len(), "one line per object: {lines:#?}");
     assert!(
@@ -337,12 +478,15 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
         ("ServiceMonitor", 2),
         ("PodMonitor", 1),
         ("PrometheusRule", 1),
-        ("ConfigMap", 2),
+        // The gateway's config, the dashboard and one from extraObjects.
+        ("ConfigMap", 3),
+        ("Secret", 1),
     ] {
         assert_eq!(count(kind), n, "{kind} objects with full values");
     }
     check_alert_rules(&objs)?;
     assert_hardened(&objs);
+    check_extensibility(&objs, &ns)?;
     // The image digest wins over a tag.
     assert_eq!(
         env(&objs, "-operator", "SPILLWAY_PROCESSOR_IMAGE"),
@@ -569,6 +713,48 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
             "gateway.config.maxHeaderBytes=4096",
             &["/gateway/config/maxHeaderBytes", "minimum"],
         ),
+        (
+            "metrics.serviceMonitor.scrapeTimeout=10sec",
+            &["/metrics/serviceMonitor/scrapeTimeout"],
+        ),
+        (
+            "metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.scrapeTimeout=1m",
+            &["metrics.serviceMonitor.scrapeTimeout (1m) is longer than metrics.serviceMonitor.interval (30s)"],
+        ),
+        (
+            "metrics.podMonitor.interval=10s,metrics.podMonitor.scrapeTimeout=11s",
+            &["metrics.podMonitor.scrapeTimeout (11s) is longer than metrics.podMonitor.interval (10s)"],
+        ),
+        (
+            "metrics.serviceMonitor.relabelings[0].target_label=x",
+            &["/metrics/serviceMonitor/relabelings/0", "'target_label' not allowed"],
+        ),
+        (
+            "operator.livenessProbe.successThreshold=2",
+            &["/operator/livenessProbe/successThreshold", "value must be 1"],
+        ),
+        (
+            "gateway.readinessProbe.periodSeconds=0",
+            &["/gateway/readinessProbe/periodSeconds", "minimum"],
+        ),
+        (
+            "gateway.readinessProbe.httpGet.path=/x",
+            &["/gateway/readinessProbe", "'httpGet' not allowed"],
+        ),
+        (
+            "gateway.extraVolumeMounts[0].name=x",
+            &["/gateway/extraVolumeMounts/0", "mountPath"],
+        ),
+        (
+            "operator.extraVolumes[0].emptyDir.medium=Memory",
+            &["/operator/extraVolumes/0", "name"],
+        ),
+        (
+            "gateway.autoscaling.behavior.scaleDwn.selectPolicy=Max",
+            &["/gateway/autoscaling/behavior", "'scaleDwn' not allowed"],
+        ),
+        ("extraObjects[0]=3", &["/extraObjects/0"]),
+        ("platformAssignsIds=yes", &["/platformAssignsIds", "boolean"]),
         (
             "gateway.terminationGracePeriodSeconds=35",
             &[
@@ -1040,5 +1226,73 @@ fn check_alert_rules(objs: &[Value]) -> Result<()> {
     }
     // A broken expression is caught.
     assert!(promql_parser::parser::parse("sum(rate(x[5m])").is_err());
+    Ok(())
+}
+
+/// `platformAssignsIds` leaves user, group and fsGroup to the platform
+/// (OpenShift restricted-v2) for the operator and the gateway, and tells the
+/// operator to do the same for processor pods; the rest of the restricted
+/// profile stays. And Chart.yaml's kubeVersion: older clusters are refused
+/// before anything renders, and pathPolicy asks for 1.30.
+#[tokio::test]
+async fn platform_assigned_ids_and_kubernetes_versions() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("chart-openshift").await?;
+    let yaml = render(cp, &ns, &["--set", "platformAssignsIds=true"]).await?;
+    let objs = yaml_documents(&yaml)?;
+    for (name, pod) in pod_specs(&objs) {
+        let psc = pod["securityContext"].as_object().context("securityContext")?;
+        for key in ["runAsUser", "runAsGroup", "fsGroup"] {
+            assert!(!psc.contains_key(key), "{name}: {key} is set: {psc:?}");
+        }
+        assert_eq!(psc["runAsNonRoot"], true, "{name}");
+        for c in pod["containers"].as_array().context("containers")? {
+            assert!(c["securityContext"]["runAsUser"].is_null(), "{name}");
+        }
+    }
+    assert_hardened(&objs);
+    let lines = dry_run_apply(cp, &yaml).await?;
+    assert_eq!(lines.len(), objs.len(), "{lines:#?}");
+
+    let chart_yaml: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(
+        chart().join("Chart.yaml"),
+    )?)?;
+    assert_eq!(chart_yaml["kubeVersion"], ">=1.29.0-0");
+    let err = render(cp, &ns, &["--kube-version", "1.28.9"])
+        .await
+        .expect_err("Kubernetes 1.28 is refused");
+    assert!(
+        err.to_string().contains("chart requires kubeVersion"),
+        "{err}"
+    );
+    render(cp, &ns, &["--kube-version", "1.29.0"]).await?;
+    let err = render(
+        cp,
+        &ns,
+        &[
+            "--kube-version",
+            "1.29.4",
+            "--set",
+            "pathPolicy.requireNamespacePrefix=true",
+        ],
+    )
+    .await
+    .expect_err("pathPolicy on 1.29 is refused");
+    assert!(
+        err.to_string()
+            .contains("pathPolicy.requireNamespacePrefix needs Kubernetes 1.30"),
+        "{err}"
+    );
+    render(
+        cp,
+        &ns,
+        &[
+            "--kube-version",
+            "1.30.0",
+            "--set",
+            "pathPolicy.requireNamespacePrefix=true",
+        ],
+    )
+    .await?;
     Ok(())
 }
