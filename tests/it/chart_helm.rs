@@ -25,6 +25,41 @@ fn chart() -> PathBuf {
     root().join("charts/spillway")
 }
 
+/// The chart for `helm install`/`upgrade` against the test kube-apiserver,
+/// and the copy it may be (dropped last). Helm refuses a release when the
+/// server's version does not satisfy Chart.yaml's `kubeVersion`, and the
+/// harness's kube-apiserver, built from source without version stamping,
+/// reports `v0.0.0-master+$Format:%H$`, which Helm cannot even parse. For
+/// such a server only, this returns a copy of the chart without
+/// `kubeVersion` (`helm template --kube-version` checks the constraint:
+/// platform_assigned_ids_and_kubernetes_versions). A stamped server gets
+/// the chart itself.
+pub async fn installable_chart(cp: &ControlPlane) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    let v: Value = serde_json::from_str(&cp.kubectl_output(&["get", "--raw", "/version"]).await?)?;
+    let server = v["gitVersion"].as_str().unwrap_or_default();
+    if !server.starts_with("v0.0.0-") {
+        return Ok((chart(), None));
+    }
+    let dir = tempfile::tempdir()?;
+    let copy = dir.path().join("spillway");
+    let status = std::process::Command::new("cp")
+        .arg("-R")
+        .arg(chart())
+        .arg(&copy)
+        .status()?;
+    anyhow::ensure!(status.success(), "copying the chart");
+    let meta = copy.join("Chart.yaml");
+    let text = std::fs::read_to_string(&meta)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.starts_with("kubeVersion:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    anyhow::ensure!(kept.len() < text.len(), "Chart.yaml has a kubeVersion");
+    std::fs::write(&meta, kept)?;
+    Ok((copy, Some(dir)))
+}
+
 /// Run helm; stdout on success, stderr as the error.
 async fn helm(cp: &ControlPlane, args: &[&str]) -> Result<String> {
     let out = cp
@@ -226,6 +261,72 @@ fn probe_timings(probe: &Value, path: &str) -> Value {
     t
 }
 
+/// The operator's settings as the rendered operator Deployment gives them:
+/// every environment variable the chart sets is turned into the flag that
+/// reads it (clap's own table) and parsed. Fails on a variable the operator
+/// does not read (other than RUST_LOG and the values' extraEnv) and on a
+/// value it refuses.
+fn operator_settings(objs: &[Value]) -> Result<spillway_operator::Settings> {
+    use clap::CommandFactory;
+    let cmd = spillway_operator::Settings::command();
+    let pod = pod_of(objs, "-operator").context("operator Deployment")?;
+    let mut args = vec!["spillway-operator".to_owned()];
+    let mut unread = Vec::new();
+    for e in pod["containers"][0]["env"].as_array().context("env")? {
+        let name = e["name"].as_str().context("env name")?;
+        // valueFrom (POD_NAME, POD_NAMESPACE): set by the kubelet.
+        let Some(value) = e["value"].as_str() else {
+            continue;
+        };
+        let Some(arg) = cmd
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|v| v == name))
+        else {
+            unread.push(name.to_owned());
+            continue;
+        };
+        let long = arg.get_long().context("a long flag")?;
+        if arg.get_action().takes_values() {
+            args.push(format!("--{long}={value}"));
+        } else if value == "true" {
+            args.push(format!("--{long}"));
+        }
+    }
+    unread.retain(|n| n != "RUST_LOG" && n != "SPILLWAY_EXTRA");
+    assert!(unread.is_empty(), "the operator reads no {unread:?}");
+    <spillway_operator::Settings as clap::Parser>::try_parse_from(&args)
+        .map_err(|e| anyhow::anyhow!("{e}: {args:?}"))
+}
+
+/// The pod template (spec, plus its metadata under `metadata`) of the
+/// processor Deployment the operator renders with `settings` for a plain
+/// endpoint.
+fn processor_pod(settings: &spillway_operator::Settings) -> Result<Value> {
+    let mut ep: spillway_api::WebhookEndpoint = serde_json::from_value(serde_json::json!({
+        "apiVersion": "spillway.dev/v1alpha1",
+        "kind": "WebhookEndpoint",
+        "metadata": {"name": "gh", "namespace": "payments", "uid": "uid-1"},
+        "spec": {
+            "verification": {"scheme": "none"},
+            "processor": {"sink": {"url": "http://sink.payments.svc:8080/"}},
+        },
+    }))?;
+    ep.metadata.uid = Some("uid-1".into());
+    let timings = spillway_api::validate::check(&ep.spec).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let d = spillway_operator::render::deployment(
+        &ep,
+        &spillway_api::names::EndpointNames::new("payments", "gh"),
+        &timings,
+        settings,
+        Some(1),
+        &[],
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let mut pod = serde_json::to_value(&d.spec.template.spec)?;
+    pod["metadata"] = serde_json::to_value(&d.spec.template.metadata)?;
+    Ok(pod)
+}
+
 /// What ci/full-values.yaml sets of the chart's extension points: extra
 /// volumes and mounts, probe timings, HPA behavior, scrape timeout and
 /// relabelings, and extraObjects (both forms) rendered through tpl.
@@ -244,8 +345,16 @@ fn check_extensibility(objs: &[Value], ns: &str) -> Result<()> {
     ] {
         let pod = pod_of(objs, suffix).context(suffix)?;
         let c = &pod["containers"][0];
-        assert_eq!(probe_timings(&c["readinessProbe"], "/readyz"), readiness, "{suffix}");
-        assert_eq!(probe_timings(&c["livenessProbe"], "/healthz"), liveness, "{suffix}");
+        assert_eq!(
+            probe_timings(&c["readinessProbe"], "/readyz"),
+            readiness,
+            "{suffix}"
+        );
+        assert_eq!(
+            probe_timings(&c["livenessProbe"], "/healthz"),
+            liveness,
+            "{suffix}"
+        );
         let volume = pod["volumes"]
             .as_array()
             .and_then(|v| v.iter().find(|v| v["name"] == "extra-ca"))
@@ -297,7 +406,10 @@ fn check_extensibility(objs: &[Value], ns: &str) -> Result<()> {
         .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "spillway-extra-ca")
         .context("the extraObjects ConfigMap")?;
     assert_eq!(cm["metadata"]["namespace"], ns);
-    assert_eq!(cm["metadata"]["labels"]["team"], "platform", "commonLabels via include");
+    assert_eq!(
+        cm["metadata"]["labels"]["team"], "platform",
+        "commonLabels via include"
+    );
     let secret = objs
         .iter()
         .find(|o| o["kind"] == "Secret")
@@ -432,6 +544,18 @@ async fn default_values_render_and_apply_on_the_api_server() -> Result<()> {
         assert_eq!(pod["securityContext"]["runAsUser"], 65532, "{suffix}");
         assert_eq!(pod["securityContext"]["fsGroup"], 65532, "{suffix}");
     }
+    // The operator reads every variable the chart gives it; processor pods
+    // get no platform defaults, and fsGroup 65532.
+    let pod = processor_pod(&operator_settings(&objs)?)?;
+    for field in [
+        "imagePullSecrets",
+        "nodeSelector",
+        "tolerations",
+        "priorityClassName",
+    ] {
+        assert!(pod[field].is_null(), "{field}: {pod}");
+    }
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
 
     let lines = dry_run_apply(cp, &yaml).await?;
     assert_eq!(lines.len(), objs.len(), "one line per object: {lines:#?}");
@@ -487,6 +611,26 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
     check_alert_rules(&objs)?;
     assert_hardened(&objs);
     check_extensibility(&objs, &ns)?;
+    // The processor pod defaults reach the operator, which puts them into
+    // the processor Deployments it renders.
+    let settings = operator_settings(&objs)?;
+    let pod = processor_pod(&settings)?;
+    assert_eq!(
+        pod["imagePullSecrets"],
+        serde_json::json!([{"name": "registry-creds"}, {"name": "mirror-creds"}])
+    );
+    assert_eq!(
+        pod["nodeSelector"],
+        serde_json::json!({"node-pool": "hooks"})
+    );
+    assert_eq!(pod["tolerations"][0]["value"], "hooks");
+    assert_eq!(pod["priorityClassName"], "webhooks");
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+    assert_eq!(pod["metadata"]["labels"]["cost-center"], "hooks");
+    assert_eq!(
+        pod["metadata"]["annotations"]["example.com/owner"],
+        "platform, team hooks"
+    );
     // The image digest wins over a tag.
     assert_eq!(
         env(&objs, "-operator", "SPILLWAY_PROCESSOR_IMAGE"),
@@ -719,19 +863,29 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
         ),
         (
             "metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.scrapeTimeout=1m",
-            &["metrics.serviceMonitor.scrapeTimeout (1m) is longer than metrics.serviceMonitor.interval (30s)"],
+            &[
+                "metrics.serviceMonitor.scrapeTimeout (1m) is longer than metrics.serviceMonitor.interval (30s)",
+            ],
         ),
         (
             "metrics.podMonitor.interval=10s,metrics.podMonitor.scrapeTimeout=11s",
-            &["metrics.podMonitor.scrapeTimeout (11s) is longer than metrics.podMonitor.interval (10s)"],
+            &[
+                "metrics.podMonitor.scrapeTimeout (11s) is longer than metrics.podMonitor.interval (10s)",
+            ],
         ),
         (
             "metrics.serviceMonitor.relabelings[0].target_label=x",
-            &["/metrics/serviceMonitor/relabelings/0", "'target_label' not allowed"],
+            &[
+                "/metrics/serviceMonitor/relabelings/0",
+                "'target_label' not allowed",
+            ],
         ),
         (
             "operator.livenessProbe.successThreshold=2",
-            &["/operator/livenessProbe/successThreshold", "value must be 1"],
+            &[
+                "/operator/livenessProbe/successThreshold",
+                "value must be 1",
+            ],
         ),
         (
             "gateway.readinessProbe.periodSeconds=0",
@@ -754,7 +908,22 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
             &["/gateway/autoscaling/behavior", "'scaleDwn' not allowed"],
         ),
         ("extraObjects[0]=3", &["/extraObjects/0"]),
-        ("platformAssignsIds=yes", &["/platformAssignsIds", "boolean"]),
+        (
+            "processor.tolerations[0].operator=Equals",
+            &["/processor/tolerations/0/operator"],
+        ),
+        (
+            "processor.priorityClassName=High_Priority",
+            &["/processor/priorityClassName"],
+        ),
+        (
+            "processor.podLabels.tier=null,processor.nodeSelector.pool=1",
+            &["/processor/nodeSelector/pool", "want string"],
+        ),
+        (
+            "platformAssignsIds=yes",
+            &["/platformAssignsIds", "boolean"],
+        ),
         (
             "gateway.terminationGracePeriodSeconds=35",
             &[
@@ -1078,7 +1247,7 @@ async fn gateway_drain_settings_and_grace_period_follow_the_values() -> Result<(
 async fn helm_install_prints_how_to_start_and_uninstalls() -> Result<()> {
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("chart-install").await?;
-    let chart = chart();
+    let (chart, _copy) = installable_chart(cp).await?;
     let chart = chart.to_str().expect("utf-8 path");
     // The CRD is already installed (by the harness): helm leaves it alone.
     let out = helm(
@@ -1241,7 +1410,9 @@ async fn platform_assigned_ids_and_kubernetes_versions() -> Result<()> {
     let yaml = render(cp, &ns, &["--set", "platformAssignsIds=true"]).await?;
     let objs = yaml_documents(&yaml)?;
     for (name, pod) in pod_specs(&objs) {
-        let psc = pod["securityContext"].as_object().context("securityContext")?;
+        let psc = pod["securityContext"]
+            .as_object()
+            .context("securityContext")?;
         for key in ["runAsUser", "runAsGroup", "fsGroup"] {
             assert!(!psc.contains_key(key), "{name}: {key} is set: {psc:?}");
         }
@@ -1251,12 +1422,15 @@ async fn platform_assigned_ids_and_kubernetes_versions() -> Result<()> {
         }
     }
     assert_hardened(&objs);
+    // Processor pods: no fsGroup either.
+    let pod = processor_pod(&operator_settings(&objs)?)?;
+    assert!(pod["securityContext"]["fsGroup"].is_null(), "{pod}");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     let lines = dry_run_apply(cp, &yaml).await?;
     assert_eq!(lines.len(), objs.len(), "{lines:#?}");
 
-    let chart_yaml: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(
-        chart().join("Chart.yaml"),
-    )?)?;
+    let chart_yaml: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(chart().join("Chart.yaml"))?)?;
     assert_eq!(chart_yaml["kubeVersion"], ">=1.29.0-0");
     let err = render(cp, &ns, &["--kube-version", "1.28.9"])
         .await

@@ -219,7 +219,10 @@ httpGet:
 {{- fail (printf "gateway.autoscaling: minReplicas (%v) is greater than maxReplicas (%v)" .Values.gateway.autoscaling.minReplicas .Values.gateway.autoscaling.maxReplicas) -}}
 {{- end -}}
 {{- end -}}
-{{- if and .Values.pathPolicy.requireNamespacePrefix (semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version) -}}
+{{- $kv := .Capabilities.KubeVersion.Version -}}
+{{- /* Unstamped source builds (v0.0.0-master+$Format:%H$) do not parse. */ -}}
+{{- $known := regexMatch "^v?[0-9]+[.][0-9]+[.][0-9]+(-[0-9A-Za-z.-]+)?([+][0-9A-Za-z.-]+)?$" $kv -}}
+{{- if and .Values.pathPolicy.requireNamespacePrefix $known (semverCompare "<1.30.0-0" $kv) -}}
 {{- fail (printf "pathPolicy.requireNamespacePrefix needs Kubernetes 1.30 or newer (admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy); this cluster is %s" .Capabilities.KubeVersion.Version) -}}
 {{- end -}}
 {{- if and (has "Deny" .Values.pathPolicy.validationActions) (has "Warn" .Values.pathPolicy.validationActions) -}}
