@@ -1470,3 +1470,180 @@ async fn platform_assigned_ids_and_kubernetes_versions() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// Key paths of the official `nats` chart's values.yaml (nats-io/k8s, chart
+/// version 2.14.2, helm/charts/nats/values.yaml) that
+/// charts/spillway/nats-values.yaml may set. That chart ships no
+/// values.schema.json, and it cannot be fetched where the tests run, so
+/// this list is the minimal check: a misspelt key fails here instead of
+/// being ignored by Helm. `merge` maps and `container.env` are free-form in
+/// that chart (NATS configuration, environment variables). The file was also
+/// rendered with that chart and the pinned helm, and the rendered nats.conf
+/// accepted by `nats-server -t` (by hand, when this test was written).
+const NATS_CHART_KEYS: &[&str] = &[
+    "config.cluster.enabled",
+    "config.cluster.replicas",
+    "config.jetstream.enabled",
+    "config.jetstream.fileStore.enabled",
+    "config.jetstream.fileStore.pvc.size",
+    "config.jetstream.fileStore.maxSize",
+    "config.jetstream.merge",
+    "config.merge",
+    "container.env",
+    "promExporter.enabled",
+    "promExporter.podMonitor.enabled",
+];
+
+/// Dotted paths of the leaves of `v`, stopping at the free-form maps.
+fn value_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    match v.as_object() {
+        Some(m) if !prefix.ends_with("merge") && prefix != "container.env" => {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                value_paths(v, &p, out);
+            }
+        }
+        _ => out.push(prefix.to_owned()),
+    }
+}
+
+/// `<< $VAR >>` and `<< 9MB >>` as the nats chart writes them into
+/// nats.conf: bare, so NATS reads a variable or a unit.
+fn nats_conf_value(v: &Value, vars: &[(&str, &str)]) -> String {
+    match v {
+        Value::String(s) if s.starts_with("<< ") && s.ends_with(" >>") => {
+            let inner = &s[3..s.len() - 3];
+            vars.iter()
+                .find(|(k, _)| inner == format!("${k}"))
+                .map(|(_, v)| format!("{v:?}"))
+                .unwrap_or_else(|| inner.to_owned())
+        }
+        Value::Object(m) => format!(
+            "{{{}}}",
+            m.iter()
+                .map(|(k, v)| format!("{k:?}: {}", nats_conf_value(v, vars)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter()
+                .map(|v| nats_conf_value(v, vars))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// charts/spillway/nats-values.yaml (docs/quickstart.md): keys the official
+/// chart has; a 3-node JetStream cluster on files with sync_interval,
+/// max_payload above the examples' bodies and the exporter; the processor
+/// user exactly as `spillway nats-permissions` prints it; and its accounts
+/// on a real nats-server: the operator creates a stream, the gateway
+/// stores into it and gets the PubAck, a connection without credentials (the
+/// processors) may not.
+#[tokio::test]
+async fn nats_values_fit_the_official_chart_and_spillway() -> Result<()> {
+    let text = std::fs::read_to_string(chart().join("nats-values.yaml"))?;
+    let v: Value = serde_yaml_ng::from_str(&text)?;
+    let mut paths = Vec::new();
+    value_paths(&v, "", &mut paths);
+    for p in &paths {
+        assert!(
+            NATS_CHART_KEYS.contains(&p.as_str()),
+            "{p} is not a value of the nats chart 2.14.2"
+        );
+    }
+    let c = &v["config"];
+    assert_eq!(c["cluster"]["enabled"], true);
+    assert_eq!(c["cluster"]["replicas"], 3);
+    assert_eq!(c["jetstream"]["enabled"], true);
+    assert_eq!(c["jetstream"]["fileStore"]["enabled"], true);
+    assert!(c["jetstream"]["merge"]["sync_interval"].is_string());
+    assert_eq!(v["promExporter"]["enabled"], true);
+    // max_payload above every example's maxBodyBytes (headers need room).
+    let max_payload = c["merge"]["max_payload"].as_str().context("max_payload")?;
+    let mb: u64 = max_payload
+        .trim_start_matches("<< ")
+        .trim_end_matches("MB >>")
+        .parse()?;
+    for entry in std::fs::read_dir(root().join("examples"))? {
+        let yaml = std::fs::read_to_string(entry?.path())?;
+        for doc in yaml_documents(&yaml)? {
+            if let Some(max) = doc["spec"]["ingress"]["maxBodyBytes"].as_u64() {
+                assert!(mb * 1_000_000 > max + 64 * 1024, "{max_payload} vs {max}");
+            }
+        }
+    }
+    // Users: the processors' from the same function as the CLI's command.
+    let users = c["merge"]["accounts"]["SPILLWAY"]["users"]
+        .as_array()
+        .context("users")?;
+    let user = |name: &str| {
+        users
+            .iter()
+            .find(|u| u["user"] == name)
+            .unwrap_or_else(|| panic!("user {name}"))
+    };
+    let want = spillway_api::tenancy::processor_permissions("demo", &["github".into()]);
+    let p = &user("spillway-processor-demo")["permissions"];
+    assert_eq!(p["publish"]["allow"], serde_json::json!(want.publish));
+    assert_eq!(p["subscribe"]["allow"], serde_json::json!(want.subscribe));
+    let g = &user("spillway-gateway")["permissions"];
+    assert_eq!(g["publish"]["allow"], serde_json::json!(["spillway.in.>"]));
+    assert_eq!(g["subscribe"]["allow"], serde_json::json!(["_INBOX.>"]));
+    assert_eq!(c["merge"]["no_auth_user"], "spillway-processor-demo");
+
+    // The accounts on a real nats-server.
+    let vars = [
+        ("SPILLWAY_OPERATOR_PASSWORD", "op-pw"),
+        ("SPILLWAY_GATEWAY_PASSWORD", "gw-pw"),
+        ("SPILLWAY_PROCESSOR_DEMO_PASSWORD", "pr-pw"),
+    ];
+    let extra = format!(
+        "accounts: {}\nno_auth_user: {:?}\n",
+        nats_conf_value(&c["merge"]["accounts"], &vars),
+        "spillway-processor-demo"
+    );
+    let nats = spillway_tests::NatsServer::start_with(&extra).await?;
+    let login = |u: &'static str, pw: &'static str| {
+        async_nats::ConnectOptions::with_user_and_password(u.into(), pw.into())
+            .connect(nats.url.clone())
+    };
+    let names = spillway_api::names::EndpointNames::new("demo", "github");
+    let op = async_nats::jetstream::new(login("spillway-operator", "op-pw").await?);
+    op.create_stream(async_nats::jetstream::stream::Config {
+        name: names.stream(),
+        subjects: vec![names.stream_subjects()],
+        ..Default::default()
+    })
+    .await
+    .context("the operator creates a stream")?;
+    let mut gw = async_nats::jetstream::new(login("spillway-gateway", "gw-pw").await?);
+    gw.set_timeout(Duration::from_secs(2));
+    gw.publish(names.subject(0), "{}".into())
+        .await?
+        .await
+        .context("the gateway stores a webhook and gets the PubAck")?;
+    let mut anon = async_nats::jetstream::new(
+        async_nats::ConnectOptions::new()
+            .connect(nats.url.clone())
+            .await?,
+    );
+    anon.set_timeout(Duration::from_secs(2));
+    let refused = match anon.publish(names.subject(0), "{}".into()).await {
+        Ok(ack) => ack.await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a processor may not store webhooks");
+    assert!(
+        login("spillway-gateway", "wrong").await.is_err(),
+        "passwords are checked"
+    );
+    Ok(())
+}
