@@ -371,3 +371,53 @@ fn changelog_follows_keep_a_changelog() {
     }
     assert!(read("SECURITY.md").contains("docs/security.md"));
 }
+
+/// hack/krew/spillway.yaml is a krew Plugin manifest for `kubectl spillway`
+/// on linux and macOS, amd64 and arm64, each installing kubectl-spillway.
+#[test]
+fn krew_manifest_names_the_plugin_and_its_binary_per_platform() -> Result<()> {
+    let m: Value = serde_yaml_ng::from_str(&read("hack/krew/spillway.yaml"))?;
+    assert_eq!(
+        m["apiVersion"],
+        "krew.googlecontainertools.github.com/v1alpha2"
+    );
+    assert_eq!(m["kind"], "Plugin");
+    assert_eq!(m["metadata"]["name"], "spillway");
+    let spec = &m["spec"];
+    assert!(spec["version"].as_str().is_some_and(|v| v.starts_with('v')));
+    assert!(
+        spec["shortDescription"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty())
+    );
+    let mut seen = Vec::new();
+    for p in spec["platforms"].as_array().context("platforms")? {
+        let labels = &p["selector"]["matchLabels"];
+        let os = labels["os"].as_str().context("os")?;
+        let arch = labels["arch"].as_str().context("arch")?;
+        assert_eq!(p["bin"], "kubectl-spillway", "{os}/{arch}");
+        assert!(
+            p["files"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f["from"] == "kubectl-spillway")),
+            "{os}/{arch} installs the binary"
+        );
+        let uri = p["uri"].as_str().context("uri")?;
+        assert!(
+            uri.starts_with("https://") && uri.contains(&format!("{os}_{arch}")),
+            "{uri}"
+        );
+        let sha = p["sha256"].as_str().context("sha256")?;
+        assert!(
+            sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()),
+            "{os}/{arch}: sha256 {sha}"
+        );
+        seen.push(format!("{os}/{arch}"));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["darwin/amd64", "darwin/arm64", "linux/amd64", "linux/arm64"]
+    );
+    Ok(())
+}
