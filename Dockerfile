@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # One image with every Spillway binary:
 #   /usr/local/bin/spillway-processor  (ENTRYPOINT: the operator creates processor
 #                                       Deployments without a command)
@@ -6,6 +7,9 @@
 #   /usr/local/bin/spillway            (the CLI, for `kubectl run`/debugging)
 #
 #   docker build -t ghcr.io/spillway-dev/spillway:0.1.0 .
+#
+# Needs BuildKit (the default builder of Docker 23+, and buildx/podman
+# build): the first line selects the Dockerfile frontend with RUN --mount.
 #
 # Pin the base images by digest in CI (`image@sha256:...`); tags are kept
 # here so the file stays readable.
@@ -18,7 +22,14 @@ WORKDIR /src
 # must be present for `--locked` to resolve the workspace.
 COPY . .
 # --locked: build exactly the dependency versions in Cargo.lock.
-RUN cargo build --release --locked \
+# BuildKit cache mounts keep the crates registry and the target directory
+# between builds (a source change rebuilds only the workspace crates). The
+# target directory is a cache, not a layer, so the binaries are copied out
+# in the same step.
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
+    --mount=type=cache,target=/src/target,sharing=locked \
+    cargo build --release --locked \
         -p spillway-operator -p spillway-gateway -p spillway-processor -p spillway-cli \
  && mkdir -p /out \
  && cp target/release/spillway-operator target/release/spillway-gateway \

@@ -5,7 +5,7 @@
 CRD_FILES := crds/webhookendpoints.spillway.dev.yaml charts/spillway/crds/webhookendpoints.spillway.dev.yaml \
 	crds/webhooklisteners.spillway.dev.yaml charts/spillway/crds/webhooklisteners.spillway.dev.yaml docs/reference.md
 
-.PHONY: tools crds check-crds fmt lint build test run fuzz
+.PHONY: tools crds check-crds fmt lint build test run fuzz deny deny-advisories
 
 tools:
 	hack/install-tools.sh
@@ -40,3 +40,15 @@ fuzz:
 
 run: tools build
 	"$${CARGO_TARGET_DIR:-target}/debug/spillway-local"
+
+# cargo-deny (deny.toml): licences, duplicate crates, sources. Not part of
+# `make test`: cargo-deny is not a pinned tool (install it with
+# `cargo install --locked cargo-deny`). Works offline once the crates of the
+# checked platforms are downloaded; tests/it/release.rs checks the licence
+# allow-list without it.
+deny:
+	cargo deny check licenses bans sources
+
+# The RustSec advisory database, fetched from GitHub (needs the network).
+deny-advisories:
+	cargo deny check advisories

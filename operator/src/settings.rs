@@ -1,10 +1,41 @@
 //! Operator configuration from flags and environment variables.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Toleration;
+
 fn duration(s: &str) -> Result<Duration, String> {
     spillway_api::duration::parse(s).map_err(|e| e.to_string())
+}
+
+/// A flag's value in JSON (the chart writes them with `toJson`).
+fn json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_str(s).map_err(|e| format!("not the JSON expected here: {e}"))
+}
+
+/// Labels, annotations or a node selector.
+pub type StringMap = BTreeMap<String, String>;
+/// Pod tolerations (an alias, so that clap takes the flag as one JSON
+/// value rather than as a repeated flag).
+pub type Tolerations = Vec<Toleration>;
+
+/// The `fsGroup` of processor pods: a group ID, or none (`none`) where the
+/// platform assigns one (OpenShift's restricted-v2 SCC refuses others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsGroup(pub Option<i64>);
+
+fn fs_group(s: &str) -> Result<FsGroup, String> {
+    match s {
+        "none" => Ok(FsGroup(None)),
+        n => n
+            .parse::<i64>()
+            .ok()
+            .filter(|g| *g >= 0)
+            .map(|g| FsGroup(Some(g)))
+            .ok_or_else(|| format!("{s:?} is neither a group ID nor `none`")),
+    }
 }
 
 /// Everything the operator is configured with. Every flag has an
@@ -126,6 +157,40 @@ pub struct Settings {
     /// Processor memory limit (none when empty).
     #[arg(long, env = "SPILLWAY_PROCESSOR_MEMORY_LIMIT", default_value = "256Mi")]
     pub processor_memory_limit: String,
+    /// Image pull Secrets (names, comma-separated) of processor pods whose
+    /// endpoint template lists none. They must exist in each endpoint's
+    /// namespace.
+    #[arg(
+        long,
+        env = "SPILLWAY_PROCESSOR_IMAGE_PULL_SECRETS",
+        value_delimiter = ','
+    )]
+    pub processor_image_pull_secrets: Vec<String>,
+    /// Labels (a JSON object) of processor pods. An endpoint template's
+    /// label of the same name wins; the operator's own labels win over both.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_POD_LABELS", value_parser = json::<StringMap>, default_value = "{}")]
+    pub processor_pod_labels: StringMap,
+    /// Annotations (a JSON object) of processor pods; an endpoint
+    /// template's annotation of the same name wins.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_POD_ANNOTATIONS", value_parser = json::<StringMap>, default_value = "{}")]
+    pub processor_pod_annotations: StringMap,
+    /// nodeSelector (a JSON object) of processor pods whose endpoint
+    /// template sets none.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_NODE_SELECTOR", value_parser = json::<StringMap>, default_value = "{}")]
+    pub processor_node_selector: StringMap,
+    /// Tolerations (a JSON array) of processor pods whose endpoint template
+    /// sets none.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_TOLERATIONS", value_parser = json::<Tolerations>, default_value = "[]")]
+    pub processor_tolerations: Tolerations,
+    /// priorityClassName of processor pods whose endpoint template sets
+    /// none.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_PRIORITY_CLASS_NAME")]
+    pub processor_priority_class_name: Option<String>,
+    /// fsGroup of processor pods whose endpoint template sets none (so that
+    /// the image's user 65532 can read the mounted Secrets), or `none` on
+    /// platforms that assign one themselves (OpenShift restricted-v2).
+    #[arg(long, env = "SPILLWAY_PROCESSOR_FS_GROUP", value_parser = fs_group, default_value = "65532")]
+    pub processor_fs_group: FsGroup,
 
     /// Address of the admin server (/healthz, /readyz, /metrics).
     #[arg(long, env = "SPILLWAY_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
@@ -235,6 +300,47 @@ mod tests {
         assert!(!s.leader_elect);
         assert_eq!(s.processor_nats_url(), "nats://a:1");
         assert!(Settings::try_parse_from(["x", "--resync-interval", "soon"]).is_err());
+    }
+
+    #[test]
+    fn processor_pod_defaults_parse_from_json() {
+        let d = Settings::defaults();
+        assert!(d.processor_image_pull_secrets.is_empty());
+        assert!(d.processor_pod_labels.is_empty() && d.processor_tolerations.is_empty());
+        assert_eq!(d.processor_fs_group, FsGroup(Some(65532)));
+        let s = Settings::parse_from([
+            "x",
+            "--processor-image-pull-secrets",
+            "regcred,mirror",
+            "--processor-pod-labels",
+            r#"{"team":"platform"}"#,
+            "--processor-node-selector",
+            r#"{"kubernetes.io/os":"linux"}"#,
+            "--processor-tolerations",
+            r#"[{"key":"dedicated","operator":"Equal","value":"hooks","effect":"NoSchedule"}]"#,
+            "--processor-priority-class-name",
+            "hooks",
+            "--processor-fs-group",
+            "none",
+        ]);
+        assert_eq!(s.processor_image_pull_secrets, ["regcred", "mirror"]);
+        assert_eq!(s.processor_pod_labels["team"], "platform");
+        assert_eq!(s.processor_node_selector["kubernetes.io/os"], "linux");
+        assert_eq!(s.processor_tolerations[0].value.as_deref(), Some("hooks"));
+        assert_eq!(s.processor_priority_class_name.as_deref(), Some("hooks"));
+        assert_eq!(s.processor_fs_group, FsGroup(None));
+        for (flag, bad) in [
+            ("--processor-pod-labels", "team=platform"),
+            ("--processor-pod-labels", r#"{"n":1}"#),
+            ("--processor-tolerations", r#"{"key":"x"}"#),
+            ("--processor-fs-group", "-1"),
+            ("--processor-fs-group", "auto"),
+        ] {
+            assert!(
+                Settings::try_parse_from(["x", flag, bad]).is_err(),
+                "{flag} {bad}"
+            );
+        }
     }
 
     #[test]

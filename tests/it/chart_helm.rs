@@ -25,6 +25,41 @@ fn chart() -> PathBuf {
     root().join("charts/spillway")
 }
 
+/// The chart for `helm install`/`upgrade` against the test kube-apiserver,
+/// and the copy it may be (dropped last). Helm refuses a release when the
+/// server's version does not satisfy Chart.yaml's `kubeVersion`, and the
+/// harness's kube-apiserver, built from source without version stamping,
+/// reports `v0.0.0-master+$Format:%H$`, which Helm cannot even parse. For
+/// such a server only, this returns a copy of the chart without
+/// `kubeVersion` (`helm template --kube-version` checks the constraint:
+/// platform_assigned_ids_and_kubernetes_versions). A stamped server gets
+/// the chart itself.
+pub async fn installable_chart(cp: &ControlPlane) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    let v: Value = serde_json::from_str(&cp.kubectl_output(&["get", "--raw", "/version"]).await?)?;
+    let server = v["gitVersion"].as_str().unwrap_or_default();
+    if !server.starts_with("v0.0.0-") {
+        return Ok((chart(), None));
+    }
+    let dir = tempfile::tempdir()?;
+    let copy = dir.path().join("spillway");
+    let status = std::process::Command::new("cp")
+        .arg("-R")
+        .arg(chart())
+        .arg(&copy)
+        .status()?;
+    anyhow::ensure!(status.success(), "copying the chart");
+    let meta = copy.join("Chart.yaml");
+    let text = std::fs::read_to_string(&meta)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.starts_with("kubeVersion:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    anyhow::ensure!(kept.len() < text.len(), "Chart.yaml has a kubeVersion");
+    std::fs::write(&meta, kept)?;
+    Ok((copy, Some(dir)))
+}
+
 /// Run helm; stdout on success, stderr as the error.
 async fn helm(cp: &ControlPlane, args: &[&str]) -> Result<String> {
     let out = cp
@@ -203,6 +238,188 @@ fn nats_volumes(objs: &[Value], deployment_suffix: &str) -> Vec<(String, String,
     out
 }
 
+/// The pod template of the Deployment whose name ends with `suffix`.
+fn pod_of<'a>(objs: &'a [Value], suffix: &str) -> Option<&'a Value> {
+    objs.iter()
+        .filter(|o| o["kind"] == "Deployment")
+        .find(|o| {
+            o["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with(suffix))
+        })
+        .map(|d| &d["spec"]["template"]["spec"])
+}
+
+/// A probe's timings, after checking that it asks `path` on the admin port.
+fn probe_timings(probe: &Value, path: &str) -> Value {
+    assert_eq!(probe["httpGet"]["path"], path, "{probe}");
+    assert_eq!(probe["httpGet"]["port"], "admin", "{probe}");
+    let mut t = probe.clone();
+    if let Some(m) = t.as_object_mut() {
+        m.remove("httpGet");
+    }
+    t
+}
+
+/// The operator's settings as the rendered operator Deployment gives them:
+/// every environment variable the chart sets is turned into the flag that
+/// reads it (clap's own table) and parsed. Fails on a variable the operator
+/// does not read (other than RUST_LOG and the values' extraEnv) and on a
+/// value it refuses.
+fn operator_settings(objs: &[Value]) -> Result<spillway_operator::Settings> {
+    use clap::CommandFactory;
+    let cmd = spillway_operator::Settings::command();
+    let pod = pod_of(objs, "-operator").context("operator Deployment")?;
+    let mut args = vec!["spillway-operator".to_owned()];
+    let mut unread = Vec::new();
+    for e in pod["containers"][0]["env"].as_array().context("env")? {
+        let name = e["name"].as_str().context("env name")?;
+        // valueFrom (POD_NAME, POD_NAMESPACE): set by the kubelet.
+        let Some(value) = e["value"].as_str() else {
+            continue;
+        };
+        let Some(arg) = cmd
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|v| v == name))
+        else {
+            unread.push(name.to_owned());
+            continue;
+        };
+        let long = arg.get_long().context("a long flag")?;
+        if arg.get_action().takes_values() {
+            args.push(format!("--{long}={value}"));
+        } else if value == "true" {
+            args.push(format!("--{long}"));
+        }
+    }
+    unread.retain(|n| n != "RUST_LOG" && n != "SPILLWAY_EXTRA");
+    assert!(unread.is_empty(), "the operator reads no {unread:?}");
+    <spillway_operator::Settings as clap::Parser>::try_parse_from(&args)
+        .map_err(|e| anyhow::anyhow!("{e}: {args:?}"))
+}
+
+/// The pod template (spec, plus its metadata under `metadata`) of the
+/// processor Deployment the operator renders with `settings` for a plain
+/// endpoint.
+fn processor_pod(settings: &spillway_operator::Settings) -> Result<Value> {
+    let mut ep: spillway_api::WebhookEndpoint = serde_json::from_value(serde_json::json!({
+        "apiVersion": "spillway.dev/v1alpha1",
+        "kind": "WebhookEndpoint",
+        "metadata": {"name": "gh", "namespace": "payments", "uid": "uid-1"},
+        "spec": {
+            "verification": {"scheme": "none"},
+            "processor": {"sink": {"url": "http://sink.payments.svc:8080/"}},
+        },
+    }))?;
+    ep.metadata.uid = Some("uid-1".into());
+    let timings = spillway_api::validate::check(&ep.spec).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let d = spillway_operator::render::deployment(
+        &ep,
+        &spillway_api::names::EndpointNames::new("payments", "gh"),
+        &timings,
+        settings,
+        Some(1),
+        &[],
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let mut pod = serde_json::to_value(&d.spec.template.spec)?;
+    pod["metadata"] = serde_json::to_value(&d.spec.template.metadata)?;
+    Ok(pod)
+}
+
+/// What ci/full-values.yaml sets of the chart's extension points: extra
+/// volumes and mounts, probe timings, HPA behavior, scrape timeout and
+/// relabelings, and extraObjects (both forms) rendered through tpl.
+fn check_extensibility(objs: &[Value], ns: &str) -> Result<()> {
+    for (suffix, readiness, liveness) in [
+        (
+            "-operator",
+            serde_json::json!({"periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 6}),
+            serde_json::json!({"initialDelaySeconds": 15, "periodSeconds": 20, "timeoutSeconds": 3, "failureThreshold": 5}),
+        ),
+        (
+            "-gateway",
+            serde_json::json!({"periodSeconds": 3, "timeoutSeconds": 1, "failureThreshold": 2}),
+            serde_json::json!({"initialDelaySeconds": 10, "periodSeconds": 15, "failureThreshold": 4}),
+        ),
+    ] {
+        let pod = pod_of(objs, suffix).context(suffix)?;
+        let c = &pod["containers"][0];
+        assert_eq!(
+            probe_timings(&c["readinessProbe"], "/readyz"),
+            readiness,
+            "{suffix}"
+        );
+        assert_eq!(
+            probe_timings(&c["livenessProbe"], "/healthz"),
+            liveness,
+            "{suffix}"
+        );
+        let volume = pod["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "extra-ca"))
+            .with_context(|| format!("{suffix}: extra volume"))?;
+        assert_eq!(volume["configMap"]["name"], "spillway-extra-ca");
+        let mount = c["volumeMounts"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == "extra-ca"))
+            .with_context(|| format!("{suffix}: extra mount"))?;
+        assert_eq!(mount["mountPath"], "/etc/spillway/extra-ca");
+        assert_eq!(mount["readOnly"], true);
+        // The chart's own mounts are still there.
+        assert!(
+            c["volumeMounts"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["name"] == "tmp")),
+            "{suffix}"
+        );
+    }
+    let hpa = objs
+        .iter()
+        .find(|o| o["kind"] == "HorizontalPodAutoscaler")
+        .context("HPA")?;
+    assert_eq!(
+        hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"],
+        600
+    );
+    assert_eq!(
+        hpa["spec"]["behavior"]["scaleUp"]["policies"][0]["type"],
+        "Percent"
+    );
+    for o in objs.iter().filter(|o| o["kind"] == "ServiceMonitor") {
+        let e = &o["spec"]["endpoints"][0];
+        assert_eq!(e["scrapeTimeout"], "10s", "{o}");
+        assert_eq!(e["relabelings"][0]["targetLabel"], "node", "{o}");
+        assert_eq!(e["metricRelabelings"][0]["action"], "drop", "{o}");
+    }
+    let pm = objs
+        .iter()
+        .find(|o| o["kind"] == "PodMonitor")
+        .context("PodMonitor")?;
+    let e = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(e["scrapeTimeout"], "15s");
+    assert_eq!(e["relabelings"][0]["targetLabel"], "endpoint_namespace");
+    assert_eq!(e["metricRelabelings"][0]["action"], "labeldrop");
+    // extraObjects: a YAML string and an object, both through tpl.
+    let cm = objs
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "spillway-extra-ca")
+        .context("the extraObjects ConfigMap")?;
+    assert_eq!(cm["metadata"]["namespace"], ns);
+    assert_eq!(
+        cm["metadata"]["labels"]["team"], "platform",
+        "commonLabels via include"
+    );
+    let secret = objs
+        .iter()
+        .find(|o| o["kind"] == "Secret")
+        .context("the extraObjects Secret")?;
+    assert_eq!(secret["metadata"]["name"], "spillway-extra");
+    assert_eq!(secret["metadata"]["namespace"], ns);
+    assert_eq!(secret["stringData"]["release"], "spillway");
+    Ok(())
+}
+
 #[tokio::test]
 async fn lint_passes_with_default_and_full_values() -> Result<()> {
     let cp = ControlPlane::shared().await;
@@ -292,6 +509,54 @@ async fn default_values_render_and_apply_on_the_api_server() -> Result<()> {
         }
     }
 
+    // Probe timings from values default to what the chart always set; no
+    // extra volumes; the chart's own IDs (the image's user and group).
+    for (suffix, readiness, liveness) in [
+        (
+            "-operator",
+            serde_json::json!({"periodSeconds": 5, "failureThreshold": 3}),
+            serde_json::json!({"initialDelaySeconds": 5, "periodSeconds": 10, "failureThreshold": 3}),
+        ),
+        (
+            "-gateway",
+            serde_json::json!({"periodSeconds": 2, "failureThreshold": 2}),
+            serde_json::json!({"initialDelaySeconds": 5, "periodSeconds": 10, "failureThreshold": 3}),
+        ),
+    ] {
+        let pod = pod_of(&objs, suffix).context(suffix)?;
+        let c = &pod["containers"][0];
+        assert_eq!(
+            probe_timings(&c["readinessProbe"], "/readyz"),
+            readiness,
+            "{suffix}"
+        );
+        assert_eq!(
+            probe_timings(&c["livenessProbe"], "/healthz"),
+            liveness,
+            "{suffix}"
+        );
+        assert!(
+            !c["volumeMounts"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["name"] == "extra-ca")),
+            "{suffix}"
+        );
+        assert_eq!(pod["securityContext"]["runAsUser"], 65532, "{suffix}");
+        assert_eq!(pod["securityContext"]["fsGroup"], 65532, "{suffix}");
+    }
+    // The operator reads every variable the chart gives it; processor pods
+    // get no platform defaults, and fsGroup 65532.
+    let pod = processor_pod(&operator_settings(&objs)?)?;
+    for field in [
+        "imagePullSecrets",
+        "nodeSelector",
+        "tolerations",
+        "priorityClassName",
+    ] {
+        assert!(pod[field].is_null(), "{field}: {pod}");
+    }
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+
     let lines = dry_run_apply(cp, &yaml).await?;
     assert_eq!(lines.len(), objs.len(), "one line per object: {lines:#?}");
     assert!(
@@ -337,12 +602,35 @@ async fn full_values_render_and_apply_on_the_api_server() -> Result<()> {
         ("ServiceMonitor", 2),
         ("PodMonitor", 1),
         ("PrometheusRule", 1),
-        ("ConfigMap", 2),
+        // The gateway's config, the dashboard and one from extraObjects.
+        ("ConfigMap", 3),
+        ("Secret", 1),
     ] {
         assert_eq!(count(kind), n, "{kind} objects with full values");
     }
     check_alert_rules(&objs)?;
     assert_hardened(&objs);
+    check_extensibility(&objs, &ns)?;
+    // The processor pod defaults reach the operator, which puts them into
+    // the processor Deployments it renders.
+    let settings = operator_settings(&objs)?;
+    let pod = processor_pod(&settings)?;
+    assert_eq!(
+        pod["imagePullSecrets"],
+        serde_json::json!([{"name": "registry-creds"}, {"name": "mirror-creds"}])
+    );
+    assert_eq!(
+        pod["nodeSelector"],
+        serde_json::json!({"node-pool": "hooks"})
+    );
+    assert_eq!(pod["tolerations"][0]["value"], "hooks");
+    assert_eq!(pod["priorityClassName"], "webhooks");
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+    assert_eq!(pod["metadata"]["labels"]["cost-center"], "hooks");
+    assert_eq!(
+        pod["metadata"]["annotations"]["example.com/owner"],
+        "platform, team hooks"
+    );
     // The image digest wins over a tag.
     assert_eq!(
         env(&objs, "-operator", "SPILLWAY_PROCESSOR_IMAGE"),
@@ -568,6 +856,73 @@ async fn bad_values_fail_with_a_message_naming_the_value() -> Result<()> {
         (
             "gateway.config.maxHeaderBytes=4096",
             &["/gateway/config/maxHeaderBytes", "minimum"],
+        ),
+        (
+            "metrics.serviceMonitor.scrapeTimeout=10sec",
+            &["/metrics/serviceMonitor/scrapeTimeout"],
+        ),
+        (
+            "metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.scrapeTimeout=1m",
+            &[
+                "metrics.serviceMonitor.scrapeTimeout (1m) is longer than metrics.serviceMonitor.interval (30s)",
+            ],
+        ),
+        (
+            "metrics.podMonitor.interval=10s,metrics.podMonitor.scrapeTimeout=11s",
+            &[
+                "metrics.podMonitor.scrapeTimeout (11s) is longer than metrics.podMonitor.interval (10s)",
+            ],
+        ),
+        (
+            "metrics.serviceMonitor.relabelings[0].target_label=x",
+            &[
+                "/metrics/serviceMonitor/relabelings/0",
+                "'target_label' not allowed",
+            ],
+        ),
+        (
+            "operator.livenessProbe.successThreshold=2",
+            &[
+                "/operator/livenessProbe/successThreshold",
+                "value must be 1",
+            ],
+        ),
+        (
+            "gateway.readinessProbe.periodSeconds=0",
+            &["/gateway/readinessProbe/periodSeconds", "minimum"],
+        ),
+        (
+            "gateway.readinessProbe.httpGet.path=/x",
+            &["/gateway/readinessProbe", "'httpGet' not allowed"],
+        ),
+        (
+            "gateway.extraVolumeMounts[0].name=x",
+            &["/gateway/extraVolumeMounts/0", "mountPath"],
+        ),
+        (
+            "operator.extraVolumes[0].emptyDir.medium=Memory",
+            &["/operator/extraVolumes/0", "name"],
+        ),
+        (
+            "gateway.autoscaling.behavior.scaleDwn.selectPolicy=Max",
+            &["/gateway/autoscaling/behavior", "'scaleDwn' not allowed"],
+        ),
+        ("extraObjects[0]=3", &["/extraObjects/0"]),
+        (
+            "processor.tolerations[0].operator=Equals",
+            &["/processor/tolerations/0/operator"],
+        ),
+        (
+            "processor.priorityClassName=High_Priority",
+            &["/processor/priorityClassName"],
+        ),
+        (
+            "processor.podLabels.tier=null,processor.nodeSelector.pool=1",
+            &["/processor/nodeSelector/pool", "want string"],
+        ),
+        (
+            "platformAssignsIds=yes",
+            &["/platformAssignsIds", "boolean"],
         ),
         (
             "gateway.terminationGracePeriodSeconds=35",
@@ -892,7 +1247,7 @@ async fn gateway_drain_settings_and_grace_period_follow_the_values() -> Result<(
 async fn helm_install_prints_how_to_start_and_uninstalls() -> Result<()> {
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("chart-install").await?;
-    let chart = chart();
+    let (chart, _copy) = installable_chart(cp).await?;
     let chart = chart.to_str().expect("utf-8 path");
     // The CRD is already installed (by the harness): helm leaves it alone.
     let out = helm(
@@ -1040,5 +1395,255 @@ fn check_alert_rules(objs: &[Value]) -> Result<()> {
     }
     // A broken expression is caught.
     assert!(promql_parser::parser::parse("sum(rate(x[5m])").is_err());
+    Ok(())
+}
+
+/// `platformAssignsIds` leaves user, group and fsGroup to the platform
+/// (OpenShift restricted-v2) for the operator and the gateway, and tells the
+/// operator to do the same for processor pods; the rest of the restricted
+/// profile stays. And Chart.yaml's kubeVersion: older clusters are refused
+/// before anything renders, and pathPolicy asks for 1.30.
+#[tokio::test]
+async fn platform_assigned_ids_and_kubernetes_versions() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("chart-openshift").await?;
+    let yaml = render(cp, &ns, &["--set", "platformAssignsIds=true"]).await?;
+    let objs = yaml_documents(&yaml)?;
+    for (name, pod) in pod_specs(&objs) {
+        let psc = pod["securityContext"]
+            .as_object()
+            .context("securityContext")?;
+        for key in ["runAsUser", "runAsGroup", "fsGroup"] {
+            assert!(!psc.contains_key(key), "{name}: {key} is set: {psc:?}");
+        }
+        assert_eq!(psc["runAsNonRoot"], true, "{name}");
+        for c in pod["containers"].as_array().context("containers")? {
+            assert!(c["securityContext"]["runAsUser"].is_null(), "{name}");
+        }
+    }
+    assert_hardened(&objs);
+    // Processor pods: no fsGroup either.
+    let pod = processor_pod(&operator_settings(&objs)?)?;
+    assert!(pod["securityContext"]["fsGroup"].is_null(), "{pod}");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let lines = dry_run_apply(cp, &yaml).await?;
+    assert_eq!(lines.len(), objs.len(), "{lines:#?}");
+
+    let chart_yaml: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(chart().join("Chart.yaml"))?)?;
+    assert_eq!(chart_yaml["kubeVersion"], ">=1.29.0-0");
+    let err = render(cp, &ns, &["--kube-version", "1.28.9"])
+        .await
+        .expect_err("Kubernetes 1.28 is refused");
+    assert!(
+        err.to_string().contains("chart requires kubeVersion"),
+        "{err}"
+    );
+    render(cp, &ns, &["--kube-version", "1.29.0"]).await?;
+    let err = render(
+        cp,
+        &ns,
+        &[
+            "--kube-version",
+            "1.29.4",
+            "--set",
+            "pathPolicy.requireNamespacePrefix=true",
+        ],
+    )
+    .await
+    .expect_err("pathPolicy on 1.29 is refused");
+    assert!(
+        err.to_string()
+            .contains("pathPolicy.requireNamespacePrefix needs Kubernetes 1.30"),
+        "{err}"
+    );
+    render(
+        cp,
+        &ns,
+        &[
+            "--kube-version",
+            "1.30.0",
+            "--set",
+            "pathPolicy.requireNamespacePrefix=true",
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Key paths of the official `nats` chart's values.yaml (nats-io/k8s, chart
+/// version 2.14.2, helm/charts/nats/values.yaml) that
+/// charts/spillway/nats-values.yaml may set. That chart ships no
+/// values.schema.json, and it cannot be fetched where the tests run, so
+/// this list is the minimal check: a misspelt key fails here instead of
+/// being ignored by Helm. `merge` maps and `container.env` are free-form in
+/// that chart (NATS configuration, environment variables). The file was also
+/// rendered with that chart and the pinned helm, and the rendered nats.conf
+/// accepted by `nats-server -t` (by hand, when this test was written).
+const NATS_CHART_KEYS: &[&str] = &[
+    "config.cluster.enabled",
+    "config.cluster.replicas",
+    "config.jetstream.enabled",
+    "config.jetstream.fileStore.enabled",
+    "config.jetstream.fileStore.pvc.size",
+    "config.jetstream.fileStore.maxSize",
+    "config.jetstream.merge",
+    "config.merge",
+    "container.env",
+    "promExporter.enabled",
+    "promExporter.podMonitor.enabled",
+];
+
+/// Dotted paths of the leaves of `v`, stopping at the free-form maps.
+fn value_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    match v.as_object() {
+        Some(m) if !prefix.ends_with("merge") && prefix != "container.env" => {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                value_paths(v, &p, out);
+            }
+        }
+        _ => out.push(prefix.to_owned()),
+    }
+}
+
+/// `<< $VAR >>` and `<< 9MB >>` as the nats chart writes them into
+/// nats.conf: bare, so NATS reads a variable or a unit.
+fn nats_conf_value(v: &Value, vars: &[(&str, &str)]) -> String {
+    match v {
+        Value::String(s) if s.starts_with("<< ") && s.ends_with(" >>") => {
+            let inner = &s[3..s.len() - 3];
+            vars.iter()
+                .find(|(k, _)| inner == format!("${k}"))
+                .map(|(_, v)| format!("{v:?}"))
+                .unwrap_or_else(|| inner.to_owned())
+        }
+        Value::Object(m) => format!(
+            "{{{}}}",
+            m.iter()
+                .map(|(k, v)| format!("{k:?}: {}", nats_conf_value(v, vars)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter()
+                .map(|v| nats_conf_value(v, vars))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// charts/spillway/nats-values.yaml (docs/quickstart.md): keys the official
+/// chart has; a 3-node JetStream cluster on files with sync_interval,
+/// max_payload above the examples' bodies and the exporter; the processor
+/// user exactly as `spillway nats-permissions` prints it; and its accounts
+/// on a real nats-server: the operator creates a stream, the gateway
+/// stores into it and gets the PubAck, a connection without credentials (the
+/// processors) may not.
+#[tokio::test]
+async fn nats_values_fit_the_official_chart_and_spillway() -> Result<()> {
+    let text = std::fs::read_to_string(chart().join("nats-values.yaml"))?;
+    let v: Value = serde_yaml_ng::from_str(&text)?;
+    let mut paths = Vec::new();
+    value_paths(&v, "", &mut paths);
+    for p in &paths {
+        assert!(
+            NATS_CHART_KEYS.contains(&p.as_str()),
+            "{p} is not a value of the nats chart 2.14.2"
+        );
+    }
+    let c = &v["config"];
+    assert_eq!(c["cluster"]["enabled"], true);
+    assert_eq!(c["cluster"]["replicas"], 3);
+    assert_eq!(c["jetstream"]["enabled"], true);
+    assert_eq!(c["jetstream"]["fileStore"]["enabled"], true);
+    assert!(c["jetstream"]["merge"]["sync_interval"].is_string());
+    assert_eq!(v["promExporter"]["enabled"], true);
+    // max_payload above every example's maxBodyBytes (headers need room).
+    let max_payload = c["merge"]["max_payload"].as_str().context("max_payload")?;
+    let mb: u64 = max_payload
+        .trim_start_matches("<< ")
+        .trim_end_matches("MB >>")
+        .parse()?;
+    for entry in std::fs::read_dir(root().join("examples"))? {
+        let yaml = std::fs::read_to_string(entry?.path())?;
+        for doc in yaml_documents(&yaml)? {
+            if let Some(max) = doc["spec"]["ingress"]["maxBodyBytes"].as_u64() {
+                assert!(mb * 1_000_000 > max + 64 * 1024, "{max_payload} vs {max}");
+            }
+        }
+    }
+    // Users: the processors' from the same function as the CLI's command.
+    let users = c["merge"]["accounts"]["SPILLWAY"]["users"]
+        .as_array()
+        .context("users")?;
+    let user = |name: &str| {
+        users
+            .iter()
+            .find(|u| u["user"] == name)
+            .unwrap_or_else(|| panic!("user {name}"))
+    };
+    let want = spillway_api::tenancy::processor_permissions("demo", &["github".into()]);
+    let p = &user("spillway-processor-demo")["permissions"];
+    assert_eq!(p["publish"]["allow"], serde_json::json!(want.publish));
+    assert_eq!(p["subscribe"]["allow"], serde_json::json!(want.subscribe));
+    let g = &user("spillway-gateway")["permissions"];
+    assert_eq!(g["publish"]["allow"], serde_json::json!(["spillway.in.>"]));
+    assert_eq!(g["subscribe"]["allow"], serde_json::json!(["_INBOX.>"]));
+    assert_eq!(c["merge"]["no_auth_user"], "spillway-processor-demo");
+
+    // The accounts on a real nats-server.
+    let vars = [
+        ("SPILLWAY_OPERATOR_PASSWORD", "op-pw"),
+        ("SPILLWAY_GATEWAY_PASSWORD", "gw-pw"),
+        ("SPILLWAY_PROCESSOR_DEMO_PASSWORD", "pr-pw"),
+    ];
+    let extra = format!(
+        "accounts: {}\nno_auth_user: {:?}\n",
+        nats_conf_value(&c["merge"]["accounts"], &vars),
+        "spillway-processor-demo"
+    );
+    let nats = spillway_tests::NatsServer::start_with(&extra).await?;
+    let login = |u: &'static str, pw: &'static str| {
+        async_nats::ConnectOptions::with_user_and_password(u.into(), pw.into())
+            .connect(nats.url.clone())
+    };
+    let names = spillway_api::names::EndpointNames::new("demo", "github");
+    let op = async_nats::jetstream::new(login("spillway-operator", "op-pw").await?);
+    op.create_stream(async_nats::jetstream::stream::Config {
+        name: names.stream(),
+        subjects: vec![names.stream_subjects()],
+        ..Default::default()
+    })
+    .await
+    .context("the operator creates a stream")?;
+    let mut gw = async_nats::jetstream::new(login("spillway-gateway", "gw-pw").await?);
+    gw.set_timeout(Duration::from_secs(2));
+    gw.publish(names.subject(0), "{}".into())
+        .await?
+        .await
+        .context("the gateway stores a webhook and gets the PubAck")?;
+    let mut anon = async_nats::jetstream::new(
+        async_nats::ConnectOptions::new()
+            .connect(nats.url.clone())
+            .await?,
+    );
+    anon.set_timeout(Duration::from_secs(2));
+    let refused = match anon.publish(names.subject(0), "{}".into()).await {
+        Ok(ack) => ack.await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a processor may not store webhooks");
+    assert!(
+        login("spillway-gateway", "wrong").await.is_err(),
+        "passwords are checked"
+    );
     Ok(())
 }

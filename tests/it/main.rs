@@ -40,3 +40,4 @@ mod processor_lifecycle;
 mod processor_ordering;
 mod processor_retry;
 mod processor_signing;
+mod release;

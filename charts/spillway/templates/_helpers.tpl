@@ -185,10 +185,26 @@ certificate are the component's own (`nats.credentials` and
 {{/* The pod security context, with fsGroup so mounted Secrets are readable. */}}
 {{- define "spillway.podSecurityContext" -}}
 {{- $psc := deepCopy .Values.podSecurityContext -}}
-{{- if not (hasKey $psc "fsGroup") -}}
+{{- if .Values.platformAssignsIds -}}
+{{- $_ := unset $psc "runAsUser" -}}
+{{- $_ := unset $psc "runAsGroup" -}}
+{{- $_ := unset $psc "fsGroup" -}}
+{{- else if not (hasKey $psc "fsGroup") -}}
 {{- $_ := set $psc "fsGroup" (default 65532 .Values.podSecurityContext.runAsGroup) -}}
 {{- end -}}
 {{- toYaml $psc -}}
+{{- end -}}
+
+{{/*
+A probe on the admin port: (dict "path" "/readyz" "timings" $values.readinessProbe).
+*/}}
+{{- define "spillway.probe" -}}
+httpGet:
+  path: {{ .path }}
+  port: admin
+{{- with .timings }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{/* Cross-field checks the schema cannot express; fail with what to change. */}}
@@ -203,8 +219,21 @@ certificate are the component's own (`nats.credentials` and
 {{- fail (printf "gateway.autoscaling: minReplicas (%v) is greater than maxReplicas (%v)" .Values.gateway.autoscaling.minReplicas .Values.gateway.autoscaling.maxReplicas) -}}
 {{- end -}}
 {{- end -}}
+{{- $kv := .Capabilities.KubeVersion.Version -}}
+{{- /* Unstamped source builds (v0.0.0-master+$Format:%H$) do not parse. */ -}}
+{{- $known := regexMatch "^v?[0-9]+[.][0-9]+[.][0-9]+(-[0-9A-Za-z.-]+)?([+][0-9A-Za-z.-]+)?$" $kv -}}
+{{- if and .Values.pathPolicy.requireNamespacePrefix $known (semverCompare "<1.30.0-0" $kv) -}}
+{{- fail (printf "pathPolicy.requireNamespacePrefix needs Kubernetes 1.30 or newer (admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy); this cluster is %s" .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
 {{- if and (has "Deny" .Values.pathPolicy.validationActions) (has "Warn" .Values.pathPolicy.validationActions) -}}
 {{- fail "pathPolicy.validationActions: Deny and Warn may not be used together (Deny already tells the client why)" -}}
+{{- end -}}
+{{- range $name, $m := dict "metrics.serviceMonitor" .Values.metrics.serviceMonitor "metrics.podMonitor" .Values.metrics.podMonitor -}}
+{{- if $m.scrapeTimeout -}}
+{{- if gt (include "spillway.durationNanos" $m.scrapeTimeout | int64) (include "spillway.durationNanos" $m.interval | int64) -}}
+{{- fail (printf "%s.scrapeTimeout (%s) is longer than %s.interval (%s): Prometheus refuses such a scrape; shorten it or leave it empty" $name $m.scrapeTimeout $name $m.interval) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- with .Values.gateway.terminationGracePeriodSeconds -}}
 {{- $t := include "spillway.gateway.shutdownTimes" $ | fromYaml -}}

@@ -8,8 +8,8 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    LocalObjectReference, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -41,7 +41,8 @@ pub const RENDER_HASH: &str = "spillway.dev/render-hash";
 /// replicas are left to KEDA's HPA), `builtin` otherwise.
 pub const AUTOSCALER: &str = "spillway.dev/autoscaler";
 /// Group of the processor image's user (Dockerfile `USER 65532:65532`):
-/// the pod's `fsGroup`, so mounted Secrets are readable.
+/// the pod's `fsGroup` (the default of `--processor-fs-group`), so mounted
+/// Secrets are readable.
 pub const PROCESSOR_GID: i64 = 65532;
 /// Field manager that briefly holds `spec.replicas` when scaling is handed
 /// over to KEDA, so the operator's next apply (without replicas) does not
@@ -397,6 +398,45 @@ pub fn processor_nats_secrets(settings: &Settings) -> Vec<ProcessorSecret> {
     out
 }
 
+/// The platform's defaults for processor pods (`--processor-node-selector`
+/// and the like) where the endpoint's template sets none. Unset defaults
+/// leave the pod spec as it was, so Deployments of operators without them
+/// keep their render hash.
+fn apply_pod_defaults(pod: &mut PodSpec, settings: &Settings) {
+    if pod.image_pull_secrets.as_ref().is_none_or(Vec::is_empty)
+        && !settings.processor_image_pull_secrets.is_empty()
+    {
+        pod.image_pull_secrets = Some(
+            settings
+                .processor_image_pull_secrets
+                .iter()
+                .map(|name| LocalObjectReference { name: name.clone() })
+                .collect(),
+        );
+    }
+    if pod.node_selector.as_ref().is_none_or(BTreeMap::is_empty)
+        && !settings.processor_node_selector.is_empty()
+    {
+        pod.node_selector = Some(settings.processor_node_selector.clone());
+    }
+    if pod.tolerations.as_ref().is_none_or(Vec::is_empty)
+        && !settings.processor_tolerations.is_empty()
+    {
+        pod.tolerations = Some(settings.processor_tolerations.clone());
+    }
+    if pod
+        .priority_class_name
+        .as_ref()
+        .is_none_or(String::is_empty)
+        && let Some(p) = settings
+            .processor_priority_class_name
+            .as_ref()
+            .filter(|p| !p.is_empty())
+    {
+        pod.priority_class_name = Some(p.clone());
+    }
+}
+
 /// Render the processor Deployment. `replicas` is `None` when someone else
 /// (KEDA) owns the replica count; `legacy` names the consumers of the
 /// endpoint's legacy stream that still drain it (see
@@ -586,12 +626,17 @@ pub fn workload_deployment(
     };
 
     // The user's template is the base; our container, volumes, labels and
-    // security defaults are merged in (ours win on name clashes).
+    // security defaults are merged in (ours win on name clashes). The
+    // platform's defaults for processor pods (operator settings) come
+    // under the template: labels and annotations per key, the rest only
+    // where the template sets none.
     let mut pod_meta = user.metadata.unwrap_or_default();
-    let mut pod_labels = pod_meta.labels.take().unwrap_or_default();
+    let mut pod_labels = settings.processor_pod_labels.clone();
+    pod_labels.extend(pod_meta.labels.take().unwrap_or_default());
     pod_labels.extend(labels(&name));
     pod_meta.labels = Some(pod_labels);
     let mut pod_spec: PodSpec = user.spec.unwrap_or_default();
+    apply_pod_defaults(&mut pod_spec, settings);
     let mut containers = vec![ours];
     containers.extend(
         pod_spec
@@ -607,8 +652,11 @@ pub fn workload_deployment(
     let mut psc = pod_spec.security_context.take().unwrap_or_default();
     psc.run_as_non_root.get_or_insert(true);
     // Mounted Secrets (mode 0440, root-owned otherwise) must be readable by
-    // the image's non-root user (65532, see the Dockerfile).
-    psc.fs_group.get_or_insert(PROCESSOR_GID);
+    // the image's non-root user (65532, see the Dockerfile); unless the
+    // platform assigns the fsGroup itself (`--processor-fs-group none`).
+    if let Some(gid) = settings.processor_fs_group.0 {
+        psc.fs_group.get_or_insert(gid);
+    }
     psc.seccomp_profile.get_or_insert_with(|| SeccompProfile {
         type_: "RuntimeDefault".into(),
         ..Default::default()
@@ -633,7 +681,8 @@ pub fn workload_deployment(
         ));
     }
     let config_hash = format!("{:016x}", fnv1a64(hashed.as_bytes()));
-    let mut annotations = pod_meta.annotations.take().unwrap_or_default();
+    let mut annotations = settings.processor_pod_annotations.clone();
+    annotations.extend(pod_meta.annotations.take().unwrap_or_default());
     annotations.insert(CONFIG_HASH.into(), config_hash);
     pod_meta.annotations = Some(annotations);
 
@@ -1079,6 +1128,151 @@ spec:
         let mut s = Settings::defaults();
         s.nats.tls_required = Some(true);
         assert_eq!(env(&render(&s))[NATS_TLS_REQUIRED_ENV], "true");
+    }
+
+    /// The platform's processor pod defaults (operator settings) fill in
+    /// what the endpoint's template leaves out, never override it, and
+    /// never override the operator's own labels.
+    #[test]
+    fn processor_pod_defaults_fill_what_the_template_leaves_out() {
+        use clap::Parser;
+        use serde_json::json;
+        let platform = |s: &mut Settings| {
+            s.processor_image_pull_secrets = vec!["regcred".into()];
+            s.processor_pod_labels = BTreeMap::from([
+                ("team".into(), "platform".into()),
+                ("cost-center".into(), "42".into()),
+                ("app.kubernetes.io/name".into(), "mine".into()),
+            ]);
+            s.processor_pod_annotations =
+                BTreeMap::from([("example.com/owner".into(), "platform".into())]);
+            s.processor_node_selector = BTreeMap::from([("pool".into(), "hooks".into())]);
+            s.processor_tolerations = serde_json::from_value(json!([
+                {"key": "dedicated", "operator": "Equal", "value": "hooks", "effect": "NoSchedule"}
+            ]))
+            .unwrap();
+            s.processor_priority_class_name = Some("hooks".into());
+        };
+        let own_template = json!({
+            "metadata": {"labels": {"team": "a"}, "annotations": {"example.com/owner": "team-a"}},
+            "spec": {
+                "containers": [{"name": "handler", "image": "example/handler:1"}],
+                "imagePullSecrets": [{"name": "team-a-registry"}],
+                "nodeSelector": {"pool": "team-a"},
+                "tolerations": [{"key": "team-a", "operator": "Exists"}],
+                "priorityClassName": "team-a",
+                "securityContext": {"fsGroup": 1000}
+            }
+        });
+        // (case, platform settings, fsGroup setting, endpoint template,
+        //  expected pod fields, labels and annotations as JSON)
+        type Setup = fn(&mut Settings);
+        let none: Setup = |_| {};
+        let cases: Vec<(
+            &str,
+            Setup,
+            &str,
+            Option<serde_json::Value>,
+            serde_json::Value,
+        )> = vec![
+            (
+                "no defaults: nothing added",
+                none,
+                "65532",
+                None,
+                json!({"imagePullSecrets": null, "nodeSelector": null, "tolerations": null,
+                       "priorityClassName": null, "fsGroup": 65532,
+                       "team": null, "owner": null, "name": "spillway-processor"}),
+            ),
+            (
+                "defaults fill an empty template",
+                platform,
+                "65532",
+                None,
+                json!({"imagePullSecrets": [{"name": "regcred"}], "nodeSelector": {"pool": "hooks"},
+                       "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "hooks", "effect": "NoSchedule"}],
+                       "priorityClassName": "hooks", "fsGroup": 65532,
+                       "team": "platform", "owner": "platform", "name": "spillway-processor"}),
+            ),
+            (
+                "the template wins",
+                platform,
+                "65532",
+                Some(own_template.clone()),
+                json!({"imagePullSecrets": [{"name": "team-a-registry"}], "nodeSelector": {"pool": "team-a"},
+                       "tolerations": [{"key": "team-a", "operator": "Exists"}],
+                       "priorityClassName": "team-a", "fsGroup": 1000,
+                       "team": "a", "owner": "team-a", "name": "spillway-processor"}),
+            ),
+            (
+                "platform assigns fsGroup",
+                none,
+                "none",
+                None,
+                json!({"imagePullSecrets": null, "nodeSelector": null, "tolerations": null,
+                       "priorityClassName": null, "fsGroup": null,
+                       "team": null, "owner": null, "name": "spillway-processor"}),
+            ),
+            (
+                "platform assigns fsGroup, the template still sets one",
+                none,
+                "none",
+                Some(own_template),
+                json!({"imagePullSecrets": [{"name": "team-a-registry"}], "nodeSelector": {"pool": "team-a"},
+                       "tolerations": [{"key": "team-a", "operator": "Exists"}],
+                       "priorityClassName": "team-a", "fsGroup": 1000,
+                       "team": "a", "owner": "team-a", "name": "spillway-processor"}),
+            ),
+        ];
+        let names = EndpointNames::new("team", "gh");
+        let mut plain_hash = None;
+        for (case, setup, fs_group, template, want) in cases {
+            let mut ep = endpoint(EP);
+            ep.spec.processor.template = template;
+            let t = check(&ep.spec).unwrap();
+            let mut s = Settings::parse_from(["x", "--processor-fs-group", fs_group]);
+            setup(&mut s);
+            let d = deployment(&ep, &names, &t, &s, Some(1), &[]).unwrap();
+            let pod = serde_json::to_value(d.spec.template.spec.as_ref().unwrap()).unwrap();
+            let meta = d.spec.template.metadata.as_ref().unwrap();
+            let label = |k: &str| meta.labels.as_ref().unwrap().get(k).cloned();
+            let got = json!({
+                "imagePullSecrets": pod["imagePullSecrets"],
+                "nodeSelector": pod["nodeSelector"],
+                "tolerations": pod["tolerations"],
+                "priorityClassName": pod["priorityClassName"],
+                "fsGroup": pod["securityContext"]["fsGroup"],
+                "team": label("team"),
+                "owner": meta.annotations.as_ref().unwrap().get("example.com/owner"),
+                "name": label("app.kubernetes.io/name"),
+            });
+            assert_eq!(got, want, "{case}");
+            // The selector's labels are the operator's whatever the defaults.
+            assert_eq!(
+                d.spec.selector.match_labels.as_ref().unwrap()["app.kubernetes.io/name"],
+                "spillway-processor",
+                "{case}"
+            );
+            assert!(
+                meta.annotations.as_ref().unwrap().contains_key(CONFIG_HASH),
+                "{case}"
+            );
+            if case == "no defaults: nothing added" {
+                plain_hash = d
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .unwrap()
+                    .get(RENDER_HASH)
+                    .cloned();
+            } else if case == "defaults fill an empty template" {
+                // Setting defaults rewrites (and so rolls) the Deployment.
+                assert_ne!(
+                    d.metadata.annotations.as_ref().unwrap().get(RENDER_HASH),
+                    plain_hash.as_ref(),
+                );
+            }
+        }
     }
 
     #[test]
