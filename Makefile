@@ -5,7 +5,7 @@
 CRD_FILES := crds/webhookendpoints.spillway.dev.yaml charts/spillway/crds/webhookendpoints.spillway.dev.yaml \
 	crds/webhooklisteners.spillway.dev.yaml charts/spillway/crds/webhooklisteners.spillway.dev.yaml docs/reference.md
 
-.PHONY: tools crds check-crds fmt lint build test run fuzz deny deny-advisories
+.PHONY: tools crds check-crds fmt lint build test run fuzz bench-gateway deny deny-advisories
 
 tools:
 	hack/install-tools.sh
@@ -52,3 +52,13 @@ deny:
 # The RustSec advisory database, fetched from GitHub (needs the network).
 deny-advisories:
 	cargo deny check advisories
+
+# The gateway beside the Go bridge (../shared/peers/gobridge, built with go
+# here, not copied) and a raw publish loop, one nats-server, one run:
+# writes docs/benchmarks/gateway.md and gateway.svg. PEERS names the peers
+# folder.
+PEERS ?= ../shared/peers
+bench-gateway: tools
+	cargo build --release -p spillway-gateway --bins --examples
+	cd "$(PEERS)/gobridge" && go build -o "$(CURDIR)/target/release/gobridge" .
+	target/release/examples/loadgen --bridge-bin target/release/gobridge --out docs/benchmarks/gateway.md

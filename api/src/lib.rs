@@ -26,6 +26,8 @@ pub mod secret;
 #[cfg(feature = "signature")]
 pub mod signature;
 pub mod tenancy;
+#[cfg(feature = "trace")]
+pub mod trace;
 pub mod validate;
 pub mod wire;
 

@@ -1,4 +1,4 @@
-//! Markdown reference of the WebhookEndpoint API, generated from the CRD's
+//! Markdown reference of the WebhookEndpoint and WebhookListener APIs, generated from the CRD's
 //! schema (so it cannot drift from what the API server enforces).
 
 use serde_json::Value;
@@ -20,6 +20,23 @@ pub fn markdown() -> Result<String, serde_json::Error> {
         walk(&schema["properties"][section], section, &mut out);
     }
     out.push_str("\n## Validation rules (CEL)\n\n| on | rule | message |\n| --- | --- | --- |\n");
+    rules(&schema["properties"]["spec"], "spec", &mut out);
+    let crd = serde_json::to_value(crate::WebhookListener::crd())?;
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    out.push_str(
+        "\n# WebhookListener reference\n\n\
+         `apiVersion: spillway.dev/v1alpha1`, `kind: WebhookListener` (short name `whl`, \
+         category `spillway`), namespaced; see docs/listeners.md. The fields it shares with \
+         a WebhookEndpoint's `spec.processor` mean the same.\n\n\
+         | field | type | default | constraints | description |\n\
+         | --- | --- | --- | --- | --- |\n",
+    );
+    for section in ["spec", "status"] {
+        walk(&schema["properties"][section], section, &mut out);
+    }
+    out.push_str(
+        "\n## Listener validation rules (CEL)\n\n| on | rule | message |\n| --- | --- | --- |\n",
+    );
     rules(&schema["properties"]["spec"], "spec", &mut out);
     out.push_str(
         "\n## Condition reasons\n\nEvery reason the operator writes into `status.conditions` \

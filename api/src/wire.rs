@@ -23,6 +23,9 @@ pub const RECEIVED_AT: &str = "Spillway-Received-At";
 pub const CONTENT_TYPE: &str = "Content-Type";
 /// W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
+/// The provider's W3C `tracestate`, stored beside `traceparent` as it came
+/// (when valid) and forwarded with every delivery.
+pub const TRACESTATE: &str = "tracestate";
 /// The ordering key, when the endpoint is ordered.
 pub const ORDERING_KEY: &str = "Spillway-Ordering-Key";
 /// Original request headers are kept under this prefix (e.g.

@@ -1,15 +1,30 @@
-//! A bounded load generator for the gateway, loopback only.
+//! The gateway benchmark, side by side with the Go bridge, loopback only.
 //!
-//! Starts a real nats-server (from `.tools/bin`) and the real
-//! `spillway-gateway` binary in file mode, sends signed GitHub-style webhooks
-//! over keep-alive HTTP/1.1 connections, checks that every 2xx is in the
-//! stream, and writes a Markdown report.
+//! One run starts one real nats-server (JetStream, file storage, R1) and
+//! measures, at each concurrency:
+//! - the raw publish ceiling: `gobridge raw` (Go, nats.go: c publishers,
+//!   each awaiting its PubAck);
+//! - the real `spillway-gateway` binary (file mode, one GitHub endpoint);
+//! - the Go bridge (`gobridge serve`: net/http + nats.go, GitHub HMAC,
+//!   `Nats-Msg-Id`, PubAck before 200),
+//!
+//! the last two with `wrk` (closed loop, one thread, pre-signed 1 KiB body,
+//! a unique `X-GitHub-Delivery` per request), CPU per request of the server
+//! and of nats-server from `/proc`, and stored = 2xx checked on the stream.
+//! Then, open loop at half the gateway's best rate, the p99 of the gateway
+//! and of a raw publisher at that fixed rate (latency from the scheduled
+//! send time, so a stall is not hidden), and the gateway with 1,000
+//! endpoints configured against 1. Writes a Markdown report and an SVG.
 //!
 //! ```text
-//! cargo build --release -p spillway-gateway --bins --examples
-//! target/release/examples/loadgen --requests 20000 --concurrency 64 --out docs/benchmarks/gateway.md
+//! make bench-gateway         # release build, the bridge built with go, docs/benchmarks/gateway.md
+//! target/release/examples/loadgen --bridge-bin /tmp/gobridge --out docs/benchmarks/gateway.md
 //! ```
+//!
+//! `--smoke` runs every phase tiny (debug binaries are fine) and only
+//! checks that it works and that stored = 2xx; `make test` runs it.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,41 +34,64 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use spillway_api::names::EndpointNames;
 use spillway_gateway::verify::{ring_hmac, sign};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-const SECRET: &[u8] = b"bench-secret";
+const SECRET: &str = "bench-secret";
+/// The one stream every endpoint's intake subjects land in (one stream is
+/// enough for a benchmark of the gateway; the operator makes one per
+/// endpoint).
+const STREAM: &str = "BENCH";
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 struct Args {
-    /// Requests per scenario.
-    #[arg(long, default_value_t = 20_000)]
-    requests: u64,
-    /// Connections (comma-separated list: one scenario each).
-    #[arg(long, default_value = "16,64")]
+    /// Connections (comma-separated: one closed-loop run each).
+    #[arg(long, default_value = "16,64,256")]
     concurrency: String,
+    /// Seconds per closed-loop run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Messages per raw publish run.
+    #[arg(long, default_value_t = 200_000)]
+    raw_messages: u64,
     /// Body size in bytes.
     #[arg(long, default_value_t = 1024)]
     body_bytes: usize,
-    /// Hard stop per scenario, seconds.
-    #[arg(long, default_value_t = 60)]
-    max_seconds: u64,
+    /// Endpoints configured in the "many endpoints" run.
+    #[arg(long, default_value_t = 1000)]
+    endpoints: usize,
     /// The gateway binary.
     #[arg(long, default_value = "target/release/spillway-gateway")]
     gateway_bin: PathBuf,
+    /// The Go bridge binary (`go build` of ../shared/peers/gobridge);
+    /// without it the bridge and raw Go publish columns are left out.
+    #[arg(long)]
+    bridge_bin: Option<PathBuf>,
     /// The nats-server binary.
     #[arg(long, default_value = ".tools/bin/nats-server")]
     nats_server: PathBuf,
-    /// Markdown report to write.
+    /// wrk.
+    #[arg(long, default_value = ".tools/bin/wrk")]
+    wrk: PathBuf,
+    /// Markdown report to write (an SVG plot is written beside it).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Every phase tiny; checks only that it runs and stored = 2xx.
+    #[arg(long)]
+    smoke: bool,
 }
 
-struct Kill(Child);
+/// A child process stopped (TERM, then KILL) when dropped.
+struct Proc(Child);
 
-impl Drop for Kill {
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Proc {
     fn drop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
@@ -75,10 +113,31 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+/// Resident memory of a process, MiB.
+fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
 async fn wait_for(what: &str, mut f: impl AsyncFnMut() -> bool) -> Result<()> {
     let start = Instant::now();
     while !f().await {
-        if start.elapsed() > Duration::from_secs(20) {
+        if start.elapsed() > Duration::from_secs(30) {
             bail!("timed out waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -86,7 +145,11 @@ async fn wait_for(what: &str, mut f: impl AsyncFnMut() -> bool) -> Result<()> {
     Ok(())
 }
 
-/// One keep-alive HTTP/1.1 connection.
+async fn stored(js: &async_nats::jetstream::Context, stream: &str) -> Result<u64> {
+    Ok(js.get_stream(stream).await?.info().await?.state.messages)
+}
+
+/// One keep-alive HTTP/1.1 connection (the open-loop generator's).
 struct Conn {
     r: BufReader<tokio::net::tcp::OwnedReadHalf>,
     w: tokio::net::tcp::OwnedWriteHalf,
@@ -103,11 +166,7 @@ impl Conn {
         })
     }
 
-    async fn post(&mut self, path: &str, headers: &str, body: &[u8]) -> Result<u16> {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n{headers}\r\n",
-            body.len()
-        );
+    async fn request(&mut self, head: &str, body: &[u8]) -> Result<u16> {
         self.w.write_all(head.as_bytes()).await?;
         self.w.write_all(body).await?;
         let mut line = String::new();
@@ -139,131 +198,512 @@ impl Conn {
     }
 }
 
-struct Outcome {
-    concurrency: usize,
-    ok: u64,
-    other: u64,
-    errors: u64,
-    elapsed: Duration,
-    latencies_us: Vec<u32>,
-    stored: u64,
+/// The benchmark's request body and its GitHub signature.
+fn body_and_signature(bytes: usize) -> (Vec<u8>, String) {
+    let pad = "x".repeat(bytes.saturating_sub(32));
+    let body = format!("{{\"ref\":\"refs/heads/main\",\"pad\":\"{pad}\"}}").into_bytes();
+    let sig = format!(
+        "sha256={}",
+        hex::encode(sign(ring_hmac::HMAC_SHA256, SECRET.as_bytes(), &[&body]))
+    );
+    (body, sig)
 }
 
-async fn scenario(
-    addr: SocketAddr,
-    js: &async_nats::jetstream::Context,
-    stream: &str,
-    run: u32,
+/// wrk's script: the fixed signed body, a unique delivery id per request
+/// (run tag, thread, counter).
+const WRK_SCRIPT: &str = r#"
+local f = assert(io.open(os.getenv("BENCH_BODY_FILE"), "rb"))
+local body = f:read("*a")
+f:close()
+local sig = os.getenv("BENCH_SIG")
+local run = os.getenv("BENCH_RUN")
+local n = 0
+function request()
+  n = n + 1
+  return wrk.format("POST", nil, {
+    ["Content-Type"] = "application/json",
+    ["X-GitHub-Event"] = "push",
+    ["X-GitHub-Delivery"] = run .. "-" .. n,
+    ["X-Hub-Signature-256"] = sig,
+  }, body)
+end
+"#;
+
+/// One closed-loop run's figures.
+#[derive(Debug, Clone, Default)]
+struct Run {
     concurrency: usize,
-    args: &Args,
-) -> Result<Outcome> {
-    let before = js.get_stream(stream).await?.info().await?.state.messages;
-    let next = Arc::new(AtomicU64::new(0));
-    let ok = Arc::new(AtomicU64::new(0));
-    let other = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
-    let padding = "x".repeat(args.body_bytes.saturating_sub(48));
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (next, ok, other, errors) = (next.clone(), ok.clone(), other.clone(), errors.clone());
-        let padding = padding.clone();
-        let total = args.requests;
-        tasks.spawn(async move {
-            let mut lat = Vec::new();
-            let mut conn = match Conn::open(addr).await {
-                Ok(c) => c,
-                Err(_) => {
-                    errors.fetch_add(1, Ordering::Relaxed);
+    requests: u64,
+    non_2xx: u64,
+    errors: u64,
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// CPU µs of the server per request (gateway or bridge; for raw
+    /// publish, the publisher).
+    server_us: f64,
+    /// CPU µs of nats-server per request.
+    nats_us: f64,
+    /// Every 2xx was stored (the stream grew by the 2xx count, plus at
+    /// most the requests in flight when wrk stopped).
+    stored_ok: bool,
+}
+
+/// wrk's latency value (`1.23ms`, `850.00us`, `1.02s`) in ms.
+fn wrk_ms(v: &str) -> f64 {
+    let (n, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+    let n: f64 = n.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => n,
+    }
+}
+
+struct Bench {
+    args: Args,
+    js: async_nats::jetstream::Context,
+    nats_url: String,
+    nats_pid: u32,
+    body_file: PathBuf,
+    sig: String,
+    script: PathBuf,
+    run_tag: AtomicU64,
+}
+
+impl Bench {
+    /// wrk against `url` at `c` connections; `server` is the pid whose
+    /// CPU is charged per request.
+    async fn wrk(
+        &self,
+        url: &str,
+        stream: &str,
+        c: usize,
+        server: u32,
+        seconds: u64,
+    ) -> Result<Run> {
+        let before = stored(&self.js, stream).await?;
+        let (s0, n0) = (cpu_seconds(server)?, cpu_seconds(self.nats_pid)?);
+        let tag = format!(
+            "r{}-{}",
+            self.run_tag.fetch_add(1, Ordering::Relaxed),
+            std::process::id()
+        );
+        let out = Command::new(&self.args.wrk)
+            .args([
+                "-t1",
+                &format!("-c{c}"),
+                &format!("-d{seconds}s"),
+                "--latency",
+            ])
+            .arg("-s")
+            .arg(&self.script)
+            .arg(url)
+            .env("BENCH_BODY_FILE", &self.body_file)
+            .env("BENCH_SIG", &self.sig)
+            .env("BENCH_RUN", &tag)
+            .output()
+            .with_context(|| format!("running {}", self.args.wrk.display()))?;
+        let (s1, n1) = (cpu_seconds(server)?, cpu_seconds(self.nats_pid)?);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        // Let the last PubAcks land before counting.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let after = stored(&self.js, stream).await?;
+        let find = |prefix: &str| -> Option<String> {
+            text.lines()
+                .map(str::trim)
+                .find(|l| l.starts_with(prefix))
+                .map(str::to_owned)
+        };
+        let requests: u64 = text
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .context("wrk: requests")?;
+        let non_2xx: u64 = find("Non-2xx")
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0);
+        let errors: u64 = find("Socket errors:")
+            .map(|l| {
+                l.split(',')
+                    .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let rate: f64 = find("Requests/sec:")
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .context("wrk: Requests/sec")?;
+        let pct = |p: &str| {
+            find(p)
+                .filter(|l| l.split_whitespace().count() == 2)
+                .and_then(|l| l.split_whitespace().nth(1).map(wrk_ms))
+                .unwrap_or(f64::NAN)
+        };
+        let ok = requests - non_2xx;
+        let per = |secs: f64| secs * 1e6 / requests.max(1) as f64;
+        Ok(Run {
+            concurrency: c,
+            requests,
+            non_2xx,
+            errors,
+            rate,
+            p50_ms: pct("50%"),
+            p99_ms: pct("99%"),
+            server_us: per(s1 - s0),
+            nats_us: per(n1 - n0),
+            // wrk stops at its deadline with up to `c` requests in
+            // flight: those may be stored without their answer being
+            // counted. Every 2xx must be stored, and nothing beyond those.
+            stored_ok: (ok..=ok + c as u64).contains(&(after - before)),
+        })
+    }
+
+    /// `gobridge raw` at `c` publishers.
+    async fn raw_go(&self, bridge: &Path, c: usize) -> Result<Run> {
+        let n = self.args.raw_messages;
+        let stream = format!("RAW{c}");
+        let n0 = cpu_seconds(self.nats_pid)?;
+        let child = Command::new(bridge)
+            .args(["raw", "-nats", &self.nats_url, "-stream", &stream])
+            .args(["-c", &c.to_string(), "-n", &n.to_string()])
+            .args(["-size", &self.args.body_bytes.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        let mut peak = 0.0f64;
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output());
+        // The publisher's CPU: sampled until it exits (then /proc is gone).
+        while !out.is_finished() {
+            if let Ok(s) = cpu_seconds(pid) {
+                peak = peak.max(s);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let out = out.await??;
+        let n1 = cpu_seconds(self.nats_pid)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "gobridge raw failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let field = |k: &str| -> f64 {
+            text.split_whitespace()
+                .find_map(|t| t.strip_prefix(k))
+                .map(|v| v.trim_end_matches("ms").trim_end_matches("/s"))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let s = stored(&self.js, &stream).await?;
+        Ok(Run {
+            concurrency: c,
+            requests: n,
+            rate: field("rate="),
+            p50_ms: field("p50="),
+            p99_ms: field("p99="),
+            server_us: peak * 1e6 / n as f64,
+            nats_us: (n1 - n0) * 1e6 / n as f64,
+            stored_ok: s == n,
+            ..Run::default()
+        })
+    }
+
+    /// Open loop: `rate` requests per second for `seconds` to the gateway
+    /// (a pool of connections, one request at a time each); latencies from
+    /// each request's scheduled time. p99 in ms and whether stored = 2xx.
+    async fn open_loop_http(
+        &self,
+        addr: SocketAddr,
+        rate: f64,
+        seconds: u64,
+    ) -> Result<(f64, bool)> {
+        let before = stored(&self.js, STREAM).await?;
+        let (body, sig) = body_and_signature(self.args.body_bytes);
+        let body = Arc::new(body);
+        let total = (rate * seconds as f64) as u64;
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let (tx, rx) = tokio::sync::mpsc::channel::<(u64, Instant)>(100_000);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let ok = Arc::new(AtomicU64::new(0));
+        let tag = self.run_tag.fetch_add(1, Ordering::Relaxed);
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..256 {
+            let (rx, body, sig, ok) = (rx.clone(), body.clone(), sig.clone(), ok.clone());
+            workers.spawn(async move {
+                let mut lat = Vec::new();
+                let Ok(mut conn) = Conn::open(addr).await else {
                     return lat;
-                }
-            };
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total || Instant::now() > deadline {
-                    return lat;
-                }
-                let body = format!("{{\"run\":{run},\"i\":{i},\"pad\":\"{padding}\"}}");
-                let sig = hex::encode(sign(ring_hmac::HMAC_SHA256, SECRET, &[body.as_bytes()]));
-                let headers = format!(
-                    "X-Hub-Signature-256: sha256={sig}\r\nX-GitHub-Delivery: r{run}-{i}\r\nX-GitHub-Event: push\r\nContent-Type: application/json\r\n"
-                );
-                let t = Instant::now();
-                match conn.post("/bench", &headers, body.as_bytes()).await {
-                    Ok(s) => {
-                        lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                        if (200..300).contains(&s) {
+                };
+                loop {
+                    let Some((i, due)) = rx.lock().await.recv().await else {
+                        break;
+                    };
+                    let head = format!(
+                        "POST /bench HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\nContent-Type: application/json\r\nX-GitHub-Event: push\r\nX-GitHub-Delivery: open{tag}-{i}\r\nX-Hub-Signature-256: {sig}\r\n\r\n",
+                        body.len()
+                    );
+                    match conn.request(&head, &body).await {
+                        Ok(s) if (200..300).contains(&s) => {
                             ok.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            other.fetch_add(1, Ordering::Relaxed);
+                            lat.push(due.elapsed());
                         }
-                    }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        match Conn::open(addr).await {
+                        Ok(_) => lat.push(due.elapsed()),
+                        Err(_) => match Conn::open(addr).await {
                             Ok(c) => conn = c,
                             Err(_) => return lat,
-                        }
+                        },
                     }
                 }
+                lat
+            });
+        }
+        let start = Instant::now();
+        for i in 0..total {
+            let due = start + interval.mul_f64(i as f64);
+            tokio::time::sleep_until(due.into()).await;
+            if tx.send((i, due)).await.is_err() {
+                break;
             }
-        });
+        }
+        drop(tx);
+        let mut lat = Vec::new();
+        while let Some(l) = workers.join_next().await {
+            lat.extend(l?);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let after = stored(&self.js, STREAM).await?;
+        Ok((p99(&mut lat), after - before == ok.load(Ordering::Relaxed)))
     }
-    let mut latencies_us = Vec::new();
-    while let Some(l) = tasks.join_next().await {
-        latencies_us.extend(l?);
+
+    /// Open loop: `rate` JetStream publishes per second for `seconds`
+    /// (each awaiting its PubAck in its own task); p99 from the scheduled
+    /// time, in ms.
+    async fn open_loop_raw(&self, rate: f64, seconds: u64) -> Result<f64> {
+        let stream = "RAWOPEN";
+        self.js
+            .get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: stream.into(),
+                subjects: vec![format!("{stream}.>")],
+                duplicate_window: Duration::from_secs(120),
+                storage: async_nats::jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await?;
+        let payload = vec![b'x'; self.args.body_bytes];
+        let total = (rate * seconds as f64) as u64;
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let mut tasks = tokio::task::JoinSet::new();
+        let start = Instant::now();
+        for i in 0..total {
+            let due = start + interval.mul_f64(i as f64);
+            tokio::time::sleep_until(due.into()).await;
+            let js = self.js.clone();
+            let payload = payload.clone();
+            tasks.spawn(async move {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Nats-Msg-Id", format!("open-{i}").as_str());
+                let ack = js
+                    .publish_with_headers(format!("{stream}.in"), h, payload.into())
+                    .await?;
+                ack.await?;
+                anyhow::Ok(due.elapsed())
+            });
+        }
+        let mut lat = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            lat.push(r??);
+        }
+        Ok(p99(&mut lat))
     }
-    let elapsed = started.elapsed();
-    latencies_us.sort_unstable();
-    let after = js.get_stream(stream).await?.info().await?.state.messages;
-    let ok = ok.load(Ordering::Relaxed);
-    Ok(Outcome {
-        concurrency,
-        ok,
-        other: other.load(Ordering::Relaxed),
-        errors: errors.load(Ordering::Relaxed),
-        elapsed,
-        latencies_us,
-        stored: after - before,
-    })
 }
 
-fn pct(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
+fn p99(lat: &mut [Duration]) -> f64 {
+    if lat.is_empty() {
+        return f64::NAN;
     }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[idx]) / 1000.0
+    lat.sort_unstable();
+    let i = ((lat.len() - 1) as f64 * 0.99).round() as usize;
+    lat[i].as_secs_f64() * 1000.0
 }
 
-fn write_dir(dir: &Path, port: u16, admin: u16) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir.join("secrets/bench"))?;
-    std::fs::write(dir.join("secrets/bench/secret"), SECRET)?;
+/// Endpoints file with `n` GitHub endpoints (`/bench`, `/bench-1`, …).
+fn endpoints_yaml(n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        let (name, path) = if i == 0 {
+            ("bench".to_owned(), "/bench".to_owned())
+        } else {
+            (format!("bench-{i}"), format!("/bench-{i}"))
+        };
+        let _ = write!(
+            s,
+            "---\napiVersion: spillway.dev/v1alpha1\nkind: WebhookEndpoint\nmetadata: {{name: {name}, namespace: local}}\nspec:\n  path: {path}\n  verification: {{scheme: github, secretRefs: [{{name: bench, key: secret}}]}}\n  processor: {{sink: {{url: \"http://127.0.0.1:1/\"}}}}\n"
+        );
+    }
+    s
+}
+
+/// Start the gateway with `n` endpoints; its address and process.
+async fn start_gateway(
+    args: &Args,
+    dir: &Path,
+    nats_url: &str,
+    n: usize,
+) -> Result<(SocketAddr, Proc)> {
+    let d = dir.join(format!("gw-{n}"));
+    std::fs::create_dir_all(d.join("secrets/bench"))?;
+    std::fs::write(d.join("secrets/bench/secret"), SECRET)?;
+    std::fs::write(d.join("endpoints.yaml"), endpoints_yaml(n))?;
+    let (port, admin) = (free_port()?, free_port()?);
     std::fs::write(
-        dir.join("endpoints.yaml"),
-        "apiVersion: spillway.dev/v1alpha1\nkind: WebhookEndpoint\nmetadata: {name: bench, namespace: local}\nspec:\n  path: /bench\n  verification: {scheme: github, secretRefs: [{name: bench, key: secret}]}\n  processor: {sink: {url: \"http://127.0.0.1:1/\"}}\n",
-    )?;
-    let cfg = dir.join("gateway.yaml");
-    std::fs::write(
-        &cfg,
+        d.join("gateway.yaml"),
         format!(
             "listen: 127.0.0.1:{port}\nadminListen: 127.0.0.1:{admin}\nsource: file\nendpointsFile: {}\nsecretsDir: {}\nlogFormat: json\n",
-            dir.join("endpoints.yaml").display(),
-            dir.join("secrets").display()
+            d.join("endpoints.yaml").display(),
+            d.join("secrets").display()
         ),
     )?;
-    Ok(cfg)
+    let p = Proc(
+        Command::new(&args.gateway_bin)
+            .arg("--config")
+            .arg(d.join("gateway.yaml"))
+            .env("SPILLWAY_NATS_URL", nats_url)
+            .env("RUST_LOG", "warn")
+            .stdout(std::fs::File::create(d.join("gateway.log"))?)
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", args.gateway_bin.display()))?,
+    );
+    wait_for("gateway /readyz", async || {
+        let Ok(mut c) = Conn::open(([127, 0, 0, 1], admin).into()).await else {
+            return false;
+        };
+        c.request("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n", b"")
+            .await
+            .is_ok_and(|s| s == 200)
+    })
+    .await?;
+    Ok(((([127, 0, 0, 1], port)).into(), p))
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_finite() && b.is_finite() && b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "–".into()
+    }
+}
+
+fn num(v: f64, digits: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.digits$}")
+    } else {
+        "–".into()
+    }
+}
+
+/// A small SVG: rate (left) and p99 (right) against connections, one
+/// line per system.
+fn svg(series: &[(&str, &str, &[Run])]) -> String {
+    let (w, h, pad) = (360.0, 240.0, 48.0);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
+        2.0 * w + 20.0,
+        h + 40.0
+    );
+    for (panel, title, value) in [
+        (0.0, "requests/s (closed loop)", 0usize),
+        (w + 20.0, "p99 ms (closed loop)", 1usize),
+    ] {
+        let pick = |r: &Run| if value == 0 { r.rate } else { r.p99_ms };
+        let max = series
+            .iter()
+            .flat_map(|(_, _, runs)| runs.iter().map(pick))
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, f64::max)
+            .max(1e-9)
+            * 1.1;
+        let xs: Vec<usize> = series
+            .first()
+            .map(|(_, _, r)| r.iter().map(|r| r.concurrency).collect())
+            .unwrap_or_default();
+        let x = |i: usize| panel + pad + (w - 2.0 * pad) * i as f64 / (xs.len().max(2) - 1) as f64;
+        let y = |v: f64| 20.0 + (h - pad) * (1.0 - v / max);
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"14\">{title}</text><line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#888\"/><line x1=\"{}\" y1=\"20\" x2=\"{}\" y2=\"{}\" stroke=\"#888\"/><text x=\"{}\" y=\"24\">{}</text><text x=\"{}\" y=\"{}\">0</text>",
+            panel + pad,
+            panel + pad,
+            y(0.0),
+            panel + w - pad,
+            y(0.0),
+            panel + pad,
+            panel + pad,
+            y(0.0),
+            panel + 2.0,
+            num(max / 1.1, if value == 0 { 0 } else { 1 }),
+            panel + 30.0,
+            y(0.0)
+        );
+        for (i, c) in xs.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{c}</text>",
+                x(i),
+                y(0.0) + 14.0
+            );
+        }
+        for (k, (name, color, runs)) in series.iter().enumerate() {
+            let pts: Vec<String> = runs
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| pick(r).is_finite())
+                .map(|(i, r)| format!("{:.1},{:.1}", x(i), y(pick(r))))
+                .collect();
+            let _ = writeln!(
+                out,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/><text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>",
+                pts.join(" "),
+                panel + w - pad - 90.0,
+                34.0 + 13.0 * k as f64
+            );
+        }
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">connections</text>",
+            panel + w / 2.0,
+            h + 30.0
+        );
+    }
+    out.push_str("</svg>\n");
+    out
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.smoke {
+        args.concurrency = "4".into();
+        args.seconds = 1;
+        args.raw_messages = 500;
+        args.endpoints = 10;
+    }
+    let concs: Vec<usize> = args
+        .concurrency
+        .split(',')
+        .map(|c| c.trim().parse().context("--concurrency"))
+        .collect::<Result<_>>()?;
     let load_before = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().map(String::from))
         .unwrap_or_else(|| "unknown".into());
-    let dir = std::env::temp_dir().join(format!("spillway-loadgen-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("spillway-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
 
     let nats_port = free_port()?;
@@ -274,7 +714,7 @@ async fn main() -> Result<()> {
             dir.join("js")
         ),
     )?;
-    let _nats = Kill(
+    let nats = Proc(
         Command::new(&args.nats_server)
             .arg("-c")
             .arg(dir.join("nats.conf"))
@@ -288,129 +728,242 @@ async fn main() -> Result<()> {
         async_nats::connect(&nats_url).await.is_ok()
     })
     .await?;
-    let client = async_nats::connect(&nats_url).await?;
-    let js = async_nats::jetstream::new(client);
-    let names = EndpointNames::new("local", "bench");
+    let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await?);
     js.create_stream(async_nats::jetstream::stream::Config {
-        name: names.stream(),
-        subjects: vec![names.stream_subjects()],
+        name: STREAM.into(),
+        // Every endpoint's intake subjects (the bridge makes its own, PEER).
+        subjects: vec!["spillway.in.>".into()],
         duplicate_window: Duration::from_secs(120),
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
     })
     .await?;
-
-    let (port, admin) = (free_port()?, free_port()?);
-    let cfg = write_dir(&dir, port, admin)?;
-    let _gw = Kill(
-        Command::new(&args.gateway_bin)
-            .arg("--config")
-            .arg(&cfg)
-            .env("SPILLWAY_NATS_URL", &nats_url)
-            .env("RUST_LOG", "warn")
-            .stdout(std::fs::File::create(dir.join("gateway.log"))?)
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", args.gateway_bin.display()))?,
-    );
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    wait_for("gateway /readyz", async || {
-        let Ok(mut c) = Conn::open(([127, 0, 0, 1], admin).into()).await else {
-            return false;
-        };
-        let _ =
-            c.w.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await;
-        let mut line = String::new();
-        let _ = c.r.read_line(&mut line).await;
-        line.contains(" 200 ")
-    })
-    .await?;
-
-    // Warm-up (not reported).
-    let warm = Args {
-        requests: 500,
-        ..Args::parse()
+    let (body, sig) = body_and_signature(args.body_bytes);
+    let body_file = dir.join("body.json");
+    std::fs::write(&body_file, &body)?;
+    let script = dir.join("signed.lua");
+    std::fs::write(&script, WRK_SCRIPT)?;
+    let bench = Bench {
+        args: args.clone(),
+        js: js.clone(),
+        nats_url: nats_url.clone(),
+        nats_pid: nats.pid(),
+        body_file,
+        sig,
+        script,
+        run_tag: AtomicU64::new(0),
     };
-    scenario(addr, &js, &names.stream(), 0, 8, &warm).await?;
 
-    let mut outcomes = Vec::new();
-    for (run, c) in args.concurrency.split(',').enumerate() {
-        let c: usize = c.trim().parse().context("concurrency")?;
-        let o = scenario(addr, &js, &names.stream(), run as u32 + 1, c, &args).await?;
-        println!(
-            "concurrency {:>3}: {} ok, {} other, {} errors in {:.2}s = {:.0} req/s; p50 {:.2} ms, p99 {:.2} ms; stored {}",
-            o.concurrency,
-            o.ok,
-            o.other,
-            o.errors,
-            o.elapsed.as_secs_f64(),
-            o.ok as f64 / o.elapsed.as_secs_f64(),
-            pct(&o.latencies_us, 0.5),
-            pct(&o.latencies_us, 0.99),
-            o.stored
-        );
-        if o.stored != o.ok {
-            bail!("{} acknowledged but {} stored", o.ok, o.stored);
+    // Raw publish ceiling (Go).
+    let mut raw = Vec::new();
+    if let Some(bridge) = &args.bridge_bin {
+        for &c in &concs {
+            let r = bench.raw_go(bridge, c).await?;
+            println!(
+                "raw go publish  c={c:<4} {:>8.0}/s p99 {:.2} ms",
+                r.rate, r.p99_ms
+            );
+            raw.push(r);
         }
-        outcomes.push(o);
     }
 
-    if let Some(out) = &args.out {
-        let mut md = String::from(
-            "# Gateway benchmark\n\nGenerated by `ingress-gateway/examples/loadgen.rs` (see its header for the commands). \
-One real `nats-server` (JetStream, file storage) and the real `spillway-gateway` binary (release build, file mode) \
-on loopback; the load generator, the gateway and NATS share the same machine, so the figures are a floor for \
-what the gateway does on dedicated cores, not a capacity promise.\n\n\
-Each request is a signed GitHub-style webhook (HMAC-SHA256 verified by the gateway, unique `X-GitHub-Delivery` \
-used as `Nats-Msg-Id`), answered only after the JetStream PubAck. Keep-alive HTTP/1.1, one request at a time per \
-connection. After each run the stream's message count is compared with the number of 2xx answers. \
-nats-server runs with its default file-store sync policy (the PubAck means the message is in the server's \
-store, flushed to disk on the server's sync interval, not fsynced per message).\n\n",
+    // The gateway, one endpoint.
+    let (gw_addr, gw) = start_gateway(&args, &dir, &nats_url, 1).await?;
+    let gw_url = format!("http://{gw_addr}/bench");
+    bench.wrk(&gw_url, STREAM, 8, gw.pid(), 1).await?; // warm-up
+    let mut gateway = Vec::new();
+    let mut gw_rss_64 = f64::NAN;
+    for &c in &concs {
+        let r = bench
+            .wrk(&gw_url, STREAM, c, gw.pid(), args.seconds)
+            .await?;
+        println!(
+            "spillway gateway c={c:<4} {:>8.0}/s ({} requests) p50 {:.2} ms p99 {:.2} ms  {:.1} µs/req  nats {:.1} µs/req  stored=2xx {}",
+            r.rate, r.requests, r.p50_ms, r.p99_ms, r.server_us, r.nats_us, r.stored_ok
         );
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, v)| v.trim().to_owned())
-            })
-            .unwrap_or_else(|| "unknown".into());
-        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-        md += &format!(
-            "Machine: {cores} cores ({cpu}); load average before the runs: {load_before} (other work on the machine). \
-Body: {} bytes. Requests per run: {} (cap {} s). Command: `{}`.\n\n",
+        if c == 64 || concs.len() == 1 {
+            gw_rss_64 = rss_mib(gw.pid())?;
+        }
+        gateway.push(r);
+    }
+
+    // The Go bridge.
+    let mut bridge = Vec::new();
+    if let Some(bin) = &args.bridge_bin {
+        let port = free_port()?;
+        let b = Proc(
+            Command::new(bin)
+                .args(["serve", "-listen", &format!("127.0.0.1:{port}")])
+                .args(["-nats", &nats_url, "-stream", "PEER", "-secret", SECRET])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("bridge.log"))?)
+                .spawn()
+                .context("starting the bridge")?,
+        );
+        wait_for("bridge", async || {
+            TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await?;
+        // The bridge stores in its own stream, PEER (same settings).
+        let url = format!("http://127.0.0.1:{port}/");
+        bench.wrk(&url, "PEER", 8, b.pid(), 1).await?;
+        for &c in &concs {
+            let r = bench.wrk(&url, "PEER", c, b.pid(), args.seconds).await?;
+            println!(
+                "go bridge        c={c:<4} {:>8.0}/s ({} requests) p50 {:.2} ms p99 {:.2} ms  {:.1} µs/req  nats {:.1} µs/req  stored=2xx {}",
+                r.rate, r.requests, r.p50_ms, r.p99_ms, r.server_us, r.nats_us, r.stored_ok
+            );
+            bridge.push(r);
+        }
+    }
+
+    // Open loop at half the gateway's best rate.
+    let best = gateway.iter().map(|r| r.rate).fold(0.0, f64::max);
+    let half = (best / 2.0).max(10.0);
+    let open_secs = args.seconds.min(10);
+    let (gw_open_p99, open_ok) = bench.open_loop_http(gw_addr, half, open_secs).await?;
+    let raw_open_p99 = bench.open_loop_raw(half, open_secs).await?;
+    println!(
+        "open loop at {half:.0}/s: gateway p99 {gw_open_p99:.2} ms, raw publish p99 {raw_open_p99:.2} ms, stored=2xx {open_ok}"
+    );
+    drop(gw);
+
+    // Many endpoints against one, at 64 connections (or the only one).
+    let c_many = if concs.contains(&64) { 64 } else { concs[0] };
+    let one = gateway
+        .iter()
+        .find(|r| r.concurrency == c_many)
+        .cloned()
+        .unwrap_or_default();
+    let (many_addr, many_gw) = start_gateway(&args, &dir, &nats_url, args.endpoints).await?;
+    let many_url = format!("http://{many_addr}/bench");
+    bench.wrk(&many_url, STREAM, 8, many_gw.pid(), 1).await?;
+    let many = bench
+        .wrk(&many_url, STREAM, c_many, many_gw.pid(), args.seconds)
+        .await?;
+    let many_rss = rss_mib(many_gw.pid())?;
+    drop(many_gw);
+    println!(
+        "{} endpoints     c={c_many:<4} {:>8.0}/s (1 endpoint {:.0}/s), RSS {many_rss:.1} MiB (1 endpoint {gw_rss_64:.1} MiB), stored=2xx {}",
+        args.endpoints, many.rate, one.rate, many.stored_ok
+    );
+
+    let all_stored = gateway
+        .iter()
+        .chain(&bridge)
+        .chain(&raw)
+        .all(|r| r.stored_ok)
+        && open_ok
+        && many.stored_ok;
+    let all_2xx = gateway
+        .iter()
+        .chain(&bridge)
+        .chain([&many])
+        .all(|r| r.non_2xx == 0 && r.errors == 0);
+
+    if let Some(out) = &args.out {
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "# Gateway benchmark: Spillway's gateway beside the Go bridge\n"
+        );
+        let _ = writeln!(
+            md,
+            "Generated by `make bench-gateway` (`ingress-gateway/examples/loadgen.rs`; its header explains every phase). One run on this machine: 2 cores shared by the load generator, the servers and nats-server, so ratios within the run are what to compare, not absolute rates. Load average before: {load_before}.\n"
+        );
+        let _ = writeln!(
+            md,
+            "Setup: nats-server 2.15.1, JetStream file storage, R1, one stream per server; bodies of {} bytes, GitHub-signed (HMAC-SHA256), a unique `X-GitHub-Delivery` per request used as `Nats-Msg-Id`, 2xx only after the PubAck, on both servers. Closed loop: `wrk -t1 -cN -d{}s` per row. Stored = 2xx: the stream grew by the 2xx count (plus at most N requests in flight when wrk stopped, stored but not counted by wrk); open loop and raw publish count exactly. CPU per request: the process's user + system time from `/proc` over the requests served. Command: `{}`.\n",
             args.body_bytes,
-            args.requests,
-            args.max_seconds,
+            args.seconds,
             std::env::args().collect::<Vec<_>>().join(" ")
         );
-        md += "| connections | 2xx | non-2xx | errors | seconds | req/s | p50 ms | p90 ms | p99 ms | max ms | stored = 2xx |\n";
-        md += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|\n";
-        for o in &outcomes {
-            md += &format!(
-                "| {} | {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
-                o.concurrency,
-                o.ok,
-                o.other,
-                o.errors,
-                o.elapsed.as_secs_f64(),
-                o.ok as f64 / o.elapsed.as_secs_f64(),
-                pct(&o.latencies_us, 0.5),
-                pct(&o.latencies_us, 0.9),
-                pct(&o.latencies_us, 0.99),
-                pct(&o.latencies_us, 1.0),
-                if o.stored == o.ok { "yes" } else { "NO" }
+        let _ = writeln!(
+            md,
+            "| connections | raw Go publish | Spillway gateway | Go bridge | gateway / bridge | gateway / raw | gateway p99 ms | bridge p99 ms | gateway CPU µs/req | bridge CPU µs/req | gateway/bridge CPU | nats µs/msg (gateway) | nats µs/msg (bridge) | stored = 2xx |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"
+        );
+        for (i, g) in gateway.iter().enumerate() {
+            let r = raw.get(i).cloned().unwrap_or(Run {
+                rate: f64::NAN,
+                ..Run::default()
+            });
+            let b = bridge.get(i).cloned().unwrap_or(Run {
+                rate: f64::NAN,
+                p99_ms: f64::NAN,
+                server_us: f64::NAN,
+                nats_us: f64::NAN,
+                stored_ok: true,
+                ..Run::default()
+            });
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                g.concurrency,
+                num(r.rate, 0),
+                num(g.rate, 0),
+                num(b.rate, 0),
+                ratio(g.rate, b.rate),
+                ratio(g.rate, r.rate),
+                num(g.p99_ms, 2),
+                num(b.p99_ms, 2),
+                num(g.server_us, 1),
+                num(b.server_us, 1),
+                ratio(g.server_us, b.server_us),
+                num(g.nats_us, 1),
+                num(b.nats_us, 1),
+                if g.stored_ok && b.stored_ok && r.stored_ok
+                    || r.rate.is_nan() && g.stored_ok && b.stored_ok
+                {
+                    "yes"
+                } else {
+                    "NO"
+                },
             );
         }
+        let _ = writeln!(
+            md,
+            "\n![rate and p99 against connections](gateway.svg)\n\n**Open loop** at half the gateway's best closed-loop rate ({half:.0}/s, {open_secs} s, latency from each request's scheduled send time): gateway p99 {} ms, raw publish p99 {} ms (async-nats, each publish awaiting its PubAck): ratio {}. Stored = 2xx: {}.\n",
+            num(gw_open_p99, 2),
+            num(raw_open_p99, 2),
+            ratio(gw_open_p99, raw_open_p99),
+            if open_ok { "yes" } else { "NO" }
+        );
+        let _ = writeln!(
+            md,
+            "**{} endpoints** configured (file mode), {c_many} connections to one of them: {} req/s against {} with 1 endpoint ({}), RSS {:.1} MiB against {:.1} MiB (+{:.1} MiB). Stored = 2xx: {}.",
+            args.endpoints,
+            num(many.rate, 0),
+            num(one.rate, 0),
+            ratio(many.rate, one.rate),
+            many_rss,
+            gw_rss_64,
+            many_rss - gw_rss_64,
+            if many.stored_ok { "yes" } else { "NO" }
+        );
         if let Some(parent) = out.parent() {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::write(out, md)?;
-        println!("wrote {}", out.display());
+        let plot = out.with_extension("svg");
+        let mut series: Vec<(&str, &str, &[Run])> = vec![("Spillway gateway", "#1f77b4", &gateway)];
+        if !bridge.is_empty() {
+            series.push(("Go bridge", "#d62728", &bridge));
+        }
+        if !raw.is_empty() {
+            series.push(("raw Go publish", "#7f7f7f", &raw));
+        }
+        std::fs::write(&plot, svg(&series))?;
+        println!("wrote {} and {}", out.display(), plot.display());
     }
-    drop(_gw);
+    drop(bench);
+    drop(nats);
     let _ = std::fs::remove_dir_all(&dir);
+    if !all_stored {
+        bail!("stored != 2xx in some run (see above)");
+    }
+    if !all_2xx {
+        bail!("some requests were not answered 2xx (see above)");
+    }
+    println!("bench: every 2xx is stored");
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 use axum::http::{HeaderMap, header};
 use spillway_api::names::partition_of;
+use spillway_api::trace;
 use spillway_api::wire;
 
 use crate::delivery;
@@ -46,28 +47,27 @@ fn title_case(name: &str) -> String {
         .join("-")
 }
 
+/// The request's valid `traceparent`, or a new trace.
 fn traceparent(headers: &HeaderMap) -> String {
-    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
-        let parts: Vec<&str> = tp.split('-').collect();
-        if parts.len() == 4
-            && parts[0].len() == 2
-            && parts[1].len() == 32
-            && parts[2].len() == 16
-            && parts[3].len() == 2
-            && tp.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
-        {
-            return tp.to_owned();
-        }
-    }
-    let mut id = [0u8; 24];
-    // The system RNG does not fail on supported platforms; an all-zero id is
-    // only a poorer trace id.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
-    format!(
-        "00-{}-{}-01",
-        hex::encode(&id[..16]),
-        hex::encode(&id[16..])
-    )
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(trace::TraceParent::parse)
+        .unwrap_or_else(|| trace::root(&ring::rand::SystemRandom::new()))
+        .header()
+}
+
+/// Longest `tracestate` kept (the W3C limit is 32 members of at most 256
+/// characters; 512 bytes covers what tracers send in practice).
+const MAX_TRACESTATE_BYTES: usize = 512;
+
+/// The request's `tracestate`, when it is printable ASCII of bounded size.
+fn tracestate(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get("tracestate")?.to_str().ok()?.trim();
+    (!v.is_empty()
+        && v.len() <= MAX_TRACESTATE_BYTES
+        && v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+    .then_some(v)
 }
 
 /// Longest ordering key stored (and partitioned on) as it is.
@@ -131,6 +131,9 @@ pub fn message_headers(
         h.insert(wire::CONTENT_TYPE, ct);
     }
     h.insert(wire::TRACEPARENT, traceparent(headers));
+    if let Some(ts) = tracestate(headers) {
+        h.insert(wire::TRACESTATE, ts);
+    }
     if let Some(k) = ordering {
         h.insert(wire::ORDERING_KEY, k);
     }
@@ -171,5 +174,22 @@ mod tests {
         assert_eq!(traceparent(&h), tp);
         h.insert("traceparent", HeaderValue::from_static("garbage"));
         assert_ne!(traceparent(&h), "garbage");
+    }
+
+    #[test]
+    fn tracestate_is_kept_when_sane() {
+        let mut h = HeaderMap::new();
+        assert_eq!(tracestate(&h), None);
+        h.insert(
+            "tracestate",
+            HeaderValue::from_static("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+        );
+        assert_eq!(
+            tracestate(&h),
+            Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
+        );
+        let long = "a=".to_owned() + &"x".repeat(MAX_TRACESTATE_BYTES);
+        h.insert("tracestate", HeaderValue::from_str(&long).unwrap());
+        assert_eq!(tracestate(&h), None);
     }
 }

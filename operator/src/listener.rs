@@ -476,6 +476,26 @@ async fn apply(l: &WebhookListener, ctx: &ListenerContext) -> Result<Action, Err
     let desired = crate::controller::all_conditions(parts, false, l.spec.processor.paused);
     let now = Time(Timestamp::now());
     status.conditions = conditions::merge(&old.conditions, &desired, l.metadata.generation, &now);
+    ctx.metrics.set_listener(
+        &key(l),
+        status.endpoint.as_deref().unwrap_or_default(),
+        Some(crate::metrics::EndpointState {
+            ready: status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == conditions::READY && c.status == "True"),
+            synced: status
+                .backlog
+                .as_ref()
+                .map(|b| crate::metrics::SyncedCounts {
+                    backlog: b.pending,
+                    in_flight: b.ack_pending,
+                    retrying: b.retrying,
+                    dead_letters: status.dead_letters.unwrap_or(0),
+                    oldest_seconds: 0,
+                }),
+        }),
+    );
     if status != old {
         for (type_, from, to) in conditions::transitions(&old.conditions, &status.conditions) {
             if from.is_none() && to != Status::False {
@@ -666,6 +686,12 @@ async fn cleanup(l: &WebhookListener, ctx: &ListenerContext) -> Result<Action, E
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&l.uid().unwrap_or_default());
+    let endpoint = l
+        .status
+        .as_ref()
+        .and_then(|s| s.endpoint.clone())
+        .unwrap_or_default();
+    ctx.metrics.set_listener(&key(l), &endpoint, None);
     Ok(Action::await_change())
 }
 

@@ -60,6 +60,9 @@ pub struct Metrics {
     /// Per endpoint (`webhook_endpoint="namespace/name"`): what the last
     /// sync read from JetStream, and whether it is Ready.
     per_endpoint: PerEndpoint,
+    /// Per WebhookListener (`webhook_listener="namespace/name"` and its
+    /// `webhook_endpoint`).
+    per_listener: PerEndpoint,
     /// Last known condition statuses per endpoint (`namespace/name`).
     conditions: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
@@ -146,8 +149,39 @@ impl Metrics {
         ] {
             registry.register(name, help, family.clone());
         }
+        let per_listener = PerEndpoint::default();
+        for (name, help, family) in [
+            (
+                "listener_ready",
+                "1 when the WebhookListener is Ready, else 0",
+                &per_listener.ready,
+            ),
+            (
+                "listener_backlog",
+                "Webhooks offered to the listener and not yet handed to its processor",
+                &per_listener.backlog,
+            ),
+            (
+                "listener_in_flight",
+                "Webhooks handed to the listener's processor and not yet acknowledged",
+                &per_listener.in_flight,
+            ),
+            (
+                "listener_retrying",
+                "The listener's failed deliveries waiting out their retry delay",
+                &per_listener.retrying,
+            ),
+            (
+                "listener_dead_letters",
+                "The listener's webhooks in the endpoint's dead-letter stream",
+                &per_listener.dead_letters,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         spillway_api::metrics::register_build_info(&mut root, "operator");
         Self {
+            per_listener,
             registry: root,
             reconciles,
             errors,
@@ -189,6 +223,39 @@ impl Metrics {
                     p.oldest_seconds
                         .get_or_create(&labels)
                         .set(n(b.oldest_seconds));
+                }
+            }
+        }
+    }
+
+    /// Record what the last sync of listener `key` (`namespace/name`) on
+    /// `endpoint` read; `None` removes its series.
+    pub fn set_listener(&self, key: &str, endpoint: &str, state: Option<EndpointState>) {
+        let labels = vec![
+            ("webhook_endpoint".to_owned(), endpoint.to_owned()),
+            ("webhook_listener".to_owned(), key.to_owned()),
+        ];
+        let p = &self.per_listener;
+        match state {
+            None => {
+                for f in [
+                    &p.ready,
+                    &p.backlog,
+                    &p.in_flight,
+                    &p.retrying,
+                    &p.dead_letters,
+                ] {
+                    f.remove(&labels);
+                }
+            }
+            Some(s) => {
+                p.ready.get_or_create(&labels).set(i64::from(s.ready));
+                if let Some(b) = s.synced {
+                    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    p.backlog.get_or_create(&labels).set(n(b.backlog));
+                    p.in_flight.get_or_create(&labels).set(n(b.in_flight));
+                    p.retrying.get_or_create(&labels).set(n(b.retrying));
+                    p.dead_letters.get_or_create(&labels).set(n(b.dead_letters));
                 }
             }
         }

@@ -823,7 +823,7 @@ impl Processor {
         let incoming_tp = headers
             .and_then(|h| h.get(wire::TRACEPARENT))
             .map(|v| v.as_str().to_owned());
-        let traceparent = crate::trace::child_of(incoming_tp.as_deref(), &self.rng).header();
+        let traceparent = spillway_api::trace::child_of(incoming_tp.as_deref(), &self.rng).header();
         let mut out = http::outgoing_headers(headers, attempt, &traceparent);
         if let Some(sf) = &self.signer {
             http::sign(&mut out, &sf.signer(), &id, &msg.payload);

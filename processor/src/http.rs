@@ -36,7 +36,12 @@ const NOT_FORWARDED: &[&str] = &[
 ];
 
 /// Spillway headers copied to the sink as they are.
-const SPILLWAY_FORWARDED: &[&str] = &[wire::DELIVERY_ID, wire::RECEIVED_AT, wire::ORDERING_KEY];
+const SPILLWAY_FORWARDED: &[&str] = &[
+    wire::DELIVERY_ID,
+    wire::RECEIVED_AT,
+    wire::ORDERING_KEY,
+    wire::TRACESTATE,
+];
 
 /// Build a reqwest client for the sink: bounded timeouts, a pool sized to
 /// the concurrency, no redirects, ring-based rustls.
@@ -101,6 +106,7 @@ fn lower(name: &str) -> &'static str {
         n if n == wire::DELIVERY_ID => "spillway-delivery-id",
         n if n == wire::RECEIVED_AT => "spillway-received-at",
         n if n == wire::ORDERING_KEY => "spillway-ordering-key",
+        n if n == wire::TRACESTATE => "tracestate",
         _ => "content-type",
     }
 }
@@ -272,6 +278,7 @@ mod tests {
         h.insert("Spillway-Orig-Content-Length", "999");
         h.insert("Spillway-Orig-", "empty");
         h.insert("X-Not-Original", "no");
+        h.insert(wire::TRACESTATE, "congo=t61rcWkgMzE");
         h
     }
 
@@ -285,6 +292,7 @@ mod tests {
         assert_eq!(h.get("spillway-delivery-id").unwrap(), "gh-123");
         assert_eq!(h.get("spillway-attempt").unwrap(), "3");
         assert_eq!(h.get("traceparent").unwrap(), tp);
+        assert_eq!(h.get("tracestate").unwrap(), "congo=t61rcWkgMzE");
         for absent in [
             "host",
             "content-length",

@@ -14,4 +14,3 @@ pub mod outcome;
 pub mod run;
 pub mod settings;
 pub mod signing;
-pub mod trace;

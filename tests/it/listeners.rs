@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::operator_support::{config_of, operator_settings};
 use crate::processor_signing::verify;
-use crate::processor_support::{ProcessorProc, Reply, Sink};
+use crate::processor_support::{ProcessorProc, Reply, Sink, spillway, spillway_ok};
 use anyhow::{Context, Result, bail};
 use async_nats::HeaderMap;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -350,6 +350,48 @@ async fn two_listeners_select_cap_and_sign_on_their_own() -> Result<()> {
         zero
     })
     .await?;
+
+    // Each listener's attempts are recorded under its own name, and one
+    // webhook can be retriggered for one listener only.
+    let ep_ref = format!("{ns}/gh");
+    let nats_env = [("NATS_URL", env.nats.url.as_str())];
+    eventually(WAIT, "bot's attempt record", || async {
+        spillway_ok(
+            &["attempts", &ep_ref, "--id", "opened-3", "-o", "json"],
+            &nats_env,
+        )
+        .await
+        .ok()
+        .and_then(|o| serde_json::from_str::<serde_json::Value>(&o.stdout).ok())
+        .is_some_and(|v| {
+            v["items"].as_array().is_some_and(|items| {
+                items.len() == 1
+                    && items[0]["listener"] == listener_token(&ns, "bot").as_str()
+                    && items[0]["decision"] == "delivered"
+            })
+        })
+    })
+    .await?;
+    spillway_ok(
+        &["redeliver", &ep_ref, "opened-3", "--listener", "bot"],
+        &nats_env,
+    )
+    .await?;
+    eventually(WAIT, "bot gets opened-3 again", || async {
+        bot_sink.attempts("opened-3").len() == 2
+    })
+    .await?;
+    let unknown = spillway(
+        &["redeliver", &ep_ref, "opened-3", "--listener", "nobody"],
+        &nats_env,
+    )
+    .await?;
+    assert!(
+        !unknown.success && unknown.stderr.contains("listener \"nobody\" not found"),
+        "{}",
+        unknown.stderr
+    );
+    assert_eq!(ci_sink.count(), 12, "the redelivery went to bot only");
 
     // Deleting bot removes its consumers, not the others'.
     let names = EndpointNames::new(&ns, "gh");

@@ -13,6 +13,7 @@ mod processor_support;
 
 mod api_crd;
 mod attempts;
+mod bench_gateway;
 mod chart_argocd;
 mod chart_helm;
 mod chart_path_policy;

@@ -1,4 +1,7 @@
-//! W3C trace context (`traceparent`) for outgoing deliveries.
+//! W3C trace context: one `traceparent` type for the gateway (which
+//! keeps a provider's valid `traceparent` or starts a trace, and stores it
+//! with the webhook) and the processor (which sends each delivery as a new
+//! span of that trace). `tracestate` travels beside it unchanged.
 
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -73,6 +76,16 @@ fn random_nonzero<const N: usize>(rng: &SystemRandom) -> [u8; N] {
     b
 }
 
+/// A new sampled trace (the gateway's, for a request without a valid
+/// `traceparent`).
+pub fn root(rng: &SystemRandom) -> TraceParent {
+    TraceParent {
+        trace_id: random_nonzero(rng),
+        parent_id: random_nonzero(rng),
+        flags: 1,
+    }
+}
+
 /// The `traceparent` for a delivery: a new span (fresh parent id) in the
 /// incoming trace when `incoming` is valid, else a new sampled trace.
 pub fn child_of(incoming: Option<&str>, rng: &SystemRandom) -> TraceParent {
@@ -81,11 +94,7 @@ pub fn child_of(incoming: Option<&str>, rng: &SystemRandom) -> TraceParent {
             parent_id: random_nonzero(rng),
             ..p
         },
-        None => TraceParent {
-            trace_id: random_nonzero(rng),
-            parent_id: random_nonzero(rng),
-            flags: 1,
-        },
+        None => root(rng),
     }
 }
 
