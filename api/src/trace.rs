@@ -3,8 +3,6 @@
 //! with the webhook) and the processor (which sends each delivery as a new
 //! span of that trace). `tracestate` travels beside it unchanged.
 
-use ring::rand::{SecureRandom, SystemRandom};
-
 /// A parsed `traceparent` (version 00).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceParent {
@@ -26,8 +24,12 @@ fn hex_into(s: &str, out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
 }
 
 impl TraceParent {
@@ -56,45 +58,57 @@ impl TraceParent {
 
     /// The header value.
     pub fn header(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.parent_id),
-            self.flags
-        )
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id);
+        out.push('-');
+        push_hex(&mut out, &self.parent_id);
+        out.push('-');
+        push_hex(&mut out, &[self.flags]);
+        out
     }
 }
 
-fn random_nonzero<const N: usize>(rng: &SystemRandom) -> [u8; N] {
-    let mut b = [0u8; N];
-    while b == [0u8; N] {
-        // SystemRandom only fails when the OS has no randomness at all.
-        if rng.fill(&mut b).is_err() {
-            b[N - 1] = 1;
+/// Random, never all-zero ids (W3C: all zero is invalid). Trace ids need
+/// to be unique, not secret: a per-thread wyrand seeded from the OS makes
+/// them without a system call per request.
+fn random_trace_id() -> [u8; 16] {
+    loop {
+        let v = fastrand::u128(..);
+        if v != 0 {
+            return v.to_be_bytes();
         }
     }
-    b
+}
+
+fn random_span_id() -> [u8; 8] {
+    loop {
+        let v = fastrand::u64(..);
+        if v != 0 {
+            return v.to_be_bytes();
+        }
+    }
 }
 
 /// A new sampled trace (the gateway's, for a request without a valid
 /// `traceparent`).
-pub fn root(rng: &SystemRandom) -> TraceParent {
+pub fn root() -> TraceParent {
     TraceParent {
-        trace_id: random_nonzero(rng),
-        parent_id: random_nonzero(rng),
+        trace_id: random_trace_id(),
+        parent_id: random_span_id(),
         flags: 1,
     }
 }
 
 /// The `traceparent` for a delivery: a new span (fresh parent id) in the
 /// incoming trace when `incoming` is valid, else a new sampled trace.
-pub fn child_of(incoming: Option<&str>, rng: &SystemRandom) -> TraceParent {
+pub fn child_of(incoming: Option<&str>) -> TraceParent {
     match incoming.and_then(TraceParent::parse) {
         Some(p) => TraceParent {
-            parent_id: random_nonzero(rng),
+            parent_id: random_span_id(),
             ..p
         },
-        None => root(rng),
+        None => root(),
     }
 }
 
@@ -128,14 +142,14 @@ mod tests {
 
     #[test]
     fn child_keeps_the_trace_and_gets_a_new_span() {
-        let rng = SystemRandom::new();
         let parent = TraceParent::parse(SAMPLE).unwrap();
-        let child = child_of(Some(SAMPLE), &rng);
+        let child = child_of(Some(SAMPLE));
         assert_eq!(child.trace_id, parent.trace_id);
         assert_eq!(child.flags, parent.flags);
         assert_ne!(child.parent_id, parent.parent_id);
-        let fresh = child_of(Some("garbage"), &rng);
+        let fresh = child_of(Some("garbage"));
         assert_ne!(fresh.trace_id, parent.trace_id);
         assert!(TraceParent::parse(&fresh.header()).is_some());
+        assert_ne!(root().trace_id, root().trace_id);
     }
 }

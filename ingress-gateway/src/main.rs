@@ -3,6 +3,11 @@ use anyhow::Context;
 use clap::Parser;
 use spillway_gateway::config::{Cli, Config};
 
+/// mimalloc: under load glibc malloc took 15 % of the gateway's CPU, much
+/// of it waiting on arena locks (docs/benchmarks/gateway.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load(Cli::parse()).context("loading configuration")?;

@@ -33,18 +33,17 @@ const DROPPED_HEADERS: &[&str] = &[
     "x-gitlab-token",
 ];
 
-/// `x-github-event` → `X-Github-Event`.
-fn title_case(name: &str) -> String {
-    name.split('-')
-        .map(|seg| {
-            let mut c = seg.chars();
-            match c.next() {
-                Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
-                None => String::new(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("-")
+/// `x-github-event` → `Spillway-Orig-X-Github-Event`: the stored name of
+/// an original header (one allocation).
+fn stored_name(name: &str) -> String {
+    let mut out = String::with_capacity(wire::ORIGINAL_HEADER_PREFIX.len() + name.len());
+    out.push_str(wire::ORIGINAL_HEADER_PREFIX);
+    let mut upper = true;
+    for c in name.chars() {
+        out.push(if upper { c.to_ascii_uppercase() } else { c });
+        upper = c == '-';
+    }
+    out
 }
 
 /// The request's valid `traceparent`, or a new trace.
@@ -53,7 +52,7 @@ fn traceparent(headers: &HeaderMap) -> String {
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(trace::TraceParent::parse)
-        .unwrap_or_else(|| trace::root(&ring::rand::SystemRandom::new()))
+        .unwrap_or_else(trace::root)
         .header()
 }
 
@@ -122,8 +121,7 @@ pub fn message_headers(
     if let Some(id) = &ids.msg_id {
         h.insert(wire::NATS_MSG_ID, id.as_str());
     }
-    let received = now.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
-    h.insert(wire::RECEIVED_AT, received);
+    h.insert(wire::RECEIVED_AT, format!("{now:.3}"));
     if let Some(ct) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -143,10 +141,7 @@ pub fn message_headers(
             continue;
         }
         if let Ok(v) = value.to_str() {
-            h.append(
-                format!("{}{}", wire::ORIGINAL_HEADER_PREFIX, title_case(n)),
-                v,
-            );
+            h.append(stored_name(n), v);
         }
     }
     h
@@ -159,8 +154,12 @@ mod tests {
 
     #[test]
     fn header_names_are_title_cased() {
-        assert_eq!(title_case("x-github-event"), "X-Github-Event");
-        assert_eq!(title_case("webhook-id"), "Webhook-Id");
+        assert_eq!(
+            stored_name("x-github-event"),
+            "Spillway-Orig-X-Github-Event"
+        );
+        assert_eq!(stored_name("webhook-id"), "Spillway-Orig-Webhook-Id");
+        assert_eq!(stored_name("x--a"), "Spillway-Orig-X--A");
     }
 
     #[test]

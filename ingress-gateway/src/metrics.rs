@@ -4,6 +4,8 @@
 //! Operator sets its own `endpoint` target label (the port name), which
 //! would rename ours to `exported_endpoint`.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,11 +13,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// Labels of the request counter.
+/// Labels of the request counter. The endpoint is shared with its route
+/// (`Route::label`), so counting a request allocates nothing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `namespace/name`, or empty for unknown paths.
-    pub webhook_endpoint: String,
+    pub webhook_endpoint: Arc<String>,
     /// HTTP status answered.
     pub status: u16,
 }
@@ -24,7 +27,7 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerifyLabels {
     /// `namespace/name`.
-    pub webhook_endpoint: String,
+    pub webhook_endpoint: Arc<String>,
     /// `missing_signature`, `bad_signature` or `timestamp_out_of_tolerance`.
     pub reason: String,
 }
@@ -33,7 +36,7 @@ pub struct VerifyLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     /// `namespace/name`.
-    pub webhook_endpoint: String,
+    pub webhook_endpoint: Arc<String>,
 }
 
 /// Labels of the file-source reload counter.
@@ -64,6 +67,8 @@ pub struct Metrics {
     pub routes: Gauge,
     /// Reloads of the file source, by result.
     pub file_reloads: Family<ReloadLabels, Counter>,
+    /// The label of requests to unknown paths (`""`).
+    pub unknown_endpoint: Arc<String>,
 }
 
 impl Default for Metrics {
@@ -134,6 +139,7 @@ impl Metrics {
             in_flight,
             routes,
             file_reloads,
+            unknown_endpoint: Arc::default(),
         }
     }
 

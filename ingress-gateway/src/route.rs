@@ -57,6 +57,8 @@ pub struct Route {
     /// `namespace/name`, used in logs, metrics and the `Spillway-Endpoint`
     /// header.
     pub endpoint: String,
+    /// `endpoint` as the metrics label (shared: no copy per request).
+    pub label: Arc<String>,
     /// NATS names of the endpoint.
     pub names: EndpointNames,
     /// Answer 503 while set.
@@ -78,6 +80,9 @@ pub struct Route {
     pub ordering: Option<Ordering>,
     /// Per-endpoint token bucket.
     pub limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// A webhook was stored on the scoped intake subject: no more copies
+    /// for the previous release's subject (see `server::store`).
+    pub scoped_subject_seen: std::sync::atomic::AtomicBool,
 }
 
 /// Immutable snapshot of all routes, keyed by path.
@@ -279,6 +284,8 @@ fn resolve(
     });
     Route {
         names: EndpointNames::new(&def.namespace, &def.name),
+        scoped_subject_seen: Default::default(),
+        label: Arc::new(endpoint.clone()),
         endpoint,
         suspended: spec.suspend,
         verifier,

@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use governor::clock::{Clock, DefaultClock};
 use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::delivery;
 pub use crate::error::ApiError;
@@ -223,9 +223,11 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let route = gw.router.table().get(req.uri().path());
     let endpoint = route
         .as_ref()
-        .map(|r| r.endpoint.clone())
-        .unwrap_or_default();
-    let span = info_span!("webhook", endpoint = %endpoint, method = %req.method());
+        .map(|r| r.label.clone())
+        .unwrap_or_else(|| gw.metrics.unknown_endpoint.clone());
+    // Debug level: at the default level it costs nothing per request;
+    // warnings name the endpoint themselves.
+    let span = debug_span!("webhook", endpoint = %endpoint, method = %req.method());
     let response = match route {
         None => ApiError::NotFound.into_response(),
         Some(route) => match handle_route(&gw, &route, req)
@@ -466,11 +468,11 @@ async fn store(
         retry_after: gw.limits.retry_after_secs,
     };
     let labels = EndpointLabels {
-        webhook_endpoint: route.endpoint.clone(),
+        webhook_endpoint: route.label.clone(),
     };
     if gw.nats.connection_state() != async_nats::connection::State::Connected {
         gw.metrics.publish_failures.get_or_create(&labels).inc();
-        warn!("NATS is not connected; answering 503");
+        warn!(endpoint = %route.endpoint, "NATS is not connected; answering 503");
         return Err(unavailable);
     }
     let started = Instant::now();
@@ -480,20 +482,31 @@ async fn store(
             .acquire()
             .await
             .map_err(|_| "closed".to_owned())?;
+        // The copy for the fallback below is made only until the scoped
+        // subject has taken one webhook (an upgrade window), not on every
+        // request.
+        let fallback = (!route.scoped_subject_seen.load(AtomicOrdering::Relaxed))
+            .then(|| (nats_headers.clone(), body.clone()));
         let first = match gw
             .js
-            .publish_with_headers(subject, nats_headers.clone(), body.clone())
+            .publish_with_headers(subject, nats_headers, body)
             .await
         {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
         };
+        if first.is_ok() {
+            route
+                .scoped_subject_seen
+                .store(true, AtomicOrdering::Relaxed);
+        }
         match first {
             // No stream takes the scoped subject yet: an operator of the
             // previous release still runs (an upgrade in progress), whose
             // stream takes the one-token subject.
-            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound && fallback.is_some() => {
                 debug!("no stream for the scoped subject; trying the previous release's");
+                let (nats_headers, body) = fallback.expect("checked above");
                 gw.js
                     .publish_with_headers(route.names.legacy_subject(partition), nats_headers, body)
                     .await
@@ -519,12 +532,12 @@ async fn store(
         }
         Ok(Err(e)) => {
             gw.metrics.publish_failures.get_or_create(&labels).inc();
-            warn!(error = %e, "publish failed; answering 503");
+            warn!(endpoint = %route.endpoint, error = %e, "publish failed; answering 503");
             Err(unavailable)
         }
         Err(_) => {
             gw.metrics.publish_failures.get_or_create(&labels).inc();
-            warn!("publish timed out; answering 503");
+            warn!(endpoint = %route.endpoint, "publish timed out; answering 503");
             Err(unavailable)
         }
     }

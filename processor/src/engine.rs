@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use ring::rand::SystemRandom;
 use spillway_api::wire::{self, AttemptDecision};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -126,7 +125,6 @@ pub struct Processor {
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
     limiter: Option<DefaultDirectRateLimiter>,
-    rng: SystemRandom,
     shutdown: Shutdown,
     ready: Arc<AtomicBool>,
     notifier: Notifier,
@@ -243,7 +241,6 @@ impl Processor {
             signer,
             metrics,
             limiter,
-            rng: SystemRandom::new(),
             shutdown,
             ready,
             notifier,
@@ -823,7 +820,7 @@ impl Processor {
         let incoming_tp = headers
             .and_then(|h| h.get(wire::TRACEPARENT))
             .map(|v| v.as_str().to_owned());
-        let traceparent = spillway_api::trace::child_of(incoming_tp.as_deref(), &self.rng).header();
+        let traceparent = spillway_api::trace::child_of(incoming_tp.as_deref()).header();
         let mut out = http::outgoing_headers(headers, attempt, &traceparent);
         if let Some(sf) = &self.signer {
             http::sign(&mut out, &sf.signer(), &id, &msg.payload);
