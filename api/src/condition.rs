@@ -173,8 +173,6 @@ reasons! {
     FilterInvalid,
     /// Accepted=False (listener): the endpoint is ordered; listeners serve unordered endpoints only.
     OrderingUnsupported,
-    /// Accepted=False (listener): the listener's name in subjects is taken by another listener of the endpoint.
-    ListenerConflict,
     /// StreamReady=False (listener): the endpoint's work stream does not exist yet.
     StreamMissing,
 }

@@ -254,46 +254,12 @@ async fn accept(
         let found = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
             .get_opt(&r.name)
             .await?;
-        let value = found.as_ref().and_then(|s| {
-            s.data
-                .as_ref()
-                .and_then(|d| d.get(&r.key))
-                .map(|v| v.0.clone())
-                .or_else(|| {
-                    s.string_data
-                        .as_ref()
-                        .and_then(|d| d.get(&r.key))
-                        .map(|v| v.as_bytes().to_vec())
-                })
-        });
-        let problem = match (&found, value) {
-            (None, _) => Some((
-                Reason::SecretNotFound,
-                format!("Secret {ns}/{} (referenced by signing.secretRef) does not exist", r.name),
-            )),
-            (Some(_), None) => Some((
-                Reason::SecretKeyMissing,
-                format!(
-                    "Secret {ns}/{} has no key {:?} (referenced by signing.secretRef)",
-                    r.name, r.key
-                ),
-            )),
-            (Some(_), Some(v)) => spillway_api::secret::key(&v, true).err().map(|e| {
-                (
-                    Reason::SecretKeyInvalid,
-                    format!(
-                        "Secret {ns}/{} key {:?} (referenced by signing.secretRef) is not usable: {e}",
-                        r.name, r.key
-                    ),
-                )
-            }),
-        };
-        if let Some(p) = problem {
+        if let Some(p) =
+            crate::controller::secret_ref_problem(&ns, "signing.secretRef", r, found.as_ref(), true)
+        {
             return Ok(Err(p));
         }
     }
-    // Two listeners whose tokens collide (only possible for shortened
-    // ones): the older keeps it.
     Ok(Ok((ep, timings)))
 }
 

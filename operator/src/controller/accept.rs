@@ -93,6 +93,70 @@ pub fn processor_secret_problem(
     })
 }
 
+/// Why Secret `found` (in `ns`; `None`: it does not exist) cannot serve
+/// `r`, referenced by `field` (`whsec`: the value is a Standard Webhooks
+/// key): the `Accepted=False` reason and message, or `None` when it can.
+/// The value is parsed as the gateway and the processor parse it.
+pub fn secret_ref_problem(
+    ns: &str,
+    field: &str,
+    r: &SecretKeyRef,
+    found: Option<&Secret>,
+    whsec: bool,
+) -> Option<(Reason, String)> {
+    let Some(s) = found else {
+        return Some((
+            Reason::SecretNotFound,
+            format!(
+                "Secret {ns}/{} (referenced by {field}) does not exist",
+                r.name
+            ),
+        ));
+    };
+    let value = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .map(|v| v.0.as_slice())
+        .or_else(|| {
+            s.string_data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .map(|v| v.as_bytes())
+        });
+    let Some(value) = value else {
+        return Some((
+            Reason::SecretKeyMissing,
+            format!(
+                "Secret {ns}/{} has no key {:?} (referenced by {field})",
+                r.name, r.key
+            ),
+        ));
+    };
+    match spillway_api::secret::key(value, whsec) {
+        Ok(_) => None,
+        Err(spillway_api::secret::KeyError::Empty) => Some((
+            Reason::SecretKeyEmpty,
+            format!(
+                "Secret {ns}/{} key {:?} (referenced by {field}) is empty; \
+                 the gateway does not use it (requests are answered 503 while no \
+                 secret of the endpoint has a value); put the secret in it",
+                r.name, r.key
+            ),
+        )),
+        Err(spillway_api::secret::KeyError::Whsec) => Some((
+            Reason::SecretKeyInvalid,
+            format!(
+                "Secret {ns}/{} key {:?} (referenced by {field}) starts with \
+                 whsec_ but the rest is not valid base64; the gateway cannot \
+                 use it (requests are answered 503); put the key as the \
+                 provider shows it, whsec_ followed by base64",
+                r.name, r.key
+            ),
+        )),
+    }
+}
+
 pub(super) async fn accept(
     ep: &WebhookEndpoint,
     ctx: &Context,
@@ -119,68 +183,13 @@ pub(super) async fn accept(
         if !fetched.contains_key(&r.name) {
             fetched.insert(r.name.clone(), secrets.get_opt(&r.name).await?);
         }
-        match &fetched[&r.name] {
-            None => {
-                return Ok(Err(Rejection {
-                    reason: Reason::SecretNotFound,
-                    message: format!(
-                        "Secret {ns}/{} (referenced by {field}) does not exist",
-                        r.name
-                    ),
-                }));
-            }
-            Some(s) => {
-                let value = s
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(&r.key))
-                    .map(|v| v.0.as_slice())
-                    .or_else(|| {
-                        s.string_data
-                            .as_ref()
-                            .and_then(|d| d.get(&r.key))
-                            .map(|v| v.as_bytes())
-                    });
-                let Some(value) = value else {
-                    return Ok(Err(Rejection {
-                        reason: Reason::SecretKeyMissing,
-                        message: format!(
-                            "Secret {ns}/{} has no key {:?} (referenced by {field})",
-                            r.name, r.key
-                        ),
-                    }));
-                };
-                let whsec = field == "processor.signing.secretRef"
-                    || (field.starts_with("verification.")
-                        && ep.spec.verification.scheme == Scheme::StandardWebhooks);
-                // The same parse as the gateway's and the processor's.
-                match spillway_api::secret::key(value, whsec) {
-                    Ok(_) => {}
-                    Err(spillway_api::secret::KeyError::Empty) => {
-                        return Ok(Err(Rejection {
-                            reason: Reason::SecretKeyEmpty,
-                            message: format!(
-                                "Secret {ns}/{} key {:?} (referenced by {field}) is empty; \
-                                 the gateway does not use it (requests are answered 503 while no \
-                                 secret of the endpoint has a value); put the secret in it",
-                                r.name, r.key
-                            ),
-                        }));
-                    }
-                    Err(spillway_api::secret::KeyError::Whsec) => {
-                        return Ok(Err(Rejection {
-                            reason: Reason::SecretKeyInvalid,
-                            message: format!(
-                                "Secret {ns}/{} key {:?} (referenced by {field}) starts with \
-                                 whsec_ but the rest is not valid base64; the gateway cannot \
-                                 use it (requests are answered 503); put the key as the \
-                                 provider shows it, whsec_ followed by base64",
-                                r.name, r.key
-                            ),
-                        }));
-                    }
-                }
-            }
+        let whsec = field == "processor.signing.secretRef"
+            || (field.starts_with("verification.")
+                && ep.spec.verification.scheme == Scheme::StandardWebhooks);
+        if let Some((reason, message)) =
+            secret_ref_problem(&ns, &field, r, fetched[&r.name].as_ref(), whsec)
+        {
+            return Ok(Err(Rejection { reason, message }));
         }
     }
     // Judge paths only on a complete view of the endpoints.

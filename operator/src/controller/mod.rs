@@ -45,7 +45,10 @@ mod status;
 mod streams;
 
 use accept::*;
-pub use accept::{Rejection, effective_path, path_holder, processor_secret_problem, secret_refs};
+pub use accept::{
+    Rejection, effective_path, path_holder, processor_secret_problem, secret_ref_problem,
+    secret_refs,
+};
 use cleanup::*;
 use processor::*;
 use status::*;
