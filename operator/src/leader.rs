@@ -1,13 +1,19 @@
 //! Leader election through a `coordination.k8s.io/v1` Lease, so several
 //! operator replicas can run and only one reconciles. kube 5 has no leader
 //! election of its own; this is the usual acquire/renew loop with optimistic
-//! concurrency (resourceVersion) on every write.
+//! concurrency (resourceVersion) on every write. As in client-go, a Lease
+//! held by another replica is judged expired by this replica's own clock:
+//! when its record (holder, renew time) has not changed for the lease
+//! duration since this replica saw it change, never by comparing another
+//! node's renew time with this node's wall clock (clock skew between nodes
+//! would otherwise let two replicas lead at once).
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
@@ -18,6 +24,40 @@ pub struct LeaseLock {
     name: String,
     identity: String,
     duration: Duration,
+    /// The other holder's record as last seen, and when (local clock) it
+    /// was first seen as it is.
+    observed: Arc<Mutex<Option<Observed>>>,
+}
+
+/// A Lease record as this replica saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    /// Holder, renew time and duration, as written in the Lease.
+    pub record: (Option<String>, Option<MicroTime>, Option<i32>),
+    /// When this replica first saw the record as it is.
+    pub since: Instant,
+}
+
+/// Remember `record` seen at `now`: the time it was first seen as it is
+/// (a changed record restarts the clock).
+pub fn observe(
+    last: &mut Option<Observed>,
+    record: (Option<String>, Option<MicroTime>, Option<i32>),
+    now: Instant,
+) -> Instant {
+    match last {
+        Some(o) if o.record == record => o.since,
+        _ => {
+            *last = Some(Observed { record, since: now });
+            now
+        }
+    }
+}
+
+/// Whether a record unchanged since `since` (local clock) has expired at
+/// `now` for a lease of `duration`.
+pub fn expired_locally(since: Instant, duration: Duration, now: Instant) -> bool {
+    now.saturating_duration_since(since) > duration
 }
 
 impl std::fmt::Debug for LeaseLock {
@@ -27,15 +67,6 @@ impl std::fmt::Debug for LeaseLock {
             .field("identity", &self.identity)
             .finish()
     }
-}
-
-/// Whether a lease held by someone else has run out at `now`.
-pub fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
-    let Some(renew) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
-        return true;
-    };
-    let secs = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-    renew.0 + SignedDuration::from_secs(secs) < now
 }
 
 fn conflict(e: &kube::Error) -> bool {
@@ -56,6 +87,7 @@ impl LeaseLock {
             name: name.to_owned(),
             identity: identity.to_owned(),
             duration,
+            observed: Arc::default(),
         }
     }
 
@@ -94,8 +126,24 @@ impl LeaseLock {
             Some(mut lease) => {
                 let spec = lease.spec.get_or_insert_with(Default::default);
                 let mine = spec.holder_identity.as_deref() == Some(&self.identity);
-                if !mine && spec.holder_identity.is_some() && !expired(spec, now) {
-                    return Ok(false);
+                if !mine && spec.holder_identity.is_some() {
+                    let record = (
+                        spec.holder_identity.clone(),
+                        spec.renew_time.clone(),
+                        spec.lease_duration_seconds,
+                    );
+                    let local_now = Instant::now();
+                    let since = observe(
+                        &mut self.observed.lock().unwrap_or_else(|e| e.into_inner()),
+                        record,
+                        local_now,
+                    );
+                    let held_for = Duration::from_secs(
+                        u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15),
+                    );
+                    if !expired_locally(since, held_for, local_now) {
+                        return Ok(false);
+                    }
                 }
                 if !mine {
                     spec.holder_identity = Some(self.identity.clone());
@@ -139,15 +187,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn expiry_uses_renew_time_and_duration() {
-        let t = |s| Timestamp::from_second(s).unwrap();
-        let spec = LeaseSpec {
-            renew_time: Some(MicroTime(t(100))),
-            lease_duration_seconds: Some(15),
-            ..Default::default()
+    fn expiry_is_judged_by_the_local_clock_since_the_record_last_changed() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let rec = |holder: &str, renew: i64| {
+            (
+                Some(holder.to_owned()),
+                Some(MicroTime(Timestamp::from_second(renew).unwrap())),
+                Some(15),
+            )
         };
-        assert!(!expired(&spec, t(110)));
-        assert!(expired(&spec, t(116)));
-        assert!(expired(&LeaseSpec::default(), t(0)));
+        let lease = Duration::from_secs(15);
+        let mut last = None;
+        // First seen at 0: not expired before 15 s of local time, whatever
+        // the renew time says (the other node's clock may be far off).
+        let since = observe(&mut last, rec("a", 1), at(0));
+        assert!(!expired_locally(since, lease, at(10)));
+        // Unchanged: the clock keeps running from the first sighting.
+        let since = observe(&mut last, rec("a", 1), at(10));
+        assert_eq!(since, at(0));
+        assert!(expired_locally(since, lease, at(16)));
+        // Renewed at 12: the clock restarts.
+        let since = observe(&mut last, rec("a", 2), at(12));
+        assert!(!expired_locally(since, lease, at(20)));
+        assert!(expired_locally(since, lease, at(28)));
+        // Another holder is another record.
+        assert_eq!(observe(&mut last, rec("b", 2), at(30)), at(30));
     }
 }
