@@ -2,8 +2,8 @@
 #   make run    start a local Spillway end to end (control plane, NATS, operator,
 #               gateway, processors, demo sink) and send sample webhooks through it
 #   make test   everything CI checks: fmt, clippy, CRD sync, all tests
-CRD_FILES := crds/webhookendpoints.spillway.dev.yaml charts/spillway/crds/webhookendpoints.spillway.dev.yaml \
-	crds/webhooklisteners.spillway.dev.yaml charts/spillway/crds/webhooklisteners.spillway.dev.yaml docs/reference.md
+CRD_FILES := crds/webhookendpoints.spillway.dev.yaml crds/webhooklisteners.spillway.dev.yaml \
+	charts/spillway/templates/crds.yaml docs/reference.md
 
 .PHONY: tools crds check-crds fmt lint build test run fuzz bench-gateway deny deny-advisories
 

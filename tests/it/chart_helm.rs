@@ -454,6 +454,7 @@ async fn default_values_render_and_apply_on_the_api_server() -> Result<()> {
         "ClusterRole",
         "ClusterRoleBinding",
         "ConfigMap",
+        "CustomResourceDefinition",
         "Deployment",
         "PodDisruptionBudget",
         "Role",
@@ -1249,7 +1250,9 @@ async fn helm_install_prints_how_to_start_and_uninstalls() -> Result<()> {
     let ns = cp.namespace("chart-install").await?;
     let (chart, _copy) = installable_chart(cp).await?;
     let chart = chart.to_str().expect("utf-8 path");
-    // The CRD is already installed (by the harness): helm leaves it alone.
+    // The CRDs here are the harness's (applied with kubectl, shared by
+    // every test), so this release leaves them to it (crds.enabled=false);
+    // crds_are_templates_and_upgrade_with_the_chart covers the chart's own.
     let out = helm(
         cp,
         &[
@@ -1260,6 +1263,8 @@ async fn helm_install_prints_how_to_start_and_uninstalls() -> Result<()> {
             &ns,
             "--set",
             &format!("watchNamespace={ns}"),
+            "--set",
+            "crds.enabled=false",
         ],
     )
     .await?;
@@ -1645,5 +1650,120 @@ async fn nats_values_fit_the_official_chart_and_spillway() -> Result<()> {
         login("spillway-gateway", "wrong").await.is_err(),
         "passwords are checked"
     );
+    Ok(())
+}
+
+/// The CRDs are chart templates: `helm install` creates them, `helm
+/// upgrade` with a changed CRD applies the change on the real API server,
+/// and `helm uninstall` keeps them (`crds.keep`). On a control plane of its
+/// own: CRDs are cluster-wide.
+#[tokio::test]
+async fn crds_are_templates_and_upgrade_with_the_chart() -> Result<()> {
+    let cp = ControlPlane::start().await?;
+    let ns = cp.namespace("chart-crds").await?;
+    let dir = tempfile::tempdir()?;
+    let (source, _copy) = installable_chart(&cp).await?;
+    let chart = dir.path().join("spillway");
+    let status = std::process::Command::new("cp")
+        .arg("-R")
+        .arg(&source)
+        .arg(&chart)
+        .status()?;
+    anyhow::ensure!(status.success(), "copying the chart");
+    let chart_arg = chart.to_str().expect("utf-8 path");
+
+    // Rendering follows crds.enabled and crds.keep.
+    let off = helm(
+        &cp,
+        &["template", "t", chart_arg, "--set", "crds.enabled=false"],
+    )
+    .await?;
+    assert!(
+        !off.contains("kind: CustomResourceDefinition"),
+        "crds.enabled=false renders none"
+    );
+    let loose = helm(
+        &cp,
+        &["template", "t", chart_arg, "--set", "crds.keep=false"],
+    )
+    .await?;
+    assert_eq!(loose.matches("kind: CustomResourceDefinition").count(), 2);
+    assert!(
+        !loose.contains("helm.sh/resource-policy"),
+        "crds.keep=false: no keep policy"
+    );
+
+    let install = [
+        "install",
+        "spw",
+        chart_arg,
+        "-n",
+        &ns,
+        "--set",
+        &format!("watchNamespace={ns}"),
+    ];
+    helm(&cp, &install).await?;
+    let short_names = |crd: &'static str| {
+        let cp = &cp;
+        async move {
+            cp.kubectl_output(&["get", "crd", crd, "-o", "jsonpath={.spec.names.shortNames}"])
+                .await
+        }
+    };
+    assert_eq!(
+        short_names("webhookendpoints.spillway.dev").await?,
+        r#"["whe"]"#
+    );
+    assert_eq!(
+        short_names("webhooklisteners.spillway.dev").await?,
+        r#"["whl"]"#
+    );
+    let policy = cp
+        .kubectl_output(&[
+            "get",
+            "crd",
+            "webhookendpoints.spillway.dev",
+            "-o",
+            r"jsonpath={.metadata.annotations.helm\.sh/resource-policy}",
+        ])
+        .await?;
+    assert_eq!(policy, "keep");
+
+    // A new chart version whose CRD changed: the upgrade applies it.
+    let template = chart.join("templates/crds.yaml");
+    let text = std::fs::read_to_string(&template)?;
+    let changed = text.replacen("    - whe\n", "    - whe\n    - whep\n", 1);
+    anyhow::ensure!(changed != text, "the CRD template lists short name whe");
+    std::fs::write(&template, changed)?;
+    let upgrade = [
+        "upgrade",
+        "spw",
+        chart_arg,
+        "-n",
+        &ns,
+        "--set",
+        &format!("watchNamespace={ns}"),
+    ];
+    helm(&cp, &upgrade).await?;
+    assert_eq!(
+        short_names("webhookendpoints.spillway.dev").await?,
+        r#"["whe","whep"]"#,
+        "helm upgrade updated the CRD"
+    );
+    // The new short name is served.
+    cp.kubectl_output(&["get", "whep", "-n", &ns]).await?;
+
+    helm(&cp, &["uninstall", "spw", "-n", &ns, "--wait"]).await?;
+    for crd in [
+        "webhookendpoints.spillway.dev",
+        "webhooklisteners.spillway.dev",
+    ] {
+        assert!(
+            cp.kubectl_output(&["get", "crd", crd, "-o", "name"])
+                .await
+                .is_ok(),
+            "{crd} kept after uninstall"
+        );
+    }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Writes the CRDs to stdout; `--write FILE...` writes each FILE (a CRD
-//! named by its file name, e.g. `webhooklisteners.spillway.dev.yaml`, or for
-//! a `.md` FILE the generated API reference); `--check FILE...` fails when
+//! named by its file name, e.g. `webhooklisteners.spillway.dev.yaml`; the
+//! chart's `templates/crds.yaml`; or for a `.md` FILE the generated API
+//! reference); `--check FILE...` fails when
 //! any FILE differs from what would be generated.
 
 use std::process::ExitCode;
@@ -25,9 +26,19 @@ fn main() -> ExitCode {
         .map(|(_, y)| y.as_str())
         .collect::<Vec<_>>()
         .join("---\n");
+    let template = match spillway_api::chart_crds_template() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("crdgen: cannot render the chart's CRD template: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let content = |f: &str| -> &str {
         if f.ends_with(".md") {
             return &reference;
+        }
+        if f.ends_with("templates/crds.yaml") {
+            return &template;
         }
         crds.iter()
             .find(|(name, _)| f.ends_with(name))
