@@ -8,7 +8,7 @@ use async_nats::jetstream;
 use kube::api::{Api, ListParams};
 use serde::Serialize;
 use spillway_api::condition::{self, Status};
-use spillway_api::{ReplicaStatus, WebhookEndpoint};
+use spillway_api::{ReplicaStatus, WebhookEndpoint, WebhookListener};
 
 use crate::endpoint::EndpointRef;
 use crate::output::{self, Format};
@@ -80,6 +80,84 @@ pub struct Line {
     pub suspended: bool,
     /// All conditions.
     pub conditions: Vec<Cond>,
+    /// The endpoint's WebhookListeners (detailed view of one endpoint
+    /// only), from their status.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<ListenerLine>,
+}
+
+/// One WebhookListener of an endpoint, from its status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerLine {
+    /// `namespace/name`.
+    pub listener: String,
+    /// Ready: `True`, `False (Reason)` or `Unknown`.
+    pub ready: String,
+    /// Offered and not yet handed out.
+    pub backlog: u64,
+    /// Handed out, not acknowledged.
+    pub in_flight: u64,
+    /// Its dead letters.
+    pub dead_letters: u64,
+    /// Processor replicas.
+    pub replicas: Option<ReplicaStatus>,
+}
+
+impl ListenerLine {
+    /// A listener's line from its status.
+    pub fn of(l: &WebhookListener) -> Self {
+        let st = l.status.clone().unwrap_or_default();
+        let ready = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::READY)
+            .map(|c| {
+                if c.status == "True" {
+                    c.status.clone()
+                } else {
+                    format!("{} ({})", c.status, c.reason)
+                }
+            })
+            .unwrap_or_else(|| "Unknown".into());
+        let b = st.backlog.unwrap_or_default();
+        Self {
+            listener: format!(
+                "{}/{}",
+                l.metadata.namespace.as_deref().unwrap_or_default(),
+                l.metadata.name.as_deref().unwrap_or_default()
+            ),
+            ready,
+            backlog: b.pending,
+            in_flight: b.ack_pending,
+            dead_letters: st.dead_letters.unwrap_or(0),
+            replicas: st.replicas,
+        }
+    }
+}
+
+/// The WebhookListeners attached to `ep` (every namespace when the user may
+/// list them cluster-wide, else the endpoint's own), sorted.
+async fn listeners_of(client: kube::Client, ep: &EndpointRef) -> Vec<ListenerLine> {
+    let all: Api<WebhookListener> = Api::all(client.clone());
+    let found = match all.list(&ListParams::default()).await {
+        Ok(l) => l.items,
+        Err(_) => Api::<WebhookListener>::namespaced(client, &ep.namespace)
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default(),
+    };
+    let mut out: Vec<ListenerLine> = found
+        .iter()
+        .filter(|l| {
+            let own = l.metadata.namespace.as_deref().unwrap_or_default();
+            l.spec.endpoint_ref.name == ep.name && l.spec.endpoint_namespace(own) == ep.namespace
+        })
+        .map(ListenerLine::of)
+        .collect();
+    out.sort_by(|a, b| a.listener.cmp(&b.listener));
+    out
 }
 
 impl Line {
@@ -187,6 +265,7 @@ fn line(we: &WebhookEndpoint, live_nats: Option<Live>) -> Line {
                 message: c.message.clone(),
             })
             .collect(),
+        listeners: Vec::new(),
         ep,
     }
 }
@@ -201,7 +280,7 @@ pub async fn run(
 ) -> Result<()> {
     let list: Vec<WebhookEndpoint> = match one {
         Some(ep) => {
-            let api: Api<WebhookEndpoint> = Api::namespaced(client, &ep.namespace);
+            let api: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ep.namespace);
             vec![api.get(&ep.name).await.with_context(|| {
                 format!(
                     "getting WebhookEndpoint {ep} (does it exist? `kubectl get whe -n {}`)",
@@ -211,8 +290,8 @@ pub async fn run(
         }
         None => {
             let api: Api<WebhookEndpoint> = match ns {
-                Some(ns) => Api::namespaced(client, ns),
-                None => Api::all(client),
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
             };
             api.list(&ListParams::default())
                 .await
@@ -230,7 +309,11 @@ pub async fn run(
             Some(js) => live(js, we, &ep).await.ok(),
             None => None,
         };
-        lines.push(line(we, l));
+        let mut line = line(we, l);
+        if one.is_some() {
+            line.listeners = listeners_of(client.clone(), &ep).await;
+        }
+        lines.push(line);
     }
     let mut out = std::io::stdout().lock();
     render(&mut out, &lines, one.is_some(), format)
@@ -272,6 +355,29 @@ pub fn render(out: &mut impl Write, lines: &[Line], one: bool, format: Format) -
         }
         for p in l.problems() {
             writeln!(out, "  {p}")?;
+        }
+        if !l.listeners.is_empty() {
+            writeln!(out, "Listeners (from their status):")?;
+            writeln!(
+                out,
+                "  {:<40} {:<24} {:>8} {:>9} {:>12} {:>8}",
+                "LISTENER", "READY", "BACKLOG", "IN FLIGHT", "DEAD LETTERS", "REPLICAS"
+            )?;
+            for x in &l.listeners {
+                writeln!(
+                    out,
+                    "  {:<40} {:<24} {:>8} {:>9} {:>12} {:>8}",
+                    x.listener,
+                    x.ready,
+                    x.backlog,
+                    x.in_flight,
+                    x.dead_letters,
+                    x.replicas
+                        .as_ref()
+                        .map(|r| format!("{}/{}", r.ready, r.desired))
+                        .unwrap_or_else(|| "-".into())
+                )?;
+            }
         }
         return Ok(());
     }
@@ -334,6 +440,7 @@ mod tests {
                 reason: "SinkDown".into(),
                 message: "no ready processor".into(),
             }],
+            listeners: Vec::new(),
         }
     }
 
@@ -380,5 +487,40 @@ mod tests {
         assert!(t.contains("Replicas:      1/2\n"), "{t}");
         assert!(t.contains("Note:          paused\n"), "{t}");
         assert!(t.contains("Ready: SinkDown — no ready processor"), "{t}");
+        assert!(!t.contains("Listeners"), "none: no section\n{t}");
+    }
+
+    #[test]
+    fn listeners_are_listed_in_the_detailed_view() {
+        let mut l = sample();
+        l.listeners = vec![ListenerLine {
+            listener: "team/ci".into(),
+            ready: "False (PodsNotReady)".into(),
+            backlog: 2,
+            in_flight: 1,
+            dead_letters: 7,
+            replicas: Some(ReplicaStatus {
+                desired: 1,
+                ready: 0,
+            }),
+        }];
+        let mut out = Vec::new();
+        render(&mut out, std::slice::from_ref(&l), true, Format::Table).unwrap();
+        let t = String::from_utf8(out).unwrap();
+        assert!(t.contains("Listeners (from their status):"), "{t}");
+        let row = t
+            .lines()
+            .find(|r| r.trim_start().starts_with("team/ci"))
+            .unwrap_or_else(|| panic!("no listener row in\n{t}"));
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            ["team/ci", "False", "(PodsNotReady)", "2", "1", "7", "0/1"],
+            "{row}"
+        );
+        let mut out = Vec::new();
+        render(&mut out, &[l], true, Format::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["listeners"][0]["deadLetters"], 7, "{v}");
     }
 }

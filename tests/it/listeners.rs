@@ -392,6 +392,27 @@ async fn two_listeners_select_cap_and_sign_on_their_own() -> Result<()> {
         unknown.stderr
     );
     assert_eq!(ci_sink.count(), 12, "the redelivery went to bot only");
+    // `spillway status ENDPOINT` lists the endpoint's listeners.
+    let kubeconfig = ControlPlane::shared()
+        .await
+        .kubeconfig
+        .display()
+        .to_string();
+    let status = spillway_ok(
+        &["status", &ep_ref],
+        &[
+            ("KUBECONFIG", kubeconfig.as_str()),
+            ("NATS_URL", env.nats.url.as_str()),
+        ],
+    )
+    .await?;
+    for l in ["bot", "ci"] {
+        assert!(
+            status.stdout.contains(&format!("  {ns}/{l} ")),
+            "status lists listener {l}:\n{}",
+            status.stdout
+        );
+    }
 
     // Deleting bot removes its consumers, not the others'.
     let names = EndpointNames::new(&ns, "gh");
