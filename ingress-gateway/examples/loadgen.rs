@@ -922,6 +922,17 @@ async fn main() -> Result<()> {
         );
         let _ = writeln!(
             md,
+            "Commit: {} (`git describe --always --dirty` where the run was made).\n",
+            std::process::Command::new("git")
+                .args(["describe", "--always", "--dirty"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_else(|| "unknown".into())
+        );
+        let _ = writeln!(
+            md,
             "Setup: nats-server 2.15.1, JetStream file storage, R1, one stream per server; bodies of {} bytes, GitHub-signed (HMAC-SHA256), a unique `X-GitHub-Delivery` per request used as `Nats-Msg-Id`, 2xx only after the PubAck, on both servers. Closed loop: `wrk -t1 -cN -d{}s` per row. Stored = 2xx: the stream grew by the 2xx count (plus at most N requests in flight when wrk stopped, stored but not counted by wrk); open loop and raw publish count exactly. CPU per request: the process's user + system time from `/proc` over the requests served. Command: `{}`.\n",
             args.body_bytes,
             args.seconds,
