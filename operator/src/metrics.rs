@@ -24,6 +24,39 @@ struct PerEndpoint {
     oldest_seconds: Family<Labels, Gauge>,
 }
 
+impl PerEndpoint {
+    /// Set one object's series from `state`; `None` removes them.
+    fn set(&self, labels: &Labels, state: Option<EndpointState>) {
+        let families = [
+            &self.ready,
+            &self.backlog,
+            &self.in_flight,
+            &self.retrying,
+            &self.dead_letters,
+            &self.oldest_seconds,
+        ];
+        let Some(s) = state else {
+            for f in families {
+                f.remove(labels);
+            }
+            return;
+        };
+        self.ready.get_or_create(labels).set(i64::from(s.ready));
+        if let Some(b) = s.synced {
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.backlog.get_or_create(labels).set(n(b.backlog));
+            self.in_flight.get_or_create(labels).set(n(b.in_flight));
+            self.retrying.get_or_create(labels).set(n(b.retrying));
+            self.dead_letters
+                .get_or_create(labels)
+                .set(n(b.dead_letters));
+            self.oldest_seconds
+                .get_or_create(labels)
+                .set(n(b.oldest_seconds));
+        }
+    }
+}
+
 /// One endpoint's state for the gauges.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EndpointState {
@@ -61,7 +94,7 @@ pub struct Metrics {
     /// sync read from JetStream, and whether it is Ready.
     per_endpoint: PerEndpoint,
     /// Per WebhookListener (`webhook_listener="namespace/name"` and its
-    /// `webhook_endpoint`).
+    /// `webhook_endpoint`); its oldest-age family is not registered.
     per_listener: PerEndpoint,
     /// Last known condition statuses per endpoint (`namespace/name`).
     conditions: Mutex<HashMap<String, Vec<(String, String)>>>,
@@ -197,35 +230,7 @@ impl Metrics {
     /// removes the endpoint's series (it is gone).
     pub fn set_endpoint(&self, key: &str, state: Option<EndpointState>) {
         let labels = vec![("webhook_endpoint".to_owned(), key.to_owned())];
-        let p = &self.per_endpoint;
-        let families = [
-            &p.ready,
-            &p.backlog,
-            &p.in_flight,
-            &p.retrying,
-            &p.dead_letters,
-            &p.oldest_seconds,
-        ];
-        match state {
-            None => {
-                for f in families {
-                    f.remove(&labels);
-                }
-            }
-            Some(s) => {
-                p.ready.get_or_create(&labels).set(i64::from(s.ready));
-                if let Some(b) = s.synced {
-                    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-                    p.backlog.get_or_create(&labels).set(n(b.backlog));
-                    p.in_flight.get_or_create(&labels).set(n(b.in_flight));
-                    p.retrying.get_or_create(&labels).set(n(b.retrying));
-                    p.dead_letters.get_or_create(&labels).set(n(b.dead_letters));
-                    p.oldest_seconds
-                        .get_or_create(&labels)
-                        .set(n(b.oldest_seconds));
-                }
-            }
-        }
+        self.per_endpoint.set(&labels, state);
     }
 
     /// Record what the last sync of listener `key` (`namespace/name`) on
@@ -235,30 +240,7 @@ impl Metrics {
             ("webhook_endpoint".to_owned(), endpoint.to_owned()),
             ("webhook_listener".to_owned(), key.to_owned()),
         ];
-        let p = &self.per_listener;
-        match state {
-            None => {
-                for f in [
-                    &p.ready,
-                    &p.backlog,
-                    &p.in_flight,
-                    &p.retrying,
-                    &p.dead_letters,
-                ] {
-                    f.remove(&labels);
-                }
-            }
-            Some(s) => {
-                p.ready.get_or_create(&labels).set(i64::from(s.ready));
-                if let Some(b) = s.synced {
-                    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-                    p.backlog.get_or_create(&labels).set(n(b.backlog));
-                    p.in_flight.get_or_create(&labels).set(n(b.in_flight));
-                    p.retrying.get_or_create(&labels).set(n(b.retrying));
-                    p.dead_letters.get_or_create(&labels).set(n(b.dead_letters));
-                }
-            }
-        }
+        self.per_listener.set(&labels, state);
     }
 
     /// Count a finished reconcile.
