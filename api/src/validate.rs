@@ -85,7 +85,7 @@ mod tests {
     use crate::duration::GoDuration;
 
     fn spec(yaml: &str) -> WebhookEndpointSpec {
-        serde_yaml_ng::from_str(yaml).expect("test spec parses")
+        serde_saphyr::from_str(yaml).expect("test spec parses")
     }
 
     const MINIMAL: &str = r#"
@@ -117,7 +117,7 @@ processor: {sink: {url: "http://sink:8080/hook"}}
 
     #[test]
     fn a_bad_duration_is_refused_with_its_field() {
-        let e = serde_yaml_ng::from_str::<WebhookEndpointSpec>(
+        let e = serde_saphyr::from_str::<WebhookEndpointSpec>(
             "verification: {scheme: none}\nprocessor: {sink: {url: \"http://s\"}, timeout: soon}\n",
         )
         .unwrap_err()

@@ -29,7 +29,7 @@ pub fn structured<T: Serialize>(out: &mut impl Write, format: Format, value: &T)
             serde_json::to_writer_pretty(&mut *out, value)?;
             writeln!(out)?;
         }
-        Format::Yaml => serde_yaml_ng::to_writer(&mut *out, value)?,
+        Format::Yaml => out.write_all(spillway_api::to_yaml(value)?.as_bytes())?,
     }
     Ok(true)
 }

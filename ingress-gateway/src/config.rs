@@ -173,7 +173,7 @@ pub enum ConfigError {
     Read(PathBuf, std::io::Error),
     /// The config file is not valid YAML for this schema.
     #[error("parsing config file {0}: {1}")]
-    Parse(PathBuf, serde_yaml_ng::Error),
+    Parse(PathBuf, Box<serde_saphyr::Error>),
     /// Invalid values; every problem is listed.
     #[error("invalid configuration: {}", .0.join("; "))]
     Invalid(Vec<String>),
@@ -302,7 +302,8 @@ impl Config {
                 if text.trim().is_empty() {
                     FileConfig::default()
                 } else {
-                    serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Parse(p.clone(), e))?
+                    serde_saphyr::from_str(&text)
+                        .map_err(|e| ConfigError::Parse(p.clone(), Box::new(e)))?
                 }
             }
             None => FileConfig::default(),

@@ -330,7 +330,7 @@ mod tests {
             namespace: ns.into(),
             name: name.into(),
             created,
-            spec: serde_yaml_ng::from_str(yaml).unwrap(),
+            spec: serde_saphyr::from_str(yaml).unwrap(),
             partitions_ready: None,
         }
     }
@@ -430,7 +430,7 @@ processor: {sink: {url: "http://sink"}}
         let mut d = def("ns", "gl", Some(1), GH);
         d.spec.verification.scheme = Scheme::Gitlab;
         d.spec.handshake = Some(
-            serde_yaml_ng::from_str(
+            serde_saphyr::from_str(
                 "{type: metaHubChallenge, verifyTokenSecretRef: {name: gh, key: secret}}",
             )
             .unwrap(),

@@ -564,7 +564,7 @@ mod tests {
             namespace: "ns".into(),
             name: name.into(),
             created: Some(1),
-            spec: serde_yaml_ng::from_str(&yaml).expect("spec"),
+            spec: serde_saphyr::from_str(&yaml).expect("spec"),
             partitions_ready: None,
         }
     }

@@ -67,13 +67,13 @@ struct Manifest {
     #[serde(default)]
     metadata: Meta,
     #[serde(default)]
-    spec: Option<serde_yaml_ng::Value>,
+    spec: Option<serde_json::Value>,
     // Secret contents are taken as any YAML and checked by hand, so that no
     // error message (serde's quote the offending value) shows a secret.
     #[serde(default)]
-    data: Option<serde_yaml_ng::Value>,
+    data: Option<serde_json::Value>,
     #[serde(default)]
-    string_data: Option<serde_yaml_ng::Value>,
+    string_data: Option<serde_json::Value>,
 }
 
 /// The `field` (`data` or `stringData`) of Secret `secret` as key → text.
@@ -81,12 +81,12 @@ struct Manifest {
 fn secret_strings(
     secret: &str,
     field: &str,
-    value: Option<serde_yaml_ng::Value>,
+    value: Option<serde_json::Value>,
 ) -> Result<Vec<(String, String)>, String> {
-    use serde_yaml_ng::Value;
+    use serde_json::Value;
     let map = match value {
         None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Mapping(m)) => m,
+        Some(Value::Object(m)) => m,
         Some(_) => {
             return Err(format!(
                 "Secret {secret}: {field} must be a map of keys to strings"
@@ -94,18 +94,11 @@ fn secret_strings(
         }
     };
     map.into_iter()
-        .map(|(k, v)| {
-            let Value::String(k) = k else {
-                return Err(format!(
-                    "Secret {secret}: every key of {field} must be a string"
-                ));
-            };
-            match v {
-                Value::String(v) => Ok((k, v)),
-                _ => Err(format!(
-                    "Secret {secret}: {field}.{k} must be a string (quote the value)"
-                )),
-            }
+        .map(|(k, v)| match v {
+            Value::String(v) => Ok((k, v)),
+            _ => Err(format!(
+                "Secret {secret}: {field}.{k} must be a string (quote the value)"
+            )),
         })
         .collect()
 }
@@ -172,19 +165,22 @@ impl FileSource {
             secrets_dir: secrets_dir.map(Path::to_owned),
             ..Default::default()
         };
-        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            let value = serde_yaml_ng::Value::deserialize(doc)
-                .map_err(|e| parse_err(format!("document {i}: {e}")))?;
+        // No source snippets in errors: the file may hold Secrets.
+        let mut options = serde_saphyr::Options::default();
+        options.with_snippet = false;
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(text, options)
+            .map_err(|e| parse_err(e.to_string()))?;
+        for (i, value) in docs.into_iter().enumerate() {
             if value.is_null() {
                 continue;
             }
-            let m: Manifest = serde_yaml_ng::from_value(value)
+            let m: Manifest = serde_json::from_value(value)
                 .map_err(|e| parse_err(format!("document {i}: {e}")))?;
             let namespace = m.metadata.namespace.unwrap_or_else(|| "default".into());
             match m.kind.as_str() {
                 "WebhookEndpoint" => {
                     let spec: WebhookEndpointSpec =
-                        serde_yaml_ng::from_value(m.spec.unwrap_or_default()).map_err(|e| {
+                        serde_json::from_value(m.spec.unwrap_or_default()).map_err(|e| {
                             parse_err(format!("WebhookEndpoint {}: {e}", m.metadata.name))
                         })?;
                     if let Err(problems) = spillway_api::validate::check(&spec) {
@@ -805,7 +801,8 @@ spec:
             ("data: {token: true, other: \"MTIzNDU2\"}", "data.token"),
             ("stringData: \"123456\"", "stringData must be a map"),
             ("data: [123456]", "data must be a map"),
-            ("stringData: {123456: x}", "every key of stringData"),
+            // Keys are strings, as Kubernetes reads them (`123: ...` is "123").
+            ("stringData: {123: 123456}", "stringData.123"),
             ("data: {token: \"123456!\"}", "data.token is not base64"),
         ] {
             let yaml = format!("kind: Secret\nmetadata: {{name: gh}}\n{contents}\n");

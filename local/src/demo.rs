@@ -10,7 +10,6 @@ use axum::Router;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::HeaderMap;
 use axum::routing::post;
-use serde::Deserialize;
 use serde_json::Value;
 use spillway_api::{GenericHmac, Scheme};
 use spillway_cli::sign;
@@ -91,11 +90,9 @@ pub fn load_examples(dir: &std::path::Path, namespace: &str, sink: &str) -> Resu
     let mut out = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f)?;
-        let mut docs = Vec::new();
-        for d in serde_yaml_ng::Deserializer::from_str(&text) {
-            let v = Value::deserialize(d).with_context(|| format!("parsing {}", f.display()))?;
-            docs.push(v);
-        }
+        let mut docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+            .with_context(|| format!("parsing {}", f.display()))?;
+        docs.retain(|d| !d.is_null());
         // Listeners deliver to the demo sink too, each under its own name.
         let mut listeners = Vec::new();
         for l in docs.iter_mut().filter(|d| d["kind"] == "WebhookListener") {

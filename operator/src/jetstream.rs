@@ -1586,7 +1586,7 @@ mod tests {
     use spillway_api::validate::check;
 
     fn spec(yaml: &str) -> WebhookEndpointSpec {
-        serde_yaml_ng::from_str(yaml).unwrap()
+        serde_saphyr::from_str(yaml).unwrap()
     }
 
     const BASE: &str = r#"
@@ -1692,7 +1692,7 @@ ingress: {maxBodyBytes: 1000}
         assert_eq!(rc[0].durable_name.as_deref(), Some("retry-processor"));
         let mut ordered = s.clone();
         ordered.ordering =
-            Some(serde_yaml_ng::from_str("{keyHeader: X-Key, partitions: 3}").unwrap());
+            Some(serde_saphyr::from_str("{keyHeader: X-Key, partitions: 3}").unwrap());
         assert!(retry_consumer_configs(&n, &ordered).is_empty());
         let mut long = s.clone();
         long.processor.timeout = GoDuration::from_secs(300);
@@ -1742,7 +1742,7 @@ ingress: {maxBodyBytes: 1000}
         assert!(c[0].filter_subject.is_empty());
 
         let mut s = s;
-        s.ordering = Some(serde_yaml_ng::from_str("{keyHeader: X-Key, partitions: 3}").unwrap());
+        s.ordering = Some(serde_saphyr::from_str("{keyHeader: X-Key, partitions: 3}").unwrap());
         let c = consumer_configs(&n, &s, &t);
         assert_eq!(c.len(), 3);
         assert_eq!(c[2].durable_name.as_deref(), Some("processor-p2"));

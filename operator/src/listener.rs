@@ -667,7 +667,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn ep(allowed: &str) -> WebhookEndpoint {
-        serde_yaml_ng::from_str(&format!(
+        serde_saphyr::from_str(&format!(
             r#"
 apiVersion: spillway.dev/v1alpha1
 kind: WebhookEndpoint

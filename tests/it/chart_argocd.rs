@@ -25,7 +25,7 @@ fn script() -> Result<String> {
         .nth(1)
         .and_then(|b| b.split("```").next())
         .context("a yaml code block between the markers")?;
-    let cm: Value = serde_yaml_ng::from_str(yaml)?;
+    let cm: Value = serde_saphyr::from_str(yaml)?;
     Ok(
         cm["data"]["resource.customizations.health.spillway.dev_WebhookEndpoint"]
             .as_str()

@@ -98,7 +98,7 @@ fn kinds(objs: &[Value]) -> Vec<String> {
 
 fn app_version() -> String {
     let text = std::fs::read_to_string(chart().join("Chart.yaml")).expect("Chart.yaml");
-    let v: Value = serde_yaml_ng::from_str(&text).expect("Chart.yaml is YAML");
+    let v: Value = serde_saphyr::from_str(&text).expect("Chart.yaml is YAML");
     v["appVersion"].as_str().expect("appVersion").to_owned()
 }
 
@@ -1053,7 +1053,7 @@ async fn network_policy_dns_egress_follows_the_values() -> Result<()> {
     let policies: String = objs
         .iter()
         .filter(|o| o["kind"] == "NetworkPolicy")
-        .map(|o| format!("---\n{}", serde_yaml_ng::to_string(o).expect("YAML")))
+        .map(|o| format!("---\n{}", serde_saphyr::to_string(o).expect("YAML")))
         .collect();
     let lines = dry_run_apply(cp, &policies).await?;
     assert_eq!(lines.len(), 2, "{lines:#?}");
@@ -1435,7 +1435,7 @@ async fn platform_assigned_ids_and_kubernetes_versions() -> Result<()> {
     assert_eq!(lines.len(), objs.len(), "{lines:#?}");
 
     let chart_yaml: Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(chart().join("Chart.yaml"))?)?;
+        serde_saphyr::from_str(&std::fs::read_to_string(chart().join("Chart.yaml"))?)?;
     assert_eq!(chart_yaml["kubeVersion"], ">=1.29.0-0");
     let err = render(cp, &ns, &["--kube-version", "1.28.9"])
         .await
@@ -1555,7 +1555,7 @@ fn nats_conf_value(v: &Value, vars: &[(&str, &str)]) -> String {
 #[tokio::test]
 async fn nats_values_fit_the_official_chart_and_spillway() -> Result<()> {
     let text = std::fs::read_to_string(chart().join("nats-values.yaml"))?;
-    let v: Value = serde_yaml_ng::from_str(&text)?;
+    let v: Value = serde_saphyr::from_str(&text)?;
     let mut paths = Vec::new();
     value_paths(&v, "", &mut paths);
     for p in &paths {

@@ -53,7 +53,7 @@ fn admission_objects(yaml: &str) -> Result<Vec<Value>> {
 
 fn to_yaml(objs: &[Value]) -> String {
     objs.iter()
-        .map(|o| format!("---\n{}", serde_yaml_ng::to_string(o).expect("YAML")))
+        .map(|o| format!("---\n{}", serde_saphyr::to_string(o).expect("YAML")))
         .collect()
 }
 

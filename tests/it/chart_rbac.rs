@@ -452,7 +452,7 @@ async fn serve_with_chart_rbac(
         .collect();
     let manifest: String = rbac
         .iter()
-        .map(|o| format!("---\n{}", serde_yaml_ng::to_string(o).expect("YAML")))
+        .map(|o| format!("---\n{}", serde_saphyr::to_string(o).expect("YAML")))
         .collect();
     cp.kubectl_stdin(&["apply", "-f", "-"], &manifest).await?;
 

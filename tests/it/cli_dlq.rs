@@ -162,7 +162,7 @@ async fn list_and_redrive_deliver_each_dead_letter_exactly_once() -> Result<()> 
     let list = spillway_ok(&["dlq", "list", "default/hooks"], &env).await?;
     assert!(list.stdout.contains("no dead letters"), "{}", list.stdout);
     let list = spillway_ok(&["dlq", "list", "default/hooks", "-o", "yaml"], &env).await?;
-    let v: serde_json::Value = serde_yaml_ng::from_str(&list.stdout)?;
+    let v: serde_json::Value = serde_saphyr::from_str(&list.stdout)?;
     assert_eq!(
         (v["total"].as_u64(), v["items"].as_array().map(Vec::len)),
         (Some(0), Some(0))

@@ -119,7 +119,7 @@ async fn status_shows_path_readiness_backlog_dead_letters_and_replicas() -> Resu
     assert_eq!(items[0]["name"], "hooks");
     assert_eq!(items[0]["backlog"], 3);
     let y = spillway_ok(&["status", &target, "-o", "yaml"], &env).await?;
-    let v: serde_json::Value = serde_yaml_ng::from_str(&y.stdout)?;
+    let v: serde_json::Value = serde_saphyr::from_str(&y.stdout)?;
     assert_eq!(v["deadLetters"], 1, "{}", y.stdout);
     let empty_ns = cp.namespace("cli-status-empty").await?;
     let j = spillway_ok(&["status", "-n", &empty_ns, "-o", "json"], &env).await?;

@@ -370,7 +370,7 @@ async fn runs_with_exactly_the_chart_rbac() -> Result<()> {
         .contains(&kind)
         {
             rbac.push_str("---\n");
-            rbac.push_str(&serde_yaml_ng::to_string(&v)?);
+            rbac.push_str(&serde_saphyr::to_string(&v)?);
         }
     }
     cp.kubectl_stdin(&["apply", "-f", "-"], &rbac).await?;

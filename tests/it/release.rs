@@ -376,7 +376,7 @@ fn changelog_follows_keep_a_changelog() {
 /// on linux and macOS, amd64 and arm64, each installing kubectl-spillway.
 #[test]
 fn krew_manifest_names_the_plugin_and_its_binary_per_platform() -> Result<()> {
-    let m: Value = serde_yaml_ng::from_str(&read("hack/krew/spillway.yaml"))?;
+    let m: Value = serde_saphyr::from_str(&read("hack/krew/spillway.yaml"))?;
     assert_eq!(
         m["apiVersion"],
         "krew.googlecontainertools.github.com/v1alpha2"

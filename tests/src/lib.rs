@@ -189,14 +189,8 @@ fn tail(log: &Path) -> String {
 /// The documents of a multi-document YAML stream (`helm template` output,
 /// an example file) as JSON values; empty documents are skipped.
 pub fn yaml_documents(yaml: &str) -> Result<Vec<serde_json::Value>> {
-    let mut out = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml)?;
+    Ok(docs.into_iter().filter(|v| !v.is_null()).collect())
 }
 
 /// Poll `f` until it returns true or `timeout` passes.

@@ -277,18 +277,18 @@ mod tests {
     #[test]
     fn every_secret_reference_is_checked() {
         let mut e = (*ep("ns", "x", 1, None)).clone();
-        e.spec.verification = serde_yaml_ng::from_str(
+        e.spec.verification = serde_saphyr::from_str(
             "{scheme: stripe, secretRefs: [{name: a, key: k1}, {name: b, key: k2}]}",
         )
         .unwrap();
         e.spec.handshake = Some(
-            serde_yaml_ng::from_str(
+            serde_saphyr::from_str(
                 "{type: metaHubChallenge, verifyTokenSecretRef: {name: c, key: t}, secretRef: {name: d, key: z}}",
             )
             .unwrap(),
         );
         e.spec.processor.signing =
-            Some(serde_yaml_ng::from_str("{secretRef: {name: e, key: s}}").unwrap());
+            Some(serde_saphyr::from_str("{secretRef: {name: e, key: s}}").unwrap());
         let refs: Vec<(String, String)> = secret_refs(&e)
             .into_iter()
             .map(|(field, r)| (field, r.name.clone()))

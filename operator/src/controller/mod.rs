@@ -466,7 +466,7 @@ pub(crate) mod fixtures {
         created: i64,
         path: Option<&str>,
     ) -> Arc<WebhookEndpoint> {
-        let mut e: WebhookEndpoint = serde_yaml_ng::from_str(&format!(
+        let mut e: WebhookEndpoint = serde_saphyr::from_str(&format!(
             r#"
 apiVersion: spillway.dev/v1alpha1
 kind: WebhookEndpoint
@@ -581,7 +581,7 @@ mod tests {
         // With the finalizer present the reconcile goes on to read Secrets.
         let mut e = (*ep("ns", "x", 1, None)).clone();
         e.spec.verification =
-            serde_yaml_ng::from_str("{scheme: github, secretRefs: [{name: gh, key: secret}]}")
+            serde_saphyr::from_str("{scheme: github, secretRefs: [{name: gh, key: secret}]}")
                 .unwrap();
         e.metadata.finalizers = Some(vec![FINALIZER.into()]);
         let e = Arc::new(e);

@@ -811,7 +811,7 @@ mod tests {
     }
 
     fn endpoint(yaml: &str) -> WebhookEndpoint {
-        let mut ep: WebhookEndpoint = serde_yaml_ng::from_str(yaml).unwrap();
+        let mut ep: WebhookEndpoint = serde_saphyr::from_str(yaml).unwrap();
         ep.metadata.uid = Some("uid-1".into());
         ep
     }
@@ -873,7 +873,7 @@ spec:
         assert_eq!(r.due_subject, "spillway.due.team.gh.processor");
         // Ordered: the per-pod share, and retries wait on the partition.
         let mut ordered = ep.clone();
-        ordered.spec.ordering = serde_yaml_ng::from_str("{partitions: 4}").unwrap();
+        ordered.spec.ordering = serde_saphyr::from_str("{partitions: 4}").unwrap();
         let c = processor_config(&ordered, &EndpointNames::new("team", "gh"), &t);
         assert_eq!(c.concurrency_per_replica, 2);
         assert!(c.retry.is_none());
