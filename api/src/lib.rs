@@ -25,6 +25,8 @@ mod schema;
 pub mod secret;
 #[cfg(feature = "signature")]
 pub mod signature;
+#[cfg(feature = "otlp")]
+pub mod telemetry;
 pub mod tenancy;
 #[cfg(feature = "trace")]
 pub mod trace;

@@ -42,17 +42,86 @@ pub const FORMAT_ENV: &str = "SPILLWAY_LOG_FORMAT";
 /// it.
 pub const LEVEL_ENV: &str = "RUST_LOG";
 
+/// What [`init`] started: the OTLP exporter, when the environment asked
+/// for one (see [`crate::telemetry`]). Dropping it (or [`Telemetry::shutdown`])
+/// flushes the spans not yet sent.
+#[derive(Default)]
+pub struct Telemetry {
+    #[cfg(feature = "otlp")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flush and stop the exporter (at most its export timeout).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        #[cfg(feature = "otlp")]
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("OTLP exporter shutdown: {e}");
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Install the global subscriber: `format`, filtered by [`LEVEL_ENV`], else
-/// `default_filter`.
-pub fn init(format: LogFormat, default_filter: &str) {
+/// `default_filter`; with the `otlp` feature, also span export when the
+/// `OTEL_*` environment asks for it (`service` is the default
+/// `service.name`). A broken OTLP setting is reported and export stays off:
+/// logs and webhooks do not depend on it.
+pub fn init(format: LogFormat, default_filter: &str, service: &'static str) -> Telemetry {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    match format {
-        LogFormat::Json => tracing_subscriber::fmt()
+    #[cfg(feature = "otlp")]
+    let filter = {
+        use tracing_subscriber::filter::FilterExt as _;
+        // Exported spans are not log lines.
+        filter.and(tracing_subscriber::filter::filter_fn(|m| {
+            m.target() != crate::telemetry::TARGET
+        }))
+    };
+    let fmt = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
-            .with_env_filter(filter)
-            .init(),
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_filter(filter).boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(fmt);
+    #[cfg(feature = "otlp")]
+    {
+        let (provider, problem) = match crate::telemetry::provider(service) {
+            Ok(p) => (p, None),
+            Err(e) => (None, Some(e)),
+        };
+        let layer = provider
+            .as_ref()
+            .map(|p| crate::telemetry::layer(p, service));
+        registry.with(layer).init();
+        if let Some(e) = problem {
+            tracing::warn!(error = %e, "OTLP trace export is off");
+        } else if provider.is_some() {
+            tracing::info!("exporting traces over OTLP");
+        }
+        Telemetry { provider }
+    }
+    #[cfg(not(feature = "otlp"))]
+    {
+        let _ = service;
+        registry.init();
+        Telemetry::default()
     }
 }

@@ -11,7 +11,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load(Cli::parse()).context("loading configuration")?;
-    spillway_api::logging::init(config.log_format, "info");
+    let telemetry = spillway_api::logging::init(config.log_format, "info", "spillway-gateway");
     let running = spillway_gateway::run::start(&config, None)
         .await
         .context("starting the gateway")?;
@@ -22,6 +22,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = trigger.send(true);
     });
     running.wait().await;
+    telemetry.shutdown();
     Ok(())
 }
 

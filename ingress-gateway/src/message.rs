@@ -107,13 +107,16 @@ pub(crate) fn ordering_key(
     Some((key, p))
 }
 
-/// Build the NATS headers of a stored webhook.
+/// Build the NATS headers of a stored webhook; `trace` (the exported
+/// publish span) is its `traceparent`, else the request's valid one or a
+/// new trace.
 pub fn message_headers(
     route: &Route,
     headers: &HeaderMap,
     ids: &delivery::Ids,
     ordering: Option<&str>,
     now: jiff::Timestamp,
+    trace: Option<&trace::TraceParent>,
 ) -> async_nats::HeaderMap {
     let mut h = async_nats::HeaderMap::new();
     h.insert(wire::ENDPOINT, route.endpoint.as_str());
@@ -128,7 +131,10 @@ pub fn message_headers(
     {
         h.insert(wire::CONTENT_TYPE, ct);
     }
-    h.insert(wire::TRACEPARENT, traceparent(headers));
+    h.insert(
+        wire::TRACEPARENT,
+        trace.map_or_else(|| traceparent(headers), trace::TraceParent::header),
+    );
     if let Some(ts) = tracestate(headers) {
         h.insert(wire::TRACESTATE, ts);
     }

@@ -18,8 +18,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use governor::clock::{Clock, DefaultClock};
 use http_body_util::BodyExt;
+use spillway_api::telemetry;
+use spillway_api::trace::TraceParent;
 use tokio::sync::Semaphore;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, debug_span, field, info_span, warn};
 
 use crate::delivery;
 pub use crate::error::ApiError;
@@ -228,10 +230,25 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     // Debug level: at the default level it costs nothing per request;
     // warnings name the endpoint themselves.
     let span = debug_span!("webhook", endpoint = %endpoint, method = %req.method());
+    // Exported (OTLP) only: a disabled callsite when export is off.
+    let otel = info_span!(
+        target: telemetry::TARGET,
+        "webhook",
+        otel.kind = "server",
+        webhook.endpoint = %endpoint,
+        http.request.method = %req.method(),
+        http.response.status_code = field::Empty,
+    );
+    if telemetry::enabled()
+        && let Some(tp) = incoming_traceparent(req.headers())
+    {
+        telemetry::set_parent(&otel, &tp);
+    }
     let response = match route {
         None => ApiError::NotFound.into_response(),
         Some(route) => match handle_route(&gw, &route, req)
             .instrument(span.clone())
+            .instrument(otel.clone())
             .await
         {
             Ok(r) => r,
@@ -250,6 +267,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             }
         },
     };
+    otel.record("http.response.status_code", response.status().as_u16());
     gw.metrics
         .requests
         .get_or_create(&RequestLabels {
@@ -258,6 +276,14 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         })
         .inc();
     response
+}
+
+/// The request's valid `traceparent`.
+fn incoming_traceparent(headers: &HeaderMap) -> Option<TraceParent> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
 }
 
 fn reply(r: Reply) -> Result<Response, ApiError> {
@@ -333,14 +359,26 @@ async fn handle_route(gw: &Gateway, route: &Route, req: Request) -> Result<Respo
         retry_after: gw.limits.retry_after_secs,
     })?;
     let now_unix = jiff::Timestamp::now().as_second();
-    verifier
-        .verify(&Inbound {
-            headers: &parts.headers,
-            body: &body,
-            query,
-            now_unix,
+    let verify = info_span!(
+        target: telemetry::TARGET,
+        "verify",
+        webhook.scheme = verifier.scheme().as_str(),
+        otel.status_code = field::Empty,
+    );
+    verify
+        .in_scope(|| {
+            verifier.verify(&Inbound {
+                headers: &parts.headers,
+                body: &body,
+                query,
+                now_unix,
+            })
         })
-        .map_err(ApiError::Unauthorized)?;
+        .map_err(|f| {
+            verify.record("otel.status_code", "ERROR");
+            ApiError::Unauthorized(f)
+        })?;
+    drop(verify);
     // Only verified requests spend the endpoint's rate limit: unsigned
     // junk is refused above (401) without taking a provider's tokens; the
     // global request cap bounds it before the body is read.
@@ -456,12 +494,24 @@ async fn store(
     let ordering = ordering_key(route, headers, &body);
     let partition = ordering.as_ref().map(|(_, p)| *p).unwrap_or(0);
     let subject = route.names.subject(partition);
+    let publish = info_span!(
+        target: telemetry::TARGET,
+        "publish",
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.destination.name = %subject,
+        otel.status_code = field::Empty,
+    );
+    // Exported: the stored traceparent names the publish span, so the
+    // processor's spans are its children.
+    let stored_trace = telemetry::traceparent_of(&publish);
     let nats_headers = message_headers(
         route,
         headers,
         &ids,
         ordering.as_ref().map(|(k, _)| k.as_str()),
         jiff::Timestamp::now(),
+        stored_trace.as_ref(),
     );
     let unavailable = ApiError::Unavailable {
         reason: "store_unavailable",
@@ -517,7 +567,11 @@ async fn store(
             other => other.map_err(|e| e.to_string()),
         }
     })
+    .instrument(publish.clone())
     .await;
+    if !matches!(result, Ok(Ok(_))) {
+        publish.record("otel.status_code", "ERROR");
+    }
     match result {
         Ok(Ok(ack)) => {
             gw.metrics
@@ -871,6 +925,7 @@ mod tests {
             &ids,
             Some(&key),
             jiff::Timestamp::now(),
+            None,
         );
         assert_eq!(
             h.get(wire::ORDERING_KEY).map(|v| v.as_str()),
@@ -892,7 +947,7 @@ mod tests {
             msg_id: None,
         };
         let now = jiff::Timestamp::from_millisecond(1_700_000_000_123).unwrap();
-        let h = message_headers(&r, &HeaderMap::new(), &ids, None, now);
+        let h = message_headers(&r, &HeaderMap::new(), &ids, None, now, None);
         assert_eq!(
             h.get(wire::RECEIVED_AT).map(|v| v.as_str()),
             Some("2023-11-14T22:13:20.123Z")

@@ -7,7 +7,7 @@ use spillway_operator::Settings;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
-    spillway_api::logging::init(settings.log_format, "info");
+    let _telemetry = spillway_api::logging::init(settings.log_format, "info", "spillway-operator");
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes configuration (in-cluster or kubeconfig)")?;

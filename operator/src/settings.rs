@@ -131,6 +131,19 @@ pub struct Settings {
     /// Log filter of the processor pods (`RUST_LOG` in them).
     #[arg(long, env = "SPILLWAY_PROCESSOR_LOG_LEVEL", default_value = "info")]
     pub processor_log_level: String,
+    /// OTLP/HTTP endpoint the processor pods export traces to
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT` in them; `/v1/traces` is appended);
+    /// empty: no export.
+    #[arg(long, env = "SPILLWAY_PROCESSOR_OTLP_ENDPOINT", default_value = "")]
+    pub processor_otlp_endpoint: String,
+    /// `OTEL_TRACES_SAMPLER` of the processor pods (e.g.
+    /// `parentbased_traceidratio`); empty: the SDK's default
+    /// (`parentbased_always_on`).
+    #[arg(long, env = "SPILLWAY_PROCESSOR_OTEL_SAMPLER", default_value = "")]
+    pub processor_otel_sampler: String,
+    /// `OTEL_TRACES_SAMPLER_ARG` of the processor pods (e.g. `0.1`).
+    #[arg(long, env = "SPILLWAY_PROCESSOR_OTEL_SAMPLER_ARG", default_value = "")]
+    pub processor_otel_sampler_arg: String,
     /// Processor container image.
     #[arg(long, env = "SPILLWAY_PROCESSOR_IMAGE", default_value = concat!("ghcr.io/spillway-dev/spillway-processor:", env!("CARGO_PKG_VERSION")))]
     pub processor_image: String,

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use spillway_api::telemetry;
 use spillway_api::wire::{self, AttemptDecision};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
+use tracing::{Instrument as _, field};
 
 use crate::attempts::{Attempt, Recorder};
 use crate::dead_letter::{self, Failure};
@@ -734,6 +736,30 @@ impl Processor {
             }
         };
         let s = &self.settings;
+        // Exported spans (OTLP; disabled callsites otherwise): children of
+        // the gateway's publish span, from the stored traceparent.
+        let stored_trace = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(wire::TRACEPARENT))
+            .and_then(|v| spillway_api::trace::TraceParent::parse(v.as_str()));
+        let otel_span = |span: tracing::Span| {
+            if let Some(tp) = &stored_trace {
+                telemetry::set_parent(&span, tp);
+            }
+            span
+        };
+        // From arrival to a delivery slot (or the filter's verdict).
+        let pull = otel_span(tracing::info_span!(
+            target: telemetry::TARGET,
+            "pull",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.destination.name = %s.stream,
+            webhook.stream_sequence = seq,
+            webhook.attempt = attempt,
+            webhook.filtered = field::Empty,
+        ));
         // A listener's filter decides before a delivery slot is taken: what
         // it does not select is settled for this listener at once (the
         // other listeners' consumers still hold it) and counted.
@@ -744,6 +770,7 @@ impl Processor {
                 &msg.payload,
             );
             if verdict != spillway_api::filter::Verdict::Match {
+                pull.record("webhook.filtered", verdict.as_str());
                 self.metrics
                     .filtered
                     .get_or_create(&crate::metrics::FilteredLabels {
@@ -779,6 +806,7 @@ impl Processor {
                 permit
             })
             .await;
+        drop(pull);
         let _permit = match slot {
             Some(Ok(p)) => p,
             _ => {
@@ -817,10 +845,23 @@ impl Processor {
             .map(|v| v.as_str().to_owned())
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| format!("{}-{seq}", s.stream));
-        let incoming_tp = headers
-            .and_then(|h| h.get(wire::TRACEPARENT))
-            .map(|v| v.as_str().to_owned());
-        let traceparent = spillway_api::trace::child_of(incoming_tp.as_deref()).header();
+        let deliver = otel_span(tracing::info_span!(
+            target: telemetry::TARGET,
+            "deliver",
+            otel.kind = "client",
+            server.address = s.sink_url.host_str().unwrap_or_default(),
+            webhook.attempt = attempt,
+            http.response.status_code = field::Empty,
+            otel.status_code = field::Empty,
+        ));
+        // The sink's traceparent: the deliver span when exported, else a new
+        // span id in the stored trace.
+        let traceparent = telemetry::traceparent_of(&deliver)
+            .unwrap_or_else(|| {
+                let incoming = headers.and_then(|h| h.get(wire::TRACEPARENT));
+                spillway_api::trace::child_of(incoming.map(|v| v.as_str()))
+            })
+            .header();
         let mut out = http::outgoing_headers(headers, attempt, &traceparent);
         if let Some(sf) = &self.signer {
             http::sign(&mut out, &sf.signer(), &id, &msg.payload);
@@ -833,10 +874,20 @@ impl Processor {
             .keep_alive(
                 &msg,
                 every,
-                http::post(&self.client, &s.sink_url, out, msg.payload.clone()),
+                http::post(&self.client, &s.sink_url, out, msg.payload.clone())
+                    .instrument(deliver.clone()),
             )
             .await;
         self.metrics.in_flight.dec();
+        if let Some(r) = &result {
+            if let Some(code) = r.status() {
+                deliver.record("http.response.status_code", code);
+            }
+            if !matches!(r.status(), Some(200..=299)) {
+                deliver.record("otel.status_code", "ERROR");
+            }
+        }
+        drop(deliver);
         let Some(result) = result else {
             self.metrics.delivery("abandoned", "none");
             self.nak_now(&msg).await;
@@ -867,6 +918,16 @@ impl Processor {
                 },
             });
         }
+        let ack = otel_span(tracing::info_span!(
+            target: telemetry::TARGET,
+            "ack",
+            webhook.decision = match decision {
+                Decision::Ack => "delivered",
+                Decision::Retry { .. } => "retry",
+                Decision::DeadLetter { .. } => "dead",
+            },
+        ));
+        async {
         match decision {
             Decision::Ack => {
                 self.metrics.delivery("acked", class);
@@ -902,6 +963,9 @@ impl Processor {
                 self.dead_letter(&msg, reason, attempt, seq, &result).await;
             }
         }
+        }
+        .instrument(ack)
+        .await;
     }
 
     /// Publish to the dead-letter stream and only after its PubAck terminate

@@ -114,7 +114,11 @@ async fn connect(args: &Args, endpoint: &str) -> Result<async_nats::Client> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    spillway_api::logging::init(args.log_format, "info,async_nats=warn");
+    let telemetry = spillway_api::logging::init(
+        args.log_format,
+        "info,async_nats=warn",
+        "spillway-processor",
+    );
     let settings = load_settings(&args)?;
     tracing::info!(
         endpoint = %settings.endpoint,
@@ -143,5 +147,6 @@ async fn main() -> Result<()> {
         }
     }
     tracing::info!("stopped");
+    telemetry.shutdown();
     Ok(())
 }

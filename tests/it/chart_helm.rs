@@ -1362,6 +1362,78 @@ async fn one_logging_value_reaches_operator_gateway_and_processors() -> Result<(
     Ok(())
 }
 
+/// `tracing.otlpEndpoint` turns on OTLP export in the gateway and (through
+/// the operator) the processors, opens the gateway's egress to the
+/// collector, and is off by default; a bad sampler is refused.
+#[tokio::test]
+async fn one_tracing_value_reaches_the_gateway_and_the_processors() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("chart-tracing").await?;
+    let plain = yaml_documents(&render(cp, &ns, &["--set", "networkPolicy.enabled=true"]).await?)?;
+    for (dep, var) in [
+        ("-gateway", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ("-operator", "SPILLWAY_PROCESSOR_OTLP_ENDPOINT"),
+    ] {
+        assert_eq!(env(&plain, dep, var), None, "{dep} {var} off by default");
+    }
+    let collector = "http://otel-collector.obs:4318";
+    let traced = yaml_documents(
+        &render(
+            cp,
+            &ns,
+            &[
+                "--set",
+                &format!("tracing.otlpEndpoint={collector}"),
+                "--set",
+                "tracing.sampler=parentbased_traceidratio",
+                "--set",
+                "tracing.samplerArg=0.1",
+                "--set",
+                "networkPolicy.enabled=true",
+            ],
+        )
+        .await?,
+    )?;
+    for (dep, var, want) in [
+        ("-gateway", "OTEL_EXPORTER_OTLP_ENDPOINT", collector),
+        ("-gateway", "OTEL_SERVICE_NAME", "spillway-gateway"),
+        (
+            "-gateway",
+            "OTEL_TRACES_SAMPLER",
+            "parentbased_traceidratio",
+        ),
+        ("-gateway", "OTEL_TRACES_SAMPLER_ARG", "0.1"),
+        ("-operator", "SPILLWAY_PROCESSOR_OTLP_ENDPOINT", collector),
+        (
+            "-operator",
+            "SPILLWAY_PROCESSOR_OTEL_SAMPLER",
+            "parentbased_traceidratio",
+        ),
+        ("-operator", "SPILLWAY_PROCESSOR_OTEL_SAMPLER_ARG", "0.1"),
+    ] {
+        assert_eq!(env(&traced, dep, var), Some(want), "{dep} {var}");
+    }
+    let egress_ports = |objs: &[Value], component: &str| -> Vec<u64> {
+        objs.iter()
+            .filter(|o| {
+                o["kind"] == "NetworkPolicy"
+                    && o["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.ends_with(component))
+            })
+            .flat_map(|o| o["spec"]["egress"].as_array().cloned().unwrap_or_default())
+            .flat_map(|r| r["ports"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["port"].as_u64())
+            .collect()
+    };
+    assert!(egress_ports(&traced, "-gateway").contains(&4318));
+    assert!(!egress_ports(&plain, "-gateway").contains(&4318));
+    assert!(!egress_ports(&traced, "-operator").contains(&4318));
+    let bad = render(cp, &ns, &["--set", "tracing.sampler=sometimes"]).await;
+    assert!(bad.is_err_and(|e| e.to_string().contains("sampler")));
+    Ok(())
+}
+
 /// Every rule of the rendered PrometheusRule parses as PromQL (promtool is
 /// not available here: `promql-parser`, the parser of GreptimeDB and
 /// others, checks the expressions), refers to metrics Spillway exports, and

@@ -43,8 +43,8 @@ fn now() -> i64 {
 
 /// A minimal HTTP/1.1 response.
 #[derive(Debug)]
-struct Resp {
-    status: u16,
+pub(crate) struct Resp {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
     body: String,
 }
@@ -131,7 +131,7 @@ async fn http_on(
     })
 }
 
-async fn post(
+pub(crate) async fn post(
     addr: std::net::SocketAddr,
     target: &str,
     headers: &[(String, String)],
@@ -1027,7 +1027,7 @@ async fn handshakes_are_answered_and_not_stored() -> Result<()> {
     Ok(())
 }
 
-fn github_headers(secret: &str, body: &[u8], delivery: &str) -> Vec<(String, String)> {
+pub(crate) fn github_headers(secret: &str, body: &[u8], delivery: &str) -> Vec<(String, String)> {
     h(&[
         (
             "X-Hub-Signature-256",
@@ -1643,15 +1643,15 @@ fn gh_endpoint(path: &str) -> String {
 /// The real `spillway-gateway` binary in file mode, logging JSON to `log`:
 /// one GitHub endpoint `local/gh` at `/gh` whose secret is the file
 /// `secret`, its stream created on `nats`.
-struct FileModeGateway {
+pub(crate) struct FileModeGateway {
     _dir: tempfile::TempDir,
     endpoints: std::path::PathBuf,
     secret: std::path::PathBuf,
-    log: std::path::PathBuf,
-    addr: std::net::SocketAddr,
+    pub(crate) log: std::path::PathBuf,
+    pub(crate) addr: std::net::SocketAddr,
     admin: std::net::SocketAddr,
-    stream: jetstream::stream::Stream,
-    child: KillOnDrop,
+    pub(crate) stream: jetstream::stream::Stream,
+    pub(crate) child: KillOnDrop,
 }
 
 impl FileModeGateway {
@@ -1659,6 +1659,16 @@ impl FileModeGateway {
     /// config file (`drainDelay: 0s` unless `extra` sets it); wait until it
     /// is ready.
     async fn start(nats: &NatsServer, secret_value: &str, extra: &str) -> Result<Self> {
+        Self::start_with_env(nats, secret_value, extra, &[]).await
+    }
+
+    /// Like [`FileModeGateway::start`], with more environment variables.
+    pub(crate) async fn start_with_env(
+        nats: &NatsServer,
+        secret_value: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut extra = extra.to_owned();
         if !extra.contains("drainDelay:") {
             extra.push_str("drainDelay: 0s\n");
@@ -1696,6 +1706,7 @@ impl FileModeGateway {
                 .arg(dir.path().join("gateway.yaml"))
                 .env("SPILLWAY_NATS_URL", &nats.url)
                 .env("RUST_LOG", "info")
+                .envs(env.iter().copied())
                 .stdout(std::fs::File::create(&log)?)
                 .stderr(std::process::Stdio::null())
                 .spawn()?,

@@ -42,3 +42,4 @@ mod processor_ordering;
 mod processor_retry;
 mod processor_signing;
 mod release;
+mod tracing_otlp;

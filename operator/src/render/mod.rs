@@ -489,6 +489,40 @@ pub struct Workload<'a> {
     pub config: ProcessorConfig,
 }
 
+/// The `OTEL_*` variables of a processor pod: none unless the operator was
+/// given an OTLP endpoint; then the endpoint, the sampler when set, and
+/// resource attributes naming the namespace and Deployment.
+fn otel_env(w: &Workload<'_>, settings: &Settings) -> Vec<(&'static str, String)> {
+    let endpoint = settings.processor_otlp_endpoint.trim();
+    if endpoint.is_empty() {
+        return Vec::new();
+    }
+    let mut env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned()),
+        ("OTEL_SERVICE_NAME", "spillway-processor".to_owned()),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            format!(
+                "k8s.namespace.name={},k8s.deployment.name={}",
+                w.namespace,
+                deployment_name(&w.name)
+            ),
+        ),
+    ];
+    for (name, value) in [
+        ("OTEL_TRACES_SAMPLER", &settings.processor_otel_sampler),
+        (
+            "OTEL_TRACES_SAMPLER_ARG",
+            &settings.processor_otel_sampler_arg,
+        ),
+    ] {
+        if !value.trim().is_empty() {
+            env.push((name, value.trim().to_owned()));
+        }
+    }
+    env
+}
+
 /// Render a processor Deployment for `w`.
 pub fn workload_deployment(
     w: &Workload<'_>,
@@ -521,6 +555,15 @@ pub fn workload_deployment(
             ..Default::default()
         },
     ];
+    env.extend(
+        otel_env(w, settings)
+            .into_iter()
+            .map(|(name, value)| EnvVar {
+                name: name.into(),
+                value: Some(value),
+                ..Default::default()
+            }),
+    );
     let nats_env = processor_nats_env(settings);
     env.extend(nats_env.iter().map(|(name, value)| EnvVar {
         name: (*name).into(),
@@ -1050,6 +1093,24 @@ spec:
         assert_eq!(
             env(&render(&text))[logging::LEVEL_ENV],
             "debug,async_nats=warn"
+        );
+        // No OTEL_* unless the operator was given an OTLP endpoint.
+        assert!(env(&plain).keys().all(|k| !k.starts_with("OTEL_")));
+        let mut traced = Settings::defaults();
+        traced.processor_otlp_endpoint = "http://collector.obs:4318".into();
+        traced.processor_otel_sampler = "parentbased_traceidratio".into();
+        traced.processor_otel_sampler_arg = "0.25".into();
+        let e = env(&render(&traced));
+        assert_eq!(
+            e["OTEL_EXPORTER_OTLP_ENDPOINT"],
+            "http://collector.obs:4318"
+        );
+        assert_eq!(e["OTEL_SERVICE_NAME"], "spillway-processor");
+        assert_eq!(e["OTEL_TRACES_SAMPLER"], "parentbased_traceidratio");
+        assert_eq!(e["OTEL_TRACES_SAMPLER_ARG"], "0.25");
+        assert!(
+            e["OTEL_RESOURCE_ATTRIBUTES"].starts_with("k8s.namespace.name="),
+            "{e:?}"
         );
         let plain_pod = pod(&plain);
         for name in tls_volumes {
