@@ -10,6 +10,7 @@ mod events;
 mod history;
 mod output;
 mod progress;
+mod reach;
 mod redeliver;
 mod replay;
 mod send;
@@ -60,6 +61,15 @@ struct Global {
     /// NATS password.
     #[arg(long, global = true, env = "NATS_PASSWORD", hide_env_values = true)]
     nats_password: Option<String>,
+    /// Reach NATS through the Kubernetes API: find the Spillway
+    /// installation, the NATS URL and credentials the chart gave it, and
+    /// port-forward to a ready NATS pod (instead of --nats-url).
+    #[arg(long, global = true, env = "SPILLWAY_PORT_FORWARD")]
+    port_forward: bool,
+    /// Namespace of the Spillway installation, for --port-forward (default:
+    /// found in any namespace you may list).
+    #[arg(long, global = true, env = "SPILLWAY_NAMESPACE")]
+    spillway_namespace: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -318,6 +328,9 @@ impl Global {
         if auth.creds_file.is_none() {
             auth.creds_file = std::env::var_os("NATS_CREDS").map(PathBuf::from);
         }
+        if self.port_forward {
+            return self.nats_through_port_forward(auth).await;
+        }
         let url = self
             .nats
             .url
@@ -341,6 +354,95 @@ impl Global {
                     "connecting to NATS at {} (pass --nats-url / NATS_URL, e.g. after `kubectl port-forward svc/nats 4222`)",
                     spillway_api::nats::redact_url(&url)
                 )
+            })?;
+        Ok(async_nats::jetstream::new(client))
+    }
+}
+
+impl Global {
+    /// `--port-forward` (see [`reach`]): the installation's NATS URL and
+    /// credentials, through a port-forward to a ready NATS pod. Files given
+    /// as flags win over the installation's Secrets.
+    async fn nats_through_port_forward(
+        &self,
+        auth: spillway_api::nats::NatsAuth,
+    ) -> Result<async_nats::jetstream::Context> {
+        let (client, _) = self.kube().await?;
+        let inst = reach::find_installation(&client, self.spillway_namespace.as_deref()).await?;
+        let (svc_ns, svc, port) =
+            reach::service_of(&inst.url, &inst.namespace).map_err(anyhow::Error::msg)?;
+        let (pod, pod_port) = reach::resolve_pod(&client, &svc_ns, &svc, port).await?;
+        let mut opts = auth.connect_options(SettingNames::FLAGS)?;
+        let mut from = Vec::new();
+        let own_auth = auth.creds_file.is_some()
+            || auth.token_file.is_some()
+            || auth.user_file.is_some()
+            || self.nats_user.is_some();
+        if let (Some(u), Some(p)) = (&self.nats_user, &self.nats_password) {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        if !own_auth && let Some(k) = &inst.creds {
+            // Without RBAC for the Secret, go on: NATS may not need it.
+            match reach::secret_value(&client, &inst.namespace, k).await {
+                Ok(bytes) => {
+                    let text = String::from_utf8(bytes)
+                        .map_err(|_| anyhow::anyhow!("Secret {}: not a .creds file", k.name))?;
+                    opts = opts.credentials(&text).with_context(|| {
+                        format!("Secret {}/{} key {}", inst.namespace, k.name, k.key)
+                    })?;
+                    from.push(format!(
+                        "credentials from Secret {}/{}",
+                        inst.namespace, k.name
+                    ));
+                }
+                Err(e) => eprintln!(
+                    "spillway: {e:#}; connecting without the installation's NATS credentials"
+                ),
+            }
+        }
+        let tls = inst.tls_required || inst.tls_ca.is_some() || auth.tls_ca_file.is_some();
+        if tls {
+            let read =
+                |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let ca = match (&auth.tls_ca_file, &inst.tls_ca) {
+                (Some(f), _) => Some(read(f)?),
+                (None, Some(k)) => Some(reach::secret_value(&client, &inst.namespace, k).await?),
+                (None, None) => None,
+            };
+            let client_pair = match (&auth.tls_cert_file, &auth.tls_key_file, &inst.tls_client) {
+                (Some(c), Some(k), _) => Some((read(c)?, read(k)?)),
+                (_, _, Some((c, k))) => Some((
+                    reach::secret_value(&client, &inst.namespace, c).await?,
+                    reach::secret_value(&client, &inst.namespace, k).await?,
+                )),
+                _ => None,
+            };
+            let host = format!("{svc}.{svc_ns}.svc");
+            let cfg = reach::tls_config(
+                &host,
+                ca.as_deref(),
+                client_pair
+                    .as_ref()
+                    .map(|(c, k)| (c.as_slice(), k.as_slice())),
+            )?;
+            opts = opts.tls_client_config(cfg).require_tls(true);
+            from.push(format!("TLS checked against {host}"));
+        }
+        eprintln!(
+            "spillway: NATS through port-forward to pod {svc_ns}/{pod} port {pod_port} (Service {svc}, as told to {}/{}{})",
+            inst.namespace,
+            inst.deployment,
+            from.iter().map(|f| format!("; {f}")).collect::<String>()
+        );
+        let local = reach::forward(&client, &svc_ns, &pod, pod_port).await?;
+        let client = opts
+            .name("spillway-cli")
+            .ignore_discovered_servers()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(format!("nats://{local}"))
+            .await
+            .with_context(|| {
+                format!("connecting to NATS through the port-forward to {svc_ns}/{pod}")
             })?;
         Ok(async_nats::jetstream::new(client))
     }

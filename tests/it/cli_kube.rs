@@ -303,3 +303,164 @@ async fn kubectl_spillway_is_the_cli_as_a_kubectl_plugin() -> Result<()> {
     assert!(help.contains("Usage: kubectl spillway status"), "{help}");
     Ok(())
 }
+
+/// `--port-forward` finds the installation the chart made (its operator
+/// Deployment, rendered by `helm template` and applied), reads the NATS URL
+/// and the credentials Secret the chart gave it, resolves the NATS Service
+/// to a ready pod through its EndpointSlice and opens a port-forward to it.
+/// This control plane has no kubelet, so the API server refuses the
+/// port-forward itself: the test checks what was found on the way and that
+/// the error names the pod. Without an installation, or with two, it says
+/// what to pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_finds_the_installation_its_nats_service_and_a_ready_pod() -> Result<()> {
+    use spillway_tests::yaml_documents;
+    let cp = ControlPlane::shared().await;
+    let spw = cp.namespace("pf-spillway").await?;
+    let nats_ns = cp.namespace("pf-nats").await?;
+    let chart = spillway_tests::root().join("charts/spillway");
+    let out = cp
+        .helm()
+        .args([
+            "template",
+            "spw",
+            chart.to_str().unwrap(),
+            "--namespace",
+            &spw,
+            "--set",
+            "crds.enabled=false",
+            "--set",
+            &format!("nats.url=nats://nats.{nats_ns}.svc:4222"),
+            "--set",
+            "nats.credentials.secretName=nats-operator",
+            "--set",
+            "nats.credentials.key=operator.creds",
+        ])
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let operator = yaml_documents(&String::from_utf8(out.stdout)?)?
+        .into_iter()
+        .find(|o| {
+            o["kind"] == "Deployment"
+                && o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+        })
+        .expect("the chart's operator Deployment");
+    cp.kubectl_stdin(&["apply", "-n", &spw, "-f", "-"], &operator.to_string())
+        .await?;
+    let user = nkeys::KeyPair::new_user();
+    let creds = crate::gateway_nats_auth::creds("eyJ0eXAiOiJKV1QifQ.e30.c2ln", &user);
+    let objects = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Secret",
+         "metadata": {"name": "nats-operator", "namespace": spw},
+         "stringData": {"operator.creds": creds}},
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": "nats", "namespace": nats_ns},
+         "spec": {"selector": {"app": "nats"},
+                  "ports": [{"name": "client", "port": 4222, "targetPort": "client"}]}},
+        // No controller manager here to make it.
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": "default", "namespace": nats_ns}},
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": "nats-1", "namespace": nats_ns, "labels": {"app": "nats"}},
+         "spec": {"containers": [{"name": "nats", "image": "nats:2.14",
+                  "ports": [{"name": "client", "containerPort": 4322}]}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "nats-x1", "namespace": nats_ns,
+                      "labels": {"kubernetes.io/service-name": "nats"}},
+         "addressType": "IPv4",
+         "ports": [{"name": "client", "port": 4322, "protocol": "TCP"}],
+         "endpoints": [
+            {"addresses": ["10.0.0.8"], "conditions": {"ready": false},
+             "targetRef": {"kind": "Pod", "name": "nats-0", "namespace": nats_ns}},
+            {"addresses": ["10.0.0.9"], "conditions": {"ready": true},
+             "targetRef": {"kind": "Pod", "name": "nats-1", "namespace": nats_ns}}]}
+    ]});
+    cp.kubectl_stdin(&["apply", "-f", "-"], &objects.to_string())
+        .await?;
+
+    let kubeconfig = cp.kubeconfig.display().to_string();
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
+    let out = spillway(
+        &[
+            "--port-forward",
+            "--spillway-namespace",
+            &spw,
+            "dlq",
+            "list",
+            "default/hooks",
+        ],
+        &env,
+    )
+    .await?;
+    assert!(!out.success, "no kubelet here: {out:?}");
+    for want in [
+        format!(
+            "NATS through port-forward to pod {nats_ns}/nats-1 port 4322 (Service nats, as told to {spw}/spw-spillway-operator; credentials from Secret {spw}/nats-operator)"
+        ),
+        format!("port-forward to pod {nats_ns}/nats-1 port 4322"),
+    ] {
+        assert!(
+            out.stderr.contains(&want),
+            "want {want:?} in:\n{}",
+            out.stderr
+        );
+    }
+    assert!(!out.stderr.contains("SEED"), "no credentials in output");
+
+    // Another namespace: nothing there.
+    let empty = cp.namespace("pf-empty").await?;
+    let out = spillway(
+        &[
+            "--port-forward",
+            "--spillway-namespace",
+            &empty,
+            "dlq",
+            "list",
+            "default/hooks",
+        ],
+        &env,
+    )
+    .await?;
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("no Spillway installation found")
+            && out.stderr.contains("--spillway-namespace"),
+        "{}",
+        out.stderr
+    );
+
+    // The credentials Secret unreadable (deleted here): said, and the
+    // connection is still tried.
+    cp.kubectl_output(&["delete", "secret", "-n", &spw, "nats-operator"])
+        .await?;
+    let out = spillway(
+        &[
+            "--port-forward",
+            "--spillway-namespace",
+            &spw,
+            "dlq",
+            "list",
+            "default/hooks",
+        ],
+        &env,
+    )
+    .await?;
+    assert!(
+        out.stderr
+            .contains(&format!("reading Secret {spw}/nats-operator"))
+            && out
+                .stderr
+                .contains("connecting without the installation's NATS credentials")
+            && out
+                .stderr
+                .contains(&format!("port-forward to pod {nats_ns}/nats-1")),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}

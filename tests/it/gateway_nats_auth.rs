@@ -200,7 +200,7 @@ fn jwt(issuer: &KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> 
 }
 
 /// A `.creds` file as `nsc` writes it.
-fn creds(user_jwt: &str, user: &KeyPair) -> String {
+pub(crate) fn creds(user_jwt: &str, user: &KeyPair) -> String {
     format!(
         "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
          ************************* IMPORTANT *************************\n\
