@@ -10,7 +10,7 @@ mod events;
 mod history;
 mod output;
 mod progress;
-mod reach;
+
 mod redeliver;
 mod replay;
 mod send;
@@ -27,7 +27,7 @@ use spillway_api::WebhookEndpoint;
 use spillway_api::nats::{NatsArgs, SettingNames};
 
 use crate::endpoint::EndpointRef;
-use spillway_cli::sign;
+use spillway_cli::{reach, sign};
 
 /// Operate Spillway WebhookEndpoints.
 #[derive(Parser, Debug)]

@@ -514,7 +514,12 @@ impl Pki {
         let issuer = Issuer::new(ca, ca_key);
 
         let server_key = RcKey::generate()?;
-        let mut server = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?;
+        let mut server = CertificateParams::new(vec![
+            "127.0.0.1".into(),
+            "localhost".into(),
+            // The Service name `spillway --port-forward` checks.
+            "nats.nats.svc".into(),
+        ])?;
         server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         write("server.pem", server.signed_by(&server_key, &issuer)?.pem())?;
         write("server-key.pem", server_key.serialize_pem())?;
@@ -591,6 +596,52 @@ async fn server_tls_verified_with_the_ca_file() -> Result<()> {
         },
     )
     .await?;
+    Ok(())
+}
+
+/// `spillway --port-forward` connects to 127.0.0.1 and checks the
+/// server's certificate against the NATS Service's name (with the CA and
+/// client certificate from the chart's Secrets): a real nats-server
+/// requiring mutual TLS accepts it, and a certificate for another name is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_tls_checks_the_service_name_not_the_local_address() -> Result<()> {
+    let site = site()?;
+    let pki = Pki::new(site.path())?;
+    let nats = NatsServer::start_with(&pki.server_config()).await?;
+    let read = |n: &str| std::fs::read(pki.path(n));
+    let (ca, cert, key) = (
+        read("ca.pem")?,
+        read("client.pem")?,
+        read("client-key.pem")?,
+    );
+    let connect = |host: &str| {
+        let cfg = spillway_cli::reach::tls_config(host, Some(&ca), Some((&cert, &key)));
+        let url = nats.url.clone();
+        async move {
+            async_nats::ConnectOptions::new()
+                .tls_client_config(cfg?)
+                .require_tls(true)
+                .connection_timeout(Duration::from_secs(3))
+                .connect(url)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    };
+    let client = connect("nats.nats.svc").await.with_context(|| nats.log())?;
+    client.flush().await?;
+    let wrong = tokio::time::timeout(Duration::from_secs(10), async {
+        let c = connect("other.nats.svc").await?;
+        c.flush().await.map_err(anyhow::Error::from)
+    })
+    .await;
+    assert!(
+        !matches!(wrong, Ok(Ok(()))),
+        "a certificate for nats.nats.svc must not pass for other.nats.svc"
+    );
+    // No CA: refused before connecting, saying what is needed.
+    let e = spillway_cli::reach::tls_config("nats.nats.svc", None, None).unwrap_err();
+    assert!(e.to_string().contains("needs the CA"), "{e}");
     Ok(())
 }
 
