@@ -289,6 +289,12 @@ async fn redrive_all(
 ) -> Result<(BTreeSet<String>, BTreeSet<u64>)> {
     let stream_name = ep.names().dead_letter_stream();
     let dlq = js.get_stream(&stream_name).await?;
+    // Unordered (the shared consumer exists): back to the listener that
+    // dead-lettered each one only.
+    let unordered = match js.get_stream(ep.names().stream()).await {
+        Ok(work) => work.consumer_info(ep.names().consumer(None)).await.is_ok(),
+        Err(_) => false,
+    };
     let mut pace = Pace::new(rate);
     let mut seen_ids = BTreeSet::new();
     let mut seen_seqs = BTreeSet::new();
@@ -302,8 +308,8 @@ async fn redrive_all(
         if let Some(i) = &id {
             seen_ids.insert(i.clone());
         }
-        let target = header(&m.headers, wire::DLQ_ORIGINAL_SUBJECT);
-        let Some(subject) = target.and_then(|s| ep.redrive_subject(&s)) else {
+        let original = header(&m.headers, wire::DLQ_ORIGINAL_SUBJECT);
+        let Some(subject) = ep.redrive_target(&m.subject, original.as_deref(), unordered) else {
             progress.note(&format!(
                 "skipping dead letter {}: no valid {} header",
                 m.seq,

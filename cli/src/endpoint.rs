@@ -59,6 +59,39 @@ impl EndpointRef {
         Some(names.subject(p))
     }
 
+    /// Where a dead letter goes back to when redriven. Unordered: the due
+    /// subject of the listener that dead-lettered it (named by the dead
+    /// letter's own subject, `spillway.dlq.<scope>.<listener>`; the
+    /// unscoped legacy subject is the built-in listener's), which only that
+    /// listener's consumer reads: the intake subject would deliver it again
+    /// to every listener, including those that had it. Ordered (no
+    /// listeners): its partition's intake subject, keeping its key's order.
+    /// `None` when a subject is not this endpoint's.
+    pub fn redrive_target(
+        &self,
+        dlq_subject: &str,
+        original: Option<&str>,
+        unordered: bool,
+    ) -> Option<String> {
+        let names = self.names();
+        // The original subject must be this endpoint's either way.
+        let intake = self.redrive_subject(original?)?;
+        if !unordered {
+            return Some(intake);
+        }
+        let owner = if dlq_subject == names.legacy_dead_letter_subject() {
+            spillway_api::names::BUILTIN_LISTENER
+        } else {
+            let all = names.dead_letter_subjects();
+            let l = dlq_subject.strip_prefix(all.trim_end_matches('*'))?;
+            if l.is_empty() || l.contains(['.', '*', '>']) {
+                return None;
+            }
+            l
+        };
+        Some(names.due_subject(owner))
+    }
+
     /// Where a dead letter goes back to when redriven: its partition's
     /// intake subject, or for a retried copy (which sat on a listener's
     /// `due` subject) the unordered intake subject. `None` for a subject of
@@ -88,6 +121,63 @@ impl std::fmt::Display for EndpointRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redrive_goes_back_to_the_listener_that_dead_lettered_it() {
+        let ep = EndpointRef::parse("a/b", "").unwrap();
+        let names = ep.names();
+        let intake = Some("spillway.in.a.b.0");
+        for (dlq, original, unordered, want) in [
+            (
+                "spillway.dlq.a.b.processor",
+                intake,
+                true,
+                Some("spillway.due.a.b.processor"),
+            ),
+            (
+                "spillway.dlq.a.b.team_bot",
+                intake,
+                true,
+                Some("spillway.due.a.b.team_bot"),
+            ),
+            (
+                "spillway.dlq.a.b.team_bot",
+                Some("spillway.due.a.b.team_bot"),
+                true,
+                Some("spillway.due.a.b.team_bot"),
+            ),
+            // Ordered: the partition, to keep the key's order.
+            (
+                "spillway.dlq.a.b.processor",
+                Some("spillway.in.a.b.3"),
+                false,
+                Some("spillway.in.a.b.3"),
+            ),
+            // The legacy dead-letter subject is the built-in listener's.
+            (
+                names.legacy_dead_letter_subject().as_str(),
+                intake,
+                true,
+                Some("spillway.due.a.b.processor"),
+            ),
+            // Not this endpoint's, or no original subject: skipped.
+            ("spillway.dlq.a.c.processor", intake, true, None),
+            ("spillway.dlq.a.b.x.y", intake, true, None),
+            (
+                "spillway.dlq.a.b.processor",
+                Some("spillway.in.a.c.0"),
+                true,
+                None,
+            ),
+            ("spillway.dlq.a.b.processor", None, true, None),
+        ] {
+            assert_eq!(
+                ep.redrive_target(dlq, original, unordered).as_deref(),
+                want,
+                "{dlq} {original:?} {unordered}"
+            );
+        }
+    }
 
     #[test]
     fn redrive_goes_back_to_the_intake_subject() {

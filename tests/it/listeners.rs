@@ -636,5 +636,23 @@ async fn a_failing_listener_does_not_slow_a_healthy_one() -> Result<()> {
     )
     .await?;
     assert_eq!(healthy_sink.count(), 400, "healthy got each webhook once");
+
+    // Redriven, the failing listener's dead letters go back to it alone
+    // (its due subject), not to every listener of the endpoint.
+    failing_sink.set_default(Reply::status(200));
+    let nats_env = [("NATS_URL", env.nats.url.as_str())];
+    spillway_ok(&["dlq", "redrive", &format!("{ns}/gh"), "--all"], &nats_env).await?;
+    eventually(
+        Duration::from_secs(60),
+        "redriven to the failing listener",
+        || async { (0..200).all(|i| failing_sink.delivered_ids().contains(&format!("storm-{i}"))) },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        healthy_sink.count(),
+        400,
+        "the redrive reached the failing listener only"
+    );
     Ok(())
 }

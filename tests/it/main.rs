@@ -22,6 +22,7 @@ mod cli_dlq;
 mod cli_kube;
 mod cli_replay;
 mod cli_send;
+mod docs_metrics;
 mod fault_suite;
 mod fuzz;
 mod gateway_e2e;
