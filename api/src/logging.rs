@@ -42,6 +42,37 @@ pub const FORMAT_ENV: &str = "SPILLWAY_LOG_FORMAT";
 /// it.
 pub const LEVEL_ENV: &str = "RUST_LOG";
 
+/// The log output: `format`, filtered by [`LEVEL_ENV`], else
+/// `default_filter`. Exported spans ([`crate::telemetry::TARGET`]) are
+/// never log lines: a static directive turns their target off, so with
+/// export off their callsites are disabled outright (a dynamic filter would
+/// have every such span created and then dropped).
+fn fmt_layer<S>(
+    format: LogFormat,
+    default_filter: &str,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync + 'static>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    #[cfg(feature = "otlp")]
+    let filter = filter.add_directive(
+        format!("{}=off", crate::telemetry::TARGET)
+            .parse()
+            .expect("a valid directive"),
+    );
+    match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_filter(filter).boxed(),
+    }
+}
+
 /// What [`init`] started: the OTLP exporter, when the environment asked
 /// for one (see [`crate::telemetry`]). Dropping it (or [`Telemetry::shutdown`])
 /// flushes the spans not yet sent.
@@ -79,27 +110,9 @@ impl Drop for Telemetry {
 /// `service.name`). A broken OTLP setting is reported and export stays off:
 /// logs and webhooks do not depend on it.
 pub fn init(format: LogFormat, default_filter: &str, service: &'static str) -> Telemetry {
-    use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    #[cfg(feature = "otlp")]
-    let filter = {
-        use tracing_subscriber::filter::FilterExt as _;
-        // Exported spans are not log lines.
-        filter.and(tracing_subscriber::filter::filter_fn(|m| {
-            m.target() != crate::telemetry::TARGET
-        }))
-    };
-    let fmt = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .with_filter(filter)
-            .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_filter(filter).boxed(),
-    };
+    let fmt = fmt_layer(format, default_filter);
     let registry = tracing_subscriber::registry().with(fmt);
     #[cfg(feature = "otlp")]
     {
@@ -123,5 +136,26 @@ pub fn init(format: LogFormat, default_filter: &str, service: &'static str) -> T
         let _ = service;
         registry.init();
         Telemetry::default()
+    }
+}
+
+#[cfg(all(test, feature = "otlp"))]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    /// With export off, exported spans and debug spans are never created
+    /// (the gateway makes both per request), and info events still log.
+    #[test]
+    fn exported_spans_cost_nothing_when_export_is_off() {
+        for format in [LogFormat::Json, LogFormat::Text] {
+            let sub = tracing_subscriber::registry().with(fmt_layer(format, "info"));
+            tracing::subscriber::with_default(sub, || {
+                let otel = tracing::info_span!(target: crate::telemetry::TARGET, "publish");
+                assert!(otel.is_disabled(), "{format:?}");
+                assert!(tracing::debug_span!("webhook").is_disabled());
+                assert!(!tracing::info_span!("logged").is_disabled());
+            });
+        }
     }
 }
