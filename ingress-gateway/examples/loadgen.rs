@@ -11,10 +11,13 @@
 //! the last two with `wrk` (closed loop, one thread, pre-signed 1 KiB body,
 //! a unique `X-GitHub-Delivery` per request), CPU per request of the server
 //! and of nats-server from `/proc`, and stored = 2xx checked on the stream.
-//! Then, open loop at half the gateway's best rate, the p99 of the gateway
-//! and of a raw publisher at that fixed rate (latency from the scheduled
-//! send time, so a stall is not hidden), and the gateway with 1,000
-//! endpoints configured against 1. Writes a Markdown report and an SVG.
+//! The three rows of a concurrency run back to back (both servers stay up),
+//! so a slow spell of the shared machine falls on all of them, not on one
+//! column. Then, open loop at half the gateway's best rate, the p99 of the
+//! gateway, of a raw publisher and of the bridge at that fixed rate (latency
+//! from the scheduled send time, so a stall is not hidden), and the gateway
+//! with 1,000 endpoints configured against 1 endpoint measured just before.
+//! Writes a Markdown report and an SVG.
 //!
 //! ```text
 //! make bench-gateway         # release build, the bridge built with go, docs/benchmarks/gateway.md
@@ -791,26 +794,48 @@ async fn main() -> Result<()> {
         run_tag: AtomicU64::new(0),
     };
 
-    // Raw publish ceiling (Go).
+    // Both servers run side by side; each concurrency's rows (raw publish,
+    // gateway, bridge) are measured back to back, so a slow minute of this
+    // shared machine hits all three rather than one column.
+    let (gw_addr, gw) = start_gateway(&args, &dir, &nats_url, 1).await?;
+    let gw_url = format!("http://{gw_addr}/bench");
+    bench.wrk(&gw_url, STREAM, 8, gw.pid(), 1).await?; // warm-up
+    let bridge_proc = match &args.bridge_bin {
+        Some(bin) => {
+            let port = free_port()?;
+            let b = Proc(
+                Command::new(bin)
+                    .args(["serve", "-listen", &format!("127.0.0.1:{port}")])
+                    .args(["-nats", &nats_url, "-stream", "PEER", "-secret", SECRET])
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(dir.join("bridge.log"))?)
+                    .spawn()
+                    .context("starting the bridge")?,
+            );
+            wait_for("bridge", async || {
+                TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+            })
+            .await?;
+            // The bridge stores in its own stream, PEER (same settings).
+            let url = format!("http://127.0.0.1:{port}/");
+            bench.wrk(&url, "PEER", 8, b.pid(), 1).await?;
+            Some((b, port, url))
+        }
+        None => None,
+    };
     let mut raw = Vec::new();
-    if let Some(bridge) = &args.bridge_bin {
-        for &c in &concs {
-            let r = bench.raw_go(bridge, c).await?;
+    let mut gateway = Vec::new();
+    let mut bridge = Vec::new();
+    let mut gw_rss_64 = f64::NAN;
+    for &c in &concs {
+        if let Some(bin) = &args.bridge_bin {
+            let r = bench.raw_go(bin, c).await?;
             println!(
                 "raw go publish  c={c:<4} {:>8.0}/s p99 {:.2} ms",
                 r.rate, r.p99_ms
             );
             raw.push(r);
         }
-    }
-
-    // The gateway, one endpoint.
-    let (gw_addr, gw) = start_gateway(&args, &dir, &nats_url, 1).await?;
-    let gw_url = format!("http://{gw_addr}/bench");
-    bench.wrk(&gw_url, STREAM, 8, gw.pid(), 1).await?; // warm-up
-    let mut gateway = Vec::new();
-    let mut gw_rss_64 = f64::NAN;
-    for &c in &concs {
         let r = bench
             .wrk(&gw_url, STREAM, c, gw.pid(), args.seconds)
             .await?;
@@ -822,6 +847,14 @@ async fn main() -> Result<()> {
             gw_rss_64 = rss_mib(gw.pid())?;
         }
         gateway.push(r);
+        if let Some((b, _, url)) = &bridge_proc {
+            let r = bench.wrk(url, "PEER", c, b.pid(), args.seconds).await?;
+            println!(
+                "go bridge        c={c:<4} {:>8.0}/s ({} requests) p50 {:.2} ms p99 {:.2} ms  {:.1} µs/req  nats {:.1} µs/req  stored=2xx {}",
+                r.rate, r.requests, r.p50_ms, r.p99_ms, r.server_us, r.nats_us, r.stored_ok
+            );
+            bridge.push(r);
+        }
     }
 
     let gw_header_bytes = header_bytes(&js, STREAM, "spillway.in.local.bench.0").await?;
@@ -829,45 +862,8 @@ async fn main() -> Result<()> {
     let half = (best / 2.0).max(10.0);
     let open_secs = args.seconds.min(10);
 
-    // The Go bridge.
-    let mut bridge = Vec::new();
-    let mut bridge_open_p99 = f64::NAN;
-    let mut bridge_header_bytes = 0usize;
-    if let Some(bin) = &args.bridge_bin {
-        let port = free_port()?;
-        let b = Proc(
-            Command::new(bin)
-                .args(["serve", "-listen", &format!("127.0.0.1:{port}")])
-                .args(["-nats", &nats_url, "-stream", "PEER", "-secret", SECRET])
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join("bridge.log"))?)
-                .spawn()
-                .context("starting the bridge")?,
-        );
-        wait_for("bridge", async || {
-            TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-        })
-        .await?;
-        // The bridge stores in its own stream, PEER (same settings).
-        let url = format!("http://127.0.0.1:{port}/");
-        bench.wrk(&url, "PEER", 8, b.pid(), 1).await?;
-        for &c in &concs {
-            let r = bench.wrk(&url, "PEER", c, b.pid(), args.seconds).await?;
-            println!(
-                "go bridge        c={c:<4} {:>8.0}/s ({} requests) p50 {:.2} ms p99 {:.2} ms  {:.1} µs/req  nats {:.1} µs/req  stored=2xx {}",
-                r.rate, r.requests, r.p50_ms, r.p99_ms, r.server_us, r.nats_us, r.stored_ok
-            );
-            bridge.push(r);
-        }
-        bridge_header_bytes = header_bytes(&js, "PEER", "PEER.in").await?;
-        let (p, ok) = bench
-            .open_loop_http(([127, 0, 0, 1], port).into(), "/", "PEER", half, open_secs)
-            .await?;
-        bridge_open_p99 = p;
-        println!("go bridge open loop at {half:.0}/s: p99 {p:.2} ms, stored=2xx {ok}");
-    }
-
-    // Open loop at half the gateway's best rate.
+    // Open loop at half the gateway's best rate: gateway, raw publish and
+    // bridge back to back.
     let (gw_open_p99, open_ok) = bench
         .open_loop_http(gw_addr, "/bench", STREAM, half, open_secs)
         .await?;
@@ -875,15 +871,26 @@ async fn main() -> Result<()> {
     println!(
         "open loop at {half:.0}/s: gateway p99 {gw_open_p99:.2} ms, raw publish p99 {raw_open_p99:.2} ms, stored=2xx {open_ok}"
     );
-    drop(gw);
+    let mut bridge_open_p99 = f64::NAN;
+    let mut bridge_header_bytes = 0usize;
+    if let Some((b, port, _)) = bridge_proc {
+        bridge_header_bytes = header_bytes(&js, "PEER", "PEER.in").await?;
+        let (p, ok) = bench
+            .open_loop_http(([127, 0, 0, 1], port).into(), "/", "PEER", half, open_secs)
+            .await?;
+        bridge_open_p99 = p;
+        println!("go bridge open loop at {half:.0}/s: p99 {p:.2} ms, stored=2xx {ok}");
+        drop(b);
+    }
 
-    // Many endpoints against one, at 64 connections (or the only one).
+    // Many endpoints against one, at 64 connections (or the only one):
+    // the one-endpoint gateway is measured again just before, so the two
+    // rows are adjacent in time.
     let c_many = if concs.contains(&64) { 64 } else { concs[0] };
-    let one = gateway
-        .iter()
-        .find(|r| r.concurrency == c_many)
-        .cloned()
-        .unwrap_or_default();
+    let one = bench
+        .wrk(&gw_url, STREAM, c_many, gw.pid(), args.seconds)
+        .await?;
+    drop(gw);
     let (many_addr, many_gw) = start_gateway(&args, &dir, &nats_url, args.endpoints).await?;
     let many_url = format!("http://{many_addr}/bench");
     bench.wrk(&many_url, STREAM, 8, many_gw.pid(), 1).await?;
@@ -893,7 +900,7 @@ async fn main() -> Result<()> {
     let many_rss = rss_mib(many_gw.pid())?;
     drop(many_gw);
     println!(
-        "{} endpoints     c={c_many:<4} {:>8.0}/s (1 endpoint {:.0}/s), RSS {many_rss:.1} MiB (1 endpoint {gw_rss_64:.1} MiB), stored=2xx {}",
+        "{} endpoints     c={c_many:<4} {:>8.0}/s (1 endpoint {:.0}/s just before), RSS {many_rss:.1} MiB (1 endpoint {gw_rss_64:.1} MiB), stored=2xx {}",
         args.endpoints, many.rate, one.rate, many.stored_ok
     );
 
@@ -993,7 +1000,7 @@ async fn main() -> Result<()> {
         );
         let _ = writeln!(
             md,
-            "**{} endpoints** configured (file mode), {c_many} connections to one of them: {} req/s against {} with 1 endpoint ({}), RSS {:.1} MiB against {:.1} MiB (+{:.1} MiB). Stored = 2xx: {}.",
+            "**{} endpoints** configured (file mode), {c_many} connections to one of them: {} req/s against {} with 1 endpoint just before ({}), RSS {:.1} MiB against {:.1} MiB (+{:.1} MiB). Stored = 2xx: {}.",
             args.endpoints,
             num(many.rate, 0),
             num(one.rate, 0),
