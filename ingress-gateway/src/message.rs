@@ -107,6 +107,21 @@ pub(crate) fn ordering_key(
     Some((key, p))
 }
 
+/// The fixed header names, built once (a `&str` name is validated,
+/// matched against the standard names and copied on every insert).
+mod names {
+    use async_nats::header::HeaderName;
+    use spillway_api::wire;
+    pub const ENDPOINT: HeaderName = HeaderName::from_static(wire::ENDPOINT);
+    pub const DELIVERY_ID: HeaderName = HeaderName::from_static(wire::DELIVERY_ID);
+    pub const NATS_MSG_ID: HeaderName = HeaderName::from_static(wire::NATS_MSG_ID);
+    pub const RECEIVED_AT: HeaderName = HeaderName::from_static(wire::RECEIVED_AT);
+    pub const CONTENT_TYPE: HeaderName = HeaderName::from_static(wire::CONTENT_TYPE);
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static(wire::TRACEPARENT);
+    pub const TRACESTATE: HeaderName = HeaderName::from_static(wire::TRACESTATE);
+    pub const ORDERING_KEY: HeaderName = HeaderName::from_static(wire::ORDERING_KEY);
+}
+
 /// Build the NATS headers of a stored webhook; `trace` (the exported
 /// publish span) is its `traceparent`, else the request's valid one or a
 /// new trace.
@@ -119,27 +134,27 @@ pub fn message_headers(
     trace: Option<&trace::TraceParent>,
 ) -> async_nats::HeaderMap {
     let mut h = async_nats::HeaderMap::new();
-    h.insert(wire::ENDPOINT, route.endpoint.as_str());
-    h.insert(wire::DELIVERY_ID, ids.delivery_id.as_str());
+    h.insert(names::ENDPOINT, route.endpoint.as_str());
+    h.insert(names::DELIVERY_ID, ids.delivery_id.as_str());
     if let Some(id) = &ids.msg_id {
-        h.insert(wire::NATS_MSG_ID, id.as_str());
+        h.insert(names::NATS_MSG_ID, id.as_str());
     }
-    h.insert(wire::RECEIVED_AT, format!("{now:.3}"));
+    h.insert(names::RECEIVED_AT, format!("{now:.3}"));
     if let Some(ct) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
     {
-        h.insert(wire::CONTENT_TYPE, ct);
+        h.insert(names::CONTENT_TYPE, ct);
     }
     h.insert(
-        wire::TRACEPARENT,
+        names::TRACEPARENT,
         trace.map_or_else(|| traceparent(headers), trace::TraceParent::header),
     );
     if let Some(ts) = tracestate(headers) {
-        h.insert(wire::TRACESTATE, ts);
+        h.insert(names::TRACESTATE, ts);
     }
     if let Some(k) = ordering {
-        h.insert(wire::ORDERING_KEY, k);
+        h.insert(names::ORDERING_KEY, k);
     }
     for (name, value) in headers {
         let n = name.as_str();
