@@ -167,6 +167,11 @@ enum Cmd {
         /// without duplicates (within the stream's duplicate window).
         #[arg(long)]
         replay_id: Option<String>,
+        /// Replay to this listener only (`processor`, a WebhookListener's
+        /// NAME or NAMESPACE/NAME), e.g. a new listener catching up; its
+        /// filter still applies. Default: every listener.
+        #[arg(long)]
+        listener: Option<String>,
     },
     /// Deliver one stored webhook again to one listener (one new request,
     /// recorded like any other attempt; see `attempts`).
@@ -679,6 +684,7 @@ async fn main() -> Result<()> {
             to_seq,
             rate,
             replay_id,
+            listener,
         } => {
             let ep = g.endpoint(&endpoint).await?;
             let start = match (since, from_seq) {
@@ -702,6 +708,7 @@ async fn main() -> Result<()> {
                 &replay::Range { start, to: to_seq },
                 &run,
                 rate,
+                listener.as_deref(),
             )
             .await?;
             println!(

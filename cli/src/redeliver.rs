@@ -35,19 +35,16 @@ pub struct Redelivered {
     pub scanned: u64,
 }
 
-/// Find `id` in the endpoint's history and publish one copy for
-/// `listener` (see [`find`] for `since`).
-pub async fn redeliver(
+/// The listener token `asked` names (`processor`, a WebhookListener's name
+/// in the endpoint's namespace, or `namespace/name`), checked: a
+/// WebhookListener must have its consumer on the work stream.
+pub async fn listener_token(
     js: &jetstream::Context,
     ep: &EndpointRef,
-    id: &str,
-    listener: &str,
-    since: Option<time::OffsetDateTime>,
-    run: &str,
-) -> Result<Redelivered> {
+    asked: &str,
+) -> Result<String> {
     let names = ep.names();
-    let asked = listener;
-    let listener = &spillway_api::names::listener_arg(&ep.namespace, listener);
+    let listener = &spillway_api::names::listener_arg(&ep.namespace, asked);
     if listener != BUILTIN_LISTENER {
         let work = js
             .get_stream(names.stream())
@@ -65,6 +62,21 @@ pub async fn redeliver(
             );
         }
     }
+    Ok(listener.clone())
+}
+
+/// Find `id` in the endpoint's history and publish one copy for
+/// `listener` (see [`find`] for `since`).
+pub async fn redeliver(
+    js: &jetstream::Context,
+    ep: &EndpointRef,
+    id: &str,
+    listener: &str,
+    since: Option<time::OffsetDateTime>,
+    run: &str,
+) -> Result<Redelivered> {
+    let names = ep.names();
+    let listener = &listener_token(js, ep, listener).await?;
     let history_name = names.history_stream();
     // Without an attempt stream (an older operator) the search starts from
     // `since` or the beginning.

@@ -55,10 +55,14 @@ pub fn resume_command(
     to: u64,
     run: &str,
     rate: Option<u32>,
+    listener: Option<&str>,
 ) -> String {
     let mut c = format!("spillway replay {ep} --from-seq {from} --to-seq {to} --replay-id {run}");
     if let Some(r) = rate {
         c.push_str(&format!(" --rate {r}"));
+    }
+    if let Some(l) = listener {
+        c.push_str(&format!(" --listener {l}"));
     }
     c
 }
@@ -71,7 +75,28 @@ pub async fn replay(
     range: &Range,
     run: &str,
     rate: Option<u32>,
+    listener: Option<&str>,
 ) -> Result<Replayed> {
+    // One listener: its due subject, which only its consumer reads (an
+    // unordered endpoint; ordered ones have no listeners and replay in key
+    // order through their partitions).
+    let target = match listener {
+        None => None,
+        Some(asked) => {
+            let token = crate::redeliver::listener_token(js, ep, asked).await?;
+            let names = ep.names();
+            let unordered = match js.get_stream(names.stream()).await {
+                Ok(work) => work.consumer_info(names.consumer(None)).await.is_ok(),
+                Err(_) => false,
+            };
+            if !unordered {
+                bail!(
+                    "{ep} is ordered: it has no listeners to replay to; replay without --listener"
+                );
+            }
+            Some((names.due_subject(&token), token))
+        }
+    };
     let stream_name = ep.names().history_stream();
     let mut stream = js.get_stream(&stream_name).await.map_err(|e| {
         anyhow::anyhow!("stream {stream_name} not found ({e}); is the endpoint ready?")
@@ -99,12 +124,19 @@ pub async fn replay(
         eprintln!("the stream is empty: nothing to replay");
         return Ok(Replayed::default());
     }
+    // Copies for one listener get message ids of their own: the same
+    // replay id for another listener is not a duplicate.
+    let run_key = match &target {
+        Some((_, token)) => format!("{run}/{token}"),
+        None => run.to_owned(),
+    };
     let job = Job {
         js,
         ep,
-        run,
+        run: &run_key,
         rate,
         last,
+        target: target.as_ref().map(|(s, _)| s.as_str()),
     };
     let mut st = State {
         progress: Progress::new("replayed", total.min(state.messages)),
@@ -129,7 +161,7 @@ pub async fn replay(
             let how = match st.resume {
                 Some(from) => format!(
                     "resume with `{}`",
-                    resume_command(ep, from, last, run, rate)
+                    resume_command(ep, from, last, run, rate, listener)
                 ),
                 None => format!("run the same command again with `--replay-id {run}`"),
             };
@@ -150,6 +182,8 @@ struct Job<'a> {
     rate: Option<u32>,
     /// Last stream sequence to replay.
     last: u64,
+    /// One listener's due subject, instead of the intake subjects.
+    target: Option<&'a str>,
 }
 
 /// What a run has done so far (kept when it fails, to say how to resume).
@@ -170,7 +204,10 @@ impl Job<'_> {
             let n = st.done.published + st.done.duplicates + st.done.skipped;
             st.progress
                 .set_total(n + 1 + m.pending.min(last.saturating_sub(m.seq)));
-            let Some(subject) = ep.replay_subject(&m.subject) else {
+            let Some(subject) = ep
+                .replay_subject(&m.subject)
+                .map(|s| self.target.map_or(s, str::to_owned))
+            else {
                 st.done.skipped += 1;
                 st.progress.inc();
                 st.resume = Some(m.seq + 1);
@@ -211,11 +248,15 @@ mod tests {
     fn resume_command_carries_range_id_and_rate() {
         let ep = EndpointRef::parse("team/gh", "default").unwrap();
         assert_eq!(
-            resume_command(&ep, 41, 90, "abc", Some(20)),
+            resume_command(&ep, 41, 90, "abc", Some(20), None),
             "spillway replay team/gh --from-seq 41 --to-seq 90 --replay-id abc --rate 20"
         );
         assert_eq!(
-            resume_command(&ep, 1, 2, "x", None),
+            resume_command(&ep, 1, 2, "x", None, Some("bot")),
+            "spillway replay team/gh --from-seq 1 --to-seq 2 --replay-id x --listener bot"
+        );
+        assert_eq!(
+            resume_command(&ep, 1, 2, "x", None, None),
             "spillway replay team/gh --from-seq 1 --to-seq 2 --replay-id x"
         );
     }

@@ -392,6 +392,23 @@ async fn two_listeners_select_cap_and_sign_on_their_own() -> Result<()> {
         unknown.stderr
     );
     assert_eq!(ci_sink.count(), 12, "the redelivery went to bot only");
+    // A replay for one listener: bot gets its 10 opened issues again (its
+    // filter still drops the rest), ci nothing.
+    let out = spillway_ok(
+        &["replay", &ep_ref, "--since", "1h", "--listener", "bot"],
+        &nats_env,
+    )
+    .await?;
+    assert!(out.stdout.contains("replayed"), "{}", out.stdout);
+    eventually(WAIT, "bot gets every opened issue again", || async {
+        (0..10).all(|i| {
+            let n = bot_sink.attempts(&format!("opened-{i}")).len();
+            n == if i == 3 { 3 } else { 2 }
+        })
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ci_sink.count(), 12, "the replay went to bot only");
     // `spillway status ENDPOINT` lists the endpoint's listeners.
     let kubeconfig = ControlPlane::shared()
         .await
