@@ -12,8 +12,9 @@
 //! a unique `X-GitHub-Delivery` per request), CPU per request of the server
 //! and of nats-server from `/proc`, and stored = 2xx checked on the stream.
 //! The three rows of a concurrency run back to back (both servers stay up),
-//! so a slow spell of the shared machine falls on all of them, not on one
-//! column. Then, open loop at half the gateway's best rate, the p99 of the
+//! `--rounds` times with the servers' order alternating, and each figure is
+//! the median of its samples: a slow spell of the shared machine falls on
+//! all columns, not on one. Then, open loop at half the gateway's best rate, the p99 of the
 //! gateway, of a raw publisher and of the bridge at that fixed rate (latency
 //! from the scheduled send time, so a stall is not hidden), and the gateway
 //! with 1,000 endpoints configured against 1 endpoint measured just before.
@@ -52,11 +53,16 @@ struct Args {
     /// Connections (comma-separated: one closed-loop run each).
     #[arg(long, default_value = "16,64,256")]
     concurrency: String,
-    /// Seconds per closed-loop run.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds per closed-loop sample.
+    #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Messages per raw publish run.
-    #[arg(long, default_value_t = 200_000)]
+    /// Samples per row: the rows of a concurrency are measured this many
+    /// times, alternating which server goes first, and each figure is the
+    /// median (this shared machine's speed drifts by 20 % within a minute).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Messages per raw publish sample.
+    #[arg(long, default_value_t = 100_000)]
     raw_messages: u64,
     /// Body size in bytes.
     #[arg(long, default_value_t = 1024)]
@@ -725,12 +731,39 @@ fn svg(series: &[(&str, &str, &[Run])]) -> String {
     out
 }
 
+/// Each figure of `runs` (samples of one row) as its median; counts are
+/// summed, stored = 2xx must hold for every sample.
+fn median_run(runs: &[Run]) -> Run {
+    let median = |f: fn(&Run) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    };
+    Run {
+        concurrency: runs.first().map_or(0, |r| r.concurrency),
+        requests: runs.iter().map(|r| r.requests).sum(),
+        non_2xx: runs.iter().map(|r| r.non_2xx).sum(),
+        errors: runs.iter().map(|r| r.errors).sum(),
+        rate: median(|r| r.rate),
+        p50_ms: median(|r| r.p50_ms),
+        p99_ms: median(|r| r.p99_ms),
+        server_us: median(|r| r.server_us),
+        nats_us: median(|r| r.nats_us),
+        stored_ok: runs.iter().all(|r| r.stored_ok),
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.smoke {
         args.concurrency = "4".into();
         args.seconds = 1;
+        args.rounds = 1;
         args.raw_messages = 500;
         args.endpoints = 10;
     }
@@ -827,18 +860,36 @@ async fn main() -> Result<()> {
     let mut gateway = Vec::new();
     let mut bridge = Vec::new();
     let mut gw_rss_64 = f64::NAN;
+    let rounds = args.rounds.max(1);
     for &c in &concs {
-        if let Some(bin) = &args.bridge_bin {
-            let r = bench.raw_go(bin, c).await?;
+        let (mut raws, mut gws, mut brs) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            if let Some(bin) = &args.bridge_bin {
+                raws.push(bench.raw_go(bin, c).await?);
+            }
+            // Alternate which server goes first.
+            let bridge_first = round % 2 == 1;
+            for gateway_turn in [!bridge_first, bridge_first] {
+                if gateway_turn {
+                    gws.push(
+                        bench
+                            .wrk(&gw_url, STREAM, c, gw.pid(), args.seconds)
+                            .await?,
+                    );
+                } else if let Some((b, _, url)) = &bridge_proc {
+                    brs.push(bench.wrk(url, "PEER", c, b.pid(), args.seconds).await?);
+                }
+            }
+        }
+        if !raws.is_empty() {
+            let r = median_run(&raws);
             println!(
                 "raw go publish  c={c:<4} {:>8.0}/s p99 {:.2} ms",
                 r.rate, r.p99_ms
             );
             raw.push(r);
         }
-        let r = bench
-            .wrk(&gw_url, STREAM, c, gw.pid(), args.seconds)
-            .await?;
+        let r = median_run(&gws);
         println!(
             "spillway gateway c={c:<4} {:>8.0}/s ({} requests) p50 {:.2} ms p99 {:.2} ms  {:.1} µs/req  nats {:.1} µs/req  stored=2xx {}",
             r.rate, r.requests, r.p50_ms, r.p99_ms, r.server_us, r.nats_us, r.stored_ok
@@ -847,8 +898,8 @@ async fn main() -> Result<()> {
             gw_rss_64 = rss_mib(gw.pid())?;
         }
         gateway.push(r);
-        if let Some((b, _, url)) = &bridge_proc {
-            let r = bench.wrk(url, "PEER", c, b.pid(), args.seconds).await?;
+        if !brs.is_empty() {
+            let r = median_run(&brs);
             println!(
                 "go bridge        c={c:<4} {:>8.0}/s ({} requests) p50 {:.2} ms p99 {:.2} ms  {:.1} µs/req  nats {:.1} µs/req  stored=2xx {}",
                 r.rate, r.requests, r.p50_ms, r.p99_ms, r.server_us, r.nats_us, r.stored_ok
@@ -940,9 +991,10 @@ async fn main() -> Result<()> {
         );
         let _ = writeln!(
             md,
-            "Setup: nats-server 2.15.1, JetStream file storage, R1, one stream per server; bodies of {} bytes, GitHub-signed (HMAC-SHA256), a unique `X-GitHub-Delivery` per request used as `Nats-Msg-Id`, 2xx only after the PubAck, on both servers. Closed loop: `wrk -t1 -cN -d{}s` per row. Stored = 2xx: the stream grew by the 2xx count (plus at most N requests in flight when wrk stopped, stored but not counted by wrk); open loop and raw publish count exactly. CPU per request: the process's user + system time from `/proc` over the requests served. Command: `{}`.\n",
+            "Setup: nats-server 2.15.1, JetStream file storage, R1, one stream per server; bodies of {} bytes, GitHub-signed (HMAC-SHA256), a unique `X-GitHub-Delivery` per request used as `Nats-Msg-Id`, 2xx only after the PubAck, on both servers. Closed loop: `wrk -t1 -cN -d{}s` per sample; each concurrency's raw, gateway and bridge samples run back to back, {} times (alternating which server goes first), and every figure in the table is the median of its samples. Stored = 2xx: the stream grew by the 2xx count (plus at most N requests in flight when wrk stopped, stored but not counted by wrk); open loop and raw publish count exactly. CPU per request: the process's user + system time from `/proc` over the requests served. Command: `{}`.\n",
             args.body_bytes,
             args.seconds,
+            args.rounds.max(1),
             std::env::args().collect::<Vec<_>>().join(" ")
         );
         let _ = writeln!(
