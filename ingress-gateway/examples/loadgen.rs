@@ -374,7 +374,8 @@ impl Bench {
     /// `gobridge raw` at `c` publishers.
     async fn raw_go(&self, bridge: &Path, c: usize) -> Result<Run> {
         let n = self.args.raw_messages;
-        let stream = format!("RAW{c}");
+        // A stream per sample: stored is counted from empty.
+        let stream = format!("RAW{c}S{}", self.run_tag.fetch_add(1, Ordering::Relaxed));
         let n0 = cpu_seconds(self.nats_pid)?;
         let child = Command::new(bridge)
             .args(["raw", "-nats", &self.nats_url, "-stream", &stream])
