@@ -17,7 +17,7 @@
 //! all columns, not on one. Then, open loop at half the gateway's best rate, the p99 of the
 //! gateway, of a raw publisher and of the bridge at that fixed rate (latency
 //! from the scheduled send time, so a stall is not hidden), and the gateway
-//! with 1,000 endpoints configured against 1 endpoint measured just before.
+//! with 1,000 endpoints configured against 1 endpoint, sampled alternately.
 //! Writes a Markdown report and an SVG.
 //!
 //! ```text
@@ -936,23 +936,35 @@ async fn main() -> Result<()> {
     }
 
     // Many endpoints against one, at 64 connections (or the only one):
-    // the one-endpoint gateway is measured again just before, so the two
-    // rows are adjacent in time.
+    // both gateways up, sampled alternately like the rows above.
     let c_many = if concs.contains(&64) { 64 } else { concs[0] };
-    let one = bench
-        .wrk(&gw_url, STREAM, c_many, gw.pid(), args.seconds)
-        .await?;
-    drop(gw);
     let (many_addr, many_gw) = start_gateway(&args, &dir, &nats_url, args.endpoints).await?;
     let many_url = format!("http://{many_addr}/bench");
     bench.wrk(&many_url, STREAM, 8, many_gw.pid(), 1).await?;
-    let many = bench
-        .wrk(&many_url, STREAM, c_many, many_gw.pid(), args.seconds)
-        .await?;
+    let (mut ones, mut manys) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for many_turn in [round % 2 == 1, round % 2 == 0] {
+            if many_turn {
+                manys.push(
+                    bench
+                        .wrk(&many_url, STREAM, c_many, many_gw.pid(), args.seconds)
+                        .await?,
+                );
+            } else {
+                ones.push(
+                    bench
+                        .wrk(&gw_url, STREAM, c_many, gw.pid(), args.seconds)
+                        .await?,
+                );
+            }
+        }
+    }
+    let (one, many) = (median_run(&ones), median_run(&manys));
     let many_rss = rss_mib(many_gw.pid())?;
     drop(many_gw);
+    drop(gw);
     println!(
-        "{} endpoints     c={c_many:<4} {:>8.0}/s (1 endpoint {:.0}/s just before), RSS {many_rss:.1} MiB (1 endpoint {gw_rss_64:.1} MiB), stored=2xx {}",
+        "{} endpoints     c={c_many:<4} {:>8.0}/s (1 endpoint {:.0}/s, alternating), RSS {many_rss:.1} MiB (1 endpoint {gw_rss_64:.1} MiB), stored=2xx {}",
         args.endpoints, many.rate, one.rate, many.stored_ok
     );
 
@@ -1053,7 +1065,7 @@ async fn main() -> Result<()> {
         );
         let _ = writeln!(
             md,
-            "**{} endpoints** configured (file mode), {c_many} connections to one of them: {} req/s against {} with 1 endpoint just before ({}), RSS {:.1} MiB against {:.1} MiB (+{:.1} MiB). Stored = 2xx: {}.",
+            "**{} endpoints** configured (file mode), {c_many} connections to one of them: {} req/s against {} with 1 endpoint (medians, sampled alternately) ({}), RSS {:.1} MiB against {:.1} MiB (+{:.1} MiB). Stored = 2xx: {}.",
             args.endpoints,
             num(many.rate, 0),
             num(one.rate, 0),
