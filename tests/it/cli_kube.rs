@@ -304,6 +304,22 @@ async fn kubectl_spillway_is_the_cli_as_a_kubectl_plugin() -> Result<()> {
     Ok(())
 }
 
+/// `spillway --port-forward --spillway-namespace INSTALLATION dlq list`.
+async fn port_forward_dlq_list(installation: &str, kubeconfig: &str) -> Result<CliOutput> {
+    spillway(
+        &[
+            "--port-forward",
+            "--spillway-namespace",
+            installation,
+            "dlq",
+            "list",
+            "default/hooks",
+        ],
+        &[("KUBECONFIG", kubeconfig)],
+    )
+    .await
+}
+
 /// `--port-forward` finds the installation the chart made (its operator
 /// Deployment, rendered by `helm template` and applied), reads the NATS URL
 /// and the credentials Secret the chart gave it, resolves the NATS Service
@@ -384,19 +400,7 @@ async fn port_forward_finds_the_installation_its_nats_service_and_a_ready_pod() 
         .await?;
 
     let kubeconfig = cp.kubeconfig.display().to_string();
-    let env = [("KUBECONFIG", kubeconfig.as_str())];
-    let out = spillway(
-        &[
-            "--port-forward",
-            "--spillway-namespace",
-            &spw,
-            "dlq",
-            "list",
-            "default/hooks",
-        ],
-        &env,
-    )
-    .await?;
+    let out = port_forward_dlq_list(&spw, &kubeconfig).await?;
     assert!(!out.success, "no kubelet here: {out:?}");
     for want in [
         format!(
@@ -414,18 +418,7 @@ async fn port_forward_finds_the_installation_its_nats_service_and_a_ready_pod() 
 
     // Another namespace: nothing there.
     let empty = cp.namespace("pf-empty").await?;
-    let out = spillway(
-        &[
-            "--port-forward",
-            "--spillway-namespace",
-            &empty,
-            "dlq",
-            "list",
-            "default/hooks",
-        ],
-        &env,
-    )
-    .await?;
+    let out = port_forward_dlq_list(&empty, &kubeconfig).await?;
     assert!(!out.success);
     assert!(
         out.stderr.contains("no Spillway installation found")
@@ -438,18 +431,7 @@ async fn port_forward_finds_the_installation_its_nats_service_and_a_ready_pod() 
     // connection is still tried.
     cp.kubectl_output(&["delete", "secret", "-n", &spw, "nats-operator"])
         .await?;
-    let out = spillway(
-        &[
-            "--port-forward",
-            "--spillway-namespace",
-            &spw,
-            "dlq",
-            "list",
-            "default/hooks",
-        ],
-        &env,
-    )
-    .await?;
+    let out = port_forward_dlq_list(&spw, &kubeconfig).await?;
     assert!(
         out.stderr
             .contains(&format!("reading Secret {spw}/nats-operator"))
