@@ -486,8 +486,14 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
     let history = stream_messages(&js, &names.history_stream())
         .await
         .unwrap_or_default();
-    // Settled everywhere, the work stream empties (the history's source
-    // confirms its copies within a heartbeat).
+    // Settled everywhere, the work stream empties: the history's source
+    // confirms its copies within a heartbeat, except after the kill of the
+    // stream's leader, where the replicated flow-control consumer can stall
+    // until the history's source runner resets it (nats-server PR 8488,
+    // "stale flow control stalls consumer after leader change"): one CI run
+    // in four still held 464 copies after 30 s. Nothing is lost meanwhile
+    // (the history has every webhook, checked above); what is bounded here
+    // is how long the copies occupy the work stream.
     let held = {
         let js = js.clone();
         let stream = names.stream();
@@ -500,7 +506,7 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
                 }
             }
         };
-        let _ = eventually(Duration::from_secs(30), "work stream empty", || {
+        let _ = eventually(Duration::from_secs(120), "work stream empty", || {
             let left = left();
             async move { left.await == 0 }
         })
