@@ -291,10 +291,7 @@ async fn redrive_all(
     let dlq = js.get_stream(&stream_name).await?;
     // Unordered (the shared consumer exists): back to the listener that
     // dead-lettered each one only.
-    let unordered = match js.get_stream(ep.names().stream()).await {
-        Ok(work) => work.consumer_info(ep.names().consumer(None)).await.is_ok(),
-        Err(_) => false,
-    };
+    let unordered = ep.unordered(js).await;
     let mut pace = Pace::new(rate);
     let mut seen_ids = BTreeSet::new();
     let mut seen_seqs = BTreeSet::new();

@@ -59,6 +59,16 @@ impl EndpointRef {
         Some(names.subject(p))
     }
 
+    /// Whether the endpoint is unordered (its shared consumer exists on the
+    /// work stream); false when the work stream cannot be read.
+    pub async fn unordered(&self, js: &async_nats::jetstream::Context) -> bool {
+        let names = self.names();
+        match js.get_stream(names.stream()).await {
+            Ok(work) => work.consumer_info(names.consumer(None)).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
     /// Where a dead letter goes back to when redriven. Unordered: the due
     /// subject of the listener that dead-lettered it (named by the dead
     /// letter's own subject, `spillway.dlq.<scope>.<listener>`; the

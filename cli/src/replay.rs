@@ -85,11 +85,7 @@ pub async fn replay(
         Some(asked) => {
             let token = crate::redeliver::listener_token(js, ep, asked).await?;
             let names = ep.names();
-            let unordered = match js.get_stream(names.stream()).await {
-                Ok(work) => work.consumer_info(names.consumer(None)).await.is_ok(),
-                Err(_) => false,
-            };
-            if !unordered {
+            if !ep.unordered(js).await {
                 bail!(
                     "{ep} is ordered: it has no listeners to replay to; replay without --listener"
                 );
