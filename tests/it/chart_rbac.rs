@@ -734,7 +734,12 @@ spec:
 
 #[tokio::test]
 async fn operator_and_gateway_run_on_exactly_the_chart_rbac() -> Result<()> {
-    let cp = ControlPlane::shared().await;
+    // A control plane of its own: the cluster-wide operators below reconcile
+    // every endpoint they can see, and on the shared one they would rewrite
+    // the status of other tests' endpoints (the CLI tests set theirs by hand)
+    // and render Deployments another test's operator also owns.
+    let cp = &ControlPlane::start().await?;
+    cp.install_crd().await?;
     let nats = NatsServer::start().await?;
     // One mode after the other: a cluster-wide operator would also pick up
     // the other modes' endpoints.
