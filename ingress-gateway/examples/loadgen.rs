@@ -6,7 +6,10 @@
 //!   each awaiting its PubAck);
 //! - the real `spillway-gateway` binary (file mode, one GitHub endpoint);
 //! - the Go bridge (`gobridge serve`: net/http + nats.go, GitHub HMAC,
-//!   `Nats-Msg-Id`, PubAck before 200),
+//!   `Nats-Msg-Id`, PubAck before 200);
+//! - the HTTP floor (`loadgen floor`, this binary): hyper, the body read,
+//!   one publish, the PubAck, 200, nothing else; what any HTTP front costs
+//!   on this machine, beside raw publish,
 //!
 //! the last two with `wrk` (closed loop, one thread, pre-signed 1 KiB body,
 //! a unique `X-GitHub-Delivery` per request), CPU per request of the server
@@ -758,8 +761,67 @@ fn median_run(runs: &[Run]) -> Run {
     }
 }
 
+/// The HTTP floor (`loadgen floor LISTEN NATS_URL`): the least a Rust
+/// server can do for a durable webhook on this machine. hyper (HTTP/1.1,
+/// the gateway's HTTP stack without axum), the body read, one JetStream
+/// publish with `Nats-Msg-Id` from `X-GitHub-Delivery`, the PubAck awaited,
+/// 200. No verification, limits, routing, metrics, logs or stored headers.
+/// Beside raw publish it shows what HTTP itself costs here; beside the
+/// gateway, what Spillway adds.
+async fn floor_server(listen: &str, nats: &str) -> Result<()> {
+    use http_body_util::BodyExt;
+    let js = async_nats::jetstream::new(async_nats::connect(nats).await?);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (s, _) = listener.accept().await?;
+        s.set_nodelay(true)?;
+        let js = js.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let js = js.clone();
+                    async move {
+                        let id = req
+                            .headers()
+                            .get("x-github-delivery")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let mut h = async_nats::HeaderMap::new();
+                        h.insert("Nats-Msg-Id", id.as_str());
+                        let stored = match js.publish_with_headers(FLOOR_SUBJECT, h, body).await {
+                            Ok(ack) => ack.await.is_ok(),
+                            Err(_) => false,
+                        };
+                        let mut res =
+                            hyper::Response::new(http_body_util::Empty::<axum::body::Bytes>::new());
+                        if !stored {
+                            *res.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        Ok::<_, hyper::Error>(res)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+/// The floor server's stream and subject.
+const FLOOR_STREAM: &str = "FLOOR";
+const FLOOR_SUBJECT: &str = "FLOOR.in";
+
 #[tokio::main]
 async fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("floor") {
+        let [_, _, listen, nats] = &argv[..] else {
+            bail!("usage: loadgen floor LISTEN NATS_URL");
+        };
+        return floor_server(listen, nats).await;
+    }
     let mut args = Args::parse();
     if args.smoke {
         args.concurrency = "4".into();
@@ -812,6 +874,14 @@ async fn main() -> Result<()> {
         ..Default::default()
     })
     .await?;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: FLOOR_STREAM.into(),
+        subjects: vec![FLOOR_SUBJECT.into()],
+        duplicate_window: Duration::from_secs(120),
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
     let (body, sig) = body_and_signature(args.body_bytes);
     let body_file = dir.join("body.json");
     std::fs::write(&body_file, &body)?;
@@ -857,31 +927,65 @@ async fn main() -> Result<()> {
         }
         None => None,
     };
+    // The HTTP floor (see `floor_server`), this same binary.
+    let floor_port = free_port()?;
+    let floor_proc = Proc(
+        Command::new(std::env::current_exe()?)
+            .args(["floor", &format!("127.0.0.1:{floor_port}"), &nats_url])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the HTTP floor server")?,
+    );
+    wait_for("HTTP floor server", async || {
+        TcpStream::connect(("127.0.0.1", floor_port)).await.is_ok()
+    })
+    .await?;
+    let floor_url = format!("http://127.0.0.1:{floor_port}/");
+    bench
+        .wrk(&floor_url, FLOOR_STREAM, 8, floor_proc.pid(), 1)
+        .await?;
     let mut raw = Vec::new();
     let mut gateway = Vec::new();
     let mut bridge = Vec::new();
+    let mut floor = Vec::new();
     let mut gw_rss_64 = f64::NAN;
     let rounds = args.rounds.max(1);
     for &c in &concs {
-        let (mut raws, mut gws, mut brs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut raws, mut gws, mut brs, mut fls) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             if let Some(bin) = &args.bridge_bin {
                 raws.push(bench.raw_go(bin, c).await?);
             }
-            // Alternate which server goes first.
-            let bridge_first = round % 2 == 1;
-            for gateway_turn in [!bridge_first, bridge_first] {
-                if gateway_turn {
-                    gws.push(
+            // Rotate which server goes first.
+            let mut order = [0, 1, 2];
+            order.rotate_left(round % 3);
+            for turn in order {
+                match turn {
+                    0 => gws.push(
                         bench
                             .wrk(&gw_url, STREAM, c, gw.pid(), args.seconds)
                             .await?,
-                    );
-                } else if let Some((b, _, url)) = &bridge_proc {
-                    brs.push(bench.wrk(url, "PEER", c, b.pid(), args.seconds).await?);
+                    ),
+                    1 => {
+                        if let Some((b, _, url)) = &bridge_proc {
+                            brs.push(bench.wrk(url, "PEER", c, b.pid(), args.seconds).await?);
+                        }
+                    }
+                    _ => fls.push(
+                        bench
+                            .wrk(&floor_url, FLOOR_STREAM, c, floor_proc.pid(), args.seconds)
+                            .await?,
+                    ),
                 }
             }
         }
+        let r = median_run(&fls);
+        println!(
+            "http floor       c={c:<4} {:>8.0}/s p99 {:.2} ms  {:.1} µs/req  nats {:.1} µs/req  stored=2xx {}",
+            r.rate, r.p99_ms, r.server_us, r.nats_us, r.stored_ok
+        );
+        floor.push(r);
         if !raws.is_empty() {
             let r = median_run(&raws);
             println!(
@@ -920,33 +1024,48 @@ async fn main() -> Result<()> {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    let (mut gw_p99s, mut raw_p99s, mut bridge_p99s) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut gw_p99s, mut raw_p99s, mut bridge_p99s, mut floor_p99s) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut open_ok = true;
     let mut bridge_header_bytes = 0usize;
     if bridge_proc.is_some() {
         bridge_header_bytes = header_bytes(&js, "PEER", "PEER.in").await?;
     }
-    for _ in 0..rounds {
-        let (p, ok) = bench
-            .open_loop_http(gw_addr, "/bench", STREAM, half, open_secs)
-            .await?;
-        gw_p99s.push(p);
-        open_ok &= ok;
-        raw_p99s.push(bench.open_loop_raw(half, open_secs).await?);
-        if let Some((_, port, _)) = &bridge_proc {
+    for round in 0..rounds {
+        // Rotate which goes first, as in the closed loop.
+        let mut order = [0, 1, 2, 3];
+        order.rotate_left(round % 4);
+        for turn in order {
+            let (target, stream, path) = match turn {
+                0 => (gw_addr, STREAM, "/bench"),
+                1 => {
+                    raw_p99s.push(bench.open_loop_raw(half, open_secs).await?);
+                    continue;
+                }
+                2 => (([127, 0, 0, 1], floor_port).into(), FLOOR_STREAM, "/"),
+                _ => match &bridge_proc {
+                    Some((_, port, _)) => (([127, 0, 0, 1], *port).into(), "PEER", "/"),
+                    None => continue,
+                },
+            };
             let (p, ok) = bench
-                .open_loop_http(([127, 0, 0, 1], *port).into(), "/", "PEER", half, open_secs)
+                .open_loop_http(target, path, stream, half, open_secs)
                 .await?;
-            bridge_p99s.push(p);
             open_ok &= ok;
+            match turn {
+                0 => gw_p99s.push(p),
+                2 => floor_p99s.push(p),
+                _ => bridge_p99s.push(p),
+            }
         }
     }
     let (gw_open_p99, raw_open_p99) = (median(gw_p99s), median(raw_p99s));
-    let bridge_open_p99 = median(bridge_p99s);
+    let (bridge_open_p99, floor_open_p99) = (median(bridge_p99s), median(floor_p99s));
     println!(
-        "open loop at {half:.0}/s: gateway p99 {gw_open_p99:.2} ms, raw publish p99 {raw_open_p99:.2} ms, go bridge p99 {bridge_open_p99:.2} ms (medians), stored=2xx {open_ok}"
+        "open loop at {half:.0}/s: gateway p99 {gw_open_p99:.2} ms, raw publish p99 {raw_open_p99:.2} ms, go bridge p99 {bridge_open_p99:.2} ms, http floor p99 {floor_open_p99:.2} ms (medians), stored=2xx {open_ok}"
     );
     drop(bridge_proc);
+    drop(floor_proc);
 
     // Many endpoints against one, at 64 connections (or the only one):
     // both gateways up, sampled alternately like the rows above.
@@ -985,12 +1104,14 @@ async fn main() -> Result<()> {
         .iter()
         .chain(&bridge)
         .chain(&raw)
+        .chain(&floor)
         .all(|r| r.stored_ok)
         && open_ok
         && many.stored_ok;
     let all_2xx = gateway
         .iter()
         .chain(&bridge)
+        .chain(&floor)
         .chain([&many])
         .all(|r| r.non_2xx == 0 && r.errors == 0);
 
@@ -1029,7 +1150,7 @@ async fn main() -> Result<()> {
         );
         let _ = writeln!(
             md,
-            "| connections | raw Go publish | Spillway gateway | Go bridge | gateway / bridge | gateway / raw | gateway p99 ms | bridge p99 ms | gateway CPU µs/req | bridge CPU µs/req | gateway/bridge CPU | nats µs/msg (gateway) | nats µs/msg (bridge) | stored = 2xx |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"
+            "| connections | raw Go publish | Spillway gateway | Go bridge | HTTP floor | gateway / bridge | gateway / raw | floor / raw | gateway p99 ms | bridge p99 ms | gateway CPU µs/req | bridge CPU µs/req | floor CPU µs/req | gateway/bridge CPU | nats µs/msg (gateway) | nats µs/msg (bridge) | nats µs/msg (floor) | stored = 2xx |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"
         );
         for (i, g) in gateway.iter().enumerate() {
             let r = raw.get(i).cloned().unwrap_or(Run {
@@ -1044,23 +1165,28 @@ async fn main() -> Result<()> {
                 stored_ok: true,
                 ..Run::default()
             });
+            let f = floor.get(i).cloned().unwrap_or_default();
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 g.concurrency,
                 num(r.rate, 0),
                 num(g.rate, 0),
                 num(b.rate, 0),
+                num(f.rate, 0),
                 ratio(g.rate, b.rate),
                 ratio(g.rate, r.rate),
+                ratio(f.rate, r.rate),
                 num(g.p99_ms, 2),
                 num(b.p99_ms, 2),
                 num(g.server_us, 1),
                 num(b.server_us, 1),
+                num(f.server_us, 1),
                 ratio(g.server_us, b.server_us),
                 num(g.nats_us, 1),
                 num(b.nats_us, 1),
-                if g.stored_ok && b.stored_ok && (r.stored_ok || r.rate.is_nan()) {
+                num(f.nats_us, 1),
+                if g.stored_ok && b.stored_ok && f.stored_ok && (r.stored_ok || r.rate.is_nan()) {
                     "yes"
                 } else {
                     "NO"
@@ -1069,11 +1195,13 @@ async fn main() -> Result<()> {
         }
         let _ = writeln!(
             md,
-            "\n![rate and p99 against connections](gateway.svg)\n\n**Open loop** at half the gateway's best closed-loop rate ({half:.0}/s, {open_secs} s per sample, {rounds} samples each taken back to back, medians; latency from each request's scheduled send time): gateway p99 {} ms, raw publish p99 {} ms (async-nats, each publish awaiting its PubAck): ratio {}; the Go bridge at the same rate: p99 {} ms. Stored = 2xx: {}.\n",
+            "\n![rate and p99 against connections](gateway.svg)\n\n**Open loop** at half the gateway's best closed-loop rate ({half:.0}/s, {open_secs} s per sample, {rounds} samples each taken back to back, medians; latency from each request's scheduled send time): gateway p99 {} ms, raw publish p99 {} ms (async-nats, each publish awaiting its PubAck): ratio {}; the Go bridge at the same rate: p99 {} ms; the HTTP floor: p99 {} ms (ratio to raw {}). Stored = 2xx: {}.\n",
             num(gw_open_p99, 2),
             num(raw_open_p99, 2),
             ratio(gw_open_p99, raw_open_p99),
             num(bridge_open_p99, 2),
+            num(floor_open_p99, 2),
+            ratio(floor_open_p99, raw_open_p99),
             if open_ok { "yes" } else { "NO" }
         );
         let _ = writeln!(
@@ -1155,6 +1283,16 @@ async fn main() -> Result<()> {
                 20.0,
                 false,
             );
+            if let Some(f) = at(&floor) {
+                let _ = writeln!(
+                    md,
+                    "\nFor reference, not a target: the HTTP floor (hyper, read, publish, PubAck, 200; nothing else) reaches {} of raw publish at {c_many} connections and its open-loop p99 is {} of raw's; the gateway reaches {} of the floor's rate at {} of its CPU per request. What the floor loses against raw publish is what any HTTP/1.1 front costs on this machine (a request and a response through loopback TCP, and the load generator on the same two cores).",
+                    ratio(f.rate, r),
+                    ratio(floor_open_p99, raw_open_p99),
+                    ratio(g.rate, f.rate),
+                    ratio(g.server_us, f.server_us),
+                );
+            }
         }
         if let Some(parent) = out.parent() {
             std::fs::create_dir_all(parent)?;
@@ -1168,6 +1306,7 @@ async fn main() -> Result<()> {
         if !raw.is_empty() {
             series.push(("raw Go publish", "#7f7f7f", &raw));
         }
+        series.push(("HTTP floor", "#2ca02c", &floor));
         std::fs::write(&plot, svg(&series))?;
         println!("wrote {} and {}", out.display(), plot.display());
     }

@@ -63,6 +63,9 @@ async fn the_gateway_benchmark_runs_and_every_2xx_is_stored() -> Result<()> {
     assert!(stdout.contains("bench: every 2xx is stored"), "{stdout}");
     let md = std::fs::read_to_string(dir.path().join("gateway.md"))?;
     assert!(md.contains("\n| 4 | "), "one row at 4 connections:\n{md}");
+    // The HTTP floor (hyper + publish, nothing else) is measured beside.
+    assert!(stdout.contains("http floor       c=4"), "{stdout}");
+    assert!(md.contains("the HTTP floor: p99"), "{md}");
     assert_eq!(
         md.contains("| – |"),
         !bridge,
