@@ -11,14 +11,14 @@
 //!   one publish, the PubAck, 200, nothing else; what any HTTP front costs
 //!   on this machine, beside raw publish,
 //!
-//! the last two with `wrk` (closed loop, one thread, pre-signed 1 KiB body,
+//! the last three with `wrk` (closed loop, one thread, pre-signed 1 KiB body,
 //! a unique `X-GitHub-Delivery` per request), CPU per request of the server
 //! and of nats-server from `/proc`, and stored = 2xx checked on the stream.
-//! The three rows of a concurrency run back to back (both servers stay up),
-//! `--rounds` times with the servers' order alternating, and each figure is
+//! The rows of a concurrency run back to back (every server stays up),
+//! `--rounds` times with the servers' order rotating, and each figure is
 //! the median of its samples: a slow spell of the shared machine falls on
 //! all columns, not on one. Then, open loop at half the gateway's best rate, the p99 of the
-//! gateway, of a raw publisher and of the bridge at that fixed rate (latency
+//! gateway, of a raw publisher, of the floor and of the bridge at that fixed rate (latency
 //! from the scheduled send time, so a stall is not hidden), and the gateway
 //! with 1,000 endpoints configured against 1 endpoint, sampled alternately.
 //! Writes a Markdown report and an SVG.
@@ -89,6 +89,10 @@ struct Args {
     /// Markdown report to write (an SVG plot is written beside it).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The HTTP floor stores the gateway's header block too (same names and
+    /// sizes), not only `Nats-Msg-Id`: what the headers cost, measured.
+    #[arg(long)]
+    floor_gateway_headers: bool,
     /// Every phase tiny; checks only that it runs and stored = 2xx.
     #[arg(long)]
     smoke: bool,
@@ -159,6 +163,26 @@ async fn wait_for(what: &str, mut f: impl AsyncFnMut() -> bool) -> Result<()> {
 
 async fn stored(js: &async_nats::jetstream::Context, stream: &str) -> Result<u64> {
     Ok(js.get_stream(stream).await?.info().await?.state.messages)
+}
+
+/// Empty `stream` before a sample: a run writes gigabytes otherwise, and
+/// every sample should meet the same store (not one grown by the samples
+/// before it).
+async fn purge(js: &async_nats::jetstream::Context, stream: &str) -> Result<()> {
+    js.get_stream(stream).await?.purge().await?;
+    Ok(())
+}
+
+/// The run's scratch folder, removed when dropped (also when the run
+/// fails), after the processes in it have stopped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("could not remove {}: {e}", self.0.display());
+        }
+    }
 }
 
 /// One keep-alive HTTP/1.1 connection (the open-loop generator's).
@@ -295,6 +319,7 @@ impl Bench {
         server: u32,
         seconds: u64,
     ) -> Result<Run> {
+        purge(&self.js, stream).await?;
         let before = stored(&self.js, stream).await?;
         let (s0, n0) = (cpu_seconds(server)?, cpu_seconds(self.nats_pid)?);
         let tag = format!(
@@ -414,6 +439,7 @@ impl Bench {
                 .unwrap_or(f64::NAN)
         };
         let s = stored(&self.js, &stream).await?;
+        self.js.delete_stream(&stream).await?;
         Ok(Run {
             concurrency: c,
             requests: n,
@@ -441,6 +467,7 @@ impl Bench {
         rate: f64,
         seconds: u64,
     ) -> Result<(f64, bool)> {
+        purge(&self.js, stream).await?;
         let before = stored(&self.js, stream).await?;
         let (body, sig) = body_and_signature(self.args.body_bytes);
         let body = Arc::new(body);
@@ -524,6 +551,10 @@ impl Bench {
                 ..Default::default()
             })
             .await?;
+        purge(&self.js, stream).await?;
+        // Ids unique across samples: a repeated id within the duplicate
+        // window would be answered as a duplicate, not stored.
+        let tag = self.run_tag.fetch_add(1, Ordering::Relaxed);
         let payload = vec![b'x'; self.args.body_bytes];
         let total = (rate * seconds as f64) as u64;
         let interval = Duration::from_secs_f64(1.0 / rate);
@@ -536,7 +567,7 @@ impl Bench {
             let payload = payload.clone();
             tasks.spawn(async move {
                 let mut h = async_nats::HeaderMap::new();
-                h.insert("Nats-Msg-Id", format!("open-{i}").as_str());
+                h.insert("Nats-Msg-Id", format!("open{tag}-{i}").as_str());
                 let ack = js
                     .publish_with_headers(format!("{stream}.in"), h, payload.into())
                     .await?;
@@ -768,7 +799,10 @@ fn median_run(runs: &[Run]) -> Run {
 /// 200. No verification, limits, routing, metrics, logs or stored headers.
 /// Beside raw publish it shows what HTTP itself costs here; beside the
 /// gateway, what Spillway adds.
-async fn floor_server(listen: &str, nats: &str) -> Result<()> {
+/// With `fat`, it stores the gateway's header block as well (the same
+/// names and value sizes as a benchmark webhook's), to measure what those
+/// headers cost the client, nats-server and the latency.
+async fn floor_server(listen: &str, nats: &str, fat: bool) -> Result<()> {
     use http_body_util::BodyExt;
     let js = async_nats::jetstream::new(async_nats::connect(nats).await?);
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -777,8 +811,8 @@ async fn floor_server(listen: &str, nats: &str) -> Result<()> {
         s.set_nodelay(true)?;
         let js = js.clone();
         tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let svc = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
                     let js = js.clone();
                     async move {
                         let id = req
@@ -790,6 +824,26 @@ async fn floor_server(listen: &str, nats: &str) -> Result<()> {
                         let body = req.into_body().collect().await?.to_bytes();
                         let mut h = async_nats::HeaderMap::new();
                         h.insert("Nats-Msg-Id", id.as_str());
+                        if fat {
+                            for (k, v) in [
+                                ("Spillway-Endpoint", "local/bench"),
+                                ("Spillway-Delivery-Id", id.as_str()),
+                                ("Spillway-Received-At", "2026-12-06T07:10:00.123Z"),
+                                ("Content-Type", "application/json"),
+                                (
+                                    "traceparent",
+                                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                                ),
+                                ("Spillway-Orig-X-Github-Event", "push"),
+                                ("Spillway-Orig-X-Github-Delivery", id.as_str()),
+                                (
+                                    "Spillway-Orig-X-Hub-Signature-256",
+                                    "sha256=0af7651916cd43dd8448eb211c80319c0af7651916cd43dd8448eb211c80319c",
+                                ),
+                            ] {
+                                h.insert(k, v);
+                            }
+                        }
                         let stored = match js.publish_with_headers(FLOOR_SUBJECT, h, body).await {
                             Ok(ack) => ack.await.is_ok(),
                             Err(_) => false,
@@ -801,7 +855,8 @@ async fn floor_server(listen: &str, nats: &str) -> Result<()> {
                         }
                         Ok::<_, hyper::Error>(res)
                     }
-                });
+                },
+            );
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                 .await;
@@ -817,10 +872,11 @@ const FLOOR_SUBJECT: &str = "FLOOR.in";
 async fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("floor") {
-        let [_, _, listen, nats] = &argv[..] else {
-            bail!("usage: loadgen floor LISTEN NATS_URL");
+        return match &argv[2..] {
+            [listen, nats] => floor_server(listen, nats, false).await,
+            [listen, nats, h] if h == "--gateway-headers" => floor_server(listen, nats, true).await,
+            _ => bail!("usage: loadgen floor LISTEN NATS_URL [--gateway-headers]"),
         };
-        return floor_server(listen, nats).await;
     }
     let mut args = Args::parse();
     if args.smoke {
@@ -839,8 +895,11 @@ async fn main() -> Result<()> {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(String::from))
         .unwrap_or_else(|| "unknown".into());
-    let dir = std::env::temp_dir().join(format!("spillway-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    // Declared before every process: dropped (removed) after they stop.
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("spillway-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&scratch.0)?;
+    let dir = scratch.0.clone();
 
     let nats_port = free_port()?;
     std::fs::write(
@@ -932,6 +991,7 @@ async fn main() -> Result<()> {
     let floor_proc = Proc(
         Command::new(std::env::current_exe()?)
             .args(["floor", &format!("127.0.0.1:{floor_port}"), &nats_url])
+            .args(args.floor_gateway_headers.then_some("--gateway-headers"))
             .stdout(Stdio::null())
             .spawn()
             .context("starting the HTTP floor server")?,
@@ -1286,7 +1346,12 @@ async fn main() -> Result<()> {
             if let Some(f) = at(&floor) {
                 let _ = writeln!(
                     md,
-                    "\nFor reference, not a target: the HTTP floor (hyper, read, publish, PubAck, 200; nothing else) reaches {} of raw publish at {c_many} connections and its open-loop p99 is {} of raw's; the gateway reaches {} of the floor's rate at {} of its CPU per request. What the floor loses against raw publish is what any HTTP/1.1 front costs on this machine (a request and a response through loopback TCP, and the load generator on the same two cores).",
+                    "\nFor reference, not a target: the HTTP floor (hyper, read, publish, PubAck, 200; nothing else; it stores {}) reaches {} of raw publish at {c_many} connections and its open-loop p99 is {} of raw's; the gateway reaches {} of the floor's rate at {} of its CPU per request. What the floor loses against raw publish is what any HTTP/1.1 front costs on this machine (a request and a response through loopback TCP, and the load generator on the same two cores).",
+                    if args.floor_gateway_headers {
+                        "the gateway's header block too (`--floor-gateway-headers`)"
+                    } else {
+                        "only `Nats-Msg-Id` in its headers"
+                    },
                     ratio(f.rate, r),
                     ratio(floor_open_p99, raw_open_p99),
                     ratio(g.rate, f.rate),
@@ -1312,7 +1377,7 @@ async fn main() -> Result<()> {
     }
     drop(bench);
     drop(nats);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     if !all_stored {
         bail!("stored != 2xx in some run (see above)");
     }
