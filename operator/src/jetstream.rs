@@ -273,6 +273,20 @@ pub fn backlog_full(have: &Stored, want: &stream::Config) -> Option<String> {
     None
 }
 
+/// How full the work stream is: percent of the tighter of its configured
+/// limits (`maxBytes`, `maxMessages`), 0 when it has none, at most 100.
+/// Undelivered webhooks fill it, and so do delivered copies the history's
+/// source has not yet confirmed (docs/operations.md, "NATS durability").
+pub fn fill_percent(have: &Stored, want: &stream::Config) -> u64 {
+    let of = |used: u64, limit: i64| match u64::try_from(limit) {
+        Ok(l) if l > 0 => used.saturating_mul(100) / l,
+        _ => 0,
+    };
+    of(have.bytes, want.max_bytes)
+        .max(of(have.messages, want.max_messages))
+        .min(100)
+}
+
 /// The dead-letter stream's desired configuration.
 pub fn dead_letter_config(
     names: &EndpointNames,
@@ -664,6 +678,8 @@ pub struct Synced {
     pub updated: Vec<String>,
     /// Why the work stream refuses new webhooks now (full), if it does.
     pub backlog_full: Option<String>,
+    /// How full the work stream is ([`fill_percent`]).
+    pub fill_percent: u64,
     /// Consumers still draining the legacy stream of an endpoint being
     /// migrated (the processor serves them until they are settled).
     pub legacy_consumers: Vec<String>,
@@ -1563,6 +1579,7 @@ impl Js {
             .map_err(|e| SyncError::from_nats(e, "reading the work stream"))?
         {
             out.backlog_full = backlog_full(&(&work.state).into(), &main);
+            out.fill_percent = fill_percent(&(&work.state).into(), &main);
         }
         // Only once their successors exist: a sync that fails half way
         // must not leave a stream without consumers (the next one would
@@ -1724,6 +1741,12 @@ ingress: {maxBodyBytes: 1000}
         assert_eq!(backlog_full(&state(1_000_000 - room, 1), &c), None);
         assert!(backlog_full(&state(1_000_000 - room + 1, 1), &c).is_some());
         assert!(backlog_full(&state(0, 3), &few).is_some());
+        // Fill: the tighter limit, capped, 0 without limits.
+        assert_eq!(fill_percent(&state(500_000, 1), &c), 50);
+        assert_eq!(fill_percent(&state(2_000_000, 1), &c), 100);
+        assert_eq!(fill_percent(&state(10, 2), &few), 66);
+        assert_eq!(fill_percent(&state(0, 0), &few), 0);
+        assert_eq!(fill_percent(&state(u64::MAX, 5), &unlimited), 0);
     }
 
     #[test]

@@ -459,6 +459,7 @@ async fn apply(l: &WebhookListener, ctx: &ListenerContext) -> Result<Action, Err
                     retrying: b.retrying,
                     dead_letters: status.dead_letters.unwrap_or(0),
                     oldest_seconds: 0,
+                    stream_fill_percent: 0,
                 }),
         }),
     );

@@ -22,6 +22,7 @@ struct PerEndpoint {
     retrying: Family<Labels, Gauge>,
     dead_letters: Family<Labels, Gauge>,
     oldest_seconds: Family<Labels, Gauge>,
+    stream_fill_percent: Family<Labels, Gauge>,
 }
 
 impl PerEndpoint {
@@ -34,6 +35,7 @@ impl PerEndpoint {
             &self.retrying,
             &self.dead_letters,
             &self.oldest_seconds,
+            &self.stream_fill_percent,
         ];
         let Some(s) = state else {
             for f in families {
@@ -53,6 +55,9 @@ impl PerEndpoint {
             self.oldest_seconds
                 .get_or_create(labels)
                 .set(n(b.oldest_seconds));
+            self.stream_fill_percent
+                .get_or_create(labels)
+                .set(n(b.stream_fill_percent));
         }
     }
 }
@@ -80,6 +85,8 @@ pub struct SyncedCounts {
     pub dead_letters: u64,
     /// Age of the oldest webhook held, seconds.
     pub oldest_seconds: u64,
+    /// How full the work stream is, percent of its tighter limit.
+    pub stream_fill_percent: u64,
 }
 
 /// The operator's metrics and their registry.
@@ -94,7 +101,8 @@ pub struct Metrics {
     /// sync read from JetStream, and whether it is Ready.
     per_endpoint: PerEndpoint,
     /// Per WebhookListener (`webhook_listener="namespace/name"` and its
-    /// `webhook_endpoint`); its oldest-age family is not registered.
+    /// `webhook_endpoint`); its oldest-age and stream-fill families are not
+    /// registered (the endpoint's series say those).
     per_listener: PerEndpoint,
     /// Last known condition statuses per endpoint (`namespace/name`).
     conditions: Mutex<HashMap<String, Vec<(String, String)>>>,
@@ -178,6 +186,11 @@ impl Metrics {
                 "endpoint_oldest_undelivered_seconds",
                 "Age of the oldest webhook the work stream holds (0 when it holds none)",
                 &per_endpoint.oldest_seconds,
+            ),
+            (
+                "endpoint_stream_fill_percent",
+                "How full the work stream is: percent of the tighter of stream.maxBytes and stream.maxMessages (0 when unlimited); at 100 the gateway answers 503",
+                &per_endpoint.stream_fill_percent,
             ),
         ] {
             registry.register(name, help, family.clone());
@@ -343,6 +356,7 @@ mod tests {
                     retrying: 2,
                     dead_letters: 1,
                     oldest_seconds: 95,
+                    stream_fill_percent: 42,
                 }),
             }),
         );
@@ -354,6 +368,7 @@ mod tests {
             r#"spillway_operator_endpoint_retrying{webhook_endpoint="team/gh"} 2"#,
             r#"spillway_operator_endpoint_dead_letters{webhook_endpoint="team/gh"} 1"#,
             r#"spillway_operator_endpoint_oldest_undelivered_seconds{webhook_endpoint="team/gh"} 95"#,
+            r#"spillway_operator_endpoint_stream_fill_percent{webhook_endpoint="team/gh"} 42"#,
             r#"spillway_build_info{component="operator",version=""#,
         ] {
             assert!(text.contains(want), "{want} missing in\n{text}");

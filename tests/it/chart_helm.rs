@@ -1459,6 +1459,7 @@ fn check_alert_rules(objs: &[Value]) -> Result<()> {
         "SpillwayEndpointNotReady",
         "SpillwayBacklogGrowing",
         "SpillwayOldestUndeliveredTooOld",
+        "SpillwayWorkStreamFilling",
         "SpillwayDeadLetters",
         "SpillwaySinkGone",
         "SpillwayGatewayUnavailable",

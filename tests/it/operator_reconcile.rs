@@ -1333,6 +1333,25 @@ async fn only_undelivered_webhooks_fill_an_endpoint() -> Result<()> {
     assert!(message.contains("undelivered"), "{message}");
     let held = work.info().await?.state.messages;
     assert!(held > 100, "{held} undelivered");
+    // The operator's gauge says how full it is (the alert
+    // SpillwayWorkStreamFilling reads it).
+    let fill_gauge = || {
+        let series = format!(
+            "spillway_operator_endpoint_stream_fill_percent{{webhook_endpoint=\"{}/gh\"}} ",
+            env.ns
+        );
+        env.op
+            .as_ref()
+            .expect("operator running")
+            .metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
+    };
+    eventually(WAIT, "fill gauge near 100", || async {
+        fill_gauge().is_some_and(|p| p >= 95)
+    })
+    .await?;
 
     // Lowering the limit below the backlog is refused, nothing deleted.
     env.patch_spec("gh", json!({"stream": {"maxBytes": 65536}}))
@@ -1363,6 +1382,10 @@ async fn only_undelivered_webhooks_fill_an_endpoint() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("after draining: {e}"))?;
     env.wait_condition("gh", "StreamReady", "True", None)
         .await?;
+    eventually(WAIT, "fill gauge low once drained", || async {
+        fill_gauge().is_some_and(|p| p <= 10)
+    })
+    .await?;
     env.stop().await;
     Ok(())
 }

@@ -500,6 +500,7 @@ pub(crate) fn synced_counts(
             Some(t) if undelivered => u64::try_from((now - t).whole_seconds()).unwrap_or(0),
             _ => 0,
         },
+        stream_fill_percent: s.fill_percent,
     }
 }
 
