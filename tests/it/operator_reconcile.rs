@@ -1335,21 +1335,16 @@ async fn only_undelivered_webhooks_fill_an_endpoint() -> Result<()> {
     assert!(held > 100, "{held} undelivered");
     // The operator's gauge says how full it is (the alert
     // SpillwayWorkStreamFilling reads it).
+    let series = format!(
+        "spillway_operator_endpoint_stream_fill_percent{{webhook_endpoint=\"{}/gh\"}}",
+        env.ns
+    );
     let fill_gauge = || {
-        let series = format!(
-            "spillway_operator_endpoint_stream_fill_percent{{webhook_endpoint=\"{}/gh\"}} ",
-            env.ns
-        );
-        env.op
-            .as_ref()
-            .expect("operator running")
-            .metrics
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
+        let op = env.op.as_ref().expect("operator running");
+        crate::processor_support::metric_value(&op.metrics.render(), &series)
     };
     eventually(WAIT, "fill gauge near 100", || async {
-        fill_gauge().is_some_and(|p| p >= 95)
+        fill_gauge().is_some_and(|p| p >= 95.0)
     })
     .await?;
 
@@ -1383,7 +1378,7 @@ async fn only_undelivered_webhooks_fill_an_endpoint() -> Result<()> {
     env.wait_condition("gh", "StreamReady", "True", None)
         .await?;
     eventually(WAIT, "fill gauge low once drained", || async {
-        fill_gauge().is_some_and(|p| p <= 10)
+        fill_gauge().is_some_and(|p| p <= 10.0)
     })
     .await?;
     env.stop().await;
