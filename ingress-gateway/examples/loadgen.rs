@@ -804,16 +804,32 @@ fn median_run(runs: &[Run]) -> Run {
 /// headers cost the client, nats-server and the latency.
 async fn floor_server(listen: &str, nats: &str, fat: bool) -> Result<()> {
     use http_body_util::BodyExt;
+    use spillway_api::wire;
+    // The gateway's header names (values sized like a benchmark webhook's
+    // below), built once.
+    let fat: Option<Arc<[String; 8]>> = fat.then(|| {
+        let orig = |h: &str| format!("{}{h}", wire::ORIGINAL_HEADER_PREFIX);
+        Arc::new([
+            wire::ENDPOINT.to_owned(),
+            wire::DELIVERY_ID.to_owned(),
+            wire::RECEIVED_AT.to_owned(),
+            wire::CONTENT_TYPE.to_owned(),
+            wire::TRACEPARENT.to_owned(),
+            orig("X-Github-Event"),
+            orig("X-Github-Delivery"),
+            orig("X-Hub-Signature-256"),
+        ])
+    });
     let js = async_nats::jetstream::new(async_nats::connect(nats).await?);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     loop {
         let (s, _) = listener.accept().await?;
         s.set_nodelay(true)?;
-        let js = js.clone();
+        let (js, fat) = (js.clone(), fat.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(
                 move |req: hyper::Request<hyper::body::Incoming>| {
-                    let js = js.clone();
+                    let (js, fat) = (js.clone(), fat.clone());
                     async move {
                         let id = req
                             .headers()
@@ -824,24 +840,19 @@ async fn floor_server(listen: &str, nats: &str, fat: bool) -> Result<()> {
                         let body = req.into_body().collect().await?.to_bytes();
                         let mut h = async_nats::HeaderMap::new();
                         h.insert("Nats-Msg-Id", id.as_str());
-                        if fat {
-                            for (k, v) in [
-                                ("Spillway-Endpoint", "local/bench"),
-                                ("Spillway-Delivery-Id", id.as_str()),
-                                ("Spillway-Received-At", "2026-12-06T07:10:00.123Z"),
-                                ("Content-Type", "application/json"),
-                                (
-                                    "traceparent",
-                                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-                                ),
-                                ("Spillway-Orig-X-Github-Event", "push"),
-                                ("Spillway-Orig-X-Github-Delivery", id.as_str()),
-                                (
-                                    "Spillway-Orig-X-Hub-Signature-256",
-                                    "sha256=0af7651916cd43dd8448eb211c80319c0af7651916cd43dd8448eb211c80319c",
-                                ),
-                            ] {
-                                h.insert(k, v);
+                        if let Some(names) = &fat {
+                            let values = [
+                                "local/bench",
+                                id.as_str(),
+                                "2026-12-06T07:10:00.123Z",
+                                "application/json",
+                                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                                "push",
+                                id.as_str(),
+                                "sha256=0af7651916cd43dd8448eb211c80319c0af7651916cd43dd8448eb211c80319c",
+                            ];
+                            for (k, v) in names.iter().zip(values) {
+                                h.insert(k.as_str(), v);
                             }
                         }
                         let stored = match js.publish_with_headers(FLOOR_SUBJECT, h, body).await {
