@@ -875,6 +875,28 @@ async fn floor_server(listen: &str, nats: &str, fat: bool) -> Result<()> {
     }
 }
 
+/// Start `cmd`, a server listening on `port`, wait until it accepts, and
+/// warm it up (1 s of wrk storing to `stream`): its process and URL.
+async fn start_server(
+    bench: &Bench,
+    what: &str,
+    mut cmd: Command,
+    port: u16,
+    stream: &str,
+) -> Result<(Proc, String)> {
+    let p = Proc(
+        cmd.spawn()
+            .with_context(|| format!("starting the {what}"))?,
+    );
+    wait_for(what, async || {
+        TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await?;
+    let url = format!("http://127.0.0.1:{port}/");
+    bench.wrk(&url, stream, 8, p.pid(), 1).await?;
+    Ok((p, url))
+}
+
 /// The floor server's stream and subject.
 const FLOOR_STREAM: &str = "FLOOR";
 const FLOOR_SUBJECT: &str = "FLOOR.in";
@@ -977,44 +999,25 @@ async fn main() -> Result<()> {
     let bridge_proc = match &args.bridge_bin {
         Some(bin) => {
             let port = free_port()?;
-            let b = Proc(
-                Command::new(bin)
-                    .args(["serve", "-listen", &format!("127.0.0.1:{port}")])
-                    .args(["-nats", &nats_url, "-stream", "PEER", "-secret", SECRET])
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(dir.join("bridge.log"))?)
-                    .spawn()
-                    .context("starting the bridge")?,
-            );
-            wait_for("bridge", async || {
-                TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-            })
-            .await?;
+            let mut cmd = Command::new(bin);
+            cmd.args(["serve", "-listen", &format!("127.0.0.1:{port}")])
+                .args(["-nats", &nats_url, "-stream", "PEER", "-secret", SECRET])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("bridge.log"))?);
             // The bridge stores in its own stream, PEER (same settings).
-            let url = format!("http://127.0.0.1:{port}/");
-            bench.wrk(&url, "PEER", 8, b.pid(), 1).await?;
+            let (b, url) = start_server(&bench, "bridge", cmd, port, "PEER").await?;
             Some((b, port, url))
         }
         None => None,
     };
     // The HTTP floor (see `floor_server`), this same binary.
     let floor_port = free_port()?;
-    let floor_proc = Proc(
-        Command::new(std::env::current_exe()?)
-            .args(["floor", &format!("127.0.0.1:{floor_port}"), &nats_url])
-            .args(args.floor_gateway_headers.then_some("--gateway-headers"))
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting the HTTP floor server")?,
-    );
-    wait_for("HTTP floor server", async || {
-        TcpStream::connect(("127.0.0.1", floor_port)).await.is_ok()
-    })
-    .await?;
-    let floor_url = format!("http://127.0.0.1:{floor_port}/");
-    bench
-        .wrk(&floor_url, FLOOR_STREAM, 8, floor_proc.pid(), 1)
-        .await?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["floor", &format!("127.0.0.1:{floor_port}"), &nats_url])
+        .args(args.floor_gateway_headers.then_some("--gateway-headers"))
+        .stdout(Stdio::null());
+    let (floor_proc, floor_url) =
+        start_server(&bench, "HTTP floor server", cmd, floor_port, FLOOR_STREAM).await?;
     let mut raw = Vec::new();
     let mut gateway = Vec::new();
     let mut bridge = Vec::new();
