@@ -4,6 +4,7 @@
 //! Operator sets its own `endpoint` target label (the port name), which
 //! would rename ours to `exported_endpoint`.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -12,6 +13,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use spillway_api::signature::Failure;
+
+use crate::route::Table;
 
 /// Labels of the request counter. The endpoint is shared with its route
 /// (`Route::label`), so counting a request allocates nothing.
@@ -143,11 +147,108 @@ impl Metrics {
         }
     }
 
+    /// Remove the series of the endpoints `before` served and `after` does
+    /// not (deleted, or lost a path conflict): endpoints coming and going
+    /// must not grow the gateway's series until it restarts.
+    pub fn forget_removed(&self, before: &Table, after: &Table) {
+        let kept: HashSet<&str> = after.paths().map(|(_, e)| e).collect();
+        for (_, gone) in before.paths().filter(|(_, e)| !kept.contains(e)) {
+            self.forget(gone);
+        }
+    }
+
+    /// Remove every series labelled `endpoint`.
+    fn forget(&self, endpoint: &str) {
+        let label = Arc::new(endpoint.to_owned());
+        for status in 100..=599 {
+            self.requests.remove(&RequestLabels {
+                webhook_endpoint: label.clone(),
+                status,
+            });
+        }
+        for f in Failure::ALL {
+            self.verify_failures.remove(&VerifyLabels {
+                webhook_endpoint: label.clone(),
+                reason: f.reason().to_owned(),
+            });
+        }
+        let e = EndpointLabels {
+            webhook_endpoint: label,
+        };
+        self.publish_seconds.remove(&e);
+        self.duplicates.remove(&e);
+        self.publish_failures.remove(&e);
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::{EndpointDef, Router};
+
+    fn def(name: &str) -> EndpointDef {
+        EndpointDef {
+            namespace: "team".into(),
+            name: name.into(),
+            created: Some(1),
+            spec: serde_saphyr::from_str(&format!(
+                "path: /{name}\nverification: {{scheme: none}}\nprocessor: {{sink: {{url: \"http://sink\"}}}}\n"
+            ))
+            .unwrap(),
+            partitions_ready: None,
+        }
+    }
+
+    #[test]
+    fn a_removed_endpoint_leaves_no_series() {
+        let m = Metrics::new();
+        let router = Router::default();
+        let none = |_: &str, _: &spillway_api::SecretKeyRef| None;
+        router.rebuild(&[def("a"), def("b")], &none, None);
+        for name in ["team/a", "team/b"] {
+            let label = Arc::new(name.to_owned());
+            for status in [202, 401, 503] {
+                m.requests
+                    .get_or_create(&RequestLabels {
+                        webhook_endpoint: label.clone(),
+                        status,
+                    })
+                    .inc();
+            }
+            m.verify_failures
+                .get_or_create(&VerifyLabels {
+                    webhook_endpoint: label.clone(),
+                    reason: Failure::BadSignature.reason().into(),
+                })
+                .inc();
+            let e = EndpointLabels {
+                webhook_endpoint: label,
+            };
+            m.publish_seconds.get_or_create(&e).observe(0.01);
+            m.duplicates.get_or_create(&e).inc();
+            m.publish_failures.get_or_create(&e).inc();
+        }
+        let before = router.table();
+        router.rebuild(&[def("b")], &none, None);
+        m.forget_removed(&before, &router.table());
+        let text = m.encode();
+        assert!(!text.contains(r#"webhook_endpoint="team/a""#), "{text}");
+        for series in [
+            r#"spillway_gateway_requests_total{webhook_endpoint="team/b",status="503"} 1"#,
+            r#"spillway_gateway_verify_failures_total{webhook_endpoint="team/b",reason="bad_signature"} 1"#,
+            r#"spillway_gateway_publish_duplicates_total{webhook_endpoint="team/b"} 1"#,
+            r#"spillway_gateway_publish_failures_total{webhook_endpoint="team/b"} 1"#,
+            r#"spillway_gateway_publish_duration_seconds_count{webhook_endpoint="team/b"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} missing in\n{text}");
+        }
     }
 }

@@ -436,7 +436,9 @@ pub async fn run_file(
         match watch.reload() {
             Reload::Unchanged => {}
             Reload::Changed => {
+                let before = router.table();
                 watch.source().apply(&router, public_base_url.as_deref());
+                metrics.forget_removed(&before, &router.table());
                 count("applied");
                 info!(routes = router.table().len(), file = %watch.path.display(), "reloaded endpoints and secret files");
             }
@@ -538,9 +540,11 @@ pub async fn run_kubernetes(
         let all_secrets_synced = {
             let c = cache.lock().unwrap_or_else(|e| e.into_inner());
             let lookup = |ns: &str, r: &SecretKeyRef| lookup(&c.data, ns, r);
+            let before = router.table();
             for loser in router.rebuild(&defs, &lookup, public_base_url.as_deref()) {
                 warn!(endpoint = %loser, "path already served by an older endpoint; not routed");
             }
+            metrics.forget_removed(&before, &router.table());
             // Every referenced Secret listed, or known to be unreadable:
             // one endpoint's Secret never holds every endpoint back.
             wanted

@@ -41,6 +41,13 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every failure (the gateway removes an endpoint's series of each).
+    pub const ALL: [Failure; 3] = [
+        Failure::MissingSignature,
+        Failure::BadSignature,
+        Failure::TimestampOutOfTolerance,
+    ];
+
     /// The reason as sent in the 401 body and used in metrics.
     pub fn reason(self) -> &'static str {
         match self {
@@ -153,6 +160,21 @@ fn pair(name: &str, value: impl Into<String>) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_lists_every_failure() {
+        // A new variant fails to compile here until it is listed in ALL.
+        for f in Failure::ALL {
+            match f {
+                Failure::MissingSignature
+                | Failure::BadSignature
+                | Failure::TimestampOutOfTolerance => {}
+            }
+        }
+        let reasons: std::collections::HashSet<_> =
+            Failure::ALL.iter().map(|f| f.reason()).collect();
+        assert_eq!(reasons.len(), 3);
+    }
 
     /// Each scheme's own headers verify, with the same key, and fail with
     /// another key or a changed body.
