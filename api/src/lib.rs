@@ -18,6 +18,7 @@ pub mod logging;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod names;
+pub mod stored;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod reference;

@@ -89,13 +89,23 @@ struct Args {
     /// Markdown report to write (an SVG plot is written beside it).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// The HTTP floor stores the gateway's header block too (same names and
-    /// sizes), not only `Nats-Msg-Id`: what the headers cost, measured.
-    #[arg(long)]
-    floor_gateway_headers: bool,
+    /// What the HTTP floor stores besides the body and `Nats-Msg-Id`:
+    /// nothing, or a webhook's metadata the size of the gateway's (as NATS
+    /// headers, or in front of the body in the payload), to measure what
+    /// storing it costs and where.
+    #[arg(long, value_enum, default_value_t = FloorMetadata::None)]
+    floor_metadata: FloorMetadata,
     /// Every phase tiny; checks only that it runs and stored = 2xx.
     #[arg(long)]
     smoke: bool,
+}
+
+/// See `Args::floor_metadata`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum FloorMetadata {
+    None,
+    Headers,
+    Payload,
 }
 
 /// A child process stopped (TERM, then KILL) when dropped.
@@ -799,37 +809,36 @@ fn median_run(runs: &[Run]) -> Run {
 /// 200. No verification, limits, routing, metrics, logs or stored headers.
 /// Beside raw publish it shows what HTTP itself costs here; beside the
 /// gateway, what Spillway adds.
-/// With `fat`, it stores the gateway's header block as well (the same
-/// names and value sizes as a benchmark webhook's), to measure what those
-/// headers cost the client, nats-server and the latency.
-async fn floor_server(listen: &str, nats: &str, fat: bool) -> Result<()> {
+/// With `metadata`, it stores a webhook's metadata the size of the
+/// gateway's as well (the same names and value sizes as a benchmark
+/// webhook's), as NATS headers or in the payload in front of the body, to
+/// measure what storing it costs the client, nats-server and the latency.
+async fn floor_server(listen: &str, nats: &str, metadata: FloorMetadata) -> Result<()> {
     use http_body_util::BodyExt;
     use spillway_api::wire;
     // The gateway's header names (values sized like a benchmark webhook's
     // below), built once.
-    let fat: Option<Arc<[String; 8]>> = fat.then(|| {
-        let orig = |h: &str| format!("{}{h}", wire::ORIGINAL_HEADER_PREFIX);
-        Arc::new([
-            wire::ENDPOINT.to_owned(),
-            wire::DELIVERY_ID.to_owned(),
-            wire::RECEIVED_AT.to_owned(),
-            wire::CONTENT_TYPE.to_owned(),
-            wire::TRACEPARENT.to_owned(),
-            orig("X-Github-Event"),
-            orig("X-Github-Delivery"),
-            orig("X-Hub-Signature-256"),
-        ])
-    });
+    let orig = |h: &str| format!("{}{h}", wire::ORIGINAL_HEADER_PREFIX);
+    let names: Arc<[String; 8]> = Arc::new([
+        wire::ENDPOINT.to_owned(),
+        wire::DELIVERY_ID.to_owned(),
+        wire::RECEIVED_AT.to_owned(),
+        wire::CONTENT_TYPE.to_owned(),
+        wire::TRACEPARENT.to_owned(),
+        orig("X-Github-Event"),
+        orig("X-Github-Delivery"),
+        orig("X-Hub-Signature-256"),
+    ]);
     let js = async_nats::jetstream::new(async_nats::connect(nats).await?);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     loop {
         let (s, _) = listener.accept().await?;
         s.set_nodelay(true)?;
-        let (js, fat) = (js.clone(), fat.clone());
+        let (js, names) = (js.clone(), names.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(
                 move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (js, fat) = (js.clone(), fat.clone());
+                    let (js, names) = (js.clone(), names.clone());
                     async move {
                         let id = req
                             .headers()
@@ -837,22 +846,37 @@ async fn floor_server(listen: &str, nats: &str, fat: bool) -> Result<()> {
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or_default()
                             .to_owned();
-                        let body = req.into_body().collect().await?.to_bytes();
+                        let mut body = req.into_body().collect().await?.to_bytes();
                         let mut h = async_nats::HeaderMap::new();
                         h.insert("Nats-Msg-Id", id.as_str());
-                        if let Some(names) = &fat {
-                            let values = [
-                                "local/bench",
-                                id.as_str(),
-                                "2026-12-06T07:10:00.123Z",
-                                "application/json",
-                                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-                                "push",
-                                id.as_str(),
-                                "sha256=0af7651916cd43dd8448eb211c80319c0af7651916cd43dd8448eb211c80319c",
-                            ];
-                            for (k, v) in names.iter().zip(values) {
-                                h.insert(k.as_str(), v);
+                        let values = [
+                            "local/bench",
+                            id.as_str(),
+                            "2026-12-06T07:10:00.123Z",
+                            "application/json",
+                            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                            "push",
+                            id.as_str(),
+                            "sha256=0af7651916cd43dd8448eb211c80319c0af7651916cd43dd8448eb211c80319c",
+                        ];
+                        match metadata {
+                            FloorMetadata::None => {}
+                            FloorMetadata::Headers => {
+                                for (k, v) in names.iter().zip(values) {
+                                    h.insert(k.as_str(), v);
+                                }
+                            }
+                            FloorMetadata::Payload => {
+                                let mut p = Vec::with_capacity(512 + body.len());
+                                for (k, v) in names.iter().zip(values) {
+                                    p.extend_from_slice(k.as_bytes());
+                                    p.extend_from_slice(b": ");
+                                    p.extend_from_slice(v.as_bytes());
+                                    p.extend_from_slice(b"\r\n");
+                                }
+                                p.extend_from_slice(b"\r\n");
+                                p.extend_from_slice(&body);
+                                body = p.into();
                             }
                         }
                         let stored = match js.publish_with_headers(FLOOR_SUBJECT, h, body).await {
@@ -906,9 +930,13 @@ async fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("floor") {
         return match &argv[2..] {
-            [listen, nats] => floor_server(listen, nats, false).await,
-            [listen, nats, h] if h == "--gateway-headers" => floor_server(listen, nats, true).await,
-            _ => bail!("usage: loadgen floor LISTEN NATS_URL [--gateway-headers]"),
+            [listen, nats] => floor_server(listen, nats, FloorMetadata::None).await,
+            [listen, nats, m] => {
+                let m = <FloorMetadata as clap::ValueEnum>::from_str(m, true)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                floor_server(listen, nats, m).await
+            }
+            _ => bail!("usage: loadgen floor LISTEN NATS_URL [none|headers|payload]"),
         };
     }
     let mut args = Args::parse();
@@ -1014,7 +1042,11 @@ async fn main() -> Result<()> {
     let floor_port = free_port()?;
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(["floor", &format!("127.0.0.1:{floor_port}"), &nats_url])
-        .args(args.floor_gateway_headers.then_some("--gateway-headers"))
+        .arg(
+            <FloorMetadata as clap::ValueEnum>::to_possible_value(&args.floor_metadata)
+                .expect("no variant is skipped")
+                .get_name(),
+        )
         .stdout(Stdio::null());
     let (floor_proc, floor_url) =
         start_server(&bench, "HTTP floor server", cmd, floor_port, FLOOR_STREAM).await?;
@@ -1361,10 +1393,12 @@ async fn main() -> Result<()> {
                 let _ = writeln!(
                     md,
                     "\nFor reference, not a target: the HTTP floor (hyper, read, publish, PubAck, 200; nothing else; it stores {}) reaches {} of raw publish at {c_many} connections and its open-loop p99 is {} of raw's; the gateway reaches {} of the floor's rate at {} of its CPU per request. What the floor loses against raw publish is what any HTTP/1.1 front costs on this machine (a request and a response through loopback TCP, and the load generator on the same two cores).",
-                    if args.floor_gateway_headers {
-                        "the gateway's header block too (`--floor-gateway-headers`)"
-                    } else {
-                        "only `Nats-Msg-Id` in its headers"
+                    match args.floor_metadata {
+                        FloorMetadata::None => "only `Nats-Msg-Id` besides the body",
+                        FloorMetadata::Headers =>
+                            "the gateway's metadata too, as headers (`--floor-metadata headers`)",
+                        FloorMetadata::Payload =>
+                            "the gateway's metadata too, in front of the body (`--floor-metadata payload`)",
                     },
                     ratio(f.rate, r),
                     ratio(floor_open_p99, raw_open_p99),
