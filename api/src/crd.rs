@@ -818,6 +818,12 @@ pub struct WebhookEndpointStatus {
     /// would leave the work stream undelivered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<u16>,
+    /// The format the gateway stores this endpoint's webhooks in: 2 once
+    /// every processor the operator runs reads it (absent: 1, the format
+    /// of earlier releases). Set by the operator during an upgrade; see
+    /// docs/operations.md, "Stored format".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_format: Option<u8>,
 }
 
 /// Consumer backlog.

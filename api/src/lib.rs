@@ -18,7 +18,6 @@ pub mod logging;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod names;
-pub mod stored;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod reference;
@@ -26,6 +25,7 @@ mod schema;
 pub mod secret;
 #[cfg(feature = "signature")]
 pub mod signature;
+pub mod stored;
 #[cfg(feature = "otlp")]
 pub mod telemetry;
 pub mod tenancy;

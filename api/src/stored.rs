@@ -81,7 +81,9 @@ impl Metadata<'_> {
 /// already; anything else is left out rather than break the framing).
 fn fits(name: &str, value: &str) -> bool {
     !name.is_empty()
-        && !name.bytes().any(|b| b == b':' || b.is_ascii_whitespace() || b.is_ascii_control())
+        && !name
+            .bytes()
+            .any(|b| b == b':' || b.is_ascii_whitespace() || b.is_ascii_control())
         && !value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0))
 }
 
@@ -176,6 +178,29 @@ impl Webhook {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The metadata under their `wire` names and the provider's headers
+    /// under `Spillway-Orig-`: the webhook as format 1 stored it, one
+    /// shape for people reading either format (`spillway events show`).
+    pub fn as_headers(&self) -> Vec<(String, String)> {
+        let meta = [
+            (wire::ENDPOINT, &self.endpoint),
+            (wire::DELIVERY_ID, &self.delivery_id),
+            (wire::RECEIVED_AT, &self.received_at),
+            (wire::CONTENT_TYPE, &self.content_type),
+            (wire::TRACEPARENT, &self.traceparent),
+            (wire::TRACESTATE, &self.tracestate),
+            (wire::ORDERING_KEY, &self.ordering_key),
+        ];
+        meta.into_iter()
+            .filter_map(|(n, v)| Some((n.to_owned(), v.clone()?)))
+            .chain(
+                self.headers
+                    .iter()
+                    .map(|(n, v)| (format!("{}{n}", wire::ORIGINAL_HEADER_PREFIX), v.clone())),
+            )
+            .collect()
     }
 
     fn set(&mut self, name: &str, value: &str) {
@@ -308,7 +333,11 @@ mod tests {
 
     #[test]
     fn format_2_round_trips() {
-        let headers = [("stripe-signature", "t=1,v1=ab"), ("x-a", "1"), ("x-a", "2")];
+        let headers = [
+            ("stripe-signature", "t=1,v1=ab"),
+            ("x-a", "1"),
+            ("x-a", "2"),
+        ];
         let body = b"{\"id\":\"evt_1\"}\r\n\r\nmore";
         let p = encode(&meta(), headers.iter().copied(), body);
         assert!(p.starts_with(MAGIC));
@@ -329,12 +358,20 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         assert_eq!(w.header("X-A"), Some("1"));
+        let shown = w.as_headers();
+        assert!(shown.contains(&("Spillway-Delivery-Id".into(), "evt_1".into())));
+        assert!(shown.contains(&("Spillway-Orig-x-a".into(), "2".into())));
+        assert_eq!(shown.len(), 6 + 3);
         assert_eq!(w.body(&p), body);
     }
 
     #[test]
     fn what_cannot_be_framed_is_left_out() {
-        let headers = [("x-ok", "1"), ("x-bad", "a\r\nx-forged: 1"), ("bad:name", "1")];
+        let headers = [
+            ("x-ok", "1"),
+            ("x-bad", "a\r\nx-forged: 1"),
+            ("bad:name", "1"),
+        ];
         let m = Metadata {
             tracestate: Some("a=1\nb"),
             ..meta()
@@ -349,7 +386,10 @@ mod tests {
     #[test]
     fn malformed_payloads_are_refused() {
         for (p, why) in [
-            (&b"SPILLWAY/2\r\nSpillway-Endpoint: a/b\r\n"[..], "a line without CRLF"),
+            (
+                &b"SPILLWAY/2\r\nSpillway-Endpoint: a/b\r\n"[..],
+                "a line without CRLF",
+            ),
             (b"SPILLWAY/2\r\nno colon\r\n\r\n\r\n", "a line without `: `"),
             (b"SPILLWAY/2\r\n\r\nx-a: 1\r\n", "a line without CRLF"),
             (b"SPILLWAY/2\r\n\r\n: v\r\n\r\n", "an invalid header name"),

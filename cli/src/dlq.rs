@@ -108,7 +108,7 @@ fn row(m: &history::Stored, now: time::OffsetDateTime) -> Row {
     let age_secs = (now - m.time).whole_seconds().max(0);
     Row {
         seq: m.seq,
-        delivery_id: header(h, wire::DELIVERY_ID),
+        delivery_id: m.webhook().delivery_id,
         reason: header(h, wire::DLQ_REASON),
         attempts: header(h, wire::DLQ_ATTEMPTS).and_then(|v| v.trim().parse().ok()),
         last_status: header(h, wire::DLQ_LAST_STATUS).and_then(|v| v.trim().parse().ok()),
@@ -297,7 +297,7 @@ async fn redrive_all(
     let mut seen_seqs = BTreeSet::new();
     let mut r = Reader::open(js, &stream_name, Start::First, last).await?;
     while let Some(m) = r.next().await? {
-        let id = header(&m.headers, wire::DELIVERY_ID);
+        let id = m.webhook().delivery_id;
         if !sel.wants(m.seq, id.as_deref()) {
             continue;
         }

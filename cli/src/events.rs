@@ -10,16 +10,15 @@ use std::collections::VecDeque;
 use std::io::Write;
 
 use anyhow::Result;
-use async_nats::HeaderMap;
 use async_nats::jetstream;
 use clap::ValueEnum;
 use serde::Serialize;
 use spillway_api::names::BUILTIN_LISTENER;
-use spillway_api::wire::{self, AttemptDecision, AttemptRecord};
+use spillway_api::wire::{AttemptDecision, AttemptRecord};
 
 use crate::attempts;
 use crate::endpoint::EndpointRef;
-use crate::history::{self, Reader, Start, Stored};
+use crate::history::{Reader, Start, Stored};
 use crate::output::{self, Format};
 use crate::progress::Progress;
 
@@ -117,32 +116,19 @@ pub struct Query {
     pub limit: usize,
 }
 
-/// A stored header's value, by the provider's name (`X-GitHub-Event`
-/// finds `Spillway-Orig-X-Github-Event`), case-insensitively.
-fn original_header(h: &HeaderMap, name: &str) -> Option<String> {
-    h.iter().find_map(|(k, v)| {
-        let k: &str = k.as_ref();
-        let orig = k
-            .get(..wire::ORIGINAL_HEADER_PREFIX.len())
-            .filter(|p| p.eq_ignore_ascii_case(wire::ORIGINAL_HEADER_PREFIX))
-            .map(|_| &k[wire::ORIGINAL_HEADER_PREFIX.len()..])?;
-        orig.eq_ignore_ascii_case(name)
-            .then(|| v.first().map(|v| v.as_str().to_owned()))
-            .flatten()
-    })
-}
-
 fn event_of(m: &Stored) -> Event {
+    let w = m.webhook();
+    let body = w.body(&m.payload);
     Event {
         seq: m.seq,
-        delivery_id: history::header(&m.headers, wire::DELIVERY_ID).unwrap_or_default(),
-        received_at: history::header(&m.headers, wire::RECEIVED_AT).unwrap_or_else(|| {
+        delivery_id: w.delivery_id.clone().unwrap_or_default(),
+        received_at: w.received_at.clone().unwrap_or_else(|| {
             m.time
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default()
         }),
-        event_type: spillway_api::event::event_type(|n| original_header(&m.headers, n), &m.payload),
-        size: m.payload.len(),
+        event_type: spillway_api::event::event_type(|n| w.header(n).map(str::to_owned), body),
+        size: body.len(),
         listeners: Vec::new(),
     }
 }
@@ -316,19 +302,28 @@ pub async fn show(
     let (m, _) = crate::redeliver::find(js, ep, id, &records, since).await?;
     let mut event = event_of(&m);
     event.listeners = listener_states(&records);
-    let mut headers: Vec<(String, String)> = m
-        .headers
-        .iter()
-        .flat_map(|(k, vs)| {
-            let k: &str = k.as_ref();
-            vs.iter().map(move |v| {
-                let v = if redacted(k) {
-                    "<redacted>".to_owned()
-                } else {
-                    v.as_str().to_owned()
-                };
-                (k.to_owned(), v)
-            })
+    // Either stored format is shown in one shape: the NATS headers, and
+    // for format 2 the metadata and provider headers as format 1 named them.
+    let w = m.webhook();
+    let nats = m.headers.iter().flat_map(|(k, vs)| {
+        let k: &str = k.as_ref();
+        vs.iter()
+            .map(move |v| (k.to_owned(), v.as_str().to_owned()))
+    });
+    let stored = if w.format == Some(spillway_api::stored::Format::V2) {
+        w.as_headers()
+    } else {
+        Vec::new()
+    };
+    let mut headers: Vec<(String, String)> = nats
+        .chain(stored)
+        .map(|(k, v)| {
+            let v = if redacted(&k) {
+                "<redacted>".to_owned()
+            } else {
+                v
+            };
+            (k, v)
         })
         .collect();
     headers.sort();
@@ -337,7 +332,7 @@ pub async fn show(
         event,
         subject: m.subject.clone(),
         headers,
-        body: body.then(|| String::from_utf8_lossy(&m.payload).into_owned()),
+        body: body.then(|| String::from_utf8_lossy(w.body(&m.payload)).into_owned()),
         attempts: records,
     })
 }

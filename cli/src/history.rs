@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt as _;
-use spillway_api::wire;
+use spillway_api::{stored, wire};
 
 /// A stored message read back.
 #[derive(Debug, Clone)]
@@ -24,6 +24,14 @@ pub struct Stored {
     pub time: time::OffsetDateTime,
     /// Messages stored after it when it was read (for progress).
     pub pending: u64,
+}
+
+impl Stored {
+    /// The webhook this message holds (either stored format,
+    /// `spillway_api::stored`); a payload that does not parse is all body.
+    pub fn webhook(&self) -> stored::Webhook {
+        stored::decode(Some(&self.headers), &self.payload).unwrap_or_default()
+    }
 }
 
 /// Where to start reading.

@@ -162,7 +162,7 @@ pub async fn find(
             );
         };
         scanned += 1;
-        if history::header(&m.headers, wire::DELIVERY_ID).as_deref() == Some(id) {
+        if m.webhook().delivery_id.as_deref() == Some(id) {
             return Ok((m, scanned));
         }
     }

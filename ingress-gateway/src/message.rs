@@ -1,11 +1,13 @@
-//! The stored message: which request headers are kept (and under which
-//! names), the trace context, the ordering key, and the NATS headers of a
-//! stored webhook.
+//! The stored message: which request headers are kept, the trace context,
+//! the ordering key, and the NATS headers and payload of a stored webhook
+//! (`spillway_api::stored` writes format 2; format 1 is written here until
+//! the operator says every processor reads format 2).
 
+use axum::body::Bytes;
 use axum::http::{HeaderMap, header};
 use spillway_api::names::partition_of;
 use spillway_api::trace;
-use spillway_api::wire;
+use spillway_api::{stored, wire};
 
 use crate::delivery;
 use crate::route::Route;
@@ -122,10 +124,61 @@ mod names {
     pub const ORDERING_KEY: HeaderName = HeaderName::from_static(wire::ORDERING_KEY);
 }
 
-/// Build the NATS headers of a stored webhook; `trace` (the exported
-/// publish span) is its `traceparent`, else the request's valid one or a
-/// new trace.
-pub fn message_headers(
+/// Whether a request header is stored (hop-by-hop, credentials, what the
+/// metadata holds and the endpoint's `redactHeaders` are not).
+fn kept(route: &Route, name: &str) -> bool {
+    !DROPPED_HEADERS.contains(&name) && !route.redact_headers.iter().any(|r| r == name)
+}
+
+/// The NATS headers and payload of a stored webhook, in the endpoint's
+/// stored format (`Route::stored_format`, see `spillway_api::stored`);
+/// `trace` (the exported publish span) is its `traceparent`, else the
+/// request's valid one or a new trace.
+pub fn stored_message(
+    route: &Route,
+    headers: &HeaderMap,
+    ids: &delivery::Ids,
+    ordering: Option<&str>,
+    now: jiff::Timestamp,
+    trace: Option<&trace::TraceParent>,
+    body: Bytes,
+) -> (async_nats::HeaderMap, Bytes) {
+    if route.stored_format < 2 {
+        return (
+            message_headers_v1(route, headers, ids, ordering, now, trace),
+            body,
+        );
+    }
+    let mut h = async_nats::HeaderMap::new();
+    if let Some(id) = &ids.msg_id {
+        h.insert(names::NATS_MSG_ID, id.as_str());
+    }
+    let received_at = format!("{now:.3}");
+    let traceparent = trace.map_or_else(|| traceparent(headers), trace::TraceParent::header);
+    let meta = stored::Metadata {
+        endpoint: &route.endpoint,
+        delivery_id: &ids.delivery_id,
+        received_at: &received_at,
+        content_type: headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+        traceparent: &traceparent,
+        tracestate: tracestate(headers),
+        ordering_key: ordering,
+    };
+    let mut originals = Vec::with_capacity(headers.len());
+    originals.extend(headers.iter().filter_map(|(name, value)| {
+        let n = name.as_str();
+        kept(route, n).then_some(())?;
+        Some((n, value.to_str().ok()?))
+    }));
+    let payload = stored::encode(&meta, originals.iter().copied(), &body);
+    (h, Bytes::from(payload))
+}
+
+/// Format 1 (for endpoints whose `status.storedFormat` is not 2 yet):
+/// every field a NATS header, the provider's under `Spillway-Orig-`.
+pub fn message_headers_v1(
     route: &Route,
     headers: &HeaderMap,
     ids: &delivery::Ids,
@@ -158,7 +211,7 @@ pub fn message_headers(
     }
     for (name, value) in headers {
         let n = name.as_str();
-        if DROPPED_HEADERS.contains(&n) || route.redact_headers.iter().any(|r| r == n) {
+        if !kept(route, n) {
             continue;
         }
         if let Ok(v) = value.to_str() {

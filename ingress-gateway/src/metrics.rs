@@ -204,6 +204,7 @@ mod tests {
             ))
             .unwrap(),
             partitions_ready: None,
+                        stored_format: spillway_api::stored::CURRENT,
         }
     }
 

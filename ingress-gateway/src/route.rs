@@ -30,6 +30,10 @@ pub struct EndpointDef {
     /// `status.partitions`: partitions whose consumers exist (`None`:
     /// unknown, e.g. standalone mode, where the spec's count is used).
     pub partitions_ready: Option<u16>,
+    /// The stored format to write (`status.storedFormat`: 2 once the
+    /// operator has seen every processor read it, else 1; standalone mode
+    /// writes the current one, `spillway_api::stored::CURRENT`).
+    pub stored_format: u8,
 }
 
 /// Handshake settings with their secrets resolved.
@@ -83,6 +87,8 @@ pub struct Route {
     /// A webhook was stored on the scoped intake subject: no more copies
     /// for the previous release's subject (see `server::store`).
     pub scoped_subject_seen: std::sync::atomic::AtomicBool,
+    /// The stored format written (see `EndpointDef::stored_format`).
+    pub stored_format: u8,
 }
 
 /// Immutable snapshot of all routes, keyed by path.
@@ -285,6 +291,7 @@ fn resolve(
     Route {
         names: EndpointNames::new(&def.namespace, &def.name),
         scoped_subject_seen: Default::default(),
+        stored_format: def.stored_format,
         label: Arc::new(endpoint.clone()),
         endpoint,
         suspended: spec.suspend,
@@ -332,6 +339,7 @@ mod tests {
             created,
             spec: serde_saphyr::from_str(yaml).unwrap(),
             partitions_ready: None,
+            stored_format: spillway_api::stored::CURRENT,
         }
     }
 

@@ -28,7 +28,7 @@ pub use crate::error::ApiError;
 use crate::handshake::{self, Reply};
 use crate::listener::ClientAddr;
 use crate::listener::ClientSlots;
-use crate::message::{message_headers, ordering_key};
+use crate::message::{ordering_key, stored_message};
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels, VerifyLabels};
 use crate::route::{self, Route};
 use crate::verify::Inbound;
@@ -505,13 +505,14 @@ async fn store(
     // Exported: the stored traceparent names the publish span, so the
     // processor's spans are its children.
     let stored_trace = telemetry::traceparent_of(&publish);
-    let nats_headers = message_headers(
+    let (nats_headers, body) = stored_message(
         route,
         headers,
         &ids,
         ordering.as_ref().map(|(k, _)| k.as_str()),
         jiff::Timestamp::now(),
         stored_trace.as_ref(),
+        body,
     );
     let unavailable = ApiError::Unavailable {
         reason: "store_unavailable",
@@ -620,6 +621,7 @@ mod tests {
             created: Some(1),
             spec: serde_saphyr::from_str(&yaml).expect("spec"),
             partitions_ready: None,
+            stored_format: spillway_api::stored::CURRENT,
         }
     }
 
@@ -919,18 +921,18 @@ mod tests {
             delivery_id: "d".into(),
             msg_id: None,
         };
-        let h = message_headers(
+        let (h, p) = crate::message::stored_message(
             &r,
             &HeaderMap::new(),
             &ids,
             Some(&key),
             jiff::Timestamp::now(),
             None,
+            Bytes::from_static(body),
         );
-        assert_eq!(
-            h.get(wire::ORDERING_KEY).map(|v| v.as_str()),
-            Some(key.as_str())
-        );
+        let w = spillway_api::stored::decode(Some(&h), &p).unwrap();
+        assert_eq!(w.ordering_key.as_deref(), Some(key.as_str()));
+        assert_eq!(w.body(&p), body);
     }
 
     #[test]
@@ -947,7 +949,19 @@ mod tests {
             msg_id: None,
         };
         let now = jiff::Timestamp::from_millisecond(1_700_000_000_123).unwrap();
-        let h = message_headers(&r, &HeaderMap::new(), &ids, None, now, None);
+        let (h, p) = crate::message::stored_message(
+            &r,
+            &HeaderMap::new(),
+            &ids,
+            None,
+            now,
+            None,
+            Bytes::new(),
+        );
+        let w = spillway_api::stored::decode(Some(&h), &p).unwrap();
+        assert_eq!(w.received_at.as_deref(), Some("2023-11-14T22:13:20.123Z"));
+        // Format 1 (an endpoint the operator has not moved yet) says the same.
+        let h = crate::message::message_headers_v1(&r, &HeaderMap::new(), &ids, None, now, None);
         assert_eq!(
             h.get(wire::RECEIVED_AT).map(|v| v.as_str()),
             Some("2023-11-14T22:13:20.123Z")

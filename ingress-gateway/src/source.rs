@@ -196,6 +196,7 @@ impl FileSource {
                         created: Some(i64::try_from(i).unwrap_or(i64::MAX)),
                         spec,
                         partitions_ready: None,
+                        stored_format: spillway_api::stored::CURRENT,
                     });
                 }
                 "Secret" => {
@@ -575,6 +576,7 @@ fn endpoint_defs(reader: &Store<WebhookEndpoint>) -> Vec<EndpointDef> {
                 .map(|t| t.0.as_second()),
             spec: e.spec.clone(),
             partitions_ready: e.status.as_ref().and_then(|s| s.partitions),
+            stored_format: e.status.as_ref().and_then(|s| s.stored_format).unwrap_or(1),
         })
         .collect()
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use spillway_api::telemetry;
 use spillway_api::wire::{self, AttemptDecision};
+use spillway_api::{stored, telemetry};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument as _, field};
@@ -162,18 +162,18 @@ pub fn pod_name() -> String {
 /// How long ago the gateway accepted a message (its `Spillway-Received-At`,
 /// else when JetStream stored this copy), or a redrive or replay put it
 /// back (`Spillway-Requeued-At`), whichever is later.
-fn age_of(msg: &Message) -> Option<Duration> {
-    let stamp = |name: &str| {
-        msg.headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .and_then(|v| v.as_str().parse::<jiff::Timestamp>().ok())
-    };
-    let received = stamp(wire::RECEIVED_AT).or_else(|| {
+fn age_of(msg: &Message, webhook: &stored::Webhook) -> Option<Duration> {
+    let parse = |v: &str| v.parse::<jiff::Timestamp>().ok();
+    let received = webhook.received_at.as_deref().and_then(parse).or_else(|| {
         let t = msg.info().ok()?.published;
         jiff::Timestamp::from_second(t.unix_timestamp()).ok()
     })?;
-    let received = stamp(wire::REQUEUED_AT).map_or(received, |r| r.max(received));
+    let requeued = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(wire::REQUEUED_AT))
+        .and_then(|v| parse(v.as_str()));
+    let received = requeued.map_or(received, |r| r.max(received));
     let age = jiff::Timestamp::now().duration_since(received);
     Duration::try_from(age).ok()
 }
@@ -736,13 +736,25 @@ impl Processor {
             }
         };
         let s = &self.settings;
+        // The webhook as stored (either format; spillway_api::stored).
+        let webhook = match stored::decode(msg.headers.as_ref(), &msg.payload) {
+            Ok(w) => w,
+            Err(e) => {
+                let result = AttemptResult::Transport(e.to_string());
+                self.dead_letter(&msg, DeadReason::Malformed, attempt, seq, &result)
+                    .await;
+                return;
+            }
+        };
+        let body = msg
+            .payload
+            .slice(webhook.body_offset.min(msg.payload.len())..);
         // Exported spans (OTLP; disabled callsites otherwise): children of
         // the gateway's publish span, from the stored traceparent.
-        let stored_trace = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(wire::TRACEPARENT))
-            .and_then(|v| spillway_api::trace::TraceParent::parse(v.as_str()));
+        let stored_trace = webhook
+            .traceparent
+            .as_deref()
+            .and_then(spillway_api::trace::TraceParent::parse);
         let otel_span = |span: tracing::Span| {
             if let Some(tp) = &stored_trace {
                 telemetry::set_parent(&span, tp);
@@ -764,10 +776,12 @@ impl Processor {
         // it does not select is settled for this listener at once (the
         // other listeners' consumers still hold it) and counted.
         if let Some(filter) = &s.filter {
-            let headers = http::provider_headers(msg.headers.as_ref());
             let verdict = filter.check(
-                headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                &msg.payload,
+                webhook
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+                &body,
             );
             if verdict != spillway_api::filter::Verdict::Match {
                 pull.record("webhook.filtered", verdict.as_str());
@@ -826,7 +840,7 @@ impl Processor {
         }
 
         if let Some(max) = s.expire_after
-            && let Some(age) = age_of(&msg)
+            && let Some(age) = age_of(&msg, &webhook)
             && age > max
         {
             let result = AttemptResult::Transport(format!(
@@ -839,10 +853,9 @@ impl Processor {
             return;
         }
 
-        let headers = msg.headers.as_ref();
-        let id = headers
-            .and_then(|h| h.get(wire::DELIVERY_ID))
-            .map(|v| v.as_str().to_owned())
+        let id = webhook
+            .delivery_id
+            .clone()
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| format!("{}-{seq}", s.stream));
         let deliver = otel_span(tracing::info_span!(
@@ -857,14 +870,11 @@ impl Processor {
         // The sink's traceparent: the deliver span when exported, else a new
         // span id in the stored trace.
         let traceparent = telemetry::traceparent_of(&deliver)
-            .unwrap_or_else(|| {
-                let incoming = headers.and_then(|h| h.get(wire::TRACEPARENT));
-                spillway_api::trace::child_of(incoming.map(|v| v.as_str()))
-            })
+            .unwrap_or_else(|| spillway_api::trace::child_of(webhook.traceparent.as_deref()))
             .header();
-        let mut out = http::outgoing_headers(headers, attempt, &traceparent);
+        let mut out = http::outgoing_headers(&webhook, attempt, &traceparent);
         if let Some(sf) = &self.signer {
-            http::sign(&mut out, &sf.signer(), &id, &msg.payload);
+            http::sign(&mut out, &sf.signer(), &id, &body);
         }
 
         self.metrics.in_flight.inc();
@@ -874,7 +884,7 @@ impl Processor {
             .keep_alive(
                 &msg,
                 every,
-                http::post(&self.client, &s.sink_url, out, msg.payload.clone())
+                http::post(&self.client, &s.sink_url, out, body.clone())
                     .instrument(deliver.clone()),
             )
             .await;
@@ -903,9 +913,7 @@ impl Processor {
         if let Some(r) = &self.recorder {
             r.record(&Attempt {
                 delivery_id: &id,
-                received_at: headers
-                    .and_then(|h| h.get(wire::RECEIVED_AT))
-                    .map(|v| v.as_str()),
+                received_at: webhook.received_at.as_deref(),
                 attempt,
                 stream_sequence: seq,
                 started_at,

@@ -2,9 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use async_nats::HeaderMap;
 use reqwest::header::{HeaderName, HeaderValue};
-use spillway_api::wire;
+use spillway_api::stored;
 
 use crate::outcome::{AttemptResult, parse_retry_after};
 use crate::signing::{self, Signer};
@@ -35,14 +34,6 @@ const NOT_FORWARDED: &[&str] = &[
     "expect",
 ];
 
-/// Spillway headers copied to the sink as they are.
-const SPILLWAY_FORWARDED: &[&str] = &[
-    wire::DELIVERY_ID,
-    wire::RECEIVED_AT,
-    wire::ORDERING_KEY,
-    wire::TRACESTATE,
-];
-
 /// Build a reqwest client for the sink: bounded timeouts, a pool sized to
 /// the concurrency, no redirects, ring-based rustls.
 pub fn client(timeout: Duration, pool: usize) -> Result<reqwest::Client, reqwest::Error> {
@@ -58,37 +49,35 @@ pub fn client(timeout: Duration, pool: usize) -> Result<reqwest::Client, reqwest
         .build()
 }
 
-/// The headers of the HTTP request for a stored message.
+/// The headers of the HTTP request for a stored webhook: the provider's
+/// (less hop-by-hop ones), Spillway's delivery id, receive time, ordering
+/// key and tracestate, the Content-Type, the attempt and the traceparent.
 pub fn outgoing_headers(
-    stored: Option<&HeaderMap>,
+    webhook: &stored::Webhook,
     attempt: u32,
     traceparent: &str,
 ) -> reqwest::header::HeaderMap {
     let mut out = reqwest::header::HeaderMap::new();
-    if let Some(stored) = stored {
-        for (name, values) in stored.iter() {
-            let name: &str = name.as_ref();
-            let Some(orig) = strip_prefix_ci(name, wire::ORIGINAL_HEADER_PREFIX) else {
-                continue;
-            };
-            if NOT_FORWARDED.iter().any(|h| h.eq_ignore_ascii_case(orig)) {
-                continue;
-            }
-            let Ok(hn) = HeaderName::from_bytes(orig.as_bytes()) else {
-                continue;
-            };
-            for v in values {
-                if let Ok(hv) = HeaderValue::from_str(v.as_str()) {
-                    out.append(hn.clone(), hv);
-                }
-            }
+    for (name, value) in &webhook.headers {
+        if NOT_FORWARDED.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+            continue;
         }
-        for name in SPILLWAY_FORWARDED.iter().chain([&wire::CONTENT_TYPE]) {
-            if let Some(v) = stored.get(*name)
-                && let Ok(hv) = HeaderValue::from_str(v.as_str())
-            {
-                out.insert(HeaderName::from_static(lower(name)), hv);
-            }
+        if let (Ok(hn), Ok(hv)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            out.append(hn, hv);
+        }
+    }
+    for (name, value) in [
+        ("spillway-delivery-id", &webhook.delivery_id),
+        ("spillway-received-at", &webhook.received_at),
+        ("spillway-ordering-key", &webhook.ordering_key),
+        ("tracestate", &webhook.tracestate),
+        ("content-type", &webhook.content_type),
+    ] {
+        if let Some(hv) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+            out.insert(HeaderName::from_static(name), hv);
         }
     }
     out.insert(
@@ -99,38 +88,6 @@ pub fn outgoing_headers(
         out.insert(HeaderName::from_static("traceparent"), hv);
     }
     out
-}
-
-fn lower(name: &str) -> &'static str {
-    match name {
-        n if n == wire::DELIVERY_ID => "spillway-delivery-id",
-        n if n == wire::RECEIVED_AT => "spillway-received-at",
-        n if n == wire::ORDERING_KEY => "spillway-ordering-key",
-        n if n == wire::TRACESTATE => "tracestate",
-        _ => "content-type",
-    }
-}
-
-/// The provider's request headers as stored (`Spillway-Orig-<name>`), for
-/// a listener's filter: `(name, value)`, first value of each.
-pub fn provider_headers(stored: Option<&async_nats::HeaderMap>) -> Vec<(String, String)> {
-    let Some(stored) = stored else {
-        return Vec::new();
-    };
-    stored
-        .iter()
-        .filter_map(|(name, values)| {
-            let orig = strip_prefix_ci(name.as_ref(), wire::ORIGINAL_HEADER_PREFIX)?;
-            Some((orig.to_owned(), values.first()?.as_str().to_owned()))
-        })
-        .collect()
-}
-
-fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix)
-        .then(|| &s[prefix.len()..])
-        .filter(|rest| !rest.is_empty())
 }
 
 /// Add Standard Webhooks signature headers (replacing any forwarded ones).
@@ -233,6 +190,7 @@ pub fn excerpt(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use spillway_api::wire;
 
     /// A sink answering 200 with an endless body: the attempt is a 200 with
     /// the body's first bytes as excerpt, not a read until the timeout
@@ -266,12 +224,14 @@ mod tests {
         }
     }
 
-    fn stored() -> HeaderMap {
-        let mut h = HeaderMap::new();
+    /// A format-1 message's headers.
+    fn stored_v1() -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
         h.insert(wire::NATS_MSG_ID, "gh-123");
         h.insert(wire::DELIVERY_ID, "gh-123");
         h.insert(wire::CONTENT_TYPE, "application/json");
         h.insert(wire::ENDPOINT, "default/gh");
+        h.insert(wire::RECEIVED_AT, "2026-12-06T09:00:00.123Z");
         h.insert("Spillway-Orig-X-GitHub-Event", "push");
         h.insert("spillway-orig-x-lower", "yes");
         h.insert("Spillway-Orig-Host", "evil.example");
@@ -282,10 +242,44 @@ mod tests {
         h
     }
 
+    fn stored() -> stored::Webhook {
+        stored::decode(Some(&stored_v1()), b"{}").unwrap()
+    }
+
+    /// The same webhook in format 2.
+    fn stored_v2() -> (async_nats::HeaderMap, Vec<u8>) {
+        let meta = stored::Metadata {
+            endpoint: "default/gh",
+            delivery_id: "gh-123",
+            received_at: "2026-12-06T09:00:00.123Z",
+            content_type: Some("application/json"),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01",
+            tracestate: Some("congo=t61rcWkgMzE"),
+            ordering_key: None,
+        };
+        let headers = [
+            ("x-github-event", "push"),
+            ("x-lower", "yes"),
+            ("host", "evil.example"),
+            ("content-length", "999"),
+        ];
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(wire::NATS_MSG_ID, "provider:gh-123");
+        (h, stored::encode(&meta, headers.into_iter(), b"{}"))
+    }
+
     #[test]
     fn forwards_original_headers_without_prefix_and_spillway_context() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let h = outgoing_headers(Some(&stored()), 3, tp);
+        let (h2, p2) = stored_v2();
+        let v2 = stored::decode(Some(&h2), &p2).unwrap();
+        assert_eq!(v2.format, Some(stored::Format::V2));
+        // Both formats give the sink the same request headers.
+        assert_eq!(
+            outgoing_headers(&v2, 3, tp),
+            outgoing_headers(&stored(), 3, tp)
+        );
+        let h = outgoing_headers(&stored(), 3, tp);
         assert_eq!(h.get("x-github-event").unwrap(), "push");
         assert_eq!(h.get("x-lower").unwrap(), "yes");
         assert_eq!(h.get("content-type").unwrap(), "application/json");
@@ -307,8 +301,9 @@ mod tests {
     #[test]
     fn signing_replaces_forwarded_signature_headers() {
         let mut s = stored();
-        s.insert("Spillway-Orig-Webhook-Signature", "v1,provider");
-        let mut h = outgoing_headers(Some(&s), 1, "x");
+        s.headers
+            .push(("Webhook-Signature".into(), "v1,provider".into()));
+        let mut h = outgoing_headers(&s, 1, "x");
         let signer = Signer::new(b"key");
         sign(&mut h, &signer, "gh-123", b"{}");
         let sigs: Vec<_> = h.get_all("webhook-signature").iter().collect();

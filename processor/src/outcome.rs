@@ -83,6 +83,9 @@ pub enum DeadReason {
     Gone,
     /// Received longer ago than `stream.maxAge`: not delivered any more.
     Expired,
+    /// Its stored form does not parse (`spillway_api::stored::Malformed`):
+    /// kept for a person to look at, never delivered half-read.
+    Malformed,
 }
 
 impl DeadReason {
@@ -93,6 +96,7 @@ impl DeadReason {
             DeadReason::ClientError => "client_error",
             DeadReason::Gone => "gone",
             DeadReason::Expired => "expired",
+            DeadReason::Malformed => "malformed",
         }
     }
 }

@@ -287,3 +287,119 @@ pub(super) fn is_ours(d: &Deployment) -> bool {
         .and_then(|l| l.get("app.kubernetes.io/managed-by"))
         .is_some_and(|v| v == "spillway-operator")
 }
+
+/// Whether this processor Deployment's pods all read the current stored
+/// format: it was rendered by an operator whose processors do (the
+/// annotation), and no pod of an earlier template remains (the Deployment
+/// controller has seen the current template, and every pod is of it). A
+/// Deployment no controller has observed yet has no pods of an earlier
+/// template.
+pub(crate) fn reads_current_format(d: &Deployment) -> bool {
+    let marked = d
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(render::READS_STORED_FORMAT))
+        .and_then(|v| v.parse::<u8>().ok())
+        .is_some_and(|f| f >= spillway_api::stored::CURRENT);
+    let status = d.status.clone().unwrap_or_default();
+    let rolled = match status.observed_generation {
+        None => true,
+        Some(seen) => {
+            seen >= d.metadata.generation.unwrap_or(0)
+                && status.updated_replicas.unwrap_or(0) >= status.replicas.unwrap_or(0)
+        }
+    };
+    marked && rolled
+}
+
+/// The stored format the gateway may write for every endpoint: the current
+/// one once every processor Deployment the operator sees reads it (`None`
+/// while the cache is not synced: nothing is known yet), else 1. A
+/// Deployment stuck mid-rollout keeps every endpoint on format 1, which
+/// every processor reads.
+pub(crate) fn stored_format(
+    deployments: &kube::runtime::reflector::Store<Deployment>,
+) -> Option<u8> {
+    use futures::FutureExt as _;
+    deployments.wait_until_ready().now_or_never()?.ok()?;
+    Some(
+        if deployments.state().iter().all(|d| reads_current_format(d)) {
+            spillway_api::stored::CURRENT
+        } else {
+            1
+        },
+    )
+}
+
+#[cfg(test)]
+mod stored_format_tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+
+    fn deployment(
+        marked: Option<&str>,
+        generation: i64,
+        status: Option<(i64, i32, i32)>,
+    ) -> Deployment {
+        let mut d = Deployment::default();
+        d.metadata.generation = Some(generation);
+        d.metadata.annotations =
+            marked.map(|v| [(render::READS_STORED_FORMAT.to_owned(), v.to_owned())].into());
+        d.status = status.map(|(seen, replicas, updated)| DeploymentStatus {
+            observed_generation: Some(seen),
+            replicas: Some(replicas),
+            updated_replicas: Some(updated),
+            ..Default::default()
+        });
+        d
+    }
+
+    #[test]
+    fn a_deployment_reads_format_2_once_marked_and_rolled() {
+        for (marked, generation, status, reads, why) in [
+            (Some("2"), 3, Some((3, 2, 2)), true, "rolled out"),
+            (Some("2"), 3, Some((3, 0, 0)), true, "scaled to zero"),
+            (
+                Some("2"),
+                1,
+                None,
+                true,
+                "no controller has seen it: no older pods",
+            ),
+            (
+                Some("2"),
+                4,
+                Some((3, 2, 2)),
+                false,
+                "the new template not seen yet",
+            ),
+            (Some("2"), 4, Some((4, 3, 1)), false, "older pods still run"),
+            (
+                None,
+                3,
+                Some((3, 2, 2)),
+                false,
+                "an earlier operator's template",
+            ),
+            (
+                None,
+                1,
+                None,
+                false,
+                "an earlier operator's, never observed",
+            ),
+            (
+                Some("1"),
+                3,
+                Some((3, 2, 2)),
+                false,
+                "a reader of format 1 only",
+            ),
+            (Some("x"), 3, Some((3, 2, 2)), false, "not a number"),
+        ] {
+            let d = deployment(marked, generation, status);
+            assert_eq!(reads_current_format(&d), reads, "{why}");
+        }
+    }
+}

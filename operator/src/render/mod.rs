@@ -37,6 +37,12 @@ pub const CONFIG_HASH: &str = "spillway.dev/config-hash";
 /// Deployment annotation: hash of everything the operator renders, to skip
 /// writes when nothing changed.
 pub const RENDER_HASH: &str = "spillway.dev/render-hash";
+/// Pod template and Deployment annotation: the stored format
+/// (`spillway_api::stored`) the processor this operator renders reads.
+/// The template's copy rolls the pods of an earlier release's template; the
+/// Deployment's copy is what the operator's cache (which drops templates)
+/// sees, to tell when every processor reads format 2 (`status.storedFormat`).
+pub const READS_STORED_FORMAT: &str = "spillway.dev/reads-stored-format";
 /// Deployment annotation: `keda` while a KEDA ScaledObject scales it (its
 /// replicas are left to KEDA's HPA), `builtin` otherwise.
 pub const AUTOSCALER: &str = "spillway.dev/autoscaler";
@@ -727,6 +733,10 @@ pub fn workload_deployment(
     let mut annotations = settings.processor_pod_annotations.clone();
     annotations.extend(pod_meta.annotations.take().unwrap_or_default());
     annotations.insert(CONFIG_HASH.into(), config_hash);
+    annotations.insert(
+        READS_STORED_FORMAT.into(),
+        spillway_api::stored::CURRENT.to_string(),
+    );
     pod_meta.annotations = Some(annotations);
 
     let mut d = Deployment {
@@ -786,6 +796,10 @@ pub fn workload_deployment(
     d.metadata.annotations = Some(BTreeMap::from([
         (RENDER_HASH.into(), render_hash),
         (AUTOSCALER.into(), autoscaler.into()),
+        (
+            READS_STORED_FORMAT.into(),
+            spillway_api::stored::CURRENT.to_string(),
+        ),
     ]));
     Ok(d)
 }
