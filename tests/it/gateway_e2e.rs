@@ -10,6 +10,7 @@ use async_nats::jetstream;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use spillway_api::names::{EndpointNames, partition_of};
+use spillway_api::stored::{self, Format};
 use spillway_api::wire;
 use spillway_gateway::config::{Config, SourceKind};
 use spillway_gateway::run::{Running, start};
@@ -595,48 +596,107 @@ async fn every_scheme_lands_exactly_once_and_bad_requests_are_401() -> Result<()
     })
     .await?;
 
-    for s in SCHEMES {
-        let (headers, body, delivery) = request(s, 1, Mode::Good);
-        let r = post(w.addr(), &format!("/e/{s}"), &headers, &body).await?;
-        assert_eq!(r.status, 200, "{s}: {r:?}");
-        let msgs = w.messages(s).await?;
-        assert_eq!(msgs.len(), 1, "{s}: exactly one stored");
-        let m = &msgs[0];
-        assert_eq!(m.payload.as_ref(), body.as_slice(), "{s}: raw body stored");
-        assert_eq!(m.subject.as_str(), w.names(s).subject(0));
-        let hv = |k: &str| m.headers.get(k).map(|v| v.as_str().to_owned());
-        assert_eq!(hv(wire::ENDPOINT), Some(format!("{}/{s}", w.ns)), "{s}");
-        assert_eq!(
-            hv(wire::DELIVERY_ID).as_deref(),
-            Some(delivery.as_str()),
-            "{s}"
-        );
-        // The provider's id (or, without one, the body hash), in the
-        // gateway's namespace.
-        let msg_id = hv(wire::NATS_MSG_ID).unwrap_or_default();
-        assert!(
-            msg_id == format!("provider:{delivery}") || msg_id == format!("body:{delivery}"),
-            "{s}: {msg_id}"
-        );
-        assert!(
-            hv(wire::RECEIVED_AT).is_some_and(|t| t.ends_with('Z') && t.len() == 24),
-            "{s}"
-        );
-        assert!(hv(wire::TRACEPARENT).is_some_and(|t| t.len() == 55), "{s}");
-        let ct = headers
-            .iter()
-            .find(|(k, _)| k == "Content-Type")
-            .map(|(_, v)| v.clone());
-        assert_eq!(hv(wire::CONTENT_TYPE), ct, "{s}");
-        for (k, v) in &headers {
-            let stored = hv(&format!("{}{}", wire::ORIGINAL_HEADER_PREFIX, title(k)));
-            if k == "X-Gitlab-Token" {
-                assert_eq!(
-                    stored, None,
-                    "the GitLab token is a secret and never stored"
-                );
-            } else if k != "Content-Type" {
-                assert_eq!(stored.as_deref(), Some(v.as_str()), "{s}: {k} kept");
+    // Format 1 while the endpoints' status says nothing (an operator of
+    // this release has not yet seen every processor read format 2), then
+    // format 2 once `status.storedFormat` is 2; the same webhook either way.
+    for (round, format) in [(1u32, Format::V1), (2, Format::V2)] {
+        if format == Format::V2 {
+            for s in SCHEMES {
+                w.cp.kubectl_output(&[
+                    "patch",
+                    "-n",
+                    &w.ns,
+                    "webhookendpoint",
+                    s,
+                    "--subresource=status",
+                    "--type=merge",
+                    "-p",
+                    r#"{"status":{"storedFormat":2}}"#,
+                ])
+                .await?;
+            }
+            let gateway = w.gw.gateway.clone();
+            eventually(Duration::from_secs(15), "format 2 routed", || {
+                let table = gateway.router.table();
+                let all = SCHEMES.iter().all(|s| {
+                    table
+                        .get(&format!("/e/{s}"))
+                        .is_some_and(|r| r.stored_format == 2 && r.verifier.is_ok())
+                });
+                async move { all }
+            })
+            .await?;
+        }
+        for s in SCHEMES {
+            let (headers, body, delivery) = request(s, round, Mode::Good);
+            let r = post(w.addr(), &format!("/e/{s}"), &headers, &body).await?;
+            assert_eq!(r.status, 200, "{s}: {r:?}");
+            let msgs = w.messages(s).await?;
+            assert_eq!(msgs.len(), round as usize, "{s}: exactly one stored");
+            let m = &msgs[round as usize - 1];
+            let stored = stored::decode(Some(&m.headers), &m.payload)?;
+            assert_eq!(stored.format, Some(format), "{s}");
+            assert_eq!(
+                stored.body(&m.payload),
+                body.as_slice(),
+                "{s}: raw body stored"
+            );
+            if format == Format::V2 {
+                // Nothing but JetStream's deduplication id in the headers.
+                let names: Vec<String> = m.headers.iter().map(|(k, _)| k.to_string()).collect();
+                assert_eq!(names, [wire::NATS_MSG_ID], "{s}");
+            }
+            assert_eq!(m.subject.as_str(), w.names(s).subject(0));
+            assert_eq!(stored.endpoint, Some(format!("{}/{s}", w.ns)), "{s}");
+            assert_eq!(
+                stored.delivery_id.as_deref(),
+                Some(delivery.as_str()),
+                "{s}"
+            );
+            // The provider's id (or, without one, the body hash), in the
+            // gateway's namespace.
+            let msg_id = m
+                .headers
+                .get(wire::NATS_MSG_ID)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            assert!(
+                msg_id == format!("provider:{delivery}") || msg_id == format!("body:{delivery}"),
+                "{s}: {msg_id}"
+            );
+            assert!(
+                stored
+                    .received_at
+                    .as_deref()
+                    .is_some_and(|t| t.ends_with('Z') && t.len() == 24),
+                "{s}"
+            );
+            assert!(
+                stored.traceparent.as_deref().is_some_and(|t| t.len() == 55),
+                "{s}"
+            );
+            let ct = headers
+                .iter()
+                .find(|(k, _)| k == "Content-Type")
+                .map(|(_, v)| v.clone());
+            assert_eq!(stored.content_type, ct, "{s}");
+            for (k, v) in &headers {
+                let kept = stored.header(k);
+                if k == "X-Gitlab-Token" {
+                    assert_eq!(kept, None, "the GitLab token is a secret and never stored");
+                } else if k != "Content-Type" {
+                    assert_eq!(kept, Some(v.as_str()), "{s}: {k} kept");
+                }
+            }
+            if format == Format::V1 {
+                // Format 1's names, title-cased under the prefix.
+                for (k, _) in headers
+                    .iter()
+                    .filter(|(k, _)| k != "Content-Type" && k != "X-Gitlab-Token")
+                {
+                    let name = format!("{}{}", wire::ORIGINAL_HEADER_PREFIX, title(k));
+                    assert!(m.headers.get(name.as_str()).is_some(), "{s}: {name}");
+                }
             }
         }
     }
@@ -651,7 +711,11 @@ async fn every_scheme_lands_exactly_once_and_bad_requests_are_401() -> Result<()
     }
     let r = post(w.addr(), "/e/twitch", &headers, &body).await?;
     assert_eq!(r.status, 200, "twitch retry: {r:?}");
-    assert_eq!(w.count("twitch").await?, 1, "a Twitch retry is stored once");
+    assert_eq!(
+        w.count("twitch").await?,
+        2,
+        "a Twitch retry is stored once (across formats too)"
+    );
 
     for s in SCHEMES.iter().filter(|s| **s != "none") {
         let mut modes = vec![
@@ -674,7 +738,7 @@ async fn every_scheme_lands_exactly_once_and_bad_requests_are_401() -> Result<()
         }
         assert_eq!(
             w.count(s).await?,
-            1,
+            2,
             "{s}: nothing published for rejected requests"
         );
     }

@@ -1619,3 +1619,115 @@ async fn scoped_subjects_are_added_in_place_without_loss() -> Result<()> {
     env.stop().await;
     Ok(())
 }
+
+/// The operator tells the gateway to store format 2 (`status.storedFormat`)
+/// only once no processor of an earlier release can read the endpoint's
+/// stream: every processor Deployment it manages is marked as a format-2
+/// reader and has no pods of an earlier template left. Once 2, never back.
+#[tokio::test]
+async fn stored_format_2_waits_for_every_processor_to_read_it() -> Result<()> {
+    let env = Env::new("op-format").await?;
+    // A processor Deployment of an earlier release (managed by the
+    // operator, not marked), mid-rollout: 2 pods, 1 of the new template.
+    let old: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "earlier-processor",
+            "labels": {"app.kubernetes.io/managed-by": "spillway-operator"},
+        },
+        "spec": {
+            "selector": {"matchLabels": {"app": "earlier"}},
+            "template": {
+                "metadata": {"labels": {"app": "earlier"}},
+                "spec": {"containers": [{"name": "processor", "image": "spillway/processor:old"}]},
+            },
+        },
+    }))?;
+    env.deployments()
+        .create(&PostParams::default(), &old)
+        .await?;
+    // What the Deployment controller reports: it has seen the current
+    // generation (for Deployments, annotations count), and `updated` of
+    // the 2 pods are of the current template.
+    let rollout = async |updated: i32| -> Result<()> {
+        let generation = env
+            .deployments()
+            .get("earlier-processor")
+            .await?
+            .metadata
+            .generation;
+        let status = json!({"status": {
+            "observedGeneration": generation,
+            "replicas": 2,
+            "updatedReplicas": updated,
+        }});
+        env.deployments()
+            .patch_status(
+                "earlier-processor",
+                &PatchParams::default(),
+                &Patch::Merge(status),
+            )
+            .await?;
+        Ok(())
+    };
+    let mark = async |value: Value| -> Result<()> {
+        let patch =
+            json!({"metadata": {"annotations": {"spillway.dev/reads-stored-format": value}}});
+        env.deployments()
+            .patch(
+                "earlier-processor",
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await?;
+        Ok(())
+    };
+    rollout(1).await?;
+    env.secret("gh", "secret").await?;
+    env.create("gh", spec(json!({}))).await?;
+    env.wait_condition("gh", "StreamReady", "True", None)
+        .await?;
+    // Its own Deployment says it reads format 2, on the pods too.
+    let d = env.deployment("gh").await?;
+    assert_eq!(d.annotations()["spillway.dev/reads-stored-format"], "2");
+    let pod = d.spec.template.metadata.unwrap_or_default();
+    assert_eq!(
+        pod.annotations.unwrap_or_default()["spillway.dev/reads-stored-format"],
+        "2"
+    );
+    let format = async || -> Result<Option<u8>> {
+        Ok(env
+            .endpoints()
+            .get("gh")
+            .await?
+            .status
+            .and_then(|s| s.stored_format))
+    };
+    // Three resyncs (2 s each): format 1 while the earlier one is unmarked,
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(format().await?, None, "an unmarked processor may still run");
+    // and while pods of the earlier template still run once it is marked
+    // (the controller has seen the new generation, 1 pod of 2 updated).
+    mark(json!("2")).await?;
+    rollout(1).await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        format().await?,
+        None,
+        "pods of the earlier template still run"
+    );
+    // Rolled out: format 2.
+    rollout(2).await?;
+    eventually(WAIT, "status.storedFormat 2", || async {
+        format().await.is_ok_and(|f| f == Some(2))
+    })
+    .await?;
+    // An unmarked processor appearing afterwards does not take it back:
+    // what was stored in format 2 stays so.
+    mark(Value::Null).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(format().await?, Some(2));
+    env.stop().await;
+    Ok(())
+}

@@ -62,12 +62,18 @@ async fn client_errors_gone_and_exhausted_attempts_are_dead_lettered() -> Result
     let dl = ep.dead_letters().await?;
     let find = |id: &str| {
         dl.iter()
-            .find(|m| header(&m.headers, wire::DELIVERY_ID).as_deref() == Some(id))
+            .find(|m| {
+                spillway_tests::stored_webhook(m)
+                    .is_ok_and(|(w, _)| w.delivery_id.as_deref() == Some(id))
+            })
             .unwrap_or_else(|| panic!("no dead letter for {id}"))
             .clone()
     };
     let bad = find("bad");
-    assert_eq!(bad.payload.as_ref(), br#"{"kind":"bad"}"#);
+    // The dead letter keeps the stored payload (format 2) as it was.
+    let (stored, body) = spillway_tests::stored_webhook(&bad)?;
+    assert_eq!(stored.format, Some(spillway_api::stored::Format::V2));
+    assert_eq!(body, br#"{"kind":"bad"}"#);
     assert_eq!(
         header(&bad.headers, wire::DLQ_REASON).as_deref(),
         Some("client_error")
@@ -88,14 +94,8 @@ async fn client_errors_gone_and_exhausted_attempts_are_dead_lettered() -> Result
         header(&bad.headers, wire::DLQ_ORIGINAL_SUBJECT),
         Some(ep.names.subject(0))
     );
-    assert_eq!(
-        header(&bad.headers, wire::CONTENT_TYPE).as_deref(),
-        Some("application/json")
-    );
-    assert_eq!(
-        header(&bad.headers, "Spillway-Orig-X-Test-Event").as_deref(),
-        Some("ping")
-    );
+    assert_eq!(stored.content_type.as_deref(), Some("application/json"));
+    assert_eq!(stored.header("X-Test-Event"), Some("ping"));
     assert!(
         header(&bad.headers, wire::DLQ_DETAIL)
             .unwrap()
@@ -278,7 +278,7 @@ async fn a_recreated_stream_gets_new_dead_letter_ids() -> Result<()> {
         .dead_letters()
         .await?
         .iter()
-        .filter_map(|m| header(&m.headers, wire::DELIVERY_ID))
+        .filter_map(|m| spillway_tests::stored_webhook(m).ok()?.0.delivery_id)
         .collect();
     assert_eq!(ids, ["first", "second"]);
     Ok(())
@@ -350,5 +350,74 @@ async fn held_after_a_failed_dead_letter(p: &ProcessorProc, ep: &Endpoint) -> Re
         1,
         "the message is still held"
     );
+    Ok(())
+}
+
+/// A webhook stored in format 1 (by a gateway of an earlier release) and
+/// one in format 2 reach the sink alike; a payload that starts as format 2
+/// and does not parse is dead-lettered as `malformed`, never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_stored_formats_reach_the_sink_alike_and_a_malformed_one_is_dead_lettered()
+-> Result<()> {
+    let nats = NatsServer::start().await?;
+    let sink = Sink::start().await?;
+    let ep = Endpoint::create(nats.jetstream().await?, Setup::default()).await?;
+    let p = ProcessorProc::start(&ep.config(&sink.url), &nats.url).await?;
+    let body = r#"{"n":1}"#;
+    ep.js
+        .publish_with_headers(
+            ep.subject_for(None),
+            ep.gateway_headers("v1", None),
+            body.into(),
+        )
+        .await?
+        .await?;
+    ep.publish("v2", None, body).await?;
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(wire::NATS_MSG_ID, "broken");
+    let broken: &[u8] = b"SPILLWAY/2\r\nSpillway-Delivery-Id broken\r\n\r\n{}";
+    ep.js
+        .publish_with_headers(ep.subject_for(None), h, broken.to_vec().into())
+        .await?
+        .await?;
+    eventually(
+        Duration::from_secs(15),
+        "both delivered, one dead letter",
+        || async {
+            sink.delivered_ids().len() == 2 && ep.dead_letters().await.is_ok_and(|d| d.len() == 1)
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", p.log_text()))?;
+    let (v1, v2) = (&sink.attempts("v1")[0], &sink.attempts("v2")[0]);
+    assert_eq!(v1.body.as_ref(), body.as_bytes());
+    assert_eq!(
+        v2.body.as_ref(),
+        body.as_bytes(),
+        "the body alone, no stored head"
+    );
+    let names = |r: &Received| {
+        let mut n: Vec<String> = r.headers.keys().map(|k| k.to_string()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(v1), names(v2));
+    for same in ["content-type", "x-test-event", "spillway-attempt"] {
+        assert_eq!(v1.headers.get(same), v2.headers.get(same), "{same}");
+    }
+    assert_eq!(v2.headers["spillway-delivery-id"], "v2");
+    assert!(v2.headers.contains_key("spillway-received-at"));
+    let dl = &ep.dead_letters().await?[0];
+    assert_eq!(
+        header(&dl.headers, wire::DLQ_REASON).as_deref(),
+        Some("malformed")
+    );
+    assert!(
+        header(&dl.headers, wire::DLQ_DETAIL).is_some_and(|d| d.contains("malformed")),
+        "{:?}",
+        dl.headers
+    );
+    assert_eq!(dl.payload.as_ref(), broken, "kept as it was stored");
+    assert_eq!(sink.count(), 2, "the malformed one was never delivered");
     Ok(())
 }

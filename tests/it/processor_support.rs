@@ -232,15 +232,39 @@ impl Endpoint {
         }
     }
 
-    /// Publish one webhook like the gateway (waiting for the PubAck).
+    /// A webhook as the gateway stores it in the current format (2):
+    /// `Nats-Msg-Id`, and the metadata and headers of `gateway_headers` in
+    /// front of the body (`gateway_headers` itself is format 1).
+    pub fn stored(&self, id: &str, key: Option<&str>, body: &str) -> (HeaderMap, Bytes) {
+        let endpoint = format!("{}/{}", self.setup.namespace, self.setup.name);
+        let received_at = format!("{:.3}", jiff::Timestamp::now());
+        let traceparent = spillway_api::trace::root().header();
+        let meta = spillway_api::stored::Metadata {
+            endpoint: &endpoint,
+            delivery_id: id,
+            received_at: &received_at,
+            content_type: Some("application/json"),
+            traceparent: &traceparent,
+            tracestate: None,
+            ordering_key: key,
+        };
+        let payload = spillway_api::stored::encode(
+            &meta,
+            [("x-test-event", "ping")].into_iter(),
+            body.as_bytes(),
+        );
+        let mut h = HeaderMap::new();
+        h.insert(wire::NATS_MSG_ID, id);
+        (h, payload.into())
+    }
+
+    /// Publish one webhook like the gateway (format 2; waiting for the
+    /// PubAck).
     pub async fn publish(&self, id: &str, key: Option<&str>, body: &str) -> Result<u64> {
+        let (headers, payload) = self.stored(id, key, body);
         let ack = self
             .js
-            .publish_with_headers(
-                self.subject_for(key),
-                self.gateway_headers(id, key),
-                body.to_owned().into(),
-            )
+            .publish_with_headers(self.subject_for(key), headers, payload)
             .await?
             .await?;
         Ok(ack.sequence)
@@ -251,13 +275,10 @@ impl Endpoint {
         for chunk in ids.chunks(500) {
             let mut acks = Vec::with_capacity(chunk.len());
             for id in chunk {
+                let (headers, payload) = self.stored(id, None, &format!("{{\"id\":\"{id}\"}}"));
                 acks.push(
                     self.js
-                        .publish_with_headers(
-                            self.subject_for(None),
-                            self.gateway_headers(id, None),
-                            format!("{{\"id\":\"{id}\"}}").into(),
-                        )
+                        .publish_with_headers(self.subject_for(None), headers, payload)
                         .await?,
                 );
             }

@@ -194,12 +194,10 @@ async fn gateway_exports_verify_and_publish_spans_and_stores_the_publish_span() 
     // become its children.
     let subject = spillway_api::names::EndpointNames::new("local", "gh").subject(0);
     let stored = gw.stream.get_last_raw_message_by_subject(&subject).await?;
-    let tp = stored
-        .headers
-        .get(wire::TRACEPARENT)
-        .context("stored traceparent")?
-        .as_str()
-        .to_owned();
+    let tp = spillway_tests::stored_webhook(&stored)?
+        .0
+        .traceparent
+        .context("stored traceparent")?;
     assert_eq!(ids(&tp), (trace_id.to_owned(), publish.span_id.clone()));
 
     // No traceparent: the gateway's span is the root of a new trace, and
@@ -214,7 +212,8 @@ async fn gateway_exports_verify_and_publish_spans_and_stores_the_publish_span() 
     .await?;
     assert_eq!(r.status, 200, "{r:?}");
     let stored = gw.stream.get_last_raw_message_by_subject(&subject).await?;
-    let (new_trace, parent) = ids(stored.headers.get(wire::TRACEPARENT).unwrap().as_str());
+    let tp = spillway_tests::stored_webhook(&stored)?.0.traceparent;
+    let (new_trace, parent) = ids(&tp.context("stored traceparent")?);
     assert_ne!(new_trace, trace_id);
     let spans = collector
         .wait_for(&new_trace, &["webhook", "verify", "publish"])

@@ -806,3 +806,13 @@ impl Drop for NatsCluster {
         }
     }
 }
+
+/// A message as the gateway stored it (either stored format,
+/// `spillway_api::stored`): the webhook's metadata and headers, and its body.
+pub fn stored_webhook(
+    m: &async_nats::jetstream::message::StreamMessage,
+) -> Result<(spillway_api::stored::Webhook, Vec<u8>)> {
+    let w = spillway_api::stored::decode(Some(&m.headers), &m.payload)?;
+    let body = w.body(&m.payload).to_vec();
+    Ok((w, body))
+}
