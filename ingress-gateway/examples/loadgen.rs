@@ -594,12 +594,13 @@ impl Bench {
 }
 
 /// Bytes of the NATS header block of the last message on `subject` in
-/// `stream` (`NATS/1.0` line, `Name: value` lines, blank line).
-async fn header_bytes(
+/// `stream` (`NATS/1.0` line, `Name: value` lines, blank line), and of
+/// its payload.
+async fn stored_bytes(
     js: &async_nats::jetstream::Context,
     stream: &str,
     subject: &str,
-) -> Result<usize> {
+) -> Result<(usize, usize)> {
     let m = js
         .get_stream(stream)
         .await?
@@ -611,7 +612,7 @@ async fn header_bytes(
             n += AsRef::<str>::as_ref(k).len() + 2 + v.as_str().len() + 2;
         }
     }
-    Ok(n)
+    Ok((n, m.payload.len()))
 }
 
 fn p99(lat: &mut [Duration]) -> f64 {
@@ -1119,7 +1120,9 @@ async fn main() -> Result<()> {
         }
     }
 
-    let gw_header_bytes = header_bytes(&js, STREAM, "spillway.in.local.bench.0").await?;
+    let (gw_header_bytes, gw_payload_bytes) =
+        stored_bytes(&js, STREAM, "spillway.in.local.bench.0").await?;
+    let gw_head_bytes = gw_payload_bytes.saturating_sub(args.body_bytes);
     let best = gateway.iter().map(|r| r.rate).fold(0.0, f64::max);
     let half = (best / 2.0).max(10.0);
     let open_secs = args.seconds.min(10);
@@ -1135,7 +1138,7 @@ async fn main() -> Result<()> {
     let mut open_ok = true;
     let mut bridge_header_bytes = 0usize;
     if bridge_proc.is_some() {
-        bridge_header_bytes = header_bytes(&js, "PEER", "PEER.in").await?;
+        bridge_header_bytes = stored_bytes(&js, "PEER", "PEER.in").await?.0;
     }
     for round in 0..rounds {
         // Rotate which goes first, as in the closed loop.
@@ -1324,7 +1327,7 @@ async fn main() -> Result<()> {
         );
         let _ = writeln!(
             md,
-            "\nStored per webhook besides the {}-byte body: a {gw_header_bytes}-byte NATS header block from the gateway (delivery id, dedup id, receive time, trace context, content type, endpoint, and the provider's own headers under `Spillway-Orig-`), {bridge_header_bytes} bytes from the bridge (content type and dedup id only).",
+            "\nStored per webhook besides the {}-byte body: from the gateway, a {gw_header_bytes}-byte NATS header block (the dedup id) and a {gw_head_bytes}-byte head in front of the body (stored format 2: delivery id, receive time, trace context, content type, endpoint and the provider's own headers; `spillway_api::stored`); from the bridge, {bridge_header_bytes} bytes of NATS headers (content type and dedup id only).",
             args.body_bytes
         );
         let at = |runs: &[Run]| runs.iter().find(|r| r.concurrency == c_many).cloned();
