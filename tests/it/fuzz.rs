@@ -286,6 +286,46 @@ proptest! {
         let d = Duration::from_millis(millis);
         prop_assert_eq!(spillway_api::duration::parse(&spillway_api::duration::format(d)), Ok(d));
     }
+
+    /// The stored format (a webhook's metadata and its provider's headers
+    /// in front of its body): any headers a request can carry and any body
+    /// read back as written; mutated and arbitrary payloads are read or
+    /// refused as malformed, never a panic, never a body outside the payload.
+    #[test]
+    fn stored_webhooks_round_trip_and_mutations_never_panic(
+        headers in proptest::collection::vec(("[!#$%&'*+.^_`|~0-9a-z-]{1,20}", "[ -~\t]{0,80}"), 0..12),
+        body in proptest::collection::vec(any::<u8>(), 0..300),
+        id in "[!-~]{1,40}",
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+    ) {
+        use spillway_api::stored;
+        let meta = stored::Metadata {
+            endpoint: "ns/name",
+            delivery_id: &id,
+            received_at: "2026-12-06T09:00:00.123Z",
+            content_type: Some("application/json"),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            tracestate: None,
+            ordering_key: Some(&id),
+        };
+        let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+        let p = stored::encode(&meta, pairs, &body);
+        let w = stored::decode_v2(&p).expect("what encode writes decodes");
+        prop_assert_eq!(&w.headers, &headers);
+        prop_assert_eq!(w.body(&p), body.as_slice());
+        prop_assert_eq!(w.delivery_id.as_deref(), Some(id.as_str()));
+        prop_assert_eq!(w.ordering_key.as_deref(), Some(id.as_str()));
+        // Mutated: read or refused, and a body within the payload.
+        let mut m = p.clone();
+        for (i, b) in flips {
+            let i = i.index(m.len());
+            m[i] = b;
+        }
+        if let Ok(w) = stored::decode_v2(&m) {
+            prop_assert!(w.body_offset <= m.len());
+        }
+        let _ = stored::decode(None, &m);
+    }
 }
 
 const ENDPOINTS_FILE: &str = r#"apiVersion: v1
