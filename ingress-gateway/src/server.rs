@@ -438,17 +438,21 @@ async fn read_body<'a>(
     };
     let first = declared.unwrap_or(0).min(max);
     reserve(first)?;
-    let mut buf: Vec<u8> = Vec::with_capacity(usize::try_from(first).unwrap_or(0));
+    // A body that arrives in one frame (what providers send) is kept as
+    // hyper read it; a second frame copies both into `buf`.
+    let mut single: Option<Bytes> = None;
+    let mut buf: Vec<u8> = Vec::new();
     let start = tokio::time::Instant::now();
     let hard = start + limits.body_timeout;
     let rate = limits.min_body_bytes_per_second;
     loop {
+        let have = single.as_ref().map_or(buf.len(), Bytes::len);
         // The next frame must come before the body timeout and, after the
         // grace, before the minimum rate is missed with what has arrived.
         let deadline = if rate == 0 {
             hard
         } else {
-            let earned = Duration::from_secs_f64(buf.len() as f64 / rate as f64);
+            let earned = Duration::from_secs_f64(have as f64 / rate as f64);
             hard.min(start + BODY_RATE_GRACE + earned)
         };
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
@@ -461,7 +465,7 @@ async fn read_body<'a>(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        let len = (buf.len() + data.len()) as u64;
+        let len = (have + data.len()) as u64;
         if len > max {
             return Err(ApiError::PayloadTooLarge);
         }
@@ -469,14 +473,22 @@ async fn read_body<'a>(
         if declared.is_some_and(|d| len > d) {
             return Err(ApiError::BadRequest);
         }
+        if single.is_none() && buf.is_empty() {
+            reserve(len)?;
+            single = Some(data);
+            continue;
+        }
         if len as usize > buf.capacity() {
-            let grown = (len.max(2 * buf.capacity() as u64)).min(max);
+            let grown = (len.max(2 * have as u64).max(first)).min(max);
             reserve(grown)?;
             buf.reserve_exact(usize::try_from(grown).unwrap_or(usize::MAX) - buf.len());
         }
+        if let Some(s) = single.take() {
+            buf.extend_from_slice(&s);
+        }
         buf.extend_from_slice(&data);
     }
-    Ok((Bytes::from(buf), held))
+    Ok((single.unwrap_or_else(|| Bytes::from(buf)), held))
 }
 
 async fn store(
@@ -610,6 +622,53 @@ mod tests {
     use tower::ServiceExt;
 
     const SECRET: &[u8] = b"It's a Secret to Everybody";
+
+    /// A body in one frame is kept as it came; in several, they are joined
+    /// in order; either way the budget holds its size and the limits apply.
+    #[tokio::test]
+    async fn bodies_in_one_or_many_frames_are_read_whole() {
+        let limits = Limits::default();
+        let budget = Semaphore::new(64);
+        let frames = |parts: &[&'static str]| {
+            let chunks: Vec<Result<Bytes, std::convert::Infallible>> = parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p.as_bytes())))
+                .collect();
+            Body::from_stream(futures::stream::iter(chunks))
+        };
+        let (b, permit) = read_body(frames(&["{\"a\":1}"]), 1 << 20, None, &limits, &budget)
+            .await
+            .unwrap();
+        assert_eq!(b.as_ref(), b"{\"a\":1}");
+        assert_eq!(permit.map(|p| p.num_permits()), Some(1));
+        let many = ["{\"a\"", ":", "", "1}"];
+        let (b, _) = read_body(frames(&many), 1 << 20, Some(7), &limits, &budget)
+            .await
+            .unwrap();
+        assert_eq!(b.as_ref(), b"{\"a\":1}");
+        let big = [
+            "x".repeat(1500).leak() as &'static str,
+            "y".repeat(1500).leak(),
+        ];
+        let (b, permit) = read_body(frames(&big), 1 << 20, None, &limits, &budget)
+            .await
+            .unwrap();
+        assert_eq!(b.len(), 3000);
+        assert!(b.starts_with(b"xxx") && b.ends_with(b"yyy"));
+        assert_eq!(
+            permit.map(|p| p.num_permits()),
+            Some(3),
+            "3000 bytes: 3 KiB held"
+        );
+        // Over the limit, or more than declared, in either shape.
+        for (parts, declared) in [(&["12345678"][..], None), (&["1234", "5678"][..], None)] {
+            let r = read_body(frames(parts), 7, declared, &limits, &budget).await;
+            assert!(matches!(r, Err(ApiError::PayloadTooLarge)));
+        }
+        let r = read_body(frames(&["12", "34"]), 100, Some(3), &limits, &budget).await;
+        assert!(matches!(r, Err(ApiError::BadRequest)));
+        assert_eq!(budget.available_permits(), 64, "every permit returned");
+    }
 
     fn def(name: &str, extra: &str) -> EndpointDef {
         let yaml = format!(
