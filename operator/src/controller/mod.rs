@@ -307,9 +307,12 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
         dead_letters: old.dead_letters,
         replicas: old.replicas.clone(),
         partitions: old.partitions,
-        // Never back to 1 once 2: webhooks stored in format 2 stay so.
-        stored_format: processor::stored_format(&ctx.deployments)
-            .filter(|f| *f > 1)
+        // Never back to 1 once 2 (webhooks stored in format 2 stay so),
+        // and then nothing to look at.
+        stored_format: old
+            .stored_format
+            .filter(|f| *f >= spillway_api::stored::CURRENT)
+            .or_else(|| processor::stored_format(&ctx.deployments).filter(|f| *f > 1))
             .or(old.stored_format),
     };
 

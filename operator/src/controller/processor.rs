@@ -302,12 +302,15 @@ pub(crate) fn reads_current_format(d: &Deployment) -> bool {
         .and_then(|a| a.get(render::READS_STORED_FORMAT))
         .and_then(|v| v.parse::<u8>().ok())
         .is_some_and(|f| f >= spillway_api::stored::CURRENT);
-    let status = d.status.clone().unwrap_or_default();
-    let rolled = match status.observed_generation {
+    let status = d.status.as_ref();
+    let rolled = match status.and_then(|s| s.observed_generation) {
         None => true,
         Some(seen) => {
+            let count = |f: fn(&k8s_openapi::api::apps::v1::DeploymentStatus) -> Option<i32>| {
+                status.and_then(f).unwrap_or(0)
+            };
             seen >= d.metadata.generation.unwrap_or(0)
-                && status.updated_replicas.unwrap_or(0) >= status.replicas.unwrap_or(0)
+                && count(|s| s.updated_replicas) >= count(|s| s.replicas)
         }
     };
     marked && rolled
