@@ -85,11 +85,15 @@ pub enum IdSource {
 /// delete the dead letter).
 pub fn intake_msg_id(source: IdSource, id: &str) -> String {
     let kind = match source {
-        IdSource::Provider => "provider",
-        IdSource::Body => "body",
-        IdSource::Header => "header",
+        IdSource::Provider => "provider:",
+        IdSource::Body => "body:",
+        IdSource::Header => "header:",
     };
-    format!("{kind}:{id}")
+    // On every request: one allocation, no formatting machinery.
+    let mut out = String::with_capacity(kind.len() + id.len());
+    out.push_str(kind);
+    out.push_str(id);
+    out
 }
 
 /// `Nats-Msg-Id` of the dead letter of the message at `seq` of `stream`,

@@ -49,14 +49,14 @@ fn json_field(body: &[u8], field: &str) -> Option<String> {
 /// retries a notification with the same id).
 pub fn provider_id(scheme: Scheme, headers: &HeaderMap, body: &[u8]) -> Option<String> {
     let raw = match scheme {
-        Scheme::Github => header(headers, "x-github-delivery").map(String::from),
+        Scheme::Github => return header(headers, "x-github-delivery").and_then(clean),
         Scheme::Stripe => json_field(body, "id"),
-        Scheme::StandardWebhooks => header(headers, "webhook-id").map(String::from),
-        Scheme::Shopify => header(headers, "x-shopify-webhook-id").map(String::from),
+        Scheme::StandardWebhooks => return header(headers, "webhook-id").and_then(clean),
+        Scheme::Shopify => return header(headers, "x-shopify-webhook-id").and_then(clean),
         Scheme::Slack => json_field(body, "event_id"),
-        Scheme::Gitlab => header(headers, "x-gitlab-event-uuid").map(String::from),
-        Scheme::Twilio => header(headers, "i-twilio-idempotency-token").map(String::from),
-        Scheme::Twitch => header(headers, "twitch-eventsub-message-id").map(String::from),
+        Scheme::Gitlab => return header(headers, "x-gitlab-event-uuid").and_then(clean),
+        Scheme::Twilio => return header(headers, "i-twilio-idempotency-token").and_then(clean),
+        Scheme::Twitch => return header(headers, "twitch-eventsub-message-id").and_then(clean),
         Scheme::Hmac | Scheme::None => None,
     }?;
     clean(&raw)
@@ -65,7 +65,6 @@ pub fn provider_id(scheme: Scheme, headers: &HeaderMap, body: &[u8]) -> Option<S
 /// Work out the delivery id and the deduplication id of a request.
 pub fn ids(dedup: &Deduplication, scheme: Scheme, headers: &HeaderMap, body: &[u8]) -> Ids {
     let provider = provider_id(scheme, headers, body);
-    let delivery_id = provider.clone().unwrap_or_else(|| body_hash(body));
     let from_body = || wire::intake_msg_id(IdSource::Body, &body_hash(body));
     let msg_id = match dedup.source {
         DedupSource::None => None,
@@ -84,7 +83,7 @@ pub fn ids(dedup: &Deduplication, scheme: Scheme, headers: &HeaderMap, body: &[u
         ),
     };
     Ids {
-        delivery_id,
+        delivery_id: provider.unwrap_or_else(|| body_hash(body)),
         msg_id,
     }
 }

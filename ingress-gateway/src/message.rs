@@ -124,6 +124,36 @@ mod names {
     pub const ORDERING_KEY: HeaderName = HeaderName::from_static(wire::ORDERING_KEY);
 }
 
+/// `now` in RFC 3339 with milliseconds, UTC (`2026-12-06T09:00:00.123Z`),
+/// as `{now:.3}` prints it; the part up to the second is formatted once per
+/// second per thread.
+fn received_at(now: jiff::Timestamp) -> String {
+    use std::cell::RefCell;
+    thread_local!(static SECOND: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) });
+    let millis = now.subsec_millisecond();
+    if millis < 0 {
+        return format!("{now:.3}");
+    }
+    SECOND.with_borrow_mut(|(second, prefix)| {
+        if *second != now.as_second() {
+            *second = now.as_second();
+            *prefix = format!("{now:.0}");
+            prefix.pop(); // the `Z`
+        }
+        let mut out = String::with_capacity(prefix.len() + 5);
+        out.push_str(prefix);
+        out.push('.');
+        let m = u8::try_from(millis / 100).unwrap_or(0);
+        out.push(char::from(b'0' + m));
+        out.push(char::from(
+            b'0' + u8::try_from(millis / 10 % 10).unwrap_or(0),
+        ));
+        out.push(char::from(b'0' + u8::try_from(millis % 10).unwrap_or(0)));
+        out.push('Z');
+        out
+    })
+}
+
 /// Whether a request header is stored (hop-by-hop, credentials, what the
 /// metadata holds and the endpoint's `redactHeaders` are not).
 fn kept(route: &Route, name: &str) -> bool {
@@ -153,7 +183,7 @@ pub fn stored_message(
     if let Some(id) = &ids.msg_id {
         h.insert(names::NATS_MSG_ID, id.as_str());
     }
-    let received_at = format!("{now:.3}");
+    let received_at = received_at(now);
     let traceparent = trace.map_or_else(|| traceparent(headers), trace::TraceParent::header);
     let meta = stored::Metadata {
         endpoint: &route.endpoint,
@@ -192,7 +222,7 @@ pub fn message_headers_v1(
     if let Some(id) = &ids.msg_id {
         h.insert(names::NATS_MSG_ID, id.as_str());
     }
-    h.insert(names::RECEIVED_AT, format!("{now:.3}"));
+    h.insert(names::RECEIVED_AT, received_at(now));
     if let Some(ct) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -234,6 +264,23 @@ mod tests {
         );
         assert_eq!(stored_name("webhook-id"), "Spillway-Orig-Webhook-Id");
         assert_eq!(stored_name("x--a"), "Spillway-Orig-X--A");
+    }
+
+    #[test]
+    fn received_at_prints_as_jiff_does() {
+        for ms in [
+            1_700_000_000_123,
+            1_700_000_000_000,
+            1_700_000_000_999,
+            1_700_000_001_005,
+            1_700_000_001_050,
+            0,
+        ] {
+            let t = jiff::Timestamp::from_millisecond(ms).unwrap();
+            assert_eq!(received_at(t), format!("{t:.3}"), "{ms}");
+        }
+        let t = jiff::Timestamp::from_millisecond(-1_500).unwrap();
+        assert_eq!(received_at(t), format!("{t:.3}"));
     }
 
     #[test]

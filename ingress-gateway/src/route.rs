@@ -89,6 +89,9 @@ pub struct Route {
     pub scoped_subject_seen: std::sync::atomic::AtomicBool,
     /// The stored format written (see `EndpointDef::stored_format`).
     pub stored_format: u8,
+    /// The intake subject of partition 0 (every unordered webhook's),
+    /// built once.
+    pub intake_subject: async_nats::Subject,
 }
 
 /// Immutable snapshot of all routes, keyed by path.
@@ -292,6 +295,9 @@ fn resolve(
         names: EndpointNames::new(&def.namespace, &def.name),
         scoped_subject_seen: Default::default(),
         stored_format: def.stored_format,
+        intake_subject: EndpointNames::new(&def.namespace, &def.name)
+            .subject(0)
+            .into(),
         label: Arc::new(endpoint.clone()),
         endpoint,
         suspended: spec.suspend,

@@ -505,7 +505,11 @@ async fn store(
     let ids = delivery::ids(&route.dedup, scheme, headers, &body);
     let ordering = ordering_key(route, headers, &body);
     let partition = ordering.as_ref().map(|(_, p)| *p).unwrap_or(0);
-    let subject = route.names.subject(partition);
+    let subject = if partition == 0 {
+        route.intake_subject.clone()
+    } else {
+        route.names.subject(partition).into()
+    };
     let publish = info_span!(
         target: telemetry::TARGET,
         "publish",
