@@ -314,18 +314,25 @@ fn endpoint(name: &str, sink_url: &str, concurrency: u32) -> Result<WebhookEndpo
     }))?)
 }
 
-fn headers(name: &str, id: &str) -> HeaderMap {
+/// A webhook as the gateway stores it (stored format 2): `Nats-Msg-Id`,
+/// and the metadata and a provider header in front of the body.
+fn stored(name: &str, id: &str, body: Bytes) -> (HeaderMap, Bytes) {
     let mut h = HeaderMap::new();
     h.insert(wire::NATS_MSG_ID, id);
-    h.insert(wire::DELIVERY_ID, id);
-    h.insert(wire::ENDPOINT, format!("{NAMESPACE}/{name}").as_str());
-    h.insert(
-        wire::RECEIVED_AT,
-        format!("{:.3}", jiff::Timestamp::now()).as_str(),
-    );
-    h.insert(wire::CONTENT_TYPE, "application/json");
-    h.insert("Spillway-Orig-X-GitHub-Event", "push");
-    h
+    let endpoint = format!("{NAMESPACE}/{name}");
+    let received_at = format!("{:.3}", jiff::Timestamp::now());
+    let meta = spillway_api::stored::Metadata {
+        endpoint: &endpoint,
+        delivery_id: id,
+        received_at: &received_at,
+        content_type: Some("application/json"),
+        traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        tracestate: None,
+        ordering_key: None,
+    };
+    let payload =
+        spillway_api::stored::encode(&meta, [("x-github-event", "push")].into_iter(), &body);
+    (h, payload.into())
 }
 
 fn body(i: u64, probe: bool, pad: &str) -> Bytes {
@@ -402,10 +409,8 @@ async fn scenario(
     let mut acks = Vec::with_capacity(512);
     for i in 0..n {
         let id = format!("{name}-{i}");
-        acks.push(
-            js.publish_with_headers(subject.clone(), headers(&name, &id), body(i, false, &pad))
-                .await?,
-        );
+        let (h, p) = stored(&name, &id, body(i, false, &pad));
+        acks.push(js.publish_with_headers(subject.clone(), h, p).await?);
         if acks.len() == 512 {
             for a in acks.drain(..) {
                 a.await?;
@@ -478,7 +483,8 @@ async fn scenario(
     for k in 0..u64::from(args.probes) {
         let i = n + k;
         let id = format!("{name}-probe-{k}");
-        js.publish_with_headers(subject.clone(), headers(&name, &id), body(i, true, &pad))
+        let (h, p) = stored(&name, &id, body(i, true, &pad));
+        js.publish_with_headers(subject.clone(), h, p)
             .await?
             .await?;
         let until = Instant::now() + Duration::from_secs(10);
@@ -579,10 +585,16 @@ async fn raw_loop(consumer: jetstream::consumer::PullConsumer, url: String, conc
             let Some(slot) = held.pop() else { break };
             let client = client.clone();
             let url = url.clone();
+            // The body alone, out of the stored payload.
+            let body = spillway_api::stored::decode(msg.headers.as_ref(), &msg.payload)
+                .map_or_else(
+                    |_| msg.payload.clone(),
+                    |w| msg.payload.slice(w.body_offset..),
+                );
             tokio::spawn(async move {
                 let ok = client
                     .post(&url)
-                    .body(msg.payload.clone())
+                    .body(body)
                     .send()
                     .await
                     .is_ok_and(|r| r.status().is_success());
