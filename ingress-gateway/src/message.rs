@@ -160,24 +160,37 @@ fn kept(route: &Route, name: &str) -> bool {
     !DROPPED_HEADERS.contains(&name) && !route.redact_headers.iter().any(|r| r == name)
 }
 
+/// What a stored webhook is made of besides its body.
+#[derive(Clone, Copy)]
+pub struct Accepted<'a> {
+    /// The endpoint's route.
+    pub route: &'a Route,
+    /// The request's headers.
+    pub headers: &'a HeaderMap,
+    /// Its delivery and deduplication ids.
+    pub ids: &'a delivery::Ids,
+    /// Its ordering key, when the endpoint is ordered.
+    pub ordering: Option<&'a str>,
+    /// When it was accepted.
+    pub now: jiff::Timestamp,
+    /// The exported publish span: the stored `traceparent`, else the
+    /// request's valid one or a new trace.
+    pub trace: Option<&'a trace::TraceParent>,
+}
+
 /// The NATS headers and payload of a stored webhook, in the endpoint's
-/// stored format (`Route::stored_format`, see `spillway_api::stored`);
-/// `trace` (the exported publish span) is its `traceparent`, else the
-/// request's valid one or a new trace.
-pub fn stored_message(
-    route: &Route,
-    headers: &HeaderMap,
-    ids: &delivery::Ids,
-    ordering: Option<&str>,
-    now: jiff::Timestamp,
-    trace: Option<&trace::TraceParent>,
-    body: Bytes,
-) -> (async_nats::HeaderMap, Bytes) {
+/// stored format (`Route::stored_format`, see `spillway_api::stored`).
+pub fn stored_message(a: &Accepted<'_>, body: Bytes) -> (async_nats::HeaderMap, Bytes) {
+    let Accepted {
+        route,
+        headers,
+        ids,
+        ordering,
+        now,
+        trace,
+    } = *a;
     if route.stored_format < 2 {
-        return (
-            message_headers_v1(route, headers, ids, ordering, now, trace),
-            body,
-        );
+        return (message_headers_v1(a), body);
     }
     let mut h = async_nats::HeaderMap::new();
     if let Some(id) = &ids.msg_id {
@@ -208,14 +221,15 @@ pub fn stored_message(
 
 /// Format 1 (for endpoints whose `status.storedFormat` is not 2 yet):
 /// every field a NATS header, the provider's under `Spillway-Orig-`.
-pub fn message_headers_v1(
-    route: &Route,
-    headers: &HeaderMap,
-    ids: &delivery::Ids,
-    ordering: Option<&str>,
-    now: jiff::Timestamp,
-    trace: Option<&trace::TraceParent>,
-) -> async_nats::HeaderMap {
+pub fn message_headers_v1(a: &Accepted<'_>) -> async_nats::HeaderMap {
+    let Accepted {
+        route,
+        headers,
+        ids,
+        ordering,
+        now,
+        trace,
+    } = *a;
     let mut h = async_nats::HeaderMap::new();
     h.insert(names::ENDPOINT, route.endpoint.as_str());
     h.insert(names::DELIVERY_ID, ids.delivery_id.as_str());

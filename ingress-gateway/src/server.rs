@@ -28,7 +28,7 @@ pub use crate::error::ApiError;
 use crate::handshake::{self, Reply};
 use crate::listener::ClientAddr;
 use crate::listener::ClientSlots;
-use crate::message::{ordering_key, stored_message};
+use crate::message::{Accepted, ordering_key, stored_message};
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels, VerifyLabels};
 use crate::route::{self, Route};
 use crate::verify::Inbound;
@@ -521,15 +521,15 @@ async fn store(
     // Exported: the stored traceparent names the publish span, so the
     // processor's spans are its children.
     let stored_trace = telemetry::traceparent_of(&publish);
-    let (nats_headers, body) = stored_message(
+    let accepted = Accepted {
         route,
         headers,
-        &ids,
-        ordering.as_ref().map(|(k, _)| k.as_str()),
-        jiff::Timestamp::now(),
-        stored_trace.as_ref(),
-        body,
-    );
+        ids: &ids,
+        ordering: ordering.as_ref().map(|(k, _)| k.as_str()),
+        now: jiff::Timestamp::now(),
+        trace: stored_trace.as_ref(),
+    };
+    let (nats_headers, body) = stored_message(&accepted, body);
     let unavailable = ApiError::Unavailable {
         reason: "store_unavailable",
         retry_after: gw.limits.retry_after_secs,
@@ -984,15 +984,16 @@ mod tests {
             delivery_id: "d".into(),
             msg_id: None,
         };
-        let (h, p) = crate::message::stored_message(
-            &r,
-            &HeaderMap::new(),
-            &ids,
-            Some(&key),
-            jiff::Timestamp::now(),
-            None,
-            Bytes::from_static(body),
-        );
+        let none = HeaderMap::new();
+        let accepted = Accepted {
+            route: &r,
+            headers: &none,
+            ids: &ids,
+            ordering: Some(&key),
+            now: jiff::Timestamp::now(),
+            trace: None,
+        };
+        let (h, p) = stored_message(&accepted, Bytes::from_static(body));
         let w = spillway_api::stored::decode(Some(&h), &p).unwrap();
         assert_eq!(w.ordering_key.as_deref(), Some(key.as_str()));
         assert_eq!(w.body(&p), body);
@@ -1012,19 +1013,20 @@ mod tests {
             msg_id: None,
         };
         let now = jiff::Timestamp::from_millisecond(1_700_000_000_123).unwrap();
-        let (h, p) = crate::message::stored_message(
-            &r,
-            &HeaderMap::new(),
-            &ids,
-            None,
+        let none = HeaderMap::new();
+        let accepted = Accepted {
+            route: &r,
+            headers: &none,
+            ids: &ids,
+            ordering: None,
             now,
-            None,
-            Bytes::new(),
-        );
+            trace: None,
+        };
+        let (h, p) = stored_message(&accepted, Bytes::new());
         let w = spillway_api::stored::decode(Some(&h), &p).unwrap();
         assert_eq!(w.received_at.as_deref(), Some("2023-11-14T22:13:20.123Z"));
         // Format 1 (an endpoint the operator has not moved yet) says the same.
-        let h = crate::message::message_headers_v1(&r, &HeaderMap::new(), &ids, None, now, None);
+        let h = crate::message::message_headers_v1(&accepted);
         assert_eq!(
             h.get(wire::RECEIVED_AT).map(|v| v.as_str()),
             Some("2023-11-14T22:13:20.123Z")
