@@ -222,21 +222,14 @@ pub fn stored_message(a: &Accepted<'_>, body: Bytes) -> (async_nats::HeaderMap, 
 /// Format 1 (for endpoints whose `status.storedFormat` is not 2 yet):
 /// every field a NATS header, the provider's under `Spillway-Orig-`.
 pub fn message_headers_v1(a: &Accepted<'_>) -> async_nats::HeaderMap {
-    let Accepted {
-        route,
-        headers,
-        ids,
-        ordering,
-        now,
-        trace,
-    } = *a;
+    let (route, headers, ids) = (a.route, a.headers, a.ids);
     let mut h = async_nats::HeaderMap::new();
     h.insert(names::ENDPOINT, route.endpoint.as_str());
     h.insert(names::DELIVERY_ID, ids.delivery_id.as_str());
     if let Some(id) = &ids.msg_id {
         h.insert(names::NATS_MSG_ID, id.as_str());
     }
-    h.insert(names::RECEIVED_AT, received_at(now));
+    h.insert(names::RECEIVED_AT, received_at(a.now));
     if let Some(ct) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -245,12 +238,13 @@ pub fn message_headers_v1(a: &Accepted<'_>) -> async_nats::HeaderMap {
     }
     h.insert(
         names::TRACEPARENT,
-        trace.map_or_else(|| traceparent(headers), trace::TraceParent::header),
+        a.trace
+            .map_or_else(|| traceparent(headers), trace::TraceParent::header),
     );
     if let Some(ts) = tracestate(headers) {
         h.insert(names::TRACESTATE, ts);
     }
-    if let Some(k) = ordering {
+    if let Some(k) = a.ordering {
         h.insert(names::ORDERING_KEY, k);
     }
     for (name, value) in headers {
