@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::operator_support::{config_of, wait_condition};
-use crate::processor_support::{ProcessorProc, Reply, Sink, header, stream_messages};
+use crate::processor_support::{ProcessorProc, Reply, Sink, stream_messages};
 use anyhow::{Context, Result, bail};
 use hmac::{Hmac, Mac};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -373,9 +373,9 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
             while let Some(m) = futures::StreamExt::next(&mut messages).await {
                 let Ok(m) = m else { continue };
                 let (Some(id), Ok(info)) = (
-                    m.headers
-                        .as_ref()
-                        .and_then(|h| header(h, "Spillway-Delivery-Id")),
+                    spillway_api::stored::decode(m.headers.as_ref(), &m.payload)
+                        .ok()
+                        .and_then(|w| w.delivery_id),
                     m.info(),
                 ) else {
                     continue;
@@ -442,9 +442,7 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
     // dead-lettered and the history holds as many, then compare.
     let js = async_nats::jetstream::new(connect_any(&nats).await?);
     let dead = |msgs: &[async_nats::jetstream::message::StreamMessage]| -> HashSet<String> {
-        msgs.iter()
-            .filter_map(|m| header(&m.headers, "Spillway-Delivery-Id"))
-            .collect()
+        msgs.iter().filter_map(delivery_id).collect()
     };
     let drained = eventually(
         Duration::from_secs(120),
@@ -555,10 +553,7 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
                 }
             }
         }
-        let in_history: HashSet<String> = history
-            .iter()
-            .filter_map(|m| header(&m.headers, "Spillway-Delivery-Id"))
-            .collect();
+        let in_history: HashSet<String> = history.iter().filter_map(delivery_id).collect();
         let missing: Vec<&String> = acked
             .iter()
             .filter(|id| !in_history.contains(*id))
@@ -568,10 +563,7 @@ async fn scenario(cp: &mut ControlPlane, fault: Fault, n: usize) -> Result<Row> 
             println!("node 0 log:\n{}", cluster.log(0));
         }
     }
-    let in_history: HashSet<String> = history
-        .iter()
-        .filter_map(|m| header(&m.headers, "Spillway-Delivery-Id"))
-        .collect();
+    let in_history: HashSet<String> = history.iter().filter_map(delivery_id).collect();
     let stored: HashSet<String> = in_history
         .iter()
         .cloned()
@@ -674,4 +666,9 @@ async fn acknowledged_webhooks_survive_every_fault() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A stored message's delivery id (either stored format).
+fn delivery_id(m: &async_nats::jetstream::message::StreamMessage) -> Option<String> {
+    spillway_tests::stored_webhook(m).ok()?.0.delivery_id
 }

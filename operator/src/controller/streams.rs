@@ -94,8 +94,9 @@ pub(super) fn s_names(ep: &WebhookEndpoint) -> EndpointNames {
     EndpointNames::new(&ep.namespace().unwrap_or_default(), &ep.name_any())
 }
 
-/// Largest headers the gateway adds to a body (original headers kept under
-/// `Spillway-Orig-*` plus its own), for the max_payload check.
+/// Largest the gateway adds to a body (the stored head of format 2, or
+/// format 1's headers: the original headers plus Spillway's own), for the
+/// max_payload check.
 pub(super) const HEADER_ALLOWANCE: u64 = 16 * 1024;
 
 /// Whether NATS can carry the largest body this endpoint accepts.
