@@ -2,10 +2,13 @@
 //! headers, and the processor's configuration as rendered by the operator.
 //!
 //! The gateway publishes each accepted webhook to
-//! [`EndpointNames::subject`](crate::names::EndpointNames::subject) with the
-//! raw request body as payload and the headers below. The processor delivers
-//! it and, when it gives up, publishes payload and headers plus the `DLQ_*`
-//! headers to the dead-letter subject.
+//! [`EndpointNames::subject`](crate::names::EndpointNames::subject) in the
+//! stored format of [`crate::stored`]: format 2 keeps the metadata named
+//! below (`ENDPOINT` … `ORDERING_KEY`) in a head in front of the body,
+//! format 1 as NATS headers. The processor delivers it and, when it gives
+//! up, publishes payload and headers plus the `DLQ_*` headers to the
+//! dead-letter subject; retry bookkeeping (`ATTEMPTS_SPENT`, `RETRY_AT`,
+//! `RETRY_OF`, `REQUEUED_AT`) is always a NATS header.
 
 use serde::{Deserialize, Serialize};
 
@@ -28,9 +31,10 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 /// The ordering key, when the endpoint is ordered.
 pub const ORDERING_KEY: &str = "Spillway-Ordering-Key";
-/// Original request headers are kept under this prefix (e.g.
-/// `Spillway-Orig-X-GitHub-Event`). Hop-by-hop headers, cookies and
-/// authorization headers are not kept.
+/// Stored format 1 keeps the original request headers under this prefix
+/// (e.g. `Spillway-Orig-X-GitHub-Event`); format 2 keeps them as received
+/// in its head. Hop-by-hop headers, cookies and authorization headers are
+/// not kept in either.
 pub const ORIGINAL_HEADER_PREFIX: &str = "Spillway-Orig-";
 
 /// Why the message was dead-lettered (short machine-readable reason such as
