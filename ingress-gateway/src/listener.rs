@@ -210,8 +210,17 @@ pub async fn serve(
             epoch,
             last_read_ms: last_read_ms.clone(),
         };
-        let service =
-            TowerToHyperService::new(router.clone().layer(axum::Extension(ClientAddr(peer.ip()))));
+        // The client's address on each request. A wrapper, not
+        // `Router::layer`, which rebuilds the router for every connection
+        // (what a burst of new connections pays for most).
+        let client = ClientAddr(peer.ip());
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(client);
+                req
+            },
+        ));
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
