@@ -111,7 +111,8 @@ impl Filter {
     }
 
     /// Decide for one webhook: `headers` are the provider's request headers
-    /// (any case), `body` the stored body.
+    /// (any case; a repeated header counts with its first value, as
+    /// everywhere else), `body` the stored body.
     pub fn check<'a>(
         &self,
         headers: impl IntoIterator<Item = (&'a str, &'a str)>,
@@ -120,10 +121,12 @@ impl Filter {
         if self.is_open() {
             return Verdict::Match;
         }
-        let headers: BTreeMap<String, String> = headers
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
-            .collect();
+        let mut map: BTreeMap<String, String> = BTreeMap::new();
+        for (k, v) in headers {
+            map.entry(k.to_ascii_lowercase())
+                .or_insert_with(|| v.to_owned());
+        }
+        let headers = map;
         let event =
             crate::event::event_type(|n| headers.get(&n.to_ascii_lowercase()).cloned(), body);
         if !self.event_types.is_empty()
@@ -234,6 +237,13 @@ mod tests {
             (f(&[], Some("event")), gh("push"), push, Verdict::Error),
             // A body that is not JSON is null.
             (f(&[], Some("body == null")), vec![], b"a=b", Verdict::Match),
+            // A repeated header: its first value, as `spillway events` shows.
+            (
+                f(&["push"], None),
+                vec![("X-GitHub-Event", "push"), ("x-github-event", "issues")],
+                push,
+                Verdict::Match,
+            ),
         ];
         for (i, (filter, headers, body, want)) in cases.into_iter().enumerate() {
             assert_eq!(filter.check(headers, body), want, "case {i}: {filter:?}");

@@ -251,6 +251,13 @@ pub struct Settings {
     /// on).
     #[arg(long, env = "SPILLWAY_SINK_GONE_QUIET_PERIOD", value_parser = duration, default_value = "10m")]
     pub sink_gone_quiet_period: Duration,
+    /// How long every processor must have read stored format 2 (every
+    /// processor Deployment marked and rolled out, none with pods shutting
+    /// down) before the gateway is told to write it: covers an earlier
+    /// release's pod still finishing its last pull in its termination
+    /// grace period (30 s by default).
+    #[arg(long, env = "SPILLWAY_STORED_FORMAT_SETTLE", value_parser = duration, default_value = "90s")]
+    pub stored_format_settle: Duration,
     /// Endpoints reconciled at once.
     #[arg(long, env = "SPILLWAY_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,

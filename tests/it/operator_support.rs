@@ -32,6 +32,8 @@ pub fn operator_settings(nats: &str, ns: &str) -> Settings {
         "false",
         "--resync-interval",
         "2s",
+        "--stored-format-settle",
+        "3s",
         "--processor-image",
         "spillway-processor:test",
     ])

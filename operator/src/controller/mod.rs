@@ -88,6 +88,9 @@ pub struct Context {
     pub sink_notices: Arc<SinkNotices>,
     /// Subscriptions that wake endpoints at zero replicas.
     pub wakers: crate::wake::Wakers,
+    /// Since when every processor has read the current stored format
+    /// (`processor::stored_format`).
+    readers_ready_since: Mutex<Option<Instant>>,
 }
 
 /// What the operator remembers about one endpoint between reconciles.
@@ -138,6 +141,7 @@ impl Context {
             state: Mutex::default(),
             retrigger,
             wakers: crate::wake::Wakers::default(),
+            readers_ready_since: Mutex::new(None),
         }
     }
 
@@ -312,7 +316,14 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
         stored_format: old
             .stored_format
             .filter(|f| *f >= spillway_api::stored::CURRENT)
-            .or_else(|| processor::stored_format(&ctx.deployments).filter(|f| *f > 1))
+            .or_else(|| {
+                processor::stored_format(
+                    &ctx.deployments,
+                    &ctx.readers_ready_since,
+                    ctx.settings.stored_format_settle,
+                )
+                .filter(|f| *f > 1)
+            })
             .or(old.stored_format),
     };
 

@@ -311,28 +311,35 @@ pub(crate) fn reads_current_format(d: &Deployment) -> bool {
             };
             seen >= d.metadata.generation.unwrap_or(0)
                 && count(|s| s.updated_replicas) >= count(|s| s.replicas)
+                // Pods shutting down are not in `replicas` (where the
+                // cluster reports them at all: Kubernetes 1.33+).
+                && count(|s| s.terminating_replicas) == 0
         }
     };
     marked && rolled
 }
 
 /// The stored format the gateway may write for every endpoint: the current
-/// one once every processor Deployment the operator sees reads it (`None`
+/// one once every processor Deployment the operator sees has read it for
+/// `settle` without a break (`ready_since` keeps when that began; `None`
 /// while the cache is not synced: nothing is known yet), else 1. A
 /// Deployment stuck mid-rollout keeps every endpoint on format 1, which
 /// every processor reads.
 pub(crate) fn stored_format(
     deployments: &kube::runtime::reflector::Store<Deployment>,
+    ready_since: &std::sync::Mutex<Option<Instant>>,
+    settle: Duration,
 ) -> Option<u8> {
     use futures::FutureExt as _;
     deployments.wait_until_ready().now_or_never()?.ok()?;
-    Some(
-        if deployments.state().iter().all(|d| reads_current_format(d)) {
-            spillway_api::stored::CURRENT
-        } else {
-            1
-        },
-    )
+    let all = deployments.state().iter().all(|d| reads_current_format(d));
+    let mut since = ready_since.lock().unwrap_or_else(|e| e.into_inner());
+    *since = all.then(|| since.unwrap_or_else(Instant::now));
+    Some(if since.is_some_and(|t| t.elapsed() >= settle) {
+        spillway_api::stored::CURRENT
+    } else {
+        1
+    })
 }
 
 #[cfg(test)]
@@ -349,10 +356,12 @@ mod stored_format_tests {
         d.metadata.generation = Some(generation);
         d.metadata.annotations =
             marked.map(|v| [(render::READS_STORED_FORMAT.to_owned(), v.to_owned())].into());
+        // `replicas` -1: as many as updated, and 1 shutting down.
         d.status = status.map(|(seen, replicas, updated)| DeploymentStatus {
             observed_generation: Some(seen),
-            replicas: Some(replicas),
+            replicas: Some(replicas.max(updated)),
             updated_replicas: Some(updated),
+            terminating_replicas: (replicas < 0).then_some(1),
             ..Default::default()
         });
         d
@@ -378,6 +387,13 @@ mod stored_format_tests {
                 "the new template not seen yet",
             ),
             (Some("2"), 4, Some((4, 3, 1)), false, "older pods still run"),
+            (
+                Some("2"),
+                4,
+                Some((4, -1, 2)),
+                false,
+                "an older pod shutting down",
+            ),
             (
                 None,
                 3,
