@@ -1626,7 +1626,11 @@ async fn scoped_subjects_are_added_in_place_without_loss() -> Result<()> {
 /// reader and has no pods of an earlier template left. Once 2, never back.
 #[tokio::test]
 async fn stored_format_2_waits_for_every_processor_to_read_it() -> Result<()> {
-    let env = Env::new("op-format").await?;
+    let env = Env::with_settings("op-format", |s| Settings {
+        stored_format_settle: Duration::from_secs(3),
+        ..s
+    })
+    .await?;
     // A processor Deployment of an earlier release (managed by the
     // operator, not marked), mid-rollout: 2 pods, 1 of the new template.
     let old: Deployment = serde_json::from_value(json!({

@@ -32,8 +32,9 @@ pub fn operator_settings(nats: &str, ns: &str) -> Settings {
         "false",
         "--resync-interval",
         "2s",
+        // The switch to stored format 2 at once (one test sets its own).
         "--stored-format-settle",
-        "3s",
+        "0s",
         "--processor-image",
         "spillway-processor:test",
     ])
