@@ -98,6 +98,11 @@ struct Args {
     /// Every phase tiny; checks only that it runs and stored = 2xx.
     #[arg(long)]
     smoke: bool,
+    /// Only the open loop, at this rate (requests per second): `--rounds`
+    /// samples of each server, a percentile line per sample, no report.
+    /// For investigating the fixed-rate tail.
+    #[arg(long)]
+    open_only: Option<f64>,
 }
 
 /// See `Args::floor_metadata`.
@@ -542,6 +547,7 @@ impl Bench {
             r??;
         }
         let mut lat = std::mem::take(&mut *lats.lock().expect("latencies"));
+        spread(path, &mut lat);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let after = stored(&self.js, stream).await?;
         Ok((p99(&mut lat), after - before == ok.load(Ordering::Relaxed)))
@@ -589,6 +595,7 @@ impl Bench {
         while let Some(r) = tasks.join_next().await {
             lat.push(r??);
         }
+        spread("raw", &mut lat);
         Ok(p99(&mut lat))
     }
 }
@@ -616,12 +623,24 @@ async fn stored_bytes(
 }
 
 fn p99(lat: &mut [Duration]) -> f64 {
+    percentile(lat, 0.99)
+}
+
+/// The `q` quantile of `lat` in ms (sorts it).
+fn percentile(lat: &mut [Duration], q: f64) -> f64 {
     if lat.is_empty() {
         return f64::NAN;
     }
     lat.sort_unstable();
-    let i = ((lat.len() - 1) as f64 * 0.99).round() as usize;
+    let i = ((lat.len() - 1) as f64 * q).round() as usize;
     lat[i].as_secs_f64() * 1000.0
+}
+
+/// One line of an open-loop sample's latency distribution.
+fn spread(what: &str, lat: &mut [Duration]) {
+    let n = lat.len();
+    let [a, b, c, d, e] = [0.5, 0.9, 0.99, 0.999, 1.0].map(|q| percentile(lat, q));
+    println!("  {what:<8} n={n} p50 {a:.2} p90 {b:.2} p99 {c:.2} p99.9 {d:.2} max {e:.2} ms");
 }
 
 /// Endpoints file with `n` GitHub endpoints (`/bench`, `/bench-1`, …).
@@ -831,7 +850,9 @@ async fn floor_server(listen: &str, nats: &str, metadata: FloorMetadata) -> Resu
         orig("X-Hub-Signature-256"),
     ]);
     let js = async_nats::jetstream::new(async_nats::connect(nats).await?);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    // The gateway's listen queue (the bridge's is Go's, the system's
+    // limit): every server gets the same queue for a burst of connections.
+    let listener = spillway_gateway::listener::bind(listen.parse()?)?;
     loop {
         let (s, _) = listener.accept().await?;
         s.set_nodelay(true)?;
@@ -948,11 +969,14 @@ async fn main() -> Result<()> {
         args.raw_messages = 500;
         args.endpoints = 10;
     }
-    let concs: Vec<usize> = args
-        .concurrency
-        .split(',')
-        .map(|c| c.trim().parse().context("--concurrency"))
-        .collect::<Result<_>>()?;
+    let concs: Vec<usize> = if args.open_only.is_some() {
+        Vec::new()
+    } else {
+        args.concurrency
+            .split(',')
+            .map(|c| c.trim().parse().context("--concurrency"))
+            .collect::<Result<_>>()?
+    };
     let load_before = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().map(String::from))
@@ -1124,7 +1148,7 @@ async fn main() -> Result<()> {
         stored_bytes(&js, STREAM, "spillway.in.local.bench.0").await?;
     let gw_head_bytes = gw_payload_bytes.saturating_sub(args.body_bytes);
     let best = gateway.iter().map(|r| r.rate).fold(0.0, f64::max);
-    let half = (best / 2.0).max(10.0);
+    let half = args.open_only.unwrap_or((best / 2.0).max(10.0));
     let open_secs = args.seconds.min(10);
 
     // Open loop at half the gateway's best rate: gateway, raw publish and
@@ -1175,6 +1199,9 @@ async fn main() -> Result<()> {
     );
     drop(bridge_proc);
     drop(floor_proc);
+    if args.open_only.is_some() {
+        return Ok(());
+    }
 
     // Many endpoints against one, at 64 connections (or the only one):
     // both gateways up, sampled alternately like the rows above.

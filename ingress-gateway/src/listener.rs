@@ -166,6 +166,29 @@ impl tokio::io::AsyncWrite for Tracked {
     }
 }
 
+/// Connections the kernel may queue for `accept` (capped by
+/// `net.core.somaxconn`, 4096 on current kernels). `TcpListener::bind`
+/// asks for 128: a burst of new connections (providers open many at once
+/// after a stall) overflowed that queue, the kernel dropped the SYNs and
+/// those clients waited a whole SYN retransmit (1 s) before being served
+/// (docs/benchmarks/gateway-profile.md, sixth session). Go's net package and
+/// nginx ask for the system's limit too.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] (address reuse on, as
+/// `TcpListener::bind` sets it).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serve `router` on `listener` until `shutdown` resolves, then stop
 /// accepting and wait (up to the grace period) for in-flight requests, and so
 /// their publishes, to finish. Idle connections are closed.
@@ -269,6 +292,36 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 500 clients connect at once to a listener that accepts none of
+    /// them yet: every connect completes at once (the kernel queues them),
+    /// where `TcpListener::bind`'s queue of 128 drops the rest's SYNs and
+    /// they wait a second for the retransmit.
+    #[tokio::test]
+    async fn a_burst_of_new_connections_is_queued_not_dropped() {
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if somaxconn < 1024 {
+            eprintln!(
+                "net.core.somaxconn is {somaxconn}: the kernel caps the queue, nothing to check"
+            );
+            return;
+        }
+        let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let connects = (0..500).map(|_| {
+            tokio::time::timeout(
+                Duration::from_millis(800),
+                tokio::net::TcpStream::connect(addr),
+            )
+        });
+        let results = futures::future::join_all(connects).await;
+        let queued = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        assert_eq!(queued, 500, "connections queued within 800 ms");
+        drop(listener);
+    }
 
     #[test]
     fn each_client_address_gets_its_share() {

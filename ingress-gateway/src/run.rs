@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::{Config, SourceKind};
-use crate::listener::{ServeOptions, serve};
+use crate::listener::{ServeOptions, bind, serve};
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::server::{self, Gateway, Limits};
@@ -131,9 +131,7 @@ pub async fn start(
         max_requests_per_client: config.max_requests_per_client,
     };
     let gateway = Arc::new(Gateway::new(nats, router, metrics, synced, limits));
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| StartError::Bind(config.listen, e))?;
+    let listener = bind(config.listen).map_err(|e| StartError::Bind(config.listen, e))?;
     let admin = TcpListener::bind(config.admin_listen)
         .await
         .map_err(|e| StartError::Bind(config.admin_listen, e))?;
