@@ -9,7 +9,8 @@
 //!   `Nats-Msg-Id`, PubAck before 200);
 //! - the HTTP floor (`loadgen floor`, this binary): hyper, the body read,
 //!   one publish, the PubAck, 200, nothing else; what any HTTP front costs
-//!   on this machine, beside raw publish,
+//!   on this machine, beside raw publish (it listens with the gateway's
+//!   queue of 4096 connections, as the bridge does with Go's),
 //!
 //! the last three with `wrk` (closed loop, one thread, pre-signed 1 KiB body,
 //! a unique `X-GitHub-Delivery` per request), CPU per request of the server
@@ -21,7 +22,8 @@
 //! gateway, of a raw publisher, of the floor and of the bridge at that fixed rate (latency
 //! from the scheduled send time, so a stall is not hidden), and the gateway
 //! with 1,000 endpoints configured against 1 endpoint, sampled alternately.
-//! Writes a Markdown report and an SVG.
+//! Writes a Markdown report and an SVG. `--open-only RATE` runs the open
+//! loop alone with a percentile line per sample (for investigating tails).
 //!
 //! ```text
 //! make bench-gateway         # release build, the bridge built with go, docs/benchmarks/gateway.md
