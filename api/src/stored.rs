@@ -62,17 +62,38 @@ pub struct Metadata<'a> {
     pub ordering_key: Option<&'a str>,
 }
 
+/// The metadata's names on the wire, in the order the head lists them
+/// (and format 1 named its headers): the one list the writer and both
+/// readers go by.
+const NAMES: [&str; 7] = [
+    wire::ENDPOINT,
+    wire::DELIVERY_ID,
+    wire::RECEIVED_AT,
+    wire::CONTENT_TYPE,
+    wire::TRACEPARENT,
+    wire::TRACESTATE,
+    wire::ORDERING_KEY,
+];
+
 impl Metadata<'_> {
-    fn fields(&self) -> [(&'static str, Option<&str>); 7] {
+    /// The values, in [`NAMES`]' order.
+    fn values(&self) -> [Option<&str>; 7] {
         [
-            (wire::ENDPOINT, Some(self.endpoint)),
-            (wire::DELIVERY_ID, Some(self.delivery_id)),
-            (wire::RECEIVED_AT, Some(self.received_at)),
-            (wire::CONTENT_TYPE, self.content_type),
-            (wire::TRACEPARENT, Some(self.traceparent)),
-            (wire::TRACESTATE, self.tracestate),
-            (wire::ORDERING_KEY, self.ordering_key),
+            Some(self.endpoint),
+            Some(self.delivery_id),
+            Some(self.received_at),
+            self.content_type,
+            Some(self.traceparent),
+            self.tracestate,
+            self.ordering_key,
         ]
+    }
+
+    fn fields(&self) -> impl Iterator<Item = (&'static str, &str)> + Clone {
+        NAMES
+            .into_iter()
+            .zip(self.values())
+            .filter_map(|(n, v)| Some((n, v?)))
     }
 }
 
@@ -101,22 +122,16 @@ pub fn encode<'h>(
     headers: impl Iterator<Item = (&'h str, &'h str)> + Clone,
     body: &[u8],
 ) -> Vec<u8> {
-    let fields = meta.fields();
     let line = |(n, v): (&str, &str)| n.len() + v.len() + 4;
     let room = MAGIC.len()
-        + fields
-            .iter()
-            .filter_map(|(n, v)| v.map(|v| line((n, v))))
-            .sum::<usize>()
+        + meta.fields().map(line).sum::<usize>()
         + headers.clone().map(line).sum::<usize>()
         + 4
         + body.len();
     let mut out = Vec::with_capacity(room);
     out.extend_from_slice(MAGIC);
-    for (n, v) in fields {
-        if let Some(v) = v {
-            put_line(&mut out, n, v);
-        }
+    for (n, v) in meta.fields() {
+        put_line(&mut out, n, v);
     }
     out.extend_from_slice(b"\r\n");
     for (n, v) in headers {
@@ -182,16 +197,9 @@ impl Webhook {
     /// under `Spillway-Orig-`: the webhook as format 1 stored it, one
     /// shape for people reading either format (`spillway events show`).
     pub fn as_headers(&self) -> Vec<(String, String)> {
-        let meta = [
-            (wire::ENDPOINT, &self.endpoint),
-            (wire::DELIVERY_ID, &self.delivery_id),
-            (wire::RECEIVED_AT, &self.received_at),
-            (wire::CONTENT_TYPE, &self.content_type),
-            (wire::TRACEPARENT, &self.traceparent),
-            (wire::TRACESTATE, &self.tracestate),
-            (wire::ORDERING_KEY, &self.ordering_key),
-        ];
-        meta.into_iter()
+        NAMES
+            .into_iter()
+            .zip(self.slots())
             .filter_map(|(n, v)| Some((n.to_owned(), v.clone()?)))
             .chain(
                 self.headers
@@ -201,18 +209,39 @@ impl Webhook {
             .collect()
     }
 
-    fn set(&mut self, name: &str, value: &str) {
-        let slot = [
-            (wire::ENDPOINT, &mut self.endpoint),
-            (wire::DELIVERY_ID, &mut self.delivery_id),
-            (wire::RECEIVED_AT, &mut self.received_at),
-            (wire::CONTENT_TYPE, &mut self.content_type),
-            (wire::TRACEPARENT, &mut self.traceparent),
-            (wire::TRACESTATE, &mut self.tracestate),
-            (wire::ORDERING_KEY, &mut self.ordering_key),
+    /// The metadata fields, in [`NAMES`]' order.
+    fn slots(&self) -> [&Option<String>; 7] {
+        [
+            &self.endpoint,
+            &self.delivery_id,
+            &self.received_at,
+            &self.content_type,
+            &self.traceparent,
+            &self.tracestate,
+            &self.ordering_key,
         ]
-        .into_iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name));
+    }
+
+    /// The metadata fields, in [`NAMES`]' order, to fill.
+    fn slots_mut(&mut self) -> [&mut Option<String>; 7] {
+        [
+            &mut self.endpoint,
+            &mut self.delivery_id,
+            &mut self.received_at,
+            &mut self.content_type,
+            &mut self.traceparent,
+            &mut self.tracestate,
+            &mut self.ordering_key,
+        ]
+    }
+
+    /// A metadata field by its wire name (case-insensitive); the first
+    /// value wins.
+    fn set(&mut self, name: &str, value: &str) {
+        let slot = NAMES
+            .iter()
+            .zip(self.slots_mut())
+            .find(|(n, _)| n.eq_ignore_ascii_case(name));
         if let Some((_, slot)) = slot
             && slot.is_none()
         {

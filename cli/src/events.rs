@@ -116,8 +116,7 @@ pub struct Query {
     pub limit: usize,
 }
 
-fn event_of(m: &Stored) -> Event {
-    let w = m.webhook();
+fn event_of(m: &Stored, w: &spillway_api::stored::Webhook) -> Event {
     let body = w.body(&m.payload);
     Event {
         seq: m.seq,
@@ -184,7 +183,7 @@ pub async fn rows(js: &jetstream::Context, ep: &EndpointRef, q: &Query) -> Resul
         scanned += 1;
         progress.set_total(scanned + m.pending);
         progress.inc();
-        window.push_back(event_of(&m));
+        window.push_back(event_of(&m, &m.webhook()));
         if window.len() > keep {
             window.pop_front();
         }
@@ -300,11 +299,11 @@ pub async fn show(
 ) -> Result<Shown> {
     let records = attempts::rows(js, ep, id).await?.items;
     let (m, _) = crate::redeliver::find(js, ep, id, &records, since).await?;
-    let mut event = event_of(&m);
+    let w = m.webhook();
+    let mut event = event_of(&m, &w);
     event.listeners = listener_states(&records);
     // Either stored format is shown in one shape: the NATS headers, and
     // for format 2 the metadata and provider headers as format 1 named them.
-    let w = m.webhook();
     let nats = m.headers.iter().flat_map(|(k, vs)| {
         let k: &str = k.as_ref();
         vs.iter()
