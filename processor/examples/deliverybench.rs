@@ -36,7 +36,7 @@ use spillway_api::names::EndpointNames;
 use spillway_api::validate;
 use spillway_api::wire::{self, PROCESSOR_CONFIG_ENV};
 use spillway_operator::jetstream::{
-    consumer_configs, dead_letter_config, history_config, retry_consumer_configs,
+    attempts_config, consumer_configs, dead_letter_config, history_config, retry_consumer_configs,
     retry_stream_config, stream_config,
 };
 use spillway_operator::render::processor_config;
@@ -286,6 +286,9 @@ struct Outcome {
     raw: bool,
     messages: u64,
     sink_calls: u64,
+    /// Records in the endpoint's attempt stream at the end, against every
+    /// sink call including the probes' (the raw loop records none).
+    attempt_records: (u64, u64),
     drain: Duration,
     rate: f64,
     first_delivery: Duration,
@@ -390,6 +393,10 @@ async fn scenario(
     js.create_stream(dead_letter_config(&names, &ep.spec, &timings))
         .await?;
     js.create_stream(history_config(&names, &ep.spec, &timings, false))
+        .await?;
+    // Every attempt is recorded there (without it each record's publish
+    // would find no stream and be dropped, which costs less than storing).
+    js.create_stream(attempts_config(&names, &ep.spec, &timings))
         .await?;
     for c in consumer_configs(&names, &ep.spec, &timings) {
         stream.create_consumer(c).await?;
@@ -509,6 +516,19 @@ async fn scenario(
         }
     })
     .await?;
+    // Records are published in the background: wait (briefly) for every
+    // call's.
+    let all_calls = sink.requests.load(Ordering::SeqCst);
+    let expected = if raw { 0 } else { all_calls };
+    let attempts = names.attempt_stream();
+    let until = Instant::now() + Duration::from_secs(10);
+    let recorded = loop {
+        let recorded = js.get_stream(&attempts).await?.info().await?.state.messages;
+        if recorded >= expected || Instant::now() > until {
+            break recorded;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let rss_kib = proc
         .as_ref()
         .and_then(|p| peak_rss_kib(p.pid()))
@@ -519,6 +539,7 @@ async fn scenario(
     js.delete_stream(names.dead_letter_stream()).await?;
     js.delete_stream(names.retry_stream()).await?;
     js.delete_stream(names.history_stream()).await?;
+    js.delete_stream(names.attempt_stream()).await?;
 
     let mut probe_us = sink.probe_us.lock().expect("probe lock").clone();
     probe_us.sort_unstable();
@@ -533,6 +554,7 @@ async fn scenario(
         raw,
         messages: n,
         sink_calls,
+        attempt_records: (recorded, all_calls),
         drain,
         rate: n as f64 / active.as_secs_f64(),
         first_delivery: Duration::from_micros(first.saturating_sub(spawned_us)),
@@ -696,7 +718,7 @@ async fn main() -> Result<()> {
     for shape in shapes {
         let o = scenario(&nats, &js, shape, &args, ticks_per_s, &dir).await?;
         println!(
-            "{} sink {:>3} ms, concurrency {:>3}, {:>2}% failing first: {} in {:.2}s = {:.0}/s{}; {} sink calls{}; sink max in flight {} (cap {}); {} duplicates; CPU {:.0}%, machine {:.0}%; first after {:.0} ms; probe p50 {:.2} ms",
+            "{} sink {:>3} ms, concurrency {:>3}, {:>2}% failing first: {} in {:.2}s = {:.0}/s{}; {} sink calls{}; sink max in flight {} (cap {}); {} duplicates; {} of {} calls recorded; CPU {:.0}%, machine {:.0}%; first after {:.0} ms; probe p50 {:.2} ms",
             if o.raw { "raw loop " } else { "processor" },
             o.latency_ms,
             o.concurrency,
@@ -716,6 +738,8 @@ async fn main() -> Result<()> {
             o.max_in_flight,
             o.concurrency,
             o.duplicates,
+            o.attempt_records.0,
+            o.attempt_records.1,
             o.proc_cpu_pct,
             o.machine_cpu_pct,
             o.first_delivery.as_secs_f64() * 1000.0,
@@ -762,10 +786,10 @@ benchmark process that waits a fixed time before answering. Sink, processor and 
 machine, so the figures are a floor for what one processor replica does on dedicated cores, not a capacity \
 promise.\n\n\
 Each scenario is its own endpoint, set up with the operator's own functions (`stream_config`, \
-`history_config`, `dead_letter_config`, `consumer_configs`, `retry_stream_config`, \
-`retry_consumer_configs`, `processor_config`: file streams, dead letters on, one durable consumer with `maxAckPending` = concurrency, \
+`history_config`, `attempts_config`, `dead_letter_config`, `consumer_configs`, `retry_stream_config`, \
+`retry_consumer_configs`, `processor_config`: file streams, dead letters on, every attempt recorded, one durable consumer with `maxAckPending` = concurrency, \
 `replicas: {min: 1, max: 1}`, default timeout and retries: backoff 1s, 5s, …). The backlog is published \
-first, with the gateway's headers and a unique `Nats-Msg-Id` per message; then the processor starts and \
+first, as the gateway stores it (stored format 2) with a unique `Nats-Msg-Id` per message; then the processor starts and \
 drains it. In a scenario with failures the sink answers 503 to the first attempt of that share of the \
 webhooks (a fixed spread over the sequence), and 200 after.\n\n\
 Columns: **path** is the processor, or the benchmark's own raw loop (pull as many as there are free \
@@ -775,7 +799,8 @@ last sink answer (includes process start, binding, and the last retry's backoff)
 sink calls × latency / concurrency; **drain/ideal** their ratio (1.00 = the cap was the only limit); \
 **deliveries/s** over first to last delivery; **sink max in flight** is the most requests the sink ever \
 held at once, the proof of the cap (must be ≤ concurrency); **dup** counts calls beyond one per message \
-and one per failed first attempt; **proc CPU** is the processor's CPU time over the drain (100% = one \
+and one per failed first attempt; **attempt records** counts the records in the endpoint's attempt \
+stream at the end against every sink call, the probes' included (one each is the goal); **proc CPU** is the processor's CPU time over the drain (100% = one \
 core) and per delivery (10 ms clock ticks: coarse for short scenarios); **RSS** is the processor's peak \
 resident set (`VmHWM`); **probe p50/p99** is the publish-to-sink latency of single messages sent one at a \
 time to the idle processor after the drain.\n\n",
@@ -809,8 +834,8 @@ at the ideal rate (at least {}, at most {}). Probes: {} per scenario. Command: `
         args.probes,
         std::env::args().collect::<Vec<_>>().join(" ")
     );
-    md += "| path | sink ms | concurrency | failing first | messages | sink calls | drain s | ideal drain s | drain/ideal | deliveries/s | sink max in flight | ≤ cap | dup | proc CPU | proc CPU µs/delivery | RSS MiB | probe p50 ms | probe p99 ms |\n";
-    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|\n";
+    md += "| path | sink ms | concurrency | failing first | messages | sink calls | drain s | ideal drain s | drain/ideal | deliveries/s | sink max in flight | ≤ cap | dup | attempt records | proc CPU | proc CPU µs/delivery | RSS MiB | probe p50 ms | probe p99 ms |\n";
+    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for o in outcomes {
         let (ideal_s, ratio) = match ideal_drain(o) {
             Some(i) => (
@@ -829,7 +854,7 @@ at the ideal rate (at least {}, at most {}). Probes: {} per scenario. Command: `
             )
         };
         md += &format!(
-            "| {} | {} | {} | {}% | {} | {} | {:.2} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} |\n",
+            "| {} | {} | {} | {}% | {} | {} | {:.2} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} |\n",
             if o.raw { "raw loop" } else { "processor" },
             o.latency_ms,
             o.concurrency,
@@ -847,6 +872,11 @@ at the ideal rate (at least {}, at most {}). Probes: {} per scenario. Command: `
                 "NO"
             },
             o.duplicates,
+            if o.raw {
+                "—".to_owned()
+            } else {
+                format!("{} of {}", o.attempt_records.0, o.attempt_records.1)
+            },
             cpu,
             cpu_per,
             rss,
