@@ -539,7 +539,7 @@ async fn scenario(
     js.delete_stream(names.dead_letter_stream()).await?;
     js.delete_stream(names.retry_stream()).await?;
     js.delete_stream(names.history_stream()).await?;
-    js.delete_stream(names.attempt_stream()).await?;
+    js.delete_stream(&attempts).await?;
 
     let mut probe_us = sink.probe_us.lock().expect("probe lock").clone();
     probe_us.sort_unstable();
