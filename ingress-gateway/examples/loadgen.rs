@@ -1274,9 +1274,21 @@ async fn main() -> Result<()> {
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
                 .unwrap_or_else(|| "unknown".into())
         );
+        // The version as the binary reports it ("nats-server: v2.15.3").
+        let nats_version = std::process::Command::new(&args.nats_server)
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| {
+                let out = String::from_utf8_lossy(&o.stdout);
+                let v = out.trim().rsplit(' ').next().unwrap_or_default();
+                v.trim_start_matches('v').to_owned()
+            })
+            .unwrap_or_else(|| "(version unknown)".into());
         let _ = writeln!(
             md,
-            "Setup: nats-server 2.15.1, JetStream file storage, R1, one stream per server; bodies of {} bytes, GitHub-signed (HMAC-SHA256), a unique `X-GitHub-Delivery` per request used as `Nats-Msg-Id`, 2xx only after the PubAck, on both servers. Closed loop: `wrk -t1 -cN -d{}s` per sample; each concurrency's raw, gateway and bridge samples run back to back, {} times (alternating which server goes first), and every figure in the table is the median of its samples. Stored = 2xx: the stream grew by the 2xx count (plus at most N requests in flight when wrk stopped, stored but not counted by wrk); open loop and raw publish count exactly. CPU per request: the process's user + system time from `/proc` over the requests served. Command: `{}`.\n",
+            "Setup: nats-server {nats_version}, JetStream file storage, R1, one stream per server; bodies of {} bytes, GitHub-signed (HMAC-SHA256), a unique `X-GitHub-Delivery` per request used as `Nats-Msg-Id`, 2xx only after the PubAck, on both servers. Closed loop: `wrk -t1 -cN -d{}s` per sample; each concurrency's raw, gateway and bridge samples run back to back, {} times (alternating which server goes first), and every figure in the table is the median of its samples. Stored = 2xx: the stream grew by the 2xx count (plus at most N requests in flight when wrk stopped, stored but not counted by wrk); open loop and raw publish count exactly. CPU per request: the process's user + system time from `/proc` over the requests served. Command: `{}`.\n",
             args.body_bytes,
             args.seconds,
             args.rounds.max(1),

@@ -1568,6 +1568,7 @@ const NATS_CHART_KEYS: &[&str] = &[
     "config.jetstream.merge",
     "config.merge",
     "container.env",
+    "container.image.tag",
     "promExporter.enabled",
     "promExporter.podMonitor.enabled",
 ];
@@ -1644,6 +1645,17 @@ async fn nats_values_fit_the_official_chart_and_spillway() -> Result<()> {
     assert_eq!(c["jetstream"]["fileStore"]["enabled"], true);
     assert!(c["jetstream"]["merge"]["sync_interval"].is_string());
     assert_eq!(v["promExporter"]["enabled"], true);
+    // The server the tests run (hack/install-tools.sh's pin).
+    let install = std::fs::read_to_string(root().join("hack/install-tools.sh"))?;
+    let pinned = install
+        .lines()
+        .find_map(|l| l.strip_prefix("NATS_SERVER_VERSION="))
+        .context("NATS_SERVER_VERSION in hack/install-tools.sh")?;
+    assert_eq!(
+        v["container"]["image"]["tag"],
+        format!("{pinned}-alpine").as_str(),
+        "the NATS chart's server is not the one the tests run"
+    );
     // max_payload above every example's maxBodyBytes (headers need room).
     let max_payload = c["merge"]["max_payload"].as_str().context("max_payload")?;
     let mb: u64 = max_payload
