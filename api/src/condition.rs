@@ -129,6 +129,8 @@ reasons! {
     StreamReady,
     /// StreamReady=True: a larger ordering.partitions waits until no partition holds a webhook.
     PartitionsChangeWaiting,
+    /// StreamReady=True: a consumer not Spillway's has webhooks on the work stream it has not taken, and the stream keeps them for it, taking its capacity (the message names it).
+    ForeignConsumerHolding,
     /// StreamReady=False: the work stream holds maxBytes or maxMessages of undelivered webhooks; the gateway answers 503 until it drains.
     BacklogFull,
     /// StreamReady=False: NATS is unreachable or did not answer.

@@ -88,7 +88,7 @@ impl EndpointNames {
     /// acknowledged by JetStream's flow control once the history stored the
     /// copies, so the work stream keeps a webhook until the history has it.
     pub fn history_consumer(&self) -> String {
-        "history".to_owned()
+        HISTORY_CONSUMER.to_owned()
     }
 
     /// Deliver subject of [`history_consumer`](Self::history_consumer)
@@ -293,6 +293,23 @@ pub fn is_managed_consumer(name: &str) -> bool {
         || name
             .strip_prefix("processor-p")
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Name of the history's source consumer on every work stream
+/// ([`EndpointNames::history_consumer`]).
+pub const HISTORY_CONSUMER: &str = "history";
+
+/// Whether a consumer on a work stream is one Spillway creates: the
+/// processor's ([`is_managed_consumer`]), the history's source, or a
+/// WebhookListener's (`listener_<token>`). Any other is someone else's (a
+/// `nats consumer add` while debugging, a tool's reader), and on an
+/// interest stream it keeps every webhook it has not taken.
+pub fn is_spillway_consumer(name: &str) -> bool {
+    is_managed_consumer(name)
+        || name == HISTORY_CONSUMER
+        || name
+            .strip_prefix(LISTENER_CONSUMER_PREFIX)
+            .is_some_and(|t| !t.is_empty())
 }
 
 /// The listener every endpoint has: `spec.processor`.
@@ -548,6 +565,28 @@ mod tests {
         assert!(is_managed_consumer("processor-p12"));
         assert!(!is_managed_consumer("processor-p"));
         assert!(!is_managed_consumer("replay-1"));
+    }
+
+    #[test]
+    fn spillway_consumer_names() {
+        let n = EndpointNames::new("ns", "gh");
+        for ours in [
+            "processor".to_owned(),
+            "processor-p3".to_owned(),
+            n.history_consumer(),
+            n.listener_consumer("audit"),
+        ] {
+            assert!(is_spillway_consumer(&ours), "{ours}");
+        }
+        for theirs in [
+            "debugging",
+            "listener_",
+            "processor-p",
+            "History",
+            "fault-watch",
+        ] {
+            assert!(!is_spillway_consumer(theirs), "{theirs}");
+        }
     }
 
     #[test]

@@ -276,7 +276,8 @@ pub fn backlog_full(have: &Stored, want: &stream::Config) -> Option<String> {
 /// How full the work stream is: percent of the tighter of its configured
 /// limits (`maxBytes`, `maxMessages`), 0 when it has none, at most 100.
 /// Undelivered webhooks fill it, and so do delivered copies the history's
-/// source has not yet confirmed (docs/operations.md, "NATS durability").
+/// source has not yet confirmed or that a consumer not Spillway's has not
+/// taken (docs/operations.md, "NATS durability").
 pub fn fill_percent(have: &Stored, want: &stream::Config) -> u64 {
     let of = |used: u64, limit: i64| match u64::try_from(limit) {
         Ok(l) if l > 0 => used.saturating_mul(100) / l,
@@ -285,6 +286,40 @@ pub fn fill_percent(have: &Stored, want: &stream::Config) -> u64 {
     of(have.bytes, want.max_bytes)
         .max(of(have.messages, want.max_messages))
         .min(100)
+}
+
+/// A consumer on the work stream that is not Spillway's
+/// ([`is_spillway_consumer`]) and has webhooks it has not taken; the work
+/// stream (interest retention) keeps each until every consumer has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignConsumer {
+    /// Its name.
+    pub name: String,
+    /// Webhooks it has not taken or not acknowledged.
+    pub waiting: u64,
+}
+
+/// Most consumers a [`foreign_holding`] message names.
+const FOREIGN_NAMED: usize = 5;
+
+/// What StreamReady says when consumers not Spillway's hold webhooks in the
+/// work stream `stream`: which, how many, and what to do (none when none
+/// do).
+pub fn foreign_holding(stream: &str, foreign: &[ForeignConsumer]) -> Option<String> {
+    let first = foreign.first()?;
+    let mut named: Vec<String> = foreign
+        .iter()
+        .take(FOREIGN_NAMED)
+        .map(|f| format!("{} ({})", f.name, f.waiting))
+        .collect();
+    if foreign.len() > FOREIGN_NAMED {
+        named.push(format!("{} more", foreign.len() - FOREIGN_NAMED));
+    }
+    Some(format!(
+        "consumer(s) not Spillway's have webhooks they have not taken: {}; stream {stream} keeps each webhook until every consumer has taken it, so these take its capacity: delete them (`nats consumer rm {stream} {}`) or let them consume",
+        named.join(", "),
+        first.name,
+    ))
 }
 
 /// The dead-letter stream's desired configuration.
@@ -514,7 +549,7 @@ pub fn filters_of(c: &consumer::Config) -> Vec<String> {
     }
 }
 
-pub use spillway_api::names::is_managed_consumer;
+pub use spillway_api::names::{is_managed_consumer, is_spillway_consumer};
 
 /// How far an existing consumer has got: its subject filters (empty: all)
 /// and the stream sequence of the first message on it that it has not
@@ -694,6 +729,8 @@ pub struct Synced {
     /// When the oldest webhook the work stream holds was stored (none when
     /// it holds none).
     pub oldest: Option<time::OffsetDateTime>,
+    /// Consumers on the work stream not Spillway's that hold webhooks.
+    pub foreign: Vec<ForeignConsumer>,
 }
 
 /// Partition consumers of an ordered endpoint that exist now: their count
@@ -1396,21 +1433,30 @@ impl Js {
             out.dead_letters = Some(dlq.state.messages);
         }
 
-        // Existing consumers, before deciding what is wanted.
+        // Existing consumers, before deciding what is wanted; and any that
+        // is not Spillway's, for what it holds.
         let mut existing = Vec::new();
         for name in self
             .consumer_names(&main.name)
             .await
             .map_err(|e| SyncError::from_nats(e, "listing consumers"))?
-            .into_iter()
-            .filter(|n| is_managed_consumer(n))
         {
-            if let Some(info) = self
+            let managed = is_managed_consumer(&name);
+            if !managed && is_spillway_consumer(&name) {
+                continue;
+            }
+            let Some(info) = self
                 .consumer_info(&main.name, &name)
                 .await
                 .map_err(|e| SyncError::from_nats(e, "reading a consumer"))?
-            {
+            else {
+                continue;
+            };
+            let waiting = info.num_pending + info.num_ack_pending as u64;
+            if managed {
                 existing.push(info);
+            } else if waiting > 0 {
+                out.foreign.push(ForeignConsumer { name, waiting });
             }
         }
         // A larger ordering.partitions waits while partitions hold webhooks.
@@ -1599,6 +1645,28 @@ impl Js {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn foreign_consumers_are_named_with_what_they_hold() {
+        let f = |name: &str, waiting| ForeignConsumer {
+            name: name.into(),
+            waiting,
+        };
+        assert_eq!(foreign_holding("spillway-work_ns_gh", &[]), None);
+        let one = foreign_holding("spillway-work_ns_gh", &[f("debugging", 10)]).unwrap();
+        assert!(one.contains("debugging (10)"), "{one}");
+        assert!(
+            one.contains("`nats consumer rm spillway-work_ns_gh debugging`"),
+            "{one}"
+        );
+        let many: Vec<_> = (0..7).map(|i| f(&format!("c{i}"), i + 1)).collect();
+        let msg = foreign_holding("w", &many).unwrap();
+        assert!(
+            msg.contains("c0 (1), c1 (2), c2 (3), c3 (4), c4 (5), 2 more"),
+            "{msg}"
+        );
+        assert!(!msg.contains("c5"), "{msg}");
+    }
     use spillway_api::duration::GoDuration;
     use spillway_api::validate::check;
 

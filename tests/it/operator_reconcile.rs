@@ -1386,6 +1386,63 @@ async fn only_undelivered_webhooks_fill_an_endpoint() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_consumer_not_spillways_holding_webhooks_is_named() -> Result<()> {
+    let env = Env::new("op-foreign").await?;
+    env.secret("gh", "secret").await?;
+    env.create("gh", spec(json!({}))).await?;
+    env.wait_condition("gh", "StreamReady", "True", Some("StreamReady"))
+        .await?;
+    let names = env.names("gh");
+    let js = env.nats.jetstream().await?;
+    let mut work = js.get_stream(names.stream()).await?;
+    // Someone's consumer on the work stream, as `nats consumer add` makes
+    // while debugging: it takes nothing.
+    work.create_consumer(async_nats::jetstream::consumer::pull::Config {
+        durable_name: Some("debugging".into()),
+        ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+        ..Default::default()
+    })
+    .await?;
+
+    // Delivered by the processor and copied to the history, yet kept: the
+    // stream keeps each webhook until every consumer has taken it.
+    fill(&js, &names, 0, 10)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    assert_eq!(deliver(&js, &names.stream(), 10).await?, 10);
+    let ep = env
+        .wait_condition("gh", "StreamReady", "True", Some("ForeignConsumerHolding"))
+        .await?;
+    let (_, _, message) = condition(&ep, "StreamReady").unwrap();
+    assert!(message.contains("debugging (10)"), "{message}");
+    assert!(
+        message.contains(&format!("nats consumer rm {} debugging", names.stream())),
+        "{message}"
+    );
+    assert_eq!(work.info().await?.state.messages, 10, "held for it");
+    eventually(WAIT, "a ForeignConsumerHolding event", || async {
+        env.event_reasons().await.is_ok_and(|r| {
+            r.iter().any(|(reason, note)| {
+                reason == "ForeignConsumerHolding" && note.contains("debugging")
+            })
+        })
+    })
+    .await?;
+
+    // Removed: the stream lets the webhooks go, and the condition clears.
+    work.delete_consumer("debugging").await?;
+    eventually(WAIT, "work stream empty without it", || {
+        let mut work = work.clone();
+        async move { work.info().await.is_ok_and(|i| i.state.messages == 0) }
+    })
+    .await?;
+    env.wait_condition("gh", "StreamReady", "True", Some("StreamReady"))
+        .await?;
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn an_endpoint_on_the_one_stream_layout_is_migrated_without_loss() -> Result<()> {
     let env = Env::new("op-migrate").await?;
     env.secret("gh", "secret").await?;

@@ -30,7 +30,9 @@ use spillway_api::{
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::jetstream::{Js, Migration, NatsError, SyncError, Synced, is_managed_consumer};
+use crate::jetstream::{
+    Js, Migration, NatsError, SyncError, Synced, foreign_holding, is_managed_consumer,
+};
 use crate::metrics::Metrics;
 use crate::notices::SinkNotices;
 use crate::render::{self, FIELD_MANAGER, deployment_name};
@@ -355,33 +357,7 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
             );
             // JetStream.
             let (stream_cond, synced) = match ctx.js.sync(&names, spec, &timings).await {
-                Ok(s) => (
-                    match &s.backlog_full {
-                        // Full of undelivered webhooks: the gateway answers
-                        // 503 until the backlog drains.
-                        Some(why) => Desired::new(
-                            STREAM_READY,
-                            Status::False,
-                            Reason::BacklogFull,
-                            why.clone(),
-                        ),
-                        None => match &s.partitions_waiting {
-                            Some(why) => Desired::new(
-                                STREAM_READY,
-                                Status::True,
-                                Reason::PartitionsChangeWaiting,
-                                why.clone(),
-                            ),
-                            None => Desired::new(
-                                STREAM_READY,
-                                Status::True,
-                                Reason::StreamReady,
-                                format!("stream {} and its consumers are in place", names.stream()),
-                            ),
-                        },
-                    },
-                    Some(s),
-                ),
+                Ok(s) => (stream_ready(&names, &s), Some(s)),
                 Err(e) => {
                     if matches!(e, SyncError::Unavailable(_)) {
                         let n = ctx.with_state(&uid, |s| {
@@ -503,6 +479,44 @@ spec:
 
 /// The gauges' view of a sync at `now`: the oldest webhook's age counts
 /// only while some are undelivered.
+/// StreamReady after a successful sync: full (the gateway answers 503
+/// until the backlog drains), else waiting to apply a partition change,
+/// else held by consumers not Spillway's, else ready. What foreign
+/// consumers hold is said in a full stream's message too (often why it is
+/// full).
+pub(crate) fn stream_ready(names: &EndpointNames, s: &Synced) -> Desired {
+    let foreign = foreign_holding(&names.stream(), &s.foreign);
+    match (&s.backlog_full, &s.partitions_waiting, foreign) {
+        (Some(why), _, foreign) => Desired::new(
+            STREAM_READY,
+            Status::False,
+            Reason::BacklogFull,
+            match foreign {
+                Some(f) => format!("{why}; {f}"),
+                None => why.clone(),
+            },
+        ),
+        (None, Some(why), _) => Desired::new(
+            STREAM_READY,
+            Status::True,
+            Reason::PartitionsChangeWaiting,
+            why.clone(),
+        ),
+        (None, None, Some(f)) => Desired::new(
+            STREAM_READY,
+            Status::True,
+            Reason::ForeignConsumerHolding,
+            f,
+        ),
+        (None, None, None) => Desired::new(
+            STREAM_READY,
+            Status::True,
+            Reason::StreamReady,
+            format!("stream {} and its consumers are in place", names.stream()),
+        ),
+    }
+}
+
 pub(crate) fn synced_counts(
     s: &crate::jetstream::Synced,
     now: time::OffsetDateTime,
@@ -526,6 +540,60 @@ pub(crate) fn synced_counts(
 mod tests {
     use super::*;
     use crate::controller::fixtures::ep;
+
+    #[test]
+    fn stream_ready_says_what_holds_the_work_stream() {
+        let names = EndpointNames::new("ns", "gh");
+        // Full, partitions waiting, a foreign consumer holding → what
+        // StreamReady says (and what its message contains).
+        struct Case {
+            full: bool,
+            waiting: bool,
+            foreign: bool,
+            want: (Status, Reason),
+            says: &'static [&'static str],
+        }
+        let case = |full, waiting, foreign, want, says| Case {
+            full,
+            waiting,
+            foreign,
+            want,
+            says,
+        };
+        let (ready, holding, partitions, full) = (
+            (Status::True, Reason::StreamReady),
+            (Status::True, Reason::ForeignConsumerHolding),
+            (Status::True, Reason::PartitionsChangeWaiting),
+            (Status::False, Reason::BacklogFull),
+        );
+        for c in [
+            case(false, false, false, ready, &["in place"]),
+            case(false, false, true, holding, &["debugging (10)"]),
+            case(false, true, true, partitions, &["partitions wait"]),
+            case(true, false, false, full, &["undelivered"]),
+            case(true, true, true, full, &["undelivered", "debugging (10)"]),
+        ] {
+            let synced = Synced {
+                backlog_full: c.full.then(|| "full of undelivered webhooks".to_owned()),
+                partitions_waiting: c.waiting.then(|| "partitions wait".to_owned()),
+                foreign: if c.foreign {
+                    vec![crate::jetstream::ForeignConsumer {
+                        name: "debugging".into(),
+                        waiting: 10,
+                    }]
+                } else {
+                    Vec::new()
+                },
+                ..Default::default()
+            };
+            let d = stream_ready(&names, &synced);
+            let at = (c.full, c.waiting, c.foreign);
+            assert_eq!((d.status, d.reason), c.want, "{at:?}");
+            for s in c.says {
+                assert!(d.message.contains(s), "{at:?}: {}: {s}", d.message);
+            }
+        }
+    }
 
     #[test]
     fn the_oldest_age_counts_only_while_webhooks_wait() {

@@ -1,5 +1,6 @@
 //! JetStream: what the sync reports (Events for created, updated and
-//! migrated streams) and the server's `max_payload` check.
+//! migrated streams, a full backlog, consumers not Spillway's holding
+//! webhooks) and the server's `max_payload` check.
 
 use super::*;
 
@@ -10,19 +11,33 @@ pub(super) async fn report_created(
     s: &Synced,
 ) {
     let was_ready = conditions::is(&old.conditions, STREAM_READY, Status::True);
-    let was_full = old
-        .conditions
-        .iter()
-        .any(|c| c.type_ == STREAM_READY && c.reason == Reason::BacklogFull.as_str());
-    if let (Some(why), false) = (&s.backlog_full, was_full) {
-        warn!(endpoint = %key(ep), %why, "backlog full: refusing new webhooks");
-        ctx.event(
-            ep,
-            EventType::Warning,
-            Reason::BacklogFull.as_str(),
-            why.clone(),
-        )
-        .await;
+    let was = |reason: Reason| {
+        old.conditions
+            .iter()
+            .any(|c| c.type_ == STREAM_READY && c.reason == reason.as_str())
+    };
+    let foreign = foreign_holding(&s_names(ep).stream(), &s.foreign);
+    match (&s.backlog_full, &foreign) {
+        (Some(why), _) if !was(Reason::BacklogFull) => {
+            warn!(endpoint = %key(ep), %why, "backlog full: refusing new webhooks");
+            let note = match &foreign {
+                Some(f) => format!("{why}; {f}"),
+                None => why.clone(),
+            };
+            ctx.event(ep, EventType::Warning, Reason::BacklogFull.as_str(), note)
+                .await;
+        }
+        (None, Some(f)) if !was(Reason::ForeignConsumerHolding) => {
+            warn!(endpoint = %key(ep), why = %f, "consumers not Spillway's hold webhooks");
+            ctx.event(
+                ep,
+                EventType::Warning,
+                Reason::ForeignConsumerHolding.as_str(),
+                f.clone(),
+            )
+            .await;
+        }
+        _ => {}
     }
     match s.migration {
         Some(Migration::Started) => {
