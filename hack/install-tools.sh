@@ -26,7 +26,7 @@ log() { printf 'install-tools: %s\n' "$*" >&2; }
 stamp_ok() { [ -f "$tools/stamps/$1" ] && [ "$(cat "$tools/stamps/$1")" = "$2" ]; }
 stamp_set() { printf '%s' "$2" > "$tools/stamps/$1"; }
 
-for need in python3 pip npm go; do
+for need in python3 npm go; do
   command -v "$need" >/dev/null || { log "missing $need (it should be on the machine image)"; exit 1; }
 done
 
@@ -44,7 +44,7 @@ PY
 
 if ! stamp_ok nats-server "$NATS_SERVER_VERSION" || [ ! -x "$bin/nats-server" ]; then
   log "nats-server $NATS_SERVER_VERSION from the Go module proxy"
-  # The module's checksum is verified against go.sum's database (sum.golang.org).
+  # Go checks the module against its checksum database (sum.golang.org).
   GOTOOLCHAIN=local GOFLAGS=-mod=readonly GOBIN="$bin" \
     go install -trimpath "github.com/nats-io/nats-server/v2@v$NATS_SERVER_VERSION"
   "$bin/nats-server" --version | grep -qx "nats-server: v$NATS_SERVER_VERSION" \
