@@ -376,7 +376,7 @@ async fn apply(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Er
             if let Some(s) = &synced {
                 ctx.with_state(&uid, |s| s.nats_failures = 0);
                 counts = Some(synced_counts(s, time::OffsetDateTime::now_utc()));
-                report_created(&ep, &ctx, &old, s).await;
+                report_created(&ep, &ctx, &old, s, &stream_cond).await;
                 // Once per generation (not per resync: no idle writes).
                 if old.observed_generation != ep.metadata.generation {
                     warn_payload(&ep, &ctx).await;
@@ -477,8 +477,6 @@ spec:
     }
 }
 
-/// The gauges' view of a sync at `now`: the oldest webhook's age counts
-/// only while some are undelivered.
 /// StreamReady after a successful sync: full (the gateway answers 503
 /// until the backlog drains), else waiting to apply a partition change,
 /// else held by consumers not Spillway's, else ready. What foreign
@@ -517,6 +515,8 @@ pub(crate) fn stream_ready(names: &EndpointNames, s: &Synced) -> Desired {
     }
 }
 
+/// The gauges' view of a sync at `now`: the oldest webhook's age counts
+/// only while some are undelivered.
 pub(crate) fn synced_counts(
     s: &crate::jetstream::Synced,
     now: time::OffsetDateTime,

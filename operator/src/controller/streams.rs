@@ -9,35 +9,26 @@ pub(super) async fn report_created(
     ctx: &Context,
     old: &WebhookEndpointStatus,
     s: &Synced,
+    stream_ready: &Desired,
 ) {
     let was_ready = conditions::is(&old.conditions, STREAM_READY, Status::True);
-    let was = |reason: Reason| {
-        old.conditions
-            .iter()
-            .any(|c| c.type_ == STREAM_READY && c.reason == reason.as_str())
-    };
-    let foreign = foreign_holding(&s_names(ep).stream(), &s.foreign);
-    match (&s.backlog_full, &foreign) {
-        (Some(why), _) if !was(Reason::BacklogFull) => {
-            warn!(endpoint = %key(ep), %why, "backlog full: refusing new webhooks");
-            let note = match &foreign {
-                Some(f) => format!("{why}; {f}"),
-                None => why.clone(),
-            };
-            ctx.event(ep, EventType::Warning, Reason::BacklogFull.as_str(), note)
-                .await;
-        }
-        (None, Some(f)) if !was(Reason::ForeignConsumerHolding) => {
-            warn!(endpoint = %key(ep), why = %f, "consumers not Spillway's hold webhooks");
-            ctx.event(
-                ep,
-                EventType::Warning,
-                Reason::ForeignConsumerHolding.as_str(),
-                f.clone(),
-            )
-            .await;
-        }
-        _ => {}
+    // A full backlog, or consumers not Spillway's holding webhooks: a
+    // Warning when StreamReady starts saying so, with its message.
+    let warned = [Reason::BacklogFull, Reason::ForeignConsumerHolding];
+    let was = old
+        .conditions
+        .iter()
+        .any(|c| c.type_ == STREAM_READY && c.reason == stream_ready.reason.as_str());
+    if warned.contains(&stream_ready.reason) && !was {
+        let why = &stream_ready.message;
+        warn!(endpoint = %key(ep), %why, reason = stream_ready.reason.as_str(), "work stream");
+        ctx.event(
+            ep,
+            EventType::Warning,
+            stream_ready.reason.as_str(),
+            why.clone(),
+        )
+        .await;
     }
     match s.migration {
         Some(Migration::Started) => {
